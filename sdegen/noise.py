@@ -1,0 +1,121 @@
+"""Per-example random streams.
+
+Every example of a batch owns a 64-bit seed. A normal draw is a pure function of
+(example seed, draw index, element index), computed with a counter-based integer hash
+(Wellons' "lowbias32" mixer, applied in chained form) followed by the Box-Muller transform.
+So example i gets the same noise whatever batch it is drawn in, on any device, with no host
+round trip, which is what makes samples batch-size invariant (EDM draws one generator per
+sample for the same reason; a hash does it in one vectorised call).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+Seed = Union[int, torch.Tensor, torch.Generator, None]
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 for 0 <= x, c < 2**32, without overflowing int64.
+    lo = (x & 0xFFFF) * c
+    hi = (((x >> 16) * c) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32: a bijective 32-bit integer hash with low avalanche bias."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _hash(seed: torch.Tensor, key: int, counter: torch.Tensor) -> torch.Tensor:
+    """32-bit hash of (64-bit seed (B,1), python int key, counter (1,N)) -> (B, N) int64 in [0, 2**32)."""
+    s_lo = seed & _MASK32
+    s_hi = (seed >> 32) & _MASK32
+    h = _mix32((counter + 0x9E3779B9) & _MASK32)
+    h = _mix32(h ^ ((key * 0x85EBCA6B + 0x632BE5AB) & _MASK32))
+    h = _mix32(h ^ (((key >> 32) * 0xC2B2AE35 + 0x27D4EB2F) & _MASK32))
+    h = _mix32(h ^ s_lo)
+    return _mix32(h ^ s_hi ^ 0x5BD1E995)
+
+
+def make_seeds(seed: Seed, batch: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Per-example int64 seeds, shape (batch,).
+
+    - int: example i gets a seed that depends only on (seed, i), so a sub-batch of a larger run
+      reproduces the same examples;
+    - tensor of shape (batch,): used as given, one seed per example;
+    - torch.Generator: ``batch`` seeds drawn from it;
+    - None: drawn from torch's global generator (reproducible under ``torch.manual_seed``).
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.shape != (batch,) or seed.is_floating_point():
+            raise ValueError(f"seed as a tensor must be an integer tensor of shape ({batch},) (one per example); "
+                             f"got dtype {seed.dtype} and shape {tuple(seed.shape)}.")
+        return seed.to(device=device, dtype=torch.int64) & 0x7FFFFFFFFFFFFFFF
+    if isinstance(seed, torch.Generator) or seed is None:
+        return torch.randint(0, 2**62, (batch,), generator=seed, dtype=torch.int64).to(device)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, a (B,) integer tensor, a torch.Generator or None; got {type(seed).__name__}.")
+    idx = torch.arange(batch, dtype=torch.int64, device=device)
+    base = torch.tensor([seed & 0x7FFFFFFFFFFFFFFF], dtype=torch.int64, device=device)
+    lo = _hash(base[:, None], 1, idx[None, :])[0]
+    hi = _hash(base[:, None], 2, idx[None, :])[0]
+    return ((hi & 0x7FFFFFFF) << 32) | lo
+
+
+def normal_from_seeds(seeds: torch.Tensor, key: int, event_shape: Sequence[int],
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of shape (B, *event_shape): a pure function of (seeds[i], key, element index)."""
+    n = math.prod(event_shape)
+    half = (n + 1) // 2
+    counter = torch.arange(half, dtype=torch.int64, device=seeds.device)[None, :]
+    s = seeds[:, None]
+    h1 = _hash(s, 2 * key, counter)
+    h2 = _hash(s, 2 * key + 1, counter)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    bits = 32 if work == torch.float64 else 24
+    shift = 32 - bits
+    scale = 2.0 ** -bits
+    u1 = ((h1 >> shift).to(work) + 0.5) * scale  # in (0, 1): log(u1) is finite
+    u2 = (h2 >> shift).to(work) * scale
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    theta = 2.0 * math.pi * u2
+    z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n]
+    return z.to(dtype).reshape((seeds.shape[0],) + tuple(event_shape))
+
+
+class Noise:
+    """A per-example noise stream: each call of :meth:`like` returns fresh N(0, I) noise.
+
+    Args:
+        seeds: int64 tensor (B,), one seed per example (see :func:`make_seeds`).
+        key: index of the next draw; draws 0, 1, 2, ... are independent.
+    """
+
+    def __init__(self, seeds: torch.Tensor, key: int = 0):
+        self.seeds = seeds
+        self.key = key
+
+    @classmethod
+    def from_seed(cls, seed: Seed, batch: int, device=None) -> "Noise":
+        return cls(make_seeds(seed, batch, device))
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """Fresh noise with x's shape, dtype and device; the stream advances by one draw."""
+        if x.shape[0] != self.seeds.shape[0]:
+            raise ValueError(f"noise stream has {self.seeds.shape[0]} examples but x has batch {x.shape[0]}.")
+        z = normal_from_seeds(self.seeds.to(x.device), self.key, x.shape[1:], x.dtype)
+        self.key += 1
+        return z
+
+    def spawn(self, salt: int) -> "Noise":
+        """An independent stream with the same per-example seeds (used for a Brownian motion, say)."""
+        return Noise(self.seeds, key=(salt + 1) << 40)

@@ -1,0 +1,234 @@
+"""Fixed-step samplers: each is a small object whose ``step`` advances the state from t to t_next < t.
+
+The driver (:func:`sdegen.sample`) owns the loop, the time grid, the per-example noise stream,
+NFE counting, progress bars and trajectories, so a new sampler is one class and one line in
+:data:`SAMPLERS`. A step receives a :class:`Context` (the SDE, the counted score, the noise
+stream) and scalar float64 times; it returns the new state and its own carried state
+(a history for multistep methods, None otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+
+from ._util import batch_time, bcast, flat_norm
+from .noise import Noise
+from .sde import SDE
+
+
+class Context:
+    """What a step may use: the SDE, the score (each call counts one NFE) and the per-example noise stream."""
+
+    def __init__(self, sde: SDE, score: Callable, noise: Optional[Noise]):
+        self.sde, self._score, self.noise = sde, score, noise
+
+    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """s(x, t) for a scalar (0-d) or (B,) time; the network sees a (B,) time in x's dtype."""
+        return self._score(x, batch_time(t, x).to(x.dtype))
+
+    def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Tweedie's x0 estimate (x + s^2 score) / m at time t (one score evaluation)."""
+        m, s = self.coeffs(t)
+        return (x + bcast(s**2, x) * self.score(x, t)) / bcast(m, x)
+
+    def coeffs(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(m(t), s(t))."""
+        return torch.exp(self.sde._log_mean_coeff(t)), self.sde._std(t)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noise is None:
+            raise ValueError("this sampler is stochastic and needs a noise stream (pass seed=...).")
+        return self.noise.like(x)
+
+
+class StepSampler:
+    """Base class of fixed-step samplers.
+
+    Attributes:
+        nfe_per_step: score evaluations one step costs (the driver counts the real number too).
+        stochastic: whether steps draw noise.
+        default_steps: steps used when the caller gives none.
+        default_schedule: the time grid used when the caller gives none (see :func:`sdegen.time_grid`).
+    """
+
+    nfe_per_step: int = 1
+    stochastic: bool = False
+    default_steps: int = 1000
+    default_schedule: str = "uniform"
+
+    def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> Any:
+        """Carried state before the first step (default: none)."""
+        return None
+
+    def step(self, ctx: Context, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, state: Any
+             ) -> Tuple[torch.Tensor, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement step()")
+
+    def total_nfe(self, steps: int) -> int:
+        """NFE of a run of ``steps`` steps (overridden by samplers whose first or last step differs)."""
+        return steps * self.nfe_per_step
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Euler(StepSampler):
+    """Euler's method on the probability-flow ODE dx = [f - 1/2 g^2 s] dt (first order)."""
+
+    def step(self, ctx, x, t, t_next, state):
+        sde = ctx.sde
+        drift = bcast(sde._drift_coeff(t), x) * x - bcast(0.5 * sde._diffusion(t) ** 2, x) * ctx.score(x, t)
+        return x + bcast(t_next - t, x) * drift, None
+
+
+class EulerMaruyama(StepSampler):
+    """Euler-Maruyama on the reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (Song et al. 2021, eq. 6)."""
+
+    stochastic = True
+
+    def step(self, ctx, x, t, t_next, state):
+        sde = ctx.sde
+        g = sde._diffusion(t)
+        drift = bcast(sde._drift_coeff(t), x) * x - bcast(g**2, x) * ctx.score(x, t)
+        dt = t_next - t
+        return x + bcast(dt, x) * drift + bcast(g * torch.sqrt(-dt), x) * ctx.randn_like(x), None
+
+
+class ReverseDiffusion(StepSampler):
+    """Reverse-diffusion predictor x' = x - F + G^2 s + G z from the forward discretisation (F, G)
+    of :meth:`SDE.discretize` (Song et al. 2021, eq. 46; DDPM/SMLD updates for VP/VE)."""
+
+    stochastic = True
+
+    def step(self, ctx, x, t, t_next, state):
+        F, G = ctx.sde.discretize(x, t, t_next)
+        x_mean = x - F + bcast(G**2, x) * ctx.score(x, t)
+        return x_mean + bcast(G, x) * ctx.randn_like(x), None
+
+
+class Ancestral(StepSampler):
+    """Ancestral sampling: x_{t'} ~ q(x_{t'} | x_t, x0_hat) with Tweedie's x0_hat (Ho et al. 2020, eq. 7;
+    SMLD's ancestral rule for VE, Song et al. 2021, eq. 47).
+
+    With the exact transition x_t = a x_{t'} + b z: mean (x + b^2 s) / a, variance b^2 s(t')^2 / s(t)^2.
+    """
+
+    stochastic = True
+
+    def step(self, ctx, x, t, t_next, state):
+        a, b = ctx.sde.transition(t_next, t)
+        var = b**2 * ctx.sde._std(t_next) ** 2 / ctx.sde._std(t) ** 2
+        x_mean = (x + bcast(b**2, x) * ctx.score(x, t)) / bcast(a, x)
+        return x_mean + bcast(torch.sqrt(var), x) * ctx.randn_like(x), None
+
+
+def langevin_step(ctx: Context, x: torch.Tensor, t: torch.Tensor, snr: float, alpha: torch.Tensor) -> torch.Tensor:
+    """One Langevin corrector step with the signal-to-noise step rule (Song et al. 2021, algorithms 4-5):
+    eps = 2 alpha (snr ||z|| / ||s||)^2, computed per example so that examples do not couple."""
+    grad = ctx.score(x, t)
+    z = ctx.randn_like(x)
+    ratio = flat_norm(z) / flat_norm(grad).clamp_min(torch.finfo(x.dtype).tiny)
+    eps = 2.0 * alpha.to(x.dtype) * (snr * ratio) ** 2
+    return x + bcast(eps, x) * grad + bcast(torch.sqrt(2.0 * eps), x) * z
+
+
+class PredictorCorrector(StepSampler):
+    """Predictor-corrector sampling (Song et al. 2021, algorithm 1): ``corrector_steps`` Langevin steps at t,
+    then one predictor step to t_next.
+
+    Args:
+        predictor: a sampler name (see :data:`SAMPLERS`) or a :class:`StepSampler`.
+        corrector_steps: Langevin steps per time step (>= 0).
+        snr: the signal-to-noise ratio r of the step rule (0.16 in the paper's CIFAR-10 VE runs).
+    """
+
+    stochastic = True
+
+    def __init__(self, predictor: Union[str, StepSampler] = "reverse_diffusion", corrector_steps: int = 1,
+                 snr: float = 0.16):
+        self.predictor = get_sampler(predictor) if isinstance(predictor, str) else predictor
+        if not isinstance(self.predictor, StepSampler):
+            raise TypeError(f"predictor must be a sampler name or a StepSampler; got {type(predictor).__name__}.")
+        if not (isinstance(corrector_steps, int) and corrector_steps >= 0):
+            raise ValueError(f"corrector_steps must be an int >= 0; got {corrector_steps!r}.")
+        if not (isinstance(snr, (int, float)) and snr > 0 and math.isfinite(snr)):
+            raise ValueError(f"snr must be a finite number > 0; got {snr!r}.")
+        self.corrector_steps, self.snr = corrector_steps, float(snr)
+        self.nfe_per_step = self.predictor.nfe_per_step + corrector_steps
+
+    def start(self, ctx, x, ts):
+        return self.predictor.start(ctx, x, ts)
+
+    def step(self, ctx, x, t, t_next, state):
+        # alpha_i = 1 - beta_i for VP (the squared transition coefficient), 1 for VE
+        alpha = torch.exp(2.0 * (ctx.sde._log_mean_coeff(t) - ctx.sde._log_mean_coeff(t_next)))
+        for _ in range(self.corrector_steps):
+            x = langevin_step(ctx, x, t, self.snr, alpha)
+        return self.predictor.step(ctx, x, t, t_next, state)
+
+    def __repr__(self) -> str:
+        return f"PredictorCorrector({self.predictor!r}, corrector_steps={self.corrector_steps}, snr={self.snr})"
+
+
+class AnnealedLangevin(StepSampler):
+    """NCSN's annealed Langevin dynamics (Song & Ermon 2019, algorithm 1).
+
+    Each step runs ``steps_each`` Langevin iterations x += alpha/2 s + sqrt(alpha) z at the noise level of
+    t_next, with alpha = step_lr * s(t_next)^2 / s(t_min)^2. NFE = steps * steps_each.
+    """
+
+    stochastic = True
+    default_steps = 100
+
+    def __init__(self, steps_each: int = 10, step_lr: float = 2e-5):
+        if not (isinstance(steps_each, int) and steps_each >= 1):
+            raise ValueError(f"steps_each must be an int >= 1; got {steps_each!r}.")
+        if not (isinstance(step_lr, (int, float)) and step_lr > 0 and math.isfinite(step_lr)):
+            raise ValueError(f"step_lr must be a finite number > 0; got {step_lr!r}.")
+        self.steps_each, self.step_lr, self.nfe_per_step = steps_each, float(step_lr), steps_each
+
+    def start(self, ctx, x, ts):
+        return ctx.sde._std(ts[-1])
+
+    def step(self, ctx, x, t, t_next, sigma_last):
+        alpha = self.step_lr * (ctx.sde._std(t_next) / sigma_last) ** 2
+        for _ in range(self.steps_each):
+            x = x + bcast(0.5 * alpha, x) * ctx.score(x, t_next) + bcast(torch.sqrt(alpha), x) * ctx.randn_like(x)
+        return x, sigma_last
+
+    def __repr__(self) -> str:
+        return f"AnnealedLangevin(steps_each={self.steps_each}, step_lr={self.step_lr})"
+
+
+# name -> factory; sdegen.sample(method=name, **kwargs) calls factory(**kwargs)
+SAMPLERS: Dict[str, Callable[..., Any]] = {
+    "euler": Euler,
+    "euler_maruyama": EulerMaruyama,
+    "reverse_diffusion": ReverseDiffusion,
+    "ancestral": Ancestral,
+    "pc": PredictorCorrector,
+    "annealed_langevin": AnnealedLangevin,
+}
+
+
+def register_sampler(name: str, factory: Callable[..., Any]) -> None:
+    """Make ``factory`` available as ``sdegen.sample(..., method=name)``."""
+    SAMPLERS[name] = factory
+
+
+def get_sampler(method: Union[str, Any], **kwargs):
+    """Resolve a sampler name (with its options) or pass a sampler object through."""
+    if not isinstance(method, str):
+        if kwargs:
+            raise ValueError(f"sampler options {sorted(kwargs)} were given with a sampler object; "
+                             "set them on the object instead.")
+        return method
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(sorted(SAMPLERS))}.")
+    try:
+        return SAMPLERS[method](**kwargs)
+    except TypeError as err:
+        raise TypeError(f"method {method!r} does not take these options: {err}") from None
