@@ -1,0 +1,122 @@
+"""An adaptive probability-flow solver that steps in u = log(m/s) = -log sigma, where the ODE is nearly linear.
+
+In y = x/m the probability-flow ODE of any linear SDE reads dy/du = D(y, u) - y (see
+:mod:`sdegen.fast_samplers`). The solver is the embedded pair of single-step exponential integrators of
+DPM-Solver's adaptive algorithm (Lu et al. 2022, section 3.3 and algorithm 5, "DPM-Solver-23"), here in the
+data-prediction form of DPM-Solver++ (Lu et al. 2022b): stages at u + h/3 and u + 2h/3 give a third-order
+solution and, from the first stage alone, an embedded second-order one. Their difference drives a standard
+step-size controller (Hairer, Norsett & Wanner, "Solving ODEs I", section II.4).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ._util import bcast
+from .fast_samplers import _denoise, _phi_moments, _point, _t_at
+from .noise import Noise
+from .samplers import Context, register_sampler
+from .sde import SDE
+
+
+class AdaptiveExponential:
+    """Adaptive DPM-Solver-2(3) in the data-prediction form with error control in x, like torchdiffeq's.
+
+    A step from u to u + h costs 3 NFE (2 when it retries after a rejection: the denoised value at u is
+    kept). It is accepted when max over examples of the RMS of err / (atol + rtol max(|x|, |x'|)) is <= 1,
+    err being the difference of the orders-3 and -2 solutions in x; the third-order one is kept (local
+    extrapolation). NFE = 3 accepted + 2 rejected steps (:attr:`stats` holds both after a run).
+
+    Args:
+        rtol, atol: relative and absolute tolerances (as in torchdiffeq).
+        h_init: first step in u (default: a tenth of the span of u).
+        safety: the controller's safety factor; max_steps: limit on attempted steps (RuntimeError beyond it).
+
+    ``solve`` returns (states at every time in ts (len(ts), B, ...), final state, accepted steps); the accept
+    test needs one host read of the error norm per step, as in any adaptive solver.
+    """
+
+    stochastic = False
+
+    def __init__(self, rtol: float = 1e-3, atol: float = 1e-3, h_init: Optional[float] = None,
+                 safety: float = 0.9, max_steps: int = 10_000):
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(v, (int, float)) and 0 < v < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
+        if h_init is not None and not (isinstance(h_init, (int, float)) and 0 < h_init < math.inf):
+            raise ValueError(f"h_init must be None or a finite number > 0 (a step in log(m/s)); got {h_init!r}.")
+        if not (isinstance(safety, (int, float)) and 0 < safety <= 1):
+            raise ValueError(f"safety must lie in (0, 1]; got {safety!r}.")
+        if not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"max_steps must be an int >= 1; got {max_steps!r}.")
+        self.rtol, self.atol, self.h_init, self.safety, self.max_steps = float(rtol), float(atol), h_init, safety, max_steps
+        self.stats = {"accepted": 0, "rejected": 0}
+
+    def solve(self, sde: SDE, score, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int],
+              noise: Optional[Noise]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        if steps is not None:
+            raise ValueError("method 'adaptive' chooses its own steps: leave steps=None and set rtol/atol instead.")
+        ctx = Context(sde, score, None)
+        self.stats = {"accepted": 0, "rejected": 0}
+        out = [x]
+        for k in range(len(ts) - 1):
+            x = self._integrate(ctx, x, ts[k], ts[k + 1])
+            out.append(x)
+        return torch.stack(out), x, self.stats["accepted"]
+
+    def _integrate(self, ctx: Context, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+        m, s, u = _point(ctx, t0)
+        u_end = _point(ctx, t1)[2]
+        h = torch.as_tensor(self.h_init if self.h_init is not None else 0.1 * float(u_end - u), dtype=torch.float64)
+        d0, t = None, t0
+        while float(u_end - u) > 1e-12 * max(1.0, abs(float(u_end))):
+            if self.stats["accepted"] + self.stats["rejected"] >= self.max_steps:
+                raise RuntimeError(f"'adaptive' did not reach t={float(t1):g} within max_steps={self.max_steps} "
+                                   f"steps (stuck at t={float(t):g}); loosen rtol/atol or raise max_steps.")
+            h = torch.minimum(h, u_end - u)
+            last = bool(h >= u_end - u)
+            if d0 is None:
+                d0 = _denoise(ctx, x, t, m, s)
+            t_new = t1 if last else _t_at(ctx, u + h)
+            x_new, err = self._pair(ctx, x, m, u, d0, h, t_new)
+            scale = self.atol + self.rtol * torch.maximum(x.abs(), x_new.abs())
+            e = float((err / scale).reshape(x.shape[0], -1).pow(2).mean(1).sqrt().max())
+            if not math.isfinite(e):
+                raise RuntimeError(f"'adaptive' produced a non-finite state near t={float(t):g}; the score may be NaN.")
+            if e <= 1.0:
+                self.stats["accepted"] += 1
+                x, t, u, d0 = x_new, t_new, u + h, None
+                m, s = _point(ctx, t)[:2]
+            else:
+                self.stats["rejected"] += 1
+            h = h * min(5.0, max(0.2, self.safety * max(e, 1e-10) ** (-1.0 / 3.0)))
+        return x
+
+    def _pair(self, ctx, x, m, u, d0, h, t_new):
+        """Third-order step and (third - second)-order difference, both in x (DPM-Solver-23 stages)."""
+        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+        y = x / bcast(m, x)
+        t1 = _t_at(ctx, u + r1 * h)
+        m1, s1, _ = _point(ctx, t1)
+        y1 = bcast(torch.exp(-r1 * h), x) * y + bcast(_phi_moments(r1 * h, 1)[0], x) * d0
+        d1 = _denoise(ctx, bcast(m1, x) * y1, t1, m1, s1)
+        t2 = _t_at(ctx, u + r2 * h)
+        m2, s2, _ = _point(ctx, t2)
+        a0, a1 = _phi_moments(r2 * h, 2)
+        y2 = bcast(torch.exp(-r2 * h), x) * y + bcast(a0, x) * d0 + bcast(a1 / (r1 * h), x) * (d1 - d0)
+        d2 = _denoise(ctx, bcast(m2, x) * y2, t2, m2, s2)
+        b0, b1 = _phi_moments(h, 2)
+        base = bcast(torch.exp(-h), x) * y + bcast(b0, x) * d0
+        hi = base + bcast(b1 / (r2 * h), x) * (d2 - d0)
+        diff = bcast(b1 / h, x) * ((d2 - d0) / r2 - (d1 - d0) / r1)
+        m_new = _point(ctx, t_new)[0]
+        return bcast(m_new, x) * hi, bcast(m_new, x) * diff
+
+    def __repr__(self) -> str:
+        return f"AdaptiveExponential(rtol={self.rtol:g}, atol={self.atol:g})"
+
+
+register_sampler("adaptive", AdaptiveExponential)

@@ -1,0 +1,280 @@
+"""Few-step samplers of the probability-flow ODE (and its SDE variants) for any linear SDE.
+
+Every SDE here has the kernel N(m(t) x0, s(t)^2 I). With y = x / m, sigma = s / m and
+u = log(m / s) = -log sigma (half the log-SNR), its probability-flow ODE dx = [f x - 1/2 g^2 score] dt
+becomes, whatever f and g are (VP, sub-VP, VE alike),
+
+    dy/dsigma = (y - D) / sigma = eps,      or      dy/du = D - y,
+
+with D = (x + s^2 score) / m Tweedie's denoised estimate and eps = -s score. The first form is EDM's
+ODE (Karras et al. 2022, eq. 1 with s(t) = m, sigma(t) = s/m); the second is linear in y apart from D,
+so exponential integrators (DDIM, DPM-Solver, DPM-Solver++) integrate its linear part exactly:
+
+    y(u + h) = e^{-h} y(u) + int_0^h e^{-(h - r)} D(u + r) dr.
+
+The samplers only use the SDE's own m(t), s(t) and its inverse log-SNR map, never its type.
+Times are scalar float64 CPU tensors; coefficients reach x through :func:`bcast`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from ._util import bcast
+from .samplers import Context, StepSampler, register_sampler
+
+
+def _point(ctx: Context, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, s, u = log(m/s)) at the scalar time t, float64."""
+    log_m, s = ctx.sde._log_mean_coeff(t), ctx.sde._std(t)
+    return torch.exp(log_m), s, log_m - torch.log(s)
+
+
+def _t_at(ctx: Context, u: torch.Tensor) -> torch.Tensor:
+    """The time whose u = log(m/s) is ``u`` (the log-SNR is 2u)."""
+    return ctx.sde._t_from_log_snr(2.0 * u)
+
+
+def _denoise(ctx: Context, x: torch.Tensor, t: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Tweedie's D = (x + s^2 score) / m (one NFE)."""
+    return (x + bcast(s**2, x) * ctx.score(x, t)) / bcast(m, x)
+
+
+def _check_unit(value: float, name: str) -> float:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}.")
+    return float(value)
+
+
+def _phi_moments(h: torch.Tensor, k: int) -> List[torch.Tensor]:
+    """M_j = int_0^h e^{-(h - r)} r^j dr for j = 0..k-1 (M_0 = 1 - e^{-h}; M_j = h^j - j M_{j-1})."""
+    ms = [-torch.expm1(-h)]
+    for j in range(1, k):
+        ms.append(h**j - j * ms[-1])
+    return ms
+
+
+class DDIM(StepSampler):
+    """DDIM (Song, Meng & Ermon 2021, eq. 12): x' = m' x0 + sqrt(s'^2 - c^2) eps + c z, with c = eta b s'/s.
+
+    eta = 0 is the first-order exponential integrator of the probability-flow ODE (DPM-Solver-1);
+    eta = 1 is ancestral sampling (b^2 is the forward transition variance from t' to t). NFE = steps.
+    """
+
+    default_steps = 50
+    default_schedule = "log_snr"
+
+    def __init__(self, eta: float = 0.0):
+        self.eta = _check_unit(eta, "eta")
+        self.stochastic = self.eta > 0
+
+    def step(self, ctx, x, t, t_next, state):
+        m, s, _ = _point(ctx, t)
+        m2, s2, _ = _point(ctx, t_next)
+        score = ctx.score(x, t)
+        x0 = (x + bcast(s**2, x) * score) / bcast(m, x)
+        eps = -bcast(s, x) * score
+        if self.eta == 0.0:
+            return bcast(m2, x) * x0 + bcast(s2, x) * eps, None
+        c = self.eta * torch.sqrt(ctx.sde._transition_var(t_next, t)) * s2 / s
+        x_next = bcast(m2, x) * x0 + bcast(torch.sqrt((s2**2 - c**2).clamp_min(0.0)), x) * eps
+        return x_next + bcast(c, x) * ctx.randn_like(x), None
+
+    def __repr__(self) -> str:
+        return f"DDIM(eta={self.eta})"
+
+
+class Heun(StepSampler):
+    """EDM's second-order Heun sampler (Karras et al. 2022, algorithm 2) on dy/dsigma = eps, y = x/m.
+
+    Every step is a Heun step (the grid ends at t_min > 0), so NFE = 2 * steps. With ``s_churn > 0``
+    each step with s_tmin <= sigma <= s_tmax first raises sigma to sigma (1 + gamma),
+    gamma = min(s_churn / steps, sqrt(2) - 1) (capped at sigma(T)), adding noise of std
+    s_noise sqrt(sigma_hat^2 - sigma^2) in y.
+    """
+
+    nfe_per_step = 2
+    default_steps = 25
+    default_schedule = "edm"
+
+    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
+        for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
+            if not (isinstance(v, (int, float)) and 0.0 <= v < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}.")
+        if not (isinstance(s_tmax, (int, float)) and s_tmax >= s_tmin):
+            raise ValueError(f"s_tmax must be a number >= s_tmin={s_tmin!r}; got {s_tmax!r}.")
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)
+        self.stochastic = self.s_churn > 0
+
+    def start(self, ctx, x, ts):
+        gamma = min(self.s_churn / (len(ts) - 1), math.sqrt(2.0) - 1.0)
+        m, s, _ = _point(ctx, torch.tensor(ctx.sde.T, dtype=torch.float64))
+        return gamma, s / m
+
+    def step(self, ctx, x, t, t_next, state):
+        gamma, sigma_top = state
+        m, s, _ = _point(ctx, t)
+        sigma = s / m
+        if gamma > 0 and self.s_tmin <= float(sigma) <= self.s_tmax:
+            sigma_hat = torch.minimum(sigma * (1.0 + gamma), sigma_top)
+            t = ctx.sde._t_from_log_snr(-2.0 * torch.log(sigma_hat))
+            y = x / bcast(m, x) + bcast(self.s_noise * torch.sqrt(sigma_hat**2 - sigma**2), x) * ctx.randn_like(x)
+            m, s, _ = _point(ctx, t)
+            sigma, x = s / m, bcast(m, x) * y
+        m2, s2, _ = _point(ctx, t_next)
+        dsig = s2 / m2 - sigma
+        y = x / bcast(m, x)
+        d = -bcast(s, x) * ctx.score(x, t)
+        y_next = y + bcast(dsig, x) * d
+        d2 = -bcast(s2, x) * ctx.score(bcast(m2, x) * y_next, t_next)
+        return bcast(m2, x) * (y + bcast(0.5 * dsig, x) * (d + d2)), state
+
+    def __repr__(self) -> str:
+        return f"Heun(s_churn={self.s_churn}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax}, s_noise={self.s_noise})"
+
+
+class DPMSolver(StepSampler):
+    """Single-step DPM-Solver of order 1, 2 or 3 in the noise-prediction form (Lu et al. 2022, algorithms 1
+    and 2 with r1 = 1/2, resp. r1 = 1/3, r2 = 2/3; eqs. 3.7-3.8 and appendix B): NFE = order * steps.
+
+    In y = x/m with sigma' e^h = sigma: y' = y - sigma' (e^h - 1) eps - (higher-order corrections).
+    """
+
+    default_steps = 10
+    default_schedule = "log_snr"
+
+    def __init__(self, order: int = 3):
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
+        self.order = self.nfe_per_step = order
+
+    def _eps(self, ctx, y, u):
+        t = _t_at(ctx, u)
+        m, s, _ = _point(ctx, t)
+        return -bcast(s, y) * ctx.score(bcast(m, y) * y, t)
+
+    def step(self, ctx, x, t, t_next, state):
+        m, s, u = _point(ctx, t)
+        m2, s2, u2 = _point(ctx, t_next)
+        h, sig2 = u2 - u, s2 / m2
+        y = x / bcast(m, x)
+        e0 = -bcast(s, x) * ctx.score(x, t)
+        y_next = y - bcast(sig2 * torch.expm1(h), x) * e0
+        if self.order == 2:
+            r1 = 0.5
+            sig1 = torch.exp(-(u + r1 * h))
+            e1 = self._eps(ctx, y - bcast(sig1 * torch.expm1(r1 * h), x) * e0, u + r1 * h)
+            y_next = y_next - bcast(sig2 * torch.expm1(h) / (2.0 * r1), x) * (e1 - e0)
+        elif self.order == 3:
+            r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+            sig1, sigm = torch.exp(-(u + r1 * h)), torch.exp(-(u + r2 * h))
+            d1 = self._eps(ctx, y - bcast(sig1 * torch.expm1(r1 * h), x) * e0, u + r1 * h) - e0
+            y2 = (y - bcast(sigm * torch.expm1(r2 * h), x) * e0
+                  - bcast(sigm * r2 / r1 * (torch.expm1(r2 * h) / (r2 * h) - 1.0), x) * d1)
+            d2 = self._eps(ctx, y2, u + r2 * h) - e0
+            y_next = y_next - bcast(sig2 / r2 * (torch.expm1(h) / h - 1.0), x) * d2
+        return bcast(m2, x) * y_next, None
+
+    def __repr__(self) -> str:
+        return f"DPMSolver(order={self.order})"
+
+
+def _exp_adams(hist: List[Tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor, exact: bool) -> torch.Tensor:
+    """int_0^h e^{-(h - r)} P(r) dr for P the polynomial through the denoised history [(u_j, D_j), ...]
+    (newest last, u measured from the newest), in Newton's divided-difference form.
+
+    ``exact=False`` with two points replaces M_1 by M_0 h / 2, the DPM-Solver++(2M) rule (Lu et al. 2022b, alg. 2).
+    """
+    us = [u for u, _ in hist][::-1]
+    divided = [d for _, d in hist][::-1]  # newest first
+    k = len(hist)
+    ms = _phi_moments(h, k)
+    if k == 2 and not exact:
+        ms[1] = 0.5 * h * ms[0]
+    # Newton basis products prod_{i<j} (r - (u_i - u_0)) expanded in powers of r
+    out = bcast(ms[0], divided[0]) * divided[0]
+    poly = [torch.ones((), dtype=torch.float64)]
+    for j in range(1, k):
+        divided = [(divided[i] - divided[i + 1]) / bcast(us[i] - us[i + j], divided[i]) for i in range(k - j)]
+        node = us[j - 1] - us[0]
+        poly = [(poly[i - 1] if i > 0 else 0.0) - node * (poly[i] if i < len(poly) else 0.0) for i in range(j + 1)]
+        coef = sum(c * ms[i] for i, c in enumerate(poly))
+        out = out + bcast(coef, divided[0]) * divided[0]
+    return out
+
+
+class DPMSolverPP(StepSampler):
+    """DPM-Solver++ multistep in the data-prediction form (Lu et al. 2022b, algorithm 2 for order 2; the order-3
+    rule integrates the quadratic through the last three denoised values exactly, their appendix / DEIS, Zhang &
+    Chen 2022): y' = e^{-h} y + int_0^h e^{-(h - r)} D(r) dr. One NFE per step (NFE = steps); the first steps
+    use the lower orders the history allows, and with ``lower_order_final`` the last step is first order
+    when steps < 15 (as in the paper's code, which stabilises very few steps).
+    """
+
+    default_steps = 20
+    default_schedule = "log_snr"
+
+    def __init__(self, order: int = 2, lower_order_final: bool = False):
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
+        if not isinstance(lower_order_final, bool):
+            raise TypeError(f"lower_order_final must be a bool; got {type(lower_order_final).__name__}.")
+        self.order, self.lower_order_final = order, lower_order_final
+
+    def start(self, ctx, x, ts):
+        return {"hist": [], "left": len(ts) - 1, "total": len(ts) - 1}
+
+    def step(self, ctx, x, t, t_next, state):
+        m, s, u = _point(ctx, t)
+        m2, s2, u2 = _point(ctx, t_next)
+        hist = (state["hist"] + [(u, _denoise(ctx, x, t, m, s))])[-self.order:]
+        use = hist[-1:] if self.lower_order_final and state["left"] == 1 and state["total"] < 15 else hist
+        x_next = bcast(s2 / s, x) * x + bcast(m2, x) * _exp_adams(use, u2 - u, exact=self.order > 2)
+        return x_next, {"hist": hist, "left": state["left"] - 1, "total": state["total"]}
+
+    def __repr__(self) -> str:
+        return f"DPMSolverPP(order={self.order}, lower_order_final={self.lower_order_final})"
+
+
+class DPMSolverPP2MSDE(StepSampler):
+    """Stochastic DPM-Solver++(2M) (Lu et al. 2022b, the SDE variant of section 4; the midpoint rule of their
+    code): it integrates the reverse SDE in u, dy = 2 (D - y) du + noise, exactly in its linear part,
+
+        y' = e^{-2h} y + (1 - e^{-2h}) (D + h/2 (D - D_prev)/h_prev) + sigma' sqrt(1 - e^{-2h}) z,
+
+    with y = x/m, sigma' = s'/m'. Its first step (no history) is ancestral sampling. NFE = steps.
+    """
+
+    stochastic = True
+    default_steps = 50
+    default_schedule = "log_snr"
+
+    def start(self, ctx, x, ts):
+        return None
+
+    def step(self, ctx, x, t, t_next, state):
+        m, s, u = _point(ctx, t)
+        m2, s2, u2 = _point(ctx, t_next)
+        h = u2 - u
+        d = _denoise(ctx, x, t, m, s)
+        w = -torch.expm1(-2.0 * h)
+        drift = d
+        if state is not None:
+            u_prev, d_prev = state
+            drift = d + bcast(0.5 * h / (u - u_prev), x) * (d - d_prev)
+        x_next = bcast(s2 / s * torch.exp(-h), x) * x + bcast(m2 * w, x) * drift
+        return x_next + bcast(s2 * torch.sqrt(w), x) * ctx.randn_like(x), (u, d)
+
+    def __repr__(self) -> str:
+        return "DPMSolverPP2MSDE()"
+
+
+register_sampler("ddim", DDIM)
+register_sampler("heun", Heun)
+register_sampler("dpm_solver", DPMSolver)
+register_sampler("dpmpp_2m", lambda lower_order_final=False: DPMSolverPP(2, lower_order_final))
+register_sampler("dpmpp_3m", lambda lower_order_final=False: DPMSolverPP(3, lower_order_final))
+register_sampler("dpmpp_2m_sde", DPMSolverPP2MSDE)
