@@ -17,3 +17,21 @@ from .score import ScoreModel, output_to_score, score_to_x0
 from .sde import SDE, VESDE, ProbabilityFlowODE, ReverseSDE, SubVPSDE, VPSDE
 
 __version__ = "0.1.0"
+
+# --- fast and adaptive samplers (issue 3: sdegen/fast_samplers.py, sdegen/adaptive.py) ---
+from . import adaptive, fast_samplers
+from .adaptive import AdaptiveExponential
+from .fast_samplers import DDIM, DPMSolver, DPMSolverPP, DPMSolverPP2MSDE, Heun
+
+# --- issue 5: losses, nets, training, guidance ---
+from . import guidance, losses, nets, training
+from .guidance import (ClassifierFreeGuidedScore, ClassifierGuidedScore, Inpaint, MixtureClassifier,
+                       classifier_free_guidance, classifier_guidance, inpaint)
+from .losses import classifier_loss, ddpm_loss, drop_labels, dsm_loss, sample_time, sliced_score_matching_loss
+from .nets import MLP, ConvClassifier, UNet
+from .training import EMA, load_checkpoint, save_checkpoint, train
+
+# --- likelihood (issue 4): sdegen/likelihood.py, sdegen/divergence.py ---
+from . import divergence, likelihood
+from .divergence import divergence_exact, divergence_hutchinson, make_probes
+from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood

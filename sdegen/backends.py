@@ -115,41 +115,52 @@ class ODESolver:
 class PerExampleBrownian(torchsde.BaseBrownian):
     """Brownian motion on [t0, t1] of shape (B, D) whose path i depends only on seeds[i].
 
-    A virtual Brownian tree (Li et al. 2020): W(t0) = 0, W(t1) ~ N(0, (t1 - t0) I), and each
-    dyadic midpoint is drawn from its Brownian bridge with noise keyed by the node, down to
-    intervals of length ``tol``; inside such a leaf the bridge is sampled at the query time.
+    A virtual Brownian tree (Li et al. 2020, "Scalable gradients for SDEs", section 6): W(t0) = 0, the
+    root's right end W(t0 + 2^L h) ~ N(0, 2^L h I), and each dyadic midpoint is drawn from its Brownian
+    bridge with noise keyed by the node. With ``h`` the solver's fixed step, every grid time is a node at
+    depth L, so fixed-step increments are exact; other times descend to intervals of length ``tol`` and
+    sample the bridge at the query time.
     """
 
-    def __init__(self, seeds: torch.Tensor, t0: float, t1: float, shape, dtype, device, tol: float = 1e-6):
+    def __init__(self, seeds: torch.Tensor, t0: float, t1: float, shape, dtype, device, h: Optional[float] = None,
+                 tol: float = 1e-6):
         self._seeds, self.t0, self.t1 = seeds.to(device), float(t0), float(t1)
-        self._shape, self._dtype, self._device, self.tol = tuple(shape), dtype, torch.device(device), float(tol)
-        self._w1 = math.sqrt(self.t1 - self.t0) * self._normal(1)
+        self._shape, self._dtype, self._device = tuple(shape), dtype, torch.device(device)
+        span = self.t1 - self.t0
+        h = span if h is None else float(h)
+        depth = max(0, math.ceil(math.log2(span / h - 1e-9))) if span > h else 0
+        self._root_end = self.t0 + h * 2**depth
+        self.tol = min(float(tol), h)
+        self._eq = 1e-9 * span  # grid times computed by different additions may differ by round-off
+        self._w1 = math.sqrt(self._root_end - self.t0) * self._normal(1)
         self._cache: Dict[float, torch.Tensor] = {}
 
     def _normal(self, node: int) -> torch.Tensor:
         return normal_from_seeds(self._seeds, (1 << 50) + node, self._shape[1:], self._dtype)
 
     def _w(self, t: float) -> torch.Tensor:
-        if t in self._cache:
-            return self._cache[t]
-        a, b, node = self.t0, self.t1, 1
+        for tc, wc in self._cache.items():
+            if abs(tc - t) <= self._eq:
+                return wc
+        a, b, node = self.t0, self._root_end, 1
         wa, wb = torch.zeros(self._shape, dtype=self._dtype, device=self._device), self._w1
-        while t not in (a, b):
-            mid = 0.5 * (a + b)
-            if b - a <= self.tol:  # leaf: the bridge at t itself
+        while True:
+            if abs(t - a) <= self._eq:
+                w = wa
+                break
+            if abs(t - b) <= self._eq:
+                w = wb
+                break
+            if b - a <= self.tol:  # leaf: sample the bridge at t itself
                 frac = (t - a) / (b - a)
                 w = wa + frac * (wb - wa) + math.sqrt((t - a) * (b - t) / (b - a)) * self._normal(2 * node)
                 break
+            mid = 0.5 * (a + b)
             wm = 0.5 * (wa + wb) + math.sqrt(0.25 * (b - a)) * self._normal(2 * node)
-            if t == mid:
-                w = wm
-                break
             node = 2 * node + (t > mid)
-            a, b, wa, wb = (a, mid, wa, wm) if t < mid else (mid, b, wm, wb)
-        else:
-            w = wa if t == a else wb
-        if len(self._cache) > 64:
-            self._cache.clear()
+            a, b, wa, wb = (a, mid, wa, wm) if t <= mid else (mid, b, wm, wb)
+        if len(self._cache) >= 8:
+            self._cache.pop(next(iter(self._cache)))
         self._cache[t] = w
         return w
 
@@ -218,15 +229,117 @@ class SDESolver:
             bm = torchsde.BrownianInterval(t0, t1, size=y0.shape, dtype=y0.dtype, device=y0.device,
                                            levy_area_approximation="space-time", entropy=entropy)
         else:
-            bm = PerExampleBrownian(noise.spawn(7).seeds, t0, t1, y0.shape, y0.dtype, y0.device,
-                                    tol=min(1e-6, dt / 64))
+            bm = PerExampleBrownian(noise.seeds, t0, t1, y0.shape, y0.dtype, y0.device, h=dt, tol=dt / 1024)
         options = dict(self.options)
         if self.solver == "milstein":
             options.setdefault("grad_free", True)  # g does not depend on x: no derivative needed
         ys = torchsde.sdeint(rsde, y0, taus, bm=bm, method=self.solver, dt=dt, adaptive=self.adaptive,
                              rtol=self.rtol, atol=self.atol, dt_min=self.dt_min, options=options)
         out = ys.reshape((len(ts),) + tuple(x.shape))
-        return out, out[-1], n if not self.adaptive else -1
+        return out, out[-1], None if self.adaptive else n
 
     def __repr__(self) -> str:
         return f"SDESolver(solver={self.solver!r}, adaptive={self.adaptive})"
+
+
+# --- augmented solves for likelihoods (sdegen.likelihood) ---------------------------------------------------
+
+class _StepLimit(Exception):
+    pass
+
+
+class AugmentedNorm:
+    """Error norm for an augmented state (B, D + 1) = (x flattened, log-density term).
+
+    Per example: max(RMS of the D state errors, |error of the log term|); then the max over examples, so
+    every example (and its log-density, not only its state) meets the tolerance. Keeps the last per-example
+    ratios on the device (no host sync) so a failed solve can name the examples that limited the step.
+    """
+
+    def __init__(self):
+        self.last: Optional[torch.Tensor] = None
+        self.last_rejected: Optional[torch.Tensor] = None
+
+    def __call__(self, ratio: torch.Tensor) -> torch.Tensor:
+        per = torch.maximum(ratio[:, :-1].pow(2).mean(1).sqrt(), ratio[:, -1].abs())
+        self.last = per
+        return per.max()
+
+
+class _CountingFunc(torch.nn.Module):
+    """Wraps a field: counts evaluations and steps, and stops the solve after ``max_steps`` steps."""
+
+    def __init__(self, field: torch.nn.Module, norm: AugmentedNorm, max_steps: int):
+        super().__init__()
+        self.field, self.norm, self.max_steps = field, norm, max_steps
+        self.nfe, self.attempted, self.accepted, self.rejected, self.t_reached = 0, 0, 0, 0, None
+
+    def forward(self, t, y):
+        self.nfe += 1
+        return self.field(t, y)
+
+    def callback_step(self, t0, y0, dt):  # before every step, adaptive or fixed
+        self.attempted += 1
+        if self.attempted > self.max_steps:
+            raise _StepLimit()
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.accepted += 1
+        self.t_reached = t0 + dt
+
+    def callback_reject_step(self, t0, y0, dt):
+        self.rejected += 1
+        self.norm.last_rejected = self.norm.last
+
+
+def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: float, *, method: str = "dopri5",
+                    rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 10_000, steps: Optional[int] = None,
+                    adjoint: bool = False, adjoint_params=None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Integrate ``dy/dt = field(t, y)`` for an augmented state y (B, D + 1) from t0 to t1 with torchdiffeq.
+
+    Adaptive methods control the error per example with :class:`AugmentedNorm` and land exactly on t1;
+    fixed-grid methods take ``steps`` equal steps. ``adjoint=True`` uses ``torchdiffeq.odeint_adjoint``
+    (memory O(1) in the number of steps) so gradients flow to y0 and to ``adjoint_params``.
+    Returns (y(t1), info) with info = {"nfe", "steps", "rejected"}.
+    Raises RuntimeError naming the examples whose error exceeded the tolerance when ``max_steps`` run out.
+    """
+    if method not in _ODE_SOLVERS or method == "scipy_solver":
+        raise ValueError(f"unknown torchdiffeq method {method!r}; valid: {', '.join(ODE_METHODS)}.")
+    norm = AugmentedNorm()
+    func = _CountingFunc(field, norm, max_steps)
+    t = torch.tensor([t0, t1], dtype=torch.float64, device=y0.device)
+    if is_adaptive_ode_method(method):
+        options = {"norm": norm, "step_t": t[-1:], "max_num_steps": max_steps + 1}
+    else:
+        options = {"step_size": (t1 - t0) / (steps or 100)}
+    kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
+    try:
+        if adjoint:
+            adj_opts = {"max_num_steps": max_steps + 1} if is_adaptive_ode_method(method) else dict(options)
+            out = torchdiffeq.odeint_adjoint(func, y0, t, adjoint_options=adj_opts, adjoint_params=adjoint_params,
+                                             **kwargs)
+        else:
+            out = torchdiffeq.odeint(func, y0, t, **kwargs)
+    except (_StepLimit, AssertionError) as err:
+        if isinstance(err, AssertionError) and "max_num_steps" not in str(err):
+            raise
+        raise RuntimeError(_step_limit_message(func, norm, method, t0, t1, max_steps)) from None
+    steps_taken = func.accepted if is_adaptive_ode_method(method) else func.attempted
+    return out[-1], {"nfe": func.nfe, "steps": steps_taken, "rejected": func.rejected}
+
+
+def _step_limit_message(func: _CountingFunc, norm: AugmentedNorm, method: str, t0: float, t1: float,
+                        max_steps: int) -> str:
+    ratios = norm.last_rejected if norm.last_rejected is not None else norm.last
+    where = "" if func.t_reached is None else f" and reached t={float(func.t_reached):.6g}"
+    if ratios is None:
+        bad, worst = [], float("nan")
+    else:
+        ratios = ratios.detach().cpu()
+        bad = torch.nonzero(ratios > 1.0).flatten().tolist() or [int(ratios.argmax())]
+        worst = float(ratios.max())
+    shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+    return (f"the {method!r} solve from t={t0:g} to t={t1:g} used all max_steps={max_steps} steps{where} without "
+            f"finishing; examples [{shown}] ({len(bad)} of the batch) did not meet the tolerance in the last "
+            f"rejected step (worst error ratio {worst:.3g}). Loosen rtol/atol, raise max_steps, or evaluate "
+            f"those examples separately.")
