@@ -182,25 +182,25 @@ class DPMSolver(StepSampler):
         return f"DPMSolver(order={self.order})"
 
 
-def _exp_adams(hist: List[Tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor, exact: bool) -> torch.Tensor:
-    """int_0^h e^{-(h - r)} P(r) dr for P the polynomial through the denoised history [(u_j, D_j), ...]
-    (newest last, u measured from the newest), in Newton's divided-difference form.
+def exp_poly_integral(nodes: List[torch.Tensor], values: List[torch.Tensor], h: torch.Tensor,
+                      midpoint: bool = False) -> torch.Tensor:
+    """int_0^h e^{-(h - r)} P(r) dr for P the polynomial through (nodes[i], values[i]), nodes in u measured
+    from the step's start (Newton's divided differences; nodes in any order, all distinct).
 
-    ``exact=False`` with two points replaces M_1 by M_0 h / 2, the DPM-Solver++(2M) rule (Lu et al. 2022b, alg. 2).
+    This is the exponential Adams rule of DEIS (Zhang & Chen 2022) and DPM-Solver++ multistep in u.
+    ``midpoint=True`` (two nodes) replaces M_1 by M_0 h / 2, DPM-Solver++(2M)'s rule (Lu et al. 2022b, alg. 2).
     """
-    us = [u for u, _ in hist][::-1]
-    divided = [d for _, d in hist][::-1]  # newest first
-    k = len(hist)
+    k = len(nodes)
     ms = _phi_moments(h, k)
-    if k == 2 and not exact:
+    if k == 2 and midpoint:
         ms[1] = 0.5 * h * ms[0]
-    # Newton basis products prod_{i<j} (r - (u_i - u_0)) expanded in powers of r
+    divided = list(values)
     out = bcast(ms[0], divided[0]) * divided[0]
-    poly = [torch.ones((), dtype=torch.float64)]
+    poly = [torch.ones((), dtype=torch.float64)]  # prod_{i<j} (r - nodes[i]) in powers of r
     for j in range(1, k):
-        divided = [(divided[i] - divided[i + 1]) / bcast(us[i] - us[i + j], divided[i]) for i in range(k - j)]
-        node = us[j - 1] - us[0]
-        poly = [(poly[i - 1] if i > 0 else 0.0) - node * (poly[i] if i < len(poly) else 0.0) for i in range(j + 1)]
+        divided = [(divided[i] - divided[i + 1]) / bcast(nodes[i] - nodes[i + j], divided[i]) for i in range(k - j)]
+        poly = [(poly[i - 1] if i > 0 else 0.0) - nodes[j - 1] * (poly[i] if i < len(poly) else 0.0)
+                for i in range(j + 1)]
         coef = sum(c * ms[i] for i, c in enumerate(poly))
         out = out + bcast(coef, divided[0]) * divided[0]
     return out
@@ -232,7 +232,9 @@ class DPMSolverPP(StepSampler):
         m2, s2, u2 = _point(ctx, t_next)
         hist = (state["hist"] + [(u, _denoise(ctx, x, t, m, s))])[-self.order:]
         use = hist[-1:] if self.lower_order_final and state["left"] == 1 and state["total"] < 15 else hist
-        x_next = bcast(s2 / s, x) * x + bcast(m2, x) * _exp_adams(use, u2 - u, exact=self.order > 2)
+        nodes, values = [v - u for v, _ in reversed(use)], [d for _, d in reversed(use)]
+        integral = exp_poly_integral(nodes, values, u2 - u, midpoint=self.order == 2)
+        x_next = bcast(s2 / s, x) * x + bcast(m2, x) * integral
         return x_next, {"hist": hist, "left": state["left"] - 1, "total": state["total"]}
 
     def __repr__(self) -> str:
