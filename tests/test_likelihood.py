@@ -1,0 +1,196 @@
+"""Probability-flow log-likelihoods against the Gaussian-mixture oracle, whose log p_0 is exact."""
+
+import math
+
+import pytest
+import torch
+
+import sdegen
+from sdegen.analytic import GaussianMixture
+from sdegen.backends import AugmentedNorm
+from sdegen.likelihood import bits_per_dim, dequantize, log_likelihood
+
+SDES = {"ve": lambda: sdegen.VESDE(sigma_min=0.01, sigma_max=50.0),
+        "vp": lambda: sdegen.VPSDE(),
+        "subvp": lambda: sdegen.SubVPSDE()}
+PROBLEMS = {"ring2d": lambda: GaussianMixture.ring(), "mix16d": lambda: GaussianMixture.random(dim=16, seed=0)}
+T_MIN = 1e-6  # log p_{t_min} -> log p_0 as t_min -> 0; at 1e-6 the gap is < 1e-4 nats/dim on these problems
+
+
+def _exact_prior(gm, sde):
+    return gm.marginal(sde.T, sde).log_prob
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("sde_name", sorted(SDES))
+def test_exact_divergence_matches_the_oracle(sde_name, problem):
+    sde, gm = SDES[sde_name](), PROBLEMS[problem]()
+    x = gm.sample(6, seed=5)
+    r = log_likelihood(sde, gm, x, divergence="exact", rtol=1e-6, atol=1e-6, t_min=T_MIN,
+                       prior=_exact_prior(gm, sde))
+    err = (r.log_prob - gm.log_prob(x)).abs() / gm.dim
+    assert float(err.max()) <= 1e-3, err
+    # bits/dim is the same number in other units
+    torch.testing.assert_close(r.bpd, -r.log_prob / (gm.dim * math.log(2)))
+    torch.testing.assert_close(r.log_prob, r.prior_log_prob + r.delta_log_prob)
+    assert r.nfe > 0 and r.steps > 0 and r.latent.shape == x.shape
+
+
+def test_latent_flows_back_to_the_data():
+    # the core sampler's ODE, started at the latent, returns to x: an independent check of x_T
+    sde, gm = sdegen.VPSDE(), GaussianMixture.ring()
+    x = gm.sample(5, seed=2)
+    r = log_likelihood(sde, gm, x, divergence="exact", rtol=1e-7, atol=1e-7, t_min=1e-3)
+    back = sdegen.sample(sde, gm, r.latent, method="ode", t_min=1e-3, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(back, x, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+def test_hutchinson_likelihood_is_unbiased(noise):
+    # 300 copies of one point, each with its own probes fixed along its solve: their mean is within
+    # 3 standard errors of the exact-divergence result
+    sde, gm = sdegen.VPSDE(), GaussianMixture.random(dim=4, n_components=3, seed=1)
+    x = gm.sample(1, seed=0).expand(300, 4)
+    prior = _exact_prior(gm, sde)
+    exact = log_likelihood(sde, gm, x[:1], divergence="exact", rtol=1e-6, atol=1e-6, t_min=1e-4, prior=prior)
+    est = log_likelihood(sde, gm, x, divergence="hutchinson", noise=noise, probes=2, seed=9, rtol=1e-6, atol=1e-6,
+                         t_min=1e-4, prior=prior)
+    se = est.log_prob.std() / math.sqrt(x.shape[0])
+    assert float(est.log_prob.std()) > 1e-3  # the estimates genuinely vary
+    assert abs(float(est.log_prob.mean() - exact.log_prob[0])) <= 3 * float(se)
+
+
+def test_prior_mismatch_equals_the_log_ratio_and_its_mean_the_kl():
+    # A VP SDE that stops short of the standard normal (m(T)^2 = e^{-2.05} = 0.13). With the SDE's own prior
+    # pi = N(0, I) instead of the exact p_T, example i's error is log pi(x_T) - log p_T(x_T) at its latent, and
+    # over x ~ p_0 (so x_T ~ p_T) its mean is -KL(p_T || pi), which we compute by Monte Carlo from p_T directly.
+    sde, gm = sdegen.VPSDE(beta_min=0.1, beta_max=4.0), GaussianMixture.ring()
+    pT = gm.marginal(sde.T, sde)
+    x = gm.sample(96, seed=4)
+    r = log_likelihood(sde, gm, x, divergence="exact", rtol=1e-6, atol=1e-6, t_min=T_MIN)
+    err = r.log_prob - gm.log_prob(x)
+    log_ratio = sde.prior_log_prob(r.latent) - pT.log_prob(r.latent)
+    assert float(log_ratio.abs().mean()) > 0.05  # the mismatch is large enough to see
+    torch.testing.assert_close(err, log_ratio, atol=2e-3, rtol=0)
+    z = pT.sample(200_000, seed=8)
+    mc = sde.prior_log_prob(z) - pT.log_prob(z)  # E = -KL(p_T || pi)
+    se = math.sqrt(float(err.var()) / err.numel() + float(mc.var()) / mc.numel())
+    assert abs(float(err.mean() - mc.mean())) <= 3 * se
+
+
+def test_adjoint_gradients_match_the_closed_form():
+    # data N(0, c^2 I): the exact score under VP is -x / (m^2 c^2 + s^2), and log p_0 = log N(x; 0, c^2 I), so
+    # d/dc log p = -D/c + |x|^2/c^3 and d/dx log p = -x/c^2
+    sde = sdegen.VPSDE()
+
+    class GaussScore(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+        def var(self, t):
+            return torch.exp(2 * sde._log_mean_coeff(t)) * self.c**2 + sde._std(t) ** 2
+
+        def forward(self, x, t):
+            return -x / self.var(t.to(torch.float64))[:, None]
+
+        def prior(self, z):
+            v = self.var(torch.tensor(sde.T, dtype=torch.float64))
+            return -0.5 * (z**2).sum(1) / v - 0.5 * z.shape[1] * torch.log(2 * math.pi * v)
+
+    model = GaussScore()
+    x = torch.tensor([[0.3, -1.1, 0.5], [1.2, 0.1, -0.4]], dtype=torch.float64, requires_grad=True)
+    r = log_likelihood(sde, model, x, divergence="exact", rtol=1e-7, atol=1e-7, t_min=1e-6, prior=model.prior,
+                       adjoint=True)
+    gc, gx = torch.autograd.grad(r.log_prob.sum(), (model.c, x))
+    c = 0.7
+    torch.testing.assert_close(gc, (-3 / c + (x.detach() ** 2).sum(1) / c**3).sum(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(gx, -x.detach() / c**2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_any_rank_dtype_and_callers_tensor_untouched(divergence, dtype, device):
+    sde, gm = sdegen.VPSDE(), GaussianMixture.random(dim=4, n_components=2, seed=3)
+    flat = gm.sample(3, seed=1, dtype=dtype, device=device)
+    x = flat.reshape(3, 1, 2, 2).clone().requires_grad_(True)
+    before = x.detach().clone()
+    r = log_likelihood(sde, gm, x, divergence=divergence, seed=0, t_min=1e-4)
+    r_flat = log_likelihood(sde, gm, flat, divergence=divergence, seed=0, t_min=1e-4)
+    assert r.log_prob.dtype == dtype and r.log_prob.device == x.device and r.latent.shape == x.shape
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close(r.log_prob, r_flat.log_prob, atol=tol, rtol=tol)
+    assert torch.equal(x.detach(), before) and x.requires_grad and x.grad is None and x.is_leaf
+    assert not r.log_prob.requires_grad  # no gradient without adjoint=True
+    assert not flat.requires_grad
+
+
+def test_per_example_error_norm():
+    # one example with a large error ratio decides the step, not the batch average
+    ratio = torch.full((100, 5), 0.1)
+    ratio[37, 2] = 30.0
+    norm = AugmentedNorm()
+    assert float(norm(ratio)) == pytest.approx(math.sqrt((30.0**2 + 3 * 0.1**2) / 4), rel=1e-6)  # example 37 alone
+    ratio[:, :4] = 0.1
+    ratio[12, 4] = 5.0  # the log-density term counts on its own
+    assert float(norm(ratio)) == pytest.approx(5.0)
+    assert int(norm.last.argmax()) == 12
+
+
+def test_step_limit_names_the_examples():
+    sde, gm = sdegen.VPSDE(), GaussianMixture.ring()
+    x = gm.sample(4, seed=0)
+    with pytest.raises(RuntimeError, match=r"max_steps=3.*examples \["):
+        log_likelihood(sde, gm, x, divergence="exact", rtol=1e-9, atol=1e-9, max_steps=3, t_min=1e-5)
+
+
+def test_discrete_data_bits_per_dim():
+    K, lo, hi = 17, -1.0, 1.0
+    n = torch.tensor([[0, 16, 8], [3, 5, 11]], dtype=torch.float64)
+    x = lo + (hi - lo) * n / (K - 1)
+    z = dequantize(x, K, data_range=(lo, hi), seed=4)
+    cell = torch.floor((z - lo) / (hi - lo) * K)
+    assert torch.equal(cell, n)  # each level dequantizes inside its own cell of side (hi - lo)/K
+    # a model uniform on [lo, hi]^D gives every one of the K^D cells the same mass: exactly log2 K bits
+    uniform_log_p = torch.full((2,), -3 * math.log(hi - lo), dtype=torch.float64)
+    torch.testing.assert_close(bits_per_dim(uniform_log_p, 3, levels=K, data_range=(lo, hi)),
+                               torch.full((2,), math.log2(K), dtype=torch.float64))
+    # the familiar offset: 8-bit images in [-1, 1] get +7 bits, in [0, 1] +8 bits
+    zero = torch.zeros(1)
+    assert float(bits_per_dim(zero, 10, levels=256)) == pytest.approx(7.0)
+    assert float(bits_per_dim(zero, 10, levels=256, data_range=(0.0, 1.0))) == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="levels"):
+        dequantize(x + 0.01, K)
+    with pytest.raises(ValueError, match="levels"):
+        dequantize(x, 1)
+
+
+def test_log_likelihood_with_levels_is_the_dequantized_density_plus_offset():
+    sde, gm = sdegen.VPSDE(), GaussianMixture.random(dim=3, n_components=2, seed=2)
+    K = 17
+    x = torch.round((gm.sample(4, seed=1).clamp(-1, 1) + 1) / 2 * (K - 1)) / (K - 1) * 2 - 1
+    r = log_likelihood(sde, gm, x, divergence="exact", levels=K, seed=6, t_min=1e-4)
+    z = dequantize(x, K, seed=6)
+    rz = log_likelihood(sde, gm, z, divergence="exact", t_min=1e-4)
+    torch.testing.assert_close(r.bpd, bits_per_dim(rz.log_prob, 3, levels=K))
+
+
+def test_bad_input():
+    sde, gm = sdegen.VPSDE(), GaussianMixture.ring()
+    x = gm.sample(3, seed=0)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        log_likelihood(sde, gm, bad)
+    with pytest.raises(ValueError, match="shape"):
+        log_likelihood(sde, gm, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="2 values per example"):
+        log_likelihood(sde, gm, torch.zeros(3, 3))
+    with pytest.raises(TypeError):
+        log_likelihood(sde, gm, torch.zeros(3, 2, dtype=torch.int64))
+    for kwargs, match in [({"divergence": "trace"}, "divergence"), ({"probes": 0}, "probes"),
+                          ({"noise": "uniform"}, "noise"), ({"rtol": -1.0}, "rtol"), ({"t_min": 2.0}, "t_min"),
+                          ({"method": "nope"}, "method"), ({"prior": lambda z: z}, "prior")]:
+        with pytest.raises(ValueError, match=match):
+            log_likelihood(sde, gm, x, **kwargs)
+    with pytest.raises(TypeError, match="autograd"):
+        log_likelihood(sde, lambda z, t: torch.zeros_like(z), x, divergence="exact")
