@@ -1,0 +1,248 @@
+"""Training objectives for score models and noise-conditional classifiers.
+
+All losses take the model and a batch x0 (B, ...), draw t in [t_min, T] and the kernel noise from an explicit
+generator (or seed), and return a scalar: the batch mean of a per-example loss. Every loss estimates
+
+    (1 / (T - t_min)) int_{t_min}^{T} w(t) E[ per-example loss at time t ] dt,
+
+whether t is drawn uniformly or by importance sampling (the importance weights are folded in), so the
+two estimators are unbiased for the same number and can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from ._util import batch_time, bcast, check_finite_tensor
+from .sde import SDE
+
+Gen = Union[int, torch.Generator, None]
+WEIGHTINGS = ("s2", "likelihood", "none")
+
+
+def _generator(generator: Gen, device=None) -> Optional[torch.Generator]:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None; got {type(generator).__name__}.")
+    return torch.Generator(device=device or "cpu").manual_seed(generator)
+
+
+def _randn(shape, gen: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    # draw on the generator's device, then move: a CPU generator then serves a CUDA batch too
+    dev = gen.device if gen is not None else like.device
+    return torch.randn(shape, generator=gen, device=dev, dtype=like.dtype).to(like.device)
+
+
+def _rand(n: int, gen: Optional[torch.Generator]) -> torch.Tensor:
+    dev = gen.device if gen is not None else "cpu"
+    return torch.rand(n, generator=gen, device=dev, dtype=torch.float64).cpu()
+
+
+def _sde_of(model, sde: Optional[SDE]) -> SDE:
+    sde = sde if sde is not None else getattr(model, "sde", None)
+    if not isinstance(sde, SDE):
+        raise TypeError("pass a ScoreModel (which carries its SDE) or give sde=... explicitly.")
+    return sde
+
+
+def _check_batch(x0: torch.Tensor) -> None:
+    check_finite_tensor(x0, "x0")
+    if x0.ndim < 1 or x0.shape[0] < 1:
+        raise ValueError(f"x0 must have shape (B, ...) with B >= 1; got {tuple(x0.shape)}.")
+
+
+def sample_time(sde: SDE, n: int, *, generator: Gen = None, importance: bool = False,
+                t_min: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Draw n training times in [t_min, T] and their importance weights, both (n,) float64 on the CPU.
+
+    Uniform (default): weight 1. ``importance=True`` draws t with density p(t) proportional to g(t)^2 / s(t)^2,
+    the proposal of Song et al. 2021 ("Maximum Likelihood Training of Score-Based Diffusion Models", section 5).
+    For a linear SDE g^2 / s^2 = -d lambda / dt with lambda = log(m^2 / s^2) (since d s^2/dt = 2 f s^2 + g^2), so
+    the proposal is uniform in log-SNR and exact: t = lambda^{-1}(lambda(t_min) - u (lambda(t_min) - lambda(T))).
+    The weight 1 / (p(t) (T - t_min)) keeps every loss an unbiased estimate of its uniform-t value.
+    """
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n must be a positive int; got {n!r}.")
+    t_min = sde.t_min if t_min is None else float(t_min)
+    if not (0.0 < t_min < sde.T):
+        raise ValueError(f"t_min must lie in (0, T={sde.T:g}); got {t_min!r}.")
+    u = _rand(n, _generator(generator))
+    if not importance:
+        return t_min + u * (sde.T - t_min), torch.ones(n, dtype=torch.float64)
+    ends = torch.tensor([t_min, sde.T], dtype=torch.float64)
+    lam = sde.log_snr(ends)
+    Z = lam[0] - lam[1]  # int g^2 / s^2 dt over [t_min, T]
+    t = sde.t_from_log_snr(lam[0] - u * Z).clamp(t_min, sde.T)
+    density = sde._diffusion(t) ** 2 / sde._std(t) ** 2 / Z
+    return t, 1.0 / (density * (sde.T - t_min))
+
+
+def loss_weight(sde: SDE, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """lambda(t): "s2" -> s(t)^2 (Song et al. 2021, eq. 7 with lambda = s^2), "likelihood" -> g(t)^2 (the weighting
+    that makes the loss bound the negative log-likelihood, Song et al. 2021b, theorem 1), "none" -> 1."""
+    if weighting == "s2":
+        return sde._std(t) ** 2
+    if weighting == "likelihood":
+        return sde._diffusion(t) ** 2
+    if weighting == "none":
+        return torch.ones_like(t)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}.")
+
+
+def _times(sde, x0, t, generator, importance, t_min):
+    B = x0.shape[0]
+    if t is None:
+        return sample_time(sde, B, generator=generator, importance=importance, t_min=t_min)
+    t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+    t = sde._time_x(x0, t)
+    return batch_time(t, x0.new_empty(B, device="cpu")), torch.ones(B, dtype=torch.float64)
+
+
+def _reduce(sq: torch.Tensor, reduce: str) -> torch.Tensor:
+    flat = sq.reshape(sq.shape[0], -1)
+    if reduce == "sum":
+        return flat.sum(1)
+    if reduce == "mean":
+        return flat.mean(1)
+    raise ValueError(f"reduce must be 'sum' or 'mean' (over the values of one example); got {reduce!r}.")
+
+
+def dsm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None, weighting: str = "s2",
+             importance_sampling: bool = False, reduce: str = "sum", t=None, generator: Gen = None,
+             t_min: Optional[float] = None, return_per_example: bool = False, **kwargs) -> torch.Tensor:
+    """Denoising score matching (Vincent 2011; Song et al. 2021, eq. 7):
+
+        E_t E_{x0} E_z [ lambda(t) || s_theta(x_t, t) - grad log p_0t(x_t | x0) ||^2 ],  x_t = m x0 + s z,
+
+    with grad log p_0t = -z / s. ``weighting`` picks lambda (see :func:`loss_weight`); ``importance_sampling``
+    draws t from :func:`sample_time`'s g^2 / s^2 proposal (meant for the likelihood weighting, where it removes
+    most of the variance; the estimate stays unbiased for any weighting).
+
+    Args:
+        model: a :class:`sdegen.ScoreModel` (or a callable score(x, t, *args) with ``sde=`` given);
+            extra ``*args``/``**kwargs`` (class labels, say) are passed to it.
+        x0: data batch (B, ...). t: optional fixed times (float or (B,)) instead of drawing them.
+        reduce: "sum" or "mean" over the values of one example.
+    Returns: a scalar (the batch mean), or the (B,) per-example losses with ``return_per_example=True``.
+    """
+    sde = _sde_of(model, sde)
+    _check_batch(x0)
+    gen = _generator(generator)
+    t, iw = _times(sde, x0, t, gen, importance_sampling, t_min)
+    z = _randn(x0.shape, gen, x0)
+    mean, std = sde.marginal_prob(x0, t)
+    x_t = mean + bcast(std, x0) * z
+    score = model(x_t, t.to(x0.device), *args, **kwargs)
+    # lambda ||s + z / s||^2, written as (lambda / s^2) ||s score + z||^2 so that s -> 0 does not amplify round-off
+    per = _reduce((bcast(std, x0) * score + z) ** 2, reduce)
+    w = (loss_weight(sde, t, weighting) / std**2 * iw).to(device=x0.device, dtype=x0.dtype)
+    per = w * per
+    return per if return_per_example else per.mean()
+
+
+def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None, num_steps: Optional[int] = None,
+              reduce: str = "mean", t=None, generator: Gen = None, return_per_example: bool = False,
+              **kwargs) -> torch.Tensor:
+    """DDPM's simplified objective L_simple = E_t E || eps - eps_theta(x_t, t) ||^2 (Ho et al. 2020, eq. 14).
+
+    t is uniform on [t_min, T], or, with ``num_steps=N``, uniform on the N grid times linspace(t_min, T, N) (the
+    discrete DDPM indices). eps_theta is ``model.eps`` (for an eps-predicting ScoreModel: the network output).
+    In continuous time it equals :func:`dsm_loss` with weighting "s2" and reduce="mean".
+    """
+    sde = _sde_of(model, sde)
+    _check_batch(x0)
+    gen = _generator(generator)
+    if t is None and num_steps is not None:
+        if not (isinstance(num_steps, int) and num_steps >= 2):
+            raise ValueError(f"num_steps must be an int >= 2 or None; got {num_steps!r}.")
+        grid = torch.linspace(sde.t_min, sde.T, num_steps, dtype=torch.float64)
+        t = grid[(_rand(x0.shape[0], gen) * num_steps).long().clamp_max(num_steps - 1)]
+    t, _ = _times(sde, x0, t, gen, False, None)
+    z = _randn(x0.shape, gen, x0)
+    x_t = sde.perturb(x0, t, z)
+    tt = t.to(x0.device)  # float64: a float32 cast could round past T
+    if hasattr(model, "eps"):
+        eps_hat = model.eps(x_t, tt, *args, **kwargs)
+    else:
+        eps_hat = -bcast(sde._std(t), x0) * model(x_t, tt, *args, **kwargs)
+    per = _reduce((eps_hat - z) ** 2, reduce)
+    return per if return_per_example else per.mean()
+
+
+def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None,
+                               projection: str = "rademacher", n_projections: int = 1, weighting: str = "s2",
+                               t=None, generator: Gen = None, t_min: Optional[float] = None,
+                               return_per_example: bool = False, **kwargs) -> torch.Tensor:
+    """Sliced score matching on the perturbed marginal p_t (Song et al. 2019, eq. 5), weighted by lambda(t):
+
+        E_t lambda(t) E_{x_t} E_v [ v^T grad_x(v^T s_theta(x_t, t)) + 1/2 (v^T s_theta(x_t, t))^2 ],
+
+    with E[v v^T] = I (v Gaussian or Rademacher; Hutchinson's trace estimator). It needs no kernel score, only
+    samples x_t (drawn here with the SDE's kernel). It equals 1/2 E||s_theta - grad log p_t||^2 minus the constant
+    1/2 E||grad log p_t||^2, so at the exact score its value at time t is -1/2 E||grad log p_t||^2.
+    One Jacobian-vector product per projection; the graph is kept so the loss can be backpropagated.
+    """
+    if projection not in ("gaussian", "rademacher"):
+        raise ValueError(f"projection must be 'gaussian' or 'rademacher'; got {projection!r}.")
+    if not (isinstance(n_projections, int) and n_projections >= 1):
+        raise ValueError(f"n_projections must be an int >= 1; got {n_projections!r}.")
+    sde = _sde_of(model, sde)
+    _check_batch(x0)
+    gen = _generator(generator)
+    t, iw = _times(sde, x0, t, gen, False, t_min)
+    x_t = sde.perturb(x0, t, _randn(x0.shape, gen, x0))
+    x_t = x_t.detach().requires_grad_(True)
+    with torch.enable_grad():
+        score = model(x_t, t.to(x0.device), *args, **kwargs)
+        per = x0.new_zeros(x0.shape[0])
+        for _ in range(n_projections):
+            v = _randn(x0.shape, gen, x0)
+            if projection == "rademacher":
+                v = torch.sign(v)
+            sv = (score * v).reshape(x0.shape[0], -1).sum(1)
+            jvp = torch.autograd.grad(sv.sum(), x_t, create_graph=True)[0]
+            per = per + (jvp * v).reshape(x0.shape[0], -1).sum(1) + 0.5 * sv**2
+    per = per / n_projections * (loss_weight(sde, t, weighting) * iw).to(device=x0.device, dtype=x0.dtype)
+    return per if return_per_example else per.mean()
+
+
+def classifier_loss(classifier: Callable, sde: SDE, x0: torch.Tensor, y: torch.Tensor, *, t=None,
+                    generator: Gen = None, t_min: Optional[float] = None, label_smoothing: float = 0.0,
+                    return_per_example: bool = False) -> torch.Tensor:
+    """Cross-entropy of a noise-conditional classifier on perturbed data: E_t E_{x0, y} [-log p_theta(y | x_t, t)]
+    with x_t = m(t) x0 + s(t) z and t uniform on [t_min, T] (Song et al. 2021, appendix I.1; Dhariwal & Nichol 2021).
+
+    Args: classifier(x_t, t) -> logits (B, C) with t (B,) in x0's dtype; x0 (B, ...); y (B,) integer labels.
+    """
+    _check_batch(x0)
+    if not isinstance(y, torch.Tensor) or y.shape != (x0.shape[0],) or y.is_floating_point():
+        raise ValueError(f"y must be an integer tensor of shape ({x0.shape[0]},); got {getattr(y, 'shape', y)!r}.")
+    if not (0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing!r}.")
+    gen = _generator(generator)
+    t, iw = _times(sde, x0, t, gen, False, t_min)
+    x_t = sde.perturb(x0, t, _randn(x0.shape, gen, x0))
+    logits = classifier(x_t, t.to(device=x0.device, dtype=x0.dtype))
+    if logits.ndim != 2 or logits.shape[0] != x0.shape[0]:
+        raise ValueError(f"the classifier must return logits of shape (B, C); got {tuple(logits.shape)}.")
+    if bool(((y < 0) | (y >= logits.shape[1])).any()):
+        raise ValueError(f"labels y must lie in [0, {logits.shape[1] - 1}] (the classifier has {logits.shape[1]} "
+                         f"classes); got min {int(y.min())}, max {int(y.max())}.")
+    per = torch.nn.functional.cross_entropy(logits, y.to(logits.device), reduction="none",
+                                            label_smoothing=label_smoothing)
+    return per if return_per_example else per.mean()
+
+
+def drop_labels(y: torch.Tensor, p: float, null_label: int, *, generator: Gen = None) -> torch.Tensor:
+    """Replace each label by ``null_label`` with probability p: the label dropout that trains one network
+    for both the conditional and unconditional score of classifier-free guidance (Ho & Salimans 2022, alg. 1).
+    Returns a new tensor; y is not modified."""
+    if not (0.0 <= p <= 1.0) or math.isnan(p):
+        raise ValueError(f"p must lie in [0, 1]; got {p!r}.")
+    gen = _generator(generator)
+    drop = _rand(y.shape[0], gen).to(y.device) < p
+    return torch.where(drop, torch.full_like(y, null_label), y)

@@ -1,0 +1,222 @@
+"""A minimal training helper: one loop (:func:`train`), an exponential moving average of the weights (:class:`EMA`),
+and checkpoints that store state dicts plus the plain-data config needed to rebuild the model.
+
+Hooks for distributed training (kept here so a DistributedDataParallel wrapper needs no change to the loop):
+``wrap_model`` turns the model into what the loss is computed through (e.g. ``lambda m: DDP(m)``), the EMA and
+checkpoints always use the unwrapped model; ``data`` may be any iterable of batches (a DataLoader with a
+DistributedSampler, say) instead of tensors; ``is_main`` says whether this process shows progress and saves;
+``on_step`` is called after every optimizer step (for logging, or a barrier).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .nets import build_net
+from .score import ScoreModel
+from .sde import SDE, VESDE, SubVPSDE, VPSDE
+
+Batch = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+SDES = {"VPSDE": VPSDE, "SubVPSDE": SubVPSDE, "VESDE": VESDE}
+
+
+class EMA:
+    """Exponential moving average of a module's parameters: theta_ema <- decay theta_ema + (1 - decay) theta
+    (the weights DDPM and Song et al. 2021 sample with). Buffers are copied as they are.
+
+    ``warmup=True`` uses decay min(decay, (1 + n) / (10 + n)) at update n, so early averages are not dominated
+    by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+        if not (0.0 <= decay < 1.0):
+            raise ValueError(f"decay must lie in [0, 1); got {decay!r}.")
+        self.decay, self.warmup, self.num_updates = float(decay), warmup, 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        n = self.num_updates
+        d = min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
+        for pe, p in zip(self.module.parameters(), model.parameters()):
+            pe.lerp_(p.detach(), 1.0 - d)
+        for be, b in zip(self.module.buffers(), model.buffers()):
+            be.copy_(b)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
+        self.module.load_state_dict(state["module"])
+
+
+def iterate_batches(data: Union[torch.Tensor, Sequence[torch.Tensor], Iterable], batch_size: int,
+                    generator: Optional[torch.Generator] = None) -> Iterator[Batch]:
+    """Endless minibatches. Tensors (or a tuple of tensors sharing dim 0) are reshuffled every epoch with
+    ``generator``; any other iterable (a DataLoader, say) is cycled as it is."""
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    if isinstance(data, (tuple, list)) and all(isinstance(d, torch.Tensor) for d in data):
+        n = data[0].shape[0]
+        if any(d.shape[0] != n for d in data):
+            raise ValueError(f"tensors in data must share their first dimension; got {[d.shape[0] for d in data]}.")
+        if not (isinstance(batch_size, int) and 1 <= batch_size):
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
+        while True:
+            perm = torch.randperm(n, generator=generator)
+            for i in range(0, n - min(batch_size, n) + 1, min(batch_size, n)):
+                idx = perm[i:i + batch_size]
+                out = tuple(d[idx.to(d.device)] for d in data)
+                yield out[0] if len(out) == 1 else out
+    else:
+        yield from itertools.cycle(data)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained model, its EMA (or None), the per-step losses and the optimizer."""
+
+    model: nn.Module
+    ema: Optional[EMA]
+    losses: List[float] = field(default_factory=list)
+    optimizer: Optional[torch.optim.Optimizer] = None
+
+
+def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: int, *, batch_size: int = 128,
+          lr: float = 2e-4, optimizer: Optional[torch.optim.Optimizer] = None, ema_decay: Optional[float] = 0.999,
+          grad_clip: Optional[float] = 1.0, warmup_steps: int = 0, seed: int = 0, progress: bool = True,
+          desc: str = "train", wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, is_main: bool = True,
+          on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
+    """Minimise ``loss_fn(model, batch, generator)`` over ``steps`` Adam steps (Kingma & Ba 2015).
+
+    Args:
+        model: the module to train (in place).
+        loss_fn: called as ``loss_fn(wrapped_model, batch, generator)``, returns a scalar; ``generator`` is a seeded
+            torch.Generator for the loss's own randomness (t and noise), so a run is reproducible.
+        data: a tensor (N, ...), a tuple of tensors (x, y, ...), or any iterable of batches.
+        steps: optimizer steps. lr, warmup_steps: Adam's learning rate with a linear warm-up.
+        ema_decay: keep an :class:`EMA` of the weights (None: no EMA). grad_clip: global norm clip (None: off).
+        wrap_model, is_main, on_step: hooks for distributed training (see the module docstring).
+    Returns: a :class:`TrainResult`. The loss must stay finite: a NaN or infinite loss raises, naming the step.
+    """
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"steps must be an int >= 0; got {steps!r}.")
+    if not (lr > 0):
+        raise ValueError(f"lr must be > 0; got {lr!r}.")
+    gen = torch.Generator().manual_seed(seed)
+    batches = iterate_batches(data, batch_size, gen)
+    net = wrap_model(model) if wrap_model is not None else model
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+    ema = EMA(model, ema_decay) if ema_decay is not None else None
+    bar = None
+    if progress and is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc=desc)
+    losses: List[float] = []
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+        loss = loss_fn(net, next(batches), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        value = float(loss.detach())
+        if value != value or abs(value) == float("inf"):
+            raise FloatingPointError(f"the loss became {value} at step {step}; lower lr or check the data.")
+        losses.append(value)
+        if bar is not None:
+            bar.update(1)
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+        if on_step is not None:
+            on_step(step, value)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return TrainResult(model, ema, losses, opt)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def sde_config(sde: SDE) -> Dict[str, Any]:
+    """Plain-data description of an SDE ({"name": ..., **kwargs}) that :func:`build_sde` turns back into it."""
+    name = type(sde).__name__
+    if name not in SDES:
+        raise ValueError(f"cannot describe SDE type {name}; known types: {', '.join(SDES)}.")
+    return {"name": name, **sde._config()}
+
+
+def build_sde(config: Dict[str, Any]) -> SDE:
+    """Rebuild an SDE from :func:`sde_config`'s output."""
+    config = dict(config)
+    name = config.pop("name", None)
+    if name not in SDES:
+        raise ValueError(f"unknown SDE {name!r}; valid names are: {', '.join(SDES)}.")
+    return SDES[name](**config)
+
+
+def model_config(model: nn.Module) -> Dict[str, Any]:
+    """Plain-data config of a network from :mod:`sdegen.nets` or a :class:`ScoreModel` around one."""
+    if isinstance(model, ScoreModel):
+        if callable(model.time_input):
+            raise ValueError("a ScoreModel with a callable time_input cannot be described by plain data.")
+        return {"kind": "ScoreModel", "net": model_config(model.net), "sde": sde_config(model.sde),
+                "prediction": model.prediction, "time_input": model.time_input, "num_steps": model.num_steps}
+    if not hasattr(model, "config"):
+        raise ValueError(f"{type(model).__name__} has no .config; give save_checkpoint a config=... explicitly.")
+    return {"kind": "net", "name": type(model).__name__, "config": dict(model.config)}
+
+
+def build_model(config: Dict[str, Any]) -> nn.Module:
+    """Rebuild a model (untrained) from :func:`model_config`'s output."""
+    if config.get("kind") == "ScoreModel":
+        return ScoreModel(build_model(config["net"]), build_sde(config["sde"]), prediction=config["prediction"],
+                          time_input=config["time_input"], num_steps=config["num_steps"])
+    if config.get("kind") == "net":
+        return build_net(config["name"], config["config"])
+    raise ValueError(f"config must come from model_config (kind 'ScoreModel' or 'net'); got kind {config.get('kind')!r}.")
+
+
+def save_checkpoint(path: str, model: nn.Module, *, ema: Optional[EMA] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, config: Optional[Dict[str, Any]] = None,
+                    extra: Optional[Dict[str, Any]] = None, is_main: bool = True) -> None:
+    """Write {config, model state, EMA state, optimizer state, extra} to ``path`` (plain data and tensors only,
+    so :func:`load_checkpoint` can read it with ``weights_only=True``). Only the main process writes; the file
+    appears atomically (written to a temporary name, then renamed)."""
+    if not is_main:
+        return
+    state = {"config": config if config is not None else model_config(model), "model": model.state_dict(),
+             "ema": ema.state_dict() if ema is not None else None,
+             "optimizer": optimizer.state_dict() if optimizer is not None else None, "extra": extra or {}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, *, map_location=None, use_ema: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild the model saved by :func:`save_checkpoint` and load its weights (the EMA weights when present and
+    ``use_ema``). Reads with ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+    Returns (model in eval mode, the raw checkpoint dict)."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    model = build_model(state["config"])
+    weights = state["ema"]["module"] if (use_ema and state.get("ema") is not None) else state["model"]
+    model.load_state_dict(weights)
+    if map_location is not None:
+        model.to(map_location)
+    return model.eval(), state

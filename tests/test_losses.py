@@ -1,0 +1,215 @@
+"""Losses against closed forms: for Gaussian data N(mu, Sigma) the perturbed marginal is N(m mu, C), C = m^2 Sigma + s^2 I,
+so at the exact score
+    DSM(t)  = lambda(t) (d / s^2 - tr C^{-1})       (E||kernel score||^2 - E||exact score||^2)
+    SSM(t)  = -lambda(t) tr(C^{-1}) / 2            (E tr(grad s) + E||s||^2 / 2)
+    DDPM(t) = (d - s^2 tr C^{-1}) / d              (mean over the d values)
+and the t-averaged losses equal (1/(T - t_min)) int w(t) L(t) dt, computed by quadrature in the log-SNR."""
+
+import math
+
+import pytest
+import torch
+
+import sdegen
+from sdegen import losses
+
+SDES = {"vp": lambda: sdegen.VPSDE(), "ve": lambda: sdegen.VESDE(sigma_max=10.0), "subvp": lambda: sdegen.SubVPSDE()}
+N = 20000
+
+
+def gaussian(d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return sdegen.GaussianMixture([1.0], torch.randn(1, d, generator=g, dtype=torch.float64) * 0.5,
+                                  (A @ A.T / d + 0.1 * torch.eye(d, dtype=torch.float64))[None])
+
+
+def tr_prec(gm, sde, t):
+    t = torch.as_tensor(t, dtype=torch.float64)
+    m, s2 = torch.exp(sde._log_mean_coeff(t)), sde._std(t) ** 2
+    ev = torch.linalg.eigvalsh(gm.covs[0])
+    return (1.0 / (m[..., None] ** 2 * ev + s2[..., None])).sum(-1), s2
+
+
+def dsm_at(gm, sde, t, weighting):
+    trp, s2 = tr_prec(gm, sde, t)
+    return losses.loss_weight(sde, torch.as_tensor(t, dtype=torch.float64), weighting) * (gm.dim / s2 - trp)
+
+
+def dsm_average(gm, sde, weighting, n=200001):
+    """(1/(T - t_min)) int w L dt = (1/(T - t_min)) int (s^2 / g^2) w L dlambda: smooth in lambda."""
+    lam_hi, lam_lo = sde.log_snr(sde.t_min), sde.log_snr(sde.T)
+    lam = torch.linspace(float(lam_lo), float(lam_hi), n, dtype=torch.float64)
+    t = sde.t_from_log_snr(lam).clamp(sde.t_min, sde.T)
+    f = sde._std(t) ** 2 / sde._diffusion(t) ** 2 * dsm_at(gm, sde, t, weighting)
+    return float(torch.trapezoid(f, lam)) / (sde.T - sde.t_min)
+
+
+def within(per, expected, k=4.5):
+    mean, se = per.mean().item(), (per.var() / per.numel()).sqrt().item()
+    assert abs(mean - expected) < k * se, f"MC mean {mean:.5f} vs exact {expected:.5f} (SE {se:.2e})"
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("weighting", ["s2", "likelihood"])
+@pytest.mark.parametrize("t", [0.01, 0.3, 0.9])
+def test_dsm_at_exact_score_equals_its_minimum(name, weighting, t):
+    sde, gm = SDES[name](), gaussian()
+    x0 = gm.sample(N, seed=1)
+    per = sdegen.dsm_loss(gm.score_fn(sde), x0, sde=sde, weighting=weighting, t=t, generator=2,
+                          return_per_example=True)
+    within(per, float(dsm_at(gm, sde, t, weighting)))
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("weighting,importance", [("s2", False), ("likelihood", False), ("likelihood", True),
+                                                  ("s2", True)])
+def test_dsm_time_average_is_unbiased_with_and_without_importance_sampling(name, weighting, importance):
+    sde, gm = SDES[name](), gaussian(seed=3)
+    x0 = gm.sample(N, seed=4)
+    per = sdegen.dsm_loss(gm.score_fn(sde), x0, sde=sde, weighting=weighting, importance_sampling=importance,
+                          generator=5, return_per_example=True)
+    within(per, dsm_average(gm, sde, weighting))
+
+
+def test_importance_sampling_density_is_uniform_in_log_snr():
+    sde = sdegen.VPSDE()
+    t, w = losses.sample_time(sde, 50000, generator=0, importance=True)
+    lam = sde.log_snr(t)
+    lo, hi = float(sde.log_snr(sde.T)), float(sde.log_snr(sde.t_min))
+    u = (lam - lo) / (hi - lo)
+    # Kolmogorov-Smirnov distance to U[0, 1]; 1.63 / sqrt(n) is the 1% critical value
+    ks = (torch.sort(u).values - torch.linspace(0, 1, u.numel(), dtype=torch.float64)).abs().max()
+    assert ks < 1.63 / math.sqrt(u.numel())
+    # weight 1 / (p(t) (T - t_min)) has mean 1 under p
+    within(w, 1.0)
+    assert bool(((t >= sde.t_min) & (t <= sde.T)).all())
+
+
+def test_importance_sampling_reduces_variance_of_likelihood_weighted_loss():
+    sde, gm = sdegen.VPSDE(), gaussian()
+    x0 = gm.sample(N, seed=1)
+    v = [sdegen.dsm_loss(gm.score_fn(sde), x0, sde=sde, weighting="likelihood", importance_sampling=i, generator=7,
+                         return_per_example=True).var() for i in (False, True)]
+    assert v[1] < 0.2 * v[0]
+
+
+@pytest.mark.parametrize("t", [0.05, 0.5])
+def test_ddpm_loss_equals_mean_reduced_dsm_and_its_minimum(t):
+    sde, gm = sdegen.VPSDE(), gaussian()
+    x0 = gm.sample(N, seed=1)
+    score = gm.score_fn(sde)
+    per = sdegen.ddpm_loss(score, x0, sde=sde, t=t, generator=3, return_per_example=True)
+    trp, s2 = tr_prec(gm, sde, t)
+    within(per, float((gm.dim - s2 * trp) / gm.dim))
+    a = sdegen.ddpm_loss(score, x0, sde=sde, generator=11)
+    b = sdegen.dsm_loss(score, x0, sde=sde, reduce="mean", generator=11)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+def test_ddpm_discrete_times_lie_on_the_grid():
+    sde = sdegen.VPSDE()
+    seen = []
+    score = lambda x, t: (seen.append(t.clone()), -x)[1]  # noqa: E731
+    sdegen.ddpm_loss(score, torch.zeros(500, 2, dtype=torch.float64), sde=sde, num_steps=10, generator=0)
+    grid = torch.linspace(sde.t_min, sde.T, 10, dtype=torch.float64)
+    assert bool((seen[0][:, None] - grid[None]).abs().min(1).values.max() < 1e-12)
+    assert len(torch.unique(seen[0])) == 10
+
+
+@pytest.mark.parametrize("projection", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_sliced_score_matching_at_exact_score(projection, name):
+    sde, gm = SDES[name](), gaussian()
+    x0 = gm.sample(N, seed=1)
+    t = 0.2
+    per = sdegen.sliced_score_matching_loss(gm.score_fn(sde), x0, sde=sde, projection=projection, t=t, generator=4,
+                                            return_per_example=True)
+    trp, s2 = tr_prec(gm, sde, t)
+    within(per, float(-0.5 * trp * s2))
+
+
+def test_sliced_score_matching_is_differentiable_in_parameters():
+    sde, gm = sdegen.VPSDE(), gaussian()
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    score = lambda x, t: gm.score(x - b, t, sde)  # noqa: E731
+    loss = sdegen.sliced_score_matching_loss(score, gm.sample(64, seed=0), sde=sde, generator=0)
+    (g,) = torch.autograd.grad(loss, b)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_classifier_loss_of_exact_classifier_equals_expected_posterior_entropy():
+    """Proper scoring: E_{x,y}[-log p(y|x)] = E_x[H(p(.|x))] for the exact posterior (paired MC estimates)."""
+    sde = sdegen.VPSDE()
+    gm = sdegen.GaussianMixture([0.2, 0.3, 0.5], [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.3, 0.3, 0.3])
+    clf = sdegen.MixtureClassifier(gm, [[0], [1, 2]], sde)
+    x0, k = gm.sample(N, seed=0, return_components=True)
+    y = (k > 0).long()
+    t = 0.4
+    ce = sdegen.classifier_loss(clf, sde, x0, y, t=t, generator=1, return_per_example=True)
+    gen = torch.Generator().manual_seed(1)  # with a fixed t the loss draws only z: reproduce it
+    z = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+    x_t = sde.perturb(x0, t, z)
+    logp = torch.log_softmax(clf(x_t, torch.full((N,), t, dtype=torch.float64)), 1)
+    ent = -(logp.exp() * logp).sum(1)
+    within(ce - ent, 0.0)
+
+
+def test_classifier_loss_at_T_is_the_label_entropy():
+    sde = sdegen.VPSDE()
+    gm = sdegen.GaussianMixture([0.2, 0.3, 0.5], [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.3, 0.3, 0.3])
+    clf = sdegen.MixtureClassifier(gm, [[0], [1], [2]], sde)
+    x0, k = gm.sample(N, seed=0, return_components=True)
+    ce = sdegen.classifier_loss(clf, sde, x0, k, t=sde.T, generator=1, return_per_example=True)
+    H = float(-(gm.weights * gm.weights.log()).sum())
+    # at T the posterior is the prior up to O(m(T)) = O(7e-3), so E[CE] - H = O(m^2), far below the MC error
+    within(ce, H)
+
+
+def test_losses_backpropagate_through_a_score_model(dtype):
+    sde = sdegen.VPSDE()
+    model = sdegen.ScoreModel(sdegen.MLP(2, hidden=16, depth=1), sde).to(dtype)
+    x0 = torch.randn(8, 2, dtype=dtype)
+    for fn in (sdegen.dsm_loss, sdegen.ddpm_loss, sdegen.sliced_score_matching_loss):
+        loss = fn(model, x0, generator=0)
+        assert loss.ndim == 0 and loss.dtype == dtype
+        loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_losses_are_reproducible_and_do_not_mutate_input():
+    sde, gm = sdegen.VPSDE(), gaussian()
+    x0 = gm.sample(32, seed=0)
+    before = x0.clone()
+    a = sdegen.dsm_loss(gm.score_fn(sde), x0, sde=sde, generator=3)
+    b = sdegen.dsm_loss(gm.score_fn(sde), x0, sde=sde, generator=torch.Generator().manual_seed(3))
+    assert a == b and torch.equal(x0, before)
+
+
+def test_loss_errors():
+    sde, gm = sdegen.VPSDE(), gaussian()
+    x0 = gm.sample(4, seed=0)
+    score = gm.score_fn(sde)
+    with pytest.raises(ValueError, match="weighting"):
+        sdegen.dsm_loss(score, x0, sde=sde, weighting="bad")
+    with pytest.raises(TypeError, match="sde"):
+        sdegen.dsm_loss(score, x0)
+    with pytest.raises(ValueError, match="projection"):
+        sdegen.sliced_score_matching_loss(score, x0, sde=sde, projection="sphere")
+    with pytest.raises(ValueError, match="t must lie"):
+        sdegen.dsm_loss(score, x0, sde=sde, t=2.0)
+    with pytest.raises(ValueError, match="NaN"):
+        sdegen.dsm_loss(score, torch.full_like(x0, float("nan")), sde=sde)
+    clf = sdegen.MixtureClassifier(gm, [[0]], sde)
+    with pytest.raises(ValueError, match="labels y must lie in"):
+        sdegen.classifier_loss(clf, sde, x0, torch.tensor([0, 1, 0, 0]))
+    with pytest.raises(ValueError, match="p must lie"):
+        sdegen.drop_labels(torch.zeros(3, dtype=torch.long), 1.5, 10)
+
+
+def test_drop_labels_rate():
+    y = torch.zeros(20000, dtype=torch.long)
+    out = sdegen.drop_labels(y, 0.1, 10, generator=0)
+    frac = (out == 10).double()
+    within(frac, 0.1)
+    assert torch.equal(y, torch.zeros_like(y))
