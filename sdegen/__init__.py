@@ -35,16 +35,3 @@ from .training import EMA, load_checkpoint, save_checkpoint, train
 from . import divergence, likelihood
 from .divergence import divergence_exact, divergence_hutchinson, make_probes
 from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood
-
-# --- issue 5: losses, nets, training, guidance ---
-from . import guidance, losses, nets, training
-from .guidance import (ClassifierFreeGuidedScore, ClassifierGuidedScore, Inpaint, MixtureClassifier,
-                       classifier_free_guidance, classifier_guidance, inpaint)
-from .losses import classifier_loss, ddpm_loss, drop_labels, dsm_loss, sample_time, sliced_score_matching_loss
-from .nets import MLP, ConvClassifier, UNet
-from .training import EMA, load_checkpoint, save_checkpoint, train
-
-# --- likelihood (issue 4): sdegen/likelihood.py, sdegen/divergence.py ---
-from . import divergence, likelihood
-from .divergence import divergence_exact, divergence_hutchinson, make_probes
-from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood

@@ -53,6 +53,8 @@ class AdaptiveExponential:
         if not (isinstance(max_steps, int) and max_steps >= 1):
             raise ValueError(f"max_steps must be an int >= 1; got {max_steps!r}.")
         self.rtol, self.atol, self.h_init, self.safety, self.max_steps = float(rtol), float(atol), h_init, safety, max_steps
+        if not (isinstance(max_factor, (int, float)) and 1.0 < max_factor < math.inf):
+            raise ValueError(f"max_factor (the largest step growth) must be a finite number > 1; got {max_factor!r}.")
         self.max_factor = float(max_factor)
         self.stats = {"accepted": 0, "rejected": 0}
 

@@ -1,0 +1,206 @@
+"""Tests of sdegen.fast_samplers against the Gaussian-mixture oracle and a float64 torchdiffeq reference."""
+
+import math
+
+import pytest
+import torch
+
+import sdegen
+from sdegen.analytic import GaussianMixture
+from sdegen.fast_samplers import exp_poly_integral
+
+RING = GaussianMixture.ring()
+SDES = {
+    "vp": sdegen.VPSDE(),
+    "vp_cosine": sdegen.VPSDE(schedule="cosine"),
+    "subvp": sdegen.SubVPSDE(),
+    "ve": sdegen.VESDE(),
+}
+# (method, options, order, NFE per step)
+DETERMINISTIC = [
+    ("ddim", {}, 1, 1),
+    ("heun", {}, 2, 2),
+    ("dpm_solver", {"order": 1}, 1, 1),
+    ("dpm_solver", {"order": 2}, 2, 2),
+    ("dpm_solver", {"order": 3}, 3, 3),
+    ("dpmpp_2m", {}, 2, 1),
+    ("dpmpp_3m", {}, 3, 1),
+]
+# the asymptotic regime starts near 80 steps for the third-order methods and the 2M midpoint rule
+REGIME = {"dpmpp_2m": (80, 160, 320), "dpmpp_3m": (80, 160, 320), ("dpm_solver", 3): (80, 160, 320)}
+# RMS endpoint error bounds at 100 steps (about 3x the errors measured on VP, cosine VP, sub-VP and VE)
+BOUND_100 = {"ddim": 2e-2, "heun": 2e-3, "dpm_solver": {1: 2e-2, 2: 2e-3, 3: 1e-4}, "dpmpp_2m": 2e-3,
+             "dpmpp_3m": 1e-3}
+STOCHASTIC = [("ddim", {"eta": 0.5}), ("heun", {"s_churn": 10.0}), ("dpmpp_2m_sde", {})]
+_REFS = {}
+
+
+def _start_and_reference(name, batch=64, seed=3):
+    """x_T from the prior and the float64 torchdiffeq solution of the probability-flow ODE at rtol=atol=1e-10."""
+    if (name, batch, seed) not in _REFS:
+        sde = SDES[name]
+        x_T = sde.prior_sample((batch, 2), seed=seed, dtype=torch.float64)
+        ref = sdegen.sample(sde, RING, x_T, method="ode", rtol=1e-10, atol=1e-10)
+        _REFS[(name, batch, seed)] = (x_T, ref)
+    return _REFS[(name, batch, seed)]
+
+
+def _rms(x, ref):
+    return (x - ref).pow(2).sum(1).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("method,opts,order,per_step", DETERMINISTIC)
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_convergence_order(sde_name, method, opts, order, per_step):
+    """Slope of log RMS endpoint error against log NFE is the method's order (within 0.3) in its asymptotic
+    regime (40-160 steps, or 80-320 where the leading error term takes longer to dominate)."""
+    x_T, ref = _start_and_reference(sde_name)
+    log_nfe, log_err = [], []
+    for steps in REGIME.get(method, REGIME.get((method, order), (40, 80, 160))):
+        x, info = sdegen.sample(SDES[sde_name], RING, x_T, method=method, steps=steps, schedule="log_snr",
+                                return_info=True, **opts)
+        log_nfe.append(math.log(info.nfe))
+        log_err.append(math.log(_rms(x, ref)))
+    n = torch.tensor(log_nfe, dtype=torch.float64)
+    e = torch.tensor(log_err, dtype=torch.float64)
+    slope = -((n - n.mean()) * (e - e.mean())).sum() / ((n - n.mean()) ** 2).sum()
+    assert abs(float(slope) - order) <= 0.3, f"{method}{opts} on {sde_name}: slope {float(slope):.2f}, order {order}"
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("method,opts,order,per_step", DETERMINISTIC)
+def test_agrees_with_reference_and_counts_nfe(sde_name, method, opts, order, per_step):
+    """At 100 steps every sampler matches the torchdiffeq solution of the same ODE (this checks the derivation
+    in m(t), s(t) for VP, cosine VP, sub-VP and VE) and costs exactly its documented NFE."""
+    x_T, ref = _start_and_reference(sde_name, batch=32)
+    steps = 100
+    x, info = sdegen.sample(SDES[sde_name], RING, x_T, method=method, steps=steps, return_info=True, **opts)
+    assert info.nfe == per_step * steps
+    assert info.steps == steps
+    bound = BOUND_100[method]
+    assert _rms(x, ref) < (bound[order] if isinstance(bound, dict) else bound)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+def test_ddim_is_first_order_exponential_integrator(sde_name):
+    """DDIM (eta = 0) and DPM-Solver-1 are the same update; one step from a Gaussian data set is exact."""
+    sde = SDES[sde_name]
+    x_T = sde.prior_sample((16, 2), seed=1, dtype=torch.float64)
+    a = sdegen.sample(sde, RING, x_T, method="ddim", steps=7)
+    b = sdegen.sample(sde, RING, x_T, method="dpm_solver", order=1, steps=7)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # point mass at mu: D = mu exactly, so the linear ODE in u is solved exactly by any number of steps
+    mu = torch.tensor([[0.3, -0.7]], dtype=torch.float64)
+    point = GaussianMixture([1.0], mu, torch.zeros(1, 2, 2, dtype=torch.float64))
+    t_min = torch.tensor(sde.t_min, dtype=torch.float64)
+    x = sdegen.sample(sde, point, x_T, method="ddim", steps=1)
+    m, s = sde.mean_coeff(t_min), sde.std(t_min)
+    m_T, s_T = sde.mean_coeff(sde.T), sde.std(sde.T)
+    torch.testing.assert_close(x, m * mu + s / s_T * (x_T - m_T * mu), rtol=1e-10, atol=1e-10)
+
+
+def test_ddim_eta_one_is_ancestral_sampling():
+    """With eta = 1 DDIM's noise c = b s'/s is the ancestral posterior's: same noise stream, same samples."""
+    sde = SDES["vp"]
+    a = sdegen.sample(sde, RING, shape=(32, 2), method="ddim", eta=1.0, steps=20, seed=5, dtype=torch.float64)
+    b = sdegen.sample(sde, RING, shape=(32, 2), method="ancestral", steps=20, schedule="log_snr", seed=5,
+                      dtype=torch.float64)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_exp_poly_integral_is_exact_for_polynomials():
+    """The exponential Adams weights integrate e^{-(h-r)} P(r) exactly for P of degree < number of nodes."""
+    h = torch.tensor(0.37, dtype=torch.float64)
+    nodes = [torch.tensor(v, dtype=torch.float64) for v in (0.0, -0.21, -0.55)]
+    coef = (1.3, -0.4, 2.1)
+    poly = lambda r: coef[0] + coef[1] * r + coef[2] * r**2
+    values = [poly(r).reshape(1) for r in nodes]
+    # int_0^h e^{-(h-r)} r^j dr by a fine Simpson rule
+    r = torch.linspace(0, float(h), 20001, dtype=torch.float64)
+    w = torch.ones_like(r)
+    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    exact = (w * torch.exp(-(h - r)) * poly(r)).sum() * (r[1] - r[0]) / 3
+    got = exp_poly_integral(nodes, values, h)
+    torch.testing.assert_close(got, exact.reshape(1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,opts", [(m, o) for m, o, _, _ in DETERMINISTIC] + STOCHASTIC)
+def test_shapes_and_dtype(method, opts, dtype):
+    """(B,), (B, D) and (B, C, H, W) states keep their shape and dtype; x_T is never modified."""
+    sde = SDES["vp"]
+    for shape, mix in [((5,), GaussianMixture([0.5, 0.5], [[-1.0], [1.0]], [0.1, 0.2])),
+                       ((5, 2), RING),
+                       ((5, 1, 2, 2), GaussianMixture.random(dim=4, n_components=3, seed=1))]:
+        x_T = sde.prior_sample(shape, seed=0, dtype=dtype)
+        x_copy = x_T.clone()
+        x = sdegen.sample(sde, mix, x_T, method=method, steps=6, seed=0, **opts)
+        assert x.shape == x_T.shape and x.dtype == dtype
+        assert torch.isfinite(x).all()
+        assert torch.equal(x_T, x_copy)
+
+
+@pytest.mark.parametrize("method,opts", STOCHASTIC)
+def test_stochastic_reproducible_and_batch_invariant(method, opts):
+    """Same seed -> same samples; another seed -> other samples; example i does not depend on the batch size."""
+    sde = SDES["vp"]
+    kw = dict(method=method, steps=10, dtype=torch.float64, **opts)
+    a = sdegen.sample(sde, RING, shape=(16, 2), seed=11, **kw)
+    b = sdegen.sample(sde, RING, shape=(16, 2), seed=11, **kw)
+    c = sdegen.sample(sde, RING, shape=(16, 2), seed=12, **kw)
+    d = sdegen.sample(sde, RING, shape=(4, 2), seed=11, **kw)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    torch.testing.assert_close(a[:4], d, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,opts", STOCHASTIC)
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_stochastic_samplers_hit_gaussian_moments(method, opts, sde_name):
+    """On a 1-D Gaussian N(0.5, 0.3^2) (exact score), 4000 samples at 100 steps have its mean and variance
+    within 4 standard errors (plus a 2% allowance for the discretisation bias)."""
+    sde = SDES[sde_name]
+    gauss = GaussianMixture([1.0], [[0.5]], [0.09])
+    n = 4000
+    x = sdegen.sample(sde, gauss, shape=(n, 1), method=method, steps=100, seed=2, dtype=torch.float64, **opts)
+    se_mean, se_var = 0.3 / math.sqrt(n), 0.09 * math.sqrt(2.0 / (n - 1))
+    # the data are N(0.5, 0.09) but the sampler ends at t_min, where the marginal is N(m 0.5, m^2 0.09 + s^2)
+    t = torch.tensor(sde.t_min, dtype=torch.float64)
+    m, s = float(sde.mean_coeff(t)), float(sde.std(t))
+    assert abs(x.mean().item() - m * 0.5) < 4 * se_mean
+    assert abs(x.var().item() - (m**2 * 0.09 + s**2)) < 4 * se_var + 0.02 * 0.09
+
+
+def test_multistep_nfe_is_steps_and_lower_order_final():
+    sde = SDES["vp"]
+    x_T = sde.prior_sample((8, 2), seed=0, dtype=torch.float64)
+    for method in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"):
+        for steps in (1, 2, 5, 13):
+            _, info = sdegen.sample(sde, RING, x_T, method=method, steps=steps, seed=0, return_info=True)
+            assert info.nfe == steps
+    # the last step of a lower_order_final run is the first-order (DDIM) update from the same state
+    a = sdegen.sample(sde, RING, x_T, method="dpmpp_2m", steps=8, lower_order_final=True, return_trajectory=True,
+                      return_info=True)[1].trajectory
+    ts = sdegen.time_grid(sde, 8, "log_snr")
+    last = sdegen.sample(sde, RING, a[-2], method="ddim", schedule=ts[-2:])
+    torch.testing.assert_close(a[-1], last, rtol=1e-12, atol=1e-12)
+
+
+def test_heun_churn_stays_below_sigma_max_and_gradients_flow():
+    sde = SDES["ve"]
+    x = sdegen.sample(sde, RING, shape=(8, 2), method="heun", steps=4, s_churn=80.0, seed=0, dtype=torch.float64)
+    assert torch.isfinite(x).all()
+    x_T = sde.prior_sample((2, 2), seed=0, dtype=torch.float64).requires_grad_(True)
+    f = lambda x0: sdegen.sample(SDES["vp"], RING, x0 * 0.1, method="dpmpp_2m", steps=3)
+    assert torch.autograd.gradcheck(f, (x_T,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,opts,err", [
+    ("ddim", {"eta": 1.5}, ValueError), ("ddim", {"eta": -0.1}, ValueError),
+    ("dpm_solver", {"order": 4}, ValueError), ("dpmpp_2m", {"lower_order_final": 1}, TypeError),
+    ("heun", {"s_churn": -1.0}, ValueError), ("heun", {"s_tmin": 2.0, "s_tmax": 1.0}, ValueError),
+    ("dpmpp_3m", {"order": 2}, TypeError), ("dpmpp_2m_sde", {"eta": 0.5}, TypeError),
+])
+def test_bad_options(method, opts, err):
+    with pytest.raises(err, match=r"eta|order|lower_order_final|s_churn|s_tmax|option"):
+        sdegen.sample(SDES["vp"], RING, shape=(4, 2), method=method, steps=3, **opts)
+
