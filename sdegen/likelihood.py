@@ -130,8 +130,8 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
                    noise: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
                    t_min: Optional[float] = None, prior: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                    seed: Seed = None, steps: Optional[int] = None, max_steps: int = 10_000, adjoint: bool = False,
-                   chunk_size: Optional[int] = None, levels: Optional[int] = None,
-                   data_range: Tuple[float, float] = (-1.0, 1.0)) -> LikelihoodResult:
+                   adjoint_params: Optional[Sequence[torch.Tensor]] = None, chunk_size: Optional[int] = None,
+                   levels: Optional[int] = None, data_range: Tuple[float, float] = (-1.0, 1.0)) -> LikelihoodResult:
     """Per-example log p_{t_min}(x) through the probability-flow ODE (Song et al. 2021, appendix D.2, eq. 39).
 
     Args:
@@ -150,6 +150,8 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         adjoint: gradients through the result (to x and the score's parameters) by the adjoint method
             (torchdiffeq.odeint_adjoint, memory constant in the steps), for maximum-likelihood fine-tuning.
             Without it the solve runs without a graph and the result carries no gradient.
+        adjoint_params: the tensors to receive gradients under ``adjoint=True``; default: the parameters of the
+            score when it is a ``torch.nn.Module`` (pass them explicitly for a plain function closing over a net).
         chunk_size: basis vectors per vmapped backward pass of the exact divergence.
         levels, data_range: for discrete data with ``levels`` values per dimension scaled to ``data_range``,
             x is dequantized (:func:`dequantize`, seeded by ``seed``) and ``bpd`` is that of the discrete data
@@ -172,7 +174,8 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         src = data if adjoint else data.detach()
         y0 = torch.cat([src.reshape(B, D), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], dim=1)
         y1, info = solve_augmented(field, y0, t_lo, t_hi, method=method, rtol=rtol, atol=atol, max_steps=max_steps,
-                                   steps=steps, adjoint=adjoint)
+                                   steps=steps, adjoint=adjoint,
+                                   adjoint_params=None if adjoint_params is None else tuple(adjoint_params))
         latent = y1[:, :-1].reshape(x.shape)
         prior_lp = _prior_log_prob(prior, sde, latent)
         delta = y1[:, -1]
