@@ -269,10 +269,12 @@ class AugmentedNorm:
 class _CountingFunc(torch.nn.Module):
     """Wraps a field: counts evaluations and steps, and stops the solve after ``max_steps`` steps."""
 
-    def __init__(self, field: torch.nn.Module, norm: AugmentedNorm, max_steps: int):
+    def __init__(self, field: torch.nn.Module, norm: AugmentedNorm, max_steps: int, adaptive: bool):
         super().__init__()
         self.field, self.norm, self.max_steps = field, norm, max_steps
         self.nfe, self.attempted, self.accepted, self.rejected, self.t_reached = 0, 0, 0, 0, None
+        if adaptive:  # fixed-grid solvers warn about callbacks they never call
+            self.callback_accept_step, self.callback_reject_step = self._accept, self._reject
 
     def forward(self, t, y):
         self.nfe += 1
@@ -283,11 +285,11 @@ class _CountingFunc(torch.nn.Module):
         if self.attempted > self.max_steps:
             raise _StepLimit()
 
-    def callback_accept_step(self, t0, y0, dt):
+    def _accept(self, t0, y0, dt):
         self.accepted += 1
         self.t_reached = t0 + dt
 
-    def callback_reject_step(self, t0, y0, dt):
+    def _reject(self, t0, y0, dt):
         self.rejected += 1
         self.norm.last_rejected = self.norm.last
 
@@ -305,8 +307,10 @@ def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: flo
     """
     if method not in _ODE_SOLVERS or method == "scipy_solver":
         raise ValueError(f"unknown torchdiffeq method {method!r}; valid: {', '.join(ODE_METHODS)}.")
+    if steps is not None and not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be a positive int (steps of a fixed-grid method); got {steps!r}.")
     norm = AugmentedNorm()
-    func = _CountingFunc(field, norm, max_steps)
+    func = _CountingFunc(field, norm, max_steps, is_adaptive_ode_method(method))
     t = torch.tensor([t0, t1], dtype=torch.float64, device=y0.device)
     if is_adaptive_ode_method(method):
         options = {"norm": norm, "step_t": t[-1:], "max_num_steps": max_steps + 1}

@@ -140,7 +140,8 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         x: data (B, ...), float32 or float64, any device; never modified.
         divergence: "exact" (trace of the Jacobian, D vmapped vector-Jacobian products) or "hutchinson".
         probes, noise: Hutchinson probes per example and their kind, "rademacher" or "gaussian"; the probes are
-            drawn once per example from ``seed`` and held fixed along the solve.
+            drawn once per example from ``seed`` and held fixed along the solve. K probes cost K vector-Jacobian
+            products per evaluation, so for K >= D the exact divergence is as cheap and has no variance.
         rtol, atol, method: torchdiffeq tolerances and method; the error is controlled for every example and for
             its log-density term (not for a batch average). ``steps`` is the step count of fixed-grid methods.
         t_min: start of the integration (default ``sde.t_min``); the result is log p_{t_min}, which tends to
