@@ -25,12 +25,15 @@ DETERMINISTIC = [
     ("dpm_solver", {"order": 3}, 3, 3),
     ("dpmpp_2m", {}, 2, 1),
     ("dpmpp_3m", {}, 3, 1),
+    ("exp_pc", {"order": 1}, 2, 1),  # the corrector adds one order to the predictor's
+    ("exp_pc", {"order": 2}, 3, 1),
 ]
 # the asymptotic regime starts near 80 steps for the third-order methods and the 2M midpoint rule
-REGIME = {"dpmpp_2m": (80, 160, 320), "dpmpp_3m": (80, 160, 320), ("dpm_solver", 3): (80, 160, 320)}
+REGIME = {"dpmpp_2m": (80, 160, 320), "dpmpp_3m": (80, 160, 320), ("dpm_solver", 3): (80, 160, 320),
+          "exp_pc": (80, 160, 320)}
 # RMS endpoint error bounds at 100 steps (about 3x the errors measured on VP, cosine VP, sub-VP and VE)
 BOUND_100 = {"ddim": 2e-2, "heun": 2e-3, "dpm_solver": {1: 2e-2, 2: 2e-3, 3: 1e-4}, "dpmpp_2m": 2e-3,
-             "dpmpp_3m": 1e-3}
+             "dpmpp_3m": 1e-3, "exp_pc": {2: 3e-3, 3: 1e-3, 4: 5e-4}}
 STOCHASTIC = [("ddim", {"eta": 0.5}), ("heun", {"s_churn": 10.0}), ("dpmpp_2m_sde", {})]
 _REFS = {}
 
@@ -68,7 +71,7 @@ def test_convergence_order(sde_name, method, opts, order, per_step):
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))
-@pytest.mark.parametrize("method,opts,order,per_step", DETERMINISTIC)
+@pytest.mark.parametrize("method,opts,order,per_step", DETERMINISTIC + [("exp_pc", {"order": 3}, 4, 1)])
 def test_agrees_with_reference_and_counts_nfe(sde_name, method, opts, order, per_step):
     """At 100 steps every sampler matches the torchdiffeq solution of the same ODE (this checks the derivation
     in m(t), s(t) for VP, cosine VP, sub-VP and VE) and costs exactly its documented NFE."""
@@ -204,3 +207,21 @@ def test_bad_options(method, opts, err):
     with pytest.raises(err, match=r"eta|order|lower_order_final|s_churn|s_tmax|option"):
         sdegen.sample(SDES["vp"], RING, shape=(4, 2), method=method, steps=3, **opts)
 
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_few_step_schedule_is_valid_and_convergent(sde_name):
+    """The "few_step" grid is strictly decreasing from T to t_min with steps + 1 points, and its largest
+    log-SNR step shrinks like 1/steps, so samplers on it converge: 3M on it matches the reference at 100 steps."""
+    sde = SDES[sde_name]
+    widest = []
+    for steps in (1, 2, 3, 10, 100, 1000):
+        ts = sdegen.time_grid(sde, steps, "few_step")
+        assert ts.dtype == torch.float64 and len(ts) == steps + 1
+        assert float(ts[0]) == sde.T and float(ts[-1]) == sde.t_min
+        assert bool((ts[1:] < ts[:-1]).all())
+        widest.append(float(sde.log_snr(ts).diff().max()))
+    assert widest[-1] < 0.03 * widest[3]  # 100 times the steps: at most 1/33 of the widest log-SNR step
+    x_T, ref = _start_and_reference(sde_name, batch=32)
+    x = sdegen.sample(sde, RING, x_T, method="dpmpp_3m", steps=100, schedule="few_step")
+    assert _rms(x, ref) < 1e-3

@@ -1,0 +1,361 @@
+"""Solver steps against quality: every sdegen sampler (and diffusers' best schedulers) at NFE 5..1000 on the
+Gaussian-mixture oracle under VP, sub-VP and VE.
+
+Deterministic samplers: endpoint error against the float64 torchdiffeq solution (rtol = atol = 1e-10) of the
+same probability-flow ODE from the same x_T: RMS, median per-point error, fraction of points ending in
+another mixture component than the reference. Every sampler: 20,000 samples against exact draws from the
+oracle's marginal at the end time t_min (the distribution every sampler targets): sliced W2 (exact-vs-exact
+floor beside it), mixture-weight L1 error, within-mode variance ratio, and the gap of mean exact log-density.
+
+    python benchmarks/solver_steps.py            # full run (about 15-20 minutes on one core)
+    python benchmarks/solver_steps.py --quick    # NFE 10 and 20, fewer points
+Writes benchmarks/results/solver_steps.{md,csv,json} and solver_steps_*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import sdegen
+from sdegen.analytic import GaussianMixture
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NFE_GRID = (5, 10, 20, 50, 100, 200, 500, 1000)
+PROBLEMS = {"ring": lambda: GaussianMixture.ring(), "mix16": lambda: GaussianMixture.random(dim=16, n_components=6, seed=0)}
+SDES = {"vp": lambda: sdegen.VPSDE(), "subvp": lambda: sdegen.SubVPSDE(), "ve": lambda: sdegen.VESDE()}
+
+# name -> (method, options, schedule, NFE per step, stochastic)
+SDEGEN = {
+    "euler (uniform t)": ("euler", {}, "uniform", 1, False),
+    "ddim": ("ddim", {}, "log_snr", 1, False),
+    "heun (edm)": ("heun", {}, "edm", 2, False),
+    "dpm_solver-2": ("dpm_solver", {"order": 2}, "log_snr", 2, False),
+    "dpm_solver-3": ("dpm_solver", {"order": 3}, "log_snr", 3, False),
+    "dpmpp_2m (log_snr)": ("dpmpp_2m", {}, "log_snr", 1, False),
+    "dpmpp_2m (edm)": ("dpmpp_2m", {}, "edm", 1, False),
+    "dpmpp_3m (log_snr)": ("dpmpp_3m", {}, "log_snr", 1, False),
+    "dpmpp_3m (few_step)": ("dpmpp_3m", {}, "few_step", 1, False),
+    "exp_pc-2 (few_step)": ("exp_pc", {"order": 2}, "few_step", 1, False),
+    "exp_pc-3 (few_step)": ("exp_pc", {"order": 3}, "few_step", 1, False),
+    "exp_pc-3 (log_snr)": ("exp_pc", {"order": 3}, "log_snr", 1, False),
+    "ddim eta=1 (ancestral)": ("ddim", {"eta": 1.0}, "log_snr", 1, True),
+    "heun churn=10 (edm)": ("heun", {"s_churn": 10.0}, "edm", 2, True),
+    "dpmpp_2m_sde (log_snr)": ("dpmpp_2m_sde", {}, "log_snr", 1, True),
+    "dpmpp_2m_sde (few_step)": ("dpmpp_2m_sde", {}, "few_step", 1, True),
+    "euler_maruyama": ("euler_maruyama", {}, "uniform", 1, True),
+}
+# diffusers baselines: name -> (scheduler class name, config overrides)
+DIFFUSERS = {
+    "diffusers dpm++2m trailing": ("DPMSolverMultistepScheduler", {"solver_order": 2, "timestep_spacing": "trailing"}),
+    "diffusers dpm++2m karras": ("DPMSolverMultistepScheduler", {"solver_order": 2, "use_karras_sigmas": True}),
+    "diffusers dpm++3m trailing": ("DPMSolverMultistepScheduler", {"solver_order": 3, "timestep_spacing": "trailing"}),
+    "diffusers dpm++3m karras": ("DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+    "diffusers unipc-2 trailing": ("UniPCMultistepScheduler", {"solver_order": 2, "timestep_spacing": "trailing"}),
+    "diffusers unipc-2 karras": ("UniPCMultistepScheduler", {"solver_order": 2, "use_karras_sigmas": True}),
+    "diffusers unipc-3 trailing": ("UniPCMultistepScheduler", {"solver_order": 3, "timestep_spacing": "trailing"}),
+    "diffusers unipc-3 karras": ("UniPCMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+    "diffusers sde-dpm++2m karras": ("DPMSolverMultistepScheduler",
+                                     {"solver_order": 2, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+}
+
+
+# ------------------------------------------------------------------ running samplers
+def run_sdegen(spec, sde, mix, x_T, nfe, seed=0):
+    """Samples from one sdegen configuration at a total NFE, or None where that NFE does not apply."""
+    method, opts, schedule, per_step, _ = spec
+    if nfe % per_step:
+        return None
+    x, info = sdegen.sample(sde, mix, x_T, method=method, steps=nfe // per_step, schedule=schedule, seed=seed,
+                            return_info=True, **opts)
+    if info.nfe != nfe:
+        raise RuntimeError(f"{method} promised {nfe} NFE and used {info.nfe}")
+    return x
+
+
+def diffusers_scheduler(cls_name, overrides, sde, steps, n_train=1000):
+    """A diffusers scheduler whose training table is our SDE: alpha_bar_k = 1 / (1 + sigma(t_k)^2) on a uniform
+    grid t_0 = t_min .. t_999 = T. Any linear SDE is a VP SDE after x -> x / sqrt(m^2 + s^2) with the same
+    sigma = s/m, so diffusers' VP schedulers solve exactly the same probability-flow ODE."""
+    import diffusers
+
+    t = torch.linspace(sde.t_min, sde.T, n_train, dtype=torch.float64)
+    sigma = sde.sigma(t)
+    alpha_bar = 1.0 / (1.0 + sigma**2)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    betas = (1.0 - alpha_bar / prev).numpy()
+    config = dict(num_train_timesteps=n_train, trained_betas=betas, prediction_type="epsilon",
+                  final_sigmas_type="sigma_min", thresholding=False)
+    config.update(overrides)
+    sched = getattr(diffusers, cls_name)(**config)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def run_diffusers(spec, sde, mix, x_T, nfe, seed=0):
+    """Drive a diffusers multistep scheduler (NFE = steps) with the oracle's exact score."""
+    sched = diffusers_scheduler(*spec, sde, nfe)
+    score = mix.score_fn(sde)
+    g = torch.Generator().manual_seed(seed)
+
+    def scale(sig):  # x = c x_vp with c = sqrt(m^2 + s^2) = m sqrt(1 + sigma^2)
+        # diffusers keeps sigmas in float32: clamp the round-off at the ends of [t_min, T]
+        t = sde.t_from_sigma(sig.to(torch.float64)).clamp(sde.t_min, sde.T)
+        return t, sde.mean_coeff(t) * torch.sqrt(1.0 + sig.to(torch.float64) ** 2)
+
+    t0, c0 = scale(sched.sigmas[0])
+    x = x_T / c0
+    for i, timestep in enumerate(sched.timesteps):
+        t, c = scale(sched.sigmas[i])
+        eps = -sde.std(t) * score(c * x, t.expand(x.shape[0]))
+        kw = {"generator": g} if "generator" in inspect.signature(sched.step).parameters else {}
+        x = sched.step(eps, timestep, x, **kw).prev_sample
+    t_end, c_end = scale(sched.sigmas[-1])
+    if abs(float(t_end) - sde.t_min) > 1e-6:
+        raise RuntimeError(f"diffusers ended at t={float(t_end)} instead of t_min={sde.t_min}")
+    return c_end * x
+
+
+# ------------------------------------------------------------------ metrics
+def endpoint_errors(x, ref, mix):
+    """RMS and median per-point error against the reference, and the fraction of points in another component."""
+    finite = torch.isfinite(x).reshape(x.shape[0], -1).all(1)  # a baseline may diverge: count it, do not crash
+    err = torch.where(finite, (x - ref).reshape(x.shape[0], -1).norm(dim=1), math.inf)
+    x = torch.where(finite[:, None], x, 0.0)
+    flips = ((mix.responsibilities(x).argmax(1) != mix.responsibilities(ref).argmax(1)) | ~finite).double().mean()
+    return {"rms": err.pow(2).mean().sqrt().item(), "median": err.median().item(), "flips": flips.item()}
+
+
+def sliced_w2(a, b, projections=500, seed=0):
+    """Sliced Wasserstein-2 between equal-size sample sets (mean over random directions of the sorted 1-D W2^2)."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa, _ = (a.double() @ dirs).sort(0)
+    pb, _ = (b.double() @ dirs).sort(0)
+    return (pa - pb).pow(2).mean().sqrt().item()
+
+
+def mode_stats(x, mix_t):
+    """Fractions per most-responsible component, and the weighted mean of tr(cov within mode) / tr(Sigma_k)."""
+    k = mix_t.responsibilities(x).argmax(1)
+    frac = torch.bincount(k, minlength=mix_t.n_components).double() / x.shape[0]
+    ratios = []
+    for j in range(mix_t.n_components):
+        xs = x[k == j].double()
+        ratios.append(xs.T.cov().trace() / mix_t.covs[j].trace() if xs.shape[0] > 2 else torch.tensor(float("nan")))
+    ratio = (mix_t.weights * torch.stack(ratios)).sum().item()
+    return frac, ratio
+
+
+def distribution_metrics(x, exact, mix_t):
+    bad = (~torch.isfinite(x).reshape(x.shape[0], -1).all(1)).double().mean().item()
+    if bad > 0:  # a diverged baseline: say so instead of crashing
+        return {"sw2": math.nan, "weight_err": math.nan, "var_ratio": math.nan, "logp_gap": math.nan, "nonfinite": bad}
+    frac, ratio = mode_stats(x, mix_t)
+    return {"sw2": sliced_w2(x, exact), "weight_err": (frac - mix_t.weights).abs().sum().item(),
+            "var_ratio": ratio, "logp_gap": (mix_t.log_prob(x.double()).mean() - mix_t.log_prob(exact).mean()).item()}
+
+
+# ------------------------------------------------------------------ the run
+def reference(sde, mix, x_T):
+    return sdegen.sample(sde, mix, x_T, method="ode", rtol=1e-10, atol=1e-10)
+
+
+def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, log):
+    mix, sde = PROBLEMS[pname](), SDES[sname]()
+    mix_t = mix.marginal(sde.t_min, sde)
+    rows = []
+    x_T = sde.prior_sample((n_end, mix.dim), seed=1, dtype=torch.float64)
+    t0 = time.time()
+    ref = reference(sde, mix, x_T)
+    log(f"[{pname}/{sname}] reference in {time.time() - t0:.1f}s")
+    xd_T = sde.prior_sample((n_dist, mix.dim), seed=2, dtype=torch.float64)
+    exact = mix_t.sample(n_dist, seed=3)
+    floor = distribution_metrics(mix_t.sample(n_dist, seed=4), exact, mix_t)
+    rows.append(dict(problem=pname, sde=sname, sampler="exact samples (noise floor)", family="floor", nfe=0, **floor))
+    configs = [(n, s, run_sdegen, "sdegen" + (" stochastic" if s[4] else "")) for n, s in SDEGEN.items()]
+    if with_diffusers:
+        configs += [(n, s, run_diffusers, "diffusers" + (" stochastic" if "sde" in n else "")) for n, s in DIFFUSERS.items()]
+    for name, spec, runner, family in configs:
+        t0 = time.time()
+        for nfe in nfes:
+            row = dict(problem=pname, sde=sname, sampler=name, family=family, nfe=nfe)
+            x = None if "stochastic" in family else runner(spec, sde, mix, x_T, nfe)
+            if x is not None:
+                row.update(endpoint_errors(x, ref, mix))
+            if nfe in dist_nfes:
+                xs = runner(spec, sde, mix, xd_T, nfe, seed=5)
+                if xs is not None:
+                    row.update(distribution_metrics(xs, exact, mix_t))
+            if len(row) > 5:
+                rows.append(row)
+        log(f"[{pname}/{sname}] {name}: {time.time() - t0:.1f}s")
+    return rows
+
+
+def adaptive_vs_dopri5(n, log):
+    """NFE each solver needs for RMS endpoint error <= 1e-3 on the ring under VP (tolerance sweeps)."""
+    mix, sde = PROBLEMS["ring"](), SDES["vp"]()
+    x_T = sde.prior_sample((n, 2), seed=1, dtype=torch.float64)
+    ref = reference(sde, mix, x_T)
+    rows = []
+    for method in ("adaptive", "ode"):
+        for tol in (1e-1, 5e-2, 3e-2, 2e-2, 1e-2, 5e-3, 3e-3, 1e-3, 3e-4, 1e-4):
+            x, info = sdegen.sample(sde, mix, x_T, method=method, rtol=tol, atol=tol, return_info=True)
+            rms = (x - ref).pow(2).sum(1).mean().sqrt().item()
+            rows.append({"solver": "sdegen adaptive (u = log m/s)" if method == "adaptive" else "torchdiffeq dopri5 (t)",
+                         "tol": tol, "nfe": info.nfe, "rms": rms})
+            log(f"  {rows[-1]}")
+    return rows
+
+
+def best_nfe(rows, solver, target=1e-3):
+    """Smallest NFE at which the solver's RMS is <= target (over the tolerance sweep)."""
+    ok = [r["nfe"] for r in rows if r["solver"] == solver and r["rms"] <= target]
+    return min(ok) if ok else None
+
+
+# ------------------------------------------------------------------ reporting
+def fmt(v, digits=3):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def markdown(rows, adaptive_rows, summary):
+    lines = ["# Solver steps against quality", "",
+             "Endpoint errors: deterministic samplers against torchdiffeq dopri5 at rtol = atol = 1e-10 (float64) "
+             "from the same x_T. Distribution metrics: 20,000 samples against exact draws from p_{t_min}.", ""]
+    lines += ["## Targets", ""] + [f"- {s}" for s in summary] + [""]
+    lines += ["## Adaptive solvers: NFE for RMS <= 1e-3 on the ring (VP)", "", "| solver | tol | NFE | RMS |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['solver']} | {r['tol']:g} | {r['nfe']} | {r['rms']:.3g} |" for r in adaptive_rows]
+    keys = ["rms", "median", "flips", "sw2", "weight_err", "var_ratio", "logp_gap"]
+    for pname in PROBLEMS:
+        for sname in SDES:
+            sel = [r for r in rows if r["problem"] == pname and r["sde"] == sname]
+            if not sel:
+                continue
+            lines += ["", f"## {pname}, {sname}", "", "| sampler | NFE | " + " | ".join(keys) + " |",
+                      "|---|---|" + "---|" * len(keys)]
+            lines += [f"| {r['sampler']} | {r['nfe']} | " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in sel]
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for metric, label in (("rms", "RMS endpoint error"), ("median", "median per-point error")):
+        fig, axes = plt.subplots(len(PROBLEMS), len(SDES), figsize=(15, 9), squeeze=False)
+        for i, pname in enumerate(PROBLEMS):
+            for j, sname in enumerate(SDES):
+                ax = axes[i][j]
+                names = sorted({r["sampler"] for r in rows if r["problem"] == pname and r["sde"] == sname and metric in r})
+                for name in names:
+                    sel = [r for r in rows if r["problem"] == pname and r["sde"] == sname and r["sampler"] == name
+                           and metric in r]
+                    ax.loglog([r["nfe"] for r in sel], [max(r[metric], 1e-12) for r in sel], "o-" if "diffusers" not in name else "s--",
+                              label=name, ms=3)
+                ax.set_title(f"{pname}, {sname}")
+                ax.set_xlabel("NFE")
+                ax.set_ylabel(label)
+                ax.grid(True, which="both", alpha=0.3)
+        axes[0][-1].legend(fontsize=6, loc="lower left")
+        fig.tight_layout()
+        fig.savefig(out / f"solver_steps_{metric}.png", dpi=110)
+        plt.close(fig)
+
+
+def summarize(rows, adaptive_rows):
+    """The issue's targets, each with the measured figures."""
+    out = []
+    for pname, med10, med20 in (("ring", 0.03, 0.006), ("mix16", 0.05, 0.007)):
+        for nfe, med_target in ((10, med10), (20, med20)):
+            sel = [r for r in rows if r["problem"] == pname and r["sde"] == "vp" and r["nfe"] == nfe and "rms" in r]
+            ours = [r for r in sel if r["family"] == "sdegen"]
+            theirs = [r for r in sel if r["family"] == "diffusers"]
+            if not ours or not theirs:
+                continue
+            best = min(ours, key=lambda r: r["rms"])
+            base = min(theirs, key=lambda r: r["rms"])
+            ok = best["rms"] <= 0.5 * base["rms"] and best["flips"] <= base["flips"] and best["median"] <= med_target
+            out.append(f"{pname} VP NFE {nfe}: best sdegen {best['sampler']} RMS {best['rms']:.3g}, median "
+                       f"{best['median']:.3g} (target <= {med_target}), flips {best['flips']:.3g}; best diffusers "
+                       f"{base['sampler']} RMS {base['rms']:.3g}, flips {base['flips']:.3g}: ratio "
+                       f"{best['rms'] / base['rms']:.2f} -> {'MET' if ok else 'NOT MET'}")
+    for pname in PROBLEMS:
+        sel = [r for r in rows if r["problem"] == pname and r["sde"] == "vp" and r["nfe"] == 20 and "var_ratio" in r
+               and "stochastic" in r["family"] and r["family"].startswith("sdegen")]
+        floor = [r for r in rows if r["problem"] == pname and r["sde"] == "vp" and r["family"] == "floor"]
+        if sel and floor:
+            best = min(sel, key=lambda r: abs(r["var_ratio"] - 1.0) + r["weight_err"])
+            out.append(f"{pname} VP NFE 20 best stochastic {best['sampler']}: weight error {best['weight_err']:.4f} "
+                       f"(noise floor {floor[0]['weight_err']:.4f}), within-mode variance ratio {best['var_ratio']:.3f}")
+    a, d = best_nfe(adaptive_rows, "sdegen adaptive (u = log m/s)"), best_nfe(adaptive_rows, "torchdiffeq dopri5 (t)")
+    if a and d:
+        out.append(f"adaptive: RMS <= 1e-3 on the ring at {a} NFE; dopri5 in t needs {d} NFE: ratio {a / d:.2f} "
+                   f"-> {'MET' if 2 * a <= d else 'NOT MET'}")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="NFE 10 and 20 on VP only, fewer points")
+    parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with_diffusers = not args.no_diffusers
+    if with_diffusers:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            print("diffusers is not installed (pip install 'sdegen[bench]'): running without the baselines")
+            with_diffusers = False
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    log = lambda msg: print(f"{time.time() - start:7.1f}s {msg}", flush=True)
+    rows = []
+    if args.quick:
+        plan = [(p, "vp", (10, 20), (20,), 500, 4000) for p in PROBLEMS]
+    else:
+        plan = []
+        for p in PROBLEMS:
+            for s in SDES:
+                full = s == "vp"
+                nfes = NFE_GRID if full else NFE_GRID[:6]
+                dist = ((10, 20, 50) if p == "ring" else (10, 20)) if full else ((20,) if p == "ring" else ())
+                plan.append((p, s, nfes, dist, 1000, 20_000))
+    for pname, sname, nfes, dist, n_end, n_dist in plan:
+        rows += bench_problem(pname, sname, nfes, dist, n_end, n_dist, with_diffusers, log)
+    adaptive_rows = adaptive_vs_dopri5(500 if args.quick else 2000, log)
+    summary = summarize(rows, adaptive_rows)
+    for line in summary:
+        print(line)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"solver_steps{suffix}.md").write_text(markdown(rows, adaptive_rows, summary))
+    keys = sorted({k for r in rows for k in r}, key=lambda k: ["problem", "sde", "sampler", "family", "nfe"].index(k)
+                  if k in ("problem", "sde", "sampler", "family", "nfe") else 10)
+    with open(RESULTS / f"solver_steps{suffix}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    (RESULTS / f"solver_steps{suffix}.json").write_text(json.dumps(
+        {"rows": rows, "adaptive": adaptive_rows, "summary": summary, "seconds": time.time() - start}, indent=1))
+    if not args.quick:
+        plots(rows, RESULTS)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
