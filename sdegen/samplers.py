@@ -177,27 +177,31 @@ class AnnealedLangevin(StepSampler):
     """NCSN's annealed Langevin dynamics (Song & Ermon 2019, algorithm 1).
 
     Each step runs ``steps_each`` Langevin iterations x += alpha/2 s + sqrt(alpha) z at the noise level of
-    t_next, with alpha = step_lr * s(t_next)^2 / s(t_min)^2. NFE = steps * steps_each.
+    t_next, with alpha = step_lr * s(t_next)^2 / s_L^2 and s_L = s(t_min) the last level. NCSN used
+    step_lr = 2e-5 with s_L = 0.01; the default step_lr = 0.1 s_L^2 keeps alpha / s(t)^2 = 0.1 at every
+    level, whatever t_min is. NFE = steps * steps_each.
     """
 
     stochastic = True
     default_steps = 100
 
-    def __init__(self, steps_each: int = 10, step_lr: float = 2e-5):
+    def __init__(self, steps_each: int = 10, step_lr: Optional[float] = None):
         if not (isinstance(steps_each, int) and steps_each >= 1):
             raise ValueError(f"steps_each must be an int >= 1; got {steps_each!r}.")
-        if not (isinstance(step_lr, (int, float)) and step_lr > 0 and math.isfinite(step_lr)):
-            raise ValueError(f"step_lr must be a finite number > 0; got {step_lr!r}.")
-        self.steps_each, self.step_lr, self.nfe_per_step = steps_each, float(step_lr), steps_each
+        if step_lr is not None and not (isinstance(step_lr, (int, float)) and step_lr > 0 and math.isfinite(step_lr)):
+            raise ValueError(f"step_lr must be a finite number > 0 or None; got {step_lr!r}.")
+        self.steps_each, self.step_lr, self.nfe_per_step = steps_each, step_lr, steps_each
 
     def start(self, ctx, x, ts):
-        return ctx.sde._std(ts[-1])
+        s_last = ctx.sde._std(ts[-1])
+        lr = 0.1 * s_last**2 if self.step_lr is None else self.step_lr
+        return lr / s_last**2  # alpha = this * s(t)^2
 
-    def step(self, ctx, x, t, t_next, sigma_last):
-        alpha = self.step_lr * (ctx.sde._std(t_next) / sigma_last) ** 2
+    def step(self, ctx, x, t, t_next, rel):
+        alpha = rel * ctx.sde._std(t_next) ** 2
         for _ in range(self.steps_each):
             x = x + bcast(0.5 * alpha, x) * ctx.score(x, t_next) + bcast(torch.sqrt(alpha), x) * ctx.randn_like(x)
-        return x, sigma_last
+        return x, rel
 
     def __repr__(self) -> str:
         return f"AnnealedLangevin(steps_each={self.steps_each}, step_lr={self.step_lr})"

@@ -1,0 +1,73 @@
+"""The Gaussian-mixture oracle: exact scores, densities and marginals."""
+
+import math
+
+import pytest
+import torch
+
+import sdegen
+from sdegen.analytic import GaussianMixture
+
+SDES = [sdegen.VPSDE(), sdegen.SubVPSDE(), sdegen.VESDE(), sdegen.VPSDE(schedule="cosine")]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=["vp", "subvp", "ve", "cos"])
+def test_score_is_gradient_of_log_density(sde):
+    gm = GaussianMixture.random(dim=5, n_components=4, seed=2)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.01, 0.9, 6, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(gm.log_prob(x, t, sde).sum(), x)
+    torch.testing.assert_close(gm.score(x.detach(), t, sde), grad, rtol=1e-10, atol=1e-10)
+
+
+def test_density_integrates_to_one_on_a_grid():
+    gm = GaussianMixture.ring()
+    sde = sdegen.VPSDE()
+    h = 0.01
+    g = torch.arange(-5.0, 5.0, h, dtype=torch.float64)
+    xy = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    for t in (None, 0.3):
+        mass = gm.log_prob(xy, t, sde if t else None).exp().sum() * h * h
+        assert abs(float(mass) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("sde", SDES[:3], ids=["vp", "subvp", "ve"])
+def test_marginal_matches_perturbed_samples(sde):
+    # p_t is the law of m(t) x0 + s(t) z: compare exact marginal samples' law with perturbed data samples
+    gm = GaussianMixture.random(dim=3, n_components=3, seed=4)
+    t = 0.4
+    n = 40000
+    x0 = gm.sample(n, seed=1)
+    xt = sde.perturb(x0, t, torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    pt = gm.marginal(t, sde)
+    sd = pt.covariance().diagonal().sqrt()
+    assert torch.all((xt.mean(0) - pt.mean()).abs() < 5 * sd / math.sqrt(n))
+    torch.testing.assert_close(torch.cov(xt.T), pt.covariance(), atol=float(5 * sd.max() ** 2 * math.sqrt(2 / n)),
+                               rtol=0)
+    # and the average exact log-density of perturbed samples is the negative entropy, estimated both ways
+    lp_a, lp_b = gm.log_prob(xt, t, sde), pt.log_prob(pt.sample(n, seed=3))
+    assert abs(float(lp_a.mean() - lp_b.mean())) < 5 * float(lp_a.std()) * math.sqrt(2 / n)
+
+
+def test_samples_have_the_mixture_moments_and_weights():
+    gm = GaussianMixture([0.2, 0.8], [[0.0, 2.0], [1.0, -1.0]], [[0.3, 0.1], [0.2, 0.5]])
+    x, k = gm.sample(50000, generator=torch.Generator().manual_seed(0), return_components=True)
+    assert abs(float((k == 0).double().mean()) - 0.2) < 5 * math.sqrt(0.16 / 50000)
+    torch.testing.assert_close(x.mean(0), gm.mean(), atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), gm.covariance(), atol=0.05, rtol=0)
+
+
+def test_shapes_dtypes_and_errors(dtype):
+    gm = GaussianMixture.random(dim=12, n_components=2, seed=0)
+    x = torch.randn(4, 3, 2, 2, dtype=dtype)
+    s = gm.score(x, 0.5, sdegen.VPSDE())
+    assert s.shape == x.shape and s.dtype == dtype
+    assert gm.log_prob(x).shape == (4,)
+    with pytest.raises(ValueError, match="12 values"):
+        gm.score(torch.zeros(4, 5), 0.5, sdegen.VPSDE())
+    with pytest.raises(ValueError, match="sde"):
+        gm.log_prob(torch.zeros(4, 12), t=0.5)
+    with pytest.raises(ValueError, match="weights"):
+        GaussianMixture([-1.0, 2.0], [[0.0], [1.0]], [1.0, 1.0])
+    with pytest.raises(ValueError, match="semi-definite"):
+        GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, -1.0]]])

@@ -1,0 +1,57 @@
+"""Per-example noise: moments, independence, batch invariance, device-free determinism."""
+
+import math
+
+import pytest
+import torch
+
+from sdegen.noise import Noise, make_seeds, normal_from_seeds
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_standard_normal_moments(dt):
+    z = normal_from_seeds(make_seeds(0, 50000), 0, (4,), dt).double().flatten()
+    n = z.numel()
+    # sample mean, variance, skewness, kurtosis within 5 standard errors of N(0, 1)'s
+    assert abs(float(z.mean())) < 5 / math.sqrt(n)
+    assert abs(float(z.var()) - 1) < 5 * math.sqrt(2 / n)
+    assert abs(float((z**3).mean())) < 5 * math.sqrt(15 / n)
+    assert abs(float((z**4).mean()) - 3) < 5 * math.sqrt(96 / n)
+    # the normal CDF at a few points
+    for q in (-1.5, 0.0, 0.7):
+        p = 0.5 * (1 + math.erf(q / math.sqrt(2)))
+        assert abs(float((z < q).double().mean()) - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_draws_examples_and_elements_are_uncorrelated():
+    seeds = make_seeds(3, 20000)
+    a = normal_from_seeds(seeds, 0, (3,), torch.float64)
+    b = normal_from_seeds(seeds, 1, (3,), torch.float64)
+    c = torch.corrcoef(torch.cat([a, b], 1).T)
+    off = c - torch.eye(6, dtype=torch.float64)
+    assert off.abs().max() < 5 / math.sqrt(20000)
+    # neighbouring examples are uncorrelated too
+    r = torch.corrcoef(torch.stack([a[:-1, 0], a[1:, 0]]))[0, 1]
+    assert abs(float(r)) < 5 / math.sqrt(20000)
+
+
+def test_example_noise_is_independent_of_the_batch():
+    big = Noise.from_seed(11, 50)
+    small = Noise.from_seed(11, 7)
+    x_big, x_small = torch.zeros(50, 2, 3), torch.zeros(7, 2, 3)
+    for _ in range(3):
+        torch.testing.assert_close(small.like(x_small), big.like(x_big)[:7], rtol=0, atol=0)
+
+
+def test_seed_forms():
+    s = make_seeds(torch.tensor([5, 6, 7]), 3)
+    assert s.tolist() == [5, 6, 7]
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(make_seeds(g1, 4), make_seeds(g2, 4))
+    assert not torch.equal(make_seeds(1, 4), make_seeds(2, 4))
+    with pytest.raises(ValueError, match="seed"):
+        make_seeds(torch.tensor([1, 2]), 3)
+    with pytest.raises(TypeError, match="seed"):
+        make_seeds(1.5, 3)
+    with pytest.raises(ValueError, match="batch"):
+        Noise.from_seed(0, 3).like(torch.zeros(4))
