@@ -211,7 +211,7 @@ def write(rows, prior_rows, heads, repeats):
     lines += ["", "## Targets", ""] + targets(rows, heads)
     lines += ["", "## Notes", "",
               "- One-probe rows (ours and the baseline alike) are limited by the probe's variance, not by the solver: "
-              "their error does not fall with the tolerance. K probes cut it by about sqrt(K).",
+              "their error does not fall with the tolerance; more probes per example cut it.",
               "- sdegen controls the error of every example and of its log-density term (max over the batch); the "
               "baseline's scipy RK45 controls the RMS over the whole flattened batch, which lets single examples "
               "miss the tolerance. At the same nominal tolerance the per-example control takes more steps (compare "

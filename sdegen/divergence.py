@@ -7,7 +7,7 @@ Jacobian df_i/dx_i:
 - exact: tr J = sum_j e_j^T J e_j, one vector-Jacobian product per dimension, vectorised with
   ``torch.func.vmap`` over the backward pass (and chunked over dimensions when B * D * D is large);
 - Hutchinson-Skilling: tr J = E[v^T J v] for probes v with E[v v^T] = I (Hutchinson 1990; Skilling 1989),
-  as used by FFJORD (Grathwohl et al. 2019, eq. 7) and by Song et al. 2021 (appendix D.2, eq. 40) for
+  as used by FFJORD (Grathwohl et al. 2019, section 3.1) and by Song et al. 2021 (appendix D.2) for
   likelihoods; K probes per example are averaged.
 
 Each evaluation computes the field and the products from one forward pass and one (vmapped) backward pass.

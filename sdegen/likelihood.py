@@ -2,7 +2,7 @@
 
 The probability-flow ODE dx/dt = f~(x, t) = f(t) x - 1/2 g(t)^2 s(x, t) (Song et al. 2021, eq. 13) is a
 continuous normalizing flow, so by the instantaneous change of variables (Chen et al. 2018, theorem 1;
-Song et al. 2021, appendix D.2, eq. 39)
+Song et al. 2021, section 4.3 and appendix D.2)
 
     log p_{t_min}(x) = log p_T(x_T) + int_{t_min}^{T} div f~(x_t, t) dt,
 
@@ -132,7 +132,7 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
                    seed: Seed = None, steps: Optional[int] = None, max_steps: int = 10_000, adjoint: bool = False,
                    adjoint_params: Optional[Sequence[torch.Tensor]] = None, chunk_size: Optional[int] = None,
                    levels: Optional[int] = None, data_range: Tuple[float, float] = (-1.0, 1.0)) -> LikelihoodResult:
-    """Per-example log p_{t_min}(x) through the probability-flow ODE (Song et al. 2021, appendix D.2, eq. 39).
+    """Per-example log p_{t_min}(x) through the probability-flow ODE (Song et al. 2021, appendix D.2).
 
     Args:
         sde: the forward SDE; score: a callable ``score(x, t)`` (t of shape (B,)), a :class:`sdegen.ScoreModel`,
