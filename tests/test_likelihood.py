@@ -108,6 +108,37 @@ def test_adjoint_gradients_match_the_closed_form():
     torch.testing.assert_close(gx, -x.detach() / c**2, rtol=1e-4, atol=1e-6)
 
 
+class _EpsNet(torch.nn.Module):
+    def __init__(self, generator):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(3, 16, generator=generator, dtype=torch.float64) / 2)
+        self.w2 = torch.nn.Parameter(torch.randn(16, 2, generator=generator, dtype=torch.float64) / 4)
+
+    def forward(self, x, t):
+        return torch.tanh(torch.cat([x, t[:, None]], 1) @ self.w1) @ self.w2
+
+
+def test_adjoint_reaches_the_parameters_of_a_score_model(generator):
+    # a small eps-network inside sdegen.ScoreModel: the adjoint gradient of the mean log-likelihood with respect
+    # to one weight matches a central finite difference of two tight solves
+    sde = sdegen.VPSDE()
+    net = _EpsNet(generator)
+    model = sdegen.ScoreModel(net, sde, prediction="eps")
+    x = GaussianMixture.ring().sample(3, seed=0)
+    r = log_likelihood(sde, model, x, divergence="exact", adjoint=True, t_min=1e-2, rtol=1e-6, atol=1e-6)
+    r.log_prob.mean().backward()
+    eps = 1e-5
+    with torch.no_grad():
+        net.w1[2, 5] += eps
+        up = log_likelihood(sde, model, x, divergence="exact", t_min=1e-2, rtol=1e-8, atol=1e-8).log_prob.mean()
+        net.w1[2, 5] -= 2 * eps
+        down = log_likelihood(sde, model, x, divergence="exact", t_min=1e-2, rtol=1e-8, atol=1e-8).log_prob.mean()
+        net.w1[2, 5] += eps
+    fd = float(up - down) / (2 * eps)
+    assert abs(fd) > 1e-3  # the weight matters
+    assert abs(float(net.w1.grad[2, 5]) - fd) <= 1e-3 * max(1.0, abs(fd))
+
+
 @pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
 def test_any_rank_dtype_and_callers_tensor_untouched(divergence, dtype, device):
     sde, gm = sdegen.VPSDE(), GaussianMixture.random(dim=4, n_components=2, seed=3)
