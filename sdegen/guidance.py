@@ -98,13 +98,12 @@ class ClassifierGuidedScore:
         if self.scale == 0.0:
             return s
         y = _label_batch(self.y, x)
-        grad = classifier_log_prob_grad(self.classifier, x, t, y)
         if not self._checked:  # classes unknown up front: check once against the classifier's output
             with torch.no_grad():
                 n = self.classifier(x[:1].detach(), t[:1] if t.ndim else t).shape[1]
             _check_labels(self.y, n)
             self._checked = True
-        return s + self.scale * grad
+        return s + self.scale * classifier_log_prob_grad(self.classifier, x, t, y)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not callable(self.base):
@@ -263,18 +262,23 @@ class MixtureClassifier:
                              f"got {groups!r}.")
         self.mixture, self.sde, self.groups = mixture, sde, [list(map(int, g)) for g in groups]
         self.num_classes = len(self.groups)
+        self._conditionals = [self._build(c) for c in range(self.num_classes)]
+        self._log_class_weights = torch.log(torch.stack([mixture.weights[g].sum() for g in self.groups]))
 
     def conditional(self, c: int) -> GaussianMixture:
         """The class-conditional data distribution p_0(x | c): the group's components, weights renormalised."""
+        return self._conditionals[c]
+
+    def _build(self, c: int) -> GaussianMixture:
         g = self.groups[c]
         return GaussianMixture(self.mixture.weights[g], self.mixture.means[g], self.mixture.covs[g])
 
     def class_weights(self) -> torch.Tensor:
         """p(c), (C,) float64."""
-        return torch.stack([self.mixture.weights[g].sum() for g in self.groups])
+        return self._log_class_weights.exp()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logw = torch.log(self.class_weights()).to(x.device)
+        logw = self._log_class_weights.to(x.device)
         cols = [self.conditional(c).log_prob(x, t, self.sde).to(torch.float64) + logw[c]
                 for c in range(self.num_classes)]
         return torch.stack(cols, dim=1).to(x.dtype)

@@ -1,0 +1,225 @@
+"""Guidance against the Gaussian-mixture oracle, where p_t(y | x) and the class-conditional scores are exact."""
+
+import math
+
+import pytest
+import torch
+
+import sdegen
+
+W = torch.tensor([0.05, 0.10, 0.15, 0.20, 0.22, 0.28], dtype=torch.float64)
+GROUPS = [[0, 3], [1, 4, 5], [2]]
+
+
+def hexagon():
+    ang = torch.arange(6, dtype=torch.float64) * math.pi / 3
+    means = 2.0 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    return sdegen.GaussianMixture(W, means, torch.full((6,), 0.25**2, dtype=torch.float64))
+
+
+def test_classifier_guidance_scale_one_is_the_exact_conditional_score(dtype):
+    sde, gm = sdegen.VPSDE(), hexagon()
+    clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
+    x = torch.randn(64, 2, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 2
+    t = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.98 + 0.01
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    for c in range(3):
+        guided = sdegen.classifier_guidance(gm, clf, c, 1.0).score_fn(sde)
+        torch.testing.assert_close(guided(x, t), clf.conditional(c).score(x, t, sde), **tol)
+        # scale lambda: s + lambda (s_c - s)
+        s, s_c = gm.score(x, t, sde), clf.conditional(c).score(x, t, sde)
+        g3 = sdegen.classifier_guidance(gm.score_fn(sde), clf, c, 3.0)
+        torch.testing.assert_close(g3(x, t), s + 3.0 * (s_c - s), **tol)
+
+
+def test_classifier_free_guidance_equals_classifier_guidance_with_scale_one_plus_w():
+    sde, gm = sdegen.VPSDE(), hexagon()
+    clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
+
+    def model(x, t, y=None):  # the exact conditional / unconditional scores
+        if y is None:
+            return gm.score(x, t, sde)
+        return torch.stack([clf.conditional(int(c)).score(x[i:i + 1], t[i:i + 1], sde)[0] for i, c in enumerate(y)])
+
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.full((16,), 0.3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1] * 4)
+    for w in (0.0, 0.5, 2.0):
+        cfg = sdegen.classifier_free_guidance(model, y, w, num_classes=3)
+        cg = sdegen.classifier_guidance(gm.score_fn(sde), clf, y, 1.0 + w)
+        torch.testing.assert_close(cfg(x, t), cg(x, t), rtol=1e-9, atol=1e-9)
+
+
+def component_frequencies(gm, x):
+    k = gm.responsibilities(x.double()).argmax(1)
+    return torch.bincount(k, minlength=gm.n_components).double() / x.shape[0]
+
+
+@pytest.mark.parametrize("method,options", [("ode", dict(rtol=1e-4, atol=1e-4)),
+                                            pytest.param("reverse_diffusion", dict(steps=300), marks=pytest.mark.slow)])
+def test_guided_samples_follow_the_class_conditional_mixture(method, options):
+    """Scale 1 with the exact classifier: component frequencies = the conditional weights w_k / W_c within
+    4.5 standard errors of the multinomial, and no mass on other classes' components."""
+    sde, gm = sdegen.VPSDE(), hexagon()
+    clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
+    n = 2000
+    for c in (0, 1):
+        guided = sdegen.classifier_guidance(gm, clf, c, 1.0)
+        with torch.no_grad():
+            x = sdegen.sample(sde, guided, shape=(n, 2), method=method, seed=c, dtype=torch.float64, **options)
+        freq = component_frequencies(gm, x)
+        p = torch.zeros(6, dtype=torch.float64)
+        p[GROUPS[c]] = W[GROUPS[c]] / W[GROUPS[c]].sum()
+        se = (p * (1 - p) / n).sqrt().clamp_min(1.0 / n)
+        assert bool(((freq - p).abs() < 4.5 * se).all()), f"class {c}: {freq.tolist()} vs {p.tolist()}"
+
+
+def test_guidance_plugs_into_fixed_step_samplers_and_keeps_shape():
+    sde, gm = sdegen.VPSDE(), hexagon()
+    clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
+    guided = sdegen.classifier_guidance(gm, clf, torch.tensor([0, 1, 2, 0]), 2.0)
+    for method in ("euler", "euler_maruyama", "ancestral", "pc"):
+        x, info = sdegen.sample(sde, guided, shape=(4, 2), method=method, steps=5, seed=0, return_info=True)
+        assert x.shape == (4, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_guidance_gradient_flows_when_x_requires_grad():
+    sde, gm = sdegen.VPSDE(), hexagon()
+    clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
+    g = sdegen.classifier_guidance(gm.score_fn(sde), clf, 1, 1.0)
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.full((3,), 0.5, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda z: g(z, t), (x,))
+
+
+def test_guidance_errors():
+    sde, gm = sdegen.VPSDE(), hexagon()
+    clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 2\]"):
+        sdegen.classifier_guidance(gm, clf, 3, 1.0)
+    with pytest.raises(ValueError, match="class labels"):
+        sdegen.classifier_guidance(gm, clf, torch.tensor([0, -1]), 1.0)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
+            sdegen.classifier_guidance(gm, clf, 0, bad)
+        with pytest.raises(ValueError, match="w must be a finite number >= 0"):
+            sdegen.classifier_free_guidance(lambda x, t, y=None: x, 0, bad)
+    with pytest.raises(TypeError, match="integer"):
+        sdegen.classifier_guidance(gm, clf, torch.tensor([0.5]), 1.0)
+    # the number of classes learnt from the classifier's output on the first call
+    anon = lambda x, t: clf(x, t)  # noqa: E731
+    g = sdegen.classifier_guidance(gm.score_fn(sde), anon, 5, 1.0)
+    with pytest.raises(ValueError, match="class labels"):
+        g(torch.zeros(2, 2), torch.full((2,), 0.5))
+    g = sdegen.classifier_guidance(gm.score_fn(sde), clf, torch.tensor([0, 1, 2]), 1.0)
+    with pytest.raises(ValueError, match="batch size"):
+        g(torch.zeros(2, 2), torch.full((2,), 0.5))
+
+
+# ------------------------------------------------------------------------------------------------ inpainting
+def gaussian(cov, mean):
+    return sdegen.GaussianMixture([1.0], torch.as_tensor(mean, dtype=torch.float64)[None],
+                                  torch.as_tensor(cov, dtype=torch.float64)[None])
+
+
+def check_moments(u, mean, cov, k=4.5):
+    """Sample mean and covariance of u (n, d) against (mean, cov): normal-theory standard errors."""
+    n = u.shape[0]
+    m_hat, c_hat = u.mean(0), torch.cov(u.T)
+    se_m = (torch.diagonal(cov) / n).sqrt()
+    se_c = ((cov**2 + torch.outer(torch.diagonal(cov), torch.diagonal(cov))) / n).sqrt()
+    assert bool(((m_hat - mean).abs() < k * se_m).all()), f"mean {m_hat.tolist()} vs {mean.tolist()}"
+    assert bool(((c_hat - cov).abs() < k * se_c).all()), f"cov {c_hat.tolist()} vs {cov.tolist()}"
+
+
+def test_inpainting_with_exact_score_gives_exact_conditional_when_blocks_are_independent():
+    """Known coordinates (0, 1) independent of the unknown (2, 3), which are correlated with each other and have a
+    non-zero mean: the replacement method must reproduce N(mu_u, Sigma_uu) and return the known values exactly."""
+    sde = sdegen.VPSDE()
+    cov = torch.tensor([[1.0, 0.6, 0, 0], [0.6, 1.0, 0, 0], [0, 0, 0.5, -0.3], [0, 0, -0.3, 0.4]], dtype=torch.float64)
+    mean = torch.tensor([0.3, -0.2, 1.0, -0.5], dtype=torch.float64)
+    gm, n = gaussian(cov, mean), 2000
+    known = torch.tensor([1.5, -1.0, 0.0, 0.0], dtype=torch.float64).expand(n, 4)
+    mask = torch.tensor([True, True, False, False])
+    with torch.no_grad():
+        x = sdegen.inpaint(sde, gm, known, mask, steps=200, seed=0)
+    assert torch.equal(x[:, :2], known[:, :2])
+    check_moments(x[:, 2:], mean[2:], cov[2:, 2:])
+
+
+def replacement_limit(sde, cov, mean, y, ku, steps=20000):
+    """Mean and covariance at t_min of the continuous limit of the replacement method for Gaussian data: the unknown
+    part u follows du = [-f u + g^2 s_u(u, m y)] dtau + g dW (tau = T - t) with the exact joint score, which is
+    linear in u, from the prior N(0, I) at T (fresh known-part noise each step averages out of the drift)."""
+    k, u = ku
+    ts = torch.linspace(sde.T, sde.t_min, steps + 1, dtype=torch.float64)
+    mu, V = torch.zeros(len(u), dtype=torch.float64), torch.eye(len(u), dtype=torch.float64)
+    eye = torch.eye(cov.shape[0], dtype=torch.float64)
+
+    def field(t, mu, V):
+        m, s2 = torch.exp(sde._log_mean_coeff(t)), sde._std(t) ** 2
+        P = torch.linalg.inv(m * m * cov + s2 * eye)
+        A = -sde._drift_coeff(t) * torch.eye(len(u), dtype=torch.float64) - sde._diffusion(t) ** 2 * P[u][:, u]
+        b = sde._diffusion(t) ** 2 * (P[u][:, u] @ (m * mean[u]) - P[u][:, k] @ (m * (y - mean[k])))
+        return A @ mu + b, A @ V + V @ A.T + sde._diffusion(t) ** 2 * torch.eye(len(u), dtype=torch.float64)
+
+    for i in range(steps):  # Heun in tau
+        h = ts[i] - ts[i + 1]
+        d1 = field(ts[i], mu, V)
+        d2 = field(ts[i + 1], mu + h * d1[0], V + h * d1[1])
+        mu, V = mu + 0.5 * h * (d1[0] + d2[0]), V + 0.5 * h * (d1[1] + d2[1])
+    return mu, V
+
+
+@pytest.mark.slow
+def test_inpainting_correlated_gaussian_matches_the_methods_limit_not_the_exact_conditional():
+    """With correlated known/unknown parts the paper's replacement method (Song et al. 2021, app. I.2) is an
+    approximation: p_t(u | x_known = m y + s z) replaces p_t(u | y). Samples match the method's own limit (computed
+    above), and we record that this limit differs from the exact conditional N(rho y, 1 - rho^2)."""
+    sde, rho, n = sdegen.VPSDE(), 0.8, 4000
+    cov = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
+    mean = torch.zeros(2, dtype=torch.float64)
+    y = torch.tensor([1.0], dtype=torch.float64)
+    known = torch.tensor([1.0, 0.0], dtype=torch.float64).expand(n, 2)
+    with torch.no_grad():
+        x = sdegen.inpaint(sde, gaussian(cov, mean), known, torch.tensor([True, False]), steps=1000, seed=1)
+    mu, V = replacement_limit(sde, cov, mean, y, ([0], [1]), steps=4000)
+    check_moments(x[:, 1:], mu, V)
+    exact_mean, exact_var = rho * 1.0, 1 - rho**2
+    assert abs(float(mu[0]) - exact_mean) > 0.2 and abs(float(V[0, 0]) - exact_var) > 0.1
+
+
+def test_inpaint_works_through_sample_by_name_and_on_images(dtype):
+    sde, gm = sdegen.VESDE(sigma_max=5.0), gaussian(torch.eye(16) * 0.25, torch.zeros(16))
+    known = torch.randn(3, 1, 4, 4, dtype=dtype)
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[:, :2] = True
+    x, info = sdegen.sample(sde, gm, shape=known.shape, method="inpaint", known=known, mask=mask, sampler="pc",
+                            snr=0.1, steps=20, seed=0, dtype=dtype, return_info=True)
+    assert x.dtype == dtype and x.shape == known.shape
+    assert torch.equal(x[:, :, :2], known[:, :, :2]) and info.nfe == 40
+    assert torch.isfinite(x).all()
+
+
+def test_inpaint_errors():
+    sde, gm = sdegen.VPSDE(), gaussian(torch.eye(4), torch.zeros(4))
+    known = torch.zeros(5, 4)
+    with pytest.raises(ValueError, match="mask must have x's shape"):
+        sdegen.inpaint(sde, gm, known, torch.ones(3, dtype=torch.bool), steps=2)
+    with pytest.raises(ValueError, match="mask must have x's shape"):
+        sdegen.inpaint(sde, gm, known, torch.ones(4, 4, dtype=torch.bool), steps=2)
+    with pytest.raises(ValueError, match="0 and 1"):
+        sdegen.inpaint(sde, gm, known, torch.full((4,), 0.5), steps=2)
+    with pytest.raises(ValueError, match="NaN"):
+        sdegen.inpaint(sde, gm, torch.full((5, 4), float("nan")), torch.ones(4, dtype=torch.bool), steps=2)
+    with pytest.raises(TypeError, match="StepSampler"):
+        sdegen.Inpaint(known, torch.ones(4, dtype=torch.bool), sampler=object())
+    before = known.clone()
+    sdegen.inpaint(sde, gm, known, torch.tensor([True, False, True, False]), steps=3, seed=0)
+    assert torch.equal(known, before)
+
+
+def test_mixture_classifier_errors():
+    sde, gm = sdegen.VPSDE(), hexagon()
+    with pytest.raises(ValueError, match="partition"):
+        sdegen.MixtureClassifier(gm, [[0, 1], [2]], sde)
