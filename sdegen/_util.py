@@ -34,9 +34,21 @@ def as_time(t: Time, name: str = "t") -> torch.Tensor:
     raise TypeError(f"{name} must be a float or a tensor; got {type(t).__name__}.")
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
 def check_range(t: torch.Tensor, lo: float, hi: float, name: str = "t") -> None:
-    """Raise ValueError unless every entry of t lies in [lo, hi] and is finite."""
-    bad = ~((t >= lo) & (t <= hi))
+    """Raise ValueError unless every entry of t lies in [lo, hi] and is finite.
+
+    On an accelerator the check is queued on the device (``torch._assert_async``) instead of forcing a
+    host-device sync on every call of a solver loop; it then fails with a device-side assertion.
+    """
+    ok = (t >= lo) & (t <= hi)
+    if not _on_host(t):
+        torch._assert_async(ok.all(), f"{name} must lie in [{lo:g}, {hi:g}]")
+        return
+    bad = ~ok
     if bool(bad.any()):
         got = t[bad].flatten()[:4].tolist()
         raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}]; got values {got} outside it.")
@@ -68,7 +80,9 @@ def check_finite_tensor(x: torch.Tensor, name: str = "x") -> None:
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}.")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32 or float64); got {x.dtype}.")
-    if bool(torch.isnan(x).any()):
+    if not _on_host(x):
+        torch._assert_async(~torch.isnan(x).any(), f"{name} contains NaN")
+    elif bool(torch.isnan(x).any()):
         raise ValueError(f"{name} contains NaN.")
 
 
