@@ -35,3 +35,7 @@ from .training import EMA, load_checkpoint, save_checkpoint, train
 from . import divergence, likelihood
 from .divergence import divergence_exact, divergence_hutchinson, make_probes
 from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood
+
+# --- distributed (issue 6): sdegen/distributed.py ---
+from . import distributed
+from .distributed import init_distributed, log_likelihood_sharded, sample_sharded, train_ddp
