@@ -149,6 +149,12 @@ def is_main_process() -> bool:
     return current_context().is_main
 
 
+def launched_rank() -> int:
+    """The global rank torchrun gave this process (environment variable RANK; 0 without torchrun), read without
+    any process group: lets a script that should run once (a timing benchmark) stop on the other ranks."""
+    return _env_int("RANK", 0)
+
+
 # ------------------------------------------------------------------------------------------ sharding
 def _check_count(n: int, name: str, minimum: int) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
@@ -227,8 +233,9 @@ def gather_rows(local: torch.Tensor, n: int, batch_size: int, *, ctx: Optional[D
 class ShardedResult:
     """What :func:`sample_sharded` and :func:`log_likelihood_sharded` return on each rank.
 
-    values: name -> (N, ...) tensor in global order on rank 0 when gathered (None on other ranks, or when
-        ``gather=False``): "samples" for sampling; "log_prob", "bpd", "latent" for likelihoods.
+    values: name -> (N, ...) tensor in global order: on rank 0 with ``gather="main"`` (None on the other
+        ranks), on every rank with ``gather="all"``, None with ``gather=None``. "samples" for sampling;
+        "log_prob" and "bpd" for likelihoods.
     local: name -> (n_r, ...) rows computed by this rank, in the order of ``indices`` (the global indices).
     nfe: score (or augmented-field) evaluations on a batch, summed over every chunk of every rank.
     local_nfe: this rank's part of it. wall_time: seconds on this rank. shard_path: the file written, if any.
@@ -244,6 +251,19 @@ class ShardedResult:
 
     def __getitem__(self, name: str) -> Optional[torch.Tensor]:
         return None if self.values is None else self.values[name]
+
+
+def _check_gather(gather: Optional[str]) -> None:
+    if gather not in ("main", "all", None):
+        raise ValueError(f"gather must be 'main' (rank 0), 'all' (every rank) or None; got {gather!r}.")
+
+
+def _broadcast(value: Optional[torch.Tensor], shape: Tuple[int, ...], like: torch.Tensor,
+               ctx: DistributedContext) -> torch.Tensor:
+    device = _comm_device(ctx)
+    buf = value.to(device) if ctx.is_main else torch.empty(shape, dtype=like.dtype, device=device)
+    dist.broadcast(buf, src=0)
+    return buf.to(like.device)
 
 
 def _check_seed(seed: int) -> int:
@@ -278,7 +298,7 @@ def _run_chunks(n: int, batch_size: int, seed: int, ctx: DistributedContext, fn:
 
 
 def _finish(local: Dict[str, torch.Tensor], empty: Dict[str, torch.Tensor], indices: torch.Tensor, n: int,
-            batch_size: int, nfe: int, start: float, ctx: DistributedContext, gather: bool,
+            batch_size: int, nfe: int, start: float, ctx: DistributedContext, gather: Optional[str],
             shard_dir: Optional[str], prefix: str, meta: Dict[str, Any]) -> ShardedResult:
     local = local or empty  # a rank without chunks still takes part in the collectives
     path = None
@@ -290,9 +310,11 @@ def _finish(local: Dict[str, torch.Tensor], empty: Dict[str, torch.Tensor], indi
         torch.save(state, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
     values = None
-    if gather:
-        gathered = {k: gather_rows(v, n, batch_size, ctx=ctx) for k, v in sorted(local.items())}
-        values = gathered if ctx.is_main else None
+    if gather is not None:
+        values = {k: gather_rows(v, n, batch_size, ctx=ctx) for k, v in sorted(local.items())}
+        if gather == "all" and ctx.world_size > 1:
+            values = {k: _broadcast(values[k], (n,) + tuple(v.shape[1:]), v, ctx) for k, v in sorted(local.items())}
+        values = values if ctx.is_main or gather == "all" else None
     total = all_reduce_sum(int(nfe), ctx)
     ctx.barrier()  # shard files are complete once any rank returns
     return ShardedResult(values, local, indices, total, int(nfe), time.perf_counter() - start, path)
@@ -300,7 +322,7 @@ def _finish(local: Dict[str, torch.Tensor], empty: Dict[str, torch.Tensor], indi
 
 def sample_sharded(sde: SDE, score=None, num_samples: int = 1, event_shape: Sequence[int] = (), *, seed: int = 0,
                    batch_size: int = 256, score_for: Optional[Callable[[torch.Tensor], Any]] = None,
-                   gather: bool = True, shard_dir: Optional[str] = None, progress: bool = False,
+                   gather: Optional[str] = "main", shard_dir: Optional[str] = None, progress: bool = False,
                    dtype: torch.dtype = torch.float32, device=None, ctx: Optional[DistributedContext] = None,
                    **sample_kwargs) -> ShardedResult:
     """Draw ``num_samples`` samples of shape ``event_shape`` with :func:`sdegen.sample`, split over the ranks.
@@ -315,7 +337,8 @@ def sample_sharded(sde: SDE, score=None, num_samples: int = 1, event_shape: Sequ
         score: as in :func:`sdegen.sample`; or None with ``score_for(indices) -> score`` building the score for
             the chunk of global example indices (b,) (for conditional sampling: the labels of those examples).
         batch_size: examples per chunk (the batch one sample call sees); seed: an int, the same on every rank.
-        gather: assemble the samples on rank 0 (``result["samples"]``); shard_dir: also write this rank's
+        gather: "main" assembles the samples on rank 0 (``result["samples"]``), "all" on every rank (handy
+            when every rank goes on with the same script), None not at all; shard_dir: also write this rank's
             samples and indices to ``shard_dir/samples-RRRRR-of-WWWWW.pt`` (read back with :func:`load_shards`).
         device: where to sample (default: the rank's device); ctx: from :func:`init_distributed` (default:
             the current process group). Other keywords (method, steps, denoise, ...) go to :func:`sdegen.sample`.
@@ -324,6 +347,7 @@ def sample_sharded(sde: SDE, score=None, num_samples: int = 1, event_shape: Sequ
     ctx = ctx or current_context()
     _check_count(num_samples, "num_samples", 1)
     _check_seed(seed)
+    _check_gather(gather)
     score_for = _score_source(score, score_for)
     for bad in ("x_T", "shape", "return_info", "return_trajectory"):
         if bad in sample_kwargs:
@@ -375,7 +399,7 @@ def _num_examples(data) -> int:
 
 
 def log_likelihood_sharded(sde: SDE, score=None, data=None, *, seed: int = 0, batch_size: int = 256,
-                           score_for: Optional[Callable[[torch.Tensor], Any]] = None, gather: bool = True,
+                           score_for: Optional[Callable[[torch.Tensor], Any]] = None, gather: Optional[str] = "main",
                            shard_dir: Optional[str] = None, progress: bool = False, device=None,
                            ctx: Optional[DistributedContext] = None, **likelihood_kwargs) -> ShardedResult:
     """Per-example log-likelihoods (:func:`sdegen.log_likelihood`) of a dataset, split over the ranks.
@@ -397,6 +421,7 @@ def log_likelihood_sharded(sde: SDE, score=None, data=None, *, seed: int = 0, ba
     n = _num_examples(data)
     _check_count(n, "the number of examples in data", 1)
     _check_seed(seed)
+    _check_gather(gather)
     score_for = _score_source(score, score_for)
     if "seed" in likelihood_kwargs:
         raise ValueError("pass seed once (as the int seed of sample_sharded's convention).")
@@ -561,6 +586,6 @@ def _mean_over_ranks(values: List[float], ctx: DistributedContext) -> List[float
     return (buf / ctx.world_size).tolist()
 
 
-__all__ = ["DistributedContext", "init_distributed", "current_context", "is_main_process", "shard_chunks",
-           "shard_indices", "gather_rows", "all_reduce_sum", "ShardedResult", "sample_sharded",
+__all__ = ["DistributedContext", "init_distributed", "current_context", "is_main_process", "launched_rank",
+           "shard_chunks", "shard_indices", "gather_rows", "all_reduce_sum", "ShardedResult", "sample_sharded",
            "log_likelihood_sharded", "load_shards", "DDPModel", "train_ddp"]

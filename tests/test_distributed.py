@@ -76,7 +76,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         x = _data(gm)
         smp = sd.sample_sharded(sde, gm, N_SAMPLES, (2,), seed=SEED, batch_size=BATCH,
                                 shard_dir=os.path.join(out, "shards"), **SAMPLE_KW)
-        fixed = sd.log_likelihood_sharded(sde, gm, x, seed=SEED, batch_size=BATCH, **LIK_FIXED)
+        fixed = sd.log_likelihood_sharded(sde, gm, x, seed=SEED, batch_size=BATCH, gather="all", **LIK_FIXED)
         adaptive = sd.log_likelihood_sharded(sde, gm, x, seed=SEED, batch_size=BATCH, **_lik_adaptive(gm, sde))
         model = _model(init_seed=rank)  # different initial weights: DDP must broadcast rank 0's
         res = sd.train_ddp(model, _loss, _train_data(), TRAIN_STEPS, batch_size=TRAIN_ROWS // (2 * WORLD),
@@ -127,7 +127,9 @@ def test_gathered_log_likelihoods_equal_one_process(run):
     gm, sde = _problem()
     x = _data(gm)
     ref = sdegen.log_likelihood(sde, gm, x, seed=SEED, **LIK_FIXED)
-    torch.testing.assert_close(ranks[0]["fixed"], ref.log_prob, rtol=0, atol=1e-10)
+    for r in range(WORLD):  # gather="all": every rank holds the whole result
+        torch.testing.assert_close(ranks[r]["fixed"], ref.log_prob, rtol=0, atol=1e-10)
+    assert ranks[1]["adaptive"] is None
     assert ranks[0]["fixed_nfe"] == 3 * ref.nfe  # 3 chunks of the same fixed grid
     # adaptive steps are shared within a batch: the reference is the same chunks solved in one process
     one = sd.log_likelihood_sharded(sde, gm, x, seed=SEED, batch_size=BATCH, **_lik_adaptive(gm, sde))
@@ -191,6 +193,8 @@ def test_errors(tmp_path):
         sd.sample_sharded(sde, gm, 4, (2,), batch_size=0)
     with pytest.raises(ValueError, match="num_samples"):
         sd.sample_sharded(sde, gm, 0, (2,))
+    with pytest.raises(ValueError, match="gather"):
+        sd.sample_sharded(sde, gm, 4, (2,), gather="rank0")
     with pytest.raises(ValueError, match="exactly one"):
         sd.sample_sharded(sde, None, 4, (2,))
     with pytest.raises(ValueError, match="sets x_T"):
