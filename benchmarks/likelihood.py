@@ -292,6 +292,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved headline timing")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (64 samples, one tolerance)")
     args = ap.parse_args()
+    if sdegen.distributed.launched_rank() != 0:
+        return  # the timings are of one process: under torchrun only rank 0 runs and writes
     rows, prior_rows = run(1, args.quick)
     heads = headline(args.repeats, args.quick)
     write(rows, prior_rows, heads, args.repeats)
