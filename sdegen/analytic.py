@@ -8,7 +8,7 @@ exact at every t. Tests and benchmarks use it as ground truth.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

@@ -17,7 +17,6 @@ import torchsde
 from torchdiffeq._impl.odeint import SOLVERS as _ODE_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
-from ._util import bcast
 from .noise import Noise, normal_from_seeds
 from .sde import ProbabilityFlowODE
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from ._util import batch_time, bcast, check_finite_tensor, resolve_score
+from ._util import batch_time, check_finite_tensor, resolve_score
 from .backends import solve_augmented
 from .divergence import PROBE_KINDS, divergence_exact, divergence_hutchinson, make_probes
 from .noise import Seed, make_seeds, normal_from_seeds
@@ -74,7 +74,7 @@ class _AugmentedFlow(torch.nn.Module):
         if not s.requires_grad:
             raise TypeError("score(x, t) returned a tensor that does not depend on x through autograd (computed "
                             "under torch.no_grad()?); the divergence of the probability flow needs its gradient.")
-        return bcast(self.sde._drift_coeff(t), x) * x - bcast(0.5 * self.sde._diffusion(t) ** 2, x) * s
+        return self.sde._reverse_drift(x, t, s, 0.5)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # solvers probe past the interval's end; the score is only asked for times inside [t_min, T]

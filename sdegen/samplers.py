@@ -79,8 +79,7 @@ class Euler(StepSampler):
     """Euler's method on the probability-flow ODE dx = [f - 1/2 g^2 s] dt (first order)."""
 
     def step(self, ctx, x, t, t_next, state):
-        sde = ctx.sde
-        drift = bcast(sde._drift_coeff(t), x) * x - bcast(0.5 * sde._diffusion(t) ** 2, x) * ctx.score(x, t)
+        drift = ctx.sde._reverse_drift(x, t, ctx.score(x, t), 0.5)
         return x + bcast(t_next - t, x) * drift, None
 
 
@@ -90,9 +89,8 @@ class EulerMaruyama(StepSampler):
     stochastic = True
 
     def step(self, ctx, x, t, t_next, state):
-        sde = ctx.sde
-        g = sde._diffusion(t)
-        drift = bcast(sde._drift_coeff(t), x) * x - bcast(g**2, x) * ctx.score(x, t)
+        g = ctx.sde._diffusion(t)
+        drift = ctx.sde._reverse_drift(x, t, ctx.score(x, t), 1.0)
         dt = t_next - t
         return x + bcast(dt, x) * drift + bcast(g * torch.sqrt(-dt), x) * ctx.randn_like(x), None
 

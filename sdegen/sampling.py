@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ._util import bcast, check_finite_tensor, resolve_score
+from ._util import check_finite_tensor, resolve_score
 from .backends import ODESolver, SDESolver
 from .noise import Noise, Seed, make_seeds, normal_from_seeds
 from .samplers import SAMPLERS, Context, StepSampler, get_sampler

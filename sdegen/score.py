@@ -10,11 +10,11 @@ EDM's sigma(t) = s/m ("edm_sigma"), a DDPM step index ("index"), or any callable
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 
-from ._util import Time, as_time, batch_time, bcast, check_batch
+from ._util import Time, batch_time, bcast
 from .sde import SDE
 
 PREDICTIONS = ("score", "eps", "x0", "v")

@@ -19,7 +19,7 @@ import torch
 
 from ._util import (Time, as_time, batch_time, bcast, check_batch, check_finite_tensor, check_positive,
                     check_range, resolve_score)
-from .noise import Noise, Seed, make_seeds, normal_from_seeds
+from .noise import Seed, make_seeds, normal_from_seeds
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -128,6 +128,15 @@ class SDE(abc.ABC):
         """Forward drift f(x, t) = f(t) x, same shape as x."""
         t = self._time_x(x, t)
         return bcast(self._drift_coeff(t), x) * x
+
+    def reverse_drift(self, x: torch.Tensor, t: Time, score: torch.Tensor, probability_flow: bool = False
+                      ) -> torch.Tensor:
+        """f(t) x - c g(t)^2 score: the reverse-SDE drift (c = 1, Song et al. 2021, eq. 6) or the probability-flow
+        drift (c = 1/2, eq. 13), given the score's value at (x, t)."""
+        return self._reverse_drift(x, self._time_x(x, t), score, 0.5 if probability_flow else 1.0)
+
+    def _reverse_drift(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor, c: float) -> torch.Tensor:
+        return bcast(self._drift_coeff(t), x) * x - bcast(c * self._diffusion(t) ** 2, x) * score
 
     def marginal_prob(self, x0: torch.Tensor, t: Time) -> Tuple[torch.Tensor, torch.Tensor]:
         """Kernel p_0t(x_t | x_0) = N(mean, std^2 I): returns (m(t) x_0, s(t)) with std of t's shape."""
@@ -395,9 +404,8 @@ class ReverseSDE(torch.nn.Module):
     def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
         """f - g^2 s (or f - 1/2 g^2 s for the probability flow), in the forward clock t."""
         t = self.sde._time_x(x, t)
-        g2 = self.sde._diffusion(t) ** 2 * (0.5 if self.probability_flow else 1.0)
         s = self.score(x, batch_time(t, x).to(x.dtype))
-        return bcast(self.sde._drift_coeff(t), x) * x - bcast(g2, x) * s
+        return self.sde._reverse_drift(x, t, s, 0.5 if self.probability_flow else 1.0)
 
     def diffusion(self, t: Time) -> torch.Tensor:
         t = self.sde._time(t)
@@ -438,5 +446,4 @@ class ProbabilityFlowODE(torch.nn.Module):
 
     def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
         t = self.sde._time_x(x, t)
-        s = self.score(x, batch_time(t, x).to(x.dtype))
-        return bcast(self.sde._drift_coeff(t), x) * x - bcast(0.5 * self.sde._diffusion(t) ** 2, x) * s
+        return self.sde._reverse_drift(x, t, self.score(x, batch_time(t, x).to(x.dtype)), 0.5)
