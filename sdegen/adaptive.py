@@ -147,13 +147,18 @@ class AdaptiveMultistep(AdaptiveExponential):
 
     def solve(self, sde, score, x, ts, steps, noise):
         self._hist = []
-        return super().solve(sde, score, x, ts, steps, noise)
+        result = super().solve(sde, score, x, ts, steps, noise)
+        return result
 
     def _integrate(self, ctx, x, t0, t1):
+        self.stats.setdefault("times", [float(t0)])
+        return self._integrate_pc(ctx, x, t0, t1)
+
+    def _integrate_pc(self, ctx, x, t0, t1):
         m, s, u = _point(ctx, t0)
         u_end = _point(ctx, t1)[2]
         if not self._hist:
-            self._hist = [(u, _denoise(ctx, x, t0, m, s))]
+            self._hist = [(float(u), _denoise(ctx, x, t0, m, s))]
         h = torch.as_tensor(self.h_init if self.h_init is not None else 0.1 * float(u_end - u), dtype=torch.float64)
         e_prev, t = 1.0, t0
         while float(u_end - u) > 1e-12 * max(1.0, abs(float(u_end))):
@@ -163,12 +168,12 @@ class AdaptiveMultistep(AdaptiveExponential):
             h = torch.minimum(h, u_end - u)
             t_new = t1 if bool(h >= u_end - u) else _t_at(ctx, u + h)
             m2, s2, _ = _point(ctx, t_new)
-            hist = self._hist[-self.order:]
-            nodes, values = [v - u for v, _ in reversed(hist)], [d for _, d in reversed(hist)]
+            hist, uf, hf = self._hist[-self.order:], float(u), float(h)
+            nodes, values = [v - uf for v, _ in reversed(hist)], [d for _, d in reversed(hist)]
             base = bcast(s2 / s, x) * x
-            x_pred = base + bcast(m2, x) * exp_poly_integral(nodes, values, h)
+            x_pred = base + bcast(m2, x) * exp_poly_integral(nodes, values, hf)
             d_new = _denoise(ctx, x_pred, t_new, m2, s2)
-            x_corr = base + bcast(m2, x) * exp_poly_integral([h] + nodes, [d_new] + values, h)
+            x_corr = base + bcast(m2, x) * exp_poly_integral([hf] + nodes, [d_new] + values, hf)
             scale = self.atol + self.rtol * torch.maximum(x.abs(), x_corr.abs())
             e = float(((x_corr - x_pred) / scale).reshape(x.shape[0], -1).pow(2).mean(1).sqrt().max())
             if not math.isfinite(e):
@@ -178,7 +183,8 @@ class AdaptiveMultistep(AdaptiveExponential):
                 factor = self.safety * e ** (-0.7 / k) * e_prev ** (0.4 / k)
                 self.stats["accepted"] += 1
                 x, t, u, m, s, e_prev = x_corr, t_new, u + h, m2, s2, e
-                self._hist = (self._hist + [(u, d_new)])[-self.order:]
+                self._hist = (self._hist + [(float(u), d_new)])[-self.order:]
+                self.stats["times"].append(float(t))
             else:
                 factor = self.safety * e ** (-1.0 / k)
                 self.stats["rejected"] += 1

@@ -182,27 +182,54 @@ class DPMSolver(StepSampler):
         return f"DPMSolver(order={self.order})"
 
 
-def exp_poly_integral(nodes: List[torch.Tensor], values: List[torch.Tensor], h: torch.Tensor,
-                      midpoint: bool = False) -> torch.Tensor:
-    """int_0^h e^{-(h - r)} P(r) dr for P the polynomial through (nodes[i], values[i]), nodes in u measured
-    from the step's start (Newton's divided differences; nodes in any order, all distinct).
+def exp_moments(h: float, k: int) -> List[float]:
+    """M_j = int_0^h e^{-(h - r)} r^j dr = j! h^{j+1} sum_n (-h)^n / (j + 1 + n)!, j < k (Python floats: these
+    are per-step scalars; the series avoids the cancellation of M_j = h^j - j M_{j-1} at small h)."""
+    if h > 1.0:
+        ms = [-math.expm1(-h)]
+        for j in range(1, k):
+            ms.append(h**j - j * ms[-1])
+        return ms
+    out = []
+    for j in range(k):
+        term, total, n = 1.0 / math.factorial(j + 1), 0.0, 0
+        while abs(term) > 1e-18 * max(abs(total), 1e-300) and n < 60:
+            total += term
+            n += 1
+            term *= -h / (j + 1 + n)
+        out.append(math.factorial(j) * h ** (j + 1) * total)
+    return out
 
-    This is the exponential Adams rule of DEIS (Zhang & Chen 2022) and DPM-Solver++ multistep in u.
-    ``midpoint=True`` (two nodes) replaces M_1 by M_0 h / 2, DPM-Solver++(2M)'s rule (Lu et al. 2022b, alg. 2).
-    """
+
+def exp_poly_weights(nodes: List[float], h: float, midpoint: bool = False) -> List[float]:
+    """Weights w_i with int_0^h e^{-(h - r)} P(r) dr = sum_i w_i P(nodes[i]) for every polynomial P of degree
+    < len(nodes): the Lagrange basis integrated exactly against the exponential (nodes in u, measured from the
+    step's start, distinct). This is the exponential Adams rule of DEIS (Zhang & Chen 2022) and of DPM-Solver++
+    multistep; ``midpoint=True`` (two nodes) replaces M_1 by M_0 h / 2, DPM-Solver++(2M)'s rule
+    (Lu et al. 2022b, algorithm 2)."""
     k = len(nodes)
-    ms = _phi_moments(h, k)
+    ms = exp_moments(h, k)
     if k == 2 and midpoint:
         ms[1] = 0.5 * h * ms[0]
-    divided = list(values)
-    out = bcast(ms[0], divided[0]) * divided[0]
-    poly = [torch.ones((), dtype=torch.float64)]  # prod_{i<j} (r - nodes[i]) in powers of r
-    for j in range(1, k):
-        divided = [(divided[i] - divided[i + 1]) / bcast(nodes[i] - nodes[i + j], divided[i]) for i in range(k - j)]
-        poly = [(poly[i - 1] if i > 0 else 0.0) - nodes[j - 1] * (poly[i] if i < len(poly) else 0.0)
-                for i in range(j + 1)]
-        coef = sum(c * ms[i] for i, c in enumerate(poly))
-        out = out + bcast(coef, divided[0]) * divided[0]
+    weights = []
+    for i in range(k):
+        poly, denom = [1.0], 1.0  # prod_{j != i} (r - nodes[j]) in powers of r
+        for j in range(k):
+            if j != i:
+                poly = [(poly[p - 1] if p > 0 else 0.0) - nodes[j] * (poly[p] if p < len(poly) else 0.0)
+                        for p in range(len(poly) + 1)]
+                denom *= nodes[i] - nodes[j]
+        weights.append(sum(c * m for c, m in zip(poly, ms)) / denom)
+    return weights
+
+
+def exp_poly_integral(nodes: List[float], values: List[torch.Tensor], h: float, midpoint: bool = False
+                      ) -> torch.Tensor:
+    """int_0^h e^{-(h - r)} P(r) dr for P the polynomial through (nodes[i], values[i]) (see :func:`exp_poly_weights`)."""
+    weights = exp_poly_weights(nodes, h, midpoint)
+    out = weights[0] * values[0]
+    for w, v in zip(weights[1:], values[1:]):
+        out = out + w * v
     return out
 
 
@@ -230,10 +257,11 @@ class DPMSolverPP(StepSampler):
     def step(self, ctx, x, t, t_next, state):
         m, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
+        u = float(u)
         hist = (state["hist"] + [(u, _denoise(ctx, x, t, m, s))])[-self.order:]
         use = hist[-1:] if self.lower_order_final and state["left"] == 1 and state["total"] < 15 else hist
         nodes, values = [v - u for v, _ in reversed(use)], [d for _, d in reversed(use)]
-        integral = exp_poly_integral(nodes, values, u2 - u, midpoint=self.order == 2)
+        integral = exp_poly_integral(nodes, values, float(u2) - u, midpoint=self.order == 2)
         x_next = bcast(s2 / s, x) * x + bcast(m2, x) * integral
         return x_next, {"hist": hist, "left": state["left"] - 1, "total": state["total"]}
 
@@ -261,16 +289,17 @@ class ExponentialPC(StepSampler):
 
     def start(self, ctx, x, ts):
         m, s, u = _point(ctx, ts[0])
-        return {"hist": [(u, _denoise(ctx, x, ts[0], m, s))], "t_last": ts[-1]}
+        return {"hist": [(float(u), _denoise(ctx, x, ts[0], m, s))], "t_last": float(ts[-1])}
 
     def step(self, ctx, x, t, t_next, state):
         _, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
+        u, u2 = float(u), float(u2)
         hist, h = state["hist"][-self.order:], u2 - u
         nodes, values = [v - u for v, _ in reversed(hist)], [d for _, d in reversed(hist)]
         base = bcast(s2 / s, x) * x
         x_pred = base + bcast(m2, x) * exp_poly_integral(nodes, values, h)
-        if bool(t_next == state["t_last"]):
+        if float(t_next) == state["t_last"]:
             return x_pred, state
         d_new = _denoise(ctx, x_pred, t_next, m2, s2)
         x_next = base + bcast(m2, x) * exp_poly_integral([h] + nodes, [d_new] + values, h)

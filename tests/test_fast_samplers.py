@@ -7,7 +7,7 @@ import torch
 
 import sdegen
 from sdegen.analytic import GaussianMixture
-from sdegen.fast_samplers import exp_poly_integral
+from sdegen.fast_samplers import exp_moments, exp_poly_integral
 
 RING = GaussianMixture.ring()
 SDES = {
@@ -113,11 +113,11 @@ def test_ddim_eta_one_is_ancestral_sampling():
 
 def test_exp_poly_integral_is_exact_for_polynomials():
     """The exponential Adams weights integrate e^{-(h-r)} P(r) exactly for P of degree < number of nodes."""
-    h = torch.tensor(0.37, dtype=torch.float64)
-    nodes = [torch.tensor(v, dtype=torch.float64) for v in (0.0, -0.21, -0.55)]
+    h = 0.37
+    nodes = [0.0, -0.21, -0.55]
     coef = (1.3, -0.4, 2.1)
     poly = lambda r: coef[0] + coef[1] * r + coef[2] * r**2
-    values = [poly(r).reshape(1) for r in nodes]
+    values = [torch.tensor([poly(r)], dtype=torch.float64) for r in nodes]
     # int_0^h e^{-(h-r)} r^j dr by a fine Simpson rule
     r = torch.linspace(0, float(h), 20001, dtype=torch.float64)
     w = torch.ones_like(r)
@@ -125,6 +125,17 @@ def test_exp_poly_integral_is_exact_for_polynomials():
     exact = (w * torch.exp(-(h - r)) * poly(r)).sum() * (r[1] - r[0]) / 3
     got = exp_poly_integral(nodes, values, h)
     torch.testing.assert_close(got, exact.reshape(1), rtol=1e-10, atol=1e-12)
+    # the moments: series (h <= 1) and recursion (h > 1) agree with the closed forms M_0 = 1 - e^{-h},
+    # M_1 = h - 1 + e^{-h}, M_2 = h^2 - 2h + 2 - 2e^{-h}, including the cancellation-prone small h
+    for h in (0.3, 1.0, 1.0 + 1e-12, 4.0):
+        e = math.exp(-h)
+        closed = [-math.expm1(-h), h - 1 + e, h * h - 2 * h + 2 - 2 * e]
+        for got_j, want in zip(exp_moments(h, 3), closed):
+            assert abs(got_j - want) <= 1e-9 * abs(want)
+    h = 1e-4  # there the closed forms cancel; their Taylor series to two terms are accurate to O(h^2)
+    series = [h - h**2 / 2, h**2 / 2 - h**3 / 6, h**3 / 3 - h**4 / 12]
+    for got_j, want in zip(exp_moments(h, 3), series):
+        assert abs(got_j - want) <= 1e-7 * abs(want)
 
 
 @pytest.mark.parametrize("method,opts", [(m, o) for m, o, _, _ in DETERMINISTIC] + STOCHASTIC)

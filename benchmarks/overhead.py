@@ -1,0 +1,148 @@
+"""Library overhead per step and peak memory against the number of steps, for the fast samplers.
+
+Overhead: the time :func:`sdegen.sample` spends per step outside the score call, as a fraction of one
+evaluation of a 3-layer, 256-wide MLP at batch 1024 on CPU (the score network of a small model), median of
+several repeats (timings are noisy on a shared machine). Target: <= 10%.
+Peak memory: the peak resident-set increase of a sampling run at 1000 steps against 10 steps, on a
+(64, 3, 64, 64) state with an exact Gaussian score, each run in a fresh process. Target: within 10%.
+
+    python benchmarks/overhead.py [--quick]
+Writes benchmarks/results/overhead.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sdegen
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLERS = {
+    "ddim": {}, "ddim eta=1": {"eta": 1.0}, "heun": {}, "dpm_solver-3": {"order": 3}, "dpmpp_2m": {},
+    "dpmpp_3m": {}, "dpmpp_2m_sde": {}, "exp_pc-3": {"order": 3}, "euler": {},
+}
+METHOD = {"ddim eta=1": "ddim", "dpm_solver-3": "dpm_solver", "exp_pc-3": "exp_pc"}
+
+
+def mlp(dim: int = 16, width: int = 256) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(dim + 1, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
+                               torch.nn.SiLU(), torch.nn.Linear(width, dim))
+
+
+class TimedScore:
+    """score(x, t) = net([x, t]) that adds up the time spent inside it."""
+
+    def __init__(self, net):
+        self.net, self.seconds = net, 0.0
+
+    def __call__(self, x, t):
+        start = time.perf_counter()
+        out = self.net(torch.cat([x, t[:, None].to(x.dtype)], 1))
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def overhead(repeats: int, steps: int) -> list:
+    torch.manual_seed(0)
+    net = mlp().eval()
+    sde = sdegen.VPSDE()
+    x_T = torch.randn(1024, 16)
+    t = torch.full((1024,), 0.5)
+    with torch.no_grad():
+        for _ in range(5):
+            net(torch.cat([x_T, t[:, None]], 1))
+        evals = []
+        for _ in range(30):
+            start = time.perf_counter()
+            net(torch.cat([x_T, t[:, None]], 1))
+            evals.append(time.perf_counter() - start)
+    t_eval = statistics.median(evals)
+    rows = []
+    for name, opts in SAMPLERS.items():
+        per_step = []
+        for _ in range(repeats):
+            score = TimedScore(net)
+            with torch.no_grad():
+                start = time.perf_counter()
+                _, info = sdegen.sample(sde, score, x_T, method=METHOD.get(name, name), steps=steps, seed=0,
+                                        return_info=True, **opts)
+                wall = time.perf_counter() - start
+            per_step.append((wall - score.seconds) / info.steps)
+        o = statistics.median(per_step)
+        rows.append({"sampler": name, "mlp_eval_ms": 1e3 * t_eval, "overhead_per_step_ms": 1e3 * o,
+                     "ratio": o / t_eval, "nfe_per_step": info.nfe / info.steps})
+        print(f"{name:14s} overhead/step {1e3 * o:.3f} ms = {100 * o / t_eval:.1f}% of one MLP eval "
+              f"({1e3 * t_eval:.2f} ms)", flush=True)
+    return rows
+
+
+def _peak_child(method: str, opts: str, steps: int) -> None:
+    """Run one sampling job and print the peak RSS increase in MiB (executed in a fresh process)."""
+    torch.set_num_threads(1)
+    sde = sdegen.VPSDE()
+    x_T = torch.randn(64, 3, 64, 64)
+
+    def score(x, t):  # exact score of N(0, I) data: p_t = N(0, (m^2 + s^2) I)
+        m, s = sde.mean_coeff(t), sde.std(t)
+        return -x / (m**2 + s**2).to(x.dtype)[:, None, None, None]
+
+    with torch.no_grad():
+        sdegen.sample(sde, score, x_T, method=method, steps=2, seed=0, **json.loads(opts))  # warm-up
+        with open("/proc/self/statm") as f:
+            before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        sdegen.sample(sde, score, x_T, method=method, steps=steps, seed=0, **json.loads(opts))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"increase_mib": peak - before}))
+
+
+def peak_memory() -> list:
+    rows = []
+    for name, opts in SAMPLERS.items():
+        result = {}
+        for steps in (10, 1000):
+            out = subprocess.run([sys.executable, __file__, "--child", METHOD.get(name, name), json.dumps(opts),
+                                  str(steps)], capture_output=True, text=True, check=True)
+            result[steps] = json.loads(out.stdout.strip().splitlines()[-1])["increase_mib"]
+        rows.append({"sampler": name, "peak_10_mib": result[10], "peak_1000_mib": result[1000],
+                     "ratio": result[1000] / result[10]})
+        print(f"{name:14s} peak increase: 10 steps {result[10]:.1f} MiB, 1000 steps {result[1000]:.1f} MiB "
+              f"(ratio {result[1000] / result[10]:.3f})", flush=True)
+    return rows
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _peak_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    over = overhead(3 if args.quick else 7, 50 if args.quick else 200)
+    mem = peak_memory()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lines = ["# Library overhead and peak memory", "",
+             "Overhead per step outside the score call, relative to one 3-layer 256-wide MLP evaluation at batch 1024 "
+             "(CPU, 1 thread, median of repeats). Target <= 10%.", "",
+             "| sampler | NFE/step | MLP eval (ms) | overhead/step (ms) | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['nfe_per_step']:g} | {r['mlp_eval_ms']:.3f} | {r['overhead_per_step_ms']:.3f} | "
+              f"{100 * r['ratio']:.1f}% |" for r in over]
+    lines += ["", "Peak resident memory increase of one run on a (64, 3, 64, 64) float32 state. Target: 1000 steps "
+              "within 10% of 10 steps.", "", "| sampler | 10 steps (MiB) | 1000 steps (MiB) | ratio |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['peak_10_mib']:.1f} | {r['peak_1000_mib']:.1f} | {r['ratio']:.3f} |" for r in mem]
+    (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "overhead.json").write_text(json.dumps({"overhead": over, "memory": mem}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
