@@ -93,17 +93,16 @@ def _env_int(name: str, default: Optional[int] = None) -> int:
         raise ValueError(f"environment variable {name} must be an integer; got {value!r}.") from None
 
 
-def _device_for(backend: Optional[str], local_rank: int) -> torch.device:
-    if backend == "nccl" or (backend is None and torch.cuda.is_available()):
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+def _device_for(backend: str, local_rank: int) -> torch.device:
+    if backend == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
 def current_context() -> DistributedContext:
     """The context of an already initialised process group (or a single process), without creating anything."""
     if not (dist.is_available() and dist.is_initialized()):
-        return DistributedContext(device=_device_for(None, 0))
+        return DistributedContext()  # one process: CPU by default, like sdegen.sample
     backend = str(dist.get_backend())
     local_rank = _env_int("LOCAL_RANK", dist.get_rank())
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, _device_for(backend, local_rank),
@@ -116,8 +115,8 @@ def init_distributed(backend: Optional[str] = None, *, timeout: Optional[float] 
 
     backend: "nccl" on CUDA machines, "gloo" otherwise (default: chosen by ``torch.cuda.is_available()``).
     timeout: seconds a collective may wait before failing (torch's default if None).
-    Without WORLD_SIZE in the environment this is a single process and nothing is initialised; if a group
-    already exists it is used as it is. On CUDA the process is pinned to ``cuda:LOCAL_RANK``.
+    Without WORLD_SIZE in the environment this is a single process on the CPU and nothing is initialised; if a
+    group already exists it is used as it is. With NCCL the process is pinned to ``cuda:LOCAL_RANK``.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None (automatic); got {backend!r}.")
@@ -126,7 +125,7 @@ def init_distributed(backend: Optional[str] = None, *, timeout: Optional[float] 
     if dist.is_available() and dist.is_initialized():
         return current_context()
     if "WORLD_SIZE" not in os.environ:
-        return DistributedContext(device=_device_for(backend, 0))
+        return DistributedContext()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE is set but this PyTorch build has no torch.distributed support.")
     rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK", 0)

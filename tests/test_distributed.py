@@ -76,12 +76,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         x = _data(gm)
         smp = sd.sample_sharded(sde, gm, N_SAMPLES, (2,), seed=SEED, batch_size=BATCH,
                                 shard_dir=os.path.join(out, "shards"), **SAMPLE_KW)
+        single = sd.sample_sharded(sde, gm, 1, (2,), seed=SEED, batch_size=BATCH, **SAMPLE_KW)  # rank 1 idle
         fixed = sd.log_likelihood_sharded(sde, gm, x, seed=SEED, batch_size=BATCH, gather="all", **LIK_FIXED)
         adaptive = sd.log_likelihood_sharded(sde, gm, x, seed=SEED, batch_size=BATCH, **_lik_adaptive(gm, sde))
         model = _model(init_seed=rank)  # different initial weights: DDP must broadcast rank 0's
         res = sd.train_ddp(model, _loss, _train_data(), TRAIN_STEPS, batch_size=TRAIN_ROWS // (2 * WORLD),
                            seed=SEED, checkpoint=os.path.join(out, "ckpt.pt"), **_train_options(model))
-        torch.save({"samples": smp["samples"], "sample_nfe": smp.nfe, "local_samples": smp.local["samples"],
+        torch.save({"samples": smp["samples"], "sample_nfe": smp.nfe, "local_samples": smp.local["samples"], "single": single["samples"],
                     "indices": smp.indices, "fixed": fixed["log_prob"], "fixed_nfe": fixed.nfe,
                     "adaptive": adaptive["log_prob"], "adaptive_bpd": adaptive["bpd"],
                     "weights": model.state_dict(), "ema": res.ema.module.state_dict(), "losses": res.losses},
@@ -120,6 +121,8 @@ def test_gathered_samples_equal_one_process(run):
     # NFE summed over 4 chunks on 2 ranks: 4 batched runs of 10 steps
     assert ranks[0]["sample_nfe"] == ranks[1]["sample_nfe"] == 4 * info.nfe
     assert torch.equal(sd.load_shards(os.path.join(out, "shards"))["samples"], ref)
+    # one example: a single chunk, rank 1 has nothing to do but still takes part in the gather
+    assert torch.equal(ranks[0]["single"], sdegen.sample(sde, gm, shape=(1, 2), seed=SEED, **SAMPLE_KW))
 
 
 def test_gathered_log_likelihoods_equal_one_process(run):
