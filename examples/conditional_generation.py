@@ -8,9 +8,11 @@ On scikit-learn's bundled 8x8 digits (1,797 images, 17 grey levels, no download)
      samples), held-out bits/dim (when sdegen.log_likelihood is available), a Frechet distance in the clean
      classifier's feature space, and saves an inpainting figure (top half known, bottom half filled in).
 
-Checkpoints are cached in --cache-dir, so a second run skips training.
+Checkpoints are cached in --cache-dir, so a second run skips training. Under torchrun the training runs with
+DistributedDataParallel and the sampling and bits/dim are split over the processes; rank 0 prints and writes.
 
     python examples/conditional_generation.py --digits 0,3,7 --scale 2 --sampler reverse_diffusion --steps 200
+    torchrun --nproc_per_node=2 examples/conditional_generation.py --digits 0,3,7
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 
 import matplotlib
@@ -78,13 +81,19 @@ def dequantized(n: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ training
+def rank_batch(args) -> int:
+    """Per-process batch: the global batch --batch-size split over the torchrun processes."""
+    return max(1, args.batch_size // sdegen.distributed.current_context().world_size)
+
+
 def cached(path: str, build_and_train):
     if os.path.exists(path):
         model, _ = sdegen.load_checkpoint(path)
         print(f"loaded {os.path.basename(path)} from the cache")
         return model
     model, ema, extra = build_and_train()
-    sdegen.save_checkpoint(path, model, ema=ema, extra=extra)
+    sdegen.save_checkpoint(path, model, ema=ema, extra=extra, is_main=sdegen.distributed.is_main_process())
+    sdegen.distributed.current_context().barrier()  # the other ranks load what rank 0 wrote
     model, _ = sdegen.load_checkpoint(path)
     return model
 
@@ -97,9 +106,9 @@ def train_score_model(train, args, progress):
     def loss_fn(m, idx, gen):
         return sdegen.dsm_loss(m, dequantized(levels[idx], gen), generator=gen)
 
-    res = sdegen.train(model, loss_fn, torch.arange(levels.shape[0]), args.train_steps, batch_size=args.batch_size,
-                       lr=1e-3, warmup_steps=100, ema_decay=0.999, seed=args.seed, progress=progress,
-                       desc="score model")
+    res = sdegen.train_ddp(model, loss_fn, torch.arange(levels.shape[0]), args.train_steps,
+                           batch_size=rank_batch(args), lr=1e-3, warmup_steps=100, ema_decay=0.999, seed=args.seed,
+                           progress=progress, desc="score model")
     return model, res.ema, {"final_loss": sum(res.losses[-100:]) / max(1, len(res.losses[-100:]))}
 
 
@@ -113,9 +122,9 @@ def train_classifier(train, sde, steps, args, progress, noisy: bool):
             return sdegen.classifier_loss(c, sde, x, labels[idx], generator=gen)
         return torch.nn.functional.cross_entropy(c(x), labels[idx])
 
-    res = sdegen.train(clf, loss_fn, torch.arange(levels.shape[0]), steps, batch_size=args.batch_size, lr=1e-3,
-                       warmup_steps=50, ema_decay=0.995, seed=args.seed + (1 if noisy else 2), progress=progress,
-                       desc="noisy classifier" if noisy else "clean classifier")
+    res = sdegen.train_ddp(clf, loss_fn, torch.arange(levels.shape[0]), steps, batch_size=rank_batch(args),
+                           lr=1e-3, warmup_steps=50, ema_decay=0.995, seed=args.seed + (1 if noisy else 2),
+                           progress=progress, desc="noisy classifier" if noisy else "clean classifier")
     return clf, res.ema, {}
 
 
@@ -142,6 +151,8 @@ def features(clf, x):
 
 
 def save_grid(x: torch.Tensor, rows: int, path: str, title: str, row_labels=None):
+    if not sdegen.distributed.is_main_process():
+        return
     cols = x.shape[0] // rows
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6 + 0.4), squeeze=False)
     for i in range(rows):
@@ -160,11 +171,13 @@ def save_grid(x: torch.Tensor, rows: int, path: str, title: str, row_labels=None
 # ------------------------------------------------------------------------------------------------ generation
 def generate(model, noisy_clf, digits, args, scale, progress):
     y = torch.tensor(digits, dtype=torch.int64).repeat_interleave(args.per_digit)
-    score = sdegen.classifier_guidance(model, noisy_clf, y, scale) if scale > 0 else model
-    with torch.no_grad():
-        x, info = sdegen.sample(model.sde, score, shape=(y.shape[0], 1, 8, 8), method=args.sampler, steps=args.steps,
-                                seed=args.seed, denoise=True, progress=progress, return_info=True)
-    return x, y, info
+    score_for = lambda idx: sdegen.classifier_guidance(model, noisy_clf, y[idx], scale) if scale > 0 else model
+    world = sdegen.distributed.current_context().world_size
+    with torch.no_grad():  # one chunk per process; every rank receives all samples
+        res = sdegen.sample_sharded(model.sde, None, y.shape[0], (1, 8, 8), score_for=score_for, seed=args.seed,
+                                    batch_size=-(-y.shape[0] // world), gather="all", method=args.sampler,
+                                    steps=args.steps, denoise=True, progress=progress)
+    return res["samples"], y, res
 
 
 def inpainting_figure(model, test, args, progress):
@@ -191,9 +204,10 @@ def bits_per_dim(model, test, args):
         print("bits/dim: skipped (sdegen.log_likelihood is not available in this installation)")
         return None
     x = on_grid(test[0][: args.bpd_count])
-    res = sdegen.log_likelihood(model.sde, model, x, levels=LEVELS, data_range=(-1.0, 1.0), seed=args.seed,
-                                rtol=1e-4, atol=1e-4)
-    bpd = res.bpd.double()
+    world = sdegen.distributed.current_context().world_size
+    res = sdegen.log_likelihood_sharded(model.sde, model, x, seed=args.seed, batch_size=-(-x.shape[0] // world),
+                                        gather="all", levels=LEVELS, data_range=(-1.0, 1.0), rtol=1e-4, atol=1e-4)
+    bpd = res["bpd"].double()
     print(f"held-out bits/dim (uniform dequantization, {x.shape[0]} test images, PF-ODE dopri5 rtol=atol=1e-4, "
           f"Hutchinson, NFE {res.nfe}): {bpd.mean():.3f} +- {bpd.std() / bpd.numel() ** 0.5:.3f}")
     return float(bpd.mean())
@@ -201,13 +215,16 @@ def bits_per_dim(model, test, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    ctx = sdegen.init_distributed()  # torchrun: join the process group; plain python: one process
+    if not ctx.is_main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints
     torch.set_num_threads(args.threads)
     digits = [int(d) for d in args.digits.split(",")]
     if any(not 0 <= d <= 9 for d in digits):
         raise SystemExit(f"--digits must be digits 0..9; got {args.digits!r}")
     os.makedirs(args.out, exist_ok=True)
     cache = args.cache_dir or os.path.join(args.out, "cache")
-    progress = not args.no_progress
+    progress = not args.no_progress and ctx.is_main
     train, test = load_data()
     clf_steps = args.classifier_steps or max(1, args.train_steps // 2)
     key = hashlib.sha1(json.dumps([args.train_steps, clf_steps, args.width, args.batch_size, args.seed]).encode())
@@ -220,6 +237,7 @@ def main(argv=None):
                    lambda: train_classifier(train, model.sde, clf_steps, args, progress, noisy=False))
     print(f"models ready in {time.time() - t0:.0f} s")
     report(model, noisy, clean, train, test, digits, args, progress)
+    ctx.close()
 
 
 def report(model, noisy, clean, train, test, digits, args, progress):
