@@ -72,6 +72,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     with sd.init_distributed("gloo", timeout=60) as ctx:
+        assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, WORLD, "gloo")
         gm, sde = _problem()
         x = _data(gm)
         smp = sd.sample_sharded(sde, gm, N_SAMPLES, (2,), seed=SEED, batch_size=BATCH,
@@ -82,7 +83,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         model = _model(init_seed=rank)  # different initial weights: DDP must broadcast rank 0's
         res = sd.train_ddp(model, _loss, _train_data(), TRAIN_STEPS, batch_size=TRAIN_ROWS // (2 * WORLD),
                            seed=SEED, checkpoint=os.path.join(out, "ckpt.pt"), **_train_options(model))
-        torch.save({"samples": smp["samples"], "sample_nfe": smp.nfe, "local_samples": smp.local["samples"], "single": single["samples"],
+        torch.save({"samples": smp["samples"], "sample_nfe": smp.nfe, "local_samples": smp.local["samples"],
+                    "single": single["samples"],
                     "indices": smp.indices, "fixed": fixed["log_prob"], "fixed_nfe": fixed.nfe,
                     "adaptive": adaptive["log_prob"], "adaptive_bpd": adaptive["bpd"],
                     "weights": model.state_dict(), "ema": res.ema.module.state_dict(), "losses": res.losses},
