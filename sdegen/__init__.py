@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 
 # --- fast and adaptive samplers (issue 3: sdegen/fast_samplers.py, sdegen/adaptive.py) ---
 from . import adaptive, fast_samplers
-from .adaptive import AdaptiveExponential
-from .fast_samplers import DDIM, DPMSolver, DPMSolverPP, DPMSolverPP2MSDE, Heun
+from .adaptive import AdaptiveExponential, AdaptiveMultistep
+from .fast_samplers import DDIM, DPMSolver, DPMSolverPP, DPMSolverPP2MSDE, ExponentialPC, Heun
 
 # --- issue 5: losses, nets, training, guidance ---
 from . import guidance, losses, nets, training

@@ -63,12 +63,15 @@ class AdaptiveExponential:
         if steps is not None:
             raise ValueError("method 'adaptive' chooses its own steps: leave steps=None and set rtol/atol instead.")
         ctx = Context(sde, score, None)
-        self.stats = {"accepted": 0, "rejected": 0}
+        self._reset(ts)
         out = [x]
         for k in range(len(ts) - 1):
             x = self._integrate(ctx, x, ts[k], ts[k + 1])
             out.append(x)
         return torch.stack(out), x, self.stats["accepted"]
+
+    def _reset(self, ts: torch.Tensor) -> None:
+        self.stats = {"accepted": 0, "rejected": 0}
 
     def _integrate(self, ctx: Context, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
         m, s, u = _point(ctx, t0)
@@ -134,6 +137,7 @@ class AdaptiveMultistep(AdaptiveExponential):
     adds it to the interpolation (one order higher, the UniC idea of Zhao et al. 2023, eq. 8, in the
     data-prediction form) and its difference from the predictor estimates the local error. Accepted steps keep
     the corrected state and the new denoised value; rejected ones cost one NFE. NFE = 1 + attempted steps.
+    After a run, ``stats["times"]`` lists the accepted times (an explicit grid for the fixed-step samplers).
 
     Args as :class:`AdaptiveExponential`, plus order (1-3): the predictor's order.
     """
@@ -145,16 +149,11 @@ class AdaptiveMultistep(AdaptiveExponential):
             raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
         self.order = order
 
-    def solve(self, sde, score, x, ts, steps, noise):
+    def _reset(self, ts):
         self._hist = []
-        result = super().solve(sde, score, x, ts, steps, noise)
-        return result
+        self.stats = {"accepted": 0, "rejected": 0, "times": [float(ts[0])]}
 
     def _integrate(self, ctx, x, t0, t1):
-        self.stats.setdefault("times", [float(t0)])
-        return self._integrate_pc(ctx, x, t0, t1)
-
-    def _integrate_pc(self, ctx, x, t0, t1):
         m, s, u = _point(ctx, t0)
         u_end = _point(ctx, t1)[2]
         if not self._hist:

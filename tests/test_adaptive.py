@@ -62,6 +62,10 @@ def test_output_times_and_shapes(dtype):
                             return_trajectory=True, return_info=True)
     assert info.trajectory.shape == (5, 32, 2)
     torch.testing.assert_close(info.trajectory, ref.trajectory, rtol=0, atol=1e-4)
+    times = torch.tensor(info.sampler.stats["times"], dtype=torch.float64)  # accepted times: a valid grid
+    assert len(times) == info.steps + 1 and float(times[0]) == 1.0 and float(times[-1]) == 1e-3
+    assert bool((times[1:] < times[:-1]).all())
+    assert set(ts.tolist()) <= set(times.tolist())
     mix = GaussianMixture.random(dim=4, n_components=3, seed=2)
     x_T = sde.prior_sample((3, 1, 2, 2), seed=0, dtype=dtype)
     x = sdegen.sample(sde, mix, x_T, method="adaptive")
