@@ -15,8 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._util import bcast
-from .fast_samplers import _denoise, _phi_moments, _point, _t_at, exp_poly_integral
+from .fast_samplers import _denoise, _point, _t_at, exp_moments, exp_poly_integral
 from .noise import Noise
 from .samplers import Context, register_sampler
 from .sde import SDE
@@ -73,57 +72,65 @@ class AdaptiveExponential:
     def _reset(self, ts: torch.Tensor) -> None:
         self.stats = {"accepted": 0, "rejected": 0}
 
+    def _error(self, diff: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, t: torch.Tensor) -> float:
+        """max over examples of RMS(diff / (atol + rtol max(|x|, |x'|))): the one host read of a step."""
+        scale = torch.maximum(x.abs(), x_new.abs()).mul_(self.rtol).add_(self.atol)
+        e = float((diff / scale).reshape(x.shape[0], -1).pow(2).mean(1).sqrt().max())
+        if not math.isfinite(e):
+            raise RuntimeError(f"'adaptive' produced a non-finite state near t={float(t):g}; the score may be NaN.")
+        return max(e, 1e-10)
+
+    def _next_h(self, h: float, e: float, e_prev: float, k: int) -> float:
+        """PI step control (Gustafsson 1991) on accepted steps, plain control after a rejection; k = order + 1."""
+        factor = self.safety * e ** (-0.7 / k) * e_prev ** (0.4 / k) if e <= 1.0 else self.safety * e ** (-1.0 / k)
+        return h * min(self.max_factor, max(0.2, factor))
+
+    def _check_budget(self, t: torch.Tensor, t1: torch.Tensor) -> None:
+        if self.stats["accepted"] + self.stats["rejected"] >= self.max_steps:
+            raise RuntimeError(f"'adaptive' did not reach t={float(t1):g} within max_steps={self.max_steps} "
+                               f"steps (stuck at t={float(t):g}); loosen rtol/atol or raise max_steps.")
+
     def _integrate(self, ctx: Context, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
         m, s, u = _point(ctx, t0)
         u_end = _point(ctx, t1)[2]
-        h = torch.as_tensor(self.h_init if self.h_init is not None else 0.1 * float(u_end - u), dtype=torch.float64)
+        h = self.h_init if self.h_init is not None else 0.1 * (u_end - u)
         d0, t, e_prev = None, t0, 1.0
-        while float(u_end - u) > 1e-12 * max(1.0, abs(float(u_end))):
-            if self.stats["accepted"] + self.stats["rejected"] >= self.max_steps:
-                raise RuntimeError(f"'adaptive' did not reach t={float(t1):g} within max_steps={self.max_steps} "
-                                   f"steps (stuck at t={float(t):g}); loosen rtol/atol or raise max_steps.")
-            h = torch.minimum(h, u_end - u)
-            last = bool(h >= u_end - u)
+        while u_end - u > 1e-12 * max(1.0, abs(u_end)):
+            self._check_budget(t, t1)
+            last = h >= u_end - u
+            h = min(h, u_end - u)
             if d0 is None:
                 d0 = _denoise(ctx, x, t, m, s)
             t_new = t1 if last else _t_at(ctx, u + h)
-            x_new, err = self._pair(ctx, x, m, u, d0, h, t_new)
-            scale = self.atol + self.rtol * torch.maximum(x.abs(), x_new.abs())
-            e = float((err / scale).reshape(x.shape[0], -1).pow(2).mean(1).sqrt().max())
-            if not math.isfinite(e):
-                raise RuntimeError(f"'adaptive' produced a non-finite state near t={float(t):g}; the score may be NaN.")
-            e = max(e, 1e-10)
+            x_new, diff = self._pair(ctx, x, m, u, d0, h, t_new)
+            e = self._error(diff, x, x_new, t)
             if e <= 1.0:
-                # PI control (Gustafsson 1991): the previous error damps the step-size oscillation
-                factor = self.safety * e ** (-0.7 / 3.0) * e_prev ** (0.4 / 3.0)
                 self.stats["accepted"] += 1
-                x, t, u, d0, e_prev = x_new, t_new, u + h, None, e
-                m, s = _point(ctx, t)[:2]
+                x, t, u, d0 = x_new, t_new, u + h, None
+                m, s, _ = _point(ctx, t)
             else:
-                factor = self.safety * e ** (-1.0 / 3.0)
                 self.stats["rejected"] += 1
-            h = h * min(self.max_factor, max(0.2, factor))
+            h, e_prev = self._next_h(h, e, e_prev, 3), (e if e <= 1.0 else e_prev)
         return x
 
     def _pair(self, ctx, x, m, u, d0, h, t_new):
-        """Third-order step and (third - second)-order difference, both in x (DPM-Solver-23 stages)."""
+        """Third-order step and (third - second)-order difference, both in x (DPM-Solver-23 stages, y = x/m)."""
         r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-        y = x / bcast(m, x)
+        y = x / m
         t1 = _t_at(ctx, u + r1 * h)
         m1, s1, _ = _point(ctx, t1)
-        y1 = bcast(torch.exp(-r1 * h), x) * y + bcast(_phi_moments(r1 * h, 1)[0], x) * d0
-        d1 = _denoise(ctx, bcast(m1, x) * y1, t1, m1, s1)
+        y1 = torch.add(y * math.exp(-r1 * h), d0, alpha=exp_moments(r1 * h, 1)[0])
+        d1 = _denoise(ctx, y1.mul_(m1), t1, m1, s1)
         t2 = _t_at(ctx, u + r2 * h)
         m2, s2, _ = _point(ctx, t2)
-        a0, a1 = _phi_moments(r2 * h, 2)
-        y2 = bcast(torch.exp(-r2 * h), x) * y + bcast(a0, x) * d0 + bcast(a1 / (r1 * h), x) * (d1 - d0)
-        d2 = _denoise(ctx, bcast(m2, x) * y2, t2, m2, s2)
-        b0, b1 = _phi_moments(h, 2)
-        base = bcast(torch.exp(-h), x) * y + bcast(b0, x) * d0
-        hi = base + bcast(b1 / (r2 * h), x) * (d2 - d0)
-        diff = bcast(b1 / h, x) * ((d2 - d0) / r2 - (d1 - d0) / r1)
+        a0, a1 = exp_moments(r2 * h, 2)
+        y2 = torch.add(y * math.exp(-r2 * h), d0, alpha=a0).add_(d1 - d0, alpha=a1 / (r1 * h))
+        d2 = _denoise(ctx, y2.mul_(m2), t2, m2, s2)
+        b0, b1 = exp_moments(h, 2)
         m_new = _point(ctx, t_new)[0]
-        return bcast(m_new, x) * hi, bcast(m_new, x) * diff
+        hi = torch.add(y * math.exp(-h), d0, alpha=b0).add_(d2 - d0, alpha=b1 / (r2 * h)).mul_(m_new)
+        diff = ((d2 - d0) / r2 - (d1 - d0) / r1).mul_(m_new * b1 / h)
+        return hi, diff
 
     def __repr__(self) -> str:
         return f"AdaptiveExponential(rtol={self.rtol:g}, atol={self.atol:g})"
@@ -157,37 +164,29 @@ class AdaptiveMultistep(AdaptiveExponential):
         m, s, u = _point(ctx, t0)
         u_end = _point(ctx, t1)[2]
         if not self._hist:
-            self._hist = [(float(u), _denoise(ctx, x, t0, m, s))]
-        h = torch.as_tensor(self.h_init if self.h_init is not None else 0.1 * float(u_end - u), dtype=torch.float64)
+            self._hist = [(u, _denoise(ctx, x, t0, m, s))]
+        h = self.h_init if self.h_init is not None else 0.1 * (u_end - u)
         e_prev, t = 1.0, t0
-        while float(u_end - u) > 1e-12 * max(1.0, abs(float(u_end))):
-            if self.stats["accepted"] + self.stats["rejected"] >= self.max_steps:
-                raise RuntimeError(f"'adaptive' did not reach t={float(t1):g} within max_steps={self.max_steps} "
-                                   f"steps (stuck at t={float(t):g}); loosen rtol/atol or raise max_steps.")
-            h = torch.minimum(h, u_end - u)
-            t_new = t1 if bool(h >= u_end - u) else _t_at(ctx, u + h)
+        while u_end - u > 1e-12 * max(1.0, abs(u_end)):
+            self._check_budget(t, t1)
+            t_new = t1 if h >= u_end - u else _t_at(ctx, u + h)
+            h = min(h, u_end - u)
             m2, s2, _ = _point(ctx, t_new)
-            hist, uf, hf = self._hist[-self.order:], float(u), float(h)
-            nodes, values = [v - uf for v, _ in reversed(hist)], [d for _, d in reversed(hist)]
-            base = bcast(s2 / s, x) * x
-            x_pred = base + bcast(m2, x) * exp_poly_integral(nodes, values, hf)
+            hist = self._hist[-self.order:]
+            nodes, values = [v - u for v, _ in reversed(hist)], [d for _, d in reversed(hist)]
+            base = x * (s2 / s)
+            x_pred = exp_poly_integral(nodes, values, h, base=base, scale=m2)
             d_new = _denoise(ctx, x_pred, t_new, m2, s2)
-            x_corr = base + bcast(m2, x) * exp_poly_integral([hf] + nodes, [d_new] + values, hf)
-            scale = self.atol + self.rtol * torch.maximum(x.abs(), x_corr.abs())
-            e = float(((x_corr - x_pred) / scale).reshape(x.shape[0], -1).pow(2).mean(1).sqrt().max())
-            if not math.isfinite(e):
-                raise RuntimeError(f"'adaptive' produced a non-finite state near t={float(t):g}; the score may be NaN.")
-            e, k = max(e, 1e-10), len(hist) + 1
+            x_corr = exp_poly_integral([h] + nodes, [d_new] + values, h, base=base, scale=m2)
+            e = self._error(x_corr - x_pred, x, x_corr, t)
             if e <= 1.0:
-                factor = self.safety * e ** (-0.7 / k) * e_prev ** (0.4 / k)
                 self.stats["accepted"] += 1
-                x, t, u, m, s, e_prev = x_corr, t_new, u + h, m2, s2, e
-                self._hist = (self._hist + [(float(u), d_new)])[-self.order:]
+                x, t, u, s = x_corr, t_new, u + h, s2
+                self._hist = (self._hist + [(u, d_new)])[-self.order:]
                 self.stats["times"].append(float(t))
             else:
-                factor = self.safety * e ** (-1.0 / k)
                 self.stats["rejected"] += 1
-            h = h * min(self.max_factor, max(0.2, factor))
+            h, e_prev = self._next_h(h, e, e_prev, len(hist) + 1), (e if e <= 1.0 else e_prev)
         return x
 
 

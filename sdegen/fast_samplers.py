@@ -13,7 +13,8 @@ so exponential integrators (DDIM, DPM-Solver, DPM-Solver++) integrate its linear
     y(u + h) = e^{-h} y(u) + int_0^h e^{-(h - r)} D(u + r) dr.
 
 The samplers only use the SDE's own m(t), s(t) and its inverse log-SNR map, never its type.
-Times are scalar float64 CPU tensors; coefficients reach x through :func:`bcast`.
+Times are scalar float64 CPU tensors; the per-step coefficients are Python floats (float64), which multiply
+x on any device without a host-device sync. Score outputs and the caller's tensors are never modified.
 """
 
 from __future__ import annotations
@@ -23,38 +24,30 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._util import bcast
 from .samplers import Context, StepSampler, register_sampler
 
 
-def _point(ctx: Context, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(m, s, u = log(m/s)) at the scalar time t, float64."""
-    log_m, s = ctx.sde._log_mean_coeff(t), ctx.sde._std(t)
-    return torch.exp(log_m), s, log_m - torch.log(s)
+def _point(ctx: Context, t: torch.Tensor) -> Tuple[float, float, float]:
+    """(m, s, u = log(m/s)) at the scalar CPU time t, as Python floats (float64): per-step scalar arithmetic
+    then costs no tensor launches, and a float multiplies a tensor on any device without a sync."""
+    log_m, s = float(ctx.sde._log_mean_coeff(t)), float(ctx.sde._std(t))
+    return math.exp(log_m), s, log_m - math.log(s)
 
 
-def _t_at(ctx: Context, u: torch.Tensor) -> torch.Tensor:
-    """The time whose u = log(m/s) is ``u`` (the log-SNR is 2u)."""
-    return ctx.sde._t_from_log_snr(2.0 * u)
+def _t_at(ctx: Context, u: float) -> torch.Tensor:
+    """The time whose u = log(m/s) is ``u`` (the log-SNR is 2u), a 0-d float64 tensor."""
+    return ctx.sde._t_from_log_snr(torch.tensor(2.0 * u, dtype=torch.float64))
 
 
-def _denoise(ctx: Context, x: torch.Tensor, t: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _denoise(ctx: Context, x: torch.Tensor, t: torch.Tensor, m: float, s: float) -> torch.Tensor:
     """Tweedie's D = (x + s^2 score) / m (one NFE)."""
-    return (x + bcast(s**2, x) * ctx.score(x, t)) / bcast(m, x)
+    return torch.add(x, ctx.score(x, t), alpha=s * s).div_(m)
 
 
 def _check_unit(value: float, name: str) -> float:
     if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}.")
     return float(value)
-
-
-def _phi_moments(h: torch.Tensor, k: int) -> List[torch.Tensor]:
-    """M_j = int_0^h e^{-(h - r)} r^j dr for j = 0..k-1 (M_0 = 1 - e^{-h}; M_j = h^j - j M_{j-1})."""
-    ms = [-torch.expm1(-h)]
-    for j in range(1, k):
-        ms.append(h**j - j * ms[-1])
-    return ms
 
 
 class DDIM(StepSampler):
@@ -75,13 +68,11 @@ class DDIM(StepSampler):
         m, s, _ = _point(ctx, t)
         m2, s2, _ = _point(ctx, t_next)
         score = ctx.score(x, t)
-        x0 = (x + bcast(s**2, x) * score) / bcast(m, x)
-        eps = -bcast(s, x) * score
-        if self.eta == 0.0:
-            return bcast(m2, x) * x0 + bcast(s2, x) * eps, None
-        c = self.eta * torch.sqrt(ctx.sde._transition_var(t_next, t)) * s2 / s
-        x_next = bcast(m2, x) * x0 + bcast(torch.sqrt((s2**2 - c**2).clamp_min(0.0)), x) * eps
-        return x_next + bcast(c, x) * ctx.randn_like(x), None
+        # x' = m' x0 + k eps with x0 = (x + s^2 score)/m and eps = -s score
+        c = self.eta * math.sqrt(float(ctx.sde._transition_var(t_next, t))) * s2 / s if self.eta else 0.0
+        k = math.sqrt(max(s2 * s2 - c * c, 0.0))
+        x_next = torch.add(x, score, alpha=s * s - k * s * m / m2).mul_(m2 / m)
+        return (x_next.add_(ctx.randn_like(x), alpha=c) if c else x_next), None
 
     def __repr__(self) -> str:
         return f"DDIM(eta={self.eta})"
@@ -118,19 +109,19 @@ class Heun(StepSampler):
         gamma, sigma_top = state
         m, s, _ = _point(ctx, t)
         sigma = s / m
-        if gamma > 0 and self.s_tmin <= float(sigma) <= self.s_tmax:
-            sigma_hat = torch.minimum(sigma * (1.0 + gamma), sigma_top)
-            t = ctx.sde._t_from_log_snr(-2.0 * torch.log(sigma_hat))
-            y = x / bcast(m, x) + bcast(self.s_noise * torch.sqrt(sigma_hat**2 - sigma**2), x) * ctx.randn_like(x)
+        y = x / m
+        if gamma > 0 and self.s_tmin <= sigma <= self.s_tmax:
+            sigma_hat = min(sigma * (1.0 + gamma), sigma_top)
+            t = _t_at(ctx, -math.log(sigma_hat))
+            y = y.add_(ctx.randn_like(x), alpha=self.s_noise * math.sqrt(sigma_hat**2 - sigma**2))
             m, s, _ = _point(ctx, t)
-            sigma, x = s / m, bcast(m, x) * y
+            sigma = s / m
         m2, s2, _ = _point(ctx, t_next)
         dsig = s2 / m2 - sigma
-        y = x / bcast(m, x)
-        d = -bcast(s, x) * ctx.score(x, t)
-        y_next = y + bcast(dsig, x) * d
-        d2 = -bcast(s2, x) * ctx.score(bcast(m2, x) * y_next, t_next)
-        return bcast(m2, x) * (y + bcast(0.5 * dsig, x) * (d + d2)), state
+        d = -s * ctx.score(y * m, t)  # dy/dsigma = eps = -s score (score outputs are never modified in place)
+        y_next = torch.add(y, d, alpha=dsig)
+        d2 = -s2 * ctx.score(y_next.mul_(m2), t_next)
+        return torch.add(y, d.add_(d2), alpha=0.5 * dsig).mul_(m2), state
 
     def __repr__(self) -> str:
         return f"Heun(s_churn={self.s_churn}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax}, s_noise={self.s_noise})"
@@ -154,29 +145,29 @@ class DPMSolver(StepSampler):
     def _eps(self, ctx, y, u):
         t = _t_at(ctx, u)
         m, s, _ = _point(ctx, t)
-        return -bcast(s, y) * ctx.score(bcast(m, y) * y, t)
+        return -s * ctx.score(y * m, t)
 
     def step(self, ctx, x, t, t_next, state):
         m, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
         h, sig2 = u2 - u, s2 / m2
-        y = x / bcast(m, x)
-        e0 = -bcast(s, x) * ctx.score(x, t)
-        y_next = y - bcast(sig2 * torch.expm1(h), x) * e0
+        y = x / m
+        e0 = -s * ctx.score(x, t)
+        y_next = torch.add(y, e0, alpha=-sig2 * math.expm1(h))
         if self.order == 2:
             r1 = 0.5
-            sig1 = torch.exp(-(u + r1 * h))
-            e1 = self._eps(ctx, y - bcast(sig1 * torch.expm1(r1 * h), x) * e0, u + r1 * h)
-            y_next = y_next - bcast(sig2 * torch.expm1(h) / (2.0 * r1), x) * (e1 - e0)
+            sig1 = math.exp(-(u + r1 * h))
+            e1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h)
+            y_next = y_next.add_(e1 - e0, alpha=-sig2 * math.expm1(h) / (2.0 * r1))
         elif self.order == 3:
             r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-            sig1, sigm = torch.exp(-(u + r1 * h)), torch.exp(-(u + r2 * h))
-            d1 = self._eps(ctx, y - bcast(sig1 * torch.expm1(r1 * h), x) * e0, u + r1 * h) - e0
-            y2 = (y - bcast(sigm * torch.expm1(r2 * h), x) * e0
-                  - bcast(sigm * r2 / r1 * (torch.expm1(r2 * h) / (r2 * h) - 1.0), x) * d1)
-            d2 = self._eps(ctx, y2, u + r2 * h) - e0
-            y_next = y_next - bcast(sig2 / r2 * (torch.expm1(h) / h - 1.0), x) * d2
-        return bcast(m2, x) * y_next, None
+            sig1, sigm = math.exp(-(u + r1 * h)), math.exp(-(u + r2 * h))
+            d1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h).sub_(e0)
+            y2 = (torch.add(y, e0, alpha=-sigm * math.expm1(r2 * h))
+                  .add_(d1, alpha=-sigm * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1.0)))
+            d2 = self._eps(ctx, y2, u + r2 * h).sub_(e0)
+            y_next = y_next.add_(d2, alpha=-sig2 / r2 * (math.expm1(h) / h - 1.0))
+        return y_next.mul_(m2), None
 
     def __repr__(self) -> str:
         return f"DPMSolver(order={self.order})"
@@ -223,13 +214,14 @@ def exp_poly_weights(nodes: List[float], h: float, midpoint: bool = False) -> Li
     return weights
 
 
-def exp_poly_integral(nodes: List[float], values: List[torch.Tensor], h: float, midpoint: bool = False
-                      ) -> torch.Tensor:
-    """int_0^h e^{-(h - r)} P(r) dr for P the polynomial through (nodes[i], values[i]) (see :func:`exp_poly_weights`)."""
+def exp_poly_integral(nodes: List[float], values: List[torch.Tensor], h: float, midpoint: bool = False,
+                      base: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+    """base + scale * int_0^h e^{-(h - r)} P(r) dr for P the polynomial through (nodes[i], values[i])
+    (see :func:`exp_poly_weights`); ``base`` defaults to zero. A new tensor; inputs are not modified."""
     weights = exp_poly_weights(nodes, h, midpoint)
-    out = weights[0] * values[0]
+    out = values[0] * (scale * weights[0]) if base is None else torch.add(base, values[0], alpha=scale * weights[0])
     for w, v in zip(weights[1:], values[1:]):
-        out = out + w * v
+        out = out.add_(v, alpha=scale * w)
     return out
 
 
@@ -257,12 +249,11 @@ class DPMSolverPP(StepSampler):
     def step(self, ctx, x, t, t_next, state):
         m, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
-        u = float(u)
         hist = (state["hist"] + [(u, _denoise(ctx, x, t, m, s))])[-self.order:]
         use = hist[-1:] if self.lower_order_final and state["left"] == 1 and state["total"] < 15 else hist
         nodes, values = [v - u for v, _ in reversed(use)], [d for _, d in reversed(use)]
-        integral = exp_poly_integral(nodes, values, float(u2) - u, midpoint=self.order == 2)
-        x_next = bcast(s2 / s, x) * x + bcast(m2, x) * integral
+        # x' = (s'/s) x + m' int_0^h e^{-(h-r)} D(r) dr
+        x_next = exp_poly_integral(nodes, values, u2 - u, self.order == 2, base=x * (s2 / s), scale=m2)
         return x_next, {"hist": hist, "left": state["left"] - 1, "total": state["total"]}
 
     def __repr__(self) -> str:
@@ -289,20 +280,19 @@ class ExponentialPC(StepSampler):
 
     def start(self, ctx, x, ts):
         m, s, u = _point(ctx, ts[0])
-        return {"hist": [(float(u), _denoise(ctx, x, ts[0], m, s))], "t_last": float(ts[-1])}
+        return {"hist": [(u, _denoise(ctx, x, ts[0], m, s))], "t_last": float(ts[-1])}
 
     def step(self, ctx, x, t, t_next, state):
         _, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
-        u, u2 = float(u), float(u2)
         hist, h = state["hist"][-self.order:], u2 - u
         nodes, values = [v - u for v, _ in reversed(hist)], [d for _, d in reversed(hist)]
-        base = bcast(s2 / s, x) * x
-        x_pred = base + bcast(m2, x) * exp_poly_integral(nodes, values, h)
+        base = x * (s2 / s)
+        x_pred = exp_poly_integral(nodes, values, h, base=base, scale=m2)
         if float(t_next) == state["t_last"]:
             return x_pred, state
         d_new = _denoise(ctx, x_pred, t_next, m2, s2)
-        x_next = base + bcast(m2, x) * exp_poly_integral([h] + nodes, [d_new] + values, h)
+        x_next = exp_poly_integral([h] + nodes, [d_new] + values, h, base=base, scale=m2)
         return x_next, {"hist": (hist + [(u2, d_new)])[-self.order:], "t_last": state["t_last"]}
 
     def total_nfe(self, steps: int) -> int:
@@ -333,13 +323,12 @@ class DPMSolverPP2MSDE(StepSampler):
         m2, s2, u2 = _point(ctx, t_next)
         h = u2 - u
         d = _denoise(ctx, x, t, m, s)
-        w = -torch.expm1(-2.0 * h)
-        drift = d
-        if state is not None:
+        w = -math.expm1(-2.0 * h)
+        x_next = torch.add(x * (s2 / s * math.exp(-h)), d, alpha=m2 * w)
+        if state is not None:  # the midpoint correction from the previous denoised value
             u_prev, d_prev = state
-            drift = d + bcast(0.5 * h / (u - u_prev), x) * (d - d_prev)
-        x_next = bcast(s2 / s * torch.exp(-h), x) * x + bcast(m2 * w, x) * drift
-        return x_next + bcast(s2 * torch.sqrt(w), x) * ctx.randn_like(x), (u, d)
+            x_next = x_next.add_(d - d_prev, alpha=m2 * w * 0.5 * h / (u - u_prev))
+        return x_next.add_(ctx.randn_like(x), alpha=s2 * math.sqrt(w)), (u, d)
 
     def __repr__(self) -> str:
         return "DPMSolverPP2MSDE()"
