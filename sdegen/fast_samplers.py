@@ -112,7 +112,7 @@ class Heun(StepSampler):
         y = x / m
         if gamma > 0 and self.s_tmin <= sigma <= self.s_tmax:
             sigma_hat = min(sigma * (1.0 + gamma), sigma_top)
-            t = _t_at(ctx, -math.log(sigma_hat))
+            t = _t_at(ctx, -math.log(sigma_hat)).clamp(max=ctx.sde.T)  # round-off must not pass T
             y = y.add_(ctx.randn_like(x), alpha=self.s_noise * math.sqrt(sigma_hat**2 - sigma**2))
             m, s, _ = _point(ctx, t)
             sigma = s / m

@@ -200,10 +200,10 @@ def test_multistep_nfe_is_steps_and_lower_order_final():
 
 
 def test_heun_churn_stays_below_sigma_max_and_gradients_flow():
-    sde = SDES["ve"]
-    x = sdegen.sample(sde, RING, shape=(8, 2), method="heun", steps=4, s_churn=80.0, seed=0, dtype=torch.float64)
-    assert torch.isfinite(x).all()
-    x_T = sde.prior_sample((2, 2), seed=0, dtype=torch.float64).requires_grad_(True)
+    for sde in SDES.values():  # churn at the first step asks for sigma above sigma(T): capped, t never passes T
+        x = sdegen.sample(sde, RING, shape=(8, 2), method="heun", steps=3, s_churn=100.0, seed=0, dtype=torch.float64)
+        assert torch.isfinite(x).all()
+    x_T = SDES["ve"].prior_sample((2, 2), seed=0, dtype=torch.float64).requires_grad_(True)
     f = lambda x0: sdegen.sample(SDES["vp"], RING, x0 * 0.1, method="dpmpp_2m", steps=3)
     assert torch.autograd.gradcheck(f, (x_T,), eps=1e-6, atol=1e-5)
 
