@@ -29,9 +29,20 @@ from .samplers import Context, StepSampler, register_sampler
 
 def _point(ctx: Context, t: torch.Tensor) -> Tuple[float, float, float]:
     """(m, s, u = log(m/s)) at the scalar CPU time t, as Python floats (float64): per-step scalar arithmetic
-    then costs no tensor launches, and a float multiplies a tensor on any device without a sync."""
+    then costs no tensor launches, and a float multiplies a tensor on any device without a sync.
+    Grid times come from the table :func:`_cache_grid` filled once per run."""
+    cached = getattr(ctx, "_grid_points", None)
+    if cached is not None and float(t) in cached:
+        return cached[float(t)]
     log_m, s = float(ctx.sde._log_mean_coeff(t)), float(ctx.sde._std(t))
     return math.exp(log_m), s, log_m - math.log(s)
+
+
+def _cache_grid(ctx: Context, ts: torch.Tensor) -> None:
+    """(m, s, u) at every grid time in one vectorised call, kept on this run's context (the driver makes one
+    context per run), so that a step's coefficients cost dictionary look-ups instead of tensor launches."""
+    log_m, s = ctx.sde._log_mean_coeff(ts).tolist(), ctx.sde._std(ts).tolist()
+    ctx._grid_points = {t: (math.exp(a), b, a - math.log(b)) for t, a, b in zip(ts.tolist(), log_m, s)}
 
 
 def _t_at(ctx: Context, u: float) -> torch.Tensor:
@@ -63,6 +74,9 @@ class DDIM(StepSampler):
     def __init__(self, eta: float = 0.0):
         self.eta = _check_unit(eta, "eta")
         self.stochastic = self.eta > 0
+
+    def start(self, ctx, x, ts):
+        _cache_grid(ctx, ts)
 
     def step(self, ctx, x, t, t_next, state):
         m, s, _ = _point(ctx, t)
@@ -101,6 +115,7 @@ class Heun(StepSampler):
         self.stochastic = self.s_churn > 0
 
     def start(self, ctx, x, ts):
+        _cache_grid(ctx, ts)
         gamma = min(self.s_churn / (len(ts) - 1), math.sqrt(2.0) - 1.0)
         m, s, _ = _point(ctx, torch.tensor(ctx.sde.T, dtype=torch.float64))
         return gamma, s / m
@@ -141,6 +156,9 @@ class DPMSolver(StepSampler):
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
         self.order = self.nfe_per_step = order
+
+    def start(self, ctx, x, ts):
+        _cache_grid(ctx, ts)
 
     def _eps(self, ctx, y, u):
         t = _t_at(ctx, u)
@@ -244,6 +262,7 @@ class DPMSolverPP(StepSampler):
         self.order, self.lower_order_final = order, lower_order_final
 
     def start(self, ctx, x, ts):
+        _cache_grid(ctx, ts)
         return {"hist": [], "left": len(ts) - 1, "total": len(ts) - 1}
 
     def step(self, ctx, x, t, t_next, state):
@@ -279,6 +298,7 @@ class ExponentialPC(StepSampler):
         self.order = order
 
     def start(self, ctx, x, ts):
+        _cache_grid(ctx, ts)
         m, s, u = _point(ctx, ts[0])
         return {"hist": [(u, _denoise(ctx, x, ts[0], m, s))], "t_last": float(ts[-1])}
 
@@ -316,7 +336,7 @@ class DPMSolverPP2MSDE(StepSampler):
     default_schedule = "log_snr"
 
     def start(self, ctx, x, ts):
-        return None
+        _cache_grid(ctx, ts)
 
     def step(self, ctx, x, t, t_next, state):
         m, s, u = _point(ctx, t)
