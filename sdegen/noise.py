@@ -20,30 +20,37 @@ Seed = Union[int, torch.Tensor, torch.Generator, None]
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2**32 for 0 <= x, c < 2**32, without overflowing int64.
-    lo = (x & 0xFFFF) * c
-    hi = (((x >> 16) * c) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
+    # (x * c) mod 2**32 for 0 <= x < 2**32: with c taken in (-2**31, 2**31] the int64 product cannot overflow,
+    # and two's-complement masking keeps the right low 32 bits.
+    c = c - (1 << 32) if c >= (1 << 31) else c
+    return (x * c) & _MASK32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32: a bijective 32-bit integer hash with low avalanche bias."""
+def _mix32(x):
+    """lowbias32: a bijective 32-bit integer hash with low avalanche bias (on int64 tensors or Python ints)."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = _mul32(x, 0x7FEB352D) if isinstance(x, torch.Tensor) else (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = _mul32(x, 0x846CA68B) if isinstance(x, torch.Tensor) else (x * 0x846CA68B) & _MASK32
     return x ^ (x >> 16)
 
 
-def _hash(seed: torch.Tensor, key: int, counter: torch.Tensor) -> torch.Tensor:
-    """32-bit hash of (64-bit seed (B,1), python int key, counter (1,N)) -> (B, N) int64 in [0, 2**32)."""
-    s_lo = seed & _MASK32
-    s_hi = (seed >> 32) & _MASK32
-    h = _mix32((counter + 0x9E3779B9) & _MASK32)
-    h = _mix32(h ^ ((key * 0x85EBCA6B + 0x632BE5AB) & _MASK32))
-    h = _mix32(h ^ (((key >> 32) * 0xC2B2AE35 + 0x27D4EB2F) & _MASK32))
-    h = _mix32(h ^ s_lo)
-    return _mix32(h ^ s_hi ^ 0x5BD1E995)
+def _key_term(key: int) -> int:
+    """A mixed 32-bit term for a non-negative Python int key of any size (computed on the host, no tensor ops)."""
+    h = _mix32((key & _MASK32) ^ 0x632BE5AB)
+    return _mix32(h ^ ((key >> 32) & _MASK32) ^ 0x27D4EB2F)
+
+
+def _hash(seeds: torch.Tensor, keys, counter: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes of (seed, key, counter): seeds (B,) int64, keys a list of K ints, counter (N,) -> (B, K, N).
+
+    A base per (seed, key) costs B*K hashes and the counter N; each element then costs two rounds, the
+    second adding the base back so that (base, counter) pairs do not commute.
+    """
+    k = torch.tensor([_key_term(key) for key in keys], dtype=torch.int64, device=seeds.device)
+    base = _mix32(_mix32((seeds & _MASK32)[:, None] ^ k) ^ ((seeds >> 32) & _MASK32)[:, None])[:, :, None]
+    c = _mix32((counter + 0x9E3779B9) & _MASK32)
+    return _mix32((_mix32(base ^ c) + base) & _MASK32)
 
 
 def make_seeds(seed: Seed, batch: int, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -66,8 +73,7 @@ def make_seeds(seed: Seed, batch: int, device: Optional[torch.device] = None) ->
         raise TypeError(f"seed must be an int, a (B,) integer tensor, a torch.Generator or None; got {type(seed).__name__}.")
     idx = torch.arange(batch, dtype=torch.int64, device=device)
     base = torch.tensor([seed & 0x7FFFFFFFFFFFFFFF], dtype=torch.int64, device=device)
-    lo = _hash(base[:, None], 1, idx[None, :])[0]
-    hi = _hash(base[:, None], 2, idx[None, :])[0]
+    lo, hi = _hash(base, [1, 2], idx)[0]
     return ((hi & 0x7FFFFFFF) << 32) | lo
 
 
@@ -76,10 +82,8 @@ def normal_from_seeds(seeds: torch.Tensor, key: int, event_shape: Sequence[int],
     """Standard normal noise of shape (B, *event_shape): a pure function of (seeds[i], key, element index)."""
     n = math.prod(event_shape)
     half = (n + 1) // 2
-    counter = torch.arange(half, dtype=torch.int64, device=seeds.device)[None, :]
-    s = seeds[:, None]
-    h1 = _hash(s, 2 * key, counter)
-    h2 = _hash(s, 2 * key + 1, counter)
+    counter = torch.arange(half, dtype=torch.int64, device=seeds.device)
+    h1, h2 = _hash(seeds, [2 * key, 2 * key + 1], counter).unbind(1)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     bits = 32 if work == torch.float64 else 24
     shift = 32 - bits
