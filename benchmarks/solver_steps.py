@@ -345,6 +345,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-only", action="store_true", help="re-render the tables and plots from the JSON")
     args = parser.parse_args()
+    if sdegen.distributed.launched_rank() != 0:
+        return  # the timings are of one process: under torchrun only rank 0 runs and writes
     if args.report_only:
         data = json.loads((RESULTS / "solver_steps.json").read_text())
         write_reports(data["rows"], data["adaptive"], "", data["seconds"], True)
