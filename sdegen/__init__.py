@@ -8,7 +8,7 @@ exact Gaussian-mixture oracle (:mod:`sdegen.analytic`).
 from . import analytic, backends, noise, samplers, schedules
 from .analytic import GaussianMixture
 from .backends import ODESolver, PerExampleBrownian, SDESolver
-from .noise import Noise, make_seeds
+from .noise import GeneratorNoise, Noise, make_seeds
 from .samplers import (SAMPLERS, Ancestral, AnnealedLangevin, Context, Euler, EulerMaruyama, PredictorCorrector,
                        ReverseDiffusion, StepSampler, get_sampler, register_sampler)
 from .sampling import SampleInfo, sample

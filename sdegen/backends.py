@@ -200,7 +200,7 @@ class SDESolver:
         adaptive: torchsde's adaptive stepping (error estimated by step doubling), with rtol, atol, dt_min.
     Every method but "srk" uses :class:`PerExampleBrownian`, so example i's sample depends only on its seed;
     "srk" needs space-time Levy area and uses torchsde's BrownianInterval seeded from the first example's seed
-    (reproducible, but not batch-size invariant).
+    (reproducible, but not batch-size invariant), as does ``noise="generator"`` in :func:`sdegen.sample`.
     """
 
     stochastic = True
@@ -223,10 +223,11 @@ class SDESolver:
         t0, t1 = float(taus[0]), float(taus[-1])
         n = steps or self.default_steps
         dt = (t1 - t0) / n
-        if self.solver == "srk":
+        if self.solver == "srk" or not getattr(noise, "batch_invariant", False):
             entropy = int(noise.seeds[0]) if noise is not None else None
+            levy = "space-time" if self.solver == "srk" else "none"
             bm = torchsde.BrownianInterval(t0, t1, size=y0.shape, dtype=y0.dtype, device=y0.device,
-                                           levy_area_approximation="space-time", entropy=entropy)
+                                           levy_area_approximation=levy, entropy=entropy)
         else:
             bm = PerExampleBrownian(noise.seeds, t0, t1, y0.shape, y0.dtype, y0.device, h=dt, tol=dt / 1024)
         options = dict(self.options)

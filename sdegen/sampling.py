@@ -10,7 +10,7 @@ import torch
 
 from ._util import check_finite_tensor, resolve_score
 from .backends import ODESolver, SDESolver
-from .noise import Noise, Seed, make_seeds, normal_from_seeds
+from .noise import NOISE_KINDS, Seed, make_seeds, normal_from_seeds
 from .samplers import SAMPLERS, Context, StepSampler, get_sampler
 from .schedules import time_grid
 from .sde import SDE
@@ -50,7 +50,8 @@ class _CountedScore:
 
 def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Optional[Sequence[int]] = None,
            method: Union[str, Any] = "ode", steps: Optional[int] = None, t_min: Optional[float] = None,
-           schedule: Union[str, torch.Tensor, None] = None, seed: Seed = None, denoise: bool = False,
+           schedule: Union[str, torch.Tensor, None] = None, seed: Seed = None, noise: str = "per_example",
+           denoise: bool = False,
            progress: bool = False, return_trajectory: bool = False, return_info: bool = False,
            dtype: torch.dtype = torch.float32, device=None, **options):
     """Draw samples x_0 ~ p_0 by running the reverse process of ``sde`` with ``score`` from x_T to t_min.
@@ -68,6 +69,8 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         schedule: time grid for fixed-step samplers: "uniform", "log_snr", "edm", "quadratic" or explicit times.
         seed: int, one int per example as a (B,) tensor, or a torch.Generator. Example i's x_T and noise depend
             only on its own seed, so a sample does not depend on the batch it is drawn in.
+        noise: "per_example" (default: counter-based streams, batch-size invariant) or "generator" (one
+            torch.Generator on x's device: faster for cheap scores, reproducible for a fixed seed and batch only).
         denoise: finish with Tweedie's step x_0 = (x + s^2 score) / m at t_min (one more NFE).
         progress: show a tqdm progress bar (off by default).
         return_trajectory: keep the state at every grid time (memory grows with steps only then).
@@ -89,9 +92,11 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
             raise ValueError(f"unknown method {method!r}; valid methods are: "
                              f"{', '.join(sorted(list(SAMPLERS) + list(BACKENDS)))}.")
         sampler = get_sampler(method, **options)
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {sorted(NOISE_KINDS)}; got {noise!r}.")
     x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device)
     counted = _CountedScore(resolve_score(score, sde))
-    noise = Noise(seeds, key=1)
+    noise = NOISE_KINDS[noise](seeds, key=1)  # draw 0 made x_T
     start = time.perf_counter()
     if isinstance(sampler, StepSampler):
         n = steps or sampler.default_steps

@@ -227,3 +227,14 @@ def test_errors():
         sdegen.sample(sde, GM2, shape=(4, 2), method="ode", solver="rk45")
     with pytest.raises(RuntimeError, match="max_steps"):
         sdegen.sample(sde, GM2, shape=(4, 2), method="ode", rtol=1e-12, atol=1e-12, max_steps=5)
+
+
+@pytest.mark.parametrize("method", ["ancestral", "sde"])
+def test_generator_noise_is_reproducible_and_correct(method):
+    sde = SDES["vp"]
+    kw = dict(shape=(3000, 2), method=method, steps=200, seed=5, noise="generator", denoise=True, dtype=torch.float64)
+    a, b = sdegen.sample(sde, GM2, **kw), sdegen.sample(sde, GM2, **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _check_matches_p0(GM2, a)
+    with pytest.raises(ValueError, match="noise must be one of"):
+        sdegen.sample(sde, GM2, shape=(4, 2), method=method, noise="philox")
