@@ -44,13 +44,14 @@ def _key_term(key: int) -> int:
 def _hash(seeds: torch.Tensor, keys, counter: torch.Tensor) -> torch.Tensor:
     """32-bit hashes of (seed, key, counter): seeds (B,) int64, keys a list of K ints, counter (N,) -> (B, K, N).
 
-    A base per (seed, key) costs B*K hashes and the counter N; each element then costs two rounds, the
-    second adding the base back so that (base, counter) pairs do not commute.
+    A base per (seed, key) costs B*K hashes and the counter N; each element then costs one round of the
+    mixer on base ^ counter-hash. Two elements coincide only when base_i ^ base_k = c_j ^ c_l, with
+    probability 2^-32 per pair: the birthday rate of any 32-bit generator.
     """
     k = torch.tensor([_key_term(key) for key in keys], dtype=torch.int64, device=seeds.device)
     base = _mix32(_mix32((seeds & _MASK32)[:, None] ^ k) ^ ((seeds >> 32) & _MASK32)[:, None])[:, :, None]
     c = _mix32((counter + 0x9E3779B9) & _MASK32)
-    return _mix32((_mix32(base ^ c) + base) & _MASK32)
+    return _mix32(base ^ c)
 
 
 def make_seeds(seed: Seed, batch: int, device: Optional[torch.device] = None) -> torch.Tensor:
