@@ -32,8 +32,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLERS = {
     "ddim": {}, "ddim eta=1": {"eta": 1.0}, "heun": {}, "dpm_solver-3": {"order": 3}, "dpmpp_2m": {},
     "dpmpp_3m": {}, "dpmpp_2m_sde": {}, "exp_pc-3": {"order": 3}, "euler": {},
+    # the stochastic ones again with one torch.Generator stream instead of per-example counter-based noise
+    "ddim eta=1, noise=generator": {"eta": 1.0, "noise": "generator"},
+    "dpmpp_2m_sde, noise=generator": {"noise": "generator"},
 }
-METHOD = {"ddim eta=1": "ddim", "dpm_solver-3": "dpm_solver", "exp_pc-3": "exp_pc"}
+METHOD = {"ddim eta=1": "ddim", "dpm_solver-3": "dpm_solver", "exp_pc-3": "exp_pc",
+          "ddim eta=1, noise=generator": "ddim", "dpmpp_2m_sde, noise=generator": "dpmpp_2m_sde"}
 
 
 def mlp(dim: int = 16, width: int = 256) -> torch.nn.Module:
