@@ -56,7 +56,7 @@ def component_frequencies(gm, x):
 
 
 @pytest.mark.parametrize("method,options", [("ode", dict(rtol=1e-4, atol=1e-4)),
-                                            pytest.param("reverse_diffusion", dict(steps=300), marks=pytest.mark.slow)])
+                                            pytest.param("reverse_diffusion", dict(steps=300))])
 def test_guided_samples_follow_the_class_conditional_mixture(method, options):
     """Scale 1 with the exact classifier: component frequencies = the conditional weights w_k / W_c within
     4.5 standard errors of the multinomial, and no mass on other classes' components."""
@@ -171,7 +171,6 @@ def replacement_limit(sde, cov, mean, y, ku, steps=20000):
     return mu, V
 
 
-@pytest.mark.slow
 def test_inpainting_correlated_gaussian_matches_the_methods_limit_not_the_exact_conditional():
     """With correlated known/unknown parts the paper's replacement method (Song et al. 2021, app. I.2) is an
     approximation: p_t(u | x_known = m y + s z) replaces p_t(u | y). Samples match the method's own limit (computed

@@ -89,7 +89,6 @@ def test_iterate_batches_covers_each_example_once_per_epoch():
         next(training.iterate_batches((torch.zeros(3), torch.zeros(4)), 2))
 
 
-@pytest.mark.slow
 def test_training_reaches_the_dsm_minimum_on_gaussian_data():
     """DSM (s^2 weighting) is minimised by the true score with the closed-form minimum
     (1/(T - t_min)) int sum_i m^2 l_i / (m^2 l_i + s^2) dt; a trained MLP must close 85% of the gap from its
