@@ -245,7 +245,7 @@ class SDESolver:
 # --- augmented solves for likelihoods (sdegen.likelihood) ---------------------------------------------------
 
 class _StepLimit(Exception):
-    pass
+    """Raised inside an augmented solve when its own step counter passes max_steps."""
 
 
 class AugmentedNorm:

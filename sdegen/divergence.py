@@ -31,15 +31,19 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return x if x.requires_grad else x.detach().requires_grad_(True)
 
 
-def _forward(fn: Field, x: torch.Tensor) -> torch.Tensor:
-    f = fn(x)
-    if not isinstance(f, torch.Tensor) or f.shape != x.shape:
-        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-        raise ValueError(f"the field must return a tensor of x's shape {tuple(x.shape)}; got {got}.")
-    if not f.requires_grad:
-        raise TypeError("the field's output does not depend on x through autograd (was it computed under "
+def check_differentiable_output(out, x: torch.Tensor, what: str = "the field") -> torch.Tensor:
+    """``out`` must be a tensor of x's shape that depends on x through autograd (the divergence needs its gradient)."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{what} must return a tensor of x's shape {tuple(x.shape)}; got {got}.")
+    if not out.requires_grad:
+        raise TypeError(f"{what} returned a tensor that does not depend on x through autograd (computed under "
                         "torch.no_grad() or outside torch?); the divergence needs a differentiable field.")
-    return f
+    return out
+
+
+def _forward(fn: Field, x: torch.Tensor) -> torch.Tensor:
+    return check_differentiable_output(fn(x), x)
 
 
 def _vjps(f: torch.Tensor, x: torch.Tensor, vs: torch.Tensor, create_graph: bool) -> torch.Tensor:

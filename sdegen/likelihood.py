@@ -23,7 +23,8 @@ import torch
 
 from ._util import batch_time, check_finite_tensor, resolve_score
 from .backends import solve_augmented
-from .divergence import PROBE_KINDS, divergence_exact, divergence_hutchinson, make_probes
+from .divergence import (PROBE_KINDS, check_differentiable_output, divergence_exact, divergence_hutchinson,
+                         make_probes)
 from .noise import Seed, make_seeds, normal_from_seeds
 from .sde import SDE
 
@@ -67,13 +68,7 @@ class _AugmentedFlow(torch.nn.Module):
         self.t_lo, self.t_hi, self.probes, self.chunk_size = t_lo, t_hi, probes, chunk_size
 
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = self.score(x, batch_time(t, x).to(x.dtype))
-        if not isinstance(s, torch.Tensor) or s.shape != x.shape:
-            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"score(x, t) must return a tensor of x's shape {tuple(x.shape)}; got {got}.")
-        if not s.requires_grad:
-            raise TypeError("score(x, t) returned a tensor that does not depend on x through autograd (computed "
-                            "under torch.no_grad()?); the divergence of the probability flow needs its gradient.")
+        s = check_differentiable_output(self.score(x, batch_time(t, x).to(x.dtype)), x, "score(x, t)")
         return self.sde._reverse_drift(x, t, s, 0.5)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
