@@ -16,6 +16,7 @@ import torch
 
 from ._util import batch_time, bcast, flat_norm
 from .noise import Noise
+from .score import score_to_x0
 from .sde import SDE
 
 
@@ -31,8 +32,7 @@ class Context:
 
     def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Tweedie's x0 estimate (x + s^2 score) / m at time t (one score evaluation)."""
-        m, s = self.coeffs(t)
-        return (x + bcast(s**2, x) * self.score(x, t)) / bcast(m, x)
+        return score_to_x0(self.sde, self.score(x, t), x, t)
 
     def coeffs(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(m(t), s(t))."""
