@@ -55,3 +55,35 @@ def test_seed_forms():
         make_seeds(1.5, 3)
     with pytest.raises(ValueError, match="batch"):
         Noise.from_seed(0, 3).like(torch.zeros(4))
+
+
+def test_int32_mixer_is_the_unsigned_lowbias32():
+    # the tensor mixer works on int32 words with wrapping products; its words must be the textbook unsigned ones
+    from sdegen.noise import _mix32, _mix32_
+    words = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0x9E3779B9] + torch.randint(0, 2**32, (200,), dtype=torch.int64,
+                                                                            generator=torch.Generator().manual_seed(0)).tolist()
+    signed = torch.tensor([w - 2**32 if w >= 2**31 else w for w in words], dtype=torch.int32)
+    got = (_mix32_(signed).to(torch.int64) & 0xFFFFFFFF).tolist()
+    assert got == [_mix32(w) for w in words]
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_stream_draws_are_normal_from_seeds_whatever_the_chunking(dt):
+    seeds = make_seeds(4, 300)
+    stream = Noise(seeds, key=5)
+    x = torch.zeros(300, 3, 5, dtype=dt)
+    first = stream.like(x)  # computed alone; the next draws come from chunks of several
+    draws = [first.clone()] + [stream.like(x).clone() for _ in range(2 * Noise.max_chunk)]
+    for k, z in enumerate(draws):
+        assert z.shape == x.shape and z.dtype == dt
+        torch.testing.assert_close(z, normal_from_seeds(seeds, 5 + k, (3, 5), dt), rtol=0, atol=0)
+    # a handed-out draw is never handed out again, even if its holder modified it and the key is set back
+    stream.key = 5 + len(draws)
+    z = stream.like(x)
+    z.mul_(0.0)
+    stream.key -= 1
+    torch.testing.assert_close(stream.like(x), normal_from_seeds(seeds, 4 + len(draws) + 1, (3, 5), dt),
+                               rtol=0, atol=0)
+    # another shape starts a new chunk
+    torch.testing.assert_close(stream.like(torch.zeros(300, 7, dtype=dt)),
+                               normal_from_seeds(seeds, 5 + len(draws) + 1, (7,), dt), rtol=0, atol=0)
