@@ -143,8 +143,9 @@ def _run_steps(sampler: StepSampler, ctx: Context, x: torch.Tensor, ts: torch.Te
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=type(sampler).__name__)
+    times = ts.unbind()  # 0-d views made once: indexing a tensor on every step costs microseconds
     for i in range(n):
-        x, state = sampler.step(ctx, x, ts[i], ts[i + 1], state)
+        x, state = sampler.step(ctx, x, times[i], times[i + 1], state)
         if traj is not None:
             traj.append(x)
         if bar is not None:
