@@ -77,16 +77,23 @@ class DDIM(StepSampler):
 
     def start(self, ctx, x, ts):
         _cache_grid(ctx, ts)
+        if self.eta:  # b^2 of every step in one vectorised call
+            return dict(zip(ts[:-1].tolist(), ctx.sde._transition_var(ts[1:], ts[:-1]).tolist()))
+        return None
 
     def step(self, ctx, x, t, t_next, state):
         m, s, _ = _point(ctx, t)
         m2, s2, _ = _point(ctx, t_next)
         score = ctx.score(x, t)
         # x' = m' x0 + k eps with x0 = (x + s^2 score)/m and eps = -s score
-        c = self.eta * math.sqrt(float(ctx.sde._transition_var(t_next, t))) * s2 / s if self.eta else 0.0
+        c = 0.0
+        if self.eta:
+            var = state.get(float(t)) if state is not None else None
+            var = float(ctx.sde._transition_var(t_next, t)) if var is None else var
+            c = self.eta * math.sqrt(var) * s2 / s
         k = math.sqrt(max(s2 * s2 - c * c, 0.0))
         x_next = torch.add(x, score, alpha=s * s - k * s * m / m2).mul_(m2 / m)
-        return (x_next.add_(ctx.randn_like(x), alpha=c) if c else x_next), None
+        return (x_next.add_(ctx.randn_like(x), alpha=c) if c else x_next), state
 
     def __repr__(self) -> str:
         return f"DDIM(eta={self.eta})"
@@ -124,19 +131,22 @@ class Heun(StepSampler):
         gamma, sigma_top = state
         m, s, _ = _point(ctx, t)
         sigma = s / m
-        y = x / m
         if gamma > 0 and self.s_tmin <= sigma <= self.s_tmax:
             sigma_hat = min(sigma * (1.0 + gamma), sigma_top)
             t = _t_at(ctx, -math.log(sigma_hat)).clamp(max=ctx.sde.T)  # round-off must not pass T
-            y = y.add_(ctx.randn_like(x), alpha=self.s_noise * math.sqrt(sigma_hat**2 - sigma**2))
-            m, s, _ = _point(ctx, t)
+            m_hat, s, _ = _point(ctx, t)
+            y = torch.div(x, m).add_(ctx.randn_like(x), alpha=self.s_noise * math.sqrt(sigma_hat**2 - sigma**2))
+            x, m = y.mul_(m_hat), m_hat
             sigma = s / m
         m2, s2, _ = _point(ctx, t_next)
         dsig = s2 / m2 - sigma
-        d = -s * ctx.score(y * m, t)  # dy/dsigma = eps = -s score (score outputs are never modified in place)
-        y_next = torch.add(y, d, alpha=dsig)
-        d2 = -s2 * ctx.score(y_next.mul_(m2), t_next)
-        return torch.add(y, d.add_(d2), alpha=0.5 * dsig).mul_(m2), state
+        # dy/dsigma = eps = -s score in y = x/m, carried out on x = m y: the Euler point is
+        # x_e = (m'/m) x - m' dsig s score, the trapezoid adds -m' dsig/2 (s score + s' score(x_e)) to (m'/m) x
+        base = x * (m2 / m)
+        score = ctx.score(x, t)  # score outputs are never modified in place
+        x_euler = torch.add(base, score, alpha=-m2 * dsig * s)
+        x_next = base.add_(score, alpha=-0.5 * m2 * dsig * s)
+        return x_next.add_(ctx.score(x_euler, t_next), alpha=-0.5 * m2 * dsig * s2), state
 
     def __repr__(self) -> str:
         return f"Heun(s_churn={self.s_churn}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax}, s_noise={self.s_noise})"
@@ -157,86 +167,118 @@ class DPMSolver(StepSampler):
             raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
         self.order = self.nfe_per_step = order
 
-    def start(self, ctx, x, ts):
-        _cache_grid(ctx, ts)
+    def _fractions(self) -> Tuple[float, ...]:
+        return {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}[self.order]
 
-    def _eps(self, ctx, y, u):
-        t = _t_at(ctx, u)
-        m, s, _ = _point(ctx, t)
+    def start(self, ctx, x, ts):
+        """The intermediate times of every step (u + r h, r in the order's fractions) and their (m, s), found in
+        one vectorised call: a step then makes no scalar tensor launches."""
+        _cache_grid(ctx, ts)
+        rs = self._fractions()
+        if not rs:
+            return None
+        grid = ts.tolist()
+        us = [ctx._grid_points[t][2] for t in grid]
+        mids = [u + r * (u2 - u) for u, u2 in zip(us[:-1], us[1:]) for r in rs]
+        t_mid = ctx.sde._t_from_log_snr(torch.tensor([2.0 * v for v in mids], dtype=torch.float64))
+        log_m, s = ctx.sde._log_mean_coeff(t_mid).tolist(), ctx.sde._std(t_mid).tolist()
+        points = [(t, math.exp(a), b) for t, a, b in zip(t_mid.unbind(), log_m, s)]
+        return {t: points[len(rs) * i:len(rs) * (i + 1)] for i, t in enumerate(grid[:-1])}
+
+    def _eps(self, ctx, y, u, point=None):
+        if point is None:  # a step off the grid given to start()
+            t = _t_at(ctx, u)
+            point = (t,) + _point(ctx, t)[:2]
+        t, m, s = point
         return -s * ctx.score(y * m, t)
 
     def step(self, ctx, x, t, t_next, state):
         m, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
         h, sig2 = u2 - u, s2 / m2
+        mid = (state.get(float(t)) if state is not None else None) or [None, None]
         y = x / m
         e0 = -s * ctx.score(x, t)
         y_next = torch.add(y, e0, alpha=-sig2 * math.expm1(h))
         if self.order == 2:
             r1 = 0.5
             sig1 = math.exp(-(u + r1 * h))
-            e1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h)
+            e1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h, mid[0])
             y_next = y_next.add_(e1 - e0, alpha=-sig2 * math.expm1(h) / (2.0 * r1))
         elif self.order == 3:
             r1, r2 = 1.0 / 3.0, 2.0 / 3.0
             sig1, sigm = math.exp(-(u + r1 * h)), math.exp(-(u + r2 * h))
-            d1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h).sub_(e0)
+            d1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h, mid[0]).sub_(e0)
             y2 = (torch.add(y, e0, alpha=-sigm * math.expm1(r2 * h))
                   .add_(d1, alpha=-sigm * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1.0)))
-            d2 = self._eps(ctx, y2, u + r2 * h).sub_(e0)
+            d2 = self._eps(ctx, y2, u + r2 * h, mid[1]).sub_(e0)
             y_next = y_next.add_(d2, alpha=-sig2 / r2 * (math.expm1(h) / h - 1.0))
-        return y_next.mul_(m2), None
+        return y_next.mul_(m2), state
 
     def __repr__(self) -> str:
         return f"DPMSolver(order={self.order})"
 
 
-def exp_moments(h: float, k: int) -> List[float]:
+def exp_moments(h: float, k: int, rate: float = 1.0) -> List[float]:
     """M_j = int_0^h e^{-(h - r)} r^j dr = j! h^{j+1} sum_n (-h)^n / (j + 1 + n)!, j < k (Python floats: these
-    are per-step scalars; the series avoids the cancellation of M_j = h^j - j M_{j-1} at small h)."""
+    are per-step scalars; the series avoids the cancellation of M_j = h^j - j M_{j-1} at small h).
+
+    With ``rate`` = c > 0 the kernel is e^{-c (h - r)} (the stochastic integrators' 1 + tau^2):
+    int_0^h e^{-c (h - r)} r^j dr = M_j(c h) / c^{j+1} (substitute r = rho / c)."""
+    if rate != 1.0:
+        if not rate > 0.0:
+            raise ValueError(f"rate must be > 0; got {rate!r}.")
+        return [mj / rate ** (j + 1) for j, mj in enumerate(exp_moments(rate * h, k))]
     if h > 1.0:
         ms = [-math.expm1(-h)]
         for j in range(1, k):
             ms.append(h**j - j * ms[-1])
         return ms
-    out = []
-    for j in range(k):
-        term, total, n = 1.0 / math.factorial(j + 1), 0.0, 0
-        while abs(term) > 1e-18 * max(abs(total), 1e-300) and n < 60:
-            total += term
-            n += 1
-            term *= -h / (j + 1 + n)
-        out.append(math.factorial(j) * h ** (j + 1) * total)
+    # M_j = j! h^{j+1} phi_{j+1}(-h) with phi_k(z) = sum_n z^n / (k + n)!: the series for the top phi only,
+    # then phi_j = 1/j! - h phi_{j+1} downwards (stable for h <= 1: each step scales the error by h)
+    term, phi, n = 1.0 / math.factorial(k), 0.0, 0
+    while abs(term) > 1e-18 * max(abs(phi), 1e-300) and n < 60:
+        phi += term
+        n += 1
+        term *= -h / (k + n)
+    out = [0.0] * k
+    for j in range(k - 1, -1, -1):
+        out[j] = math.factorial(j) * h ** (j + 1) * phi
+        phi = 1.0 / math.factorial(j) - h * phi
     return out
 
 
-def exp_poly_weights(nodes: List[float], h: float, midpoint: bool = False) -> List[float]:
+def exp_poly_weights(nodes: List[float], h: float, midpoint: bool = False, rate: float = 1.0) -> List[float]:
     """Weights w_i with int_0^h e^{-(h - r)} P(r) dr = sum_i w_i P(nodes[i]) for every polynomial P of degree
     < len(nodes): the Lagrange basis integrated exactly against the exponential (nodes in u, measured from the
     step's start, distinct). This is the exponential Adams rule of DEIS (Zhang & Chen 2022) and of DPM-Solver++
     multistep; ``midpoint=True`` (two nodes) replaces M_1 by M_0 h / 2, DPM-Solver++(2M)'s rule
-    (Lu et al. 2022b, algorithm 2)."""
+    (Lu et al. 2022b, algorithm 2). ``rate`` = c integrates against e^{-c (h - r)} instead (see :func:`exp_moments`)."""
     k = len(nodes)
-    ms = exp_moments(h, k)
+    ms = exp_moments(h, k, rate)
     if k == 2 and midpoint:
         ms[1] = 0.5 * h * ms[0]
+    return _moment_weights(nodes, ms)
+
+
+def _moment_weights(nodes: List[float], ms: List[float]) -> List[float]:
+    """Weights integrating the Lagrange basis of ``nodes`` against a kernel with moments ``ms`` (len(nodes) of them)."""
     weights = []
-    for i in range(k):
-        poly, denom = [1.0], 1.0  # prod_{j != i} (r - nodes[j]) in powers of r
-        for j in range(k):
+    for i, xi in enumerate(nodes):
+        poly, denom = [1.0], 1.0  # prod_{j != i} (r - x_j) in powers of r, highest first
+        for j, xj in enumerate(nodes):
             if j != i:
-                poly = [(poly[p - 1] if p > 0 else 0.0) - nodes[j] * (poly[p] if p < len(poly) else 0.0)
-                        for p in range(len(poly) + 1)]
-                denom *= nodes[i] - nodes[j]
-        weights.append(sum(c * m for c, m in zip(poly, ms)) / denom)
+                poly = [a - xj * b for a, b in zip(poly + [0.0], [0.0] + poly)]
+                denom *= xi - xj
+        weights.append(sum(c * mp for c, mp in zip(poly, reversed(ms))) / denom)
     return weights
 
 
 def exp_poly_integral(nodes: List[float], values: List[torch.Tensor], h: float, midpoint: bool = False,
-                      base: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
-    """base + scale * int_0^h e^{-(h - r)} P(r) dr for P the polynomial through (nodes[i], values[i])
+                      base: Optional[torch.Tensor] = None, scale: float = 1.0, rate: float = 1.0) -> torch.Tensor:
+    """base + scale * int_0^h e^{-rate (h - r)} P(r) dr for P the polynomial through (nodes[i], values[i])
     (see :func:`exp_poly_weights`); ``base`` defaults to zero. A new tensor; inputs are not modified."""
-    weights = exp_poly_weights(nodes, h, midpoint)
+    weights = exp_poly_weights(nodes, h, midpoint, rate)
     out = values[0] * (scale * weights[0]) if base is None else torch.add(base, values[0], alpha=scale * weights[0])
     for w, v in zip(weights[1:], values[1:]):
         out = out.add_(v, alpha=scale * w)
@@ -268,11 +310,14 @@ class DPMSolverPP(StepSampler):
     def step(self, ctx, x, t, t_next, state):
         m, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
-        hist = (state["hist"] + [(u, _denoise(ctx, x, t, m, s))])[-self.order:]
+        # the history keeps (u, m D = x + s^2 score, 1/m): D itself is never formed, one tensor operation less
+        hist = (state["hist"] + [(u, torch.add(x, ctx.score(x, t), alpha=s * s), 1.0 / m)])[-self.order:]
         use = hist[-1:] if self.lower_order_final and state["left"] == 1 and state["total"] < 15 else hist
-        nodes, values = [v - u for v, _ in reversed(use)], [d for _, d in reversed(use)]
+        weights = exp_poly_weights([v - u for v, _, _ in reversed(use)], u2 - u, self.order == 2)
         # x' = (s'/s) x + m' int_0^h e^{-(h-r)} D(r) dr
-        x_next = exp_poly_integral(nodes, values, u2 - u, self.order == 2, base=x * (s2 / s), scale=m2)
+        x_next = torch.mul(x, s2 / s)
+        for w, (_, md, inv_m) in zip(weights, reversed(use)):
+            x_next = x_next.add_(md, alpha=m2 * w * inv_m)
         return x_next, {"hist": hist, "left": state["left"] - 1, "total": state["total"]}
 
     def __repr__(self) -> str:
@@ -300,20 +345,30 @@ class ExponentialPC(StepSampler):
     def start(self, ctx, x, ts):
         _cache_grid(ctx, ts)
         m, s, u = _point(ctx, ts[0])
-        return {"hist": [(u, _denoise(ctx, x, ts[0], m, s))], "t_last": float(ts[-1])}
+        # the history keeps (u, m D = x + s^2 score, 1/m): D itself is never formed, one tensor operation less
+        return {"hist": [(u, torch.add(x, ctx.score(x, ts[0]), alpha=s * s), 1.0 / m)], "t_last": float(ts[-1])}
 
     def step(self, ctx, x, t, t_next, state):
         _, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
         hist, h = state["hist"][-self.order:], u2 - u
-        nodes, values = [v - u for v, _ in reversed(hist)], [d for _, d in reversed(hist)]
-        base = x * (s2 / s)
-        x_pred = exp_poly_integral(nodes, values, h, base=base, scale=m2)
+        past = list(reversed(hist))
+        nodes = [v - u for v, _, _ in past]
+        ms = exp_moments(h, len(nodes) + 1)  # the predictor uses the first len(nodes) of the corrector's moments
+        # x' = (s'/s) x + m' int_0^h e^{-(h-r)} P(r) dr, P through the denoised values (see exp_poly_integral)
+        base = torch.mul(x, s2 / s)
+        terms = [(m2 * w * inv_m, md) for w, (_, md, inv_m) in zip(_moment_weights(nodes, ms[:-1]), past)]
+        x_pred = torch.add(base, terms[0][1], alpha=terms[0][0])
+        for a, md in terms[1:]:
+            x_pred = x_pred.add_(md, alpha=a)
         if float(t_next) == state["t_last"]:
             return x_pred, state
-        d_new = _denoise(ctx, x_pred, t_next, m2, s2)
-        x_next = exp_poly_integral([h] + nodes, [d_new] + values, h, base=base, scale=m2)
-        return x_next, {"hist": (hist + [(u2, d_new)])[-self.order:], "t_last": state["t_last"]}
+        md_new = torch.add(x_pred, ctx.score(x_pred, t_next), alpha=s2 * s2)
+        past = [(u2, md_new, 1.0 / m2)] + past
+        x_next = base  # no longer needed as the predictor's base: the corrector accumulates in place
+        for w, (_, md, inv_m) in zip(_moment_weights([h] + nodes, ms), past):
+            x_next = x_next.add_(md, alpha=m2 * w * inv_m)
+        return x_next, {"hist": (hist + [past[0]])[-self.order:], "t_last": state["t_last"]}
 
     def total_nfe(self, steps: int) -> int:
         return steps
@@ -324,16 +379,22 @@ class ExponentialPC(StepSampler):
 
 class DPMSolverPP2MSDE(StepSampler):
     """Stochastic DPM-Solver++(2M) (Lu et al. 2022b, the SDE variant of section 4; the midpoint rule of their
-    code): it integrates the reverse SDE in u, dy = 2 (D - y) du + noise, exactly in its linear part,
+    code), with k-diffusion's ``eta`` between the ODE and the reverse SDE. In y = x/m, u = log(m/s), it integrates
+    dy = (1 + eta) (D - y) du + sqrt(2 eta) sigma dw, which has the data's marginals for every eta >= 0,
+    exactly in its linear part (c = 1 + eta, sigma' = s'/m'):
 
-        y' = e^{-2h} y + (1 - e^{-2h}) (D + h/2 (D - D_prev)/h_prev) + sigma' sqrt(1 - e^{-2h}) z,
+        y' = e^{-c h} y + (1 - e^{-c h}) (D + h/2 (D - D_prev)/h_prev) + sigma' sqrt(1 - e^{-2 eta h}) z.
 
-    with y = x/m, sigma' = s'/m'. Its first step (no history) is ancestral sampling. NFE = steps.
+    eta = 1 is the reverse SDE (the default), eta = 0 the ODE's DPM-Solver++(2M) (no noise drawn); eta in
+    [0, 1]. Its first step (no history) is first order (ancestral sampling at eta = 1). NFE = steps.
     """
 
-    stochastic = True
     default_steps = 50
     default_schedule = "log_snr"
+
+    def __init__(self, eta: float = 1.0):
+        self.eta = _check_unit(eta, "eta")
+        self.stochastic = self.eta > 0
 
     def start(self, ctx, x, ts):
         _cache_grid(ctx, ts)
@@ -343,15 +404,18 @@ class DPMSolverPP2MSDE(StepSampler):
         m2, s2, u2 = _point(ctx, t_next)
         h = u2 - u
         d = _denoise(ctx, x, t, m, s)
-        w = -math.expm1(-2.0 * h)
-        x_next = torch.add(x * (s2 / s * math.exp(-h)), d, alpha=m2 * w)
+        w = -math.expm1(-(1.0 + self.eta) * h)
+        # x' = m' y' with m'/m = (s'/s) e^h: the y coefficient e^{-c h} becomes (s'/s) e^{-eta h}
+        x_next = torch.add(x * (s2 / s * math.exp(-self.eta * h)), d, alpha=m2 * w)
         if state is not None:  # the midpoint correction from the previous denoised value
             u_prev, d_prev = state
             x_next = x_next.add_(d - d_prev, alpha=m2 * w * 0.5 * h / (u - u_prev))
-        return x_next.add_(ctx.randn_like(x), alpha=s2 * math.sqrt(w)), (u, d)
+        if self.eta:
+            x_next = x_next.add_(ctx.randn_like(x), alpha=s2 * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
+        return x_next, (u, d)
 
     def __repr__(self) -> str:
-        return "DPMSolverPP2MSDE()"
+        return f"DPMSolverPP2MSDE(eta={self.eta})"
 
 
 register_sampler("ddim", DDIM)
@@ -361,3 +425,108 @@ register_sampler("dpmpp_2m", lambda lower_order_final=False: DPMSolverPP(2, lowe
 register_sampler("dpmpp_3m", lambda lower_order_final=False: DPMSolverPP(3, lower_order_final))
 register_sampler("dpmpp_2m_sde", DPMSolverPP2MSDE)
 register_sampler("exp_pc", ExponentialPC)
+
+
+def _check_orders(predictor_order: int, corrector_order: int) -> None:
+    if predictor_order not in (1, 2, 3, 4):
+        raise ValueError(f"predictor_order must be 1, 2, 3 or 4; got {predictor_order!r}.")
+    if corrector_order not in (0, 1, 2, 3, 4):
+        raise ValueError(f"corrector_order must be 0 (no corrector), 1, 2, 3 or 4; got {corrector_order!r}.")
+
+
+class SASolver(StepSampler):
+    """SA-Solver, the stochastic Adams predictor-corrector of Xue et al. 2023 (algorithm 1; data prediction,
+    eqs. 14-15), on dy = (1 + tau^2)(D - y) du + sqrt(2) tau sigma dw in y = x/m, u = log(m/s), sigma = s/m,
+    whose marginals are the data's for every tau >= 0. With c = 1 + tau^2 and sigma' = s'/m' a step is
+
+        y' = e^{-c h} y + c int_0^h e^{-c (h - r)} P(r) dr + sigma' sqrt(1 - e^{-2 tau^2 h}) z,
+
+    P the polynomial through the last ``predictor_order`` denoised values (predictor) or through the value at the
+    predicted point and the last ``corrector_order - 1`` values (corrector, with the same z), integrated with
+    the exact exponential weights of :func:`exp_poly_integral`. The denoised value at the predicted point is the
+    one the next predictor needs, so NFE = steps (the last step has no corrector, as in :class:`ExponentialPC`).
+
+    tau = 0 is the deterministic exponential PC (``corrector_order = predictor_order + 1`` is "exp_pc"), tau = 1
+    the reverse SDE. Noise is added only on steps that start at s_tmin <= sigma <= s_tmax (the paper's
+    piecewise-constant tau(t); EDM's s_tmin/s_tmax): elsewhere tau is 0 on that step.
+    """
+
+    default_steps = 20
+    default_schedule = "log_snr"
+
+    def __init__(self, predictor_order: int = 3, corrector_order: int = 4, tau: float = 1.0, s_tmin: float = 0.0,
+                 s_tmax: float = math.inf):
+        _check_orders(predictor_order, corrector_order)
+        if not (isinstance(tau, (int, float)) and 0.0 <= tau < math.inf):
+            raise ValueError(f"tau must be a finite number >= 0; got {tau!r}.")
+        if not (isinstance(s_tmin, (int, float)) and 0.0 <= s_tmin < math.inf):
+            raise ValueError(f"s_tmin must be a finite number >= 0; got {s_tmin!r}.")
+        if not (isinstance(s_tmax, (int, float)) and s_tmax >= s_tmin):
+            raise ValueError(f"s_tmax must be a number >= s_tmin={s_tmin!r}; got {s_tmax!r}.")
+        self.predictor_order, self.corrector_order = predictor_order, corrector_order
+        self.tau, self.s_tmin, self.s_tmax = float(tau), float(s_tmin), float(s_tmax)
+        self.stochastic = self.tau > 0
+
+    def start(self, ctx, x, ts):
+        _cache_grid(ctx, ts)
+        m, s, u = _point(ctx, ts[0])
+        return {"hist": [(u, _denoise(ctx, x, ts[0], m, s))], "t_last": float(ts[-1])}
+
+    def step(self, ctx, x, t, t_next, state):
+        m, s, u = _point(ctx, t)
+        m2, s2, u2 = _point(ctx, t_next)
+        h, hist = u2 - u, state["hist"]
+        tau2 = self.tau**2 if self.s_tmin <= s / m <= self.s_tmax else 0.0
+        c = 1.0 + tau2
+        # x' = m' y' with m'/m = (s'/s) e^h: the y coefficient e^{-c h} becomes (s'/s) e^{-tau^2 h}
+        base = x * (s2 / s * math.exp(-tau2 * h))
+        if tau2 > 0.0:
+            base = base.add_(ctx.randn_like(x), alpha=s2 * math.sqrt(-math.expm1(-2.0 * tau2 * h)))
+        use = hist[-self.predictor_order:]
+        nodes, values = [v - u for v, _ in reversed(use)], [d for _, d in reversed(use)]
+        x_pred = exp_poly_integral(nodes, values, h, base=base, scale=m2 * c, rate=c)
+        if float(t_next) == state["t_last"]:
+            return x_pred, state
+        d_new = _denoise(ctx, x_pred, t_next, m2, s2)
+        x_next = x_pred
+        if self.corrector_order > 0:
+            use = hist[-(self.corrector_order - 1):] if self.corrector_order > 1 else []
+            nodes = [h] + [v - u for v, _ in reversed(use)]
+            values = [d_new] + [d for _, d in reversed(use)]
+            x_next = exp_poly_integral(nodes, values, h, base=base, scale=m2 * c, rate=c)
+        keep = max(self.predictor_order, self.corrector_order - 1, 1)
+        return x_next, {"hist": (hist + [(u2, d_new)])[-keep:], "t_last": state["t_last"]}
+
+    def total_nfe(self, steps: int) -> int:
+        return steps
+
+    def __repr__(self) -> str:
+        return (f"SASolver(predictor_order={self.predictor_order}, corrector_order={self.corrector_order}, "
+                f"tau={self.tau}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax})")
+
+
+register_sampler("sa_solver", SASolver)
+
+
+class DPMSolverPP3MSDE(SASolver):
+    """Stochastic DPM-Solver++(3M) (Lu et al. 2022b, the SDE variant of section 4 at third order, as in
+    k-diffusion's sample_dpmpp_3m_sde): the exponential Adams step of :class:`SASolver` without corrector, P the
+    quadratic through the last three denoised values, on dy = (1 + eta)(D - y) du + sqrt(2 eta) sigma dw:
+
+        y' = e^{-(1 + eta) h} y + (1 + eta) int_0^h e^{-(1 + eta)(h - r)} P(r) dr + sigma' sqrt(1 - e^{-2 eta h}) z.
+
+    eta = 1 is the reverse SDE (the default), eta = 0 the ODE's "dpmpp_3m"; eta in [0, 1]. The first two steps
+    use the lower orders the history allows. NFE = steps.
+    """
+
+    default_steps = 50
+
+    def __init__(self, eta: float = 1.0):
+        self.eta = _check_unit(eta, "eta")
+        super().__init__(predictor_order=3, corrector_order=0, tau=math.sqrt(self.eta))
+
+    def __repr__(self) -> str:
+        return f"DPMSolverPP3MSDE(eta={self.eta})"
+
+
+register_sampler("dpmpp_3m_sde", DPMSolverPP3MSDE)

@@ -212,7 +212,7 @@ def test_heun_churn_stays_below_sigma_max_and_gradients_flow():
     ("ddim", {"eta": 1.5}, ValueError), ("ddim", {"eta": -0.1}, ValueError),
     ("dpm_solver", {"order": 4}, ValueError), ("dpmpp_2m", {"lower_order_final": 1}, TypeError),
     ("heun", {"s_churn": -1.0}, ValueError), ("heun", {"s_tmin": 2.0, "s_tmax": 1.0}, ValueError),
-    ("dpmpp_3m", {"order": 2}, TypeError), ("dpmpp_2m_sde", {"eta": 0.5}, TypeError),
+    ("dpmpp_3m", {"order": 2}, TypeError), ("dpmpp_2m_sde", {"eta": 1.5}, ValueError),
 ])
 def test_bad_options(method, opts, err):
     with pytest.raises(err, match=r"eta|order|lower_order_final|s_churn|s_tmax|option"):
@@ -236,3 +236,119 @@ def test_few_step_schedule_is_valid_and_convergent(sde_name):
     x_T, ref = _start_and_reference(sde_name, batch=32)
     x = sdegen.sample(sde, RING, x_T, method="dpmpp_3m", steps=100, schedule="few_step")
     assert _rms(x, ref) < 1e-3
+
+
+# ------------------------------------------------------------------ stochastic multistep samplers: eta, 3M SDE, SA-Solver
+NEW_STOCHASTIC = [("dpmpp_2m_sde", {"eta": 0.5}), ("dpmpp_3m_sde", {}), ("sa_solver", {}),
+                  ("sa_solver", {"predictor_order": 2, "corrector_order": 2, "tau": 0.6, "s_tmax": 1.0})]
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_zero_noise_limits_are_the_deterministic_solvers(sde_name):
+    """eta = 0 (tau = 0) removes the noise and the extra drift: 2M SDE is DPM-Solver++(2M), 3M SDE is
+    DPM-Solver++(3M), SA-Solver with corrector_order = predictor_order + 1 is the exponential PC "exp_pc"."""
+    sde = SDES[sde_name]
+    x_T = sde.prior_sample((32, 2), seed=1, dtype=torch.float64)
+    pairs = [(("dpmpp_2m_sde", {"eta": 0.0}), ("dpmpp_2m", {})), (("dpmpp_3m_sde", {"eta": 0.0}), ("dpmpp_3m", {}))]
+    pairs += [(("sa_solver", {"predictor_order": p, "corrector_order": p + 1, "tau": 0.0}), ("exp_pc", {"order": p}))
+              for p in (1, 2, 3)]
+    for (m1, o1), (m2, o2) in pairs:
+        a = sdegen.sample(sde, RING, x_T, method=m1, steps=9, **o1)
+        b = sdegen.sample(sde, RING, x_T, method=m2, steps=9, **o2)
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    assert not get_sampler_stochastic("dpmpp_2m_sde", eta=0.0) and get_sampler_stochastic("dpmpp_2m_sde")
+
+
+def get_sampler_stochastic(method, **opts):
+    return sdegen.samplers.get_sampler(method, **opts).stochastic
+
+
+def test_eta_one_keeps_the_reverse_sde_update():
+    """eta = 1 (the default) is the update y' = e^{-2h} y + (1 - e^{-2h}) D + sigma' sqrt(1 - e^{-2h}) z at the
+    first step (no history): one step from a point mass is then exactly Gaussian with that mean and std."""
+    sde = SDES["vp"]
+    mu = torch.tensor([[0.3, -0.7]], dtype=torch.float64)
+    point = GaussianMixture([1.0], mu, torch.zeros(1, 2, 2, dtype=torch.float64))
+    x_T = sde.prior_sample((20000, 2), seed=1, dtype=torch.float64)
+    ts = torch.tensor([0.6, 0.3], dtype=torch.float64)
+    for method in ("dpmpp_2m_sde", "dpmpp_3m_sde", "sa_solver"):
+        x = sdegen.sample(sde, point, x_T * 0.5, method=method, schedule=ts, seed=4, dtype=torch.float64)
+        (m, m2), (s, s2) = sde.mean_coeff(ts), sde.std(ts)
+        h = float(torch.log(m2 / s2) - torch.log(m / s))
+        mean = float(m2) * (math.exp(-2 * h) * (x_T * 0.5) / float(m) + (1 - math.exp(-2 * h)) * mu)
+        z = (x - mean) / (float(s2) * math.sqrt(1 - math.exp(-2 * h)))
+        # z ~ N(0, I): 40,000 values; mean within 4 SE (0.02), variance within 4 SE (4 * sqrt(2 / 40000) = 0.028)
+        assert abs(z.mean().item()) < 0.02 and abs(z.var().item() - 1.0) < 0.028, method
+
+
+@pytest.mark.parametrize("opts,order,regime", [({"predictor_order": 2, "corrector_order": 0}, 2, (80, 160, 320)),
+                                               ({"predictor_order": 1, "corrector_order": 2}, 2, (80, 160, 320)),
+                                               ({"predictor_order": 3, "corrector_order": 3}, 3, (160, 320, 640))])
+def test_sa_solver_deterministic_limit_order(opts, order, regime):
+    """tau = 0: global order min(corrector_order, predictor_order + 1) (the predicted point's error enters the
+    corrector through one weight of size O(h)), or predictor_order without corrector; slope within 0.3 (the
+    third-order corrector reaches its asymptotic regime only past 160 steps: slopes 3.8, 4.5 below it)."""
+    x_T, ref = _start_and_reference("vp")
+    log_nfe, log_err = [], []
+    for steps in regime:
+        x, info = sdegen.sample(SDES["vp"], RING, x_T, method="sa_solver", tau=0.0, steps=steps, schedule="log_snr",
+                                return_info=True, **opts)
+        log_nfe.append(math.log(info.nfe))
+        log_err.append(math.log(_rms(x, ref)))
+    n = torch.tensor(log_nfe, dtype=torch.float64)
+    e = torch.tensor(log_err, dtype=torch.float64)
+    slope = -((n - n.mean()) * (e - e.mean())).sum() / ((n - n.mean()) ** 2).sum()
+    assert abs(float(slope) - order) <= 0.3, f"{opts}: slope {float(slope):.2f}, order {order}"
+
+
+@pytest.mark.parametrize("method,opts", NEW_STOCHASTIC)
+def test_new_stochastic_samplers_reproducible_shapes_and_moments(method, opts, dtype):
+    """Reproducibility, batch invariance, shapes and dtypes as for the other stochastic samplers, and the
+    Gaussian's mean and variance within 4 standard errors (+2% discretisation allowance) under VP and VE."""
+    test_shapes_and_dtype(method, opts, dtype)
+    if dtype == torch.float64:
+        test_stochastic_reproducible_and_batch_invariant(method, opts)
+        for sde_name in ("vp", "ve"):
+            test_stochastic_samplers_hit_gaussian_moments(method, opts, sde_name)
+
+
+def test_sa_solver_noise_window_and_nfe():
+    """Steps that start above sigma = s_tmax draw no noise: two seeds agree exactly until the first step that
+    starts at sigma <= s_tmax and differ after it. NFE = steps for every order."""
+    sde = SDES["vp"]
+    x_T = sde.prior_sample((8, 2), seed=0, dtype=torch.float64)
+    kw = dict(method="sa_solver", steps=12, tau=1.0, s_tmax=1.0, return_info=True, return_trajectory=True)
+    _, a = sdegen.sample(sde, RING, x_T, seed=1, **kw)
+    _, b = sdegen.sample(sde, RING, x_T, seed=2, **kw)
+    first = int(torch.nonzero(sde.sigma(a.times) <= 1.0)[0])  # the first step starting inside the window
+    assert 0 < first < 12
+    for i, (xa, xb) in enumerate(zip(a.trajectory, b.trajectory)):
+        assert torch.equal(xa, xb) == (i <= first), i
+    for method, opts in [("sa_solver", {"predictor_order": 1, "corrector_order": 0}), ("sa_solver", {}),
+                         ("dpmpp_3m_sde", {})]:
+        for steps in (1, 2, 5, 13):
+            _, info = sdegen.sample(sde, RING, x_T, method=method, steps=steps, seed=0, return_info=True, **opts)
+            assert info.nfe == steps
+
+
+def test_exp_moments_with_rate():
+    """int_0^h e^{-c (h - r)} r^j dr: M_0 = (1 - e^{-ch})/c, M_1 = h/c - (1 - e^{-ch})/c^2 and
+    M_2 = h^2/c - 2h/c^2 + 2(1 - e^{-ch})/c^3; rate = 1 is the default rule exactly."""
+    for h, c in ((0.05, 1.49), (0.4, 2.0), (0.9, 1.81), (3.0, 2.0)):
+        e = -math.expm1(-c * h)
+        closed = [e / c, h / c - e / c**2, h * h / c - 2 * h / c**2 + 2 * e / c**3]
+        for got, want in zip(exp_moments(h, 3, rate=c), closed):
+            assert abs(got - want) <= 1e-9 * abs(want)
+        assert exp_moments(h, 3, rate=1.0) == exp_moments(h, 3)
+    with pytest.raises(ValueError, match="rate"):
+        exp_moments(0.3, 2, rate=0.0)
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("sa_solver", {"tau": -0.5}), ("sa_solver", {"tau": math.inf}), ("sa_solver", {"predictor_order": 0}),
+    ("sa_solver", {"predictor_order": 5}), ("sa_solver", {"corrector_order": 5}), ("sa_solver", {"s_tmin": -1.0}),
+    ("sa_solver", {"s_tmin": 2.0, "s_tmax": 1.0}), ("dpmpp_3m_sde", {"eta": 1.5}), ("dpmpp_2m_sde", {"eta": -0.1}),
+])
+def test_new_samplers_bad_options(method, opts):
+    with pytest.raises(ValueError, match=r"tau|order|s_tmin|s_tmax|eta"):
+        sdegen.sample(SDES["vp"], RING, shape=(4, 2), method=method, steps=3, seed=0, **opts)
