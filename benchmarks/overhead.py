@@ -1,8 +1,10 @@
 """Library overhead per step and peak memory against the number of steps, for the fast samplers.
 
 Overhead: the time :func:`sdegen.sample` spends per step outside the score call, as a fraction of one
-evaluation of a 3-layer, 256-wide MLP at batch 1024 on CPU (the score network of a small model), median of
-several repeats (timings are noisy on a shared machine). Target: <= 10%.
+evaluation of a 3-layer, 256-wide MLP at batch 1024 on CPU (the score network of a small model). Times are
+the CPU time of the sampling thread (``time.thread_time``; torch runs on 1 thread), so that other processes
+on a shared machine do not count while they hold the core; repeats run round-robin over the samplers, with
+MLP evaluations timed between them, and the table gives medians and the spread. Target: <= 10%.
 Peak memory: the peak resident-set increase of a sampling run at 1000 steps against 10 steps, on a
 (16, 3, 64, 64) state with an exact Gaussian score, each run in a fresh process with glibc's mmap threshold
 fixed at 64 KiB (so the resident set follows the live tensors). Target: within 10%.
@@ -45,6 +47,9 @@ def mlp(dim: int = 16, width: int = 256) -> torch.nn.Module:
                                torch.nn.SiLU(), torch.nn.Linear(width, dim))
 
 
+clock = time.thread_time  # CPU time of this thread: time while another process holds the core does not count
+
+
 class TimedScore:
     """score(x, t) = net([x, t]) that adds up the time spent inside it."""
 
@@ -52,9 +57,9 @@ class TimedScore:
         self.net, self.seconds = net, 0.0
 
     def __call__(self, x, t):
-        start = time.perf_counter()
+        start = clock()
         out = self.net(torch.cat([x, t[:, None].to(x.dtype)], 1))
-        self.seconds += time.perf_counter() - start
+        self.seconds += clock() - start
         return out
 
 
@@ -64,33 +69,38 @@ def overhead(repeats: int, steps: int) -> list:
     sde = sdegen.VPSDE()
     x_T = torch.randn(1024, 16)
     t = torch.full((1024,), 0.5)
+    evals, per_step, nfe = [], {name: [] for name in SAMPLERS}, {}
     with torch.no_grad():
         for _ in range(5):
             net(torch.cat([x_T, t[:, None]], 1))
-        evals = []
-        for _ in range(30):
-            start = time.perf_counter()
-            net(torch.cat([x_T, t[:, None]], 1))
-            evals.append(time.perf_counter() - start)
-    t_eval = statistics.median(evals)
-    rows = []
-    for name, opts in SAMPLERS.items():
-        per_step = []
-        for _ in range(repeats):
-            score = TimedScore(net)
-            with torch.no_grad():
-                start = time.perf_counter()
+        for _ in range(repeats):  # round-robin, so that a busy spell of the machine hits every sampler alike
+            for name, opts in SAMPLERS.items():
+                for _ in range(10):
+                    start = clock()
+                    net(torch.cat([x_T, t[:, None]], 1))
+                    evals.append(clock() - start)
+                score = TimedScore(net)
+                start = clock()
                 _, info = sdegen.sample(sde, score, x_T, method=METHOD.get(name, name), steps=steps, seed=0,
                                         return_info=True, **opts)
-                wall = time.perf_counter() - start
-            per_step.append((wall - score.seconds) / info.steps)
-        o = statistics.median(per_step)
+                per_step[name].append((clock() - start - score.seconds) / info.steps)
+                nfe[name] = info.nfe / info.steps
+    t_eval = statistics.median(evals)
+    print(f"MLP eval: median {1e3 * t_eval:.3f} ms (quartiles {1e3 * _quantile(evals, 0.25):.3f}-"
+          f"{1e3 * _quantile(evals, 0.75):.3f} ms)")
+    rows = []
+    for name, runs in per_step.items():
+        o = statistics.median(runs)
         rows.append({"sampler": name, "mlp_eval_ms": 1e3 * t_eval, "overhead_per_step_ms": 1e3 * o,
-                     "ratio": o / t_eval, "nfe_per_step": info.nfe / info.steps,
-                     "ratio_per_nfe": o * info.steps / info.nfe / t_eval})
-        print(f"{name:14s} overhead/step {1e3 * o:.3f} ms = {100 * o / t_eval:.1f}% of one MLP eval "
-              f"({1e3 * t_eval:.2f} ms)", flush=True)
+                     "overhead_min_ms": 1e3 * min(runs), "overhead_max_ms": 1e3 * max(runs),
+                     "ratio": o / t_eval, "nfe_per_step": nfe[name], "ratio_per_nfe": o / nfe[name] / t_eval})
+        print(f"{name:30s} overhead/step {1e3 * o:.3f} ms (range {1e3 * min(runs):.3f}-{1e3 * max(runs):.3f}) "
+              f"= {100 * o / t_eval:.1f}% of one MLP eval, {100 * o / nfe[name] / t_eval:.1f}% per NFE", flush=True)
     return rows
+
+
+def _quantile(values: list, q: float) -> float:
+    return sorted(values)[int(q * (len(values) - 1))]
 
 
 def _peak_child(method: str, opts: str, steps: int) -> None:
@@ -143,10 +153,12 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = ["# Library overhead and peak memory", "",
              "Overhead per step outside the score call, relative to one 3-layer 256-wide MLP evaluation at batch 1024 "
-             "(CPU, 1 thread, median of repeats). Target <= 10%.", "",
-             "| sampler | NFE/step | MLP eval (ms) | overhead/step (ms) | ratio per step | ratio per NFE |",
+             "(CPU time of the sampling thread, 1 thread, median of round-robin repeats, range in brackets). "
+             "Target <= 10% per NFE.", "",
+             "| sampler | NFE/step | MLP eval (ms) | overhead/step (ms) [range] | ratio per step | ratio per NFE |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['sampler']} | {r['nfe_per_step']:g} | {r['mlp_eval_ms']:.3f} | {r['overhead_per_step_ms']:.3f} | "
+    lines += [f"| {r['sampler']} | {r['nfe_per_step']:g} | {r['mlp_eval_ms']:.3f} | {r['overhead_per_step_ms']:.3f} "
+              f"[{r['overhead_min_ms']:.3f}-{r['overhead_max_ms']:.3f}] | "
               f"{100 * r['ratio']:.1f}% | {100 * r['ratio_per_nfe']:.1f}% |" for r in over]
     lines += ["", "Peak resident memory increase of one run on a (16, 3, 64, 64) float32 state. Target: 1000 steps "
               "within 10% of 10 steps.", "", "| sampler | 10 steps (MiB) | 1000 steps (MiB) | ratio |",
