@@ -49,6 +49,9 @@ SDEGEN = {
     "heun churn=10 (edm)": ("heun", {"s_churn": 10.0}, "edm", 2, True),
     "dpmpp_2m_sde (log_snr)": ("dpmpp_2m_sde", {}, "log_snr", 1, True),
     "dpmpp_2m_sde (few_step)": ("dpmpp_2m_sde", {}, "few_step", 1, True),
+    "dpmpp_3m_sde (few_step)": ("dpmpp_3m_sde", {}, "few_step", 1, True),
+    "sa_solver-3/4 tau=1 (few_step)": ("sa_solver", {}, "few_step", 1, True),
+    "sa_solver-3/4 tau=0.7 (few_step)": ("sa_solver", {"tau": 0.7}, "few_step", 1, True),
 }
 # samplers also run at NFE 500 and 1000 (the convergence floor); the rest stop at 200 to keep the run short
 LONG = ("exp_pc-3 (few_step)", "dpmpp_3m (log_snr)")
