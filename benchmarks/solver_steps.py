@@ -8,7 +8,10 @@ another mixture component than the reference. Every sampler: 20,000 samples agai
 oracle's marginal at the end time t_min (the distribution every sampler targets): sliced W2 (exact-vs-exact
 floor beside it), mixture-weight L1 error, within-mode variance ratio, and the gap of mean exact log-density.
 
-    python benchmarks/solver_steps.py            # full run (about 20 minutes on one busy core)
+Rows "(calibrated)" use step schedules fitted by sdegen.calibration.optimize_schedule on separate calibration
+points (seed 11) at NFE 10 and 20; the fitted grids and the fitting cost are in the report.
+
+    python benchmarks/solver_steps.py            # full run (about 40 minutes on one busy core)
     python benchmarks/solver_steps.py --quick    # NFE 10 and 20, fewer points
 Writes benchmarks/results/solver_steps.{md,csv,json} and solver_steps_*.png.
 """
@@ -27,6 +30,7 @@ import torch
 
 import sdegen
 from sdegen.analytic import GaussianMixture
+
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NFE_GRID = (5, 10, 20, 50, 100, 200, 500, 1000)
@@ -53,6 +57,13 @@ SDEGEN = {
     "sa_solver-3/4 tau=1 (few_step)": ("sa_solver", {}, "few_step", 1, True),
     "sa_solver-3/4 tau=0.7 (few_step)": ("sa_solver", {"tau": 0.7}, "few_step", 1, True),
 }
+# deterministic samplers on step schedules fitted by sdegen.calibration.optimize_schedule (default multi-start
+# search, MSE objective) to CAL_POINTS calibration starting points of their own (seed 11), at the NFE in CAL_NFE
+CALIBRATED = {
+    "exp_pc-2 (calibrated)": ("exp_pc", {"order": 2}),
+    "exp_pc-3 (calibrated)": ("exp_pc", {"order": 3}),
+}
+CAL_NFE, CAL_POINTS = (10, 20), 2000
 # samplers also run at NFE 500 and 1000 (the convergence floor); the rest stop at 200 to keep the run short
 LONG = ("exp_pc-3 (few_step)", "dpmpp_3m (log_snr)")
 # diffusers baselines: name -> (scheduler class name, config overrides)
@@ -76,7 +87,9 @@ def run_sdegen(spec, sde, mix, x_T, nfe, seed=0):
     per step takes nfe // k steps), or None where not even one step fits."""
     method, opts, schedule, per_step, _ = spec
     steps = nfe // per_step
-    if steps < 1:
+    if isinstance(schedule, dict):  # fitted grids, one per NFE
+        schedule = schedule.get(nfe)
+    if steps < 1 or schedule is None:
         return None
     x, info = sdegen.sample(sde, mix, x_T, method=method, steps=steps, schedule=schedule, seed=seed,
                             return_info=True, **opts)
@@ -174,7 +187,27 @@ def reference(sde, mix, x_T):
     return sdegen.sample(sde, mix, x_T, method="ode", rtol=1e-10, atol=1e-10)
 
 
-def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, log):
+def calibrate(mix, sde, nfes, log):
+    """Fit a grid per CALIBRATED sampler and NFE on calibration points of their own; returns the run specs and
+    a record of each fit (grid, calibration loss, evaluations, NFE spent)."""
+    x_cal = sde.prior_sample((CAL_POINTS, mix.dim), seed=11, dtype=torch.float64)
+    ref_cal = reference(sde, mix, x_cal)
+    specs, fits = {}, []
+    for name, (method, opts) in CALIBRATED.items():
+        grids = {}
+        for nfe in nfes:
+            t0 = time.time()
+            fit = sdegen.optimize_schedule(sde, mix, x_cal, method=method, steps=nfe, reference=ref_cal, **opts)
+            grids[nfe] = fit.times
+            fits.append({"sampler": name, "nfe": nfe, "sigmas": [round(v, 4) for v in sde.sigma(fit.times).tolist()],
+                         "initial_mse": fit.initial_loss, "mse": fit.loss, "evaluations": fit.evaluations,
+                         "nfe_spent": fit.nfe, "calibration_points": CAL_POINTS, "seconds": time.time() - t0})
+            log(f"  calibrated {name} NFE {nfe}: MSE {fit.initial_loss:.3g} -> {fit.loss:.3g}, {fit.evaluations} runs")
+        specs[name] = (method, opts, grids, 1, False)
+    return specs, fits
+
+
+def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, log, calibrated=False):
     mix, sde = PROBLEMS[pname](), SDES[sname]()
     mix_t = mix.marginal(sde.t_min, sde)
     rows = []
@@ -186,7 +219,13 @@ def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, 
     exact = mix_t.sample(n_dist, seed=3)
     floor = distribution_metrics(mix_t.sample(n_dist, seed=4), exact, mix_t)
     rows.append(dict(problem=pname, sde=sname, sampler="exact samples (noise floor)", family="floor", nfe=0, **floor))
-    configs = [(n, s, run_sdegen, "sdegen" + (" stochastic" if s[4] else "")) for n, s in SDEGEN.items()]
+    specs, fits = dict(SDEGEN), []
+    if calibrated:
+        extra, fits = calibrate(mix, sde, [n for n in CAL_NFE if n in nfes], log)
+        specs.update(extra)
+        for f in fits:
+            f.update(problem=pname, sde=sname)
+    configs = [(n, s, run_sdegen, "sdegen" + (" stochastic" if s[4] else "")) for n, s in specs.items()]
     if with_diffusers:
         configs += [(n, s, run_diffusers, "diffusers" + (" stochastic" if "sde" in n else "")) for n, s in DIFFUSERS.items()]
     for name, spec, runner, family in configs:
@@ -205,7 +244,7 @@ def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, 
             if len(row) > 5:
                 rows.append(row)
         log(f"[{pname}/{sname}] {name}: {time.time() - t0:.1f}s")
-    return rows
+    return rows, fits
 
 
 def adaptive_vs_dopri5(n, log):
@@ -237,7 +276,7 @@ def fmt(v, digits=3):
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-def markdown(rows, adaptive_rows, summary):
+def markdown(rows, adaptive_rows, summary, fits=()):
     lines = ["# Solver steps against quality", "",
              "Endpoint errors: deterministic samplers against torchdiffeq dopri5 at rtol = atol = 1e-10 (float64) "
              "from the same x_T. Distribution metrics: 20,000 samples against exact draws from p_{t_min}.", ""]
@@ -245,6 +284,15 @@ def markdown(rows, adaptive_rows, summary):
     lines += ["## Adaptive solvers: NFE for RMS <= 1e-3 on the ring (VP)", "", "| solver | tol | NFE | RMS |",
               "|---|---|---|---|"]
     lines += [f"| {r['solver']} | {r['tol']:g} | {r['nfe']} | {r['rms']:.3g} |" for r in adaptive_rows]
+    if fits:
+        lines += ["", "## Calibrated schedules (sdegen.calibration.optimize_schedule)", "",
+                  f"Fitted on {fits[0]['calibration_points']} calibration starting points of their own (seed 11), "
+                  "MSE objective, default multi-start pattern search; the endpoint rows below are measured on other "
+                  "points. Cost: sampler runs on the calibration batch (NFE spent = runs x NFE, each on the batch).", "",
+                  "| problem | sde | sampler | NFE | calibration MSE (start -> fitted) | runs | sigma = s/m at the grid |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {f['problem']} | {f['sde']} | {f['sampler']} | {f['nfe']} | {f['initial_mse']:.3g} -> {f['mse']:.3g} "
+                  f"| {f['evaluations']} | {', '.join(f'{v:.3g}' for v in f['sigmas'])} |" for f in fits]
     keys = ["rms", "median", "flips", "sw2", "weight_err", "var_ratio", "logp_gap"]
     for pname in PROBLEMS:
         for sname in SDES:
@@ -324,11 +372,11 @@ def summarize(rows, adaptive_rows):
     return out
 
 
-def write_reports(rows, adaptive_rows, suffix, seconds, with_plots):
+def write_reports(rows, adaptive_rows, suffix, seconds, with_plots, fits=()):
     summary = summarize(rows, adaptive_rows)
     for line in summary:
         print(line)
-    (RESULTS / f"solver_steps{suffix}.md").write_text(markdown(rows, adaptive_rows, summary))
+    (RESULTS / f"solver_steps{suffix}.md").write_text(markdown(rows, adaptive_rows, summary, fits))
     head = ["problem", "sde", "sampler", "family", "nfe"]
     keys = head + sorted({k for r in rows for k in r} - set(head))
     with open(RESULTS / f"solver_steps{suffix}.csv", "w", newline="") as f:
@@ -336,7 +384,8 @@ def write_reports(rows, adaptive_rows, suffix, seconds, with_plots):
         w.writeheader()
         w.writerows(rows)
     (RESULTS / f"solver_steps{suffix}.json").write_text(json.dumps(
-        {"rows": rows, "adaptive": adaptive_rows, "summary": summary, "seconds": seconds}, indent=1))
+        {"rows": rows, "adaptive": adaptive_rows, "summary": summary, "seconds": seconds, "calibration": list(fits)},
+        indent=1))
     if with_plots:
         plots(rows, RESULTS)
 
@@ -352,7 +401,7 @@ def main():
         return  # the timings are of one process: under torchrun only rank 0 runs and writes
     if args.report_only:
         data = json.loads((RESULTS / "solver_steps.json").read_text())
-        write_reports(data["rows"], data["adaptive"], "", data["seconds"], True)
+        write_reports(data["rows"], data["adaptive"], "", data["seconds"], True, data.get("calibration", ()))
         return
     torch.set_num_threads(args.threads)
     with_diffusers = not args.no_diffusers
@@ -365,19 +414,22 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     start = time.time()
     log = lambda msg: print(f"{time.time() - start:7.1f}s {msg}", flush=True)
-    rows = []
+    rows, fits = [], []
     if args.quick:
         plan = [(p, "vp", (10, 20), (20,), 500, 4000, True) for p in PROBLEMS]
     else:
-        # the targets are stated under VP: sub-VP and VE get the ring only, NFE 10-50, without diffusers
-        # (a full grid at 20,000 samples does not fit the shared 2-core machine in under ~20 minutes)
-        plan = [("ring", "vp", NFE_GRID, (10, 20), 1000, 20_000, True),
-                ("mix16", "vp", NFE_GRID[:5], (20,), 1000, 20_000, True)]
-        plan += [("ring", s, (10, 20, 50), (20,), 500, 20_000, False) for s in ("subvp", "ve")]
+        # the targets are stated under VP: sub-VP and VE get NFE 10-50 without diffusers or calibration.
+        # 16-D VP uses 8000 endpoint points: mode flips there are rare events (0.1-0.5% at NFE 10), and with
+        # 1000 points the flip counts of two samplers differ by Poisson noise alone
+        plan = [("ring", "vp", NFE_GRID, (10, 20), 2000, 20_000, True),
+                ("mix16", "vp", NFE_GRID[:5], (20,), 8000, 20_000, True)]
+        plan += [(p, s, (10, 20, 50), (20,), 1000, 20_000, False) for p in PROBLEMS for s in ("subvp", "ve")]
     for pname, sname, nfes, dist, n_end, n_dist, full in plan:
-        rows += bench_problem(pname, sname, nfes, dist, n_end, n_dist, with_diffusers and full, log)
+        new_rows, new_fits = bench_problem(pname, sname, nfes, dist, n_end, n_dist, with_diffusers and full, log,
+                                           calibrated=full and not args.quick)
+        rows, fits = rows + new_rows, fits + new_fits
     adaptive_rows = adaptive_vs_dopri5(500 if args.quick else 1000, log)
-    write_reports(rows, adaptive_rows, "_quick" if args.quick else "", time.time() - start, not args.quick)
+    write_reports(rows, adaptive_rows, "_quick" if args.quick else "", time.time() - start, not args.quick, fits)
     log("done")
 
 

@@ -39,3 +39,7 @@ from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likeliho
 # --- distributed (issue 6): sdegen/distributed.py ---
 from . import distributed
 from .distributed import init_distributed, log_likelihood_sharded, sample_sharded, train_ddp
+
+# --- step schedules fitted to a model (issue 3): sdegen/calibration.py ---
+from . import calibration
+from .calibration import ScheduleFit, optimize_schedule

@@ -1,0 +1,186 @@
+"""Step schedules fitted to a model: choose the N grid times that make a fixed-step sampler's endpoints closest
+to an accurate solution of the same probability-flow ODE from the same starting points.
+
+A sampler's error at a small NFE is decided in a narrow band of noise levels (for data with separated modes,
+near sigma ~ half the distance between modes, where trajectories commit to a mode). Where the band lies is a
+property of the data, so no fixed formula puts the steps there for every model; a short fit on a calibration
+batch does. This is the idea of learned or optimized time discretizations (Tong et al. 2024, "Learning to
+Discretize Denoising Diffusion ODEs"; Sabour et al. 2024, "Align Your Steps"), done here derivative-free so that
+it works with any deterministic sampler object, including a user's own.
+
+The fit costs score evaluations on the calibration batch: one accurate reference solve, then ``steps`` NFE per
+objective evaluation (:attr:`ScheduleFit.nfe` counts them all). The result is a plain float64 grid to pass as
+``sdegen.sample(..., schedule=fit.times)``; fit it on starting points other than the ones you evaluate on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ._util import check_finite_tensor, resolve_score
+from .samplers import SAMPLERS, StepSampler, get_sampler
+from .sampling import _CountedScore, sample
+from .schedules import time_grid
+from .sde import SDE
+
+OBJECTIVES: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # per-example endpoint errors e (B,) -> one number to minimise
+    "mse": lambda e: e.pow(2).mean(),  # the RMS error squared: dominated by the few examples that change mode
+    "mean": lambda e: e.mean(),  # mean error: weighs every example alike
+    "log": lambda e: torch.log(e + 1e-12).mean(),  # geometric mean: the typical (median-like) error
+}
+
+
+@dataclass
+class ScheduleFit:
+    """The result of :func:`optimize_schedule`.
+
+    times: the fitted decreasing float64 grid of steps + 1 times (T ... t_min).
+    loss / initial_loss: the objective on the calibration batch at the fitted and the initial grid.
+    evaluations: objective evaluations (sampler runs on the calibration batch), over all starts.
+    nfe: score evaluations spent in all (reference solve included), each on the whole calibration batch.
+    history: the objective after each accepted move.
+    """
+
+    times: torch.Tensor
+    loss: float
+    initial_loss: float
+    evaluations: int
+    nfe: int
+    history: List[float] = field(default_factory=list)
+
+
+def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, StepSampler] = "exp_pc",
+                      steps: int = 10, reference: Optional[torch.Tensor] = None,
+                      init: Union[str, torch.Tensor, Sequence[Union[str, torch.Tensor]]] = ("few_step", "log_snr", "edm"),
+                      objective: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "mse",
+                      t_min: Optional[float] = None, max_evals: int = 2000, step_size: float = 0.5,
+                      min_step_size: float = 0.02, reference_options: Optional[Dict[str, Any]] = None,
+                      **options) -> ScheduleFit:
+    """Fit the time grid of a deterministic fixed-step sampler to ``score`` on a calibration batch.
+
+    The grid is parametrised by the shares of the log-SNR span taken by each step,
+    lambda_i = lambda(T) + (lambda(t_min) - lambda(T)) sum_{j < i} softmax(theta)_j, so every candidate is a
+    valid grid with fixed end points. theta is fitted by a pattern search (Hooke & Jeeves 1961): moves of
+    +-step_size in one coordinate (a step's share) or in a neighbouring pair in opposite directions (one grid
+    time shifted), each kept if it lowers the objective, step_size halved when none does. It needs no gradient
+    of the sampler. Deterministic: the same inputs give the same grid.
+
+    Args:
+        sde, score: as in :func:`sdegen.sample`.
+        x_T: calibration starting points (B, ...) drawn from the prior; use others for evaluation.
+        method: a deterministic sampler name or object; ``options`` go to its constructor.
+        steps: number of steps of the fitted grid.
+        reference: the accurate endpoints from x_T (B, ...); if None, solved with ``reference_options``
+            (default: torchdiffeq dopri5 at rtol = atol = 1e-6 for float32 x_T, 1e-9 for float64).
+        init: starting grid(s): a schedule name of :func:`sdegen.time_grid`, explicit times, or a sequence of
+            them; with several, each is fitted (a multi-start search: the objective has local minima) and the
+            fit with the lowest objective is returned, its ``nfe`` counting all of them.
+        objective: "mse" (mean squared per-example error, the default), "mean", "log", or a function of the
+            (B,) per-example errors.
+        max_evals: limit on objective evaluations per start; step_size, min_step_size: the search's initial and final move
+            in theta (a move of 0.5 changes a step's share of the span by a factor e^0.5 before normalisation).
+    Returns:
+        a :class:`ScheduleFit`; pass ``fit.times`` as ``schedule=`` to :func:`sdegen.sample`.
+    """
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
+    check_finite_tensor(x_T, "x_T")
+    if x_T.ndim < 1 or x_T.shape[0] < 1:
+        raise ValueError(f"x_T must have shape (B, ...) with B >= 1; got {tuple(x_T.shape)}.")
+    if not (isinstance(steps, int) and steps >= 2):
+        raise ValueError(f"steps must be an int >= 2 (one step has no interior time to fit); got {steps!r}.")
+    if not (isinstance(max_evals, int) and max_evals >= 1):
+        raise ValueError(f"max_evals must be an int >= 1; got {max_evals!r}.")
+    if not (0.0 < min_step_size <= step_size < math.inf):
+        raise ValueError(f"need 0 < min_step_size <= step_size < inf; got {min_step_size!r}, {step_size!r}.")
+    loss_fn = _objective(objective)
+    sampler = get_sampler(method, **options) if isinstance(method, str) else get_sampler(method)
+    if not isinstance(sampler, StepSampler):
+        raise TypeError(f"method must be a fixed-step sampler (one of {sorted(SAMPLERS)} or a StepSampler); "
+                        f"got {type(sampler).__name__}.")
+    if sampler.stochastic:
+        raise ValueError(f"method {sampler!r} is stochastic: a schedule is fitted to the endpoints of a "
+                         "deterministic sampler (its ODE trajectories).")
+    counted = _CountedScore(resolve_score(score, sde))
+    with torch.no_grad():
+        ref = _reference(sde, counted, x_T, reference, t_min, reference_options)
+        starts = [init] if isinstance(init, (str, torch.Tensor)) else list(init)
+        if not starts:
+            raise ValueError("init must name at least one starting grid.")
+        fits = [_pattern_search(sde, counted, x_T, ref, sampler, steps, start, t_min, loss_fn, max_evals,
+                                step_size, min_step_size) for start in starts]
+    best = min(fits, key=lambda f: f.loss)
+    best.nfe, best.evaluations = counted.calls, sum(f.evaluations for f in fits)
+    return best
+
+
+def _objective(objective):
+    if callable(objective):
+        return objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)} or a callable; got {objective!r}.")
+    return OBJECTIVES[objective]
+
+
+def _reference(sde, counted, x_T, reference, t_min, reference_options):
+    if reference is not None:
+        check_finite_tensor(reference, "reference")
+        if reference.shape != x_T.shape:
+            raise ValueError(f"reference must have x_T's shape {tuple(x_T.shape)}; got {tuple(reference.shape)}.")
+        return reference
+    tol = 1e-9 if x_T.dtype == torch.float64 else 1e-6
+    opts = {"method": "ode", "rtol": tol, "atol": tol, **(reference_options or {})}
+    return sample(sde, counted, x_T, t_min=t_min, **opts)
+
+
+def _pattern_search(sde, counted, x_T, ref, sampler, steps, init, t_min, loss_fn, max_evals, step, min_step):
+    t_end = sde.t_min if t_min is None else float(t_min)
+    lam_ends = sde.log_snr(torch.tensor([sde.T, t_end], dtype=torch.float64))
+    lam0 = sde.log_snr(time_grid(sde, steps, init, t_min=t_end))
+    if len(lam0) != steps + 1:
+        raise ValueError(f"init has {len(lam0) - 1} steps but steps={steps}.")
+    theta = torch.log((lam0[1:] - lam0[:-1]) / (lam_ends[1] - lam_ends[0]))
+
+    def grid(th):
+        shares = torch.cat([th.new_zeros(1), torch.softmax(th, 0).cumsum(0)])
+        ts = sde.t_from_log_snr(lam_ends[0] + shares * (lam_ends[1] - lam_ends[0]))
+        ts[0], ts[-1] = sde.T, t_end
+        return ts
+
+    def loss(th):
+        ts = grid(th)
+        if bool((ts[1:] >= ts[:-1]).any()):  # steps below float64 resolution: not a usable grid
+            return math.inf
+        x = sample(sde, counted, x_T, method=sampler, schedule=ts)
+        e = (x - ref).reshape(x.shape[0], -1).double().norm(dim=1)
+        return float(loss_fn(e))
+
+    best = initial = loss(theta)
+    evals, history = 1, [best]
+    # moves: one step's share up or down (the others rescale), or one grid time moved between its neighbours
+    moves = [(i, None) for i in range(steps)] + [(i, i + 1) for i in range(steps - 1)]
+    while step >= min_step and evals < max_evals:
+        improved = False
+        for i, j in moves:
+            for sign in (1.0, -1.0):
+                if evals >= max_evals:
+                    break
+                trial = theta.clone()
+                trial[i] += sign * step
+                if j is not None:
+                    trial[j] -= sign * step
+                value = loss(trial)
+                evals += 1
+                if value < best:
+                    best, theta, improved = value, trial, True
+                    history.append(best)
+                    break
+        if not improved:
+            step *= 0.5
+    return ScheduleFit(times=grid(theta), loss=best, initial_loss=initial, evaluations=evals, nfe=counted.calls,
+                       history=history)
