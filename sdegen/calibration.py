@@ -56,8 +56,9 @@ class ScheduleFit:
 
 def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, StepSampler] = "exp_pc",
                       steps: int = 10, reference: Optional[torch.Tensor] = None,
-                      init: Union[str, torch.Tensor, Sequence[Union[str, torch.Tensor]]] = ("few_step", "log_snr", "edm"),
-                      objective: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "mse",
+                      init: Union[str, torch.Tensor, Sequence[Union[str, torch.Tensor]]] = (
+                          "few_step", "log_snr", "edm"),
+                      objective: Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = "mse",
                       t_min: Optional[float] = None, max_evals: int = 2000, step_size: float = 0.5,
                       min_step_size: float = 0.02, reference_options: Optional[Dict[str, Any]] = None,
                       subset: Optional[int] = None, seed: int = 0, **options) -> ScheduleFit:
@@ -89,25 +90,14 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
             disagree most, plus subset - subset // 2 of the others drawn at random (``seed``) and weighted up to
             stand for all of them: the weighted objective estimates the objective of all B points, with less
             variance where it matters. Only the subset needs a reference solve.
-        max_evals: limit on objective evaluations per start; step_size, min_step_size: the search's initial and final move
-            in theta (a move of 0.5 changes a step's share of the span by a factor e^0.5 before normalisation).
+        max_evals: limit on objective evaluations per start.
+        step_size, min_step_size: the search's initial and final move in theta (a move of 0.5 changes a step's
+            share of the span by a factor e^0.5 before normalisation).
     Returns:
         a :class:`ScheduleFit`; pass ``fit.times`` as ``schedule=`` to :func:`sdegen.sample`.
     """
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
-    check_finite_tensor(x_T, "x_T")
-    if x_T.ndim < 1 or x_T.shape[0] < 1:
-        raise ValueError(f"x_T must have shape (B, ...) with B >= 1; got {tuple(x_T.shape)}.")
-    if not (isinstance(steps, int) and steps >= 2):
-        raise ValueError(f"steps must be an int >= 2 (one step has no interior time to fit); got {steps!r}.")
-    if not (isinstance(max_evals, int) and max_evals >= 1):
-        raise ValueError(f"max_evals must be an int >= 1; got {max_evals!r}.")
-    if not (0.0 < min_step_size <= step_size < math.inf):
-        raise ValueError(f"need 0 < min_step_size <= step_size < inf; got {min_step_size!r}, {step_size!r}.")
+    _check_args(sde, x_T, steps, reference, max_evals, step_size, min_step_size, subset)
     loss_fn = _objective(objective)
-    if subset is not None and not (isinstance(subset, int) and 2 <= subset):
-        raise ValueError(f"subset must be an int >= 2 or None; got {subset!r}.")
     starts = [init] if isinstance(init, (str, torch.Tensor)) else list(init)
     if not starts:
         raise ValueError("init must name at least one starting grid.")
@@ -118,10 +108,6 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     if sampler.stochastic:
         raise ValueError(f"method {sampler!r} is stochastic: a schedule is fitted to the endpoints of a "
                          "deterministic sampler (its ODE trajectories).")
-    if reference is not None:
-        check_finite_tensor(reference, "reference")
-        if reference.shape != x_T.shape:
-            raise ValueError(f"reference must have x_T's shape {tuple(x_T.shape)}; got {tuple(reference.shape)}.")
     counted = _CountedScore(resolve_score(score, sde))
     with torch.no_grad():
         weights = torch.full((x_T.shape[0],), 1.0 / x_T.shape[0], dtype=torch.float64, device=x_T.device)
@@ -134,6 +120,26 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     best = min(fits, key=lambda f: f.loss)
     best.nfe, best.evaluations = counted.calls, sum(f.evaluations for f in fits)
     return best
+
+
+def _check_args(sde, x_T, steps, reference, max_evals, step_size, min_step_size, subset):
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
+    check_finite_tensor(x_T, "x_T")
+    if x_T.ndim < 1 or x_T.shape[0] < 1:
+        raise ValueError(f"x_T must have shape (B, ...) with B >= 1; got {tuple(x_T.shape)}.")
+    if not (isinstance(steps, int) and steps >= 2):
+        raise ValueError(f"steps must be an int >= 2 (one step has no interior time to fit); got {steps!r}.")
+    if reference is not None:
+        check_finite_tensor(reference, "reference")
+        if reference.shape != x_T.shape:
+            raise ValueError(f"reference must have x_T's shape {tuple(x_T.shape)}; got {tuple(reference.shape)}.")
+    if not (isinstance(max_evals, int) and max_evals >= 1):
+        raise ValueError(f"max_evals must be an int >= 1; got {max_evals!r}.")
+    if not (0.0 < min_step_size <= step_size < math.inf):
+        raise ValueError(f"need 0 < min_step_size <= step_size < inf; got {min_step_size!r}, {step_size!r}.")
+    if subset is not None and not (isinstance(subset, int) and 2 <= subset):
+        raise ValueError(f"subset must be an int >= 2 or None; got {subset!r}.")
 
 
 def _objective(objective):
