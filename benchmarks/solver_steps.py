@@ -58,7 +58,7 @@ SDEGEN = {
     "sa_solver-3/4 tau=0.7 (few_step)": ("sa_solver", {"tau": 0.7}, "few_step", 1, True),
 }
 # deterministic samplers on step schedules fitted by sdegen.optimize_schedule (MSE objective, search started from
-# the few_step grid) on CAL_SUBSET points screened from CAL_POOL calibration starting points of their own (seed 11),
+# the few_step grid, or from the fitted grid of half the NFE refined) on CAL_SUBSET points screened from CAL_POOL calibration starting points of their own (seed 11),
 # at the NFE in CAL_NFE
 CALIBRATED = {
     "exp_pc-2 (calibrated)": ("exp_pc", {"order": 2}),
@@ -195,9 +195,11 @@ def calibrate(mix, sde, nfes, log):
     specs, fits = {}, []
     for name, (method, opts) in CALIBRATED.items():
         grids = {}
-        for nfe in nfes:
+        for nfe in sorted(nfes):
             t0 = time.time()
-            fit = sdegen.optimize_schedule(sde, mix, x_cal, method=method, steps=nfe, init="few_step",
+            # coarse to fine: a grid of twice the steps starts from the fitted coarse one, each step split in two
+            init = sdegen.refine_grid(sde, grids[nfe // 2], 2) if nfe % 2 == 0 and nfe // 2 in grids else "few_step"
+            fit = sdegen.optimize_schedule(sde, mix, x_cal, method=method, steps=nfe, init=init,
                                            subset=CAL_SUBSET, **opts)
             grids[nfe] = fit.times
             fits.append({"sampler": name, "nfe": nfe, "sigmas": [round(v, 4) for v in sde.sigma(fit.times).tolist()],
@@ -290,7 +292,8 @@ def markdown(rows, adaptive_rows, summary, fits=()):
         lines += ["", "## Calibrated schedules (sdegen.calibration.optimize_schedule)", "",
                   f"Fitted on {fits[0]['calibration_points']} calibration starting points (seed 11; screened: half "
                   "where the sampler at N and 2N steps disagree most, half at random, weighted), MSE objective, "
-                  "pattern search from the few_step grid; the endpoint rows below are measured on other points. "
+                  "pattern search from the few_step grid at NFE 10 and from the NFE-10 fit with every step halved in "
+                  "log-SNR at NFE 20; the endpoint rows below are measured on other points. "
                   "Cost: score calls, each on the calibration batch (the screening's on the whole pool).", "",
                   "| problem | sde | sampler | NFE | calibration MSE (start -> fitted) | runs | score calls | seconds "
                   "| sigma = s/m at the grid |", "|---|---|---|---|---|---|---|---|---|"]
@@ -400,6 +403,8 @@ def main():
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-only", action="store_true", help="re-render the tables and plots from the JSON")
+    parser.add_argument("--only", default=None, metavar="PROBLEM/SDE",
+                        help="re-run one panel of the full run (e.g. mix16/vp) and replace its rows in the JSON")
     args = parser.parse_args()
     if sdegen.distributed.launched_rank() != 0:
         return  # the timings are of one process: under torchrun only rank 0 runs and writes
@@ -428,10 +433,21 @@ def main():
         plan = [("ring", "vp", NFE_GRID, (10, 20), 2000, 20_000, True),
                 ("mix16", "vp", NFE_GRID[:5], (20,), 8000, 20_000, True)]
         plan += [(p, s, (10, 20, 50), (20,), 1000, 20_000, False) for p in PROBLEMS for s in ("subvp", "ve")]
+    if args.only:
+        plan = [p for p in plan if f"{p[0]}/{p[1]}" == args.only]
+        if not plan or args.quick:
+            raise SystemExit(f"--only takes one PROBLEM/SDE panel of the full run; got {args.only!r}")
     for pname, sname, nfes, dist, n_end, n_dist, full in plan:
         new_rows, new_fits = bench_problem(pname, sname, nfes, dist, n_end, n_dist, with_diffusers and full, log,
                                            calibrated=full and not args.quick)
         rows, fits = rows + new_rows, fits + new_fits
+    if args.only:  # merge into the last full run
+        data = json.loads((RESULTS / "solver_steps.json").read_text())
+        keep = lambda r: f"{r['problem']}/{r['sde']}" != args.only
+        rows = [r for r in data["rows"] if keep(r)] + rows
+        fits = [f for f in data.get("calibration", []) if keep(f)] + fits
+        write_reports(rows, data["adaptive"], "", data["seconds"], True, fits)
+        return
     adaptive_rows = adaptive_vs_dopri5(500 if args.quick else 1000, log)
     write_reports(rows, adaptive_rows, "_quick" if args.quick else "", time.time() - start, not args.quick, fits)
     log("done")

@@ -43,3 +43,4 @@ from .distributed import init_distributed, log_likelihood_sharded, sample_sharde
 # --- step schedules fitted to a model (issue 3): sdegen/calibration.py ---
 from . import calibration
 from .calibration import ScheduleFit, optimize_schedule
+from .schedules import refine_grid

@@ -77,6 +77,21 @@ def few_step_log_snr(lam_ends: torch.Tensor, steps: int, sigma_jump: float = 10.
     return torch.cat([head[:-1], lam_jump + f * (lam_ends[1] - lam_jump)])
 
 
+def refine_grid(sde: SDE, ts: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """Split every step of the grid ``ts`` into ``factor`` equal steps in log-SNR: a grid of
+    factor * (len(ts) - 1) steps through all of the old times (a warm start for fitting a finer grid with
+    :func:`sdegen.optimize_schedule`, coarse to fine)."""
+    ts = check_grid(sde, ts)
+    if not (isinstance(factor, int) and factor >= 1):
+        raise ValueError(f"factor must be an int >= 1; got {factor!r}.")
+    lam = sde.log_snr(ts)
+    frac = torch.arange(factor, dtype=torch.float64) / factor
+    fine = (lam[:-1, None] + frac * (lam[1:] - lam[:-1])[:, None]).reshape(-1)
+    out = sde.t_from_log_snr(fine)
+    out[::factor] = ts[:-1]  # the old times exactly, despite round-off in the inverse map
+    return torch.cat([out, ts[-1:]])
+
+
 def check_grid(sde: SDE, ts: torch.Tensor) -> torch.Tensor:
     """Validate an explicit time grid: 1-D, at least two times, strictly decreasing, inside (0, T]."""
     ts = torch.as_tensor(ts).detach().to(device="cpu", dtype=torch.float64)
