@@ -50,6 +50,20 @@ def _t_at(ctx: Context, u: float) -> torch.Tensor:
     return ctx.sde._t_from_log_snr(torch.tensor(2.0 * u, dtype=torch.float64))
 
 
+def _scaled_denoise(ctx: Context, x: torch.Tensor, t: torch.Tensor, s: float) -> torch.Tensor:
+    """m D = x + s^2 score (one NFE). Multistep samplers keep it with 1/m in their history, (u, m D, 1/m), and
+    fold 1/m into the step's weights: D itself is never formed, one tensor operation less per step."""
+    return torch.add(x, ctx.score(x, t), alpha=s * s)
+
+
+def _add_weighted(out: torch.Tensor, weights: List[float], past: List[Tuple[float, torch.Tensor, float]],
+                  m2: float) -> torch.Tensor:
+    """out + m' sum_i w_i D_i, accumulated in place into ``out``, for history entries (u_i, m_i D_i, 1/m_i)."""
+    for w, (_, md, inv_m) in zip(weights, past):
+        out = out.add_(md, alpha=m2 * w * inv_m)
+    return out
+
+
 def _denoise(ctx: Context, x: torch.Tensor, t: torch.Tensor, m: float, s: float) -> torch.Tensor:
     """Tweedie's D = (x + s^2 score) / m (one NFE)."""
     return torch.add(x, ctx.score(x, t), alpha=s * s).div_(m)
@@ -310,14 +324,11 @@ class DPMSolverPP(StepSampler):
     def step(self, ctx, x, t, t_next, state):
         m, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
-        # the history keeps (u, m D = x + s^2 score, 1/m): D itself is never formed, one tensor operation less
-        hist = (state["hist"] + [(u, torch.add(x, ctx.score(x, t), alpha=s * s), 1.0 / m)])[-self.order:]
+        hist = (state["hist"] + [(u, _scaled_denoise(ctx, x, t, s), 1.0 / m)])[-self.order:]
         use = hist[-1:] if self.lower_order_final and state["left"] == 1 and state["total"] < 15 else hist
         weights = exp_poly_weights([v - u for v, _, _ in reversed(use)], u2 - u, self.order == 2)
         # x' = (s'/s) x + m' int_0^h e^{-(h-r)} D(r) dr
-        x_next = torch.mul(x, s2 / s)
-        for w, (_, md, inv_m) in zip(weights, reversed(use)):
-            x_next = x_next.add_(md, alpha=m2 * w * inv_m)
+        x_next = _add_weighted(torch.mul(x, s2 / s), weights, list(reversed(use)), m2)
         return x_next, {"hist": hist, "left": state["left"] - 1, "total": state["total"]}
 
     def __repr__(self) -> str:
@@ -345,8 +356,7 @@ class ExponentialPC(StepSampler):
     def start(self, ctx, x, ts):
         _cache_grid(ctx, ts)
         m, s, u = _point(ctx, ts[0])
-        # the history keeps (u, m D = x + s^2 score, 1/m): D itself is never formed, one tensor operation less
-        return {"hist": [(u, torch.add(x, ctx.score(x, ts[0]), alpha=s * s), 1.0 / m)], "t_last": float(ts[-1])}
+        return {"hist": [(u, _scaled_denoise(ctx, x, ts[0], s), 1.0 / m)], "t_last": float(ts[-1])}
 
     def step(self, ctx, x, t, t_next, state):
         _, s, u = _point(ctx, t)
@@ -357,17 +367,14 @@ class ExponentialPC(StepSampler):
         ms = exp_moments(h, len(nodes) + 1)  # the predictor uses the first len(nodes) of the corrector's moments
         # x' = (s'/s) x + m' int_0^h e^{-(h-r)} P(r) dr, P through the denoised values (see exp_poly_integral)
         base = torch.mul(x, s2 / s)
-        terms = [(m2 * w * inv_m, md) for w, (_, md, inv_m) in zip(_moment_weights(nodes, ms[:-1]), past)]
-        x_pred = torch.add(base, terms[0][1], alpha=terms[0][0])
-        for a, md in terms[1:]:
-            x_pred = x_pred.add_(md, alpha=a)
+        weights = _moment_weights(nodes, ms[:-1])
+        first = torch.add(base, past[0][1], alpha=m2 * weights[0] * past[0][2])  # base is kept for the corrector
+        x_pred = _add_weighted(first, weights[1:], past[1:], m2)
         if float(t_next) == state["t_last"]:
             return x_pred, state
-        md_new = torch.add(x_pred, ctx.score(x_pred, t_next), alpha=s2 * s2)
-        past = [(u2, md_new, 1.0 / m2)] + past
-        x_next = base  # no longer needed as the predictor's base: the corrector accumulates in place
-        for w, (_, md, inv_m) in zip(_moment_weights([h] + nodes, ms), past):
-            x_next = x_next.add_(md, alpha=m2 * w * inv_m)
+        past = [(u2, _scaled_denoise(ctx, x_pred, t_next, s2), 1.0 / m2)] + past
+        # base is no longer needed by the predictor: the corrector accumulates into it in place
+        x_next = _add_weighted(base, _moment_weights([h] + nodes, ms), past, m2)
         return x_next, {"hist": (hist + [past[0]])[-self.order:], "t_last": state["t_last"]}
 
     def total_nfe(self, steps: int) -> int:
@@ -403,8 +410,7 @@ class DPMSolverPP2MSDE(StepSampler):
         m, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
         h = u2 - u
-        # m D = x + s^2 score is kept with 1/m (D itself is never formed: one tensor operation less per step)
-        md = torch.add(x, ctx.score(x, t), alpha=s * s)
+        md = _scaled_denoise(ctx, x, t, s)  # kept with 1/m, as in the multistep samplers' history
         w = -math.expm1(-(1.0 + self.eta) * h)
         # x' = m' y' with m'/m = (s'/s) e^h: the y coefficient e^{-c h} becomes (s'/s) e^{-eta h};
         # the midpoint correction adds r (D - D_prev), r = h / (2 h_prev), from the previous denoised value
