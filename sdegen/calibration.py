@@ -86,7 +86,8 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
         subset: fit on this many of the B points, chosen by screening (see below); None fits on all of them.
             The MSE at a small NFE is decided by the rare points that change mode, so a plain random batch
             gives a noisy objective. Screening runs the sampler on all B points with the first initial grid at
-            ``steps`` and ``2 steps`` (3 steps NFE per point) and takes the subset // 2 points on which they
+            ``steps`` and ``2 steps`` (3 steps NFE per point; an explicit first grid is screened on the log-SNR
+            grids instead, which only has to rank the points) and takes the subset // 2 points on which they
             disagree most, plus subset - subset // 2 of the others drawn at random (``seed``) and weighted up to
             stand for all of them: the weighted objective estimates the objective of all B points, with less
             variance where it matters. Only the subset needs a reference solve.
@@ -155,8 +156,8 @@ def _screen(sde, counted, x_T, sampler, steps, init, t_min, subset, seed):
     sampler at ``steps`` and ``2 steps`` disagree most (weight 1/B each), and a seeded random draw of the rest
     (each standing for (B - k) / (subset - k) points)."""
     n = x_T.shape[0]
-    coarse = sample(sde, counted, x_T, method=sampler, steps=steps, schedule=_init_schedule(init, steps), t_min=t_min)
-    fine = sample(sde, counted, x_T, method=sampler, steps=2 * steps, schedule=_init_schedule(init, 2 * steps),
+    coarse = sample(sde, counted, x_T, method=sampler, steps=steps, schedule=_init_schedule(init), t_min=t_min)
+    fine = sample(sde, counted, x_T, method=sampler, steps=2 * steps, schedule=_init_schedule(init),
                   t_min=t_min)
     gap = (coarse - fine).reshape(n, -1).double().norm(dim=1).cpu()
     k = subset // 2
@@ -170,8 +171,8 @@ def _screen(sde, counted, x_T, sampler, steps, init, t_min, subset, seed):
     return index.to(x_T.device), weights.to(x_T.device)
 
 
-def _init_schedule(init, steps):
-    # an explicit initial grid fixes its step count: screening at 2 steps then uses the log-SNR grid
+def _init_schedule(init):
+    # screening only ranks the points: an explicit initial grid is screened on the log-SNR grids of N and 2N steps
     return init if isinstance(init, str) else "log_snr"
 
 

@@ -52,22 +52,27 @@ def _rms(x, ref):
     return (x - ref).pow(2).sum(1).mean().sqrt().item()
 
 
-@pytest.mark.parametrize("method,opts,order,per_step", DETERMINISTIC)
-@pytest.mark.parametrize("sde_name", ["vp", "ve"])
-def test_convergence_order(sde_name, method, opts, order, per_step):
-    """Slope of log RMS endpoint error against log NFE is the method's order (within 0.3) in its asymptotic
-    regime (40-160 steps, or 80-320 where the leading error term takes longer to dominate)."""
+def _observed_order(sde_name, method, steps_list, **opts):
+    """Least-squares slope of log RMS endpoint error (on the log-SNR grid) against log NFE, negated."""
     x_T, ref = _start_and_reference(sde_name)
     log_nfe, log_err = [], []
-    for steps in REGIME.get(method, REGIME.get((method, order), (40, 80, 160))):
+    for steps in steps_list:
         x, info = sdegen.sample(SDES[sde_name], RING, x_T, method=method, steps=steps, schedule="log_snr",
                                 return_info=True, **opts)
         log_nfe.append(math.log(info.nfe))
         log_err.append(math.log(_rms(x, ref)))
     n = torch.tensor(log_nfe, dtype=torch.float64)
     e = torch.tensor(log_err, dtype=torch.float64)
-    slope = -((n - n.mean()) * (e - e.mean())).sum() / ((n - n.mean()) ** 2).sum()
-    assert abs(float(slope) - order) <= 0.3, f"{method}{opts} on {sde_name}: slope {float(slope):.2f}, order {order}"
+    return float(-((n - n.mean()) * (e - e.mean())).sum() / ((n - n.mean()) ** 2).sum())
+
+
+@pytest.mark.parametrize("method,opts,order,per_step", DETERMINISTIC)
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_convergence_order(sde_name, method, opts, order, per_step):
+    """Slope of log RMS endpoint error against log NFE is the method's order (within 0.3) in its asymptotic
+    regime (40-160 steps, or 80-320 where the leading error term takes longer to dominate)."""
+    slope = _observed_order(sde_name, method, REGIME.get(method, REGIME.get((method, order), (40, 80, 160))), **opts)
+    assert abs(slope - order) <= 0.3, f"{method}{opts} on {sde_name}: slope {slope:.2f}, order {order}"
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))
@@ -288,17 +293,8 @@ def test_sa_solver_deterministic_limit_order(opts, order, regime):
     corrector through one weight of size O(h); corrector_order = predictor_order + 1 is "exp_pc", tested above),
     or predictor_order without corrector (here the exact linear rule, not 2M's midpoint); slope within 0.3 (the
     third-order corrector reaches its asymptotic regime only past 160 steps: slopes 3.8, 4.5 below it)."""
-    x_T, ref = _start_and_reference("vp")
-    log_nfe, log_err = [], []
-    for steps in regime:
-        x, info = sdegen.sample(SDES["vp"], RING, x_T, method="sa_solver", tau=0.0, steps=steps, schedule="log_snr",
-                                return_info=True, **opts)
-        log_nfe.append(math.log(info.nfe))
-        log_err.append(math.log(_rms(x, ref)))
-    n = torch.tensor(log_nfe, dtype=torch.float64)
-    e = torch.tensor(log_err, dtype=torch.float64)
-    slope = -((n - n.mean()) * (e - e.mean())).sum() / ((n - n.mean()) ** 2).sum()
-    assert abs(float(slope) - order) <= 0.3, f"{opts}: slope {float(slope):.2f}, order {order}"
+    slope = _observed_order("vp", "sa_solver", regime, tau=0.0, **opts)
+    assert abs(slope - order) <= 0.3, f"{opts}: slope {slope:.2f}, order {order}"
 
 
 @pytest.mark.parametrize("method,opts", NEW_STOCHASTIC)
