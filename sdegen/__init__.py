@@ -1,46 +1,77 @@
 """sdegen: score-based generative modelling through SDEs, in PyTorch.
 
-Public names: the forward SDEs (:class:`SDE`, :class:`VPSDE`, :class:`SubVPSDE`, :class:`VESDE`), the score-model
-wrapper (:class:`ScoreModel`), the sampling entry point (:func:`sample`) and its samplers, time grids, and the
-exact Gaussian-mixture oracle (:mod:`sdegen.analytic`).
+The public namespace, by concept:
+
+- forward SDEs, each the pair (m(t), s(t)) of its Gaussian kernel: :class:`SDE` (the contract a user SDE
+  implements), :class:`VPSDE`, :class:`CosineVPSDE`, :class:`SubVPSDE`, :class:`VESDE`, :class:`EDMSDE`,
+  :class:`FlowSDE`, :class:`DiscreteVPSDE`;
+- models: :class:`Model` (the contract samplers see: score and denoiser), :class:`ScoreModel` (a network and what it
+  predicts), and adapters for diffusers, k-diffusion/EDM and score_sde networks (:mod:`sdegen.adapters`);
+- sampling: :func:`sample`, the samplers of :mod:`sdegen.samplers`, time grids (:func:`time_grid`) and grids fitted
+  to a model (:func:`optimize_schedule`);
+- likelihoods: :func:`log_likelihood`, :func:`bits_per_dim`, divergence estimators;
+- training: losses, :func:`train`, checkpoints, reference networks (:mod:`sdegen.nets`);
+- guidance: classifier and classifier-free guidance, inpainting;
+- the exact Gaussian-mixture oracle (:class:`GaussianMixture`);
+- runs over several processes (:mod:`sdegen.distributed`).
 """
 
-from . import analytic, backends, noise, samplers, schedules
+from .sde import SDE, VESDE, CosineVPSDE, DiscreteVPSDE, EDMSDE, FlowSDE, ProbabilityFlowODE, ReverseSDE, SubVPSDE, VPSDE
+from .models import Model, ScoreModel, as_model, output_to_score, score_to_x0
+from . import samplers
+from .samplers import (SAMPLERS, DDIM, Ancestral, AnnealedLangevin, AdaptiveExponential, AdaptiveMultistep, Context,
+                       DPMSolver, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, Euler, EulerMaruyama, ExponentialPC,
+                       Heun, ODESolver, PredictorCorrector, ReverseDiffusion, SASolver, SDESolver, Solver, StepSampler,
+                       get_sampler, register_sampler)
+from . import analytic, backends, noise, schedules
 from .analytic import GaussianMixture
-from .backends import ODESolver, PerExampleBrownian, SDESolver
+from .backends import PerExampleBrownian
 from .noise import GeneratorNoise, Noise, make_seeds
-from .samplers import (SAMPLERS, Ancestral, AnnealedLangevin, Context, Euler, EulerMaruyama, PredictorCorrector,
-                       ReverseDiffusion, StepSampler, get_sampler, register_sampler)
 from .sampling import SampleInfo, sample
-from .schedules import time_grid
-from .score import ScoreModel, output_to_score, score_to_x0
-from .sde import SDE, VESDE, ProbabilityFlowODE, ReverseSDE, SubVPSDE, VPSDE
-
-__version__ = "0.1.0"
-
-# --- fast and adaptive samplers (issue 3: sdegen/fast_samplers.py, sdegen/adaptive.py) ---
-from . import adaptive, fast_samplers
-from .adaptive import AdaptiveExponential, AdaptiveMultistep
-from .fast_samplers import DDIM, DPMSolver, DPMSolverPP, DPMSolverPP2MSDE, ExponentialPC, Heun
-
-# --- issue 5: losses, nets, training, guidance ---
+from .schedules import refine_grid, time_grid
+from . import adaptive, fast_samplers, score  # module paths kept for existing imports
 from . import guidance, losses, nets, training
 from .guidance import (ClassifierFreeGuidedScore, ClassifierGuidedScore, Inpaint, MixtureClassifier,
                        classifier_free_guidance, classifier_guidance, inpaint)
 from .losses import classifier_loss, ddpm_loss, drop_labels, dsm_loss, sample_time, sliced_score_matching_loss
 from .nets import MLP, ConvClassifier, UNet
 from .training import EMA, load_checkpoint, save_checkpoint, train
-
-# --- likelihood (issue 4): sdegen/likelihood.py, sdegen/divergence.py ---
 from . import divergence, likelihood
 from .divergence import divergence_exact, divergence_hutchinson, make_probes
 from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood
-
-# --- distributed (issue 6): sdegen/distributed.py ---
 from . import distributed
 from .distributed import init_distributed, log_likelihood_sharded, sample_sharded, train_ddp
-
-# --- step schedules fitted to a model (issue 3): sdegen/calibration.py ---
 from . import calibration
 from .calibration import ScheduleFit, optimize_schedule
-from .schedules import refine_grid
+
+__version__ = "0.2.0"
+
+__all__ = [
+    # SDEs
+    "SDE", "VPSDE", "CosineVPSDE", "SubVPSDE", "VESDE", "EDMSDE", "FlowSDE", "DiscreteVPSDE", "ReverseSDE",
+    "ProbabilityFlowODE",
+    # models
+    "Model", "ScoreModel", "as_model", "output_to_score", "score_to_x0",
+    # sampling
+    "sample", "SampleInfo", "time_grid", "refine_grid", "optimize_schedule", "ScheduleFit", "SAMPLERS",
+    "get_sampler", "register_sampler", "StepSampler", "Solver", "Context", "Euler", "EulerMaruyama",
+    "ReverseDiffusion", "Ancestral", "PredictorCorrector", "AnnealedLangevin", "DDIM", "Heun", "DPMSolver",
+    "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver", "AdaptiveExponential",
+    "AdaptiveMultistep", "ODESolver", "SDESolver", "PerExampleBrownian", "Noise", "GeneratorNoise", "make_seeds",
+    # likelihood
+    "log_likelihood", "LikelihoodResult", "bits_per_dim", "dequantize", "divergence_exact", "divergence_hutchinson",
+    "make_probes",
+    # training
+    "dsm_loss", "ddpm_loss", "sliced_score_matching_loss", "classifier_loss", "drop_labels", "sample_time", "train",
+    "EMA", "save_checkpoint", "load_checkpoint", "MLP", "UNet", "ConvClassifier",
+    # guidance
+    "classifier_guidance", "classifier_free_guidance", "ClassifierGuidedScore", "ClassifierFreeGuidedScore",
+    "Inpaint", "inpaint", "MixtureClassifier",
+    # oracle
+    "GaussianMixture",
+    # distributed
+    "init_distributed", "sample_sharded", "log_likelihood_sharded", "train_ddp",
+    # modules
+    "samplers", "analytic", "backends", "noise", "schedules", "guidance", "losses", "nets", "training", "divergence",
+    "likelihood", "distributed", "calibration",
+]

@@ -89,16 +89,3 @@ def check_finite_tensor(x: torch.Tensor, name: str = "x") -> None:
 def flat_norm(x: torch.Tensor) -> torch.Tensor:
     """Per-example Euclidean norm of a (B, ...) tensor, shape (B,)."""
     return x.reshape(x.shape[0], -1).norm(dim=1)
-
-
-def resolve_score(score, sde):
-    """Turn whatever the caller passed as a score into a callable ``score(x, t)`` with t of shape (B,).
-
-    Accepted: a plain callable, a :class:`sdegen.ScoreModel`, or an object with ``score_fn(sde)``
-    (such as :class:`sdegen.analytic.GaussianMixture`, whose exact score depends on the SDE).
-    """
-    if hasattr(score, "score_fn"):
-        return score.score_fn(sde)
-    if callable(score):
-        return score
-    raise TypeError(f"score must be a callable score(x, t) or an object with score_fn(sde); got {type(score).__name__}.")

@@ -86,11 +86,11 @@ class GaussianMixture:
             return one, torch.zeros(1, dtype=torch.float64)
         if sde is None:
             raise ValueError("sde must be given with t (the marginal at time t depends on the SDE).")
-        t = sde._time(t)
+        t = sde.check_time(t)
         if x is not None:
             check_batch(t, x)
         t = t.to(torch.float64).reshape(-1)
-        return torch.exp(sde._log_mean_coeff(t)), sde._std(t) ** 2
+        return torch.exp(sde.log_mean_coeff(t)), sde.std(t) ** 2
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         check_finite_tensor(x)

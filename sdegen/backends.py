@@ -17,7 +17,8 @@ import torchsde
 from torchdiffeq._impl.odeint import SOLVERS as _ODE_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
-from .noise import Noise, normal_from_seeds
+from .noise import normal_from_seeds
+from .samplers.base import Context, Solver
 from .sde import ProbabilityFlowODE
 
 ODE_METHODS = tuple(sorted(m for m in _ODE_SOLVERS if m != "scipy_solver"))
@@ -58,7 +59,7 @@ class _ODEFunc(torch.nn.Module):
         return self.ode(t, x)
 
 
-class ODESolver:
+class ODESolver(Solver):
     """Probability-flow ODE through ``torchdiffeq.odeint`` (adaptive dopri5 by default).
 
     Args:
@@ -85,9 +86,10 @@ class ODESolver:
         self.adaptive = is_adaptive_ode_method(solver)
         self.default_steps = None if self.adaptive else 100
 
-    def solve(self, sde, score, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int], noise: Optional[Noise]
+    def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
               ) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """Integrate from ts[0] to ts[-1]; returns (states at every ts (len(ts), B, ...), final state, steps)."""
+        sde, score = ctx.sde, ctx.score
         lo, hi = float(ts.min()), float(ts.max())
         func = _ODEFunc(ProbabilityFlowODE(sde, score, t_clamp=(lo, hi)), self.solver)
         t = ts.to(device=x.device)
@@ -191,7 +193,7 @@ class PerExampleBrownian(torchsde.BaseBrownian):
         return "none"
 
 
-class SDESolver:
+class SDESolver(Solver):
     """Reverse-time SDE through ``torchsde.sdeint`` (Euler-Maruyama by default).
 
     Args:
@@ -213,7 +215,9 @@ class SDESolver:
         self.options = dict(options or {})
         self.default_steps = 1000
 
-    def solve(self, sde, score, x, ts, steps, noise):
+    def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
+              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        sde, score, noise = ctx.sde, ctx.score, ctx.noise
         B = x.shape[0]
         event_shape = x.shape[1:]
         rsde = sde.reverse(score, event_shape=event_shape)

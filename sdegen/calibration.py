@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ._util import check_finite_tensor, resolve_score
+from ._util import check_finite_tensor
+from .models import resolve_score
 from .samplers import SAMPLERS, StepSampler, get_sampler
 from .sampling import _CountedScore, sample
 from .schedules import time_grid
@@ -103,6 +104,10 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     if not starts:
         raise ValueError("init must name at least one starting grid.")
     sampler = get_sampler(method, **options) if isinstance(method, str) else get_sampler(method)
+    if isinstance(method, str) and not isinstance(sampler, StepSampler):
+        steppers = sorted(k for k, v in SAMPLERS.items() if isinstance(v, type) and issubclass(v, StepSampler))
+        raise ValueError(f"unknown method {method!r} for a fitted grid: it needs a fixed-step sampler, one of "
+                         f"{steppers}.")
     if not isinstance(sampler, StepSampler):
         raise TypeError(f"method must be a fixed-step sampler (one of {sorted(SAMPLERS)} or a StepSampler); "
                         f"got {type(sampler).__name__}.")

@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ._util import bcast, check_finite_tensor, resolve_score
+from ._util import bcast, check_finite_tensor
+from .models import resolve_score
 from .analytic import GaussianMixture
 from .samplers import StepSampler, get_sampler, register_sampler
 from .sde import SDE

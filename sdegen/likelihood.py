@@ -21,7 +21,8 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from ._util import batch_time, check_finite_tensor, resolve_score
+from ._util import batch_time, check_finite_tensor
+from .models import as_model
 from .backends import solve_augmented
 from .divergence import (PROBE_KINDS, check_differentiable_output, divergence_exact, divergence_hutchinson,
                          make_probes)
@@ -64,12 +65,13 @@ class _AugmentedFlow(torch.nn.Module):
     def __init__(self, sde: SDE, score: Callable, event_shape: Tuple[int, ...], t_lo: float, t_hi: float,
                  probes: Optional[torch.Tensor], chunk_size: Optional[int]):
         super().__init__()
-        self.sde, self.score, self.event_shape = sde, score, event_shape
+        # the model is a submodule, so that adjoint solves find its parameters
+        self.sde, self.model, self.event_shape = sde, as_model(score, sde), event_shape
         self.t_lo, self.t_hi, self.probes, self.chunk_size = t_lo, t_hi, probes, chunk_size
 
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = check_differentiable_output(self.score(x, batch_time(t, x).to(x.dtype)), x, "score(x, t)")
-        return self.sde._reverse_drift(x, t, s, 0.5)
+        s = check_differentiable_output(self.model.score(x, batch_time(t, x).to(x.dtype)), x, "score(x, t)")
+        return self.sde.reverse_drift(x, t, s, True)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # solvers probe past the interval's end; the score is only asked for times inside [t_min, T]
@@ -165,7 +167,7 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
     probe_vs = None
     if divergence == "hutchinson":
         probe_vs = make_probes(x.shape, probes, noise, seed=seeds, dtype=x.dtype, device=x.device)
-    field = _AugmentedFlow(sde, resolve_score(score, sde), event_shape, t_lo, t_hi, probe_vs, chunk_size)
+    field = _AugmentedFlow(sde, score, event_shape, t_lo, t_hi, probe_vs, chunk_size)
     with torch.set_grad_enabled(adjoint and torch.is_grad_enabled()):
         src = data if adjoint else data.detach()
         y0 = torch.cat([src.reshape(B, D), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], dim=1)

@@ -77,7 +77,7 @@ def sample_time(sde: SDE, n: int, *, generator: Gen = None, importance: bool = F
     lam = sde.log_snr(ends)
     Z = lam[0] - lam[1]  # int g^2 / s^2 dt over [t_min, T]
     t = sde.t_from_log_snr(lam[0] - u * Z).clamp(t_min, sde.T)
-    density = sde._diffusion(t) ** 2 / sde._std(t) ** 2 / Z
+    density = sde.diffusion(t) ** 2 / sde.std(t) ** 2 / Z
     return t, 1.0 / (density * (sde.T - t_min))
 
 
@@ -85,9 +85,9 @@ def loss_weight(sde: SDE, t: torch.Tensor, weighting: str) -> torch.Tensor:
     """lambda(t): "s2" -> s(t)^2 (Song et al. 2021, eq. 7 with lambda = s^2), "likelihood" -> g(t)^2 (the weighting
     that makes the loss bound the negative log-likelihood, Song et al. 2021b, theorem 1), "none" -> 1."""
     if weighting == "s2":
-        return sde._std(t) ** 2
+        return sde.std(t) ** 2
     if weighting == "likelihood":
-        return sde._diffusion(t) ** 2
+        return sde.diffusion(t) ** 2
     if weighting == "none":
         return torch.ones_like(t)
     raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}.")
@@ -98,7 +98,7 @@ def _times(sde, x0, t, generator, importance, t_min):
     if t is None:
         return sample_time(sde, B, generator=generator, importance=importance, t_min=t_min)
     t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
-    t = sde._time_x(x0, t)
+    t = sde.check_time_for(x0, t)
     return batch_time(t, x0.new_empty(B, device="cpu")), torch.ones(B, dtype=torch.float64)
 
 
@@ -168,7 +168,7 @@ def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = Non
     if hasattr(model, "eps"):
         eps_hat = model.eps(x_t, tt, *args, **kwargs)
     else:
-        eps_hat = -bcast(sde._std(t), x0) * model(x_t, tt, *args, **kwargs)
+        eps_hat = -bcast(sde.std(t), x0) * model(x_t, tt, *args, **kwargs)
     per = _reduce((eps_hat - z) ** 2, reduce)
     return per if return_per_example else per.mean()
 

@@ -8,21 +8,20 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ._util import check_finite_tensor, resolve_score
-from .backends import ODESolver, SDESolver
+from ._util import check_finite_tensor
+from .models import as_model
 from .noise import NOISE_KINDS, Seed, make_seeds, normal_from_seeds
-from .samplers import SAMPLERS, Context, StepSampler, get_sampler
+from .samplers import SAMPLERS, Context, Solver, StepSampler, get_sampler
 from .schedules import time_grid
 from .sde import SDE
-
-BACKENDS = {"ode": ODESolver, "sde": SDESolver}
 
 
 @dataclass
 class SampleInfo:
     """What a sampling run cost and did.
 
-    nfe: score evaluations (each call of the score on the batch counts one).
+    nfe: network evaluations (each call of the model on the batch counts one; a classifier-free guided model
+        evaluates its conditional and unconditional branches in one batched call, 1 NFE).
     steps: steps taken (accepted steps for adaptive ODE solvers; None where the back end does not say).
     wall_time: seconds.
     times: the float64 grid of output times (the fixed-step grid, or [T, t_min] for a back end).
@@ -37,6 +36,7 @@ class SampleInfo:
     trajectory: Optional[torch.Tensor] = None
     sampler: Any = None
     extra: dict = field(default_factory=dict)
+    classifier_nfe: int = 0  # classifier-gradient evaluations (classifier guidance), not counted in nfe
 
 
 class _CountedScore:
@@ -84,36 +84,29 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
     """
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
-    if steps is not None and not (isinstance(steps, int) and steps >= 1):
+    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1 or None; got {steps!r}.")
-    sampler = BACKENDS[method](**options) if isinstance(method, str) and method in BACKENDS else None
-    if sampler is None:
-        if isinstance(method, str) and method not in SAMPLERS:
-            raise ValueError(f"unknown method {method!r}; valid methods are: "
-                             f"{', '.join(sorted(list(SAMPLERS) + list(BACKENDS)))}.")
-        sampler = get_sampler(method, **options)
+    sampler = get_sampler(method, **options)
     if noise not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {sorted(NOISE_KINDS)}; got {noise!r}.")
     x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device)
-    counted = _CountedScore(resolve_score(score, sde))
-    noise = NOISE_KINDS[noise](seeds, key=1)  # draw 0 made x_T
+    ctx = Context(sde, as_model(score, sde), NOISE_KINDS[noise](seeds, key=1))  # draw 0 made x_T
     start = time.perf_counter()
     if isinstance(sampler, StepSampler):
         n = steps or sampler.default_steps
         ts = time_grid(sde, n, schedule if schedule is not None else sampler.default_schedule, t_min=t_min)
-        x, traj, n_steps = _run_steps(sampler, Context(sde, counted, noise), x, ts, progress, return_trajectory)
-    elif hasattr(sampler, "solve"):
-        if schedule is not None and not isinstance(schedule, torch.Tensor):
-            raise ValueError("schedule applies to fixed-step samplers; for 'ode'/'sde' pass output times as a tensor.")
-        ts = schedule if isinstance(schedule, torch.Tensor) else time_grid(sde, 1, "uniform", t_min=t_min)
-        traj, x, n_steps = sampler.solve(sde, counted, x, ts.to(torch.float64), steps, noise)
-        traj = traj if return_trajectory else None
+        x, traj, n_steps = _run_steps(sampler, ctx, x, ts, progress, return_trajectory)
     else:
-        raise TypeError(f"method must be a name or a sampler with step() or solve(); got {type(sampler).__name__}.")
+        if schedule is not None and not isinstance(schedule, torch.Tensor):
+            raise ValueError(f"schedule applies to fixed-step samplers; for {type(sampler).__name__} pass output "
+                             "times as a tensor.")
+        ts = schedule if isinstance(schedule, torch.Tensor) else time_grid(sde, 1, "uniform", t_min=t_min)
+        traj, x, n_steps = sampler.solve(ctx, x, ts.to(torch.float64), steps)
+        traj = traj if return_trajectory else None
     if denoise:
-        x = Context(sde, counted, None).denoised(x, ts[-1])
-    info = SampleInfo(nfe=counted.calls, steps=n_steps, wall_time=time.perf_counter() - start, times=ts,
-                      trajectory=traj, sampler=sampler)
+        x = ctx.denoise(x, ts[-1])
+    info = SampleInfo(nfe=ctx.nfe, steps=n_steps, wall_time=time.perf_counter() - start, times=ts,
+                      trajectory=traj, sampler=sampler, classifier_nfe=ctx.classifier_nfe)
     return (x, info) if return_info else x
 
 

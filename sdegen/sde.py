@@ -2,146 +2,257 @@
 Modeling through Stochastic Differential Equations", section 3.4 and appendix B).
 
 Every SDE here is linear with scalar coefficients, dx = f(t) x dt + g(t) dw, so its kernel is
-p_0t(x_t | x_0) = N(m(t) x_0, s(t)^2 I) with m(t) = exp(int_0^t f) and
-s(t)^2 = int_0^t (m(t)/m(u))^2 g(u)^2 du, both in closed form below.
+p_0t(x_t | x_0) = N(m(t) x_0, s(t)^2 I). An SDE is the pair (m(t), s(t)): a subclass implements the
+public methods :meth:`SDE.log_mean_coeff` (log m) and :meth:`SDE.std` (s), and optionally, for speed or
+precision, the closed forms of f = d log m / dt (:meth:`SDE.drift_coeff`), g (:meth:`SDE.diffusion`),
+the transition variance and the inverse log-SNR map. Everything else (sigma = s/m, log-SNR, kernels,
+prior, reverse-time SDE, probability-flow ODE, discretisations) is derived here, and every sampler
+and likelihood solve in sdegen uses only these public methods.
 
-Times may be a float, a 0-d tensor or a (B,) tensor; states are (B, ...) of any rank.
-Python floats become float64 tensors, so scalar coefficients keep full precision.
+Times may be a float, a 0-d tensor or a (B,) tensor; states are (B, ...) of any rank. Python floats
+become float64 tensors, so scalar coefficients keep full precision. The methods a subclass implements
+receive t already converted to a floating tensor and checked to lie in [0, T].
 """
 
 from __future__ import annotations
 
 import abc
+import functools
+import importlib
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ._util import (Time, as_time, batch_time, bcast, check_batch, check_finite_tensor, check_positive,
-                    check_range, resolve_score)
+                    check_range)
 from .noise import Seed, make_seeds, normal_from_seeds
 
 _LOG_2PI = math.log(2.0 * math.pi)
+# methods of one time argument that subclasses implement: the base class converts and checks t before they run
+_TIME_METHODS = ("log_mean_coeff", "std", "drift_coeff", "diffusion")
+
+
+def _takes_checked_time(fn):
+    """Wrap a method f(self, t) so that t arrives as a floating tensor inside [0, T] (see :meth:`SDE.check_time`)."""
+    if getattr(fn, "_checks_time", False):
+        return fn
+
+    @functools.wraps(fn)
+    def method(self, t, *args, **kwargs):
+        return fn(self, self.check_time(t), *args, **kwargs)
+
+    method._checks_time = True
+    return method
+
+
+def _derivative(fn, t: torch.Tensor) -> torch.Tensor:
+    """d fn / dt elementwise by autograd in float64 (fn maps times to values of the same shape)."""
+    with torch.enable_grad():
+        tt = t.detach().to(torch.float64).requires_grad_(True)
+        y = fn(tt)
+        if not y.requires_grad:  # fn does not depend on t
+            return torch.zeros_like(t)
+        (d,) = torch.autograd.grad(y.sum(), tt)
+    return d.to(t.dtype)
 
 
 class SDE(abc.ABC):
-    """Abstract linear forward SDE dx = f(t) x dt + g(t) dw on [0, T].
+    """Abstract linear forward SDE dx = f(t) x dt + g(t) dw on [0, T], given by its kernel N(m(t) x_0, s(t)^2 I).
 
-    Subclasses give the closed forms of log m(t), s(t), f(t) = d log m / dt, g(t), the
-    inverse of the log-SNR, and the prior's standard deviation. Everything else (kernel,
-    perturbation, reverse-time SDE, probability-flow ODE, discretisations) is derived here.
+    A subclass implements two public methods of a time tensor t (0-d or (B,), floating, inside [0, T]):
+
+    - ``log_mean_coeff(t)``: log m(t), with m(0) = 1;
+    - ``std(t)``: s(t), increasing, with s(0) = 0 (or a small s(0) > 0 for kernels defined that way).
+
+    Optional closed forms (the defaults are exact but slower): ``drift_coeff(t)`` = f = d log m / dt (default:
+    autograd), ``diffusion(t)`` = g = sqrt(d s^2/dt - 2 f s^2) (default: autograd), ``transition_var(t_from,
+    t_to)``, ``t_from_log_snr(lam)`` and ``t_from_sigma(sigma)`` (default: bisection in float64). Class or
+    instance attributes: ``T`` (end time, default 1), ``t_min`` (default end of sampling, 1e-3) and
+    ``prior_std`` (default s(T)). ``config()`` returns the constructor's keyword arguments, so that checkpoints
+    can rebuild the SDE with ``from_config`` (the default, ``{}``, suits an SDE without arguments).
+
+    Example (EDM's SDE, Karras et al. 2022: m = 1, s(t) = t)::
+
+        class MySDE(sdegen.SDE):
+            T, t_min = 80.0, 0.002
+            def log_mean_coeff(self, t):
+                return torch.zeros_like(t)
+            def std(self, t):
+                return t
     """
 
     T: float = 1.0
     t_min: float = 1e-3
-    prior_std: float = 1.0
 
-    # --- closed forms supplied by subclasses (t already a validated floating tensor) ---
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in _TIME_METHODS:
+            if name in cls.__dict__:
+                setattr(cls, name, _takes_checked_time(cls.__dict__[name]))
+
+    # --- the contract: log m(t) and s(t) ---
     @abc.abstractmethod
-    def _log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    @abc.abstractmethod
-    def _std(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    @abc.abstractmethod
-    def _drift_coeff(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    @abc.abstractmethod
-    def _diffusion(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    @abc.abstractmethod
-    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor: ...
-
-    def _transition_var(self, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
-        a = torch.exp(self._log_mean_coeff(t_to) - self._log_mean_coeff(t_from))
-        return (self._std(t_to) ** 2 - (a * self._std(t_from)) ** 2).clamp_min(0.0)
-
-    # --- validation ---
-    def _time(self, t: Time, name: str = "t") -> torch.Tensor:
-        t = as_time(t, name)
-        check_range(t, 0.0, self.T, name)
-        return t
-
-    def _time_x(self, x: torch.Tensor, t: Time) -> torch.Tensor:
-        t = self._time(t)
-        check_batch(t, x)
-        return t
-
-    def _check_common(self, t_min: float, T: float) -> None:
-        if not (0.0 < t_min < T):
-            raise ValueError(f"t_min must lie in (0, T={T:g}); got {t_min!r}.")
-
-    # --- public scalar functions of t: outputs have t's shape ---
     def log_mean_coeff(self, t: Time) -> torch.Tensor:
-        """log m(t), where the kernel mean is m(t) x_0."""
-        return self._log_mean_coeff(self._time(t))
+        """log m(t), where the kernel mean is m(t) x_0 (t's shape)."""
 
-    def mean_coeff(self, t: Time) -> torch.Tensor:
-        """m(t) = exp(int_0^t f)."""
-        return torch.exp(self.log_mean_coeff(t))
-
+    @abc.abstractmethod
     def std(self, t: Time) -> torch.Tensor:
-        """s(t): the kernel's standard deviation."""
-        return self._std(self._time(t))
+        """s(t): the kernel's standard deviation (t's shape)."""
 
+    # --- optional closed forms ---
     def drift_coeff(self, t: Time) -> torch.Tensor:
-        """f(t) in the drift f(t) x."""
-        return self._drift_coeff(self._time(t))
+        """f(t) = d log m / dt in the drift f(t) x."""
+        return _derivative(self.log_mean_coeff, t)
 
     def diffusion(self, t: Time) -> torch.Tensor:
-        """g(t)."""
-        return self._diffusion(self._time(t))
+        """g(t) = sqrt(d s^2 / dt - 2 f s^2) (the variance of a linear SDE obeys dv/dt = 2 f v + g^2)."""
+        g2 = _derivative(lambda u: self.std(u) ** 2, t) - 2.0 * self.drift_coeff(t) * self.std(t) ** 2
+        return g2.clamp_min(0.0).sqrt()
 
-    def log_snr(self, t: Time) -> torch.Tensor:
-        """lambda(t) = log(m(t)^2 / s(t)^2), strictly decreasing in t."""
-        t = self._time(t)
-        return 2.0 * (self._log_mean_coeff(t) - torch.log(self._std(t)))
-
-    def sigma(self, t: Time) -> torch.Tensor:
-        """EDM's noise level sigma(t) = s(t) / m(t) = exp(-lambda(t) / 2)."""
-        t = self._time(t)
-        return self._std(t) * torch.exp(-self._log_mean_coeff(t))
+    def transition_var(self, t_from: Time, t_to: Time) -> torch.Tensor:
+        """b^2 of the forward transition x_{t_to} = a x_{t_from} + b z: s(t_to)^2 - (m(t_to)/m(t_from))^2 s(t_from)^2."""
+        t_from, t_to = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
+        a = torch.exp(self.log_mean_coeff(t_to) - self.log_mean_coeff(t_from))
+        return (self.std(t_to) ** 2 - (a * self.std(t_from)) ** 2).clamp_min(0.0)
 
     def t_from_log_snr(self, lam: Time) -> torch.Tensor:
-        """Inverse of :meth:`log_snr`."""
-        lam = as_time(lam, "lam")
-        if bool(torch.isnan(lam).any()):
-            raise ValueError("lam contains NaN.")
-        return self._t_from_log_snr(lam)
+        """Inverse of :meth:`log_snr` (clamped to [0, T]); by default a bisection in float64 to full precision."""
+        lam = self._check_lam(lam)
+        lam64 = lam.to(torch.float64)
+        lo, hi = torch.zeros_like(lam64), torch.full_like(lam64, self.T)
+        for _ in range(64):  # the bracket halves each time: 2^-64 T is below float64 resolution
+            mid = 0.5 * (lo + hi)
+            right = self.log_snr(mid) > lam64  # log-SNR decreases: the root lies right of mid
+            lo, hi = torch.where(right, mid, lo), torch.where(right, hi, mid)
+        return (0.5 * (lo + hi)).to(lam.dtype)
 
     def t_from_sigma(self, sigma: Time) -> torch.Tensor:
         """Inverse of :meth:`sigma`."""
         sigma = as_time(sigma, "sigma")
         check_range(sigma, 0.0, math.inf, "sigma")
-        return self._t_from_log_snr(-2.0 * torch.log(sigma))
+        return self.t_from_log_snr(-2.0 * torch.log(sigma))
+
+    @property
+    def prior_std(self) -> float:
+        """Standard deviation of the prior N(0, prior_std^2 I) that sampling starts from (default s(T))."""
+        value = getattr(self, "_prior_std", None)
+        return float(self.std(self.T)) if value is None else value
+
+    @prior_std.setter
+    def prior_std(self, value: float) -> None:
+        self._prior_std = check_positive(value, "prior_std")
+
+    # --- description for checkpoints ---
+    def config(self) -> Dict[str, Any]:
+        """The constructor's keyword arguments as plain data (``type(self).from_config(sde.config())`` rebuilds it)."""
+        return {}
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "SDE":
+        """Rebuild an SDE from :meth:`config`'s output."""
+        try:
+            return cls(**config)
+        except TypeError as err:
+            raise TypeError(f"{cls.__name__} cannot be rebuilt from config {config!r} ({err}); implement "
+                            f"{cls.__name__}.config() to return its constructor's keyword arguments.") from None
+
+    def describe(self) -> Dict[str, Any]:
+        """{"class": "module:QualName", "config": config()}: what :func:`sdegen.load_checkpoint` needs to rebuild it."""
+        cls = type(self)
+        return {"class": f"{cls.__module__}:{cls.__qualname__}", "config": self.config()}
+
+    @staticmethod
+    def from_description(description: Dict[str, Any]) -> "SDE":
+        """Inverse of :meth:`describe`: imports the class by name and calls its ``from_config``."""
+        path = description.get("class") if isinstance(description, dict) else None
+        if not isinstance(path, str) or ":" not in path:
+            raise ValueError(f"an SDE description needs 'class': 'module:QualName'; got {description!r}.")
+        module, qualname = path.split(":", 1)
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+        if not (isinstance(obj, type) and issubclass(obj, SDE)):
+            raise ValueError(f"{path!r} does not name an sdegen.SDE subclass (is its module importable?).")
+        return obj.from_config(dict(description.get("config", {})))
+
+    # --- validation ---
+    def check_time(self, t: Time, name: str = "t") -> torch.Tensor:
+        """t as a floating tensor (a float becomes a float64 0-d tensor); ValueError unless it lies in [0, T]."""
+        if isinstance(t, torch.Tensor) and t.ndim == 0 and t.device.type == "cpu" and t.is_floating_point() \
+                and not t.requires_grad:
+            v = float(t)  # the common case of a host scalar: one comparison instead of tensor ops
+            if not (0.0 <= v <= self.T):
+                raise ValueError(f"{name} must lie in [0, {self.T:g}]; got values {[v]} outside it.")
+            return t
+        t = as_time(t, name)
+        check_range(t, 0.0, self.T, name)
+        return t
+
+    def check_time_for(self, x: torch.Tensor, t: Time, name: str = "t") -> torch.Tensor:
+        """:meth:`check_time`, and a (B,) time must match x's batch size."""
+        t = self.check_time(t, name)
+        check_batch(t, x, name)
+        return t
+
+    def _check_lam(self, lam: Time) -> torch.Tensor:
+        lam = as_time(lam, "lam")
+        if lam.device.type == "cpu" and bool(torch.isnan(lam).any()):
+            raise ValueError("lam (a log-SNR) contains NaN.")
+        return lam
+
+    # --- derived scalar functions of t: outputs have t's shape ---
+    def mean_coeff(self, t: Time) -> torch.Tensor:
+        """m(t) = exp(int_0^t f)."""
+        return torch.exp(self.log_mean_coeff(t))
+
+    def log_snr(self, t: Time) -> torch.Tensor:
+        """lambda(t) = log(m(t)^2 / s(t)^2), strictly decreasing in t."""
+        t = self.check_time(t)
+        return 2.0 * (self.log_mean_coeff(t) - torch.log(self.std(t)))
+
+    def sigma(self, t: Time) -> torch.Tensor:
+        """EDM's noise level sigma(t) = s(t) / m(t) = exp(-lambda(t) / 2)."""
+        t = self.check_time(t)
+        return self.std(t) * torch.exp(-self.log_mean_coeff(t))
+
+    def d_mean_coeff(self, t: Time) -> torch.Tensor:
+        """dm/dt = f m."""
+        t = self.check_time(t)
+        return self.drift_coeff(t) * self.mean_coeff(t)
+
+    def d_std(self, t: Time) -> torch.Tensor:
+        """ds/dt = (g^2 + 2 f s^2) / (2 s)."""
+        t = self.check_time(t)
+        s = self.std(t)
+        return (self.diffusion(t) ** 2 + 2.0 * self.drift_coeff(t) * s**2) / (2.0 * s)
 
     def transition(self, t_from: Time, t_to: Time) -> Tuple[torch.Tensor, torch.Tensor]:
         """Exact forward transition x_{t_to} = a x_{t_from} + b z for t_from <= t_to; returns (a, b)."""
-        t_from, t_to = self._time(t_from, "t_from"), self._time(t_to, "t_to")
+        t_from, t_to = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
         if bool((t_from > t_to).any()):
             raise ValueError("transition needs t_from <= t_to (it is the forward process).")
-        a = torch.exp(self._log_mean_coeff(t_to) - self._log_mean_coeff(t_from))
-        return a, torch.sqrt(self._transition_var(t_from, t_to))
+        a = torch.exp(self.log_mean_coeff(t_to) - self.log_mean_coeff(t_from))
+        return a, torch.sqrt(self.transition_var(t_from, t_to))
 
     # --- functions of x ---
     def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
         """Forward drift f(x, t) = f(t) x, same shape as x."""
-        t = self._time_x(x, t)
-        return bcast(self._drift_coeff(t), x) * x
+        t = self.check_time_for(x, t)
+        return bcast(self.drift_coeff(t), x) * x
 
     def reverse_drift(self, x: torch.Tensor, t: Time, score: torch.Tensor, probability_flow: bool = False
                       ) -> torch.Tensor:
         """f(t) x - c g(t)^2 score: the reverse-SDE drift (c = 1, Song et al. 2021, eq. 6) or the probability-flow
         drift (c = 1/2, eq. 13), given the score's value at (x, t)."""
-        return self._reverse_drift(x, self._time_x(x, t), score, 0.5 if probability_flow else 1.0)
-
-    def _reverse_drift(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor, c: float) -> torch.Tensor:
-        return bcast(self._drift_coeff(t), x) * x - bcast(c * self._diffusion(t) ** 2, x) * score
+        t = self.check_time_for(x, t)
+        c = 0.5 if probability_flow else 1.0
+        return bcast(self.drift_coeff(t), x) * x - bcast(c * self.diffusion(t) ** 2, x) * score
 
     def marginal_prob(self, x0: torch.Tensor, t: Time) -> Tuple[torch.Tensor, torch.Tensor]:
         """Kernel p_0t(x_t | x_0) = N(mean, std^2 I): returns (m(t) x_0, s(t)) with std of t's shape."""
-        t = self._time_x(x0, t)
-        return bcast(torch.exp(self._log_mean_coeff(t)), x0) * x0, self._std(t)
+        t = self.check_time_for(x0, t)
+        return bcast(self.mean_coeff(t), x0) * x0, self.std(t)
 
     def perturb(self, x0: torch.Tensor, t: Time, noise: torch.Tensor) -> torch.Tensor:
         """x_t = m(t) x_0 + s(t) noise: a draw from the kernel for the given standard-normal noise."""
@@ -192,19 +303,34 @@ class SDE(abc.ABC):
     # --- reverse time ---
     def reverse(self, score, probability_flow: bool = False, event_shape: Optional[Sequence[int]] = None):
         """Reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (Song et al. 2021, eq. 6); see :class:`ReverseSDE`."""
+        from .models import resolve_score  # models build on SDEs: imported when first needed
+
         return ReverseSDE(self, resolve_score(score, self), probability_flow=probability_flow,
                           event_shape=event_shape)
 
     def probability_flow(self, score, t_clamp: Optional[Tuple[float, float]] = None):
         """Probability-flow ODE dx = [f - 1/2 g^2 s] dt (Song et al. 2021, eq. 13); see :class:`ProbabilityFlowODE`."""
+        from .models import resolve_score
+
         return ProbabilityFlowODE(self, resolve_score(score, self), t_clamp=t_clamp)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if not isinstance(v, (list, tuple)))
         return f"{type(self).__name__}({fields})"
 
-    def _config(self) -> dict:
-        return {"T": self.T, "t_min": self.t_min}
+
+SDE.drift_coeff = _takes_checked_time(SDE.drift_coeff)
+SDE.diffusion = _takes_checked_time(SDE.diffusion)
+
+
+def _check_span(T: float, t_min: float, T_max: float = math.inf, T_open: bool = False) -> Tuple[float, float]:
+    """Validate the time span: 0 < T <= T_max (< T_max when T_open) and 0 < t_min < T."""
+    ok = isinstance(T, (int, float)) and math.isfinite(T) and 0 < T and (T < T_max if T_open else T <= T_max)
+    if not ok:
+        raise ValueError(f"T must lie in (0, {T_max:g}{')' if T_open else ']'}; got {T!r}.")
+    if not (isinstance(t_min, (int, float)) and 0.0 < t_min < T):
+        raise ValueError(f"t_min must lie in (0, T={T:g}); got {t_min!r}.")
+    return float(T), float(t_min)
 
 
 def _integral_linear(t: torch.Tensor, b0: float, b1: float) -> torch.Tensor:
@@ -218,164 +344,372 @@ def _inverse_integral_linear(B: torch.Tensor, b0: float, b1: float) -> torch.Ten
 
 
 class VPSDE(SDE):
-    """Variance-preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (Song et al. 2021, eq. 11).
+    """Variance-preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (Song et al. 2021, eq. 11), with the
+    linear schedule beta(t) = beta_min + t (beta_max - beta_min) (the continuous DDPM).
 
-    schedule="linear": beta(t) = beta_min + t (beta_max - beta_min), the continuous DDPM.
-    schedule="cosine": alpha_bar(t) = cos^2(pi/2 (t + s)/(1 + s)) / cos^2(pi/2 s/(1 + s))
-    (Nichol & Dhariwal 2021, eq. 17) with m(t) = sqrt(alpha_bar(t)); beta blows up at t = 1, so T
-    defaults to 0.9946 as in DPM-Solver (Lu et al. 2022, appendix).
-    Kernel: m(t) = exp(-1/2 int_0^t beta), s(t) = sqrt(-expm1(-int_0^t beta)).
+    Kernel: m(t) = exp(-1/2 B(t)), s(t) = sqrt(-expm1(-B(t))), B(t) = int_0^t beta. ``VPSDE(schedule="cosine",
+    cosine_s=..., T=...)`` builds a :class:`CosineVPSDE`. The VP family shares :meth:`integral_beta`, :meth:`beta`
+    and the inverse of B; a new beta schedule subclasses VPSDE and implements ``integral_beta``, ``beta`` and
+    ``t_from_integral_beta``.
     """
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, *, schedule: str = "linear",
-                 cosine_s: float = 0.008, T: Optional[float] = None, t_min: float = 1e-3):
-        if schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be 'linear' or 'cosine'; got {schedule!r}.")
-        if schedule == "linear":
-            if not (isinstance(beta_min, (int, float)) and beta_min >= 0):
-                raise ValueError(f"beta_min must be >= 0; got {beta_min!r}.")
-            if not (isinstance(beta_max, (int, float)) and math.isfinite(beta_max) and beta_max > beta_min):
-                raise ValueError(f"beta_min must be < beta_max; got beta_min={beta_min!r}, beta_max={beta_max!r}.")
-            T = 1.0 if T is None else T
-            if not (0 < T <= 1.0):
-                raise ValueError(f"T must lie in (0, 1]; got {T!r}.")
-        else:
-            check_positive(cosine_s, "cosine_s")
-            T = 0.9946 if T is None else T
-            if not (0 < T < 1.0):
-                raise ValueError(f"T must lie in (0, 1) for the cosine schedule (beta is infinite at 1); got {T!r}.")
-        self._check_common(t_min, T)
-        self.beta_min, self.beta_max, self.schedule, self.cosine_s = float(beta_min), float(beta_max), schedule, float(cosine_s)
-        self.T, self.t_min = float(T), float(t_min)
+    prior_std = 1.0
 
-    def _config(self) -> dict:
-        if self.schedule == "cosine":
-            return {"schedule": "cosine", "cosine_s": self.cosine_s, "T": self.T, "t_min": self.t_min}
+    def __new__(cls, *args, schedule: str = "linear", **kwargs):
+        if cls is VPSDE and schedule == "cosine":
+            return super().__new__(CosineVPSDE)
+        return super().__new__(cls)
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, *, schedule: str = "linear",
+                 T: Optional[float] = None, t_min: float = 1e-3):
+        if schedule != "linear":
+            valid = "'linear' or 'cosine'" if type(self) is VPSDE else "'linear'"
+            raise ValueError(f"schedule of {type(self).__name__} must be {valid}; got {schedule!r}.")
+        if not (isinstance(beta_min, (int, float)) and math.isfinite(beta_min) and beta_min >= 0):
+            raise ValueError(f"beta_min must be a finite number >= 0; got {beta_min!r}.")
+        if not (isinstance(beta_max, (int, float)) and math.isfinite(beta_max) and beta_max > beta_min):
+            raise ValueError(f"beta_min must be < beta_max (both finite); got beta_min={beta_min!r}, "
+                             f"beta_max={beta_max!r}.")
+        self.T, self.t_min = _check_span(1.0 if T is None else T, t_min, 1.0)
+        self.beta_min, self.beta_max, self.schedule = float(beta_min), float(beta_max), "linear"
+
+    def config(self) -> Dict[str, Any]:
         return {"beta_min": self.beta_min, "beta_max": self.beta_max, "T": self.T, "t_min": self.t_min}
 
-    # cosine schedule angle phi(t) = pi/2 (t + s)/(1 + s)
+    def integral_beta(self, t: Time) -> torch.Tensor:
+        """B(t) = int_0^t beta(u) du = -2 log m(t)."""
+        return _integral_linear(self.check_time(t), self.beta_min, self.beta_max)
+
+    def beta(self, t: Time) -> torch.Tensor:
+        """beta(t) = -2 d log m / dt."""
+        return self.beta_min + self.check_time(t) * (self.beta_max - self.beta_min)
+
+    def t_from_integral_beta(self, B: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`integral_beta`."""
+        return _inverse_integral_linear(B, self.beta_min, self.beta_max)
+
+    def log_mean_coeff(self, t):
+        return -0.5 * self.integral_beta(t)
+
+    def std(self, t):
+        return torch.sqrt(-torch.expm1(-self.integral_beta(t)))
+
+    def drift_coeff(self, t):
+        return -0.5 * self.beta(t)
+
+    def diffusion(self, t):
+        return torch.sqrt(self.beta(t))
+
+    def transition_var(self, t_from, t_to):
+        # b^2 = 1 - a^2 for a variance-preserving process
+        return -torch.expm1(-(self.integral_beta(t_to) - self.integral_beta(t_from)))
+
+    def t_from_log_snr(self, lam):
+        # m^2 = sigmoid(lam) for VP, so B = -log m^2 = softplus(-lam)
+        return self.t_from_integral_beta(torch.nn.functional.softplus(-self._check_lam(lam)))
+
+
+class CosineVPSDE(VPSDE):
+    """The VP SDE of the cosine schedule alpha_bar(t) = cos^2(phi(t)) / cos^2(phi(0)), phi(t) = pi/2 (t + s)/(1 + s)
+    (Nichol & Dhariwal 2021, eq. 17), with m(t) = sqrt(alpha_bar(t)). beta blows up at t = 1, so T defaults to
+    0.9946 as in DPM-Solver (Lu et al. 2022, appendix). Also built by ``VPSDE(schedule="cosine")``.
+    """
+
+    def __init__(self, beta_min: Optional[float] = None, beta_max: Optional[float] = None, *, schedule: str = "cosine",
+                 cosine_s: float = 0.008, T: Optional[float] = None, t_min: float = 1e-3):
+        if schedule != "cosine":
+            raise ValueError(f"CosineVPSDE has schedule 'cosine'; got {schedule!r}.")
+        check_positive(cosine_s, "cosine_s")
+        self.T, self.t_min = _check_span(0.9946 if T is None else T, t_min, 1.0, T_open=True)
+        self.cosine_s, self.schedule = float(cosine_s), "cosine"
+        self._phi0 = 0.5 * math.pi * self.cosine_s / (1.0 + self.cosine_s)
+
+    def config(self) -> Dict[str, Any]:
+        return {"cosine_s": self.cosine_s, "T": self.T, "t_min": self.t_min}
+
     def _phi(self, t: torch.Tensor) -> torch.Tensor:
         return 0.5 * math.pi * (t + self.cosine_s) / (1.0 + self.cosine_s)
 
     def integral_beta(self, t: Time) -> torch.Tensor:
-        """B(t) = int_0^t beta(u) du = -2 log m(t)."""
-        return self._integral_beta(self._time(t))
-
-    def _integral_beta(self, t: torch.Tensor) -> torch.Tensor:
-        if self.schedule == "linear":
-            return _integral_linear(t, self.beta_min, self.beta_max)
-        phi0 = self._phi(torch.zeros_like(t))
-        return -2.0 * (torch.log(torch.cos(self._phi(t))) - torch.log(torch.cos(phi0)))
+        t = self.check_time(t)
+        return -2.0 * (torch.log(torch.cos(self._phi(t))) - math.log(math.cos(self._phi0)))
 
     def beta(self, t: Time) -> torch.Tensor:
-        """beta(t) = -2 d log m / dt."""
-        return self._beta(self._time(t))
+        return 2.0 * torch.tan(self._phi(self.check_time(t))) * (0.5 * math.pi / (1.0 + self.cosine_s))
 
-    def _beta(self, t: torch.Tensor) -> torch.Tensor:
-        if self.schedule == "linear":
-            return self.beta_min + t * (self.beta_max - self.beta_min)
-        return 2.0 * torch.tan(self._phi(t)) * (0.5 * math.pi / (1.0 + self.cosine_s))
+    def std(self, t):
+        # s^2 = 1 - cos^2(phi)/cos^2(phi0) = sin(phi - phi0) sin(phi + phi0) / cos^2(phi0): no cancellation at t -> 0
+        phi = self._phi(t)
+        return torch.sqrt(torch.sin(phi - self._phi0) * torch.sin(phi + self._phi0)) / math.cos(self._phi0)
 
-    def _log_mean_coeff(self, t):
-        return -0.5 * self._integral_beta(t)
-
-    def _std(self, t):
-        if self.schedule == "cosine":
-            # s^2 = 1 - cos^2(phi)/cos^2(phi0) = sin(phi - phi0) sin(phi + phi0) / cos^2(phi0): no cancellation at t -> 0
-            phi, phi0 = self._phi(t), self._phi(torch.zeros_like(t))
-            return torch.sqrt(torch.sin(phi - phi0) * torch.sin(phi + phi0)) / torch.cos(phi0)
-        return torch.sqrt(-torch.expm1(-self._integral_beta(t)))
-
-    def _drift_coeff(self, t):
-        return -0.5 * self._beta(t)
-
-    def _diffusion(self, t):
-        return torch.sqrt(self._beta(t))
-
-    def _transition_var(self, t_from, t_to):
-        # b^2 = 1 - a^2 for a variance-preserving process
-        return -torch.expm1(-(self._integral_beta(t_to) - self._integral_beta(t_from)))
-
-    def _t_from_B(self, B: torch.Tensor) -> torch.Tensor:
-        if self.schedule == "linear":
-            return _inverse_integral_linear(B, self.beta_min, self.beta_max)
+    def t_from_integral_beta(self, B: torch.Tensor) -> torch.Tensor:
         # cos(phi) = e^{-B/2} cos(phi0); atan2 with sin^2(phi) = sin^2(phi0) - cos^2(phi0) expm1(-B) keeps precision near t = 0
-        c0 = math.cos(float(self._phi(torch.zeros((), dtype=torch.float64))))
+        c0 = math.cos(self._phi0)
         sin_phi = torch.sqrt((1.0 - c0 * c0) - c0 * c0 * torch.expm1(-B))
         phi = torch.atan2(sin_phi, torch.exp(-0.5 * B) * c0)
         return phi * (1.0 + self.cosine_s) / (0.5 * math.pi) - self.cosine_s
 
-    def _t_from_log_snr(self, lam):
-        # m^2 = sigmoid(lam) for VP, so B = -log m^2 = softplus(-lam)
-        return self._t_from_B(torch.nn.functional.softplus(-lam))
-
 
 class SubVPSDE(VPSDE):
-    """Sub-VP SDE dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw (Song et al. 2021, eq. 12).
+    """Sub-VP SDE dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw (Song et al. 2021, eq. 12),
+    linear beta schedule.
 
     Kernel: m(t) = exp(-B/2) and standard deviation s(t) = 1 - exp(-B) (not its square), B = int_0^t beta.
     """
 
-    def _std(self, t):
-        return -torch.expm1(-self._integral_beta(t))
+    def std(self, t):
+        return -torch.expm1(-self.integral_beta(t))
 
-    def _diffusion(self, t):
-        return torch.sqrt(self._beta(t) * -torch.expm1(-2.0 * self._integral_beta(t)))
+    def diffusion(self, t):
+        return torch.sqrt(self.beta(t) * -torch.expm1(-2.0 * self.integral_beta(t)))
 
-    def _transition_var(self, t_from, t_to):
-        return SDE._transition_var(self, t_from, t_to)
+    def transition_var(self, t_from, t_to):
+        return SDE.transition_var(self, t_from, t_to)
 
-    def _t_from_log_snr(self, lam):
+    def t_from_log_snr(self, lam):
         # lam = log m^2 - 2 log(1 - m^2)  =>  m = 2 e^{lam/2} / (1 + sqrt(1 + 4 e^lam))
+        lam = self._check_lam(lam)
         log_m = math.log(2.0) + 0.5 * lam - torch.log1p(torch.sqrt(1.0 + 4.0 * torch.exp(lam)))
-        return self._t_from_B(-2.0 * log_m)
+        return self.t_from_integral_beta(-2.0 * log_m)
 
 
 class VESDE(SDE):
     """Variance-exploding SDE dx = sqrt(d[sigma(t)^2]/dt) dw, sigma(t) = sigma_min (sigma_max/sigma_min)^t
-    (Song et al. 2021, eq. 9 / 30).
+    (Song et al. 2021, eq. 9 / 30). Prior N(0, sigma(T)^2 I). Two kernels, the same diffusion:
 
-    Kernel: m(t) = 1 and s(t)^2 = sigma(t)^2 - sigma_min^2 = sigma_min^2 expm1(2 t log(sigma_max/sigma_min)),
-    the exact variance of the SDE started at x_0 at t = 0. Prior N(0, sigma_max^2 I).
+    - ``kernel="exact"`` (default): the SDE started at x_0 at t = 0, m(t) = 1 and
+      s(t)^2 = sigma(t)^2 - sigma_min^2 = sigma_min^2 expm1(2 t log(sigma_max/sigma_min)), so s(0) = 0;
+    - ``kernel="paper"``: s(t) = sigma(t), the noise levels the score-SDE paper's VE (NCSN++) checkpoints were
+      trained on (its code perturbs with std sigma(t)); s(0) = sigma_min > 0. Use it to drive those networks
+      at exactly their training noise levels (at t = 0.1 the two differ by 10% with the default sigmas).
     """
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, *, T: float = 1.0, t_min: float = 1e-5):
+    KERNELS = ("exact", "paper")
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, *, T: float = 1.0, t_min: float = 1e-5,
+                 kernel: str = "exact"):
         check_positive(sigma_min, "sigma_min")
         check_positive(sigma_max, "sigma_max")
         if sigma_max <= sigma_min:
             raise ValueError(f"sigma_max must be > sigma_min; got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}.")
-        check_positive(T, "T")
-        self._check_common(t_min, T)
-        self.sigma_min, self.sigma_max, self.T, self.t_min = float(sigma_min), float(sigma_max), float(T), float(t_min)
+        if kernel not in self.KERNELS:
+            raise ValueError(f"kernel must be one of {self.KERNELS}; got {kernel!r}.")
+        self.T, self.t_min = _check_span(T, t_min)
+        self.sigma_min, self.sigma_max, self.kernel = float(sigma_min), float(sigma_max), kernel
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
         self.prior_std = self.sigma_min * math.exp(self._log_ratio * self.T)
 
-    def _config(self) -> dict:
-        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "T": self.T, "t_min": self.t_min}
+    def config(self) -> Dict[str, Any]:
+        cfg = {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "T": self.T, "t_min": self.t_min}
+        return cfg if self.kernel == "exact" else {**cfg, "kernel": self.kernel}
 
     def noise_level(self, t: Time) -> torch.Tensor:
-        """The SMLD noise level sigma_min (sigma_max/sigma_min)^t (not the kernel std, which subtracts sigma_min^2)."""
-        return self.sigma_min * torch.exp(self._log_ratio * self._time(t))
+        """The SMLD noise level sigma_min (sigma_max/sigma_min)^t (the "paper" kernel's std)."""
+        return self.sigma_min * torch.exp(self._log_ratio * self.check_time(t))
 
-    def _log_mean_coeff(self, t):
+    def log_mean_coeff(self, t):
         return torch.zeros_like(t)
 
-    def _std(self, t):
+    def std(self, t):
+        if self.kernel == "paper":
+            return self.sigma_min * torch.exp(self._log_ratio * t)
         return self.sigma_min * torch.sqrt(torch.expm1(2.0 * self._log_ratio * t))
 
-    def _drift_coeff(self, t):
+    def drift_coeff(self, t):
         return torch.zeros_like(t)
 
-    def _diffusion(self, t):
+    def diffusion(self, t):
         return self.sigma_min * torch.exp(self._log_ratio * t) * math.sqrt(2.0 * self._log_ratio)
 
-    def _transition_var(self, t_from, t_to):
+    def transition_var(self, t_from, t_to):
+        t_from, t_to = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
         return self.sigma_min**2 * torch.exp(2.0 * self._log_ratio * t_from) * torch.expm1(
             2.0 * self._log_ratio * (t_to - t_from))
 
-    def _t_from_log_snr(self, lam):
+    def t_from_log_snr(self, lam):
+        lam = self._check_lam(lam)
+        if self.kernel == "paper":  # s = e^{-lam/2} = sigma_min r^t; levels below sigma_min map to t = 0
+            return ((-0.5 * lam - math.log(self.sigma_min)) / self._log_ratio).clamp(0.0, self.T)
         # s^2 = e^{-lam} = sigma_min^2 expm1(2 t log r)
         return torch.log1p(torch.exp(-lam) / self.sigma_min**2) / (2.0 * self._log_ratio)
+
+
+class EDMSDE(SDE):
+    """The SDE of EDM (Karras et al. 2022, table 1): m(t) = 1, s(t) = sigma(t) = t, so dx = sqrt(2 t) dw and the
+    time is the noise level itself, from T = sigma_max down to t_min = sigma_min. Prior N(0, sigma_max^2 I)."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        check_positive(sigma_min, "sigma_min")
+        check_positive(sigma_max, "sigma_max")
+        if sigma_max <= sigma_min:
+            raise ValueError(f"sigma_max must be > sigma_min; got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}.")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.T, self.t_min, self.prior_std = self.sigma_max, self.sigma_min, self.sigma_max
+
+    def config(self) -> Dict[str, Any]:
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+    def log_mean_coeff(self, t):
+        return torch.zeros_like(t)
+
+    def std(self, t):
+        return t.clone()
+
+    def drift_coeff(self, t):
+        return torch.zeros_like(t)
+
+    def diffusion(self, t):
+        return torch.sqrt(2.0 * t)
+
+    def transition_var(self, t_from, t_to):
+        return self.check_time(t_to, "t_to") ** 2 - self.check_time(t_from, "t_from") ** 2
+
+    def t_from_log_snr(self, lam):
+        return torch.exp(-0.5 * self._check_lam(lam)).clamp(max=self.T)
+
+    def t_from_sigma(self, sigma):
+        sigma = as_time(sigma, "sigma")
+        check_range(sigma, 0.0, math.inf, "sigma")
+        return sigma.clamp(max=self.T)
+
+
+class FlowSDE(SDE):
+    """The rectified-flow / flow-matching interpolation x_t = (1 - t) x_0 + t eps (Liu et al. 2022; Lipman et al.
+    2023; the convention of Stable Diffusion 3): m(t) = 1 - t, s(t) = t, f = -1/(1 - t), g^2 = 2 t / (1 - t).
+    A flow-matching network predicts the velocity v = eps - x_0 (``ScoreModel(net, FlowSDE(), prediction="flow")``),
+    and every ODE sampler of sdegen applies. m(1) = 0 makes t = 1 singular for samplers that work in the
+    log-SNR, so T = 0.999 by default (the prior N(0, T^2 I) then ignores a (1 - T) x_0 of the data).
+    """
+
+    def __init__(self, *, T: float = 0.999, t_min: float = 1e-3):
+        self.T, self.t_min = _check_span(T, t_min, 1.0, T_open=True)
+        self.prior_std = self.T
+
+    def config(self) -> Dict[str, Any]:
+        return {"T": self.T, "t_min": self.t_min}
+
+    def log_mean_coeff(self, t):
+        return torch.log1p(-t)
+
+    def std(self, t):
+        return t.clone()
+
+    def drift_coeff(self, t):
+        return -1.0 / (1.0 - t)
+
+    def diffusion(self, t):
+        return torch.sqrt(2.0 * t / (1.0 - t))
+
+    def t_from_log_snr(self, lam):
+        # lam = 2 log((1 - t) / t)  =>  t = sigmoid(-lam / 2)
+        return torch.sigmoid(-0.5 * self._check_lam(lam)).clamp(max=self.T)
+
+    def t_from_sigma(self, sigma):
+        sigma = as_time(sigma, "sigma")
+        check_range(sigma, 0.0, math.inf, "sigma")
+        return (sigma / (1.0 + sigma)).clamp(max=self.T)
+
+
+class DiscreteVPSDE(SDE):
+    """A VP SDE through the noise levels of a discrete DDPM table alpha_bar_0 > ... > alpha_bar_{N-1}
+    (``alphas_cumprod`` of diffusers' schedulers), so that a network trained on timesteps 0..N-1 is evaluated
+    at exactly its training noise levels.
+
+    Timestep i sits at t_i = (i + 1) / N (t = 0 is the clean data, T = 1 the last timestep; t_min = t_0); see
+    :meth:`timestep` and :meth:`time_of_timestep`. Between t_i and t_{i+1} the log-SNR log(alpha_bar/(1 - alpha_bar))
+    is linear in t, which is linear in log sigma, sigma = sqrt((1 - alpha_bar)/alpha_bar), as diffusers
+    interpolates between timesteps; on [0, t_0] beta is constant (B = -log alpha_bar linear, from 0).
+    m = sqrt(alpha_bar), s = sqrt(1 - alpha_bar), and g^2 = beta = -2 f, as for every VP process.
+    """
+
+    prior_std = 1.0
+
+    def __init__(self, alphas_cumprod, *, t_min: Optional[float] = None):
+        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()
+        if ab.numel() < 2 or not bool(torch.isfinite(ab).all()):
+            raise ValueError(f"alphas_cumprod must hold at least 2 finite values; got {ab.numel()} values.")
+        if not (bool((ab > 0).all()) and bool((ab < 1).all()) and bool((ab[1:] < ab[:-1]).all())):
+            raise ValueError("alphas_cumprod must be strictly decreasing inside (0, 1) (a DDPM alpha_bar table).")
+        self.alphas_cumprod, self.num_timesteps = ab, ab.numel()
+        self._lam = torch.log(ab) - torch.log1p(-ab)  # the log-SNR of every timestep, decreasing
+        self._b0 = float(-torch.log(ab[0]))  # B = -log alpha_bar at t_0
+        self.T = 1.0
+        self.t_min = _check_span(1.0, 1.0 / self.num_timesteps if t_min is None else t_min)[1]
+        self._on_device: Dict[Any, torch.Tensor] = {}
+
+    @classmethod
+    def from_betas(cls, betas, **kwargs) -> "DiscreteVPSDE":
+        """From a DDPM beta table: alpha_bar_i = prod_{j <= i} (1 - beta_j)."""
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        return cls(torch.cumprod(1.0 - betas, 0), **kwargs)
+
+    def config(self) -> Dict[str, Any]:
+        cfg = {"alphas_cumprod": self.alphas_cumprod.tolist()}
+        return cfg if self.t_min == 1.0 / self.num_timesteps else {**cfg, "t_min": self.t_min}
+
+    def __repr__(self) -> str:
+        return f"DiscreteVPSDE(num_timesteps={self.num_timesteps}, t_min={self.t_min:g})"
+
+    def timestep(self, t: Time) -> torch.Tensor:
+        """The (fractional) timestep index t N - 1 of time t; integer at the table's own noise levels."""
+        return self.check_time(t) * self.num_timesteps - 1.0
+
+    def time_of_timestep(self, i) -> torch.Tensor:
+        """t_i = (i + 1) / N for timesteps i (an int, a sequence or a tensor), as float64."""
+        i = torch.as_tensor(i, dtype=torch.float64)
+        if bool(((i < 0) | (i > self.num_timesteps - 1)).any()):
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]; got {i.tolist()}.")
+        return (i + 1.0) / self.num_timesteps
+
+    def _table(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._on_device:
+            self._on_device[key] = self._lam.to(device=like.device, dtype=like.dtype)
+        return self._on_device[key]
+
+    def _segment(self, t: torch.Tensor):
+        """(lam, dlam/dt, first) at t: the interpolated log-SNR, its slope, and whether t lies in [0, t_0]."""
+        lam_k = self._table(t)
+        n = self.num_timesteps
+        pos = t * n - 1.0
+        i = pos.floor().clamp(0, n - 2).long()
+        lo, hi = lam_k[i], lam_k[i + 1]
+        lam = lo + (pos - i.to(t.dtype)) * (hi - lo)
+        return lam, (hi - lo) * n, pos < 0
+
+    def integral_beta(self, t: Time) -> torch.Tensor:
+        """B(t) = -log alpha_bar(t) = -2 log m(t)."""
+        t = self.check_time(t)
+        lam, _, first = self._segment(t)
+        return torch.where(first, t * (self.num_timesteps * self._b0), torch.nn.functional.softplus(-lam))
+
+    def log_mean_coeff(self, t):
+        return -0.5 * self.integral_beta(t)
+
+    def std(self, t):
+        return torch.sqrt(-torch.expm1(-self.integral_beta(t)))
+
+    def drift_coeff(self, t):
+        lam, slope, first = self._segment(t)
+        # log m = 1/2 log sigmoid(lam): d/dt = 1/2 sigmoid(-lam) dlam/dt
+        return torch.where(first, torch.full_like(t, -0.5 * self.num_timesteps * self._b0),
+                           0.5 * torch.sigmoid(-lam) * slope)
+
+    def diffusion(self, t):
+        return torch.sqrt(-2.0 * self.drift_coeff(t))
+
+    def transition_var(self, t_from, t_to):
+        return -torch.expm1(-(self.integral_beta(t_to) - self.integral_beta(t_from)))
+
+    def t_from_log_snr(self, lam):
+        lam = self._check_lam(lam)
+        lam_k, n = self._table(lam), self.num_timesteps
+        # lam_k decreases: the segment [i, i + 1] with lam_k[i] >= lam > lam_k[i + 1]
+        i = (torch.searchsorted(-lam_k, -lam.contiguous(), right=False) - 1).clamp(0, n - 2)
+        lo, hi = lam_k[i], lam_k[i + 1]
+        t_seg = (i.to(lam.dtype) + 1.0 + (lam - lo) / (hi - lo)) / n
+        t_first = torch.nn.functional.softplus(-lam) / (n * self._b0)
+        return torch.where(lam > lam_k[0], t_first, t_seg).clamp(0.0, self.T)
 
 
 class ReverseSDE(torch.nn.Module):
@@ -403,13 +737,13 @@ class ReverseSDE(torch.nn.Module):
 
     def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
         """f - g^2 s (or f - 1/2 g^2 s for the probability flow), in the forward clock t."""
-        t = self.sde._time_x(x, t)
+        t = self.sde.check_time_for(x, t)
         s = self.score(x, batch_time(t, x).to(x.dtype))
-        return self.sde._reverse_drift(x, t, s, 0.5 if self.probability_flow else 1.0)
+        return self.sde.reverse_drift(x, t, s, self.probability_flow)
 
     def diffusion(self, t: Time) -> torch.Tensor:
-        t = self.sde._time(t)
-        return torch.zeros_like(t) if self.probability_flow else self.sde._diffusion(t)
+        t = self.sde.check_time(t)
+        return torch.zeros_like(t) if self.probability_flow else self.sde.diffusion(t)
 
     def solver_time(self, t: Time) -> torch.Tensor:
         """tau = T - t: the increasing clock that torchsde integrates in."""
@@ -445,5 +779,5 @@ class ProbabilityFlowODE(torch.nn.Module):
         return self.drift(x, t)
 
     def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
-        t = self.sde._time_x(x, t)
-        return self.sde._reverse_drift(x, t, self.score(x, batch_time(t, x).to(x.dtype)), 0.5)
+        t = self.sde.check_time_for(x, t)
+        return self.sde.reverse_drift(x, t, self.score(x, batch_time(t, x).to(x.dtype)), True)

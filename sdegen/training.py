@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .nets import build_net
-from .score import ScoreModel
+from .models import ScoreModel
 from .sde import SDE, VESDE, SubVPSDE, VPSDE
 
 Batch = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -154,15 +154,20 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def sde_config(sde: SDE) -> Dict[str, Any]:
-    """Plain-data description of an SDE ({"name": ..., **kwargs}) that :func:`build_sde` turns back into it."""
-    name = type(sde).__name__
-    if name not in SDES:
-        raise ValueError(f"cannot describe SDE type {name}; known types: {', '.join(SDES)}.")
-    return {"name": name, **sde._config()}
+    """Plain-data description of an SDE that :func:`build_sde` turns back into it: {"class": "module:QualName",
+    "config": sde.config()} (see :meth:`sdegen.SDE.describe`); any SDE whose ``config()`` returns its constructor's
+    keyword arguments and whose class is importable qualifies, user SDEs included."""
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
+    return sde.describe()
 
 
 def build_sde(config: Dict[str, Any]) -> SDE:
-    """Rebuild an SDE from :func:`sde_config`'s output."""
+    """Rebuild an SDE from :func:`sde_config`'s output (or the older {"name": "VPSDE", **kwargs} form)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"an SDE config must be a dict from sde_config; got {type(config).__name__}.")
+    if "class" in config:
+        return SDE.from_description(config)
     config = dict(config)
     name = config.pop("name", None)
     if name not in SDES:

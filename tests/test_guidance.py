@@ -157,11 +157,11 @@ def replacement_limit(sde, cov, mean, y, ku, steps=20000):
     eye = torch.eye(cov.shape[0], dtype=torch.float64)
 
     def field(t, mu, V):
-        m, s2 = torch.exp(sde._log_mean_coeff(t)), sde._std(t) ** 2
+        m, s2 = torch.exp(sde.log_mean_coeff(t)), sde.std(t) ** 2
         P = torch.linalg.inv(m * m * cov + s2 * eye)
-        A = -sde._drift_coeff(t) * torch.eye(len(u), dtype=torch.float64) - sde._diffusion(t) ** 2 * P[u][:, u]
-        b = sde._diffusion(t) ** 2 * (P[u][:, u] @ (m * mean[u]) - P[u][:, k] @ (m * (y - mean[k])))
-        return A @ mu + b, A @ V + V @ A.T + sde._diffusion(t) ** 2 * torch.eye(len(u), dtype=torch.float64)
+        A = -sde.drift_coeff(t) * torch.eye(len(u), dtype=torch.float64) - sde.diffusion(t) ** 2 * P[u][:, u]
+        b = sde.diffusion(t) ** 2 * (P[u][:, u] @ (m * mean[u]) - P[u][:, k] @ (m * (y - mean[k])))
+        return A @ mu + b, A @ V + V @ A.T + sde.diffusion(t) ** 2 * torch.eye(len(u), dtype=torch.float64)
 
     for i in range(steps):  # Heun in tau
         h = ts[i] - ts[i + 1]

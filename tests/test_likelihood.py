@@ -89,7 +89,7 @@ def test_adjoint_gradients_match_the_closed_form():
             self.c = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
 
         def var(self, t):
-            return torch.exp(2 * sde._log_mean_coeff(t)) * self.c**2 + sde._std(t) ** 2
+            return torch.exp(2 * sde.log_mean_coeff(t)) * self.c**2 + sde.std(t) ** 2
 
         def forward(self, x, t):
             return -x / self.var(t.to(torch.float64))[:, None]

@@ -26,7 +26,7 @@ def gaussian(d=3, seed=0):
 
 def tr_prec(gm, sde, t):
     t = torch.as_tensor(t, dtype=torch.float64)
-    m, s2 = torch.exp(sde._log_mean_coeff(t)), sde._std(t) ** 2
+    m, s2 = torch.exp(sde.log_mean_coeff(t)), sde.std(t) ** 2
     ev = torch.linalg.eigvalsh(gm.covs[0])
     return (1.0 / (m[..., None] ** 2 * ev + s2[..., None])).sum(-1), s2
 
@@ -41,7 +41,7 @@ def dsm_average(gm, sde, weighting, n=200001):
     lam_hi, lam_lo = sde.log_snr(sde.t_min), sde.log_snr(sde.T)
     lam = torch.linspace(float(lam_lo), float(lam_hi), n, dtype=torch.float64)
     t = sde.t_from_log_snr(lam).clamp(sde.t_min, sde.T)
-    f = sde._std(t) ** 2 / sde._diffusion(t) ** 2 * dsm_at(gm, sde, t, weighting)
+    f = sde.std(t) ** 2 / sde.diffusion(t) ** 2 * dsm_at(gm, sde, t, weighting)
     return float(torch.trapezoid(f, lam)) / (sde.T - sde.t_min)
 
 

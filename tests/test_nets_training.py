@@ -99,7 +99,7 @@ def test_training_reaches_the_dsm_minimum_on_gaussian_data():
     model = sdegen.ScoreModel(sdegen.MLP(2, hidden=64, depth=2), sde, prediction="eps").double()
     data = gm.sample(4096, seed=0)
     t = torch.linspace(sde.t_min, sde.T, 20001, dtype=torch.float64)
-    m2, s2 = torch.exp(2 * sde._log_mean_coeff(t)), sde._std(t) ** 2
+    m2, s2 = torch.exp(2 * sde.log_mean_coeff(t)), sde.std(t) ** 2
     ev = torch.linalg.eigvalsh(gm.covs[0])
     L_min = float(torch.trapezoid((m2[:, None] * ev / (m2[:, None] * ev + s2[:, None])).sum(1), t)) / (sde.T - sde.t_min)
     test_x = gm.sample(20000, seed=1)

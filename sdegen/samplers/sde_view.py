@@ -14,68 +14,8 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from ._util import batch_time, bcast, flat_norm
-from .noise import Noise
-from .score import score_to_x0
-from .sde import SDE
-
-
-class Context:
-    """What a step may use: the SDE, the score (each call counts one NFE) and the per-example noise stream."""
-
-    def __init__(self, sde: SDE, score: Callable, noise: Optional[Noise]):
-        self.sde, self._score, self.noise = sde, score, noise
-
-    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """s(x, t) for a scalar (0-d) or (B,) time; the network sees a fresh (B,) time in x's dtype."""
-        if t.ndim == 0 and t.device.type == "cpu" and not t.requires_grad:
-            # a host scalar fills the batch in one launch, with no host-device copy
-            return self._score(x, torch.full(x.shape[:1], float(t), dtype=x.dtype, device=x.device))
-        return self._score(x, batch_time(t, x).to(x.dtype))
-
-    def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Tweedie's x0 estimate (x + s^2 score) / m at time t (one score evaluation)."""
-        return score_to_x0(self.sde, self.score(x, t), x, t)
-
-    def coeffs(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(m(t), s(t))."""
-        return torch.exp(self.sde._log_mean_coeff(t)), self.sde._std(t)
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        if self.noise is None:
-            raise ValueError("this sampler is stochastic and needs a noise stream (pass seed=...).")
-        return self.noise.like(x)
-
-
-class StepSampler:
-    """Base class of fixed-step samplers.
-
-    Attributes:
-        nfe_per_step: score evaluations one step costs (the driver counts the real number too).
-        stochastic: whether steps draw noise.
-        default_steps: steps used when the caller gives none.
-        default_schedule: the time grid used when the caller gives none (see :func:`sdegen.time_grid`).
-    """
-
-    nfe_per_step: int = 1
-    stochastic: bool = False
-    default_steps: int = 1000
-    default_schedule: str = "uniform"
-
-    def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> Any:
-        """Carried state before the first step (default: none)."""
-        return None
-
-    def step(self, ctx: Context, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, state: Any
-             ) -> Tuple[torch.Tensor, Any]:
-        raise NotImplementedError(f"{type(self).__name__} must implement step()")
-
-    def total_nfe(self, steps: int) -> int:
-        """NFE of a run of ``steps`` steps (overridden by samplers whose first or last step differs)."""
-        return steps * self.nfe_per_step
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+from .._util import bcast, flat_norm
+from .base import Context, StepSampler
 
 
 class Euler(StepSampler):
@@ -84,13 +24,13 @@ class Euler(StepSampler):
 
     def start(self, ctx, x, ts):
         # f(t) and g(t)^2 at every grid time in one vectorised call: a step then costs two tensor operations
-        f, g = ctx.sde._drift_coeff(ts).tolist(), ctx.sde._diffusion(ts).tolist()
+        f, g = ctx.sde.drift_coeff(ts).tolist(), ctx.sde.diffusion(ts).tolist()
         return {t: (a, b * b) for t, a, b in zip(ts.tolist(), f, g)}
 
     def step(self, ctx, x, t, t_next, state):
         coeffs = state.get(float(t)) if state is not None else None
         if coeffs is None:  # a time off the grid given to start()
-            return x + bcast(t_next - t, x) * ctx.sde._reverse_drift(x, t, ctx.score(x, t), 0.5), state
+            return x + bcast(t_next - t, x) * ctx.sde.reverse_drift(x, t, ctx.score(x, t), True), state
         f, g2 = coeffs
         dt = float(t_next) - float(t)
         return torch.mul(x, 1.0 + f * dt).add_(ctx.score(x, t), alpha=-0.5 * g2 * dt), state
@@ -102,8 +42,8 @@ class EulerMaruyama(StepSampler):
     stochastic = True
 
     def step(self, ctx, x, t, t_next, state):
-        g = ctx.sde._diffusion(t)
-        drift = ctx.sde._reverse_drift(x, t, ctx.score(x, t), 1.0)
+        g = ctx.sde.diffusion(t)
+        drift = ctx.sde.reverse_drift(x, t, ctx.score(x, t), False)
         dt = t_next - t
         return x + bcast(dt, x) * drift + bcast(g * torch.sqrt(-dt), x) * ctx.randn_like(x), None
 
@@ -131,7 +71,7 @@ class Ancestral(StepSampler):
 
     def step(self, ctx, x, t, t_next, state):
         a, b = ctx.sde.transition(t_next, t)
-        var = b**2 * ctx.sde._std(t_next) ** 2 / ctx.sde._std(t) ** 2
+        var = b**2 * ctx.sde.std(t_next) ** 2 / ctx.sde.std(t) ** 2
         x_mean = (x + bcast(b**2, x) * ctx.score(x, t)) / bcast(a, x)
         return x_mean + bcast(torch.sqrt(var), x) * ctx.randn_like(x), None
 
@@ -160,6 +100,8 @@ class PredictorCorrector(StepSampler):
 
     def __init__(self, predictor: Union[str, StepSampler] = "reverse_diffusion", corrector_steps: int = 1,
                  snr: float = 0.16):
+        from . import get_sampler
+
         self.predictor = get_sampler(predictor) if isinstance(predictor, str) else predictor
         if not isinstance(self.predictor, StepSampler):
             raise TypeError(f"predictor must be a sampler name or a StepSampler; got {type(predictor).__name__}.")
@@ -175,7 +117,7 @@ class PredictorCorrector(StepSampler):
 
     def step(self, ctx, x, t, t_next, state):
         # alpha_i = 1 - beta_i for VP (the squared transition coefficient), 1 for VE
-        alpha = torch.exp(2.0 * (ctx.sde._log_mean_coeff(t) - ctx.sde._log_mean_coeff(t_next)))
+        alpha = torch.exp(2.0 * (ctx.sde.log_mean_coeff(t) - ctx.sde.log_mean_coeff(t_next)))
         for _ in range(self.corrector_steps):
             x = langevin_step(ctx, x, t, self.snr, alpha)
         return self.predictor.step(ctx, x, t, t_next, state)
@@ -204,46 +146,15 @@ class AnnealedLangevin(StepSampler):
         self.steps_each, self.step_lr, self.nfe_per_step = steps_each, step_lr, steps_each
 
     def start(self, ctx, x, ts):
-        s_last = ctx.sde._std(ts[-1])
+        s_last = ctx.sde.std(ts[-1])
         lr = 0.1 * s_last**2 if self.step_lr is None else self.step_lr
         return lr / s_last**2  # alpha = this * s(t)^2
 
     def step(self, ctx, x, t, t_next, rel):
-        alpha = rel * ctx.sde._std(t_next) ** 2
+        alpha = rel * ctx.sde.std(t_next) ** 2
         for _ in range(self.steps_each):
             x = x + bcast(0.5 * alpha, x) * ctx.score(x, t_next) + bcast(torch.sqrt(alpha), x) * ctx.randn_like(x)
         return x, rel
 
     def __repr__(self) -> str:
         return f"AnnealedLangevin(steps_each={self.steps_each}, step_lr={self.step_lr})"
-
-
-# name -> factory; sdegen.sample(method=name, **kwargs) calls factory(**kwargs)
-SAMPLERS: Dict[str, Callable[..., Any]] = {
-    "euler": Euler,
-    "euler_maruyama": EulerMaruyama,
-    "reverse_diffusion": ReverseDiffusion,
-    "ancestral": Ancestral,
-    "pc": PredictorCorrector,
-    "annealed_langevin": AnnealedLangevin,
-}
-
-
-def register_sampler(name: str, factory: Callable[..., Any]) -> None:
-    """Make ``factory`` available as ``sdegen.sample(..., method=name)``."""
-    SAMPLERS[name] = factory
-
-
-def get_sampler(method: Union[str, Any], **kwargs):
-    """Resolve a sampler name (with its options) or pass a sampler object through."""
-    if not isinstance(method, str):
-        if kwargs:
-            raise ValueError(f"sampler options {sorted(kwargs)} were given with a sampler object; "
-                             "set them on the object instead.")
-        return method
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(sorted(SAMPLERS))}.")
-    try:
-        return SAMPLERS[method](**kwargs)
-    except TypeError as err:
-        raise TypeError(f"method {method!r} does not take these options: {err}") from None

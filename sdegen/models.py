@@ -1,0 +1,307 @@
+"""The model layer: a network, what it predicts and how it wants its inputs, seen by samplers through one contract.
+
+The contract (:class:`Model`) is a pair of exact views of one prediction under an SDE with kernel
+x_t = m x_0 + s eps (m = m(t), s = s(t), sigma = s/m):
+
+    score(x, t) = grad_x log p_t(x),     denoise(x, t) = D(x, t) = E[x_0 | x_t = x] = (x + s^2 score) / m.
+
+Samplers of the SDE view (Euler-Maruyama, reverse diffusion, Langevin) ask for the score, the exponential and
+Karras-style samplers for the denoiser; each parameterisation converts its own output to either directly:
+
+    eps   (Ho et al. 2020):                 score = -eps / s,             D = (x - s eps) / m
+    x0    (data prediction):                score = (m x0 - x) / s^2,     D = x0
+    v     (v = m eps - s x0, Salimans & Ho 2022):   D = (m x - s v) / (m^2 + s^2)
+    flow  (v = dx_t/dt = m' x0 + s' eps, Lipman et al. 2023; = eps - x0 for :class:`sdegen.FlowSDE`):
+                                            D = (s' x - s v) / (s' m - s m')
+    edm   (Karras et al. 2022, eq. 7):      D = c_skip x_in + c_out F(c_in x_in, c_noise), x_in = x / m
+
+Mixed precision as EDM does it: the sampler's state keeps its dtype (float32 or float64); the network's inputs are
+cast to the dtype of its parameters (bfloat16, float16, ...) and its output back, and every conversion runs in
+the state's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from ._util import Time, batch_time, bcast
+from .sde import SDE
+
+PREDICTIONS = ("score", "eps", "x0", "v", "flow", "edm")
+TIME_INPUTS = ("t", "sigma", "log_sigma", "edm_sigma", "index", "timestep")
+PRECONDITIONINGS = ("edm", "vp", "ve")
+
+
+class Model(torch.nn.Module):
+    """The contract between a model and the samplers: exact ``score(x, t)`` and ``denoise(x, t)`` under ``sde``.
+
+    x is (B, ...), t a (B,) tensor (or a float / 0-d tensor); outputs have x's shape and dtype. A subclass
+    implements :meth:`score` or :meth:`denoise` (the other follows from Tweedie's formula). Attributes the
+    sampling driver reads: ``nfe_per_call`` (network evaluations one call costs, 1 by default) and
+    ``classifier_calls`` (classifier-gradient evaluations one call costs, 0 by default).
+    """
+
+    nfe_per_call: int = 1
+    classifier_calls: int = 0
+
+    def __init__(self, sde: SDE):
+        super().__init__()
+        if not isinstance(sde, SDE):
+            raise TypeError(f"sde must be an sdegen.SDE instance (e.g. sdegen.VPSDE()); got {sde!r}.")
+        self.sde = sde
+
+    def _coeffs(self, x: torch.Tensor, t: torch.Tensor):
+        """(m, s) at t, shaped to broadcast against x, in x's dtype."""
+        return bcast(self.sde.mean_coeff(t), x), bcast(self.sde.std(t), x)
+
+    def score(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
+        """grad_x log p_t(x) = (m D - x) / s^2."""
+        t = self.sde.check_time_for(x, t)
+        m, s = self._coeffs(x, t)
+        return (m * self.denoise(x, t, *args, **kwargs) - x) / s**2
+
+    def denoise(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
+        """Tweedie's posterior mean E[x_0 | x_t = x] = (x + s^2 score) / m."""
+        t = self.sde.check_time_for(x, t)
+        m, s = self._coeffs(x, t)
+        return (x + s**2 * self.score(x, t, *args, **kwargs)) / m
+
+    def eps(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
+        """The implied noise estimate -s(t) score = (x - m D) / s."""
+        t = self.sde.check_time_for(x, t)
+        return -bcast(self.sde.std(t), x) * self.score(x, t, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
+        """Calling a model gives its score."""
+        return self.score(x, t, *args, **kwargs)
+
+
+def network_dtype(net: Any) -> Optional[torch.dtype]:
+    """The dtype of a module's first floating-point parameter (None for a plain function or a module without any)."""
+    if isinstance(net, torch.nn.Module):
+        for p in net.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+class ScoreModel(Model):
+    """Wraps ``net(x_net, time_input, *args, **kwargs)`` as a :class:`Model`; calling it gives the score.
+
+    Args:
+        net: the network (any callable); extra call arguments (a class label, say) are passed through.
+        sde: the forward SDE whose kernel defines the conversions.
+        prediction: what the network outputs: "score", "eps", "x0", "v", "flow" (the velocity dx_t/dt of the
+            kernel's interpolation, eps - x0 under :class:`sdegen.FlowSDE`) or "edm" (EDM's raw network F inside
+            the preconditioned denoiser; see ``preconditioning``). See the module docstring for the formulas.
+        time_input: what the network takes as its second argument: "t", "sigma" (the kernel std s(t)),
+            "log_sigma", "edm_sigma" (s/m), "index" (round(t / T (num_steps - 1))), "timestep" (the exact
+            fractional timestep of a :class:`sdegen.DiscreteVPSDE`) or a callable t -> input. Default: "t",
+            or c_noise for prediction="edm".
+        num_steps: N for time_input="index".
+        scale_input: False: the network sees the state x (score_sde, DDPM and diffusers networks); True: it sees
+            x_in = x / m(t), the scaled input that EDM and k-diffusion networks are trained on. prediction="edm"
+            always scales (its formula is written in x_in).
+        sigma_data: EDM's data standard deviation (prediction="edm", preconditioning="edm").
+        preconditioning: the c_skip, c_out, c_in, c_noise of EDM's table 1 for prediction="edm": "edm"
+            (sigma_data), "vp" (c_noise = (M - 1) t, for a network trained under VPSDE's time) or "ve"
+            (c_noise = log(sigma / 2)).
+        M: the number of VP timesteps of preconditioning="vp" (1000 in EDM).
+
+    The network runs in the dtype of its own parameters: a bfloat16 network under a float32 or float64 state gets
+    its inputs cast and returns outputs cast back (floating time inputs go as float32 to 16-bit networks).
+    Shapes: x is (B, ...), t a float, 0-d or (B,) tensor; outputs have x's shape and dtype.
+    """
+
+    def __init__(self, net: Callable, sde: SDE, prediction: str = "eps",
+                 time_input: Union[str, Callable[[torch.Tensor], torch.Tensor], None] = None, num_steps: int = 1000,
+                 *, scale_input: bool = False, sigma_data: float = 0.5, preconditioning: str = "edm", M: int = 1000):
+        super().__init__(sde)
+        if not callable(net):
+            raise TypeError(f"net must be a callable network net(x, time_input, ...); got {type(net).__name__}.")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}.")
+        if time_input is None:
+            time_input = "c_noise" if prediction == "edm" else "t"
+        elif not callable(time_input) and time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {TIME_INPUTS} or a callable; got {time_input!r}.")
+        if time_input == "index" and not (isinstance(num_steps, int) and not isinstance(num_steps, bool)
+                                          and num_steps >= 2):
+            raise ValueError(f"num_steps must be an int >= 2; got {num_steps!r}.")
+        if time_input == "timestep" and not hasattr(sde, "timestep"):
+            raise ValueError(f"time_input='timestep' needs an SDE with discrete timesteps (sdegen.DiscreteVPSDE); "
+                             f"got {type(sde).__name__}.")
+        if not isinstance(scale_input, bool):
+            raise TypeError(f"scale_input must be a bool; got {scale_input!r}.")
+        if preconditioning not in PRECONDITIONINGS:
+            raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}; got {preconditioning!r}.")
+        if not (isinstance(sigma_data, (int, float)) and 0 < sigma_data < math.inf):
+            raise ValueError(f"sigma_data must be a finite number > 0; got {sigma_data!r}.")
+        self.net, self.prediction, self.time_input, self.num_steps = net, prediction, time_input, num_steps
+        self.scale_input = scale_input or prediction == "edm"
+        self.sigma_data, self.preconditioning, self.M = float(sigma_data), preconditioning, int(M)
+
+    # --- the network call ---
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time input the network receives for times t."""
+        kind = self.time_input
+        if callable(kind):
+            return kind(t)
+        if kind == "t":
+            return t
+        if kind == "sigma":
+            return self.sde.std(t)
+        if kind == "log_sigma":
+            return torch.log(self.sde.std(t))
+        if kind == "edm_sigma":
+            return self.sde.sigma(t)
+        if kind == "timestep":
+            return self.sde.timestep(t)
+        if kind == "c_noise":
+            return self._edm_coeffs(t)[3]
+        return torch.round(t / self.sde.T * (self.num_steps - 1)).long()
+
+    def _edm_coeffs(self, t: torch.Tensor):
+        """(c_skip, c_out, c_in, c_noise) of EDM's table 1 at sigma = s/m, in t's dtype."""
+        sigma = self.sde.sigma(t)
+        if self.preconditioning == "vp":
+            return torch.ones_like(sigma), -sigma, 1.0 / torch.sqrt(sigma**2 + 1.0), (self.M - 1) * t
+        if self.preconditioning == "ve":
+            return torch.ones_like(sigma), sigma, torch.ones_like(sigma), torch.log(0.5 * sigma)
+        sd2 = self.sigma_data**2
+        root = torch.sqrt(sigma**2 + sd2)
+        return sd2 / root**2, sigma * self.sigma_data / root, 1.0 / root, 0.25 * torch.log(sigma)
+
+    def raw(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
+        """The network's own output at (x, t) (EDM's F for prediction="edm"), in x's dtype."""
+        t = self.sde.check_time_for(x, t)
+        tb = batch_time(t, x).to(x.dtype)
+        x_net = x / bcast(self.sde.mean_coeff(tb), x) if self.scale_input else x
+        if self.prediction == "edm":
+            x_net = x_net * bcast(self._edm_coeffs(tb)[2], x)
+        time_in = self.net_time(tb)
+        dtype = network_dtype(self.net)
+        if dtype is not None and dtype != x.dtype:
+            x_net = x_net.to(dtype)
+        if dtype is not None and time_in.is_floating_point():
+            time_in = time_in.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+        out = self.net(x_net, time_in, *args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the network must return a tensor; got {type(out).__name__}.")
+        if out.shape != x.shape:
+            raise ValueError(f"the network output must have x's shape {tuple(x.shape)}; got {tuple(out.shape)}.")
+        return out.to(x.dtype)
+
+    # --- conversions of a raw output ---
+    def output_to_denoised(self, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """D = E[x_0 | x_t = x] from a raw output of this model's kind (exact kernel formulas)."""
+        t = self.sde.check_time_for(x, t)
+        if self.prediction == "edm":
+            c_skip, c_out, _, _ = self._edm_coeffs(batch_time(t, x).to(x.dtype))
+            return bcast(c_skip, x) * (x / bcast(self.sde.mean_coeff(t), x)) + bcast(c_out, x) * out
+        if self.prediction == "flow":
+            m, s = self._coeffs(x, t)
+            dm, ds = bcast(self.sde.d_mean_coeff(t), x), bcast(self.sde.d_std(t), x)
+            return (ds * x - s * out) / (ds * m - s * dm)
+        return output_to_x0(self.sde, self.prediction, out, x, t)
+
+    def output_to_score(self, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """The score from a raw output of this model's kind."""
+        if self.prediction in ("score", "eps", "x0", "v"):
+            return output_to_score(self.sde, self.prediction, out, x, t)
+        t = self.sde.check_time_for(x, t)
+        m, s = self._coeffs(x, t)
+        return (m * self.output_to_denoised(out, x, t) - x) / s**2
+
+    # --- the contract ---
+    def score(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
+        t = self.sde.check_time_for(x, t)
+        return self.output_to_score(self.raw(x, t, *args, **kwargs), x, t)
+
+    def denoise(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
+        t = self.sde.check_time_for(x, t)
+        return self.output_to_denoised(self.raw(x, t, *args, **kwargs), x, t)
+
+    def extra_repr(self) -> str:
+        return f"prediction={self.prediction!r}, time_input={self.time_input!r}, scale_input={self.scale_input}"
+
+
+def output_to_score(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") at (x, t) into the score."""
+    t = sde.check_time_for(x, t)
+    if out.shape != x.shape:
+        raise ValueError(f"the network output must have x's shape {tuple(x.shape)}; got {tuple(out.shape)}.")
+    if prediction == "score":
+        return out
+    m, s = bcast(sde.mean_coeff(t), x), bcast(sde.std(t), x)
+    if prediction == "eps":
+        return -out / s
+    if prediction == "x0":
+        return (m * out - x) / s**2
+    if prediction == "v":
+        eps = (s * x + m * out) / (m**2 + s**2)
+        return -eps / s
+    raise ValueError(f"prediction must be one of ('score', 'eps', 'x0', 'v'); got {prediction!r}.")
+
+
+def output_to_x0(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") into E[x_0 | x_t = x]."""
+    t = sde.check_time_for(x, t)
+    if out.shape != x.shape:
+        raise ValueError(f"the network output must have x's shape {tuple(x.shape)}; got {tuple(out.shape)}.")
+    m, s = bcast(sde.mean_coeff(t), x), bcast(sde.std(t), x)
+    if prediction == "score":
+        return (x + s**2 * out) / m
+    if prediction == "eps":
+        return (x - s * out) / m
+    if prediction == "x0":
+        return out
+    if prediction == "v":
+        return (m * x - s * out) / (m**2 + s**2)
+    raise ValueError(f"prediction must be one of ('score', 'eps', 'x0', 'v'); got {prediction!r}.")
+
+
+def score_to_x0(sde: SDE, score: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+    """Tweedie's formula E[x_0 | x_t = x] = (x + s(t)^2 score) / m(t)."""
+    t = sde.check_time_for(x, t)
+    return (x + bcast(sde.std(t) ** 2, x) * score) / bcast(sde.mean_coeff(t), x)
+
+
+def _same_sde(a: SDE, b: SDE) -> bool:
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and a.config() == b.config()
+    except Exception:  # an SDE that cannot describe itself: trust the caller
+        return True
+
+
+def as_model(score: Any, sde: SDE) -> Model:
+    """Turn whatever the caller passed as a model into a :class:`Model` under ``sde``.
+
+    Accepted: a :class:`Model` (a :class:`ScoreModel`, say) built for the same SDE; an object with ``as_model(sde)``
+    (guidance combinators); an object with ``score_fn(sde)`` (an oracle such as
+    :class:`sdegen.analytic.GaussianMixture`, whose exact score depends on the SDE); or a plain callable
+    ``score(x, t)`` with t of shape (B,), taken as the score.
+    """
+    if isinstance(score, Model):
+        if not _same_sde(score.sde, sde):
+            raise ValueError(f"the model was built for {score.sde!r} but is used under {sde!r}; build the model "
+                             "with the SDE it is sampled with.")
+        return score
+    if hasattr(score, "as_model"):
+        return score.as_model(sde)
+    if hasattr(score, "score_fn"):
+        return ScoreModel(score.score_fn(sde), sde, prediction="score")
+    if callable(score):
+        return ScoreModel(score, sde, prediction="score")
+    raise TypeError(f"the model must be an sdegen.Model, a callable score(x, t) or an object with score_fn(sde); "
+                    f"got {type(score).__name__}.")
+
+
+def resolve_score(score: Any, sde: SDE) -> Callable:
+    """``as_model(score, sde).score``: the score as a plain callable ``score(x, t)``."""
+    return as_model(score, sde).score

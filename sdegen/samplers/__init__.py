@@ -1,0 +1,84 @@
+"""Samplers: small objects that the driver :func:`sdegen.sample` runs, selected by name through :data:`SAMPLERS`.
+
+Families, one module each:
+
+- :mod:`.sde_view`: discretisations of the reverse SDE / probability-flow ODE in x and t (Euler, Euler-Maruyama,
+  reverse diffusion, ancestral, predictor-corrector, annealed Langevin);
+- :mod:`.exponential`: exponential integrators in y = x/m and u = -log sigma (DDIM, DPM-Solver++ 2M/3M and their
+  SDE variants, the exponential predictor-corrector, SA-Solver);
+- :mod:`.karras`: EDM's sigma-view samplers (Heun) and the single-step DPM-Solver;
+- :mod:`.adaptive`: adaptive step-size control in u;
+- :mod:`sdegen.backends`: torchdiffeq ("ode") and torchsde ("sde").
+
+A new sampler is one class (see :class:`StepSampler`) and one line in :data:`SAMPLERS` (or a call of
+:func:`register_sampler` from user code).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Union
+
+from .base import Context, Solver, StepSampler
+from .sde_view import Ancestral, AnnealedLangevin, Euler, EulerMaruyama, PredictorCorrector, ReverseDiffusion, langevin_step
+from .exponential import (DDIM, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, ExponentialPC, SASolver, exp_moments,
+                          exp_poly_integral, exp_poly_weights)
+from .karras import DPMSolver, Heun
+from .adaptive import AdaptiveExponential, AdaptiveMultistep
+from ..backends import ODESolver, SDESolver
+
+# name -> factory; sdegen.sample(method=name, **options) calls factory(**options)
+SAMPLERS: Dict[str, Callable[..., Any]] = {
+    "euler": Euler,
+    "euler_maruyama": EulerMaruyama,
+    "reverse_diffusion": ReverseDiffusion,
+    "ancestral": Ancestral,
+    "pc": PredictorCorrector,
+    "annealed_langevin": AnnealedLangevin,
+    "ddim": DDIM,
+    "heun": Heun,
+    "dpm_solver": DPMSolver,
+    "dpmpp_2m": lambda lower_order_final=False: DPMSolverPP(2, lower_order_final),
+    "dpmpp_3m": lambda lower_order_final=False: DPMSolverPP(3, lower_order_final),
+    "dpmpp_2m_sde": DPMSolverPP2MSDE,
+    "dpmpp_3m_sde": DPMSolverPP3MSDE,
+    "exp_pc": ExponentialPC,
+    "sa_solver": SASolver,
+    "adaptive": AdaptiveMultistep,
+    "adaptive_rk23": AdaptiveExponential,
+    "ode": ODESolver,
+    "sde": SDESolver,
+}
+
+
+def register_sampler(name: str, factory: Callable[..., Any]) -> None:
+    """Make ``factory`` available as ``sdegen.sample(..., method=name)``."""
+    if not (isinstance(name, str) and name):
+        raise ValueError(f"name must be a non-empty string; got {name!r}.")
+    if not callable(factory):
+        raise TypeError(f"factory must be a sampler class or a callable returning a sampler; got {factory!r}.")
+    SAMPLERS[name] = factory
+
+
+def get_sampler(method: Union[str, Any], **kwargs):
+    """Resolve a sampler name (with its options) or pass a sampler object through."""
+    if not isinstance(method, str):
+        if kwargs:
+            raise ValueError(f"sampler options {sorted(kwargs)} were given with a sampler object; "
+                             "set them on the object instead.")
+        if not isinstance(method, (StepSampler, Solver)):
+            raise TypeError(f"method must be a sampler name or a StepSampler / Solver object; "
+                            f"got {type(method).__name__}.")
+        return method
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(sorted(SAMPLERS))}.")
+    try:
+        return SAMPLERS[method](**kwargs)
+    except TypeError as err:
+        raise TypeError(f"method {method!r} does not take these options: {err}") from None
+
+
+__all__ = ["SAMPLERS", "Context", "Solver", "StepSampler", "get_sampler", "register_sampler", "Ancestral",
+           "AnnealedLangevin", "Euler", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "langevin_step",
+           "DDIM", "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver", "DPMSolver",
+           "Heun", "AdaptiveExponential", "AdaptiveMultistep", "ODESolver", "SDESolver", "exp_moments",
+           "exp_poly_integral", "exp_poly_weights"]

@@ -1,0 +1,189 @@
+"""An adaptive probability-flow solver that steps in u = log(m/s) = -log sigma, where the ODE is nearly linear.
+
+In y = x/m the probability-flow ODE of any linear SDE reads dy/du = D(y, u) - y (see
+:mod:`sdegen.fast_samplers`). The solver is the embedded pair of single-step exponential integrators of
+DPM-Solver's adaptive algorithm (Lu et al. 2022, section 3.3 and algorithm 5, "DPM-Solver-23"), here in the
+data-prediction form of DPM-Solver++ (Lu et al. 2022b): stages at u + h/3 and u + 2h/3 give a third-order
+solution and, from the first stage alone, an embedded second-order one. Their difference drives a standard
+step-size controller (Hairer, Norsett & Wanner, "Solving ODEs I", section II.4).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .base import Context, Solver, point as _point, time_at_u as _t_at
+from .exponential import exp_moments, exp_poly_integral
+
+
+class AdaptiveExponential(Solver):
+    """Adaptive DPM-Solver-2(3) in the data-prediction form with error control in x, like torchdiffeq's.
+
+    A step from u to u + h costs 3 NFE (2 when it retries after a rejection: the denoised value at u is
+    kept). It is accepted when max over examples of the RMS of err / (atol + rtol max(|x|, |x'|)) is <= 1,
+    err being the difference of the orders-3 and -2 solutions in x; the third-order one is kept (local
+    extrapolation). NFE = 3 accepted + 2 rejected steps (:attr:`stats` holds both after a run).
+
+    Args:
+        rtol, atol: relative and absolute tolerances (as in torchdiffeq).
+        h_init: first step in u (default: a tenth of the span of u).
+        safety: the controller's safety factor; max_steps: limit on attempted steps (RuntimeError beyond it).
+
+    ``solve`` returns (states at every time in ts (len(ts), B, ...), final state, accepted steps); the accept
+    test needs one host read of the error norm per step, as in any adaptive solver.
+    """
+
+    stochastic = False
+
+    def __init__(self, rtol: float = 1e-3, atol: float = 1e-3, h_init: Optional[float] = None,
+                 safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0):
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(v, (int, float)) and 0 < v < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
+        if h_init is not None and not (isinstance(h_init, (int, float)) and 0 < h_init < math.inf):
+            raise ValueError(f"h_init must be None or a finite number > 0 (a step in log(m/s)); got {h_init!r}.")
+        if not (isinstance(safety, (int, float)) and 0 < safety <= 1):
+            raise ValueError(f"safety must lie in (0, 1]; got {safety!r}.")
+        if not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"max_steps must be an int >= 1; got {max_steps!r}.")
+        self.rtol, self.atol, self.h_init, self.safety, self.max_steps = float(rtol), float(atol), h_init, safety, max_steps
+        if not (isinstance(max_factor, (int, float)) and 1.0 < max_factor < math.inf):
+            raise ValueError(f"max_factor (the largest step growth) must be a finite number > 1; got {max_factor!r}.")
+        self.max_factor = float(max_factor)
+        self.stats = {"accepted": 0, "rejected": 0}
+
+    def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
+              ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        if steps is not None:
+            raise ValueError("method 'adaptive' chooses its own steps: leave steps=None and set rtol/atol instead.")
+        self._reset(ts)
+        out = [x]
+        for k in range(len(ts) - 1):
+            x = self._integrate(ctx, x, ts[k], ts[k + 1])
+            out.append(x)
+        return torch.stack(out), x, self.stats["accepted"]
+
+    def _reset(self, ts: torch.Tensor) -> None:
+        self.stats = {"accepted": 0, "rejected": 0}
+
+    def _error(self, diff: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, t: torch.Tensor) -> float:
+        """max over examples of RMS(diff / (atol + rtol max(|x|, |x'|))): the one host read of a step."""
+        scale = torch.maximum(x.abs(), x_new.abs()).mul_(self.rtol).add_(self.atol)
+        e = float((diff / scale).reshape(x.shape[0], -1).pow(2).mean(1).sqrt().max())
+        if not math.isfinite(e):
+            raise RuntimeError(f"'adaptive' produced a non-finite state near t={float(t):g}; the score may be NaN.")
+        return max(e, 1e-10)
+
+    def _next_h(self, h: float, e: float, e_prev: float, k: int) -> float:
+        """PI step control (Gustafsson 1991) on accepted steps, plain control after a rejection; k = order + 1."""
+        factor = self.safety * e ** (-0.7 / k) * e_prev ** (0.4 / k) if e <= 1.0 else self.safety * e ** (-1.0 / k)
+        return h * min(self.max_factor, max(0.2, factor))
+
+    def _check_budget(self, t: torch.Tensor, t1: torch.Tensor) -> None:
+        if self.stats["accepted"] + self.stats["rejected"] >= self.max_steps:
+            raise RuntimeError(f"'adaptive' did not reach t={float(t1):g} within max_steps={self.max_steps} "
+                               f"steps (stuck at t={float(t):g}); loosen rtol/atol or raise max_steps.")
+
+    def _integrate(self, ctx: Context, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+        m, s, u = _point(ctx, t0)
+        u_end = _point(ctx, t1)[2]
+        h = self.h_init if self.h_init is not None else 0.1 * (u_end - u)
+        d0, t, e_prev = None, t0, 1.0
+        while u_end - u > 1e-12 * max(1.0, abs(u_end)):
+            self._check_budget(t, t1)
+            last = h >= u_end - u
+            h = min(h, u_end - u)
+            if d0 is None:
+                d0 = ctx.denoise(x, t)
+            t_new = t1 if last else _t_at(ctx, u + h)
+            x_new, diff = self._pair(ctx, x, m, u, d0, h, t_new)
+            e = self._error(diff, x, x_new, t)
+            if e <= 1.0:
+                self.stats["accepted"] += 1
+                x, t, u, d0 = x_new, t_new, u + h, None
+                m, s, _ = _point(ctx, t)
+            else:
+                self.stats["rejected"] += 1
+            h, e_prev = self._next_h(h, e, e_prev, 3), (e if e <= 1.0 else e_prev)
+        return x
+
+    def _pair(self, ctx, x, m, u, d0, h, t_new):
+        """Third-order step and (third - second)-order difference, both in x (DPM-Solver-23 stages, y = x/m)."""
+        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+        y = x / m
+        t1 = _t_at(ctx, u + r1 * h)
+        m1, s1, _ = _point(ctx, t1)
+        y1 = torch.add(y * math.exp(-r1 * h), d0, alpha=exp_moments(r1 * h, 1)[0])
+        d1 = ctx.denoise(y1.mul_(m1), t1)
+        t2 = _t_at(ctx, u + r2 * h)
+        m2, s2, _ = _point(ctx, t2)
+        a0, a1 = exp_moments(r2 * h, 2)
+        y2 = torch.add(y * math.exp(-r2 * h), d0, alpha=a0).add_(d1 - d0, alpha=a1 / (r1 * h))
+        d2 = ctx.denoise(y2.mul_(m2), t2)
+        b0, b1 = exp_moments(h, 2)
+        m_new = _point(ctx, t_new)[0]
+        hi = torch.add(y * math.exp(-h), d0, alpha=b0).add_(d2 - d0, alpha=b1 / (r2 * h)).mul_(m_new)
+        diff = ((d2 - d0) / r2 - (d1 - d0) / r1).mul_(m_new * b1 / h)
+        return hi, diff
+
+    def __repr__(self) -> str:
+        return f"AdaptiveExponential(rtol={self.rtol:g}, atol={self.atol:g})"
+
+
+class AdaptiveMultistep(AdaptiveExponential):
+    """Adaptive exponential multistep predictor-corrector in u: one NFE per attempted step.
+
+    Predictor: the exponential Adams rule through the last k denoised values (k <= order, DPM-Solver++ multistep
+    / DEIS on a variable grid). The denoised value at the predicted point is the step's one NFE; the corrector
+    adds it to the interpolation (one order higher, the UniC idea of Zhao et al. 2023, eq. 8, in the
+    data-prediction form) and its difference from the predictor estimates the local error. Accepted steps keep
+    the corrected state and the new denoised value; rejected ones cost one NFE. NFE = 1 + attempted steps.
+    After a run, ``stats["times"]`` lists the accepted times (an explicit grid for the fixed-step samplers).
+
+    Args as :class:`AdaptiveExponential`, plus order (1-3): the predictor's order.
+    """
+
+    def __init__(self, rtol: float = 1e-3, atol: float = 1e-3, h_init: Optional[float] = None, order: int = 3,
+                 safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0):
+        super().__init__(rtol, atol, h_init, safety, max_steps, max_factor)
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
+        self.order = order
+
+    def _reset(self, ts):
+        self._hist = []
+        self.stats = {"accepted": 0, "rejected": 0, "times": [float(ts[0])]}
+
+    def _integrate(self, ctx, x, t0, t1):
+        m, s, u = _point(ctx, t0)
+        u_end = _point(ctx, t1)[2]
+        if not self._hist:
+            self._hist = [(u, ctx.denoise(x, t0))]
+        h = self.h_init if self.h_init is not None else 0.1 * (u_end - u)
+        e_prev, t = 1.0, t0
+        while u_end - u > 1e-12 * max(1.0, abs(u_end)):
+            self._check_budget(t, t1)
+            t_new = t1 if h >= u_end - u else _t_at(ctx, u + h)
+            h = min(h, u_end - u)
+            m2, s2, _ = _point(ctx, t_new)
+            hist = self._hist[-self.order:]
+            nodes, values = [v - u for v, _ in reversed(hist)], [d for _, d in reversed(hist)]
+            base = x * (s2 / s)
+            x_pred = exp_poly_integral(nodes, values, h, base=base, scale=m2)
+            d_new = ctx.denoise(x_pred, t_new)
+            x_corr = exp_poly_integral([h] + nodes, [d_new] + values, h, base=base, scale=m2)
+            e = self._error(x_corr - x_pred, x, x_corr, t)
+            if e <= 1.0:
+                self.stats["accepted"] += 1
+                x, t, u, s = x_corr, t_new, u + h, s2
+                self._hist = (self._hist + [(u, d_new)])[-self.order:]
+                self.stats["times"].append(float(t))
+            else:
+                self.stats["rejected"] += 1
+            h, e_prev = self._next_h(h, e, e_prev, len(hist) + 1), (e if e <= 1.0 else e_prev)
+        return x
+
+

@@ -1,0 +1,157 @@
+"""The sampler protocols and what a step may use.
+
+A fixed-step sampler (:class:`StepSampler`) is a small object with ``start(ctx, x, ts)`` and
+``step(ctx, x, t, t_next, state) -> (x_next, state)``; it declares its ``order``, whether it is ``stochastic``,
+its ``nfe_per_step``, and its defaults. An adaptive sampler or an external solver (:class:`Solver`) instead
+integrates a whole span with ``solve(ctx, x, ts, steps) -> (states at ts, final state, steps taken)``.
+The driver (:func:`sdegen.sample`) owns the loop, the noise streams, progress, NFE counting and trajectories,
+and tells the two protocols apart by their base class.
+
+A step sees the model only through the :class:`Context`: ``ctx.score(x, t)`` and ``ctx.denoise(x, t)`` (each
+call counts the model's network evaluations), the SDE's public methods, and the per-example noise stream.
+Times are scalar (0-d) float64 CPU tensors from the grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import torch
+
+from ..models import Model
+from ..noise import Noise
+from ..sde import SDE
+
+
+class Context:
+    """What a step may use: the SDE, the model (each call counts its network evaluations) and the noise stream.
+
+    ``model`` is a :class:`sdegen.Model` (the driver turns callables and oracles into one with
+    :func:`sdegen.models.as_model`); ``noise`` a per-example stream (or None for deterministic runs).
+    """
+
+    def __init__(self, sde: SDE, model: Model, noise: Optional[Noise]):
+        if not isinstance(model, Model):
+            from ..models import as_model  # a plain score callable is accepted as well
+
+            model = as_model(model, sde)
+        self.sde, self.model, self.noise = sde, model, noise
+        self.nfe = 0  # network evaluations
+        self.classifier_nfe = 0  # classifier-gradient evaluations (classifier guidance)
+        self.grid_points: dict = {}  # per-run table of (m, s, u) at grid times, see :func:`cache_grid`
+
+    def _time(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0 and t.device.type == "cpu" and not t.requires_grad:
+            # a host scalar fills the batch in one launch, with no host-device copy
+            return torch.full(x.shape[:1], float(t), dtype=x.dtype, device=x.device)
+        return (t.to(device=x.device) if t.ndim else t.to(device=x.device).expand(x.shape[0])).to(x.dtype)
+
+    def _count(self) -> None:
+        self.nfe += self.model.nfe_per_call
+        self.classifier_nfe += self.model.classifier_calls
+
+    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """s(x, t) for a scalar (0-d) or (B,) time; the model sees a (B,) time in x's dtype."""
+        self._count()
+        return self.model.score(x, self._time(x, t))
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """D(x, t) = E[x_0 | x_t = x], the model's denoised estimate."""
+        self._count()
+        return self.model.denoise(x, self._time(x, t))
+
+    def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Alias of :meth:`denoise`."""
+        return self.denoise(x, t)
+
+    def coeffs(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(m(t), s(t))."""
+        return self.sde.mean_coeff(t), self.sde.std(t)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noise is None:
+            raise ValueError("this sampler is stochastic and needs a noise stream (pass seed=...).")
+        return self.noise.like(x)
+
+
+class StepSampler:
+    """Base class of fixed-step samplers.
+
+    Attributes:
+        order: the global order of accuracy in the step size (of the deterministic part for stochastic samplers;
+            weak order 1 for SDE discretisations).
+        nfe_per_step: network evaluations one step costs (the driver counts the real number too).
+        stochastic: whether steps draw noise.
+        default_steps: steps used when the caller gives none.
+        default_schedule: the time grid used when the caller gives none (see :func:`sdegen.time_grid`).
+    """
+
+    order: int = 1
+    nfe_per_step: int = 1
+    stochastic: bool = False
+    default_steps: int = 1000
+    default_schedule: str = "uniform"
+
+    def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> Any:
+        """Carried state before the first step (default: none)."""
+        return None
+
+    def step(self, ctx: Context, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, state: Any
+             ) -> Tuple[torch.Tensor, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement step()")
+
+    def total_nfe(self, steps: int) -> int:
+        """NFE of a run of ``steps`` steps (overridden by samplers whose first or last step differs)."""
+        return steps * self.nfe_per_step
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Solver:
+    """Base class of samplers that integrate a whole span themselves (adaptive step control, torchdiffeq,
+    torchsde): ``solve(ctx, x, ts, steps)`` returns (states at every time of ``ts`` (len(ts), B, ...), final
+    state, steps taken or None). ``steps`` is the caller's step count (None: the solver's own choice); a solver
+    that cannot honour it raises ValueError."""
+
+    stochastic: bool = False
+
+    def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
+              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement solve()")
+
+
+# --- per-run coefficient tables shared by the samplers that work in y = x/m and u = log(m/s) = -log sigma ---
+def point(ctx: Context, t: torch.Tensor) -> Tuple[float, float, float]:
+    """(m, s, u = log(m/s)) at the scalar CPU time t, as Python floats (float64): per-step scalar arithmetic
+    then costs no tensor launches, and a float multiplies a tensor on any device without a sync.
+    Grid times come from the table :func:`cache_grid` filled once per run."""
+    cached = ctx.grid_points.get(float(t))
+    if cached is not None:
+        return cached
+    log_m, s = float(ctx.sde.log_mean_coeff(t)), float(ctx.sde.std(t))
+    return math.exp(log_m), s, log_m - math.log(s)
+
+
+def cache_grid(ctx: Context, ts: torch.Tensor) -> None:
+    """(m, s, u) at every grid time in one vectorised call, kept on this run's context (the driver makes one
+    context per run), so that a step's coefficients cost dictionary look-ups instead of tensor launches."""
+    log_m, s = ctx.sde.log_mean_coeff(ts).tolist(), ctx.sde.std(ts).tolist()
+    ctx.grid_points.update({t: (math.exp(a), b, a - math.log(b)) for t, a, b in zip(ts.tolist(), log_m, s)})
+
+
+def time_at_u(ctx: Context, u: float) -> torch.Tensor:
+    """The time whose u = log(m/s) is ``u`` (the log-SNR is 2u), a 0-d float64 tensor."""
+    return ctx.sde.t_from_log_snr(torch.tensor(2.0 * u, dtype=torch.float64))
+
+
+def scaled_denoise(ctx: Context, x: torch.Tensor, t: torch.Tensor, m: float) -> torch.Tensor:
+    """m D = x + s^2 score (one NFE), a new tensor."""
+    return ctx.denoise(x, t) * m
+
+
+def check_unit(value: float, name: str) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}.")
+    return float(value)

@@ -1,0 +1,133 @@
+"""Samplers in EDM's view (Karras et al. 2022): the probability-flow ODE dy/dsigma = (y - D) / sigma = eps in
+y = x / m and sigma = s / m, stepped with Runge-Kutta rules in sigma (Heun, Euler) or, for the single-step
+DPM-Solver, in u = -log sigma.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+from .base import StepSampler, cache_grid as _cache_grid, point as _point, time_at_u as _t_at
+
+
+class Heun(StepSampler):
+    """EDM's second-order Heun sampler (Karras et al. 2022, algorithm 2) on dy/dsigma = eps, y = x/m.
+
+    Every step is a Heun step (the grid ends at t_min > 0), so NFE = 2 * steps. With ``s_churn > 0``
+    each step with s_tmin <= sigma <= s_tmax first raises sigma to sigma (1 + gamma),
+    gamma = min(s_churn / steps, sqrt(2) - 1) (capped at sigma(T)), adding noise of std
+    s_noise sqrt(sigma_hat^2 - sigma^2) in y.
+    """
+
+    nfe_per_step = 2
+    default_steps = 25
+    default_schedule = "edm"
+
+    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
+        for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
+            if not (isinstance(v, (int, float)) and 0.0 <= v < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}.")
+        if not (isinstance(s_tmax, (int, float)) and s_tmax >= s_tmin):
+            raise ValueError(f"s_tmax must be a number >= s_tmin={s_tmin!r}; got {s_tmax!r}.")
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)
+        self.stochastic = self.s_churn > 0
+
+    def start(self, ctx, x, ts):
+        _cache_grid(ctx, ts)
+        gamma = min(self.s_churn / (len(ts) - 1), math.sqrt(2.0) - 1.0)
+        m, s, _ = _point(ctx, torch.tensor(ctx.sde.T, dtype=torch.float64))
+        return gamma, s / m
+
+    def step(self, ctx, x, t, t_next, state):
+        gamma, sigma_top = state
+        m, s, _ = _point(ctx, t)
+        sigma = s / m
+        if gamma > 0 and self.s_tmin <= sigma <= self.s_tmax:
+            sigma_hat = min(sigma * (1.0 + gamma), sigma_top)
+            t = _t_at(ctx, -math.log(sigma_hat)).clamp(max=ctx.sde.T)  # round-off must not pass T
+            m_hat, s, _ = _point(ctx, t)
+            y = torch.div(x, m).add_(ctx.randn_like(x), alpha=self.s_noise * math.sqrt(sigma_hat**2 - sigma**2))
+            x, m = y.mul_(m_hat), m_hat
+            sigma = s / m
+        m2, s2, _ = _point(ctx, t_next)
+        dsig = s2 / m2 - sigma
+        # dy/dsigma = eps = -s score in y = x/m, carried out on x = m y: the Euler point is
+        # x_e = (m'/m) x - m' dsig s score, the trapezoid adds -m' dsig/2 (s score + s' score(x_e)) to (m'/m) x
+        base = x * (m2 / m)
+        score = ctx.score(x, t)  # score outputs are never modified in place
+        x_euler = torch.add(base, score, alpha=-m2 * dsig * s)
+        x_next = base.add_(score, alpha=-0.5 * m2 * dsig * s)
+        return x_next.add_(ctx.score(x_euler, t_next), alpha=-0.5 * m2 * dsig * s2), state
+
+    def __repr__(self) -> str:
+        return f"Heun(s_churn={self.s_churn}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax}, s_noise={self.s_noise})"
+
+
+class DPMSolver(StepSampler):
+    """Single-step DPM-Solver of order 1, 2 or 3 in the noise-prediction form (Lu et al. 2022, algorithms 1
+    and 2 with r1 = 1/2, resp. r1 = 1/3, r2 = 2/3; eqs. 3.7-3.8 and appendix B): NFE = order * steps.
+
+    In y = x/m with sigma' e^h = sigma: y' = y - sigma' (e^h - 1) eps - (higher-order corrections).
+    """
+
+    default_steps = 10
+    default_schedule = "log_snr"
+
+    def __init__(self, order: int = 3):
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
+        self.order = self.nfe_per_step = order
+
+    def _fractions(self) -> Tuple[float, ...]:
+        return {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}[self.order]
+
+    def start(self, ctx, x, ts):
+        """The intermediate times of every step (u + r h, r in the order's fractions) and their (m, s), found in
+        one vectorised call: a step then makes no scalar tensor launches."""
+        _cache_grid(ctx, ts)
+        rs = self._fractions()
+        if not rs:
+            return None
+        grid = ts.tolist()
+        us = [ctx.grid_points[t][2] for t in grid]
+        mids = [u + r * (u2 - u) for u, u2 in zip(us[:-1], us[1:]) for r in rs]
+        t_mid = ctx.sde.t_from_log_snr(torch.tensor([2.0 * v for v in mids], dtype=torch.float64))
+        log_m, s = ctx.sde.log_mean_coeff(t_mid).tolist(), ctx.sde.std(t_mid).tolist()
+        points = [(t, math.exp(a), b) for t, a, b in zip(t_mid.unbind(), log_m, s)]
+        return {t: points[len(rs) * i:len(rs) * (i + 1)] for i, t in enumerate(grid[:-1])}
+
+    def _eps(self, ctx, y, u, point=None):
+        if point is None:  # a step off the grid given to start()
+            t = _t_at(ctx, u)
+            point = (t,) + _point(ctx, t)[:2]
+        t, m, s = point
+        return -s * ctx.score(y * m, t)
+
+    def step(self, ctx, x, t, t_next, state):
+        m, s, u = _point(ctx, t)
+        m2, s2, u2 = _point(ctx, t_next)
+        h, sig2 = u2 - u, s2 / m2
+        mid = (state.get(float(t)) if state is not None else None) or [None, None]
+        y = x / m
+        e0 = -s * ctx.score(x, t)
+        y_next = torch.add(y, e0, alpha=-sig2 * math.expm1(h))
+        if self.order == 2:
+            r1 = 0.5
+            sig1 = math.exp(-(u + r1 * h))
+            e1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h, mid[0])
+            y_next = y_next.add_(e1 - e0, alpha=-sig2 * math.expm1(h) / (2.0 * r1))
+        elif self.order == 3:
+            r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+            sig1, sigm = math.exp(-(u + r1 * h)), math.exp(-(u + r2 * h))
+            d1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h, mid[0]).sub_(e0)
+            y2 = (torch.add(y, e0, alpha=-sigm * math.expm1(r2 * h))
+                  .add_(d1, alpha=-sigm * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1.0)))
+            d2 = self._eps(ctx, y2, u + r2 * h, mid[1]).sub_(e0)
+            y_next = y_next.add_(d2, alpha=-sig2 / r2 * (math.expm1(h) / h - 1.0))
+        return y_next.mul_(m2), state
+
+    def __repr__(self) -> str:
+        return f"DPMSolver(order={self.order})"
