@@ -43,6 +43,8 @@ from . import distributed
 from .distributed import init_distributed, log_likelihood_sharded, sample_sharded, train_ddp
 from . import calibration
 from .calibration import ScheduleFit, optimize_schedule
+from . import adapters
+from .adapters import diffusers_time_grid, from_denoiser, from_diffusers, from_score_sde
 
 __version__ = "0.2.0"
 
@@ -51,7 +53,8 @@ __all__ = [
     "SDE", "VPSDE", "CosineVPSDE", "SubVPSDE", "VESDE", "EDMSDE", "FlowSDE", "DiscreteVPSDE", "ReverseSDE",
     "ProbabilityFlowODE",
     # models
-    "Model", "ScoreModel", "as_model", "output_to_score", "score_to_x0",
+    "Model", "ScoreModel", "as_model", "output_to_score", "score_to_x0", "from_diffusers", "diffusers_time_grid",
+    "from_denoiser", "from_score_sde",
     # sampling
     "sample", "SampleInfo", "time_grid", "refine_grid", "optimize_schedule", "ScheduleFit", "SAMPLERS",
     "get_sampler", "register_sampler", "StepSampler", "Solver", "Context", "Euler", "EulerMaruyama",
@@ -73,5 +76,5 @@ __all__ = [
     "init_distributed", "sample_sharded", "log_likelihood_sharded", "train_ddp",
     # modules
     "samplers", "analytic", "backends", "noise", "schedules", "guidance", "losses", "nets", "training", "divergence",
-    "likelihood", "distributed", "calibration",
+    "likelihood", "distributed", "calibration", "adapters",
 ]

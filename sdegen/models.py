@@ -35,6 +35,25 @@ TIME_INPUTS = ("t", "sigma", "log_sigma", "edm_sigma", "index", "timestep")
 PRECONDITIONINGS = ("edm", "vp", "ve")
 
 
+def _host_scalar(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.Tensor) and t.ndim == 0 and t.device.type == "cpu" and not t.requires_grad
+
+
+def coefficient(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, x: torch.Tensor):
+    """fn(t) ready to multiply x: a Python float for a host scalar time (the grid times of fixed-step samplers; a
+    float multiplies x on any device with no host-device copy), else fn(t) shaped (B, 1, ...) in x's dtype."""
+    if _host_scalar(t):
+        return float(fn(t))
+    return bcast(fn(t), x)
+
+
+def batch_time_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 0-d or (B,) time as a (B,) tensor in x's dtype and device (a host scalar fills it in one launch)."""
+    if _host_scalar(t):
+        return torch.full(x.shape[:1], float(t), dtype=x.dtype, device=x.device)
+    return batch_time(t, x).to(x.dtype)
+
+
 class Model(torch.nn.Module):
     """The contract between a model and the samplers: exact ``score(x, t)`` and ``denoise(x, t)`` under ``sde``.
 
@@ -54,8 +73,18 @@ class Model(torch.nn.Module):
         self.sde = sde
 
     def _coeffs(self, x: torch.Tensor, t: torch.Tensor):
-        """(m, s) at t, shaped to broadcast against x, in x's dtype."""
-        return bcast(self.sde.mean_coeff(t), x), bcast(self.sde.std(t), x)
+        """(m, s) at t, ready to multiply x (see :func:`coefficient`); host scalar times hit a small table, since
+        fixed-step samplers ask for the same grid times again and again."""
+        if not _host_scalar(t):
+            return bcast(self.sde.mean_coeff(t), x), bcast(self.sde.std(t), x)
+        table = self.__dict__.setdefault("_scalar_coeffs", {})
+        key = (id(self.sde), float(t))
+        hit = table.get(key)
+        if hit is None:
+            if len(table) > 65536:
+                table.clear()
+            hit = table[key] = (float(self.sde.mean_coeff(t)), float(self.sde.std(t)))
+        return hit
 
     def score(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         """grad_x log p_t(x) = (m D - x) / s^2."""
@@ -72,7 +101,7 @@ class Model(torch.nn.Module):
     def eps(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         """The implied noise estimate -s(t) score = (x - m D) / s."""
         t = self.sde.check_time_for(x, t)
-        return -bcast(self.sde.std(t), x) * self.score(x, t, *args, **kwargs)
+        return -coefficient(self.sde.std, t, x) * self.score(x, t, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         """Calling a model gives its score."""
@@ -178,8 +207,8 @@ class ScoreModel(Model):
     def raw(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         """The network's own output at (x, t) (EDM's F for prediction="edm"), in x's dtype."""
         t = self.sde.check_time_for(x, t)
-        tb = batch_time(t, x).to(x.dtype)
-        x_net = x / bcast(self.sde.mean_coeff(tb), x) if self.scale_input else x
+        tb = batch_time_like(t, x)
+        x_net = x / coefficient(self.sde.mean_coeff, t, x) if self.scale_input else x
         if self.prediction == "edm":
             x_net = x_net * bcast(self._edm_coeffs(tb)[2], x)
         time_in = self.net_time(tb)
@@ -200,20 +229,22 @@ class ScoreModel(Model):
         """D = E[x_0 | x_t = x] from a raw output of this model's kind (exact kernel formulas)."""
         t = self.sde.check_time_for(x, t)
         if self.prediction == "edm":
-            c_skip, c_out, _, _ = self._edm_coeffs(batch_time(t, x).to(x.dtype))
-            return bcast(c_skip, x) * (x / bcast(self.sde.mean_coeff(t), x)) + bcast(c_out, x) * out
+            c_skip, c_out, _, _ = self._edm_coeffs(batch_time_like(t, x))
+            return bcast(c_skip, x) * (x / coefficient(self.sde.mean_coeff, t, x)) + bcast(c_out, x) * out
         if self.prediction == "flow":
             m, s = self._coeffs(x, t)
-            dm, ds = bcast(self.sde.d_mean_coeff(t), x), bcast(self.sde.d_std(t), x)
+            dm, ds = coefficient(self.sde.d_mean_coeff, t, x), coefficient(self.sde.d_std, t, x)
             return (ds * x - s * out) / (ds * m - s * dm)
-        return output_to_x0(self.sde, self.prediction, out, x, t)
+        _check_output(out, x)
+        return _x0_from(self.prediction, out, x, *self._coeffs(x, t))
 
     def output_to_score(self, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
         """The score from a raw output of this model's kind."""
-        if self.prediction in ("score", "eps", "x0", "v"):
-            return output_to_score(self.sde, self.prediction, out, x, t)
         t = self.sde.check_time_for(x, t)
+        _check_output(out, x)
         m, s = self._coeffs(x, t)
+        if self.prediction in ("score", "eps", "x0", "v"):
+            return _score_from(self.prediction, out, x, m, s)
         return (m * self.output_to_denoised(out, x, t) - x) / s**2
 
     # --- the contract ---
@@ -229,30 +260,19 @@ class ScoreModel(Model):
         return f"prediction={self.prediction!r}, time_input={self.time_input!r}, scale_input={self.scale_input}"
 
 
-def output_to_score(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
-    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") at (x, t) into the score."""
-    t = sde.check_time_for(x, t)
-    if out.shape != x.shape:
-        raise ValueError(f"the network output must have x's shape {tuple(x.shape)}; got {tuple(out.shape)}.")
+def _score_from(prediction: str, out: torch.Tensor, x: torch.Tensor, m, s) -> torch.Tensor:
     if prediction == "score":
         return out
-    m, s = bcast(sde.mean_coeff(t), x), bcast(sde.std(t), x)
     if prediction == "eps":
         return -out / s
     if prediction == "x0":
         return (m * out - x) / s**2
     if prediction == "v":
-        eps = (s * x + m * out) / (m**2 + s**2)
-        return -eps / s
+        return -((s * x + m * out) / (m**2 + s**2)) / s
     raise ValueError(f"prediction must be one of ('score', 'eps', 'x0', 'v'); got {prediction!r}.")
 
 
-def output_to_x0(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
-    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") into E[x_0 | x_t = x]."""
-    t = sde.check_time_for(x, t)
-    if out.shape != x.shape:
-        raise ValueError(f"the network output must have x's shape {tuple(x.shape)}; got {tuple(out.shape)}.")
-    m, s = bcast(sde.mean_coeff(t), x), bcast(sde.std(t), x)
+def _x0_from(prediction: str, out: torch.Tensor, x: torch.Tensor, m, s) -> torch.Tensor:
     if prediction == "score":
         return (x + s**2 * out) / m
     if prediction == "eps":
@@ -264,10 +284,31 @@ def output_to_x0(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, 
     raise ValueError(f"prediction must be one of ('score', 'eps', 'x0', 'v'); got {prediction!r}.")
 
 
+def _check_output(out: torch.Tensor, x: torch.Tensor) -> None:
+    if out.shape != x.shape:
+        raise ValueError(f"the network output must have x's shape {tuple(x.shape)}; got {tuple(out.shape)}.")
+
+
+def output_to_score(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") at (x, t) into the score."""
+    t = sde.check_time_for(x, t)
+    _check_output(out, x)
+    if prediction == "score":
+        return out
+    return _score_from(prediction, out, x, coefficient(sde.mean_coeff, t, x), coefficient(sde.std, t, x))
+
+
+def output_to_x0(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") into E[x_0 | x_t = x]."""
+    t = sde.check_time_for(x, t)
+    _check_output(out, x)
+    return _x0_from(prediction, out, x, coefficient(sde.mean_coeff, t, x), coefficient(sde.std, t, x))
+
+
 def score_to_x0(sde: SDE, score: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
     """Tweedie's formula E[x_0 | x_t = x] = (x + s(t)^2 score) / m(t)."""
     t = sde.check_time_for(x, t)
-    return (x + bcast(sde.std(t) ** 2, x) * score) / bcast(sde.mean_coeff(t), x)
+    return (x + coefficient(sde.std, t, x) ** 2 * score) / coefficient(sde.mean_coeff, t, x)
 
 
 def _same_sde(a: SDE, b: SDE) -> bool:

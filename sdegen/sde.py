@@ -406,7 +406,7 @@ class VPSDE(SDE):
 
     def t_from_log_snr(self, lam):
         # m^2 = sigmoid(lam) for VP, so B = -log m^2 = softplus(-lam)
-        return self.t_from_integral_beta(torch.nn.functional.softplus(-self._check_lam(lam)))
+        return self.t_from_integral_beta(torch.nn.functional.softplus(-self._check_lam(lam))).clamp(0.0, self.T)
 
 
 class CosineVPSDE(VPSDE):
@@ -470,7 +470,7 @@ class SubVPSDE(VPSDE):
         # lam = log m^2 - 2 log(1 - m^2)  =>  m = 2 e^{lam/2} / (1 + sqrt(1 + 4 e^lam))
         lam = self._check_lam(lam)
         log_m = math.log(2.0) + 0.5 * lam - torch.log1p(torch.sqrt(1.0 + 4.0 * torch.exp(lam)))
-        return self.t_from_integral_beta(-2.0 * log_m)
+        return self.t_from_integral_beta(-2.0 * log_m).clamp(0.0, self.T)
 
 
 class VESDE(SDE):
@@ -531,7 +531,7 @@ class VESDE(SDE):
         if self.kernel == "paper":  # s = e^{-lam/2} = sigma_min r^t; levels below sigma_min map to t = 0
             return ((-0.5 * lam - math.log(self.sigma_min)) / self._log_ratio).clamp(0.0, self.T)
         # s^2 = e^{-lam} = sigma_min^2 expm1(2 t log r)
-        return torch.log1p(torch.exp(-lam) / self.sigma_min**2) / (2.0 * self._log_ratio)
+        return (torch.log1p(torch.exp(-lam) / self.sigma_min**2) / (2.0 * self._log_ratio)).clamp(0.0, self.T)
 
 
 class EDMSDE(SDE):
@@ -651,8 +651,11 @@ class DiscreteVPSDE(SDE):
         return f"DiscreteVPSDE(num_timesteps={self.num_timesteps}, t_min={self.t_min:g})"
 
     def timestep(self, t: Time) -> torch.Tensor:
-        """The (fractional) timestep index t N - 1 of time t; integer at the table's own noise levels."""
-        return self.check_time(t) * self.num_timesteps - 1.0
+        """The (fractional) timestep index t N - 1 of time t; exactly the integer k at the table's own times
+        t = (k + 1) / N, also in float32 (which cannot represent them: t N carries a round-off of a few eps)."""
+        k = self.check_time(t) * self.num_timesteps - 1.0
+        nearest = torch.round(k)
+        return torch.where((k - nearest).abs() <= 4.0 * self.num_timesteps * torch.finfo(k.dtype).eps, nearest, k)
 
     def time_of_timestep(self, i) -> torch.Tensor:
         """t_i = (i + 1) / N for timesteps i (an int, a sequence or a tensor), as float64."""

@@ -42,9 +42,10 @@ class Context:
         self.grid_points: dict = {}  # per-run table of (m, s, u) at grid times, see :func:`cache_grid`
 
     def _time(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # a host scalar (a grid time) goes to the model as it is: the model turns its coefficients into Python
+        # floats, which multiply x on any device without a host-device copy
         if t.ndim == 0 and t.device.type == "cpu" and not t.requires_grad:
-            # a host scalar fills the batch in one launch, with no host-device copy
-            return torch.full(x.shape[:1], float(t), dtype=x.dtype, device=x.device)
+            return t
         return (t.to(device=x.device) if t.ndim else t.to(device=x.device).expand(x.shape[0])).to(x.dtype)
 
     def _count(self) -> None:
