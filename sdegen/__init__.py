@@ -20,7 +20,8 @@ from .sde import SDE, VESDE, CosineVPSDE, DiscreteVPSDE, EDMSDE, FlowSDE, Probab
 from .models import Model, ScoreModel, as_model, output_to_score, score_to_x0
 from . import samplers
 from .samplers import (SAMPLERS, DDIM, Ancestral, AnnealedLangevin, AdaptiveExponential, AdaptiveMultistep, Context,
-                       DPMSolver, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, Euler, EulerMaruyama, ExponentialPC,
+                       DPMSolver, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, Euler, EulerAncestral, EulerMaruyama,
+                       ExponentialPC,
                        Heun, ODESolver, PredictorCorrector, ReverseDiffusion, SASolver, SDESolver, Solver, StepSampler,
                        get_sampler, register_sampler)
 from . import analytic, backends, noise, schedules
@@ -58,7 +59,7 @@ __all__ = [
     # sampling
     "sample", "SampleInfo", "time_grid", "refine_grid", "optimize_schedule", "ScheduleFit", "SAMPLERS",
     "get_sampler", "register_sampler", "StepSampler", "Solver", "Context", "Euler", "EulerMaruyama",
-    "ReverseDiffusion", "Ancestral", "PredictorCorrector", "AnnealedLangevin", "DDIM", "Heun", "DPMSolver",
+    "ReverseDiffusion", "Ancestral", "EulerAncestral", "PredictorCorrector", "AnnealedLangevin", "DDIM", "Heun", "DPMSolver",
     "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver", "AdaptiveExponential",
     "AdaptiveMultistep", "ODESolver", "SDESolver", "PerExampleBrownian", "Noise", "GeneratorNoise", "make_seeds",
     # likelihood

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ._util import bcast, check_finite_tensor
-from .models import resolve_score
+from ._util import Time, batch_time, bcast, check_finite_tensor
+from .models import Model, ScoreModel, as_model
 from .analytic import GaussianMixture
 from .samplers import StepSampler, get_sampler, register_sampler
 from .sde import SDE
@@ -80,14 +80,16 @@ def classifier_log_prob_grad(classifier: Callable, x: torch.Tensor, t: torch.Ten
 class ClassifierGuidedScore:
     """The score s(x, t) + scale * grad_x log p_t(y | x): see :func:`classifier_guidance`.
 
-    Pass it wherever a score goes (``sdegen.sample(sde, guided, ...)``). It is called directly as ``guided(x, t)``
-    when the base score is a callable; with an oracle such as a GaussianMixture it resolves through ``score_fn(sde)``.
+    Pass it wherever a model goes (``sdegen.sample(sde, guided, ...)``, which uses :meth:`as_model`). It is called
+    directly as ``guided(x, t)`` when the base score is a callable; :meth:`score_fn` gives the guided score under an
+    SDE, which an oracle such as a GaussianMixture needs.
     """
 
     def __init__(self, score, classifier: Callable, y: Labels, scale: float = 1.0,
                  num_classes: Optional[int] = None):
         if not callable(classifier):
-            raise TypeError(f"classifier must be a callable classifier(x, t) -> logits; got {type(classifier).__name__}.")
+            raise TypeError(f"classifier must be a callable classifier(x, t) -> logits; "
+                            f"got {type(classifier).__name__}.")
         self.scale = _check_scale(scale, "scale")
         self.num_classes = num_classes if num_classes is not None else _num_classes(classifier)
         self.y = _check_labels(y, self.num_classes)
@@ -112,10 +114,31 @@ class ClassifierGuidedScore:
                             "or call .score_fn(sde) first.")
         return self._guided(self.base, x, t)
 
+    def as_model(self, sde: SDE) -> "ClassifierGuidedModel":
+        """The guided score as a :class:`sdegen.Model` under ``sde`` (what :func:`sdegen.sample` uses): it counts
+        the base model's network evaluations in ``nfe`` and one classifier gradient per call in ``classifier_nfe``."""
+        return ClassifierGuidedModel(self, as_model(self.base, sde))
+
     def score_fn(self, sde: SDE) -> Callable:
-        """The guided score as a plain callable under ``sde`` (what :func:`sdegen.sample` uses)."""
-        base = resolve_score(self.base, sde)
-        return lambda x, t: self._guided(base, x, t)
+        """The guided score as a plain callable ``score(x, t)`` under ``sde``."""
+        return self.as_model(sde).score
+
+
+class ClassifierGuidedModel(Model):
+    """A :class:`ClassifierGuidedScore` under one SDE: score = base.score + scale grad_x log p_t(y | x); the
+    denoiser follows by Tweedie's formula. ``nfe_per_call`` is the base model's, ``classifier_calls`` adds one
+    classifier gradient (none at scale 0)."""
+
+    def __init__(self, guide: ClassifierGuidedScore, base: Model):
+        super().__init__(base.sde)
+        self.guide, self.base = guide, base
+        self.nfe_per_call = base.nfe_per_call
+        self.classifier_calls = base.classifier_calls + (1 if guide.scale > 0 else 0)
+
+    def score(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        t = self.sde.check_time_for(x, t)
+        # the classifier receives a (B,) time in x's dtype, as a score network does
+        return self.guide._guided(self.base.score, x, batch_time(t, x).to(x.dtype))
 
 
 def classifier_guidance(score, classifier: Callable, y: Labels, scale: float = 1.0, *,
@@ -125,36 +148,126 @@ def classifier_guidance(score, classifier: Callable, y: Labels, scale: float = 1
         s(x, t) + scale * grad_x log p_t(y | x)         (Song et al. 2021, eq. 14; Dhariwal & Nichol 2021, alg. 1)
 
     Args:
-        score: the unconditional score (callable score(x, t), ScoreModel, or an oracle with ``score_fn(sde)``).
+        score: the unconditional score (callable score(x, t), a :class:`sdegen.Model` such as a ScoreModel, or an
+            oracle with ``score_fn(sde)``).
         classifier: noise-conditional classifier ``classifier(x, t) -> logits (B, C)`` (t of shape (B,)).
         y: the requested class: an int for all examples or an integer tensor (B,).
         scale: >= 0; 1 samples p(x | y) exactly when score and classifier are exact; larger sharpens.
         num_classes: the number of classes (read from ``classifier.num_classes`` when present), used to reject
             labels outside [0, C) up front; otherwise labels are checked at the first call.
-    Returns: a :class:`ClassifierGuidedScore`, accepted by every sampler and :func:`sdegen.sample`.
+    Returns: a :class:`ClassifierGuidedScore`, accepted by every sampler and :func:`sdegen.sample`, whose
+    :class:`SampleInfo` reports the classifier gradients in ``classifier_nfe``, apart from ``nfe``.
     """
     return ClassifierGuidedScore(score, classifier, y, scale, num_classes)
 
 
-class ClassifierFreeGuidedScore:
-    """(1 + w) s(x, t, y) - w s(x, t): see :func:`classifier_free_guidance`."""
+def _check_null_label(null_label: Any) -> Optional[int]:
+    if null_label is None:
+        return None
+    if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label < 0:
+        raise ValueError(f"null_label must be an int >= 0 (the label of the unconditional branch) or None; "
+                         f"got {null_label!r}.")
+    return null_label
 
-    def __init__(self, model: Callable, y: Labels, w: float, num_classes: Optional[int] = None):
+
+def _default_null_label(model: Any) -> Optional[int]:
+    """The null label a network declares (``.null_label``, as the nets of :mod:`sdegen.nets` do), else None."""
+    holder = model.net if isinstance(model, ScoreModel) else model
+    return getattr(holder, "null_label", None)
+
+
+class ClassifierFreeGuidedScore:
+    """(1 + w) s(x, t, y) - w s(x, t): see :func:`classifier_free_guidance`.
+
+    With a known null label (``null_label``, read from the network's ``.null_label`` when not given) both branches
+    run in one call on the doubled batch [x, x] with labels [y, null]; without one, ``model(x, t, y)`` and
+    ``model(x, t)`` are two calls. ``nfe_per_call`` says which (1 or 2; 1 for w = 0, which needs the conditional
+    branch only). Calling it directly gives the guided score; :meth:`as_model` gives the :class:`sdegen.Model`
+    that :func:`sdegen.sample` uses.
+    """
+
+    def __init__(self, model: Callable, y: Labels, w: float, num_classes: Optional[int] = None, *,
+                 null_label: Optional[int] = None):
         if not callable(model):
             raise TypeError(f"model must be a callable model(x, t, y=None); got {type(model).__name__}.")
         self.w = _check_scale(w, "w")
         self.num_classes = num_classes if num_classes is not None else _num_classes(model)
         self.model, self.y = model, _check_labels(y, self.num_classes)
+        given = _check_null_label(null_label)
+        self.null_label = given if given is not None else _check_null_label(_default_null_label(model))
+        self.batched = self.null_label is not None
+        self.nfe_per_call = 1 if self.batched or self.w == 0.0 else 2
+
+    def _pair(self, x: torch.Tensor, t: torch.Tensor):
+        """The doubled batch: [x, x], [t, t] (a 0-d time stays 0-d) and the labels [y, null]."""
+        y = _label_batch(self.y, x)
+        t = torch.as_tensor(t)
+        return (torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t,
+                torch.cat([y, torch.full_like(y, self.null_label)]))
+
+    def combine(self, out_cond: torch.Tensor, out_uncond: torch.Tensor) -> torch.Tensor:
+        """(1 + w) out_cond - w out_uncond: Ho & Salimans' eq. 6 on any output affine in the score at fixed (x, t)
+        (the weights sum to one, so an affine map commutes with the combination)."""
+        return (1.0 + self.w) * out_cond - self.w * out_uncond
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s_cond = self.model(x, t, _label_batch(self.y, x))
         if self.w == 0.0:
-            return s_cond
-        return (1.0 + self.w) * s_cond - self.w * self.model(x, t)
+            return self.model(x, t, _label_batch(self.y, x))
+        if self.batched:
+            return self.combine(*self.model(*self._pair(x, t)).chunk(2))
+        return self.combine(self.model(x, t, _label_batch(self.y, x)), self.model(x, t))
+
+    def as_model(self, sde: SDE) -> "ClassifierFreeGuidedModel":
+        """The guided model under ``sde``; a model that is a :class:`sdegen.Model` must have been built for ``sde``
+        (ValueError otherwise)."""
+        return ClassifierFreeGuidedModel(self, sde)
 
 
-def classifier_free_guidance(model: Callable, y: Labels, w: float = 1.0, *,
-                             num_classes: Optional[int] = None) -> ClassifierFreeGuidedScore:
+class ClassifierFreeGuidedModel(Model):
+    """A :class:`ClassifierFreeGuidedScore` under one SDE.
+
+    For a :class:`sdegen.ScoreModel` with a null label the network runs once on 2B rows through
+    :meth:`ScoreModel.raw` and the guidance combines its raw outputs, then converts once. This is exact for every
+    parameterisation: at fixed (x, t) each maps the network output F affinely to the score and to the denoiser,
+    S(F) = a + b F (score: b = 1; eps: -1/s; x0: m/s^2; v: -m/(s (m^2 + s^2)); flow: -s/(s' m - s m') on D;
+    edm: c_out on D), and (1 + w) S(F_c) - w S(F_u) = S((1 + w) F_c - w F_u) because (1 + w) - w = 1.
+    Other models combine their scores. ``nfe_per_call`` is the guide's times the base model's.
+    """
+
+    def __init__(self, guide: ClassifierFreeGuidedScore, sde: SDE):
+        super().__init__(sde)
+        model = guide.model
+        self.guide = guide
+        self.base = as_model(model, sde) if isinstance(model, Model) else None
+        self.raw_pair = isinstance(self.base, ScoreModel) and (guide.batched or guide.w == 0.0)
+        inner = self.base.nfe_per_call if self.base is not None else 1
+        self.nfe_per_call = guide.nfe_per_call * inner
+        self.classifier_calls = guide.nfe_per_call * self.base.classifier_calls if self.base is not None else 0
+
+    def raw(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """The guided raw network output (1 + w) F(x, t, y) - w F(x, t, null) of the base ScoreModel."""
+        t = self.sde.check_time_for(x, t)
+        guide = self.guide
+        if guide.w == 0.0:
+            return self.base.raw(x, t, _label_batch(guide.y, x))
+        return guide.combine(*self.base.raw(*guide._pair(x, t)).chunk(2))
+
+    def score(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        t = self.sde.check_time_for(x, t)
+        if self.raw_pair:
+            return self.base.output_to_score(self.raw(x, t), x, t)
+        # a plain score callable receives a (B,) time in x's dtype, as through a ScoreModel
+        return self.guide(x, t if self.base is not None else batch_time(t, x).to(x.dtype))
+
+    def denoise(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        t = self.sde.check_time_for(x, t)
+        if self.raw_pair:
+            return self.base.output_to_denoised(self.raw(x, t), x, t)
+        return super().denoise(x, t)
+
+
+def classifier_free_guidance(model: Callable, y: Labels, w: float = 1.0, *, num_classes: Optional[int] = None,
+                             null_label: Optional[int] = None) -> ClassifierFreeGuidedScore:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6), as a score:
 
         (1 + w) s(x, t, y) - w s(x, t)  =  s(x, t) + (1 + w) [s(x, t, y) - s(x, t)],
@@ -163,8 +276,13 @@ def classifier_free_guidance(model: Callable, y: Labels, w: float = 1.0, *,
     ``model(x, t, y)`` is the conditional score and ``model(x, t)`` the unconditional one (the nets of
     :mod:`sdegen.nets` with ``num_classes`` set use a null label for it; train with :func:`sdegen.losses.drop_labels`).
     w >= 0 (w = 0: the conditional score). Labels outside the model's classes raise ValueError.
+
+    ``null_label``: the label that selects the unconditional branch (default: the network's ``.null_label``, e.g.
+    ``num_classes`` for :class:`sdegen.MLP` and :class:`sdegen.UNet`). When known, one call on the doubled batch
+    [x, x] with labels [y, null] replaces the two calls (1 NFE per evaluation instead of 2; for a
+    :class:`sdegen.ScoreModel` the raw outputs are combined, see :class:`ClassifierFreeGuidedModel`).
     """
-    return ClassifierFreeGuidedScore(model, y, w, num_classes)
+    return ClassifierFreeGuidedScore(model, y, w, num_classes, null_label=null_label)
 
 
 class Inpaint(StepSampler):

@@ -8,6 +8,10 @@ Score networks take ``(x, t, y=None)``: t is the (B,) network time input (see :c
 ``num_classes`` set they also take class labels y (B,), and y=None (or the label ``num_classes``) selects the
 unconditional "null" label, so one network serves classifier-free guidance (Ho & Salimans 2022).
 Every network records the keyword arguments that rebuild it in ``.config``; :func:`build_net` rebuilds it by name.
+
+Mixed precision: a network converted with ``net.to(torch.bfloat16)`` (or float16) runs in the dtype of its
+parameters whatever the input's floating dtype; inputs are cast on entry and outputs returned in the input's dtype
+(so a float64 sampler state or a float64 classifier-guidance gradient passes through a 16-bit network).
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torc
     return nn.functional.pad(emb, (0, dim % 2))
 
 
+def _to_params(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """x cast to the dtype of ``layer``'s weight (a no-op when they agree): the mixed-precision entry."""
+    return x.to(layer.weight.dtype) if x.is_floating_point() else x
+
+
 class _Conditioning(nn.Module):
     """Time embedding (plus an optional learned class embedding with a null label) -> (B, emb_dim)."""
 
@@ -39,7 +48,9 @@ class _Conditioning(nn.Module):
 
     def forward(self, t: torch.Tensor, y: Optional[torch.Tensor], batch: int, ref: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
-        emb = self.mlp(timestep_embedding(t, self.freq_dim, self.time_scale).to(ref.dtype))
+        # the sinusoids are computed in float32 (a 16-bit 1000 t would lose the phase) and enter the network in
+        # the dtype of its parameters
+        emb = self.mlp(timestep_embedding(t, self.freq_dim, self.time_scale).to(self.mlp[0].weight.dtype))
         if self.label is None:
             if y is not None:
                 raise ValueError("this network has no class conditioning (num_classes=None) but got labels y.")
@@ -54,7 +65,8 @@ class MLP(nn.Module):
 
     Args:
         dim: values per example d.
-        hidden: width; depth: residual blocks; num_classes: enables label conditioning (with a null label);
+        hidden: width; depth: residual blocks; num_classes: enables label conditioning (with a null label,
+            ``.null_label`` = num_classes, which y=None selects);
         time_scale: the embedding sees time_scale * t (1000 suits t in [0, 1]).
     """
 
@@ -62,6 +74,7 @@ class MLP(nn.Module):
                  time_scale: float = 1000.0):
         super().__init__()
         self.config = dict(dim=dim, hidden=hidden, depth=depth, num_classes=num_classes, time_scale=time_scale)
+        self.null_label = num_classes  # the label of the unconditional branch (None: no class conditioning)
         self.cond = _Conditioning(hidden, num_classes, time_scale)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
@@ -73,10 +86,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         B = x.shape[0]
         emb = self.cond(t, y, B, x)
-        h = self.inp(x.reshape(B, -1))
+        h = self.inp(_to_params(x, self.inp).reshape(B, -1))
         for block, proj in zip(self.blocks, self.emb_proj):
             h = h + block(h + proj(emb))
-        return self.out(h).reshape(x.shape)
+        return self.out(h).reshape(x.shape).to(x.dtype)
 
 
 def _groups(ch: int) -> int:
@@ -107,7 +120,8 @@ class UNet(nn.Module):
 
     Args:
         channels: image channels C; base: channels at full resolution (2 * base below);
-        num_classes: enables label conditioning (with a null label) for classifier-free guidance;
+        num_classes: enables label conditioning (with a null label, ``.null_label`` = num_classes) for
+            classifier-free guidance;
         dropout: inside residual blocks; time_scale: see :class:`MLP`.
     """
 
@@ -116,6 +130,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = dict(channels=channels, base=base, num_classes=num_classes, dropout=dropout,
                            time_scale=time_scale)
+        self.null_label = num_classes  # the label of the unconditional branch (None: no class conditioning)
         c1, c2, e = base, 2 * base, 4 * base
         self.cond = _Conditioning(e, num_classes, time_scale)
         self.inp = nn.Conv2d(channels, c1, 3, padding=1)
@@ -132,12 +147,12 @@ class UNet(nn.Module):
         if x.ndim != 4 or x.shape[-1] % 4 or x.shape[-2] % 4:
             raise ValueError(f"UNet needs x of shape (B, C, H, W) with H, W divisible by 4; got {tuple(x.shape)}.")
         emb = self.cond(t, y, x.shape[0], x)
-        h1 = self.down1(self.inp(x), emb)
+        h1 = self.down1(self.inp(_to_params(x, self.inp)), emb)
         h2 = self.down2(self.pool1(h1), emb)
         h = self.mid2(self.mid1(self.pool2(h2), emb), emb)
         h = self.up2(torch.cat([nn.functional.interpolate(h, scale_factor=2.0), h2], 1), emb)
         h = self.up1(torch.cat([nn.functional.interpolate(h, scale_factor=2.0), h1], 1), emb)
-        return self.out(h)
+        return self.out(h).to(x.dtype)
 
 
 class ConvClassifier(nn.Module):
@@ -164,17 +179,20 @@ class ConvClassifier(nn.Module):
         self.feature_dim = 2 * base
 
     def features(self, x: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Globally pooled penultimate features, (B, 2 * base)."""
+        """Globally pooled penultimate features, (B, 2 * base), in x's dtype."""
+        return self._features(x, t).to(x.dtype)
+
+    def _features(self, x: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
         if self.time_conditional and t is None:
             raise ValueError("this classifier is noise-conditional: call it as classifier(x, t).")
-        B = x.shape[0]
+        B, x = x.shape[0], _to_params(x, self.inp)
         emb = self.cond(t, None, B, x) if self.time_conditional else x.new_zeros(B, self.b1.emb.in_features)
         h = self.b1(self.inp(x), emb)
         h = self.b3(self.b2(self.pool(h), emb), emb)
         return nn.functional.silu(self.norm(h)).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.head(self.features(x, t))
+        return self.head(self._features(x, t)).to(x.dtype)
 
 
 NETS: Dict[str, type] = {"MLP": MLP, "UNet": UNet, "ConvClassifier": ConvClassifier}

@@ -68,7 +68,9 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         t_min: end time (default ``sde.t_min``).
         schedule: time grid for fixed-step samplers: "uniform", "log_snr", "edm", "quadratic" or explicit times.
         seed: int, one int per example as a (B,) tensor, or a torch.Generator. Example i's x_T and noise depend
-            only on its own seed, so a sample does not depend on the batch it is drawn in.
+            only on its own seed, so a sample does not depend on the batch it is drawn in. None: seeds are drawn
+            from torch's global generator where a draw is needed (x_T from the prior, a stochastic sampler's
+            noise); a deterministic sampler started from a given x_T draws nothing.
         noise: "per_example" (default: counter-based streams, batch-size invariant) or "generator" (one
             torch.Generator on x's device: faster for cheap scores, reproducible for a fixed seed and batch only).
         denoise: finish with Tweedie's step x_0 = (x + s^2 score) / m at t_min (one more NFE).
@@ -86,11 +88,16 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
     if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1 or None; got {steps!r}.")
+    for name, flag in (("denoise", denoise), ("progress", progress), ("return_trajectory", return_trajectory),
+                       ("return_info", return_info)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False; got {flag!r}.")
     sampler = get_sampler(method, **options)
-    if noise not in NOISE_KINDS:
+    if not isinstance(noise, str) or noise not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {sorted(NOISE_KINDS)}; got {noise!r}.")
-    x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device)
-    ctx = Context(sde, as_model(score, sde), NOISE_KINDS[noise](seeds, key=1))  # draw 0 made x_T
+    model = as_model(score, sde)
+    x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds=bool(sampler.stochastic))
+    ctx = Context(sde, model, None if seeds is None else NOISE_KINDS[noise](seeds, key=1))  # draw 0 made x_T
     start = time.perf_counter()
     if isinstance(sampler, StepSampler):
         n = steps or sampler.default_steps
@@ -110,20 +117,38 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
     return (x, info) if return_info else x
 
 
-def _initial_state(sde, x_T, shape, seed, dtype, device):
+STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_state_dtype(dtype: torch.dtype, name: str) -> None:
+    if dtype not in STATE_DTYPES:
+        hint = (" A network in low precision runs under a float32 state: ScoreModel casts its inputs to the "
+                "network's parameter dtype and its outputs back." if dtype in (torch.float16, torch.bfloat16) else "")
+        raise TypeError(f"{name} must be float32 or float64 (the solver state's precision); got {dtype}.{hint}")
+
+
+def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
+    """(x_T, per-example seeds or None): seeds are made only when a random draw needs them, so that a
+    deterministic run from a given x_T leaves torch's global generator untouched."""
     if x_T is None:
         if shape is None:
             raise ValueError("give either x_T or shape=(B, ...) to draw x_T from the prior.")
         shape = tuple(shape)
-        if len(shape) < 1 or shape[0] < 1:
-            raise ValueError(f"shape must be (B, ...) with B >= 1; got {shape}.")
+        if len(shape) < 1 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape):
+            raise ValueError(f"shape must be (B, ...) of positive ints; got {shape}.")
+        _check_state_dtype(dtype, "dtype")
         seeds = make_seeds(seed, shape[0], device)
         return sde.prior_std * normal_from_seeds(seeds, 0, shape[1:], dtype), seeds
     check_finite_tensor(x_T, "x_T")
-    if x_T.ndim < 1:
-        raise ValueError("x_T must have shape (B, ...).")
+    _check_state_dtype(x_T.dtype, "x_T's dtype")
+    if x_T.ndim < 1 or x_T.shape[0] < 1:
+        raise ValueError(f"x_T must have shape (B, ...) with B >= 1; got {tuple(x_T.shape)}.")
+    if x_T.device.type == "cpu" and not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T contains +-inf; the starting state must be finite.")
     if shape is not None and tuple(shape) != tuple(x_T.shape):
         raise ValueError(f"shape {tuple(shape)} disagrees with x_T's shape {tuple(x_T.shape)}; give one of them.")
+    if not needs_seeds and seed is None:
+        return x_T, None
     return x_T, make_seeds(seed, x_T.shape[0], x_T.device)
 
 

@@ -30,9 +30,14 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
       - a 1-D tensor of explicit times: validated (strictly decreasing, inside [0, T]) and returned as float64.
     """
     if isinstance(schedule, torch.Tensor):
+        if t_min is not None or t_max is not None:
+            raise ValueError("t_min / t_max apply to named schedules; an explicit grid of times runs from its first "
+                             "to its last entry: leave t_min and t_max unset.")
         return check_grid(sde, schedule)
-    if not (isinstance(steps, int) and steps >= 1):
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a finite number > 0; got {rho!r}.")
     t_min = sde.t_min if t_min is None else float(t_min)
     t_max = sde.T if t_max is None else float(t_max)
     if not (0.0 < t_min < t_max <= sde.T):
@@ -97,6 +102,8 @@ def check_grid(sde: SDE, ts: torch.Tensor) -> torch.Tensor:
     ts = torch.as_tensor(ts).detach().to(device="cpu", dtype=torch.float64)
     if ts.ndim != 1 or ts.numel() < 2:
         raise ValueError(f"an explicit time grid must be 1-D with at least 2 times; got shape {tuple(ts.shape)}.")
+    if not bool(torch.isfinite(ts).all()):
+        raise ValueError(f"an explicit time grid must hold finite times; got {ts.tolist()[:8]}.")
     if bool((ts[1:] >= ts[:-1]).any()):
         raise ValueError("an explicit time grid must be strictly decreasing (from near T down to t_min).")
     if not (0.0 < float(ts[-1]) and float(ts[0]) <= sde.T):

@@ -178,16 +178,21 @@ class SDE(abc.ABC):
 
     # --- validation ---
     def check_time(self, t: Time, name: str = "t") -> torch.Tensor:
-        """t as a floating tensor (a float becomes a float64 0-d tensor); ValueError unless it lies in [0, T]."""
+        """t as a floating tensor (a float becomes a float64 0-d tensor); ValueError unless it lies in [0, T].
+
+        A time in a dtype coarser than float64 may exceed T by its round-off (T = 0.999 rounds up in float32)."""
         if isinstance(t, torch.Tensor) and t.ndim == 0 and t.device.type == "cpu" and t.is_floating_point() \
                 and not t.requires_grad:
             v = float(t)  # the common case of a host scalar: one comparison instead of tensor ops
-            if not (0.0 <= v <= self.T):
+            if not (0.0 <= v <= self._t_max(t.dtype)):
                 raise ValueError(f"{name} must lie in [0, {self.T:g}]; got values {[v]} outside it.")
             return t
         t = as_time(t, name)
-        check_range(t, 0.0, self.T, name)
+        check_range(t, 0.0, self._t_max(t.dtype), name)
         return t
+
+    def _t_max(self, dtype: torch.dtype) -> float:
+        return self.T if dtype == torch.float64 else self.T * (1.0 + 4.0 * torch.finfo(dtype).eps)
 
     def check_time_for(self, x: torch.Tensor, t: Time, name: str = "t") -> torch.Tensor:
         """:meth:`check_time`, and a (B,) time must match x's batch size."""

@@ -222,3 +222,127 @@ def test_mixture_classifier_errors():
     sde, gm = sdegen.VPSDE(), hexagon()
     with pytest.raises(ValueError, match="partition"):
         sdegen.MixtureClassifier(gm, [[0, 1], [2]], sde)
+
+
+# ------------------------------------------------------------------------------- guidance as models: network counts
+class OracleEpsNet:
+    """A labelled network net(x, t, y) whose output is the exact noise prediction -s(t) s_c(x, t) of class c's
+    mixture (y = c) or of the whole mixture (y = null_label = 3); it records the rows and labels of every call."""
+
+    null_label = 3
+
+    def __init__(self, gm, clf, sde):
+        self.gm, self.clf, self.sde, self.calls = gm, clf, sde, []
+
+    def __call__(self, x, t, y=None):
+        self.calls.append((x.shape[0], None if y is None else y.clone()))
+        y = torch.full((x.shape[0],), self.null_label) if y is None else y
+        score = torch.empty_like(x)
+        for c in range(4):
+            rows = y == c
+            if bool(rows.any()):
+                dist = self.gm if c == self.null_label else self.clf.conditional(c)
+                score[rows] = dist.score(self.sde, x[rows], t[rows])
+        return -self.sde.std(t)[:, None] * score
+
+
+@pytest.mark.parametrize("method", ["euler_maruyama", "dpmpp_2m"])
+def test_classifier_free_guidance_runs_both_branches_in_one_network_call(method):
+    """Through sdegen.sample with the oracle's eps network: the batched guidance costs one NFE (one network call on
+    2B rows) per step and gives the two-call result to 1e-12 in float64; the two-call form costs two NFE a step."""
+    sde, gm = sdegen.VPSDE(), hexagon()
+    net = OracleEpsNet(gm, sdegen.MixtureClassifier(gm, GROUPS, sde), sde)
+    model = sdegen.ScoreModel(net, sde, prediction="eps")
+    y, steps, n = torch.tensor([0, 1, 2, 1, 0, 2]), 12, 6
+    batched = sdegen.classifier_free_guidance(model, y, 2.0)
+    two_calls = sdegen.classifier_free_guidance(lambda x, t, c=None: model(x, t, c), y, 2.0, num_classes=3)
+    assert batched.null_label == 3 and batched.nfe_per_call == 1 and two_calls.nfe_per_call == 2
+    opts = dict(shape=(n, 2), method=method, steps=steps, seed=3, dtype=torch.float64, return_info=True)
+    x1, info1 = sdegen.sample(sde, batched, **opts)
+    rows = [r for r, _ in net.calls]
+    x2, info2 = sdegen.sample(sde, two_calls, **opts)
+    assert info1.nfe == steps and rows == [2 * n] * steps
+    assert info2.nfe == 2 * steps and len(net.calls) == 3 * steps
+    torch.testing.assert_close(x1, x2, rtol=0, atol=1e-12)
+
+
+def test_classifier_free_guidance_counts_the_calls_of_a_labelled_mlp():
+    """A spy on sdegen.nets.MLP: the null label is read from the network, sample's info.nfe equals the network's
+    calls for one- and two-evaluation samplers, each call has 2B rows with labels [y, null] (B rows for w = 0)."""
+    calls = []
+
+    class SpyMLP(sdegen.MLP):
+        def forward(self, x, t, y=None):
+            calls.append((x.shape[0], y))
+            return super().forward(x, t, y)
+
+    sde = sdegen.VPSDE()
+    net = SpyMLP(2, hidden=16, depth=1, num_classes=3)
+    y = torch.tensor([2, 0, 1, 1])
+    for method, w in (("ddim", 1.5), ("heun", 1.5), ("ddim", 0.0)):
+        calls.clear()
+        cfg = sdegen.classifier_free_guidance(sdegen.ScoreModel(net, sde, prediction="eps"), y, w)
+        with torch.no_grad():
+            _, info = sdegen.sample(sde, cfg, shape=(4, 2), method=method, steps=5, seed=0, return_info=True)
+        assert info.nfe == len(calls) >= 5
+        for rows, labels in calls:
+            if w == 0.0:
+                assert rows == 4 and torch.equal(labels, y)
+            else:
+                assert rows == 8 and torch.equal(labels, torch.cat([y, torch.full((4,), 3)]))
+
+
+@pytest.mark.parametrize("prediction", ["score", "eps", "x0", "v", "flow", "edm"])
+def test_classifier_free_guidance_on_raw_outputs_is_exact_for_every_parameterisation(prediction):
+    """Each parameterisation maps the network output affinely to score and denoiser at fixed (x, t), so guiding the
+    raw outputs (one conversion) equals guiding the converted ones: to 1e-12 in float64, for several SDEs."""
+    net = sdegen.MLP(3, hidden=32, depth=2, num_classes=4).double()
+    gen = torch.Generator().manual_seed(0)
+    y, w = torch.tensor([0, 3, 1, 2, 2]), 3.0
+    for sde in (sdegen.VPSDE(), sdegen.VESDE(), sdegen.EDMSDE(), sdegen.FlowSDE()):
+        model = sdegen.ScoreModel(net, sde, prediction=prediction)
+        guided = sdegen.classifier_free_guidance(model, y, w).as_model(sde)
+        assert isinstance(guided, sdegen.Model) and guided.nfe_per_call == 1
+        x = torch.randn(5, 3, dtype=torch.float64, generator=gen)
+        t = sde.t_min + (sde.T - sde.t_min) * (0.05 + 0.9 * torch.rand(5, dtype=torch.float64, generator=gen))
+        for view in ("score", "denoise"):
+            cond, uncond = getattr(model, view)(x, t, y), getattr(model, view)(x, t)
+            torch.testing.assert_close(getattr(guided, view)(x, t), (1 + w) * cond - w * uncond,
+                                       rtol=1e-12, atol=1e-12)
+
+
+def test_classifier_guidance_counts_classifier_gradients_apart_from_nfe():
+    """The exact classifier at scale 1 reproduces the exact class-conditional sampler (same seed, float64, 1e-9);
+    info.nfe counts the score evaluations and info.classifier_nfe the classifier gradients, one per step each."""
+    sde, gm = sdegen.VPSDE(), hexagon()
+    clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
+    steps = 9
+    opts = dict(shape=(5, 2), method="euler_maruyama", steps=steps, seed=4, dtype=torch.float64, return_info=True)
+    guided = sdegen.classifier_guidance(gm, clf, 1, 1.0)
+    model = guided.as_model(sde)
+    assert isinstance(model, sdegen.Model) and model.nfe_per_call == 1 and model.classifier_calls == 1
+    x, info = sdegen.sample(sde, guided, **opts)
+    exact, info_exact = sdegen.sample(sde, clf.conditional(1), **opts)
+    assert info.nfe == steps and info.classifier_nfe == steps and info_exact.classifier_nfe == 0
+    torch.testing.assert_close(x, exact, rtol=1e-9, atol=1e-9)
+    _, info0 = sdegen.sample(sde, sdegen.classifier_guidance(gm, clf, 1, 0.0), **opts)
+    assert info0.nfe == steps and info0.classifier_nfe == 0
+
+
+def test_guided_models_errors():
+    sde, gm = sdegen.VPSDE(), hexagon()
+    net = sdegen.MLP(2, hidden=8, depth=1, num_classes=3)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="null_label must be an int >= 0"):
+            sdegen.classifier_free_guidance(sdegen.ScoreModel(net, sde), 0, 1.0, null_label=bad)
+    cfg = sdegen.classifier_free_guidance(sdegen.ScoreModel(net, sdegen.VESDE()), 0, 1.0)
+    with pytest.raises(ValueError, match="built for"):
+        cfg.as_model(sde)
+    clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
+    cg = sdegen.classifier_guidance(sdegen.ScoreModel(net, sdegen.VESDE()), clf, 0, 1.0)
+    with pytest.raises(ValueError, match="built for"):
+        sdegen.sample(sde, cg, shape=(2, 2), method="ddim", steps=2)
+    # a plain callable without a null label falls back to two calls; with one it batches
+    plain = lambda x, t, y=None: -x  # noqa: E731
+    assert sdegen.classifier_free_guidance(plain, 0, 1.0).as_model(sde).nfe_per_call == 2
+    assert sdegen.classifier_free_guidance(plain, 0, 1.0, null_label=3).as_model(sde).nfe_per_call == 1

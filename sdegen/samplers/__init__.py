@@ -6,7 +6,7 @@ Families, one module each:
   reverse diffusion, ancestral, predictor-corrector, annealed Langevin);
 - :mod:`.exponential`: exponential integrators in y = x/m and u = -log sigma (DDIM, DPM-Solver++ 2M/3M and their
   SDE variants, the exponential predictor-corrector, SA-Solver);
-- :mod:`.karras`: EDM's sigma-view samplers (Heun) and the single-step DPM-Solver;
+- :mod:`.karras`: EDM's sigma-view samplers (Heun, Euler ancestral) and the single-step DPM-Solver;
 - :mod:`.adaptive`: adaptive step-size control in u;
 - :mod:`sdegen.backends`: torchdiffeq ("ode") and torchsde ("sde").
 
@@ -22,7 +22,7 @@ from .base import Context, Solver, StepSampler
 from .sde_view import Ancestral, AnnealedLangevin, Euler, EulerMaruyama, PredictorCorrector, ReverseDiffusion, langevin_step
 from .exponential import (DDIM, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, ExponentialPC, SASolver, exp_moments,
                           exp_poly_integral, exp_poly_weights)
-from .karras import DPMSolver, Heun
+from .karras import DPMSolver, EulerAncestral, Heun
 from .adaptive import AdaptiveExponential, AdaptiveMultistep
 from ..backends import ODESolver, SDESolver
 
@@ -36,6 +36,7 @@ SAMPLERS: Dict[str, Callable[..., Any]] = {
     "annealed_langevin": AnnealedLangevin,
     "ddim": DDIM,
     "heun": Heun,
+    "euler_ancestral": EulerAncestral,
     "dpm_solver": DPMSolver,
     "dpmpp_2m": lambda lower_order_final=False: DPMSolverPP(2, lower_order_final),
     "dpmpp_3m": lambda lower_order_final=False: DPMSolverPP(3, lower_order_final),
@@ -80,5 +81,5 @@ def get_sampler(method: Union[str, Any], **kwargs):
 __all__ = ["SAMPLERS", "Context", "Solver", "StepSampler", "get_sampler", "register_sampler", "Ancestral",
            "AnnealedLangevin", "Euler", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "langevin_step",
            "DDIM", "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver", "DPMSolver",
-           "Heun", "AdaptiveExponential", "AdaptiveMultistep", "ODESolver", "SDESolver", "exp_moments",
-           "exp_poly_integral", "exp_poly_weights"]
+           "EulerAncestral", "Heun", "AdaptiveExponential", "AdaptiveMultistep", "ODESolver", "SDESolver",
+           "exp_moments", "exp_poly_integral", "exp_poly_weights"]

@@ -40,6 +40,7 @@ class Context:
         self.nfe = 0  # network evaluations
         self.classifier_nfe = 0  # classifier-gradient evaluations (classifier guidance)
         self.grid_points: dict = {}  # per-run table of (m, s, u) at grid times, see :func:`cache_grid`
+        self._output_checked = False
 
     def _time(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # a host scalar (a grid time) goes to the model as it is: the model turns its coefficients into Python
@@ -52,15 +53,32 @@ class Context:
         self.nfe += self.model.nfe_per_call
         self.classifier_nfe += self.model.classifier_calls
 
+    def _check_first(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, what: str) -> torch.Tensor:
+        """The first output of a run is checked (shape, dtype, finiteness: one host read per run, not per step)."""
+        if self._output_checked:
+            return out
+        self._output_checked = True
+        name = type(getattr(self.model, "net", self.model)).__name__
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+            got = (f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__)
+            raise ValueError(f"the model ({name}) must return its {what} with the state's shape and dtype "
+                             f"{tuple(x.shape)} {x.dtype}; got {got}.")
+        bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten()[:8].tolist()
+            raise ValueError(f"the model ({name}) returned non-finite values for examples {idx} at its first "
+                             f"call (t = {t.flatten()[:1].tolist()}); check the network and its inputs.")
+        return out
+
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """s(x, t) for a scalar (0-d) or (B,) time; the model sees a (B,) time in x's dtype."""
         self._count()
-        return self.model.score(x, self._time(x, t))
+        return self._check_first(self.model.score(x, self._time(x, t)), x, t, "score")
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """D(x, t) = E[x_0 | x_t = x], the model's denoised estimate."""
         self._count()
-        return self.model.denoise(x, self._time(x, t))
+        return self._check_first(self.model.denoise(x, self._time(x, t)), x, t, "denoised estimate")
 
     def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Alias of :meth:`denoise`."""

@@ -1,6 +1,6 @@
 """Samplers in EDM's view (Karras et al. 2022): the probability-flow ODE dy/dsigma = (y - D) / sigma = eps in
-y = x / m and sigma = s / m, stepped with Runge-Kutta rules in sigma (Heun, Euler) or, for the single-step
-DPM-Solver, in u = -log sigma.
+y = x / m and sigma = s / m, stepped with Runge-Kutta rules in sigma (Heun; Euler with ancestral noise) or, for
+the single-step DPM-Solver, in u = -log sigma.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class Heun(StepSampler):
     s_noise sqrt(sigma_hat^2 - sigma^2) in y.
     """
 
+    order = 2
     nfe_per_step = 2
     default_steps = 25
     default_schedule = "edm"
@@ -64,6 +65,51 @@ class Heun(StepSampler):
 
     def __repr__(self) -> str:
         return f"Heun(s_churn={self.s_churn}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax}, s_noise={self.s_noise})"
+
+
+class EulerAncestral(StepSampler):
+    """Euler ancestral sampling (k-diffusion's ``sample_euler_ancestral``): each step sigma -> sigma' in y = x/m,
+    sigma = s/m is split as in ancestral sampling (Ho et al. 2020, eq. 7) into an Euler step of EDM's ODE
+    dy/dsigma = (y - D) / sigma (Karras et al. 2022, eqs. 1 and 3) down to sigma_down and fresh noise of std sigma_up:
+
+        sigma_up = min(sigma', eta sigma' sqrt(sigma^2 - sigma'^2) / sigma),  sigma_down = sqrt(sigma'^2 - sigma_up^2),
+        y' = y + (sigma_down - sigma) (y - D) / sigma + s_noise sigma_up z,   x' = m' y'.
+
+    eta = 1 draws from DDPM's posterior q(y' | y, y_0 = D) (then sigma_down = sigma'^2 / sigma: the same update as
+    "ancestral" and DDIM with eta = 1); eta = 0 is Euler's method in sigma, which is DDIM with eta = 0. s_noise
+    scales the fresh noise (EDM's S_noise). First order, NFE = steps; x is (B, ...) of any dtype and device.
+    """
+
+    order = 1
+    nfe_per_step = 1
+    default_steps = 50
+    default_schedule = "edm"
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0):
+        for name, v in (("eta", eta), ("s_noise", s_noise)):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0.0 <= v < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}.")
+        self.eta, self.s_noise = float(eta), float(s_noise)
+        self.stochastic = self.eta > 0 and self.s_noise > 0
+
+    def start(self, ctx, x, ts):
+        _cache_grid(ctx, ts)
+
+    def step(self, ctx, x, t, t_next, state):
+        m, s, _ = _point(ctx, t)
+        m2, s2, _ = _point(ctx, t_next)
+        sigma, sigma2 = s / m, s2 / m2
+        sigma_up = min(sigma2, self.eta * sigma2 * math.sqrt(max(sigma * sigma - sigma2 * sigma2, 0.0)) / sigma)
+        sigma_down = math.sqrt(max(sigma2 * sigma2 - sigma_up * sigma_up, 0.0))
+        # the Euler point y + (sigma_down - sigma)(y - D)/sigma is D + r (y - D), r = sigma_down / sigma
+        r = sigma_down / sigma
+        x_next = torch.mul(x, m2 * r / m).add_(ctx.denoise(x, t), alpha=m2 * (1.0 - r))
+        if self.stochastic and sigma_up > 0.0:
+            x_next = x_next.add_(ctx.randn_like(x), alpha=m2 * self.s_noise * sigma_up)
+        return x_next, state
+
+    def __repr__(self) -> str:
+        return f"EulerAncestral(eta={self.eta}, s_noise={self.s_noise})"
 
 
 class DPMSolver(StepSampler):

@@ -22,6 +22,8 @@ class Euler(StepSampler):
     """Euler's method on the probability-flow ODE dx = [f - 1/2 g^2 s] dt (first order):
     x' = (1 + f dt) x - 1/2 g^2 dt s with dt = t' - t < 0."""
 
+    order = 1
+
     def start(self, ctx, x, ts):
         # f(t) and g(t)^2 at every grid time in one vectorised call: a step then costs two tensor operations
         f, g = ctx.sde.drift_coeff(ts).tolist(), ctx.sde.diffusion(ts).tolist()
@@ -37,8 +39,9 @@ class Euler(StepSampler):
 
 
 class EulerMaruyama(StepSampler):
-    """Euler-Maruyama on the reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (Song et al. 2021, eq. 6)."""
+    """Euler-Maruyama on the reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (Song et al. 2021, eq. 6): weak order 1."""
 
+    order = 1
     stochastic = True
 
     def step(self, ctx, x, t, t_next, state):
@@ -52,6 +55,7 @@ class ReverseDiffusion(StepSampler):
     """Reverse-diffusion predictor x' = x - F + G^2 s + G z from the forward discretisation (F, G)
     of :meth:`SDE.discretize` (Song et al. 2021, eq. 46; DDPM/SMLD updates for VP/VE)."""
 
+    order = 1
     stochastic = True
 
     def step(self, ctx, x, t, t_next, state):
@@ -67,6 +71,7 @@ class Ancestral(StepSampler):
     With the exact transition x_t = a x_{t'} + b z: mean (x + b^2 s) / a, variance b^2 s(t')^2 / s(t)^2.
     """
 
+    order = 1
     stochastic = True
 
     def step(self, ctx, x, t, t_next, state):
@@ -111,9 +116,13 @@ class PredictorCorrector(StepSampler):
             raise ValueError(f"snr must be a finite number > 0; got {snr!r}.")
         self.corrector_steps, self.snr = corrector_steps, float(snr)
         self.nfe_per_step = self.predictor.nfe_per_step + corrector_steps
+        self.order = self.predictor.order  # the corrector leaves the time discretisation to the predictor
 
     def start(self, ctx, x, ts):
         return self.predictor.start(ctx, x, ts)
+
+    def total_nfe(self, steps: int) -> int:
+        return self.predictor.total_nfe(steps) + steps * self.corrector_steps
 
     def step(self, ctx, x, t, t_next, state):
         # alpha_i = 1 - beta_i for VP (the squared transition coefficient), 1 for VE
@@ -132,9 +141,11 @@ class AnnealedLangevin(StepSampler):
     Each step runs ``steps_each`` Langevin iterations x += alpha/2 s + sqrt(alpha) z at the noise level of
     t_next, with alpha = step_lr * s(t_next)^2 / s_L^2 and s_L = s(t_min) the last level. NCSN used
     step_lr = 2e-5 with s_L = 0.01; the default step_lr = 0.1 s_L^2 keeps alpha / s(t)^2 = 0.1 at every
-    level, whatever t_min is. NFE = steps * steps_each.
+    level, whatever t_min is. NFE = steps * steps_each. It has no order in the step count: its bias is set by
+    step_lr and steps_each, not by the grid.
     """
 
+    order = 1
     stochastic = True
     default_steps = 100
 

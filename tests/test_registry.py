@@ -1,0 +1,155 @@
+"""A test matrix over every entry of the sampler registry ``sdegen.SAMPLERS``: shapes, dtypes and devices, batch
+invariance of the stochastic samplers, the declared order against the observed one, and the declared NFE.
+
+The matrix is built from the registry itself, so a sampler registered with one line is checked with no edit here.
+"""
+
+import math
+
+import pytest
+import torch
+
+import sdegen
+from sdegen.analytic import GaussianMixture
+from sdegen.samplers import Solver, StepSampler
+
+# entries that cannot run from their defaults alone, with the reason
+NEEDS_ARGUMENTS = {
+    "inpaint": "needs the known values and the mask of an inpainting problem (tested in test_guidance.py)",
+}
+NAMES = sorted(name for name in sdegen.SAMPLERS if name not in NEEDS_ARGUMENTS)
+SAMPLERS = {name: sdegen.get_sampler(name) for name in NAMES}
+STEP = [name for name in NAMES if isinstance(SAMPLERS[name], StepSampler)]
+SOLVERS = [name for name in NAMES if isinstance(SAMPLERS[name], Solver)]
+STOCHASTIC = [name for name in NAMES if SAMPLERS[name].stochastic]
+# fixed-step deterministic samplers: their error against the exact flow has a convergence order in the step count
+DETERMINISTIC_STEP = [name for name in STEP if not SAMPLERS[name].stochastic]
+
+SDE = sdegen.VPSDE()
+# two overlapping anisotropic components: a non-Gaussian p_0 whose flow is smooth, so that 40-160 steps are in
+# every sampler's asymptotic regime (a single Gaussian is degenerate for the third-order multistep rule: with
+# equal steps in log-SNR its leading error term integrates to zero and the observed order is 4)
+MIXTURE = GaussianMixture([0.6, 0.4], [[0.6, -0.2], [-0.5, 0.4]], [[0.15, 0.08], [0.1, 0.2]])
+ORDER_STEPS = (40, 80, 160)
+_REFERENCE = {}
+
+
+def _steps_for(sampler, steps):
+    """``steps`` for fixed-step samplers and solvers with a step count; None for solvers that choose their own."""
+    if isinstance(sampler, StepSampler) or getattr(sampler, "default_steps", None) is not None:
+        return steps
+    return None
+
+
+def _mixture_for(shape):
+    """A two-component mixture with one value per element of a (B, ...) state of ``shape``."""
+    d = math.prod(shape[1:])
+    g = torch.Generator().manual_seed(d)
+    return GaussianMixture([0.5, 0.5], torch.randn(2, d, generator=g, dtype=torch.float64), [0.2, 0.3])
+
+
+def test_registry_entries_are_samplers_declaring_their_properties():
+    assert set(NEEDS_ARGUMENTS) <= set(sdegen.SAMPLERS), "a skipped entry is no longer registered"
+    assert "euler_ancestral" in STEP
+    for name in NAMES:
+        sampler = SAMPLERS[name]
+        assert isinstance(sampler, (StepSampler, Solver)), name
+        assert isinstance(sampler.stochastic, bool), name
+        if isinstance(sampler, StepSampler):
+            for attr in ("order", "nfe_per_step", "default_steps"):
+                value = getattr(sampler, attr)
+                assert isinstance(value, int) and not isinstance(value, bool) and value >= 1, (name, attr, value)
+            assert isinstance(sampler.total_nfe(7), int), name
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 2), (2, 2, 3, 2)], ids=["B", "BD", "BCHW"])
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_dtype_device_kept_and_input_untouched(name, shape, dtype, device):
+    mixture = _mixture_for(shape)
+    x_T = SDE.prior_sample(shape, seed=0, dtype=dtype, device=device)
+    before = x_T.clone()
+    x = sdegen.sample(SDE, mixture, x_T, method=name, steps=_steps_for(SAMPLERS[name], 4), seed=1)
+    assert x.shape == x_T.shape and x.dtype == dtype and x.device == x_T.device, name
+    assert bool(torch.isfinite(x).all()), name
+    assert torch.equal(x_T, before), f"{name} modified x_T"
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_stochastic_sample_depends_only_on_its_own_seed(name):
+    """Example i of a batch of 5 equals the example with the same seed drawn in a batch of 2."""
+    seeds = torch.tensor([101, 102, 103, 104, 105])
+    steps = _steps_for(SAMPLERS[name], 6)
+    five = sdegen.sample(SDE, MIXTURE, shape=(5, 2), method=name, steps=steps, seed=seeds, dtype=torch.float64)
+    two = sdegen.sample(SDE, MIXTURE, shape=(2, 2), method=name, steps=steps, seed=seeds[[1, 3]], dtype=torch.float64)
+    torch.testing.assert_close(two, five[[1, 3]], rtol=1e-12, atol=1e-12)
+    other = sdegen.sample(SDE, MIXTURE, shape=(2, 2), method=name, steps=steps, seed=seeds[[0, 2]],
+                          dtype=torch.float64)
+    assert float((other - two).abs().min()) > 0, f"{name} ignores the seed"
+
+
+def _start_and_reference():
+    """x_T from the prior and the float64 probability-flow endpoint at t_min (torchdiffeq, rtol = atol = 1e-11)."""
+    if not _REFERENCE:
+        x_T = SDE.prior_sample((8, 2), seed=3, dtype=torch.float64)
+        _REFERENCE["x_T"] = x_T
+        _REFERENCE["ref"] = sdegen.sample(SDE, MIXTURE, x_T, method="ode", rtol=1e-11, atol=1e-11)
+    return _REFERENCE["x_T"], _REFERENCE["ref"]
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC_STEP)
+def test_declared_order_is_the_observed_order(name):
+    """Least-squares slope of log RMS endpoint error against log steps (40, 80, 160 steps, each sampler's default
+    grid) equals the declared order within 0.3 (diffrax's tolerance)."""
+    sampler = SAMPLERS[name]
+    x_T, ref = _start_and_reference()
+    log_n, log_err = [], []
+    for steps in ORDER_STEPS:
+        x = sdegen.sample(SDE, MIXTURE, x_T, method=sampler, steps=steps)
+        log_n.append(math.log(steps))
+        log_err.append(math.log(float((x - ref).pow(2).sum(1).mean().sqrt())))
+    n, e = torch.tensor(log_n), torch.tensor(log_err)
+    slope = -float(((n - n.mean()) * (e - e.mean())).sum() / ((n - n.mean()) ** 2).sum())
+    errors = [f"{math.exp(v):.2e}" for v in log_err]
+    assert abs(slope - sampler.order) <= 0.3, f"{name}: observed order {slope:.2f}, declared {sampler.order}, " \
+                                              f"errors {errors}"
+
+
+@pytest.mark.parametrize("denoise", [False, True], ids=["plain", "denoise"])
+@pytest.mark.parametrize("name", STEP)
+def test_step_sampler_nfe_is_as_declared(name, denoise):
+    sampler = SAMPLERS[name]
+    for steps in (1, 5):
+        _, info = sdegen.sample(SDE, MIXTURE, shape=(3, 2), method=sampler, steps=steps, seed=0, denoise=denoise,
+                                return_info=True)
+        assert info.nfe == sampler.total_nfe(steps) + int(denoise), (name, steps, info.nfe)
+        assert info.steps == steps and len(info.times) == steps + 1
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_solver_runs_and_counts_nfe(name):
+    x_T = SDE.prior_sample((3, 2), seed=2, dtype=torch.float64)
+    x, info = sdegen.sample(SDE, MIXTURE, x_T, method=name, steps=_steps_for(SAMPLERS[name], 20), seed=4,
+                            return_info=True)
+    assert info.nfe > 0 and x.shape == x_T.shape and bool(torch.isfinite(x).all()), (name, info.nfe)
+
+
+def test_euler_ancestral_limits_are_ancestral_sampling_and_ddim():
+    """eta = 1: the DDPM posterior step, identical to "ancestral" and to DDIM with eta = 1 on the same noise;
+    eta = 0: Euler in sigma on y = x/m, which is DDIM with eta = 0 (Karras et al. 2022, section 4)."""
+    x_T = SDE.prior_sample((6, 2), seed=5, dtype=torch.float64)
+    run = lambda method, **kw: sdegen.sample(SDE, MIXTURE, x_T, method=method, steps=12, seed=9,  # noqa: E731
+                                             schedule="uniform", **kw)
+    ancestral = run("euler_ancestral")
+    torch.testing.assert_close(ancestral, run("ancestral"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ancestral, run("ddim", eta=1.0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run("euler_ancestral", eta=0.0), run("ddim"), rtol=1e-12, atol=1e-12)
+    # s_noise scales the fresh noise of a step and nothing else
+    one = lambda s_noise: sdegen.sample(SDE, MIXTURE, x_T, method="euler_ancestral", s_noise=s_noise,  # noqa: E731
+                                        steps=1, seed=9)
+    torch.testing.assert_close(one(0.5) - one(0.0), 0.5 * (one(1.0) - one(0.0)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [dict(eta=-0.1), dict(eta=math.inf), dict(s_noise=-1.0), dict(eta="1")])
+def test_euler_ancestral_bad_options(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        sdegen.get_sampler("euler_ancestral", **kw)
