@@ -100,8 +100,8 @@ def run(repeats: int, quick: bool):
     for pname, gm in problems().items():
         x = gm.sample(n, seed=2024, dtype=torch.float64)  # held out: seeds differ from anything used in fitting
         exact = gm.log_prob(x)
-        pT = gm.marginal(sde.T, sde).log_prob
-        tmin_gap = (gm.log_prob(x, T_MIN, sde) - exact).abs() / gm.dim
+        pT = gm.marginal(sde, sde.T).log_prob
+        tmin_gap = (gm.log_prob(sde, x, T_MIN) - exact).abs() / gm.dim
         print(f"[{pname}] log p_tmin - log p_0: max {float(tmin_gap.max()):.2e} nats/dim", flush=True)
 
         def record(method, tol, lp, nfe, wall, walls, probes=None, noise=None, steps=None):
@@ -150,11 +150,11 @@ def headline(repeats: int, quick: bool):
     out = []
     for pname, gm in problems().items():
         x = gm.sample(n, seed=2024, dtype=torch.float64)
-        pT = gm.marginal(sde.T, sde).log_prob
+        pT = gm.marginal(sde, sde.T).log_prob
         calls = {
             "exact": lambda: sdegen.log_likelihood(sde, gm, x, divergence="exact", rtol=tol, atol=tol,
                                                    t_min=T_MIN, prior=pT),
-            "hutchinson": lambda: sdegen.log_likelihood(sde, gm, x, divergence="hutchinson", noise="rademacher",
+            "hutchinson": lambda: sdegen.log_likelihood(sde, gm, x, divergence="hutchinson", probe="rademacher",
                                                         probes=1, seed=1, rtol=tol, atol=tol, t_min=T_MIN, prior=pT),
             "baseline": lambda: baseline_log_likelihood(sde, gm, x, rtol=tol, atol=tol, prior=pT)}
         walls = {k: [] for k in calls}

@@ -213,7 +213,7 @@ def calibrate(mix, sde, nfes, log):
 
 def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, log, calibrated=False):
     mix, sde = PROBLEMS[pname](), SDES[sname]()
-    mix_t = mix.marginal(sde.t_min, sde)
+    mix_t = mix.marginal(sde, sde.t_min)
     rows = []
     x_T = sde.prior_sample((n_end, mix.dim), seed=1, dtype=torch.float64)
     t0 = time.time()

@@ -104,7 +104,7 @@ def train_score_model(train, args, progress):
     levels = train[0]
 
     def loss_fn(m, idx, gen):
-        return sdegen.dsm_loss(m, dequantized(levels[idx], gen), generator=gen)
+        return sdegen.dsm_loss(m, dequantized(levels[idx], gen), seed=gen)
 
     res = sdegen.train_ddp(model, loss_fn, torch.arange(levels.shape[0]), args.train_steps,
                            batch_size=rank_batch(args), lr=1e-3, warmup_steps=100, ema_decay=0.999, seed=args.seed,
@@ -119,7 +119,7 @@ def train_classifier(train, sde, steps, args, progress, noisy: bool):
     def loss_fn(c, idx, gen):
         x = dequantized(levels[idx], gen)
         if noisy:
-            return sdegen.classifier_loss(c, sde, x, labels[idx], generator=gen)
+            return sdegen.classifier_loss(c, sde, x, labels[idx], seed=gen)
         return torch.nn.functional.cross_entropy(c(x), labels[idx])
 
     res = sdegen.train_ddp(clf, loss_fn, torch.arange(levels.shape[0]), steps, batch_size=rank_batch(args),
@@ -174,7 +174,7 @@ def generate(model, noisy_clf, digits, args, scale, progress):
     score_for = lambda idx: sdegen.classifier_guidance(model, noisy_clf, y[idx], scale) if scale > 0 else model
     world = sdegen.distributed.current_context().world_size
     with torch.no_grad():  # one chunk per process; every rank receives all samples
-        res = sdegen.sample_sharded(model.sde, None, y.shape[0], (1, 8, 8), score_for=score_for, seed=args.seed,
+        res = sdegen.sample_sharded(model.sde, None, shape=(y.shape[0], 1, 8, 8), score_for=score_for, seed=args.seed,
                                     batch_size=-(-y.shape[0] // world), gather="all", method=args.sampler,
                                     steps=args.steps, denoise=True, progress=progress)
     return res["samples"], y, res

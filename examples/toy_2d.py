@@ -34,7 +34,7 @@ def main(argv=None):
     data = (data - data.mean(0)) / data.std(0)
     sde = sdegen.VPSDE()
     model = sdegen.ScoreModel(sdegen.MLP(2, hidden=128, depth=3), sde, prediction="eps")
-    res = sdegen.train(model, lambda m, b, g: sdegen.dsm_loss(m, b, generator=g), data, args.steps, batch_size=256,
+    res = sdegen.train(model, lambda m, b, g: sdegen.dsm_loss(m, b, seed=g), data, args.steps, batch_size=256,
                        lr=2e-3, warmup_steps=100, seed=args.seed, desc="toy score model")
     score = res.ema.module
     with torch.no_grad():

@@ -19,15 +19,13 @@ The public namespace, by concept:
 from .sde import SDE, VESDE, CosineVPSDE, DiscreteVPSDE, EDMSDE, FlowSDE, ProbabilityFlowODE, ReverseSDE, SubVPSDE, VPSDE
 from .models import Model, ScoreModel, as_model, output_to_score, score_to_x0
 from . import samplers
-from .samplers import (SAMPLERS, DDIM, Ancestral, AnnealedLangevin, AdaptiveExponential, AdaptiveMultistep, Context,
+from .samplers import (SAMPLERS, DDIM, Ancestral, AnnealedLangevin, AdaptiveExponential, AdaptiveMultistep,
                        DPMSolver, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, Euler, EulerAncestral, EulerMaruyama,
-                       ExponentialPC,
-                       Heun, ODESolver, PredictorCorrector, ReverseDiffusion, SASolver, SDESolver, Solver, StepSampler,
+                       ExponentialPC, Heun, PredictorCorrector, ReverseDiffusion, SASolver, Solver, StepSampler,
                        get_sampler, register_sampler)
 from . import analytic, backends, noise, schedules
 from .analytic import GaussianMixture
-from .backends import PerExampleBrownian
-from .noise import GeneratorNoise, Noise, make_seeds
+from .noise import make_seeds
 from .sampling import SampleInfo, sample
 from .schedules import refine_grid, time_grid
 from . import adaptive, fast_samplers, score  # module paths kept for existing imports
@@ -58,10 +56,10 @@ __all__ = [
     "from_denoiser", "from_score_sde",
     # sampling
     "sample", "SampleInfo", "time_grid", "refine_grid", "optimize_schedule", "ScheduleFit", "SAMPLERS",
-    "get_sampler", "register_sampler", "StepSampler", "Solver", "Context", "Euler", "EulerMaruyama",
+    "get_sampler", "register_sampler", "StepSampler", "Solver", "Euler", "EulerMaruyama",
     "ReverseDiffusion", "Ancestral", "EulerAncestral", "PredictorCorrector", "AnnealedLangevin", "DDIM", "Heun", "DPMSolver",
     "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver", "AdaptiveExponential",
-    "AdaptiveMultistep", "ODESolver", "SDESolver", "PerExampleBrownian", "Noise", "GeneratorNoise", "make_seeds",
+    "AdaptiveMultistep", "make_seeds",
     # likelihood
     "log_likelihood", "LikelihoodResult", "bits_per_dim", "dequantize", "divergence_exact", "divergence_hutchinson",
     "make_probes",
@@ -79,3 +77,18 @@ __all__ = [
     "samplers", "analytic", "backends", "noise", "schedules", "guidance", "losses", "nets", "training", "divergence",
     "likelihood", "distributed", "calibration", "adapters",
 ]
+
+# internals that were reachable from the top-level namespace: kept for a release, then only in their modules
+_MOVED = {"Context": "sdegen.samplers", "ODESolver": "sdegen.backends", "SDESolver": "sdegen.backends",
+          "PerExampleBrownian": "sdegen.backends", "Noise": "sdegen.noise", "GeneratorNoise": "sdegen.noise"}
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"sdegen.{name} is deprecated and leaves the top-level namespace in the next release; import it "
+                      f"from {_MOVED[name]}.", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'sdegen' has no attribute {name!r}")

@@ -3,19 +3,58 @@
 Under a linear SDE with kernel N(m(t) x_0, s(t)^2 I), a Gaussian mixture sum_k w_k N(mu_k, Sigma_k)
 has the marginal p_t = sum_k w_k N(m mu_k, m^2 Sigma_k + s^2 I), so its score and log-density are
 exact at every t. Tests and benchmarks use it as ground truth.
+
+Its time-dependent methods take the SDE first, as the rest of the library does (``sdegen.sample(sde, model, ...)``,
+``sdegen.log_likelihood(sde, model, x)``): ``score(sde, x, t)``, ``log_prob(sde, x, t)``,
+``responsibilities(sde, x, t)``, ``marginal(sde, t)``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+import warnings
+from typing import Optional, Union
 
 import torch
 
+from ._deprecation import renamed
 from ._util import Time, as_time, check_batch, check_finite_tensor
 from .sde import SDE
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _sde_first(*old_order: str):
+    """Let a method written as f(self, sde, ...) also take the argument order ``old_order`` (the SDE last), which
+    it detects by a first positional argument that is not an SDE (nor None) and accepts with a DeprecationWarning.
+    A call with the SDE and every time left out (``log_prob(x)``: the data density) involves no SDE to place and
+    does not warn."""
+    def decorate(method):
+        name = method.__name__
+
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            if not args or args[0] is None or isinstance(args[0], SDE):
+                return method(self, *args, **kwargs)
+            if len(args) > len(old_order):
+                raise TypeError(f"GaussianMixture.{name}() takes at most {len(old_order)} positional arguments "
+                                f"after self; got {len(args)}.")
+            given = dict(zip(old_order, args))
+            for key, value in kwargs.items():
+                if key in given:
+                    raise TypeError(f"GaussianMixture.{name}() got multiple values for argument {key!r}.")
+                given[key] = value
+            if any(given.get(key) is not None for key in old_order[1:]):
+                sde_first = ", ".join(("sde",) + tuple(k for k in old_order if k != "sde"))
+                warnings.warn(f"GaussianMixture.{name}({', '.join(old_order)}) is deprecated and will be removed "
+                              f"in the next release; pass the SDE first: {name}({sde_first}).", DeprecationWarning,
+                              stacklevel=2)
+            return method(self, **{"sde": None, **given})
+
+        return call
+
+    return decorate
 
 
 class GaussianMixture:
@@ -29,6 +68,10 @@ class GaussianMixture:
     States may have any shape (B, ...) whose trailing size is d; computations run in float64 and
     results come back in x's dtype and device. Pass the mixture wherever a score is expected:
     ``sdegen.sample(sde, mixture, ...)`` uses its exact score under that sde.
+
+    Time-dependent methods take ``(sde, x, t)``: p_t is the marginal at time t under ``sde``; t=None (with or
+    without an SDE) means the data distribution p_0, the mixture itself, and ``log_prob(x)``, ``score(x)`` and
+    ``responsibilities(x)`` are shorthand for it. The order (x, t, sde) is deprecated (DeprecationWarning).
     """
 
     def __init__(self, weights, means, covs):
@@ -89,7 +132,8 @@ class GaussianMixture:
         t = sde.check_time(t)
         if x is not None:
             check_batch(t, x)
-        t = t.to(torch.float64).reshape(-1)
+        # a float32 time may exceed T by its round-off (check_time allows it); in float64 it would not pass again
+        t = t.to(torch.float64).reshape(-1).clamp(0.0, sde.T)
         return torch.exp(sde.log_mean_coeff(t)), sde.std(t) ** 2
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,18 +155,21 @@ class GaussianMixture:
         prec_diff = torch.einsum("kdj,bkj->bkd", evecs, y / lam)
         return torch.log(self.weights.to(xf.device))[None] + logn, prec_diff
 
-    def log_prob(self, x: torch.Tensor, t: Optional[Time] = None, sde: Optional[SDE] = None) -> torch.Tensor:
-        """Exact log p_t(x), shape (B,); t=None gives the data density p_0 = the mixture itself."""
+    @_sde_first("x", "t", "sde")
+    def log_prob(self, sde: Optional[SDE], x: torch.Tensor, t: Optional[Time] = None) -> torch.Tensor:
+        """Exact log p_t(x) under ``sde``, shape (B,); t=None gives the data density p_0 = the mixture itself."""
         logc, _ = self._component_terms(x, sde, t)
         return torch.logsumexp(logc, dim=1).to(x.dtype)
 
-    def responsibilities(self, x: torch.Tensor, t: Optional[Time] = None, sde: Optional[SDE] = None) -> torch.Tensor:
-        """Posterior component probabilities p_t(k | x), shape (B, K)."""
+    @_sde_first("x", "t", "sde")
+    def responsibilities(self, sde: Optional[SDE], x: torch.Tensor, t: Optional[Time] = None) -> torch.Tensor:
+        """Posterior component probabilities p_t(k | x) under ``sde``, shape (B, K) (t=None: at the data)."""
         logc, _ = self._component_terms(x, sde, t)
         return torch.softmax(logc, dim=1).to(x.dtype)
 
-    def score(self, x: torch.Tensor, t: Optional[Time] = None, sde: Optional[SDE] = None) -> torch.Tensor:
-        """Exact grad_x log p_t(x), same shape as x."""
+    @_sde_first("x", "t", "sde")
+    def score(self, sde: Optional[SDE], x: torch.Tensor, t: Optional[Time] = None) -> torch.Tensor:
+        """Exact grad_x log p_t(x) under ``sde``, same shape as x (t=None: the score of the data density)."""
         logc, prec_diff = self._component_terms(x, sde, t)
         r = torch.softmax(logc, dim=1)
         return -(r[:, :, None] * prec_diff).sum(1).reshape(x.shape).to(x.dtype)
@@ -130,11 +177,12 @@ class GaussianMixture:
     def score_fn(self, sde: SDE):
         """The exact score under ``sde`` as a callable ``score(x, t)``: the form every sampler accepts."""
         def exact_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.score(x, t, sde)
+            return self.score(sde, x, t)
         return exact_score
 
-    def marginal(self, t: Time, sde: SDE) -> "GaussianMixture":
-        """The mixture p_t at a single time t (a float or 0-d tensor) as a new GaussianMixture."""
+    @_sde_first("t", "sde")
+    def marginal(self, sde: SDE, t: Time) -> "GaussianMixture":
+        """The mixture p_t under ``sde`` at a single time t (a float or 0-d tensor) as a new GaussianMixture."""
         t = as_time(t)
         if t.ndim != 0:
             raise ValueError("marginal needs a single time (float or 0-d tensor).")
@@ -152,18 +200,21 @@ class GaussianMixture:
         second = (self.weights[:, None, None] * (self.covs + self.means[:, :, None] * self.means[:, None, :])).sum(0)
         return second - mu[:, None] * mu[None, :]
 
-    def sample(self, n: int, *, t: Optional[Time] = None, sde: Optional[SDE] = None,
-               generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-               dtype: torch.dtype = torch.float64, device=None, return_components: bool = False):
-        """n exact draws from p_t (from the mixture itself when t is None), shape (n, d).
+    def sample(self, n: int, *, sde: Optional[SDE] = None, t: Optional[Time] = None,
+               seed: Union[int, torch.Generator, None] = None, dtype: torch.dtype = torch.float64, device=None,
+               return_components: bool = False, generator: Optional[torch.Generator] = None):
+        """n exact draws from p_t under ``sde`` (from the mixture itself when t is None), shape (n, d).
 
+        seed: an int, a torch.Generator, or None (torch's global generator); ``generator`` is its deprecated name.
         With ``return_components=True`` also returns the (n,) component index of each draw.
         """
         if not (isinstance(n, int) and n >= 1):
             raise ValueError(f"n must be a positive int; got {n!r}.")
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-        src = self if t is None else self.marginal(t, sde)
+        seed, name = renamed("GaussianMixture.sample", "seed", seed, "generator", generator)
+        if isinstance(seed, bool) or not (seed is None or isinstance(seed, (int, torch.Generator))):
+            raise TypeError(f"{name} must be an int, a torch.Generator or None; got {type(seed).__name__}.")
+        generator = torch.Generator().manual_seed(seed) if isinstance(seed, int) else seed
+        src = self if t is None else self.marginal(sde, t)
         k = torch.multinomial(src.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         root = src._evecs * src._evals.sqrt()[:, None, :]  # C^{1/2} = U diag(sqrt(lam))

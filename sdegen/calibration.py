@@ -22,9 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from ._util import check_finite_tensor
-from .models import resolve_score
+from .models import as_model
 from .samplers import SAMPLERS, StepSampler, get_sampler
-from .sampling import _CountedScore, sample
+from .sampling import sample
 from .schedules import time_grid
 from .sde import SDE
 
@@ -36,6 +36,18 @@ OBJECTIVES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+class _CalibrationRuns:
+    """:func:`sdegen.sample` of one model under one SDE, adding up the NFE that every run reports."""
+
+    def __init__(self, sde: SDE, score):
+        self.sde, self.model, self.nfe = sde, as_model(score, sde), 0
+
+    def __call__(self, x_T: torch.Tensor, **kwargs) -> torch.Tensor:
+        x, info = sample(self.sde, self.model, x_T, return_info=True, **kwargs)
+        self.nfe += info.nfe
+        return x
+
+
 @dataclass
 class ScheduleFit:
     """The result of :func:`optimize_schedule`.
@@ -43,7 +55,8 @@ class ScheduleFit:
     times: the fitted decreasing float64 grid of steps + 1 times (T ... t_min).
     loss / initial_loss: the objective on the calibration batch at the fitted and the initial grid.
     evaluations: objective evaluations (sampler runs on the calibration batch), over all starts.
-    nfe: score evaluations spent in all (reference solve included), each on the whole calibration batch.
+    nfe: network evaluations spent in all (reference solve included), each on the whole calibration batch, as
+        :func:`sdegen.sample` counts them (the sum of its ``SampleInfo.nfe``).
     history: the objective after each accepted move.
     """
 
@@ -62,7 +75,7 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
                       objective: Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = "mse",
                       t_min: Optional[float] = None, max_evals: int = 2000, step_size: float = 0.5,
                       min_step_size: float = 0.02, reference_options: Optional[Dict[str, Any]] = None,
-                      subset: Optional[int] = None, seed: int = 0, **options) -> ScheduleFit:
+                      subset: Optional[int] = None, seed: Union[int, torch.Generator] = 0, **options) -> ScheduleFit:
     """Fit the time grid of a deterministic fixed-step sampler to ``score`` on a calibration batch.
 
     The grid is parametrised by the shares of the log-SNR span taken by each step,
@@ -89,7 +102,8 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
             gives a noisy objective. Screening runs the sampler on all B points with the first initial grid at
             ``steps`` and ``2 steps`` (3 steps NFE per point; an explicit first grid is screened on the log-SNR
             grids instead, which only has to rank the points) and takes the subset // 2 points on which they
-            disagree most, plus subset - subset // 2 of the others drawn at random (``seed``) and weighted up to
+            disagree most, plus subset - subset // 2 of the others drawn at random (``seed``: an int or a
+            torch.Generator; the only randomness of the fit) and weighted up to
             stand for all of them: the weighted objective estimates the objective of all B points, with less
             variance where it matters. Only the subset needs a reference solve.
         max_evals: limit on objective evaluations per start.
@@ -98,7 +112,7 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     Returns:
         a :class:`ScheduleFit`; pass ``fit.times`` as ``schedule=`` to :func:`sdegen.sample`.
     """
-    _check_args(sde, x_T, steps, reference, max_evals, step_size, min_step_size, subset)
+    _check_args(sde, x_T, steps, reference, max_evals, step_size, min_step_size, subset, seed)
     loss_fn = _objective(objective)
     starts = [init] if isinstance(init, (str, torch.Tensor)) else list(init)
     if not starts:
@@ -114,21 +128,21 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     if sampler.stochastic:
         raise ValueError(f"method {sampler!r} is stochastic: a schedule is fitted to the endpoints of a "
                          "deterministic sampler (its ODE trajectories).")
-    counted = _CountedScore(resolve_score(score, sde))
+    runs = _CalibrationRuns(sde, score)
     with torch.no_grad():
         weights = torch.full((x_T.shape[0],), 1.0 / x_T.shape[0], dtype=torch.float64, device=x_T.device)
         if subset is not None and subset < x_T.shape[0]:
-            index, weights = _screen(sde, counted, x_T, sampler, steps, starts[0], t_min, subset, seed)
+            index, weights = _screen(sde, runs, x_T, sampler, steps, starts[0], t_min, subset, seed)
             x_T, reference = x_T[index], None if reference is None else reference[index]
-        ref = reference if reference is not None else _reference(sde, counted, x_T, t_min, reference_options)
-        fits = [_pattern_search(sde, counted, x_T, ref, weights, sampler, steps, start, t_min, loss_fn, max_evals,
+        ref = reference if reference is not None else _reference(runs, x_T, t_min, reference_options)
+        fits = [_pattern_search(sde, runs, x_T, ref, weights, sampler, steps, start, t_min, loss_fn, max_evals,
                                 step_size, min_step_size) for start in starts]
     best = min(fits, key=lambda f: f.loss)
-    best.nfe, best.evaluations = counted.calls, sum(f.evaluations for f in fits)
+    best.nfe, best.evaluations = runs.nfe, sum(f.evaluations for f in fits)
     return best
 
 
-def _check_args(sde, x_T, steps, reference, max_evals, step_size, min_step_size, subset):
+def _check_args(sde, x_T, steps, reference, max_evals, step_size, min_step_size, subset, seed):
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
     check_finite_tensor(x_T, "x_T")
@@ -146,6 +160,8 @@ def _check_args(sde, x_T, steps, reference, max_evals, step_size, min_step_size,
         raise ValueError(f"need 0 < min_step_size <= step_size < inf; got {min_step_size!r}, {step_size!r}.")
     if subset is not None and not (isinstance(subset, int) and 2 <= subset):
         raise ValueError(f"subset must be an int >= 2 or None; got {subset!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, torch.Generator)):
+        raise TypeError(f"seed must be an int or a torch.Generator; got {type(seed).__name__}.")
 
 
 def _objective(objective):
@@ -156,19 +172,18 @@ def _objective(objective):
     return OBJECTIVES[objective]
 
 
-def _screen(sde, counted, x_T, sampler, steps, init, t_min, subset, seed):
+def _screen(sde, runs, x_T, sampler, steps, init, t_min, subset, seed):
     """Indices of the calibration subset and their weights (summing to 1): the subset // 2 points where the
     sampler at ``steps`` and ``2 steps`` disagree most (weight 1/B each), and a seeded random draw of the rest
     (each standing for (B - k) / (subset - k) points)."""
     n = x_T.shape[0]
-    coarse = sample(sde, counted, x_T, method=sampler, steps=steps, schedule=_init_schedule(init), t_min=t_min)
-    fine = sample(sde, counted, x_T, method=sampler, steps=2 * steps, schedule=_init_schedule(init),
-                  t_min=t_min)
+    coarse = runs(x_T, method=sampler, steps=steps, schedule=_init_schedule(init), t_min=t_min)
+    fine = runs(x_T, method=sampler, steps=2 * steps, schedule=_init_schedule(init), t_min=t_min)
     gap = (coarse - fine).reshape(n, -1).double().norm(dim=1).cpu()
     k = subset // 2
     order = torch.argsort(gap, descending=True)
     rest = order[k:]
-    g = torch.Generator().manual_seed(seed)
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     drawn = rest[torch.randperm(len(rest), generator=g)[:subset - k]]
     index = torch.cat([order[:k], drawn])
     weights = torch.cat([torch.full((k,), 1.0 / n, dtype=torch.float64),
@@ -181,13 +196,13 @@ def _init_schedule(init):
     return init if isinstance(init, str) else "log_snr"
 
 
-def _reference(sde, counted, x_T, t_min, reference_options):
+def _reference(runs, x_T, t_min, reference_options):
     tol = 1e-9 if x_T.dtype == torch.float64 else 1e-6
     opts = {"method": "ode", "rtol": tol, "atol": tol, **(reference_options or {})}
-    return sample(sde, counted, x_T, t_min=t_min, **opts)
+    return runs(x_T, t_min=t_min, **opts)
 
 
-def _pattern_search(sde, counted, x_T, ref, weights, sampler, steps, init, t_min, loss_fn, max_evals, step, min_step):
+def _pattern_search(sde, runs, x_T, ref, weights, sampler, steps, init, t_min, loss_fn, max_evals, step, min_step):
     t_end = sde.t_min if t_min is None else float(t_min)
     lam_ends = sde.log_snr(torch.tensor([sde.T, t_end], dtype=torch.float64))
     lam0 = sde.log_snr(time_grid(sde, steps, init, t_min=t_end))
@@ -205,7 +220,7 @@ def _pattern_search(sde, counted, x_T, ref, weights, sampler, steps, init, t_min
         ts = grid(th)
         if bool((ts[1:] >= ts[:-1]).any()):  # steps below float64 resolution: not a usable grid
             return math.inf
-        x = sample(sde, counted, x_T, method=sampler, schedule=ts)
+        x = runs(x_T, method=sampler, schedule=ts)
         e = (x - ref).reshape(x.shape[0], -1).double().norm(dim=1)
         return float(loss_fn(e, weights))
 
@@ -231,5 +246,5 @@ def _pattern_search(sde, counted, x_T, ref, weights, sampler, steps, init, t_min
                     break
         if not improved:
             step *= 0.5
-    return ScheduleFit(times=grid(theta), loss=best, initial_loss=initial, evaluations=evals, nfe=counted.calls,
+    return ScheduleFit(times=grid(theta), loss=best, initial_loss=initial, evaluations=evals, nfe=runs.nfe,
                        history=history)

@@ -24,6 +24,7 @@ import glob
 import inspect
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -31,11 +32,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._deprecation import renamed
 from .likelihood import log_likelihood
 from .noise import make_seeds
 from .sampling import sample
 from .sde import SDE
-from .training import TrainResult, save_checkpoint, train
+from .training import TrainResult, batch_loss, save_checkpoint, train
 
 BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 
@@ -319,39 +321,44 @@ def _finish(local: Dict[str, torch.Tensor], empty: Dict[str, torch.Tensor], indi
     return ShardedResult(values, local, indices, total, int(nfe), time.perf_counter() - start, path)
 
 
-def sample_sharded(sde: SDE, score=None, num_samples: int = 1, event_shape: Sequence[int] = (), *, seed: int = 0,
-                   batch_size: int = 256, score_for: Optional[Callable[[torch.Tensor], Any]] = None,
+def sample_sharded(sde: SDE, score=None, num_samples: Optional[int] = None,
+                   event_shape: Optional[Sequence[int]] = None, *, shape: Optional[Sequence[int]] = None,
+                   seed: int = 0, batch_size: int = 256, score_for: Optional[Callable[[torch.Tensor], Any]] = None,
                    gather: Optional[str] = "main", shard_dir: Optional[str] = None, progress: bool = False,
                    dtype: torch.dtype = torch.float32, device=None, ctx: Optional[DistributedContext] = None,
                    **sample_kwargs) -> ShardedResult:
-    """Draw ``num_samples`` samples of shape ``event_shape`` with :func:`sdegen.sample`, split over the ranks.
+    """Draw N samples of shape ``shape = (N, ...)`` with :func:`sdegen.sample`, split over the ranks.
 
-    Example i starts from and is driven by the per-example seed ``make_seeds(seed, num_samples)[i]``, so the
-    result (N, *event_shape) equals ``sdegen.sample(sde, score, shape=(N, *event_shape), seed=seed, ...)``
-    for batch-size-invariant samplers (every fixed-step sampler), and equals the same call on any number of
-    processes with the same ``batch_size`` for every sampler (adaptive ones included, since each chunk of
-    ``batch_size`` examples is solved as one batch whatever the world size).
+    Example i starts from and is driven by the per-example seed ``make_seeds(seed, N)[i]``, so the result
+    (N, ...) equals ``sdegen.sample(sde, score, shape=shape, seed=seed, ...)`` for batch-size-invariant samplers
+    (every fixed-step sampler), and equals the same call on any number of processes with the same ``batch_size``
+    for every sampler (adaptive ones included, since each chunk of ``batch_size`` examples is solved as one batch
+    whatever the world size).
 
     Args:
         score: as in :func:`sdegen.sample`; or None with ``score_for(indices) -> score`` building the score for
             the chunk of global example indices (b,) (for conditional sampling: the labels of those examples).
+        shape: (N, ...), as in :func:`sdegen.sample`: the number of samples and the shape of one.
         batch_size: examples per chunk (the batch one sample call sees); seed: an int, the same on every rank.
         gather: "main" assembles the samples on rank 0 (``result["samples"]``), "all" on every rank (handy
             when every rank goes on with the same script), None not at all; shard_dir: also write this rank's
             samples and indices to ``shard_dir/samples-RRRRR-of-WWWWW.pt`` (read back with :func:`load_shards`).
         device: where to sample (default: the rank's device); ctx: from :func:`init_distributed` (default:
             the current process group). Other keywords (method, steps, denoise, ...) go to :func:`sdegen.sample`.
-    Returns: a :class:`ShardedResult` with values["samples"] (N, *event_shape) on rank 0 and the summed NFE.
+        num_samples, event_shape: the deprecated form of ``shape = (num_samples, *event_shape)``
+            (DeprecationWarning; giving it with ``shape``: ValueError).
+    Returns: a :class:`ShardedResult` with values["samples"] (N, ...) on rank 0 and the summed NFE.
     """
     ctx = ctx or current_context()
-    _check_count(num_samples, "num_samples", 1)
+    shape = _sample_shape(shape, num_samples, event_shape)
+    num_samples, event_shape = shape[0], shape[1:]
     _check_seed(seed)
     _check_gather(gather)
     score_for = _score_source(score, score_for)
-    for bad in ("x_T", "shape", "return_info", "return_trajectory"):
+    for bad in ("x_T", "return_info", "return_trajectory"):
         if bad in sample_kwargs:
-            raise ValueError(f"sample_sharded sets {bad} itself (shapes come from num_samples and event_shape).")
-    event_shape = tuple(int(d) for d in event_shape)
+            raise ValueError(f"sample_sharded sets {bad} itself (x_T is drawn from the prior with shape= and the "
+                             f"per-example seeds).")
     device = torch.device(device) if device is not None else ctx.device
     start = time.perf_counter()
 
@@ -364,6 +371,26 @@ def sample_sharded(sde: SDE, score=None, num_samples: int = 1, event_shape: Sequ
     empty = {"samples": torch.zeros((0,) + event_shape, dtype=dtype, device=device)}
     return _finish(local, empty, indices, num_samples, batch_size, nfe, start, ctx, gather, shard_dir, "samples",
                    {"seed": seed, "batch_size": batch_size})
+
+
+def _sample_shape(shape: Optional[Sequence[int]], num_samples: Optional[int],
+                  event_shape: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """(N, ...) from ``shape``, or from the deprecated pair (num_samples, event_shape) with a DeprecationWarning."""
+    if num_samples is None and event_shape is None:
+        if shape is None:
+            raise ValueError("sample_sharded needs shape=(N, ...): the number of samples and the shape of one.")
+        if isinstance(shape, torch.Tensor) or len(shape) < 1:
+            raise ValueError(f"shape must be a sequence (N, ...) of ints; got {shape!r}.")
+        _check_count(shape[0], "shape[0] (the number of samples)", 1)
+        return tuple(int(d) for d in shape)
+    if shape is not None:
+        raise ValueError("sample_sharded: got both shape= and its deprecated form num_samples/event_shape; pass "
+                         "only shape=(N, ...).")
+    warnings.warn("sample_sharded: num_samples and event_shape are deprecated and will be removed in the next "
+                  "release; pass shape=(num_samples, *event_shape) as to sdegen.sample.", DeprecationWarning,
+                  stacklevel=3)
+    _check_count(num_samples, "num_samples", 1)
+    return (num_samples,) + tuple(int(d) for d in (event_shape or ()))
 
 
 def _score_source(score, score_for) -> Callable[[torch.Tensor], Any]:
@@ -405,15 +432,16 @@ def log_likelihood_sharded(sde: SDE, score=None, data=None, *, seed: int = 0, ba
 
     Example i uses the per-example seed ``make_seeds(seed, N)[i]`` for its Hutchinson probes (and its
     dequantization noise with ``levels=``), exactly as ``sdegen.log_likelihood(sde, score, data, seed=seed)``
-    does in one process. With a fixed-grid method (``method="rk4", steps=...``) the result equals that call;
-    with an adaptive method the batch shares its steps, so the result equals the same call chunk by chunk, and
+    does in one process. With a fixed-grid solver (``solver="rk4", steps=...``) the result equals that call;
+    with an adaptive solver the batch shares its steps, so the result equals the same call chunk by chunk, and
     this function on any number of processes with the same ``batch_size``.
 
     Args:
         data: a tensor (N, ...) or a map-style dataset whose items are tensors or tuples (tensor, label, ...).
         score, score_for, seed, batch_size, gather, shard_dir, progress, device, ctx: as in
             :func:`sample_sharded` (shard files are ``shard_dir/likelihood-RRRRR-of-WWWWW.pt``).
-        Other keywords (divergence, probes, rtol, atol, method, steps, levels, ...) go to :func:`sdegen.log_likelihood`.
+        Other keywords (divergence, probes, probe, solver, rtol, atol, steps, levels, ...) go to
+        :func:`sdegen.log_likelihood`; its deprecated ``method`` and ``noise`` are accepted with a DeprecationWarning.
     Returns: a :class:`ShardedResult` with values["log_prob"] and values["bpd"], each (N,), on rank 0.
     """
     ctx = ctx or current_context()
@@ -424,6 +452,11 @@ def log_likelihood_sharded(sde: SDE, score=None, data=None, *, seed: int = 0, ba
     score_for = _score_source(score, score_for)
     if "seed" in likelihood_kwargs:
         raise ValueError("pass seed once (as the int seed of sample_sharded's convention).")
+    for name, deprecated in (("solver", "method"), ("probe", "noise")):
+        value, _ = renamed("log_likelihood_sharded", name, likelihood_kwargs.pop(name, None), deprecated,
+                           likelihood_kwargs.pop(deprecated, None))
+        if value is not None:
+            likelihood_kwargs[name] = value
     device = torch.device(device) if device is not None else ctx.device
     start = time.perf_counter()
 
@@ -519,12 +552,13 @@ def _global_rows(data) -> Optional[int]:
 def _rank_loss(loss_fn: Callable, ctx: DistributedContext, batch_size: int, slice_batch: bool) -> Callable:
     """Each rank's loss on its slice of the global batch, with its own generator for the loss's randomness."""
     lo, hi = ctx.rank * batch_size, (ctx.rank + 1) * batch_size
+    call_loss = batch_loss(loss_fn)
 
     def loss(net, batch, gen: torch.Generator):
         # one draw from the shared generator on every rank keeps the shuffling identical across ranks
         step_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         own = torch.Generator(gen.device).manual_seed(int(make_seeds(step_seed, ctx.world_size)[ctx.rank]))
-        return loss_fn(net, _rows(batch, lo, hi) if slice_batch else batch, own)
+        return call_loss(net, _rows(batch, lo, hi) if slice_batch else batch, own)
 
     return loss
 
@@ -537,8 +571,9 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
 
     Args:
         model: the module to train, already on ``ctx.device``; DDP broadcasts rank 0's initial weights.
-        loss_fn: ``loss_fn(model, batch, generator) -> scalar`` as for :func:`sdegen.train`; it must return the
-            batch MEAN of per-example losses (then averaging gradients over ranks gives the gradient of the mean
+        loss_fn: a loss as for :func:`sdegen.train` (``sdegen.dsm_loss``, called ``loss_fn(model, x, [y,]
+            seed=generator)``, or any ``loss_fn(model, batch, generator)``); it must return the batch MEAN of
+            per-example losses (then averaging gradients over ranks gives the gradient of the mean
             over the global batch). ``model`` is a :class:`DDPModel`: call it or its methods, read its attributes.
         data: tensors (N, ...) or a tuple of them: every rank draws the same global batch of ``batch_size *
             world_size`` rows (shuffled by ``seed``) and trains on its own ``batch_size`` rows of it. Any other

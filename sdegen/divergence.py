@@ -20,6 +20,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ._deprecation import renamed
 from .noise import Seed, make_seeds, normal_from_seeds
 
 Field = Callable[[torch.Tensor], torch.Tensor]
@@ -117,11 +118,12 @@ def divergence_hutchinson(fn: Field, x: torch.Tensor, probes: torch.Tensor, *,
     return (f, div) if create_graph else (f.detach(), div.detach())
 
 
-def make_probes(shape, probes: int = 1, noise: str = "rademacher", *, seed: Seed = None,
-                dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def make_probes(shape, probes: int = 1, probe: Optional[str] = None, *, seed: Seed = None,
+                dtype: torch.dtype = torch.float32, device=None, noise: Optional[str] = None) -> torch.Tensor:
     """K probe vectors per example for :func:`divergence_hutchinson`, shape (K, B, ...).
 
-    noise="rademacher": entries +-1 with probability 1/2; "gaussian": N(0, 1) entries. Probe k of example i
+    probe="rademacher" (default): entries +-1 with probability 1/2; "gaussian": N(0, 1) entries (``noise=`` is
+    its deprecated name). Probe k of example i
     depends only on the example's seed (see :func:`sdegen.noise.make_seeds`), so an estimate does not
     depend on the batch it is computed in.
     """
@@ -130,25 +132,31 @@ def make_probes(shape, probes: int = 1, noise: str = "rademacher", *, seed: Seed
         raise ValueError(f"shape must be (B, ...) with B >= 1; got {shape}.")
     if not (isinstance(probes, int) and not isinstance(probes, bool) and probes >= 1):
         raise ValueError(f"probes must be a positive int (probes per example); got {probes!r}.")
-    if noise not in PROBE_KINDS:
-        raise ValueError(f"noise must be one of {PROBE_KINDS}; got {noise!r}.")
+    probe, used = renamed("make_probes", "probe", probe, "noise", noise)
+    probe = "rademacher" if probe is None else probe
+    if probe not in PROBE_KINDS:
+        raise ValueError(f"{used} (the probe law, formerly named noise) must be one of {PROBE_KINDS}; got {probe!r}.")
     seeds = make_seeds(seed, shape[0], device)
     v = torch.stack([normal_from_seeds(seeds, (1 << 44) + k, shape[1:], dtype) for k in range(probes)])
-    if noise == "rademacher":
+    if probe == "rademacher":
         v = torch.where(v >= 0, torch.ones_like(v), -torch.ones_like(v))
     return v
 
 
-def hutchinson_variance(jacobian: torch.Tensor, noise: str = "rademacher") -> torch.Tensor:
-    """Variance of the one-probe estimate v^T J v for per-example Jacobians (B, D, D), shape (B,).
+def hutchinson_variance(jacobian: torch.Tensor, probe: Optional[str] = None, *, noise: Optional[str] = None
+                        ) -> torch.Tensor:
+    """Variance of the one-probe estimate v^T J v for per-example Jacobians (B, D, D), shape (B,), for the probe law
+    ``probe`` ("rademacher" by default, or "gaussian"; ``noise=`` is its deprecated name).
 
     With A = (J + J^T)/2: Gaussian probes give 2 ||A||_F^2; Rademacher probes 2 (||A||_F^2 - sum_j A_jj^2).
     """
-    if noise not in PROBE_KINDS:
-        raise ValueError(f"noise must be one of {PROBE_KINDS}; got {noise!r}.")
+    probe, used = renamed("hutchinson_variance", "probe", probe, "noise", noise)
+    probe = "rademacher" if probe is None else probe
+    if probe not in PROBE_KINDS:
+        raise ValueError(f"{used} (the probe law, formerly named noise) must be one of {PROBE_KINDS}; got {probe!r}.")
     a = 0.5 * (jacobian + jacobian.transpose(-1, -2))
     var = 2.0 * a.pow(2).sum((-1, -2))
-    if noise == "rademacher":
+    if probe == "rademacher":
         var = var - 2.0 * torch.diagonal(a, dim1=-2, dim2=-1).pow(2).sum(-1)
     return var
 

@@ -398,6 +398,6 @@ class MixtureClassifier:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logw = self._log_class_weights.to(x.device)
-        cols = [self.conditional(c).log_prob(x, t, self.sde).to(torch.float64) + logw[c]
+        cols = [self.conditional(c).log_prob(self.sde, x, t).to(torch.float64) + logw[c]
                 for c in range(self.num_classes)]
         return torch.stack(cols, dim=1).to(x.dtype)

@@ -21,9 +21,10 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from ._deprecation import renamed
 from ._util import batch_time, check_finite_tensor
 from .models import as_model
-from .backends import solve_augmented
+from .backends import ODE_METHODS, solve_augmented
 from .divergence import (PROBE_KINDS, check_differentiable_output, divergence_exact, divergence_hutchinson,
                          make_probes)
 from .noise import Seed, make_seeds, normal_from_seeds
@@ -94,13 +95,18 @@ def _check_x(x: torch.Tensor) -> None:
         raise ValueError("x contains inf; log-likelihoods need finite data.")
 
 
-def _check_options(divergence: str, probes: int, noise: str, rtol: float, atol: float, max_steps: int) -> None:
+def _check_options(divergence: str, probes: int, probe: Tuple[str, str], solver: Tuple[str, str], rtol: float,
+                   atol: float, max_steps: int) -> None:
+    """Validate the options; ``probe`` and ``solver`` are (value, the name the caller gave it under)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}; got {divergence!r}.")
     if not (isinstance(probes, int) and not isinstance(probes, bool) and probes >= 1):
         raise ValueError(f"probes must be a positive int (Hutchinson probes per example); got {probes!r}.")
-    if noise not in PROBE_KINDS:
-        raise ValueError(f"noise must be one of {PROBE_KINDS}; got {noise!r}.")
+    if probe[0] not in PROBE_KINDS:
+        raise ValueError(f"{probe[1]} must be one of {PROBE_KINDS} (the law of the Hutchinson probes); "
+                         f"got {probe[0]!r}.")
+    if solver[0] not in ODE_METHODS:
+        raise ValueError(f"{solver[1]} must be a torchdiffeq method, one of {ODE_METHODS}; got {solver[0]!r}.")
     for name, v in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
@@ -124,11 +130,13 @@ def _prior_log_prob(prior: Optional[Callable], sde: SDE, x_T: torch.Tensor) -> t
 
 
 def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutchinson", probes: int = 1,
-                   noise: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
-                   t_min: Optional[float] = None, prior: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                   seed: Seed = None, steps: Optional[int] = None, max_steps: int = 10_000, adjoint: bool = False,
+                   probe: Optional[str] = None, solver: Optional[str] = None, rtol: float = 1e-5,
+                   atol: float = 1e-5, steps: Optional[int] = None, t_min: Optional[float] = None,
+                   prior: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, seed: Seed = None,
+                   max_steps: int = 10_000, adjoint: bool = False,
                    adjoint_params: Optional[Sequence[torch.Tensor]] = None, chunk_size: Optional[int] = None,
-                   levels: Optional[int] = None, data_range: Tuple[float, float] = (-1.0, 1.0)) -> LikelihoodResult:
+                   levels: Optional[int] = None, data_range: Tuple[float, float] = (-1.0, 1.0),
+                   method: Optional[str] = None, noise: Optional[str] = None) -> LikelihoodResult:
     """Per-example log p_{t_min}(x) through the probability-flow ODE (Song et al. 2021, appendix D.2).
 
     Args:
@@ -136,11 +144,14 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
             or an oracle with ``score_fn(sde)``. It must be differentiable in x and example i must depend only on x[i].
         x: data (B, ...), float32 or float64, any device; never modified.
         divergence: "exact" (trace of the Jacobian, D vmapped vector-Jacobian products) or "hutchinson".
-        probes, noise: Hutchinson probes per example and their kind, "rademacher" or "gaussian"; the probes are
-            drawn once per example from ``seed`` and held fixed along the solve. K probes cost K vector-Jacobian
-            products per evaluation, so for K >= D the exact divergence is as cheap and has no variance.
-        rtol, atol, method: torchdiffeq tolerances and method; the error is controlled for every example and for
-            its log-density term (not for a batch average). ``steps`` is the step count of fixed-grid methods.
+        probes, probe: Hutchinson probes per example and their law, "rademacher" (default) or "gaussian"; the
+            probes are drawn once per example from ``seed`` and held fixed along the solve. K probes cost K
+            vector-Jacobian products per evaluation, so for K >= D the exact divergence is as cheap and has no
+            variance.
+        solver, rtol, atol: the torchdiffeq method ("dopri5" by default; the ``solver`` of
+            ``sdegen.sample(method="ode", solver=...)``) and its tolerances; the error is controlled for every
+            example and for its log-density term (not for a batch average). ``steps``: the step count of
+            fixed-grid methods ("rk4", "euler", ...).
         t_min: start of the integration (default ``sde.t_min``); the result is log p_{t_min}, which tends to
             log p_0 as t_min -> 0 (VP with t_min = 1e-3 blurs data by a kernel of std ~0.01).
         prior: log-density of x_T, ``prior(x_T) -> (B,)``; default ``sde.prior_log_prob``.
@@ -154,11 +165,16 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         levels, data_range: for discrete data with ``levels`` values per dimension scaled to ``data_range``,
             x is dequantized (:func:`dequantize`, seeded by ``seed``) and ``bpd`` is that of the discrete data
             (:func:`bits_per_dim`).
+        method, noise: deprecated names of ``solver`` and ``probe`` (DeprecationWarning; both names: ValueError).
     Returns:
         :class:`LikelihoodResult` (log_prob and bpd of shape (B,), latent x_T, NFE, steps).
     """
+    solver, solver_name = renamed("log_likelihood", "solver", solver, "method", method)
+    probe, probe_name = renamed("log_likelihood", "probe", probe, "noise", noise)
+    solver = "dopri5" if solver is None else solver
+    probe = "rademacher" if probe is None else probe
     _check_x(x)
-    _check_options(divergence, probes, noise, rtol, atol, max_steps)
+    _check_options(divergence, probes, (probe, probe_name), (solver, solver_name), rtol, atol, max_steps)
     t_lo, t_hi = _resolve_t_min(sde, t_min), float(sde.T)
     start = time.perf_counter()
     B, event_shape, D = x.shape[0], tuple(x.shape[1:]), x[0].numel()
@@ -166,12 +182,12 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
     data = dequantize(x, levels, data_range=data_range, seed=seeds) if levels is not None else x
     probe_vs = None
     if divergence == "hutchinson":
-        probe_vs = make_probes(x.shape, probes, noise, seed=seeds, dtype=x.dtype, device=x.device)
+        probe_vs = make_probes(x.shape, probes, probe, seed=seeds, dtype=x.dtype, device=x.device)
     field = _AugmentedFlow(sde, score, event_shape, t_lo, t_hi, probe_vs, chunk_size)
     with torch.set_grad_enabled(adjoint and torch.is_grad_enabled()):
         src = data if adjoint else data.detach()
         y0 = torch.cat([src.reshape(B, D), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], dim=1)
-        y1, info = solve_augmented(field, y0, t_lo, t_hi, method=method, rtol=rtol, atol=atol, max_steps=max_steps,
+        y1, info = solve_augmented(field, y0, t_lo, t_hi, method=solver, rtol=rtol, atol=atol, max_steps=max_steps,
                                    steps=steps, adjoint=adjoint,
                                    adjoint_params=None if adjoint_params is None else tuple(adjoint_params))
         latent = y1[:, :-1].reshape(x.shape)

@@ -1,7 +1,8 @@
 """Training objectives for score models and noise-conditional classifiers.
 
-All losses take the model and a batch x0 (B, ...), draw t in [t_min, T] and the kernel noise from an explicit
-generator (or seed), and return a scalar: the batch mean of a per-example loss. Every loss estimates
+All losses take the model and a batch x0 (B, ...), draw t in [t_min, T] and the kernel noise from ``seed`` (an int,
+a torch.Generator, or None for torch's global generator), and return a scalar: the batch mean of a per-example
+loss. Every loss estimates
 
     (1 / (T - t_min)) int_{t_min}^{T} w(t) E[ per-example loss at time t ] dt,
 
@@ -16,6 +17,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from ._deprecation import renamed
 from ._util import batch_time, bcast, check_finite_tensor
 from .sde import SDE
 
@@ -23,12 +25,16 @@ Gen = Union[int, torch.Generator, None]
 WEIGHTINGS = ("s2", "likelihood", "none")
 
 
-def _generator(generator: Gen, device=None) -> Optional[torch.Generator]:
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise TypeError(f"generator must be a torch.Generator, an int seed or None; got {type(generator).__name__}.")
-    return torch.Generator(device=device or "cpu").manual_seed(generator)
+def _generator(where: str, seed: Gen, generator: Gen) -> Optional[torch.Generator]:
+    """The torch.Generator a loss draws from: ``seed`` (or its deprecated name ``generator``) as an int seeds a
+    fresh CPU generator, a torch.Generator is used as it is, None means torch's global generator."""
+    seed, name = renamed(where, "seed", seed, "generator", generator, stacklevel=4)
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, a torch.Generator or None (torch's global generator); "
+                        f"got {type(seed).__name__}.")
+    return torch.Generator().manual_seed(seed)
 
 
 def _randn(shape, gen: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
@@ -55,8 +61,8 @@ def _check_batch(x0: torch.Tensor) -> None:
         raise ValueError(f"x0 must have shape (B, ...) with B >= 1; got {tuple(x0.shape)}.")
 
 
-def sample_time(sde: SDE, n: int, *, generator: Gen = None, importance: bool = False,
-                t_min: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def sample_time(sde: SDE, n: int, *, seed: Gen = None, importance: bool = False, t_min: Optional[float] = None,
+                generator: Gen = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Draw n training times in [t_min, T] and their importance weights, both (n,) float64 on the CPU.
 
     Uniform (default): weight 1. ``importance=True`` draws t with density p(t) proportional to g(t)^2 / s(t)^2,
@@ -64,13 +70,14 @@ def sample_time(sde: SDE, n: int, *, generator: Gen = None, importance: bool = F
     For a linear SDE g^2 / s^2 = -d lambda / dt with lambda = log(m^2 / s^2) (since d s^2/dt = 2 f s^2 + g^2), so
     the proposal is uniform in log-SNR and exact: t = lambda^{-1}(lambda(t_min) - u (lambda(t_min) - lambda(T))).
     The weight 1 / (p(t) (T - t_min)) keeps every loss an unbiased estimate of its uniform-t value.
+    ``seed``: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
     """
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"n must be a positive int; got {n!r}.")
     t_min = sde.t_min if t_min is None else float(t_min)
     if not (0.0 < t_min < sde.T):
         raise ValueError(f"t_min must lie in (0, T={sde.T:g}); got {t_min!r}.")
-    u = _rand(n, _generator(generator))
+    u = _rand(n, _generator("sample_time", seed, generator))
     if not importance:
         return t_min + u * (sde.T - t_min), torch.ones(n, dtype=torch.float64)
     ends = torch.tensor([t_min, sde.T], dtype=torch.float64)
@@ -93,10 +100,10 @@ def loss_weight(sde: SDE, t: torch.Tensor, weighting: str) -> torch.Tensor:
     raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}.")
 
 
-def _times(sde, x0, t, generator, importance, t_min):
+def _times(sde, x0, t, gen, importance, t_min):
     B = x0.shape[0]
     if t is None:
-        return sample_time(sde, B, generator=generator, importance=importance, t_min=t_min)
+        return sample_time(sde, B, seed=gen, importance=importance, t_min=t_min)
     t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
     t = sde.check_time_for(x0, t)
     return batch_time(t, x0.new_empty(B, device="cpu")), torch.ones(B, dtype=torch.float64)
@@ -112,8 +119,9 @@ def _reduce(sq: torch.Tensor, reduce: str) -> torch.Tensor:
 
 
 def dsm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None, weighting: str = "s2",
-             importance_sampling: bool = False, reduce: str = "sum", t=None, generator: Gen = None,
-             t_min: Optional[float] = None, return_per_example: bool = False, **kwargs) -> torch.Tensor:
+             importance_sampling: bool = False, reduce: str = "sum", t=None, seed: Gen = None,
+             t_min: Optional[float] = None, return_per_example: bool = False, generator: Gen = None,
+             **kwargs) -> torch.Tensor:
     """Denoising score matching (Vincent 2011; Song et al. 2021, eq. 7):
 
         E_t E_{x0} E_z [ lambda(t) || s_theta(x_t, t) - grad log p_0t(x_t | x0) ||^2 ],  x_t = m x0 + s z,
@@ -127,11 +135,13 @@ def dsm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None
             extra ``*args``/``**kwargs`` (class labels, say) are passed to it.
         x0: data batch (B, ...). t: optional fixed times (float or (B,)) instead of drawing them.
         reduce: "sum" or "mean" over the values of one example.
+        seed: the random source of t and the noise: an int, a torch.Generator, or None (torch's global generator).
+            ``generator`` is its deprecated name (DeprecationWarning).
     Returns: a scalar (the batch mean), or the (B,) per-example losses with ``return_per_example=True``.
     """
     sde = _sde_of(model, sde)
     _check_batch(x0)
-    gen = _generator(generator)
+    gen = _generator("dsm_loss", seed, generator)
     t, iw = _times(sde, x0, t, gen, importance_sampling, t_min)
     z = _randn(x0.shape, gen, x0)
     mean, std = sde.marginal_prob(x0, t)
@@ -145,17 +155,18 @@ def dsm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None
 
 
 def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None, num_steps: Optional[int] = None,
-              reduce: str = "mean", t=None, generator: Gen = None, return_per_example: bool = False,
-              **kwargs) -> torch.Tensor:
+              reduce: str = "mean", t=None, seed: Gen = None, return_per_example: bool = False,
+              generator: Gen = None, **kwargs) -> torch.Tensor:
     """DDPM's simplified objective L_simple = E_t E || eps - eps_theta(x_t, t) ||^2 (Ho et al. 2020, eq. 14).
 
     t is uniform on [t_min, T], or, with ``num_steps=N``, uniform on the N grid times linspace(t_min, T, N) (the
     discrete DDPM indices). eps_theta is ``model.eps`` (for an eps-predicting ScoreModel: the network output).
     In continuous time it equals :func:`dsm_loss` with weighting "s2" and reduce="mean".
+    ``seed`` (``generator``: deprecated) and the other arguments as in :func:`dsm_loss`.
     """
     sde = _sde_of(model, sde)
     _check_batch(x0)
-    gen = _generator(generator)
+    gen = _generator("ddpm_loss", seed, generator)
     if t is None and num_steps is not None:
         if not (isinstance(num_steps, int) and num_steps >= 2):
             raise ValueError(f"num_steps must be an int >= 2 or None; got {num_steps!r}.")
@@ -175,8 +186,8 @@ def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = Non
 
 def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None,
                                projection: str = "rademacher", n_projections: int = 1, weighting: str = "s2",
-                               t=None, generator: Gen = None, t_min: Optional[float] = None,
-                               return_per_example: bool = False, **kwargs) -> torch.Tensor:
+                               t=None, seed: Gen = None, t_min: Optional[float] = None,
+                               return_per_example: bool = False, generator: Gen = None, **kwargs) -> torch.Tensor:
     """Sliced score matching on the perturbed marginal p_t (Song et al. 2019, eq. 5), weighted by lambda(t):
 
         E_t lambda(t) E_{x_t} E_v [ v^T grad_x(v^T s_theta(x_t, t)) + 1/2 (v^T s_theta(x_t, t))^2 ],
@@ -185,6 +196,7 @@ def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Op
     samples x_t (drawn here with the SDE's kernel). It equals 1/2 E||s_theta - grad log p_t||^2 minus the constant
     1/2 E||grad log p_t||^2, so at the exact score its value at time t is -1/2 E||grad log p_t||^2.
     One Jacobian-vector product per projection; the graph is kept so the loss can be backpropagated.
+    ``seed`` (``generator``: deprecated) draws t, the noise and the projections, as in :func:`dsm_loss`.
     """
     if projection not in ("gaussian", "rademacher"):
         raise ValueError(f"projection must be 'gaussian' or 'rademacher'; got {projection!r}.")
@@ -192,7 +204,7 @@ def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Op
         raise ValueError(f"n_projections must be an int >= 1; got {n_projections!r}.")
     sde = _sde_of(model, sde)
     _check_batch(x0)
-    gen = _generator(generator)
+    gen = _generator("sliced_score_matching_loss", seed, generator)
     t, iw = _times(sde, x0, t, gen, False, t_min)
     x_t = sde.perturb(x0, t, _randn(x0.shape, gen, x0))
     x_t = x_t.detach().requires_grad_(True)
@@ -211,19 +223,20 @@ def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Op
 
 
 def classifier_loss(classifier: Callable, sde: SDE, x0: torch.Tensor, y: torch.Tensor, *, t=None,
-                    generator: Gen = None, t_min: Optional[float] = None, label_smoothing: float = 0.0,
-                    return_per_example: bool = False) -> torch.Tensor:
+                    seed: Gen = None, t_min: Optional[float] = None, label_smoothing: float = 0.0,
+                    return_per_example: bool = False, generator: Gen = None) -> torch.Tensor:
     """Cross-entropy of a noise-conditional classifier on perturbed data: E_t E_{x0, y} [-log p_theta(y | x_t, t)]
     with x_t = m(t) x0 + s(t) z and t uniform on [t_min, T] (Song et al. 2021, appendix I.1; Dhariwal & Nichol 2021).
 
-    Args: classifier(x_t, t) -> logits (B, C) with t (B,) in x0's dtype; x0 (B, ...); y (B,) integer labels.
+    Args: classifier(x_t, t) -> logits (B, C) with t (B,) in x0's dtype; x0 (B, ...); y (B,) integer labels;
+    seed: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
     """
     _check_batch(x0)
     if not isinstance(y, torch.Tensor) or y.shape != (x0.shape[0],) or y.is_floating_point():
         raise ValueError(f"y must be an integer tensor of shape ({x0.shape[0]},); got {getattr(y, 'shape', y)!r}.")
     if not (0.0 <= label_smoothing < 1.0):
         raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing!r}.")
-    gen = _generator(generator)
+    gen = _generator("classifier_loss", seed, generator)
     t, iw = _times(sde, x0, t, gen, False, t_min)
     x_t = sde.perturb(x0, t, _randn(x0.shape, gen, x0))
     logits = classifier(x_t, t.to(device=x0.device, dtype=x0.dtype))
@@ -237,12 +250,14 @@ def classifier_loss(classifier: Callable, sde: SDE, x0: torch.Tensor, y: torch.T
     return per if return_per_example else per.mean()
 
 
-def drop_labels(y: torch.Tensor, p: float, null_label: int, *, generator: Gen = None) -> torch.Tensor:
+def drop_labels(y: torch.Tensor, p: float, null_label: int, *, seed: Gen = None,
+                generator: Gen = None) -> torch.Tensor:
     """Replace each label by ``null_label`` with probability p: the label dropout that trains one network
     for both the conditional and unconditional score of classifier-free guidance (Ho & Salimans 2022, alg. 1).
+    ``seed``: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
     Returns a new tensor; y is not modified."""
     if not (0.0 <= p <= 1.0) or math.isnan(p):
         raise ValueError(f"p must lie in [0, 1]; got {p!r}.")
-    gen = _generator(generator)
+    gen = _generator("drop_labels", seed, generator)
     drop = _rand(y.shape[0], gen).to(y.device) < p
     return torch.where(drop, torch.full_like(y, null_label), y)

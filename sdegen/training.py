@@ -11,6 +11,7 @@ DistributedSampler, say) instead of tensors; ``is_main`` says whether this proce
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -83,6 +84,37 @@ def iterate_batches(data: Union[torch.Tensor, Sequence[torch.Tensor], Iterable],
         yield from itertools.cycle(data)
 
 
+def takes_seed(loss_fn: Callable) -> bool:
+    """Whether ``loss_fn`` has a parameter named ``seed`` that can be passed by keyword (the sdegen losses do)."""
+    try:
+        params = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # a callable without an introspectable signature: the positional form
+        return False
+    p = params.get("seed")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def batch_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Any, Batch, torch.Generator], torch.Tensor]:
+    """``loss_fn`` as a function of (model, batch, generator), the form :func:`train` calls.
+
+    A loss with a ``seed`` parameter (:func:`sdegen.dsm_loss` and the other sdegen losses) is called as
+    ``loss_fn(model, x, seed=generator)`` for a tensor batch and ``loss_fn(model, x, y, ..., seed=generator)`` for
+    a tuple or list batch (x, y, ...), so labels reach the loss as its extra arguments and the random source goes
+    to its ``seed``. Any other loss is called as ``loss_fn(model, batch, generator)``, the batch as it is.
+    The signature is inspected once, here.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable; got {type(loss_fn).__name__}.")
+    if not takes_seed(loss_fn):
+        return loss_fn
+
+    def call(model, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        parts = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        return loss_fn(model, *parts, seed=generator)
+
+    return call
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns: the trained model, its EMA (or None), the per-step losses and the optimizer."""
@@ -98,15 +130,20 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
           grad_clip: Optional[float] = 1.0, warmup_steps: int = 0, seed: int = 0, progress: bool = True,
           desc: str = "train", wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, is_main: bool = True,
           on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
-    """Minimise ``loss_fn(model, batch, generator)`` over ``steps`` Adam steps (Kingma & Ba 2015).
+    """Minimise a loss over ``steps`` Adam steps (Kingma & Ba 2015), e.g. ``train(model, sdegen.dsm_loss, x, 1000)``.
 
     Args:
         model: the module to train (in place).
-        loss_fn: called as ``loss_fn(wrapped_model, batch, generator)``, returns a scalar; ``generator`` is a seeded
-            torch.Generator for the loss's own randomness (t and noise), so a run is reproducible.
+        loss_fn: returns a scalar; it draws its own randomness (t and noise) from a torch.Generator seeded by
+            ``seed``, so a run is reproducible. A loss with a ``seed`` parameter (every sdegen loss) is called as
+            ``loss_fn(wrapped_model, x, seed=generator)``, or ``loss_fn(wrapped_model, x, y, seed=generator)`` for
+            tuple data (x, y): ``sdegen.dsm_loss`` then passes y to the model as its class label. Any other loss
+            is called with three positional arguments, ``loss_fn(wrapped_model, batch, generator)`` (see
+            :func:`batch_loss`).
         data: a tensor (N, ...), a tuple of tensors (x, y, ...), or any iterable of batches.
         steps: optimizer steps. lr, warmup_steps: Adam's learning rate with a linear warm-up.
         ema_decay: keep an :class:`EMA` of the weights (None: no EMA). grad_clip: global norm clip (None: off).
+        seed: seeds the generator that shuffles the data and that the loss draws from.
         wrap_model, is_main, on_step: hooks for distributed training (see the module docstring).
     Returns: a :class:`TrainResult`. The loss must stay finite: a NaN or infinite loss raises, naming the step.
     """
@@ -114,6 +151,7 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
         raise ValueError(f"steps must be an int >= 0; got {steps!r}.")
     if not (lr > 0):
         raise ValueError(f"lr must be > 0; got {lr!r}.")
+    call_loss = batch_loss(loss_fn)
     gen = torch.Generator().manual_seed(seed)
     batches = iterate_batches(data, batch_size, gen)
     net = wrap_model(model) if wrap_model is not None else model
@@ -128,7 +166,7 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
-        loss = loss_fn(net, next(batches), gen)
+        loss = call_loss(net, next(batches), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
@@ -176,22 +214,29 @@ def build_sde(config: Dict[str, Any]) -> SDE:
 
 
 def model_config(model: nn.Module) -> Dict[str, Any]:
-    """Plain-data config of a network from :mod:`sdegen.nets` or a :class:`ScoreModel` around one."""
+    """Plain-data config of a network from :mod:`sdegen.nets` or a :class:`ScoreModel` around one (its SDE, what it
+    predicts, its time input and input scaling, and EDM's preconditioning settings)."""
     if isinstance(model, ScoreModel):
         if callable(model.time_input):
             raise ValueError("a ScoreModel with a callable time_input cannot be described by plain data.")
+        # c_noise is the time input prediction="edm" chooses itself when none is given
+        time_input = None if model.time_input == "c_noise" else model.time_input
         return {"kind": "ScoreModel", "net": model_config(model.net), "sde": sde_config(model.sde),
-                "prediction": model.prediction, "time_input": model.time_input, "num_steps": model.num_steps}
+                "prediction": model.prediction, "time_input": time_input, "num_steps": model.num_steps,
+                "scale_input": model.scale_input, "sigma_data": model.sigma_data,
+                "preconditioning": model.preconditioning, "M": model.M}
     if not hasattr(model, "config"):
         raise ValueError(f"{type(model).__name__} has no .config; give save_checkpoint a config=... explicitly.")
     return {"kind": "net", "name": type(model).__name__, "config": dict(model.config)}
 
 
 def build_model(config: Dict[str, Any]) -> nn.Module:
-    """Rebuild a model (untrained) from :func:`model_config`'s output."""
+    """Rebuild a model (untrained) from :func:`model_config`'s output (configs written before a ScoreModel had
+    ``scale_input``, ``sigma_data``, ``preconditioning`` and ``M`` get their defaults)."""
     if config.get("kind") == "ScoreModel":
+        options = {k: config[k] for k in ("scale_input", "sigma_data", "preconditioning", "M") if k in config}
         return ScoreModel(build_model(config["net"]), build_sde(config["sde"]), prediction=config["prediction"],
-                          time_input=config["time_input"], num_steps=config["num_steps"])
+                          time_input=config["time_input"], num_steps=config["num_steps"], **options)
     if config.get("kind") == "net":
         return build_net(config["name"], config["config"])
     raise ValueError(f"config must come from model_config (kind 'ScoreModel' or 'net'); got kind {config.get('kind')!r}.")
