@@ -19,10 +19,10 @@ The public namespace, by concept:
 from .sde import SDE, VESDE, CosineVPSDE, DiscreteVPSDE, EDMSDE, FlowSDE, ProbabilityFlowODE, ReverseSDE, SubVPSDE, VPSDE
 from .models import Model, ScoreModel, as_model, output_to_score, score_to_x0
 from . import samplers
-from .samplers import (SAMPLERS, DDIM, Ancestral, AnnealedLangevin, AdaptiveExponential, AdaptiveMultistep,
-                       DPMSolver, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, Euler, EulerAncestral, EulerMaruyama,
-                       ExponentialPC, Heun, PredictorCorrector, ReverseDiffusion, SASolver, Solver, StepSampler,
-                       get_sampler, register_sampler)
+from .samplers import (SAMPLERS, DDIM, AdaptiveExponential, AdaptiveMultistep, Ancestral, AnnealedLangevin, DPMSolver,
+                       DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, Euler, EulerAncestral, EulerMaruyama,
+                       ExponentialAdams, ExponentialPC, Heun, PredictorCorrector, ReverseDiffusion, SASolver, Solver,
+                       StepSampler, get_sampler, register_sampler)
 from . import analytic, backends, noise, schedules
 from .analytic import GaussianMixture
 from .noise import make_seeds
@@ -58,7 +58,8 @@ __all__ = [
     "sample", "SampleInfo", "time_grid", "refine_grid", "optimize_schedule", "ScheduleFit", "SAMPLERS",
     "get_sampler", "register_sampler", "StepSampler", "Solver", "Euler", "EulerMaruyama",
     "ReverseDiffusion", "Ancestral", "EulerAncestral", "PredictorCorrector", "AnnealedLangevin", "DDIM", "Heun", "DPMSolver",
-    "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver", "AdaptiveExponential",
+    "DPMSolverPP", "ExponentialAdams", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver",
+    "AdaptiveExponential",
     "AdaptiveMultistep", "make_seeds",
     # likelihood
     "log_likelihood", "LikelihoodResult", "bits_per_dim", "dequantize", "divergence_exact", "divergence_hutchinson",

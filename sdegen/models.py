@@ -266,17 +266,18 @@ def _score_from(prediction: str, out: torch.Tensor, x: torch.Tensor, m, s) -> to
     if prediction == "eps":
         return -out / s
     if prediction == "x0":
-        return (m * out - x) / s**2
+        return torch.sub(out, x, alpha=1.0 / m).mul_(m / (s * s)) if isinstance(m, float) else (m * out - x) / s**2
     if prediction == "v":
         return -((s * x + m * out) / (m**2 + s**2)) / s
     raise ValueError(f"prediction must be one of ('score', 'eps', 'x0', 'v'); got {prediction!r}.")
 
 
 def _x0_from(prediction: str, out: torch.Tensor, x: torch.Tensor, m, s) -> torch.Tensor:
+    scalar = isinstance(m, float)  # Python-float coefficients: fused multiply-adds, in place on the new tensor
     if prediction == "score":
-        return (x + s**2 * out) / m
+        return torch.add(x, out, alpha=s * s).div_(m) if scalar else (x + s**2 * out) / m
     if prediction == "eps":
-        return (x - s * out) / m
+        return torch.add(x, out, alpha=-s).div_(m) if scalar else (x - s * out) / m
     if prediction == "x0":
         return out
     if prediction == "v":

@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, Union
 
 from .base import Context, Solver, StepSampler
 from .sde_view import Ancestral, AnnealedLangevin, Euler, EulerMaruyama, PredictorCorrector, ReverseDiffusion, langevin_step
-from .exponential import (DDIM, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, ExponentialPC, SASolver, exp_moments,
-                          exp_poly_integral, exp_poly_weights)
+from .exponential import (DDIM, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, ExponentialAdams, ExponentialPC,
+                          SASolver, exp_moments, exp_poly_integral, exp_poly_weights)
 from .karras import DPMSolver, EulerAncestral, Heun
 from .adaptive import AdaptiveExponential, AdaptiveMultistep
 from ..backends import ODESolver, SDESolver
@@ -43,6 +43,7 @@ SAMPLERS: Dict[str, Callable[..., Any]] = {
     "dpmpp_2m_sde": DPMSolverPP2MSDE,
     "dpmpp_3m_sde": DPMSolverPP3MSDE,
     "exp_pc": ExponentialPC,
+    "exp_adams": ExponentialAdams,
     "sa_solver": SASolver,
     "adaptive": AdaptiveMultistep,
     "adaptive_rk23": AdaptiveExponential,
@@ -80,6 +81,7 @@ def get_sampler(method: Union[str, Any], **kwargs):
 
 __all__ = ["SAMPLERS", "Context", "Solver", "StepSampler", "get_sampler", "register_sampler", "Ancestral",
            "AnnealedLangevin", "Euler", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "langevin_step",
-           "DDIM", "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver", "DPMSolver",
+           "DDIM", "ExponentialAdams", "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC",
+           "SASolver", "DPMSolver",
            "EulerAncestral", "Heun", "AdaptiveExponential", "AdaptiveMultistep", "ODESolver", "SDESolver",
            "exp_moments", "exp_poly_integral", "exp_poly_weights"]

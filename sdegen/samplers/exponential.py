@@ -1,20 +1,17 @@
-"""Few-step samplers of the probability-flow ODE (and its SDE variants) for any linear SDE.
+"""Exponential integrators for any linear SDE: one exponential-Adams predictor-corrector (:class:`ExponentialAdams`)
+and the named samplers that are its settings (DDIM, DPM-Solver++ 2M/3M and their SDE variants, the exponential PC,
+SA-Solver).
 
-Every SDE here has the kernel N(m(t) x0, s(t)^2 I). With y = x / m, sigma = s / m and
-u = log(m / s) = -log sigma (half the log-SNR), its probability-flow ODE dx = [f x - 1/2 g^2 score] dt
-becomes, whatever f and g are (VP, sub-VP, VE alike),
+Every SDE here has the kernel N(m(t) x0, s(t)^2 I). With y = x / m, sigma = s / m and u = log(m / s) = -log sigma
+(half the log-SNR), the reverse-time processes with the data's marginals form one family in the extra rate lam >= 0,
 
-    dy/dsigma = (y - D) / sigma = eps,      or      dy/du = D - y,
+    dy = (1 + lam) (D - y) du + sqrt(2 lam) sigma dw,
 
-with D = (x + s^2 score) / m Tweedie's denoised estimate and eps = -s score. The first form is EDM's
-ODE (Karras et al. 2022, eq. 1 with s(t) = m, sigma(t) = s/m); the second is linear in y apart from D,
-so exponential integrators (DDIM, DPM-Solver, DPM-Solver++) integrate its linear part exactly:
-
-    y(u + h) = e^{-h} y(u) + int_0^h e^{-(h - r)} D(u + r) dr.
-
-The samplers only use the SDE's own m(t), s(t) and its inverse log-SNR map, never its type.
-Times are scalar float64 CPU tensors; the per-step coefficients are Python floats (float64), which multiply
-x on any device without a host-device sync. Score outputs and the caller's tensors are never modified.
+whatever f and g are (VP, sub-VP, VE alike): D = E[x0 | x] is Tweedie's denoised estimate, lam = 0 the
+probability-flow ODE dy/du = D - y (Karras et al. 2022, eq. 1 in sigma), lam = 1 the reverse SDE. The samplers
+integrate the linear part exactly and only use the SDE's m(t), s(t), never its type. Times are scalar float64 CPU
+tensors; per-step coefficients are Python floats, which multiply x on any device without a host-device sync.
+Model outputs and the caller's tensors are never modified.
 """
 
 from __future__ import annotations
@@ -24,67 +21,22 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .base import Context, StepSampler, cache_grid as _cache_grid, check_unit as _check_unit, point as _point
-from .base import scaled_denoise, time_at_u as _t_at
+from .base import Context, StepSampler, cache_grid, check_unit, point
 
-
-def _add_weighted(out: torch.Tensor, weights: List[float], past: List[Tuple[float, torch.Tensor, float]],
-                  m2: float) -> torch.Tensor:
-    """out + m' sum_i w_i D_i, accumulated in place into ``out``, for history entries (u_i, m_i D_i, 1/m_i)."""
-    for w, (_, md, inv_m) in zip(weights, past):
-        out = out.add_(md, alpha=m2 * w * inv_m)
-    return out
-
-
-class DDIM(StepSampler):
-    """DDIM (Song, Meng & Ermon 2021, eq. 12): x' = m' x0 + sqrt(s'^2 - c^2) eps + c z, with c = eta b s'/s.
-
-    eta = 0 is the first-order exponential integrator of the probability-flow ODE (DPM-Solver-1);
-    eta = 1 is ancestral sampling (b^2 is the forward transition variance from t' to t). NFE = steps.
-    """
-
-    default_steps = 50
-    default_schedule = "log_snr"
-
-    def __init__(self, eta: float = 0.0):
-        self.eta = _check_unit(eta, "eta")
-        self.stochastic = self.eta > 0
-
-    def start(self, ctx, x, ts):
-        _cache_grid(ctx, ts)
-        if self.eta:  # b^2 of every step in one vectorised call
-            return dict(zip(ts[:-1].tolist(), ctx.sde.transition_var(ts[1:], ts[:-1]).tolist()))
-        return None
-
-    def step(self, ctx, x, t, t_next, state):
-        m, s, _ = _point(ctx, t)
-        m2, s2, _ = _point(ctx, t_next)
-        score = ctx.score(x, t)
-        # x' = m' x0 + k eps with x0 = (x + s^2 score)/m and eps = -s score
-        c = 0.0
-        if self.eta:
-            var = state.get(float(t)) if state is not None else None
-            var = float(ctx.sde.transition_var(t_next, t)) if var is None else var
-            c = self.eta * math.sqrt(var) * s2 / s
-        k = math.sqrt(max(s2 * s2 - c * c, 0.0))
-        x_next = torch.add(x, score, alpha=s * s - k * s * m / m2).mul_(m2 / m)
-        return (x_next.add_(ctx.randn_like(x), alpha=c) if c else x_next), state
-
-    def __repr__(self) -> str:
-        return f"DDIM(eta={self.eta})"
+NOISE_RULES = ("sde", "ddim")
 
 
 def exp_moments(h: float, k: int, rate: float = 1.0) -> List[float]:
     """M_j = int_0^h e^{-(h - r)} r^j dr = j! h^{j+1} sum_n (-h)^n / (j + 1 + n)!, j < k (Python floats: these
     are per-step scalars; the series avoids the cancellation of M_j = h^j - j M_{j-1} at small h).
 
-    With ``rate`` = c > 0 the kernel is e^{-c (h - r)} (the stochastic integrators' 1 + tau^2):
+    With ``rate`` = c > 0 the kernel is e^{-c (h - r)} (the stochastic integrators' 1 + lam):
     int_0^h e^{-c (h - r)} r^j dr = M_j(c h) / c^{j+1} (substitute r = rho / c)."""
     if rate != 1.0:
         if not rate > 0.0:
             raise ValueError(f"rate must be > 0; got {rate!r}.")
         return [mj / rate ** (j + 1) for j, mj in enumerate(exp_moments(rate * h, k))]
-    if h > 1.0:
+    if h > 1.0 or k == 1:  # M_0 = 1 - e^{-h} is accurate at every h
         ms = [-math.expm1(-h)]
         for j in range(1, k):
             ms.append(h**j - j * ms[-1])
@@ -109,15 +61,19 @@ def exp_poly_weights(nodes: List[float], h: float, midpoint: bool = False, rate:
     step's start, distinct). This is the exponential Adams rule of DEIS (Zhang & Chen 2022) and of DPM-Solver++
     multistep; ``midpoint=True`` (two nodes) replaces M_1 by M_0 h / 2, DPM-Solver++(2M)'s rule
     (Lu et al. 2022b, algorithm 2). ``rate`` = c integrates against e^{-c (h - r)} instead (see :func:`exp_moments`)."""
-    k = len(nodes)
-    ms = exp_moments(h, k, rate)
-    if k == 2 and midpoint:
+    ms = exp_moments(h, len(nodes), rate)
+    if len(nodes) == 2 and midpoint:
         ms[1] = 0.5 * h * ms[0]
     return _moment_weights(nodes, ms)
 
 
 def _moment_weights(nodes: List[float], ms: List[float]) -> List[float]:
     """Weights integrating the Lagrange basis of ``nodes`` against a kernel with moments ``ms`` (len(nodes) of them)."""
+    if len(nodes) == 1:
+        return ms[:1]
+    if len(nodes) == 2:  # the common multistep case, in closed form
+        (x0, x1), d = nodes, nodes[0] - nodes[1]
+        return [(ms[1] - x1 * ms[0]) / d, (x0 * ms[0] - ms[1]) / d]
     weights = []
     for i, xi in enumerate(nodes):
         poly, denom = [1.0], 1.0  # prod_{j != i} (r - x_j) in powers of r, highest first
@@ -135,238 +91,229 @@ def exp_poly_integral(nodes: List[float], values: List[torch.Tensor], h: float, 
     (see :func:`exp_poly_weights`); ``base`` defaults to zero. A new tensor; inputs are not modified."""
     weights = exp_poly_weights(nodes, h, midpoint, rate)
     out = values[0] * (scale * weights[0]) if base is None else torch.add(base, values[0], alpha=scale * weights[0])
-    for w, v in zip(weights[1:], values[1:]):
-        out = out.add_(v, alpha=scale * w)
+    return _accumulate(out, values[1:], weights[1:], scale)
+
+
+def _accumulate(out: torch.Tensor, values: List[torch.Tensor], weights: List[float], scale: float,
+                fresh: bool = False) -> torch.Tensor:
+    """out + scale sum_i w_i v_i, in place into ``out``; with ``fresh`` into a new tensor (``out`` is kept)."""
+    for v, w in zip(values, weights):
+        out = torch.add(out, v, alpha=scale * w) if fresh else out.add_(v, alpha=scale * w)
+        fresh = False
     return out
 
 
-class DPMSolverPP(StepSampler):
-    """DPM-Solver++ multistep in the data-prediction form (Lu et al. 2022b, algorithm 2 for order 2; the order-3
-    rule integrates the quadratic through the last three denoised values exactly, their appendix / DEIS, Zhang &
-    Chen 2022): y' = e^{-h} y + int_0^h e^{-(h - r)} D(r) dr. One NFE per step (NFE = steps); the first steps
-    use the lower orders the history allows, and with ``lower_order_final`` the last step is first order
-    when steps < 15 (as in the paper's code, which stabilises very few steps).
+def _check_flag(value: bool, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}.")
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class ExponentialAdams(StepSampler):
+    """The exponential-Adams predictor-corrector in y = x/m and u = -log sigma (see the module docstring); a step
+from u to u' = u + h, with c = 1 + lam, is
+
+        y' = e^{-c h} y + c int_0^h e^{-c (h - r)} P(r) dr + sigma' sqrt(1 - e^{-2 lam h}) z,      x' = m' y'.
+
+    Predictor: P the polynomial through the last ``predictor_order`` denoised values, integrated exactly
+    (exponential Adams-Bashforth: DEIS, Zhang & Chen 2022; DPM-Solver++ multistep, Lu et al. 2022b); ``midpoint``
+    replaces the two-value rule by DPM-Solver++(2M)'s (Lu et al. 2022b, algorithm 2). Corrector (exponential
+    Adams-Moulton: UniPC, Zhao et al. 2023, algorithm 1; SA-Solver, Xue et al. 2023, algorithm 1 and eqs. 14-15):
+    P through the denoised value at the predicted point, which the next step needs anyway, and the last
+    ``corrector_order - 1`` values, with the same z; the last step has none. One NFE per step; the first steps use
+    the orders the history allows.
+
+    Noise rules (lam = 0 and no draw on steps starting outside s_tmin <= sigma <= s_tmax):
+      - "sde": lam = eta (SA-Solver's tau^2, k-diffusion's eta of the 2M/3M SDE samplers);
+      - "ddim": DDIM's noise eta s' sqrt(1 - e^{-2h}) =: k and x coefficient sqrt(s'^2 - k^2) / s (Song et al. 2021,
+        eqs. 12 and 16), i.e. lam with e^{-2 lam h} = 1 - eta^2 (1 - e^{-2h}); eta in [0, 1].
+
+    Named settings: DDIM(eta) is order 1 with the "ddim" rule; DPMSolverPP(k) order k (midpoint for k = 2);
+    ExponentialPC(k) predictor k, corrector k + 1; DPMSolverPP2MSDE(eta) order 2 with midpoint; SASolver(p, c, tau)
+    has eta = tau^2; DPMSolverPP3MSDE(eta) order 3.
+
+    Args:
+        predictor_order: values in the predictor's polynomial, 1-4.
+        corrector_order: values in the corrector's, 0 (no corrector) to 4.
+        eta: noise scale (see the rules); 0 is the probability-flow ODE.
+        noise: "sde" or "ddim".
+        midpoint: DPM-Solver++(2M)'s midpoint rule when the predictor uses two values.
+        lower_order_final: a first-order last step in runs of fewer than 15 steps (DPM-Solver++'s code).
+        s_tmin, s_tmax: the sigma window of the noisy steps (EDM's s_tmin / s_tmax).
+
+    ``order`` is the global order of the deterministic part: ``predictor_order`` without corrector, else
+    min(``corrector_order``, ``predictor_order`` + 1). Steps take x of shape (B, ...) and keep its dtype and device.
     """
 
     default_steps = 20
     default_schedule = "log_snr"
 
+    def __init__(self, predictor_order: int = 2, corrector_order: int = 0, eta: float = 0.0, noise: str = "sde",
+                 midpoint: bool = False, lower_order_final: bool = False, s_tmin: float = 0.0,
+                 s_tmax: float = math.inf):
+        if predictor_order not in (1, 2, 3, 4):
+            raise ValueError(f"predictor_order must be 1, 2, 3 or 4; got {predictor_order!r}.")
+        if corrector_order not in (0, 1, 2, 3, 4):
+            raise ValueError(f"corrector_order must be 0 (no corrector), 1, 2, 3 or 4; got {corrector_order!r}.")
+        if noise not in NOISE_RULES:
+            raise ValueError(f"noise must be one of {NOISE_RULES}; got {noise!r}.")
+        if noise == "ddim":
+            eta = check_unit(eta, "eta")
+        elif not (_is_number(eta) and 0.0 <= eta < math.inf):
+            raise ValueError(f"eta must be a finite number >= 0; got {eta!r}.")
+        if not (_is_number(s_tmin) and 0.0 <= s_tmin < math.inf):
+            raise ValueError(f"s_tmin must be a finite number >= 0; got {s_tmin!r}.")
+        if not (_is_number(s_tmax) and s_tmax >= s_tmin):
+            raise ValueError(f"s_tmax must be a number >= s_tmin={s_tmin!r}; got {s_tmax!r}.")
+        self.predictor_order, self.corrector_order = predictor_order, corrector_order
+        self.eta, self.noise = float(eta), noise
+        self.midpoint = _check_flag(midpoint, "midpoint")
+        self.lower_order_final = _check_flag(lower_order_final, "lower_order_final")
+        self.s_tmin, self.s_tmax = float(s_tmin), float(s_tmax)
+        self.order = min(corrector_order, predictor_order + 1) if corrector_order else predictor_order
+        self.stochastic = self.eta > 0
+        self._keep = max(predictor_order, corrector_order - 1)  # denoised values a step may need
+
+    def _extra_rate(self, sigma: float, h: float) -> Tuple[float, float]:
+        """(lam, 1 - e^{-2 lam h}) of a step of size h starting at sigma."""
+        if not (self.eta and h > 0.0 and self.s_tmin <= sigma <= self.s_tmax):
+            return 0.0, 0.0
+        if self.noise == "sde":
+            return self.eta, -math.expm1(-2.0 * self.eta * h)
+        e2 = self.eta * self.eta
+        var = e2 * -math.expm1(-2.0 * h)  # DDIM's noise variance over s'^2
+        keep = 1.0 - e2 + e2 * math.exp(-2.0 * h)  # 1 - var = e^{-2 lam h}, summed without cancellation
+        # keep underflows only at eta = 1 with h > 372, where lam = 1
+        return (-0.5 * math.log(keep) / h if keep > 0.0 else 1.0), var
+
+    def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> dict:
+        cache_grid(ctx, ts)
+        return {"hist": [], "left": len(ts) - 1, "few": len(ts) - 1 < 15}
+
+    def step(self, ctx: Context, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, state: dict
+             ) -> Tuple[torch.Tensor, dict]:
+        m, s, u = point(ctx, t)
+        m2, s2, u2 = point(ctx, t_next)
+        h, hist, last = u2 - u, state["hist"], state["left"] == 1
+        if not (hist and self.corrector_order):  # else the previous corrector evaluated D at this step's start
+            hist = hist + [(u, ctx.denoise(x, t))]
+        lam, var = self._extra_rate(s / m, h)
+        c = 1.0 + lam
+        # x' = m' y' with m'/m = (s'/s) e^h: the coefficient e^{-c h} of y is (s'/s) e^{-lam h} on x
+        base = torch.mul(x, s2 / s * math.exp(-lam * h))
+        if var > 0.0:
+            base = base.add_(ctx.randn_like(x), alpha=s2 * math.sqrt(var))
+        past = hist[-1:] if self.lower_order_final and last and state["few"] else hist[-self.predictor_order:]
+        past = past[::-1]  # newest first
+        correct = self.corrector_order > 0 and not last
+        n_corr = min(self.corrector_order, len(hist) + 1) if correct else 0
+        midpoint = self.midpoint and len(past) == 2  # the midpoint rule needs M_0 only
+        ms = exp_moments(h, max(1 if midpoint else len(past), n_corr), c)  # the corrector's start with the predictor's
+        ms_pred = [ms[0], 0.5 * h * ms[0]] if midpoint else ms[:len(past)]
+        weights = _moment_weights([v - u for v, _ in past], ms_pred)
+        x_pred = _accumulate(base, [d for _, d in past], weights, m2 * c, fresh=correct)  # base kept if correct
+        state["left"] -= 1
+        if not correct:
+            state["hist"] = hist[-self._keep:]
+            return x_pred, state
+        d_new = ctx.denoise(x_pred, t_next)
+        older = hist[::-1][:n_corr - 1]
+        weights = _moment_weights([h] + [v - u for v, _ in older], ms[:n_corr])
+        state["hist"] = (hist + [(u2, d_new)])[-self._keep:]
+        return _accumulate(base, [d_new] + [d for _, d in older], weights, m2 * c), state
+
+    def __repr__(self) -> str:
+        return (f"ExponentialAdams(predictor_order={self.predictor_order}, corrector_order={self.corrector_order}, "
+                f"eta={self.eta}, noise={self.noise!r}, midpoint={self.midpoint}, "
+                f"lower_order_final={self.lower_order_final}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax})")
+
+
+class DDIM(ExponentialAdams):
+    """DDIM (Song, Meng & Ermon 2021, eq. 12): x' = m' D + sqrt(s'^2 - c^2) eps + c z, c = eta s' sqrt(1 - e^{-2h})
+    (= eta b s'/s, b^2 the forward transition variance from t' to t): first order with the "ddim" noise rule.
+    eta = 0 is DPM-Solver-1, eta = 1 ancestral sampling."""
+
+    default_steps = 50
+
+    def __init__(self, eta: float = 0.0):
+        super().__init__(predictor_order=1, eta=check_unit(eta, "eta"), noise="ddim")
+
+    def __repr__(self) -> str:
+        return f"DDIM(eta={self.eta})"
+
+
+class DPMSolverPP(ExponentialAdams):
+    """DPM-Solver++ multistep, data prediction (Lu et al. 2022b, algorithm 2 with its midpoint rule for order 2;
+    order 3 integrates the quadratic through the last three denoised values exactly, as DEIS)."""
+
     def __init__(self, order: int = 2, lower_order_final: bool = False):
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
-        if not isinstance(lower_order_final, bool):
-            raise TypeError(f"lower_order_final must be a bool; got {type(lower_order_final).__name__}.")
-        self.order, self.lower_order_final = order, lower_order_final
-
-    def start(self, ctx, x, ts):
-        _cache_grid(ctx, ts)
-        return {"hist": [], "left": len(ts) - 1, "total": len(ts) - 1}
-
-    def step(self, ctx, x, t, t_next, state):
-        m, s, u = _point(ctx, t)
-        m2, s2, u2 = _point(ctx, t_next)
-        hist = (state["hist"] + [(u, scaled_denoise(ctx, x, t, m), 1.0 / m)])[-self.order:]
-        use = hist[-1:] if self.lower_order_final and state["left"] == 1 and state["total"] < 15 else hist
-        weights = exp_poly_weights([v - u for v, _, _ in reversed(use)], u2 - u, self.order == 2)
-        # x' = (s'/s) x + m' int_0^h e^{-(h-r)} D(r) dr
-        x_next = _add_weighted(torch.mul(x, s2 / s), weights, list(reversed(use)), m2)
-        return x_next, {"hist": hist, "left": state["left"] - 1, "total": state["total"]}
+        super().__init__(predictor_order=order, midpoint=order == 2, lower_order_final=lower_order_final)
 
     def __repr__(self) -> str:
         return f"DPMSolverPP(order={self.order}, lower_order_final={self.lower_order_final})"
 
 
-class ExponentialPC(StepSampler):
-    """Exponential multistep predictor-corrector in u (the UniPC scheme of Zhao et al. 2023, algorithm 1, with
-    the exact exponential Adams weights of :func:`exp_poly_integral` instead of their B(h) approximation).
-
-    Predictor: the exponential Adams rule through the last ``order`` denoised values (as DPM-Solver++ multistep).
-    The denoised value at the predicted point, which the next step needs anyway, also enters a corrector one
-    order higher (exponential Adams-Moulton); the last step has no corrector. NFE = steps: the first step
-    evaluates at x_T and at its predicted point, the last evaluates nothing new.
-    """
-
-    default_steps = 20
-    default_schedule = "log_snr"
+class ExponentialPC(ExponentialAdams):
+    """UniPC's predictor-corrector (Zhao et al. 2023, algorithm 1) with exact exponential weights instead of their
+    B(h): predictor through the last ``order`` denoised values, corrector one order higher; the global
+    ``self.order`` is ``order`` + 1."""
 
     def __init__(self, order: int = 2):
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
-        self.order = order
-
-    def start(self, ctx, x, ts):
-        _cache_grid(ctx, ts)
-        m, s, u = _point(ctx, ts[0])
-        return {"hist": [(u, scaled_denoise(ctx, x, ts[0], m), 1.0 / m)], "t_last": float(ts[-1])}
-
-    def step(self, ctx, x, t, t_next, state):
-        _, s, u = _point(ctx, t)
-        m2, s2, u2 = _point(ctx, t_next)
-        hist, h = state["hist"][-self.order:], u2 - u
-        past = list(reversed(hist))
-        nodes = [v - u for v, _, _ in past]
-        ms = exp_moments(h, len(nodes) + 1)  # the predictor uses the first len(nodes) of the corrector's moments
-        # x' = (s'/s) x + m' int_0^h e^{-(h-r)} P(r) dr, P through the denoised values (see exp_poly_integral)
-        base = torch.mul(x, s2 / s)
-        weights = _moment_weights(nodes, ms[:-1])
-        first = torch.add(base, past[0][1], alpha=m2 * weights[0] * past[0][2])  # base is kept for the corrector
-        x_pred = _add_weighted(first, weights[1:], past[1:], m2)
-        if float(t_next) == state["t_last"]:
-            return x_pred, state
-        past = [(u2, scaled_denoise(ctx, x_pred, t_next, m2), 1.0 / m2)] + past
-        # base is no longer needed by the predictor: the corrector accumulates into it in place
-        x_next = _add_weighted(base, _moment_weights([h] + nodes, ms), past, m2)
-        return x_next, {"hist": (hist + [past[0]])[-self.order:], "t_last": state["t_last"]}
-
-    def total_nfe(self, steps: int) -> int:
-        return steps
+        super().__init__(predictor_order=order, corrector_order=order + 1)
 
     def __repr__(self) -> str:
-        return f"ExponentialPC(order={self.order})"
+        return f"ExponentialPC(order={self.predictor_order})"
 
 
-class DPMSolverPP2MSDE(StepSampler):
-    """Stochastic DPM-Solver++(2M) (Lu et al. 2022b, the SDE variant of section 4; the midpoint rule of their
-    code), with k-diffusion's ``eta`` between the ODE and the reverse SDE. In y = x/m, u = log(m/s), it integrates
-    dy = (1 + eta) (D - y) du + sqrt(2 eta) sigma dw, which has the data's marginals for every eta >= 0,
-    exactly in its linear part (c = 1 + eta, sigma' = s'/m'):
+class DPMSolverPP2MSDE(ExponentialAdams):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, with their code's midpoint rule), lam = eta in [0, 1] (k-diffusion's
+    eta): 0 is the ODE's 2M, 1 (the default) the reverse SDE.
 
-        y' = e^{-c h} y + (1 - e^{-c h}) (D + h/2 (D - D_prev)/h_prev) + sigma' sqrt(1 - e^{-2 eta h}) z.
-
-    eta = 1 is the reverse SDE (the default), eta = 0 the ODE's DPM-Solver++(2M) (no noise drawn); eta in
-    [0, 1]. Its first step (no history) is first order (ancestral sampling at eta = 1). NFE = steps.
-    """
+        y' = e^{-c h} y + (1 - e^{-c h}) (D + h/2 (D - D_prev)/h_prev) + sigma' sqrt(1 - e^{-2 eta h}) z."""
 
     default_steps = 50
-    default_schedule = "log_snr"
 
     def __init__(self, eta: float = 1.0):
-        self.eta = _check_unit(eta, "eta")
-        self.stochastic = self.eta > 0
-
-    def start(self, ctx, x, ts):
-        _cache_grid(ctx, ts)
-
-    def step(self, ctx, x, t, t_next, state):
-        m, s, u = _point(ctx, t)
-        m2, s2, u2 = _point(ctx, t_next)
-        h = u2 - u
-        md = scaled_denoise(ctx, x, t, m)  # kept with 1/m, as in the multistep samplers' history
-        w = -math.expm1(-(1.0 + self.eta) * h)
-        # x' = m' y' with m'/m = (s'/s) e^h: the y coefficient e^{-c h} becomes (s'/s) e^{-eta h};
-        # the midpoint correction adds r (D - D_prev), r = h / (2 h_prev), from the previous denoised value
-        r = 0.0 if state is None else 0.5 * h / (u - state[0])
-        x_next = torch.mul(x, s2 / s * math.exp(-self.eta * h)).add_(md, alpha=m2 * w * (1.0 + r) / m)
-        if state is not None:
-            x_next = x_next.add_(state[1], alpha=-m2 * w * r * state[2])
-        if self.eta:
-            x_next = x_next.add_(ctx.randn_like(x), alpha=s2 * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
-        return x_next, (u, md, 1.0 / m)
+        super().__init__(predictor_order=2, eta=check_unit(eta, "eta"), midpoint=True)
 
     def __repr__(self) -> str:
         return f"DPMSolverPP2MSDE(eta={self.eta})"
 
 
-
-
-def _check_orders(predictor_order: int, corrector_order: int) -> None:
-    if predictor_order not in (1, 2, 3, 4):
-        raise ValueError(f"predictor_order must be 1, 2, 3 or 4; got {predictor_order!r}.")
-    if corrector_order not in (0, 1, 2, 3, 4):
-        raise ValueError(f"corrector_order must be 0 (no corrector), 1, 2, 3 or 4; got {corrector_order!r}.")
-
-
-class SASolver(StepSampler):
-    """SA-Solver, the stochastic Adams predictor-corrector of Xue et al. 2023 (algorithm 1; data prediction,
-    eqs. 14-15), on dy = (1 + tau^2)(D - y) du + sqrt(2) tau sigma dw in y = x/m, u = log(m/s), sigma = s/m,
-    whose marginals are the data's for every tau >= 0. With c = 1 + tau^2 and sigma' = s'/m' a step is
-
-        y' = e^{-c h} y + c int_0^h e^{-c (h - r)} P(r) dr + sigma' sqrt(1 - e^{-2 tau^2 h}) z,
-
-    P the polynomial through the last ``predictor_order`` denoised values (predictor) or through the value at the
-    predicted point and the last ``corrector_order - 1`` values (corrector, with the same z), integrated with
-    the exact exponential weights of :func:`exp_poly_integral`. The denoised value at the predicted point is the
-    one the next predictor needs, so NFE = steps (the last step has no corrector, as in :class:`ExponentialPC`).
-
-    tau = 0 is the deterministic exponential PC (``corrector_order = predictor_order + 1`` is "exp_pc"), tau = 1
-    the reverse SDE. Noise is added only on steps that start at s_tmin <= sigma <= s_tmax (the paper's
-    piecewise-constant tau(t); EDM's s_tmin/s_tmax): elsewhere tau is 0 on that step.
-    """
-
-    default_steps = 20
-    default_schedule = "log_snr"
+class SASolver(ExponentialAdams):
+    """SA-Solver (Xue et al. 2023, algorithm 1, data prediction, eqs. 14-15): lam = tau^2 on the steps starting
+    at s_tmin <= sigma <= s_tmax (their piecewise-constant tau(t)); tau = 0 with ``corrector_order =
+    predictor_order + 1`` is "exp_pc", tau = 1 the reverse SDE."""
 
     def __init__(self, predictor_order: int = 3, corrector_order: int = 4, tau: float = 1.0, s_tmin: float = 0.0,
                  s_tmax: float = math.inf):
-        _check_orders(predictor_order, corrector_order)
-        if not (isinstance(tau, (int, float)) and 0.0 <= tau < math.inf):
+        if not (_is_number(tau) and 0.0 <= tau < math.inf):
             raise ValueError(f"tau must be a finite number >= 0; got {tau!r}.")
-        if not (isinstance(s_tmin, (int, float)) and 0.0 <= s_tmin < math.inf):
-            raise ValueError(f"s_tmin must be a finite number >= 0; got {s_tmin!r}.")
-        if not (isinstance(s_tmax, (int, float)) and s_tmax >= s_tmin):
-            raise ValueError(f"s_tmax must be a number >= s_tmin={s_tmin!r}; got {s_tmax!r}.")
-        self.predictor_order, self.corrector_order = predictor_order, corrector_order
-        self.tau, self.s_tmin, self.s_tmax = float(tau), float(s_tmin), float(s_tmax)
-        self.stochastic = self.tau > 0
-
-    def start(self, ctx, x, ts):
-        _cache_grid(ctx, ts)
-        m, s, u = _point(ctx, ts[0])
-        return {"hist": [(u, ctx.denoise(x, ts[0]))], "t_last": float(ts[-1])}
-
-    def step(self, ctx, x, t, t_next, state):
-        m, s, u = _point(ctx, t)
-        m2, s2, u2 = _point(ctx, t_next)
-        h, hist = u2 - u, state["hist"]
-        tau2 = self.tau**2 if self.s_tmin <= s / m <= self.s_tmax else 0.0
-        c = 1.0 + tau2
-        # x' = m' y' with m'/m = (s'/s) e^h: the y coefficient e^{-c h} becomes (s'/s) e^{-tau^2 h}
-        base = x * (s2 / s * math.exp(-tau2 * h))
-        if tau2 > 0.0:
-            base = base.add_(ctx.randn_like(x), alpha=s2 * math.sqrt(-math.expm1(-2.0 * tau2 * h)))
-        use = hist[-self.predictor_order:]
-        nodes, values = [v - u for v, _ in reversed(use)], [d for _, d in reversed(use)]
-        x_pred = exp_poly_integral(nodes, values, h, base=base, scale=m2 * c, rate=c)
-        if float(t_next) == state["t_last"]:
-            return x_pred, state
-        d_new = ctx.denoise(x_pred, t_next)
-        x_next = x_pred
-        if self.corrector_order > 0:
-            use = hist[-(self.corrector_order - 1):] if self.corrector_order > 1 else []
-            nodes = [h] + [v - u for v, _ in reversed(use)]
-            values = [d_new] + [d for _, d in reversed(use)]
-            x_next = exp_poly_integral(nodes, values, h, base=base, scale=m2 * c, rate=c)
-        keep = max(self.predictor_order, self.corrector_order - 1, 1)
-        return x_next, {"hist": (hist + [(u2, d_new)])[-keep:], "t_last": state["t_last"]}
-
-    def total_nfe(self, steps: int) -> int:
-        return steps
+        super().__init__(predictor_order, corrector_order, eta=float(tau) ** 2, s_tmin=s_tmin, s_tmax=s_tmax)
+        self.tau = float(tau)
 
     def __repr__(self) -> str:
         return (f"SASolver(predictor_order={self.predictor_order}, corrector_order={self.corrector_order}, "
                 f"tau={self.tau}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax})")
 
 
-
-
 class DPMSolverPP3MSDE(SASolver):
-    """Stochastic DPM-Solver++(3M) (Lu et al. 2022b, the SDE variant of section 4 at third order, as in
-    k-diffusion's sample_dpmpp_3m_sde): the exponential Adams step of :class:`SASolver` without corrector, P the
-    quadratic through the last three denoised values, on dy = (1 + eta)(D - y) du + sqrt(2 eta) sigma dw:
-
-        y' = e^{-(1 + eta) h} y + (1 + eta) int_0^h e^{-(1 + eta)(h - r)} P(r) dr + sigma' sqrt(1 - e^{-2 eta h}) z.
-
-    eta = 1 is the reverse SDE (the default), eta = 0 the ODE's "dpmpp_3m"; eta in [0, 1]. The first two steps
-    use the lower orders the history allows. NFE = steps.
-    """
+    """Stochastic DPM-Solver++(3M) (Lu et al. 2022b's SDE variant at third order; k-diffusion's sample_dpmpp_3m_sde):
+    order 3 without corrector, lam = eta in [0, 1] (tau = sqrt(eta)); 0 is "dpmpp_3m", 1 (the default) the SDE."""
 
     default_steps = 50
 
     def __init__(self, eta: float = 1.0):
-        self.eta = _check_unit(eta, "eta")
-        super().__init__(predictor_order=3, corrector_order=0, tau=math.sqrt(self.eta))
+        ExponentialAdams.__init__(self, predictor_order=3, eta=check_unit(eta, "eta"))
+        self.tau = math.sqrt(self.eta)
 
     def __repr__(self) -> str:
         return f"DPMSolverPP3MSDE(eta={self.eta})"
-
-
