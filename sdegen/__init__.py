@@ -16,7 +16,8 @@ The public namespace, by concept:
 - runs over several processes (:mod:`sdegen.distributed`).
 """
 
-from .sde import SDE, VESDE, CosineVPSDE, DiscreteVPSDE, EDMSDE, FlowSDE, ProbabilityFlowODE, ReverseSDE, SubVPSDE, VPSDE
+from .sde import (SDE, VESDE, CosineVPSDE, DiscreteVPSDE, EDMSDE, FlowSDE, ProbabilityFlowODE, ReverseSDE, SubVPSDE,
+                  VPSDE)
 from .models import Model, ScoreModel, as_model, output_to_score, score_to_x0
 from . import samplers
 from .samplers import (SAMPLERS, DDIM, AdaptiveExponential, AdaptiveMultistep, Ancestral, AnnealedLangevin, DPMSolver,
@@ -57,7 +58,8 @@ __all__ = [
     # sampling
     "sample", "SampleInfo", "time_grid", "refine_grid", "optimize_schedule", "ScheduleFit", "SAMPLERS",
     "get_sampler", "register_sampler", "StepSampler", "Solver", "Euler", "EulerMaruyama",
-    "ReverseDiffusion", "Ancestral", "EulerAncestral", "PredictorCorrector", "AnnealedLangevin", "DDIM", "Heun", "DPMSolver",
+    "ReverseDiffusion", "Ancestral", "EulerAncestral", "PredictorCorrector", "AnnealedLangevin", "DDIM", "Heun",
+    "DPMSolver",
     "DPMSolverPP", "ExponentialAdams", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver",
     "AdaptiveExponential",
     "AdaptiveMultistep", "make_seeds",

@@ -72,6 +72,18 @@ class Model(torch.nn.Module):
             raise TypeError(f"sde must be an sdegen.SDE instance (e.g. sdegen.VPSDE()); got {sde!r}.")
         self.sde = sde
 
+    def prepare(self, ts: torch.Tensor) -> None:
+        """Called by the sampling driver with a run's grid times (1-D float64, on the CPU) before the first step:
+        m and s at every grid time in one vectorised call, so that a step's conversion costs a table look-up."""
+        if not _host_scalar(ts[0]):
+            return
+        table = self.__dict__.setdefault("_scalar_coeffs", {})
+        if len(table) > 65536:
+            table.clear()
+        key = id(self.sde)
+        table.update({(key, t): (m, s) for t, m, s in zip(ts.tolist(), self.sde.mean_coeff(ts).tolist(),
+                                                          self.sde.std(ts).tolist())})
+
     def _coeffs(self, x: torch.Tensor, t: torch.Tensor):
         """(m, s) at t, ready to multiply x (see :func:`coefficient`); host scalar times hit a small table, since
         fixed-step samplers ask for the same grid times again and again."""
@@ -206,7 +218,29 @@ class ScoreModel(Model):
 
     def raw(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         """The network's own output at (x, t) (EDM's F for prediction="edm"), in x's dtype."""
+        return self._raw(x, self.sde.check_time_for(x, t), *args, **kwargs)
+
+    def output_to_denoised(self, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """D = E[x_0 | x_t = x] from a raw output of this model's kind (exact kernel formulas)."""
+        _check_output(out, x)
+        return self._denoised(out, x, self.sde.check_time_for(x, t))
+
+    def output_to_score(self, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """The score from a raw output of this model's kind."""
+        _check_output(out, x)
+        return self._score(out, x, self.sde.check_time_for(x, t))
+
+    # --- the contract ---
+    def score(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         t = self.sde.check_time_for(x, t)
+        return self._score(self._raw(x, t, *args, **kwargs), x, t)
+
+    def denoise(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
+        t = self.sde.check_time_for(x, t)
+        return self._denoised(self._raw(x, t, *args, **kwargs), x, t)
+
+    # --- the same with t already checked (one check per call of the contract) ---
+    def _raw(self, x: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         tb = batch_time_like(t, x)
         x_net = x / coefficient(self.sde.mean_coeff, t, x) if self.scale_input else x
         if self.prediction == "edm":
@@ -220,14 +254,10 @@ class ScoreModel(Model):
         out = self.net(x_net, time_in, *args, **kwargs)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the network must return a tensor; got {type(out).__name__}.")
-        if out.shape != x.shape:
-            raise ValueError(f"the network output must have x's shape {tuple(x.shape)}; got {tuple(out.shape)}.")
-        return out.to(x.dtype)
+        _check_output(out, x)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
-    # --- conversions of a raw output ---
-    def output_to_denoised(self, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
-        """D = E[x_0 | x_t = x] from a raw output of this model's kind (exact kernel formulas)."""
-        t = self.sde.check_time_for(x, t)
+    def _denoised(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction == "edm":
             c_skip, c_out, _, _ = self._edm_coeffs(batch_time_like(t, x))
             return bcast(c_skip, x) * (x / coefficient(self.sde.mean_coeff, t, x)) + bcast(c_out, x) * out
@@ -235,26 +265,15 @@ class ScoreModel(Model):
             m, s = self._coeffs(x, t)
             dm, ds = coefficient(self.sde.d_mean_coeff, t, x), coefficient(self.sde.d_std, t, x)
             return (ds * x - s * out) / (ds * m - s * dm)
-        _check_output(out, x)
         return _x0_from(self.prediction, out, x, *self._coeffs(x, t))
 
-    def output_to_score(self, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
-        """The score from a raw output of this model's kind."""
-        t = self.sde.check_time_for(x, t)
-        _check_output(out, x)
+    def _score(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "score":
+            return out
         m, s = self._coeffs(x, t)
-        if self.prediction in ("score", "eps", "x0", "v"):
+        if self.prediction in ("eps", "x0", "v"):
             return _score_from(self.prediction, out, x, m, s)
-        return (m * self.output_to_denoised(out, x, t) - x) / s**2
-
-    # --- the contract ---
-    def score(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
-        t = self.sde.check_time_for(x, t)
-        return self.output_to_score(self.raw(x, t, *args, **kwargs), x, t)
-
-    def denoise(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
-        t = self.sde.check_time_for(x, t)
-        return self.output_to_denoised(self.raw(x, t, *args, **kwargs), x, t)
+        return (m * self._denoised(out, x, t) - x) / s**2
 
     def extra_repr(self) -> str:
         return f"prediction={self.prediction!r}, time_input={self.time_input!r}, scale_input={self.scale_input}"

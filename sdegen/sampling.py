@@ -155,6 +155,7 @@ def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
 def _run_steps(sampler: StepSampler, ctx: Context, x: torch.Tensor, ts: torch.Tensor, progress: bool,
                return_trajectory: bool):
     traj = [x] if return_trajectory else None
+    ctx.model.prepare(ts)
     state = sampler.start(ctx, x, ts)
     n = len(ts) - 1
     bar = None

@@ -111,7 +111,8 @@ class SDE(abc.ABC):
         return g2.clamp_min(0.0).sqrt()
 
     def transition_var(self, t_from: Time, t_to: Time) -> torch.Tensor:
-        """b^2 of the forward transition x_{t_to} = a x_{t_from} + b z: s(t_to)^2 - (m(t_to)/m(t_from))^2 s(t_from)^2."""
+        """b^2 of the forward transition x_{t_to} = a x_{t_from} + b z:
+        s(t_to)^2 - (m(t_to)/m(t_from))^2 s(t_from)^2."""
         t_from, t_to = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
         a = torch.exp(self.log_mean_coeff(t_to) - self.log_mean_coeff(t_from))
         return (self.std(t_to) ** 2 - (a * self.std(t_from)) ** 2).clamp_min(0.0)
@@ -192,7 +193,9 @@ class SDE(abc.ABC):
         return t
 
     def _t_max(self, dtype: torch.dtype) -> float:
-        return self.T if dtype == torch.float64 else self.T * (1.0 + 4.0 * torch.finfo(dtype).eps)
+        if dtype is torch.float64:
+            return self.T
+        return self.T * (1.0 + 4.0 * torch.finfo(dtype).eps)
 
     def check_time_for(self, x: torch.Tensor, t: Time, name: str = "t") -> torch.Tensor:
         """:meth:`check_time`, and a (B,) time must match x's batch size."""
@@ -448,7 +451,8 @@ class CosineVPSDE(VPSDE):
         return torch.sqrt(torch.sin(phi - self._phi0) * torch.sin(phi + self._phi0)) / math.cos(self._phi0)
 
     def t_from_integral_beta(self, B: torch.Tensor) -> torch.Tensor:
-        # cos(phi) = e^{-B/2} cos(phi0); atan2 with sin^2(phi) = sin^2(phi0) - cos^2(phi0) expm1(-B) keeps precision near t = 0
+        # cos(phi) = e^{-B/2} cos(phi0); atan2 with sin^2(phi) = sin^2(phi0) - cos^2(phi0) expm1(-B) keeps
+        # precision near t = 0
         c0 = math.cos(self._phi0)
         sin_phi = torch.sqrt((1.0 - c0 * c0) - c0 * c0 * torch.expm1(-B))
         phi = torch.atan2(sin_phi, torch.exp(-0.5 * B) * c0)

@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Union
 
 from .base import Context, Solver, StepSampler
-from .sde_view import Ancestral, AnnealedLangevin, Euler, EulerMaruyama, PredictorCorrector, ReverseDiffusion, langevin_step
+from .sde_view import (Ancestral, AnnealedLangevin, Euler, EulerMaruyama, PredictorCorrector, ReverseDiffusion,
+                       langevin_step)
 from .exponential import (DDIM, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, ExponentialAdams, ExponentialPC,
                           SASolver, exp_moments, exp_poly_integral, exp_poly_weights)
 from .karras import DPMSolver, EulerAncestral, Heun
