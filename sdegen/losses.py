@@ -44,8 +44,9 @@ def _randn(shape, gen: Optional[torch.Generator], like: torch.Tensor) -> torch.T
 
 
 def _rand(n: int, gen: Optional[torch.Generator]) -> torch.Tensor:
+    # kept on the generator's device: moving a GPU draw to the CPU would make every training step wait for it
     dev = gen.device if gen is not None else "cpu"
-    return torch.rand(n, generator=gen, device=dev, dtype=torch.float64).cpu()
+    return torch.rand(n, generator=gen, device=dev, dtype=torch.float64)
 
 
 def _sde_of(model, sde: Optional[SDE]) -> SDE:
@@ -63,7 +64,8 @@ def _check_batch(x0: torch.Tensor) -> None:
 
 def sample_time(sde: SDE, n: int, *, seed: Gen = None, importance: bool = False, t_min: Optional[float] = None,
                 generator: Gen = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Draw n training times in [t_min, T] and their importance weights, both (n,) float64 on the CPU.
+    """Draw n training times in [t_min, T] and their importance weights, both (n,) float64 on the generator's device
+    (the CPU for an int seed or None).
 
     Uniform (default): weight 1. ``importance=True`` draws t with density p(t) proportional to g(t)^2 / s(t)^2,
     the proposal of Song et al. 2021 ("Maximum Likelihood Training of Score-Based Diffusion Models", section 5).
@@ -79,8 +81,8 @@ def sample_time(sde: SDE, n: int, *, seed: Gen = None, importance: bool = False,
         raise ValueError(f"t_min must lie in (0, T={sde.T:g}); got {t_min!r}.")
     u = _rand(n, _generator("sample_time", seed, generator))
     if not importance:
-        return t_min + u * (sde.T - t_min), torch.ones(n, dtype=torch.float64)
-    ends = torch.tensor([t_min, sde.T], dtype=torch.float64)
+        return t_min + u * (sde.T - t_min), torch.ones(n, dtype=torch.float64, device=u.device)
+    ends = torch.tensor([t_min, sde.T], dtype=torch.float64, device=u.device)
     lam = sde.log_snr(ends)
     Z = lam[0] - lam[1]  # int g^2 / s^2 dt over [t_min, T]
     t = sde.t_from_log_snr(lam[0] - u * Z).clamp(t_min, sde.T)
@@ -170,8 +172,9 @@ def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = Non
     if t is None and num_steps is not None:
         if not (isinstance(num_steps, int) and num_steps >= 2):
             raise ValueError(f"num_steps must be an int >= 2 or None; got {num_steps!r}.")
-        grid = torch.linspace(sde.t_min, sde.T, num_steps, dtype=torch.float64)
-        t = grid[(_rand(x0.shape[0], gen) * num_steps).long().clamp_max(num_steps - 1)]
+        u = _rand(x0.shape[0], gen)
+        grid = torch.linspace(sde.t_min, sde.T, num_steps, dtype=torch.float64, device=u.device)
+        t = grid[(u * num_steps).long().clamp_max(num_steps - 1)]
     t, _ = _times(sde, x0, t, gen, False, None)
     z = _randn(x0.shape, gen, x0)
     x_t = sde.perturb(x0, t, z)

@@ -65,7 +65,8 @@ class EMA:
 def iterate_batches(data: Union[torch.Tensor, Sequence[torch.Tensor], Iterable], batch_size: int,
                     generator: Optional[torch.Generator] = None) -> Iterator[Batch]:
     """Endless minibatches. Tensors (or a tuple of tensors sharing dim 0) are reshuffled every epoch with
-    ``generator``; any other iterable (a DataLoader, say) is cycled as it is."""
+    ``generator`` (the permutation is drawn on the generator's device, so data kept on a GPU is indexed there
+    without a host round trip); any other iterable (a DataLoader, say) is cycled as it is."""
     if isinstance(data, torch.Tensor):
         data = (data,)
     if isinstance(data, (tuple, list)) and all(isinstance(d, torch.Tensor) for d in data):
@@ -74,8 +75,9 @@ def iterate_batches(data: Union[torch.Tensor, Sequence[torch.Tensor], Iterable],
             raise ValueError(f"tensors in data must share their first dimension; got {[d.shape[0] for d in data]}.")
         if not (isinstance(batch_size, int) and 1 <= batch_size):
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
+        device = generator.device if generator is not None else data[0].device
         while True:
-            perm = torch.randperm(n, generator=generator)
+            perm = torch.randperm(n, generator=generator, device=device)
             for i in range(0, n - min(batch_size, n) + 1, min(batch_size, n)):
                 idx = perm[i:i + batch_size]
                 out = tuple(d[idx.to(d.device)] for d in data)
@@ -117,19 +119,128 @@ def batch_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Any, Batch, to
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: the trained model, its EMA (or None), the per-step losses and the optimizer."""
+    """What :func:`train` returns: the trained model, its EMA (or None), the per-step losses and the optimizer;
+    with an ``evaluate`` callback also the evaluations [(steps done, value), ...], the best of them
+    (``best_step``, ``best_value``) and whether the run stopped early."""
 
     model: nn.Module
     ema: Optional[EMA]
     losses: List[float] = field(default_factory=list)
     optimizer: Optional[torch.optim.Optimizer] = None
+    evaluations: List[Tuple[int, float]] = field(default_factory=list)
+    best_step: Optional[int] = None
+    best_value: Optional[float] = None
+    stopped_early: bool = False
+
+
+def data_device(data, model: nn.Module) -> torch.device:
+    """The device training draws its randomness on: that of the data tensors, else that of the model's weights."""
+    first = data if isinstance(data, torch.Tensor) else (data[0] if isinstance(data, (tuple, list)) and data else None)
+    if isinstance(first, torch.Tensor):
+        return first.device
+    param = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_train_options(steps, lr, evaluate, eval_every, patience, restore_best, check_every) -> None:
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"steps must be an int >= 0; got {steps!r}.")
+    if not (lr > 0):
+        raise ValueError(f"lr must be > 0; got {lr!r}.")
+    if not (isinstance(check_every, int) and check_every >= 1):
+        raise ValueError(f"check_every must be an int >= 1 (steps between loss read-backs); got {check_every!r}.")
+    if evaluate is None:
+        if patience is not None or restore_best:
+            raise ValueError("patience and restore_best need an evaluate callback (a held-out metric to watch).")
+        return
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be a callable evaluate(module) -> float; got {type(evaluate).__name__}.")
+    if not (isinstance(eval_every, int) and eval_every >= 1):
+        raise ValueError(f"eval_every must be an int >= 1 when evaluate is given; got {eval_every!r}.")
+    if patience is not None and not (isinstance(patience, int) and patience >= 1):
+        raise ValueError(f"patience must be an int >= 1 (evaluations without improvement) or None; got {patience!r}.")
+
+
+class _LossLog:
+    """Per-step losses kept on their device and read back every ``every`` steps in one transfer, so a training step
+    waits on nothing; a NaN or infinite loss raises at the next read-back, naming the step it appeared at."""
+
+    def __init__(self, every: int, immediate: bool):
+        self.every, self.immediate = every, immediate
+        self.values: List[float] = []
+        self.pending: List[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor) -> Optional[float]:
+        self.pending.append(loss.detach())
+        if self.immediate or len(self.pending) >= self.every:
+            self.flush()
+            return self.values[-1]
+        return None
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        first = len(self.values)
+        read = torch.stack([v.reshape(()).to(torch.float64) for v in self.pending]).tolist()
+        self.pending = []
+        for k, value in enumerate(read):
+            if value != value or abs(value) == float("inf"):
+                raise FloatingPointError(f"the loss became {value} at step {first + k}; lower lr or check the data.")
+        self.values.extend(read)
+
+
+def _snapshot(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class _Watcher:
+    """Calls ``evaluate`` on the weights being kept (the EMA's when there is one), remembers the best value and a
+    copy of the weights that gave it, and says when ``patience`` evaluations in a row brought no improvement."""
+
+    def __init__(self, evaluate, eval_every: int, patience: Optional[int], restore_best: bool):
+        self.evaluate, self.every, self.patience, self.restore_best = evaluate, eval_every, patience, restore_best
+        self.history: List[Tuple[int, float]] = []
+        self.best: Optional[Tuple[int, float]] = None
+        self.saved: Optional[Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]], int]] = None
+        self.stale = 0
+
+    def __call__(self, done: int, model: nn.Module, ema: Optional[EMA]) -> bool:
+        """Evaluate after ``done`` steps; returns True when training should stop."""
+        module = ema.module if ema is not None else model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            value = float(self.evaluate(module))
+        model.train(was_training)
+        if value != value:
+            raise FloatingPointError(f"evaluate returned NaN after {done} steps.")
+        self.history.append((done, value))
+        if self.best is None or value < self.best[1]:
+            self.best, self.stale = (done, value), 0
+            if self.restore_best:
+                self.saved = (_snapshot(model), _snapshot(ema.module) if ema is not None else None,
+                              ema.num_updates if ema is not None else 0)
+        else:
+            self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
+
+    def restore(self, model: nn.Module, ema: Optional[EMA]) -> None:
+        if self.saved is None:
+            return
+        weights, ema_weights, updates = self.saved
+        model.load_state_dict(weights)
+        if ema is not None:
+            ema.module.load_state_dict(ema_weights)
+            ema.num_updates = updates
 
 
 def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: int, *, batch_size: int = 128,
           lr: float = 2e-4, optimizer: Optional[torch.optim.Optimizer] = None, ema_decay: Optional[float] = 0.999,
           grad_clip: Optional[float] = 1.0, warmup_steps: int = 0, seed: int = 0, progress: bool = True,
           desc: str = "train", wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, is_main: bool = True,
-          on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
+          on_step: Optional[Callable[[int, float], None]] = None,
+          evaluate: Optional[Callable[[nn.Module], float]] = None, eval_every: Optional[int] = None,
+          patience: Optional[int] = None, restore_best: bool = False, check_every: int = 25) -> TrainResult:
     """Minimise a loss over ``steps`` Adam steps (Kingma & Ba 2015), e.g. ``train(model, sdegen.dsm_loss, x, 1000)``.
 
     Args:
@@ -139,30 +250,38 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
             ``loss_fn(wrapped_model, x, seed=generator)``, or ``loss_fn(wrapped_model, x, y, seed=generator)`` for
             tuple data (x, y): ``sdegen.dsm_loss`` then passes y to the model as its class label. Any other loss
             is called with three positional arguments, ``loss_fn(wrapped_model, batch, generator)`` (see
-            :func:`batch_loss`).
+            :func:`batch_loss`). The generator lives on the data's device (the model's for a non-tensor
+            ``data``), so the noise and times are drawn where the batch is, without a copy.
         data: a tensor (N, ...), a tuple of tensors (x, y, ...), or any iterable of batches.
-        steps: optimizer steps. lr, warmup_steps: Adam's learning rate with a linear warm-up.
+        steps: optimizer steps (at most). lr, warmup_steps: Adam's learning rate with a linear warm-up.
         ema_decay: keep an :class:`EMA` of the weights (None: no EMA). grad_clip: global norm clip (None: off).
         seed: seeds the generator that shuffles the data and that the loss draws from.
-        wrap_model, is_main, on_step: hooks for distributed training (see the module docstring).
-    Returns: a :class:`TrainResult`. The loss must stay finite: a NaN or infinite loss raises, naming the step.
+        wrap_model, is_main, on_step: hooks for distributed training (see the module docstring); ``on_step(step,
+            loss)`` receives the loss as a float, so it reads the loss back at every step.
+        evaluate: ``evaluate(module) -> float``, a held-out metric, lower is better, called under ``torch.no_grad``
+            on the EMA weights (the model's without an EMA) every ``eval_every`` steps and after the last step.
+        patience: stop after this many evaluations in a row without a new best (None: run all ``steps``).
+        restore_best: at the end, put back the weights (model and EMA) of the best evaluation.
+        check_every: steps between read-backs of the loss (for the progress bar and the finiteness check);
+            between them a step never waits for the device.
+    Returns: a :class:`TrainResult`. The loss must stay finite: a NaN or infinite loss raises at the next
+    read-back, naming the step it appeared at.
     """
-    if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f"steps must be an int >= 0; got {steps!r}.")
-    if not (lr > 0):
-        raise ValueError(f"lr must be > 0; got {lr!r}.")
+    _check_train_options(steps, lr, evaluate, eval_every, patience, restore_best, check_every)
     call_loss = batch_loss(loss_fn)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=data_device(data, model)).manual_seed(seed)
     batches = iterate_batches(data, batch_size, gen)
     net = wrap_model(model) if wrap_model is not None else model
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     ema = EMA(model, ema_decay) if ema_decay is not None else None
+    watch = _Watcher(evaluate, eval_every, patience, restore_best) if evaluate is not None else None
+    log = _LossLog(check_every, immediate=on_step is not None)
     bar = None
     if progress and is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc=desc)
-    losses: List[float] = []
     model.train()
+    stopped, done = False, 0
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
@@ -174,20 +293,32 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
         opt.step()
         if ema is not None:
             ema.update(model)
-        value = float(loss.detach())
-        if value != value or abs(value) == float("inf"):
-            raise FloatingPointError(f"the loss became {value} at step {step}; lower lr or check the data.")
-        losses.append(value)
+        value, done = log.add(loss), step + 1
         if bar is not None:
             bar.update(1)
-            if step % 25 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+            if value is not None:
+                recent = log.values[-100:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
         if on_step is not None:
             on_step(step, value)
+        if watch is not None and done % eval_every == 0:
+            log.flush()
+            if watch(done, model, ema):
+                stopped = True
+                break
+    log.flush()
+    if watch is not None and done > 0 and (not watch.history or watch.history[-1][0] != done):
+        watch(done, model, ema)
     if bar is not None:
         bar.close()
     model.eval()
-    return TrainResult(model, ema, losses, opt)
+    result = TrainResult(model, ema, log.values, opt, stopped_early=stopped)
+    if watch is not None:
+        watch.restore(model, ema)
+        result.evaluations = watch.history
+        if watch.best is not None:
+            result.best_step, result.best_value = watch.best
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -135,3 +135,90 @@ def test_train_hooks_and_errors():
                        progress=False)
     with pytest.raises(ValueError, match="steps"):
         training.train(model, lambda m, b, g: m(b).sum(), torch.randn(4, 2), -1)
+
+
+def test_ema_of_a_linear_drift_matches_its_closed_form():
+    """Weights moving as w_k = w_0 - k c: the EMA e_n = d^n w_0 + sum_k (1 - d) d^(n-k) w_k equals
+    w_0 - c (n - d (1 - d^n) / (1 - d))."""
+    lin = torch.nn.Linear(3, 2).double()
+    ema = training.EMA(lin, decay=0.8, warmup=False)
+    w0, c, d = lin.weight.detach().clone(), torch.randn(2, 3, dtype=torch.float64), 0.8
+    for n in range(1, 13):
+        with torch.no_grad():
+            lin.weight.sub_(c)
+        ema.update(lin)
+        torch.testing.assert_close(ema.module.weight, w0 - c * (n - d * (1 - d**n) / (1 - d)), rtol=1e-12, atol=1e-12)
+
+
+def test_train_reads_losses_back_in_blocks_and_names_the_first_bad_step():
+    count = []
+
+    def loss_fn(m, b, g):
+        count.append(1)
+        return (m(b) * 0.0).sum() + float(len(count) - 1)  # the loss at step k is k
+
+    model = torch.nn.Linear(2, 1)
+    res = training.train(model, loss_fn, torch.randn(8, 2), 13, batch_size=4, progress=False, check_every=5)
+    assert res.losses == [float(k) for k in range(13)]
+
+    def bad_at_7(m, b, g):
+        count.append(1)
+        return (m(b) ** 2).mean() * (float("nan") if len(count) == 8 else 1.0)
+
+    count.clear()
+    with pytest.raises(FloatingPointError, match="at step 7"):
+        training.train(model, bad_at_7, torch.randn(8, 2), 20, batch_size=4, progress=False, check_every=5)
+    assert len(count) == 10  # found at the read-back after step 9, not later
+    with pytest.raises(ValueError, match="check_every"):
+        training.train(model, loss_fn, torch.randn(8, 2), 2, check_every=0)
+
+
+def test_train_draws_on_the_data_device(device):
+    """The loss's generator lives where the batch is, and its stream is that of a torch.Generator on that device
+    seeded with ``seed`` (after the first epoch's permutation), so runs are reproducible."""
+    seen, first = [], []
+
+    def loss_fn(m, b, g):
+        seen.append((g.device.type, b.device.type))
+        if not first:
+            first.append(torch.rand(3, generator=g, device=g.device))
+        return sdegen.dsm_loss(m, b, seed=g)
+
+    model = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sdegen.VPSDE()).to(device)
+    training.train(model, loss_fn, torch.randn(16, 2, device=device), 3, batch_size=8, progress=False, seed=3)
+    assert seen == [(torch.device(device).type,) * 2] * 3
+    gen = torch.Generator(device=device).manual_seed(3)
+    torch.randperm(16, generator=gen, device=device)
+    torch.testing.assert_close(first[0], torch.rand(3, generator=gen, device=device), rtol=0, atol=0)
+
+
+def test_early_stopping_restores_the_best_evaluations_weights():
+    """evaluate() scores the EMA weights; with values 3, 1, 2, 5, 4 and patience 3 the run stops after the 5th
+    evaluation, and restore_best puts back exactly the weights (model and EMA) seen at the 2nd."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    script, seen, modules = [3.0, 1.0, 2.0, 5.0, 4.0, 0.0], [], []
+
+    def evaluate(module):
+        assert not torch.is_grad_enabled() and module is not model
+        modules.append(module)
+        seen.append((_state(module), _state(model)))
+        return script[len(seen) - 1]
+
+    res = training.train(model, lambda m, b, g: ((m(b) - 1.0) ** 2).mean(), torch.randn(64, 3), 100, batch_size=8,
+                         lr=1e-2, progress=False, evaluate=evaluate, eval_every=4, patience=3, restore_best=True,
+                         ema_decay=0.9)
+    assert all(m is res.ema.module for m in modules)
+    assert res.evaluations == [(4, 3.0), (8, 1.0), (12, 2.0), (16, 5.0), (20, 4.0)]
+    assert res.stopped_early and len(res.losses) == 20 and (res.best_step, res.best_value) == (8, 1.0)
+    for got, want in ((_state(res.ema.module), seen[1][0]), (_state(model), seen[1][1])):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert not torch.equal(seen[1][1]["weight"], seen[4][1]["weight"])  # training did move on after the best
+    with pytest.raises(ValueError, match="eval_every"):
+        training.train(model, lambda m, b, g: m(b).sum(), torch.randn(4, 3), 2, evaluate=evaluate, progress=False)
+    with pytest.raises(ValueError, match="evaluate callback"):
+        training.train(model, lambda m, b, g: m(b).sum(), torch.randn(4, 3), 2, patience=2, progress=False)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
