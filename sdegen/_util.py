@@ -18,8 +18,15 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-example coefficient ``v`` (0-d or (B,)) cast to ``x``'s dtype/device and shaped to broadcast with x."""
+def bcast(v: torch.Tensor, x: torch.Tensor) -> Union[torch.Tensor, float]:
+    """Per-example coefficient ``v`` (0-d or (B,)) cast to ``x``'s dtype/device and shaped to broadcast with x.
+
+    A 0-d host tensor without gradient (a coefficient at a grid time) becomes a Python float when x lives on an
+    accelerator: the float rides along with the kernel launch, where a tensor would need a blocking host-to-device
+    copy at every step.
+    """
+    if v.ndim == 0 and x.device.type != "cpu" and v.device.type == "cpu" and not v.requires_grad:
+        return float(v)
     return append_dims(v.to(dtype=x.dtype, device=x.device), x.ndim)
 
 

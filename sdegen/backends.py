@@ -17,7 +17,9 @@ import torchsde
 from torchdiffeq._impl.odeint import SOLVERS as _ODE_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
+from .errors import STEP_LIMIT_HINT, SolverError, check_finite_result, check_on_failure, nonfinite_rows, rows_to_list
 from .noise import normal_from_seeds
+from .samplers.adaptive import solve_isolating_failures
 from .samplers.base import Context, Solver
 from .sde import ProbabilityFlowODE
 
@@ -36,27 +38,107 @@ def is_adaptive_ode_method(method: str) -> bool:
     return issubclass(_ODE_SOLVERS[method], RKAdaptiveStepsizeODESolver)
 
 
-class _ODEFunc(torch.nn.Module):
-    """Probability-flow field plus torchdiffeq step callbacks that count accepted and rejected steps."""
+class FailureMonitor:
+    """The per-example error norm of an adaptive torchdiffeq solve, watching for the examples that stop it.
 
-    def __init__(self, ode: ProbabilityFlowODE, method: str):
-        super().__init__()
-        self.ode, self.accepted, self.rejected = ode, 0, 0
+    Called by torchdiffeq on scaled states, derivatives and error estimates (B, ...): returns the max over
+    examples of the per-example RMS (NaN when any is NaN), and keeps, on the device (no host read), which
+    examples gave a non-finite value since the last accepted step (``bad``) and the last per-example ratios.
+    """
+
+    def __init__(self):
+        self.bad: Optional[torch.Tensor] = None
+        self.last: Optional[torch.Tensor] = None
+        self.last_rejected: Optional[torch.Tensor] = None
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        per = v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt()
+        self.bad = ~torch.isfinite(per) if self.bad is None else self.bad | ~torch.isfinite(per)
+        self.last = per
+        return per.max()
+
+    def accepted(self) -> None:
+        self.bad = None
+
+    def rejected(self) -> None:
+        self.last_rejected = self.last
+
+    def culprits(self) -> Tuple[list, str]:
+        """(examples responsible, why): the non-finite ones if any, else those whose last error ratio was > 1."""
+        bad = rows_to_list(self.bad)
+        if bad:
+            return bad, "their state or derivative became non-finite (NaN or inf)"
+        ratios = self.last_rejected if self.last_rejected is not None else self.last
+        if ratios is None:
+            return [], "no step had been attempted"
+        ratios = ratios.detach().cpu()
+        above, worst = torch.nonzero(ratios > 1.0).flatten().tolist(), float(ratios.max())
+        if above:
+            return above, f"their error ratios exceeded 1 in the last rejected step (worst {worst:.3g})"
+        return [int(ratios.argmax())], f"the largest error ratio of the last step was {worst:.3g}"
+
+
+class _StepRecorder:
+    """torchdiffeq step callbacks: count accepted and rejected steps, remember the last (t, dt) tried."""
+
+    def _setup_callbacks(self, method: str, monitor: Optional[FailureMonitor]) -> None:
+        self.accepted, self.rejected, self.attempted, self.monitor = 0, 0, 0, monitor
+        self.t_tried, self.dt_tried, self.dt_before, self.t_reached = None, None, None, None
         valid = _ODE_SOLVERS[method].valid_callbacks()
         if "callback_accept_step" in valid:
             self.callback_accept_step = self._accept
             self.callback_reject_step = self._reject
-        elif "callback_step" in valid:
-            self.callback_step = self._accept
+
+    def callback_step(self, t0, y0, dt):  # before every step, adaptive or fixed
+        self.attempted += 1
+        self.t_tried, self.dt_tried, self.dt_before = t0, dt, self.dt_tried
 
     def _accept(self, t0, y0, dt):
         self.accepted += 1
+        self.t_reached = t0 + dt
+        if self.monitor is not None:
+            self.monitor.accepted()
 
     def _reject(self, t0, y0, dt):
         self.rejected += 1
+        if self.monitor is not None:
+            self.monitor.rejected()
+
+    def where(self) -> Tuple[float, float]:
+        """(time reached, last step size tried) as floats; NaN where unknown. torchdiffeq turns a non-finite step
+        proposal into dt = 0, so a zero step reports the one tried before it."""
+        t = self.t_reached if self.t_reached is not None else self.t_tried
+        dt = math.nan if self.dt_tried is None else float(self.dt_tried)
+        if dt == 0.0 and self.dt_before is not None:
+            dt = float(self.dt_before)
+        return (math.nan if t is None else float(t)), dt
+
+
+class _ODEFunc(_StepRecorder, torch.nn.Module):
+    """Probability-flow field plus torchdiffeq step callbacks that count accepted and rejected steps."""
+
+    def __init__(self, ode: ProbabilityFlowODE, method: str, monitor: Optional[FailureMonitor]):
+        torch.nn.Module.__init__(self)
+        self.ode = ode
+        self._setup_callbacks(method, monitor)
 
     def forward(self, t, x):
         return self.ode(t, x)
+
+
+def _solver_error(name: str, func: _StepRecorder, err: BaseException, batch: int, max_steps: int,
+                  t_end: float) -> Optional[SolverError]:
+    """The :class:`SolverError` for torchdiffeq's assertion ``err`` (None if it is not a failure of the solve)."""
+    text = str(err)
+    t, dt = func.where()
+    if "max_num_steps" in text or isinstance(err, _StepLimit):
+        bad, why = func.monitor.culprits()
+        return SolverError(name, bad, t, dt, f"max_steps={max_steps} steps did not reach t={t_end:g}",
+                           detail=why, batch=batch, hint=STEP_LIMIT_HINT, maskable=False)
+    if "underflow in dt" in text or "non-finite values in state" in text:
+        bad, why = func.monitor.culprits()
+        return SolverError(name, bad, t, dt, "the step size underflowed", detail=why, batch=batch)
+    return None
 
 
 class ODESolver(Solver):
@@ -65,7 +147,12 @@ class ODESolver(Solver):
     Args:
         solver: any torchdiffeq method name ("dopri5", "bosh3", "rk4", "euler", ...).
         rtol, atol: tolerances of adaptive methods, enforced per example (max over the batch of per-example RMS).
-        max_steps: adaptive step limit; exceeding it raises RuntimeError.
+        max_steps: adaptive step limit (an int >= 1).
+        on_failure: for adaptive methods, "raise" (default): a non-finite state or a step size that underflows
+            raise :class:`sdegen.SolverError` naming the examples responsible, the time reached and the last
+            step (as does the step limit, in either mode); "mask": those examples are set aside and the solve restarts on the others (their
+            result equals a run on them alone, since the batch shares its steps), the failed rows are NaN and
+            their indices are kept in :attr:`failed`.
         options: extra torchdiffeq options (override the defaults set here).
     Fixed-grid methods take ``steps`` equal steps. Adaptive methods are told to land exactly on the end
     time (option ``step_t``) and the field is evaluated at clamp(t, t_min, T), so the score is never
@@ -75,38 +162,58 @@ class ODESolver(Solver):
     stochastic = False
 
     def __init__(self, solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 100_000,
-                 options: Optional[Dict[str, Any]] = None):
+                 options: Optional[Dict[str, Any]] = None, on_failure: str = "raise"):
         if solver not in _ODE_SOLVERS or solver == "scipy_solver":
             raise ValueError(f"unknown torchdiffeq solver {solver!r}; valid: {', '.join(ODE_METHODS)}.")
         for name, v in (("rtol", rtol), ("atol", atol)):
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
-        self.solver, self.rtol, self.atol, self.max_steps = solver, float(rtol), float(atol), int(max_steps)
+        if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
+            raise ValueError(f"max_steps must be an int >= 1 (the adaptive step limit); got {max_steps!r}.")
+        self.solver, self.rtol, self.atol, self.max_steps = solver, float(rtol), float(atol), max_steps
         self.options = dict(options or {})
         self.adaptive = is_adaptive_ode_method(solver)
         self.default_steps = None if self.adaptive else 100
+        self.on_failure = check_on_failure(on_failure)
+        self.failed: list = []
 
     def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
               ) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """Integrate from ts[0] to ts[-1]; returns (states at every ts (len(ts), B, ...), final state, steps)."""
+        if self.adaptive and steps is not None:
+            raise ValueError(f"steps: the adaptive torchdiffeq solver {self.solver!r} chooses its own steps (set "
+                             f"rtol/atol); for a fixed number of steps pass solver='rk4' (or 'euler', 'midpoint', "
+                             f"'heun3') with steps; got steps={steps!r}.")
+        if not self.adaptive:
+            self.failed = []
+            return self._solve(ctx, x, ts, steps)
+        traj, x, n, self.failed = solve_isolating_failures(lambda c, z: self._solve(c, z, ts, steps), ctx, x,
+                                                           len(ts), self.on_failure)
+        return traj, x, n
+
+    def _solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
+               ) -> Tuple[torch.Tensor, torch.Tensor, int]:
         sde, score = ctx.sde, ctx.score
         lo, hi = float(ts.min()), float(ts.max())
-        func = _ODEFunc(ProbabilityFlowODE(sde, score, t_clamp=(lo, hi)), self.solver)
+        monitor = FailureMonitor() if self.adaptive else None
+        func = _ODEFunc(ProbabilityFlowODE(sde, score, t_clamp=(lo, hi)), self.solver, monitor)
         t = ts.to(device=x.device)
-        options = {}
         if self.adaptive:
-            options = {"norm": per_example_norm, "step_t": t[-1:], "max_num_steps": self.max_steps}
+            options = {"norm": monitor, "step_t": t[-1:], "max_num_steps": self.max_steps}
         else:
-            n = steps or self.default_steps
-            options = {"step_size": (hi - lo) / n}
+            options = {"step_size": (hi - lo) / (steps or self.default_steps)}
         options.update(self.options)
+        name = f"'ode' (torchdiffeq {self.solver!r})"
         try:
             out = torchdiffeq.odeint(func, x, t, rtol=self.rtol, atol=self.atol, method=self.solver, options=options)
         except AssertionError as err:
-            if "max_num_steps" in str(err):
-                raise RuntimeError(f"the ODE solver {self.solver!r} did not reach t={float(ts[-1]):g} within "
-                                   f"max_steps={self.max_steps} steps; loosen rtol/atol or raise max_steps.") from None
-            raise
+            failure = _solver_error(name, func, err, x.shape[0], self.max_steps, float(ts[-1])) if self.adaptive \
+                else None
+            if failure is None:
+                raise
+            raise failure from None
+        if self.adaptive:
+            check_finite_result(out[-1], name, float(ts[-1]), func.where()[1])
         return out, out[-1], func.accepted
 
     def __repr__(self) -> str:
@@ -193,13 +300,47 @@ class PerExampleBrownian(torchsde.BaseBrownian):
         return "none"
 
 
+class _WatchedSDE(torch.nn.Module):
+    """A torchsde SDE that watches its drift: which examples gave a non-finite value (kept on the device, no host
+    read), and the solver times (tau) of the last drift evaluations, for the message of a failed solve."""
+
+    def __init__(self, rsde: torch.nn.Module):
+        super().__init__()
+        self.rsde, self.noise_type, self.sde_type = rsde, rsde.noise_type, rsde.sde_type
+        self.bad: Optional[torch.Tensor] = None
+        self.taus: list = []
+
+    def f(self, tau, y):
+        out = self.rsde.f(tau, y)
+        bad = nonfinite_rows(out)
+        self.bad = bad if self.bad is None else self.bad | bad
+        if not self.taus or self.taus[-1] is not tau:
+            self.taus = self.taus[-1:] + [tau]
+        return out
+
+    def g(self, tau, y):
+        return self.rsde.g(tau, y)
+
+    def where(self, T: float) -> Tuple[float, float]:
+        """(t = T - tau of the last drift evaluation, spacing of the last two evaluation times) as floats."""
+        if not self.taus:
+            return math.nan, math.nan
+        taus = [float(v) for v in self.taus]
+        return T - taus[-1], (abs(taus[-1] - taus[0]) if len(taus) > 1 else math.nan)
+
+
 class SDESolver(Solver):
     """Reverse-time SDE through ``torchsde.sdeint`` (Euler-Maruyama by default).
 
     Args:
         solver: a torchsde method valid for diagonal (here additive) noise: euler, milstein, srk, midpoint,
             heun, euler_heun, reversible_heun.
-        adaptive: torchsde's adaptive stepping (error estimated by step doubling), with rtol, atol, dt_min.
+        adaptive: torchsde's adaptive stepping (error estimated by step doubling), with rtol, atol (finite, > 0)
+            and dt_min (the smallest step, > 0; steps that small are accepted whatever their error).
+        on_failure: for adaptive solves, "raise" (default): NaN in the error estimate or a non-finite result raise
+            :class:`sdegen.SolverError` naming the examples whose drift became non-finite; "mask": those examples
+            are set aside and the solve restarts on the others with their own noise (their result equals a run on
+            them alone), the failed rows are NaN and their indices are kept in :attr:`failed`.
     Every method but "srk" uses :class:`PerExampleBrownian`, so example i's sample depends only on its seed;
     "srk" needs space-time Levy area and uses torchsde's BrownianInterval seeded from the first example's seed
     (reproducible, but not batch-size invariant), as does ``noise="generator"`` in :func:`sdegen.sample`.
@@ -208,20 +349,41 @@ class SDESolver(Solver):
     stochastic = True
 
     def __init__(self, solver: str = "euler", adaptive: bool = False, rtol: float = 1e-3, atol: float = 1e-3,
-                 dt_min: float = 1e-5, options: Optional[Dict[str, Any]] = None):
+                 dt_min: float = 1e-5, options: Optional[Dict[str, Any]] = None, on_failure: str = "raise"):
         if solver not in SDE_METHODS:
             raise ValueError(f"unknown torchsde solver {solver!r}; valid: {', '.join(sorted(SDE_METHODS))}.")
-        self.solver, self.adaptive, self.rtol, self.atol, self.dt_min = solver, bool(adaptive), rtol, atol, dt_min
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be True or False; got {adaptive!r}.")
+        for name, v in (("rtol", rtol), ("atol", atol), ("dt_min", dt_min)):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
+        self.solver, self.adaptive = solver, adaptive
+        self.rtol, self.atol, self.dt_min = float(rtol), float(atol), float(dt_min)
         self.options = dict(options or {})
         self.default_steps = 1000
+        self.on_failure = check_on_failure(on_failure)
+        self.failed: list = []
 
     def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        if self.adaptive and steps is not None:
+            raise ValueError(f"steps: the adaptive torchsde solve chooses its own steps (set rtol/atol/dt_min); "
+                             f"leave steps unset or pass adaptive=False; got steps={steps!r}.")
+        if not self.adaptive:
+            self.failed = []
+            return self._solve(ctx, x, ts, steps)
+        traj, x, n, self.failed = solve_isolating_failures(lambda c, z: self._solve(c, z, ts, steps), ctx, x,
+                                                           len(ts), self.on_failure)
+        return traj, x, n
+
+    def _solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
+               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
         sde, score, noise = ctx.sde, ctx.score, ctx.noise
         B = x.shape[0]
         event_shape = x.shape[1:]
         rsde = sde.reverse(score, event_shape=event_shape)
         rsde.sde_type = SDE_METHODS[self.solver]
+        watched = _WatchedSDE(rsde) if self.adaptive else rsde
         taus = (sde.T - ts).to(device=x.device)  # increasing clock
         y0 = x.reshape(B, -1)
         t0, t1 = float(taus[0]), float(taus[-1])
@@ -237,9 +399,20 @@ class SDESolver(Solver):
         options = dict(self.options)
         if self.solver == "milstein":
             options.setdefault("grad_free", True)  # g does not depend on x: no derivative needed
-        ys = torchsde.sdeint(rsde, y0, taus, bm=bm, method=self.solver, dt=dt, adaptive=self.adaptive,
-                             rtol=self.rtol, atol=self.atol, dt_min=self.dt_min, options=options)
+        name = f"'sde' (torchsde {self.solver!r}, adaptive)"
+        try:
+            ys = torchsde.sdeint(watched, y0, taus, bm=bm, method=self.solver, dt=dt, adaptive=self.adaptive,
+                                 rtol=self.rtol, atol=self.atol, dt_min=self.dt_min, options=options)
+        except AssertionError as err:
+            if not (self.adaptive and "nan" in str(err).lower()):
+                raise
+            t, spacing = watched.where(sde.T)
+            raise SolverError(name, rows_to_list(watched.bad), t, spacing, "NaN in the error estimate",
+                              detail="the drift (the score) became non-finite for these examples; the step size "
+                              "is the spacing of the last drift evaluations", batch=B) from None
         out = ys.reshape((len(ts),) + tuple(x.shape))
+        if self.adaptive:
+            check_finite_result(out[-1], name, float(ts[-1]), watched.where(sde.T)[1])
         return out, out[-1], None if self.adaptive else n
 
     def __repr__(self) -> str:
@@ -252,50 +425,38 @@ class _StepLimit(Exception):
     """Raised inside an augmented solve when its own step counter passes max_steps."""
 
 
-class AugmentedNorm:
+class AugmentedNorm(FailureMonitor):
     """Error norm for an augmented state (B, D + 1) = (x flattened, log-density term).
 
     Per example: max(RMS of the D state errors, |error of the log term|); then the max over examples, so
     every example (and its log-density, not only its state) meets the tolerance. Keeps the last per-example
-    ratios on the device (no host sync) so a failed solve can name the examples that limited the step.
+    ratios and the non-finite examples on the device (no host sync) so a failed solve can name the examples
+    that stopped it.
     """
-
-    def __init__(self):
-        self.last: Optional[torch.Tensor] = None
-        self.last_rejected: Optional[torch.Tensor] = None
 
     def __call__(self, ratio: torch.Tensor) -> torch.Tensor:
         per = torch.maximum(ratio[:, :-1].pow(2).mean(1).sqrt(), ratio[:, -1].abs())
+        self.bad = ~torch.isfinite(per) if self.bad is None else self.bad | ~torch.isfinite(per)
         self.last = per
         return per.max()
 
 
-class _CountingFunc(torch.nn.Module):
+class _CountingFunc(_StepRecorder, torch.nn.Module):
     """Wraps a field: counts evaluations and steps, and stops the solve after ``max_steps`` steps."""
 
-    def __init__(self, field: torch.nn.Module, norm: AugmentedNorm, max_steps: int, adaptive: bool):
-        super().__init__()
-        self.field, self.norm, self.max_steps = field, norm, max_steps
-        self.nfe, self.attempted, self.accepted, self.rejected, self.t_reached = 0, 0, 0, 0, None
-        if adaptive:  # fixed-grid solvers warn about callbacks they never call
-            self.callback_accept_step, self.callback_reject_step = self._accept, self._reject
+    def __init__(self, field: torch.nn.Module, norm: AugmentedNorm, method: str, max_steps: int):
+        torch.nn.Module.__init__(self)
+        self.field, self.max_steps, self.nfe = field, max_steps, 0
+        self._setup_callbacks(method, norm)  # fixed-grid solvers warn about callbacks they never call
 
     def forward(self, t, y):
         self.nfe += 1
         return self.field(t, y)
 
     def callback_step(self, t0, y0, dt):  # before every step, adaptive or fixed
-        self.attempted += 1
+        super().callback_step(t0, y0, dt)
         if self.attempted > self.max_steps:
             raise _StepLimit()
-
-    def _accept(self, t0, y0, dt):
-        self.accepted += 1
-        self.t_reached = t0 + dt
-
-    def _reject(self, t0, y0, dt):
-        self.rejected += 1
-        self.norm.last_rejected = self.norm.last
 
 
 def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: float, *, method: str = "dopri5",
@@ -307,47 +468,43 @@ def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: flo
     fixed-grid methods take ``steps`` equal steps. ``adjoint=True`` uses ``torchdiffeq.odeint_adjoint``
     (memory O(1) in the number of steps) so gradients flow to y0 and to ``adjoint_params``.
     Returns (y(t1), info) with info = {"nfe", "steps", "rejected"}.
-    Raises RuntimeError naming the examples whose error exceeded the tolerance when ``max_steps`` run out.
+    Adaptive methods raise :class:`sdegen.SolverError` naming the examples responsible when ``max_steps`` run
+    out (those whose error ratio exceeded 1), when the step size underflows or when the result is not finite
+    (those whose state, log term or derivative became non-finite).
     """
     if method not in _ODE_SOLVERS or method == "scipy_solver":
         raise ValueError(f"unknown torchdiffeq method {method!r}; valid: {', '.join(ODE_METHODS)}.")
     if steps is not None and not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be a positive int (steps of a fixed-grid method); got {steps!r}.")
+    adaptive = is_adaptive_ode_method(method)
     norm = AugmentedNorm()
-    func = _CountingFunc(field, norm, max_steps, is_adaptive_ode_method(method))
+    func = _CountingFunc(field, norm, method, max_steps)
     t = torch.tensor([t0, t1], dtype=torch.float64, device=y0.device)
-    if is_adaptive_ode_method(method):
+    if adaptive:
         options = {"norm": norm, "step_t": t[-1:], "max_num_steps": max_steps + 1}
     else:
         options = {"step_size": (t1 - t0) / (steps or 100)}
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
+    name = f"log_likelihood (torchdiffeq {method!r})"
     try:
         if adjoint:
-            adj_opts = {"max_num_steps": max_steps + 1} if is_adaptive_ode_method(method) else dict(options)
+            adj_opts = {"max_num_steps": max_steps + 1} if adaptive else dict(options)
             out = torchdiffeq.odeint_adjoint(func, y0, t, adjoint_options=adj_opts, adjoint_params=adjoint_params,
                                              **kwargs)
         else:
             out = torchdiffeq.odeint(func, y0, t, **kwargs)
     except (_StepLimit, AssertionError) as err:
-        if isinstance(err, AssertionError) and "max_num_steps" not in str(err):
+        failure = _solver_error(name, func, err, y0.shape[0], max_steps, t1) if adaptive or isinstance(
+            err, _StepLimit) else None
+        if failure is None:
             raise
-        raise RuntimeError(_step_limit_message(func, norm, method, t0, t1, max_steps)) from None
-    steps_taken = func.accepted if is_adaptive_ode_method(method) else func.attempted
+        failure.nfe = func.nfe  # the caller may count the evaluations of a failed attempt
+        raise failure from None
+    if adaptive:
+        try:
+            check_finite_result(out[-1], name, t1, func.where()[1])
+        except SolverError as failure:
+            failure.nfe = func.nfe
+            raise
+    steps_taken = func.accepted if adaptive else func.attempted
     return out[-1], {"nfe": func.nfe, "steps": steps_taken, "rejected": func.rejected}
-
-
-def _step_limit_message(func: _CountingFunc, norm: AugmentedNorm, method: str, t0: float, t1: float,
-                        max_steps: int) -> str:
-    ratios = norm.last_rejected if norm.last_rejected is not None else norm.last
-    where = "" if func.t_reached is None else f" and reached t={float(func.t_reached):.6g}"
-    if ratios is None:
-        bad, worst = [], float("nan")
-    else:
-        ratios = ratios.detach().cpu()
-        bad = torch.nonzero(ratios > 1.0).flatten().tolist() or [int(ratios.argmax())]
-        worst = float(ratios.max())
-    shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
-    return (f"the {method!r} solve from t={t0:g} to t={t1:g} used all max_steps={max_steps} steps{where} without "
-            f"finishing; examples [{shown}] ({len(bad)} of the batch) did not meet the tolerance in the last "
-            f"rejected step (worst error ratio {worst:.3g}). Loosen rtol/atol, raise max_steps, or evaluate "
-            f"those examples separately.")

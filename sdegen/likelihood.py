@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from dataclasses import dataclass, field as dataclass_field
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ._deprecation import renamed
 from ._util import batch_time, check_finite_tensor
+from ._validate import check_callable, check_flag, check_int, check_number, check_tensor
 from .models import as_model
-from .backends import ODE_METHODS, solve_augmented
+from .backends import ODE_METHODS, is_adaptive_ode_method, solve_augmented
+from .errors import SolverError, check_on_failure, scatter_rows, solve_without_failures
 from .divergence import (PROBE_KINDS, check_differentiable_output, divergence_exact, divergence_hutchinson,
                          make_probes)
 from .noise import Seed, make_seeds, normal_from_seeds
@@ -45,7 +47,9 @@ class LikelihoodResult:
     prior_log_prob: (B,) log p_T(x_T) under the prior used.
     delta_log_prob: (B,) the integral of the divergence from t_min to T.
     nfe: evaluations of the augmented field (each one score forward pass plus its backward pass(es)).
-    steps: accepted solver steps. wall_time: seconds. t_min, T: the integration interval.
+    steps: accepted solver steps (of the last attempt under ``on_failure="mask"``). wall_time: seconds.
+    t_min, T: the integration interval.
+    failed: indices of the examples set aside under ``on_failure="mask"`` (their entries are NaN).
     """
 
     log_prob: torch.Tensor
@@ -58,14 +62,16 @@ class LikelihoodResult:
     wall_time: float
     t_min: float
     T: float
+    failed: List[int] = dataclass_field(default_factory=list)
 
 
 class _AugmentedFlow(torch.nn.Module):
     """d/dt (x, l) = (f~(x, t), div f~(x, t)) on flattened states y = (x, l) of shape (B, D + 1)."""
 
     def __init__(self, sde: SDE, score: Callable, event_shape: Tuple[int, ...], t_lo: float, t_hi: float,
-                 probes: Optional[torch.Tensor], chunk_size: Optional[int]):
+                 probes: Optional[torch.Tensor], chunk_size: Optional[int], on_time: Optional[Callable] = None):
         super().__init__()
+        self.on_time = on_time
         # the model is a submodule, so that adjoint solves find its parameters
         self.sde, self.model, self.event_shape = sde, as_model(score, sde), event_shape
         self.t_lo, self.t_hi, self.probes, self.chunk_size = t_lo, t_hi, probes, chunk_size
@@ -77,6 +83,8 @@ class _AugmentedFlow(torch.nn.Module):
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # solvers probe past the interval's end; the score is only asked for times inside [t_min, T]
         t = t.clamp(self.t_lo, self.t_hi)
+        if self.on_time is not None:
+            self.on_time(t)
         x = y[:, :-1].reshape((y.shape[0],) + self.event_shape)
         field = lambda z: self.drift(z, t)  # noqa: E731
         if self.probes is None:
@@ -86,13 +94,31 @@ class _AugmentedFlow(torch.nn.Module):
         return torch.cat([f.reshape(y.shape[0], -1), div[:, None].to(f.dtype)], dim=1)
 
 
+class _TimeBar:
+    """A tqdm bar of the latest time (from t_min up to T) at which the augmented field was evaluated."""
+
+    def __init__(self, t_lo: float, t_hi: float):
+        from tqdm.auto import tqdm
+
+        self.t_lo, self.done = t_lo, 0.0
+        self.bar = tqdm(total=t_hi - t_lo, desc="log_likelihood t", bar_format="{l_bar}{bar}| t={postfix}")
+
+    def __call__(self, t: torch.Tensor) -> None:
+        done = min(float(t) - self.t_lo, self.bar.total)
+        if done > self.done:
+            self.bar.set_postfix_str(f"{float(t):.4g}", refresh=False)
+            self.bar.update(done - self.done)
+            self.done = done
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _check_x(x: torch.Tensor) -> None:
-    check_finite_tensor(x, "x")
-    if x.ndim < 1 or x.shape[0] < 1 or x[0].numel() < 1:
+    check_tensor(x, "x", batch=True)
+    if x[0].numel() < 1:
         raise ValueError(f"x must have shape (B, ...) with B >= 1 and at least one value per example; "
                          f"got {tuple(x.shape)}.")
-    if bool(torch.isinf(x).any()):
-        raise ValueError("x contains inf; log-likelihoods need finite data.")
 
 
 def _check_options(divergence: str, probes: int, probe: Tuple[str, str], solver: Tuple[str, str], rtol: float,
@@ -108,17 +134,27 @@ def _check_options(divergence: str, probes: int, probe: Tuple[str, str], solver:
     if solver[0] not in ODE_METHODS:
         raise ValueError(f"{solver[1]} must be a torchdiffeq method, one of {ODE_METHODS}; got {solver[0]!r}.")
     for name, v in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
-    if not (isinstance(max_steps, int) and max_steps >= 1):
-        raise ValueError(f"max_steps must be a positive int; got {max_steps!r}.")
+        check_number(v, name, lo=0.0, lo_open=True)
+    check_int(max_steps, "max_steps", lo=1)
+
+
+LIKELIHOOD_SIGMA = 1.0 / 1024.0  # an eighth of one 8-bit bin (2/256) of data in [-1, 1]
+
+
+def default_t_min(sde: SDE) -> float:
+    """The t_min :func:`log_likelihood` starts from by default: the time at which the kernel's std
+    sigma(t) = s(t)/m(t) is :data:`LIKELIHOOD_SIGMA` = 1/1024, an eighth of one 8-bit bin of data scaled to [-1, 1]
+    (the blur then changes log p by a small fraction of what the data's own resolution does), or ``sde.t_min``
+    when that is earlier (an SDE whose kernel is that narrow sooner, or never: VE's "paper" kernel).
+    VP (beta_min = 0.1): t ~ 9.5e-6; sub-VP and cosine VP: of the same order; VE, EDM: ``sde.t_min``."""
+    t = float(sde.t_from_sigma(torch.tensor(LIKELIHOOD_SIGMA, dtype=torch.float64)))
+    return t if 0.0 < t < sde.t_min else float(sde.t_min)
 
 
 def _resolve_t_min(sde: SDE, t_min: Optional[float]) -> float:
-    t_min = sde.t_min if t_min is None else t_min
-    if not (isinstance(t_min, (int, float)) and 0.0 < t_min < sde.T):
-        raise ValueError(f"t_min must lie in (0, T={sde.T:g}); got {t_min!r}.")
-    return float(t_min)
+    if t_min is None:
+        return default_t_min(sde)
+    return check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True, hi_open=True)
 
 
 def _prior_log_prob(prior: Optional[Callable], sde: SDE, x_T: torch.Tensor) -> torch.Tensor:
@@ -136,7 +172,8 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
                    max_steps: int = 10_000, adjoint: bool = False,
                    adjoint_params: Optional[Sequence[torch.Tensor]] = None, chunk_size: Optional[int] = None,
                    levels: Optional[int] = None, data_range: Tuple[float, float] = (-1.0, 1.0),
-                   method: Optional[str] = None, noise: Optional[str] = None) -> LikelihoodResult:
+                   method: Optional[str] = None, noise: Optional[str] = None,
+                   on_failure: str = "raise", progress: bool = False) -> LikelihoodResult:
     """Per-example log p_{t_min}(x) through the probability-flow ODE (Song et al. 2021, appendix D.2).
 
     Args:
@@ -152,10 +189,22 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
             ``sdegen.sample(method="ode", solver=...)``) and its tolerances; the error is controlled for every
             example and for its log-density term (not for a batch average). ``steps``: the step count of
             fixed-grid methods ("rk4", "euler", ...).
-        t_min: start of the integration (default ``sde.t_min``); the result is log p_{t_min}, which tends to
-            log p_0 as t_min -> 0 (VP with t_min = 1e-3 blurs data by a kernel of std ~0.01).
+        t_min: start of the integration; the result is log p_{t_min}, the density of the data blurred by the
+            kernel of std sigma(t_min) = s/m, which tends to log p_0 as t_min -> 0. Default
+            (:func:`default_t_min`): the time at which sigma = 1/1024, an eighth of one 8-bit bin of data in
+            [-1, 1], or ``sde.t_min`` if smaller; for VP that is t ~ 1e-5 instead of the sampling default 1e-3,
+            whose kernel (std 0.01, wider than a bin) costs ~0.06 nats/dim on the 2-D ring against ~0.001
+            (benchmarks/results/likelihood_t_min.md). Pass ``t_min=sde.t_min`` for the sampling end time, e.g.
+            for a network trained only on [sde.t_min, T]; ``LikelihoodResult.t_min`` says which was used.
+        progress: show a tqdm bar of the time reached (from t_min up to T).
         prior: log-density of x_T, ``prior(x_T) -> (B,)``; default ``sde.prior_log_prob``.
-        max_steps: adaptive step limit; running out raises RuntimeError naming the examples that limited the step.
+        max_steps: adaptive step limit; running out raises :class:`sdegen.SolverError` (a RuntimeError) naming
+            the examples that limited the step.
+        on_failure: "raise" (default): an adaptive solve that cannot go on (a non-finite state, log term or
+            derivative, a step size that underflows) raises :class:`sdegen.SolverError` naming the
+            examples responsible, the time reached and the last step size; "mask": those examples are set aside
+            and the solve restarts on the others (the batch shares its steps, so their result equals a solve of
+            them alone), the failed entries are NaN and their indices are in ``LikelihoodResult.failed``.
         adjoint: gradients through the result (to x and the score's parameters) by the adjoint method
             (torchdiffeq.odeint_adjoint, memory constant in the steps), for maximum-likelihood fine-tuning.
             Without it the solve runs without a graph and the result carries no gradient.
@@ -173,32 +222,70 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
     probe, probe_name = renamed("log_likelihood", "probe", probe, "noise", noise)
     solver = "dopri5" if solver is None else solver
     probe = "rademacher" if probe is None else probe
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE (e.g. sdegen.VPSDE()); got {type(sde).__name__}.")
     _check_x(x)
     _check_options(divergence, probes, (probe, probe_name), (solver, solver_name), rtol, atol, max_steps)
+    check_flag(adjoint, "adjoint")
+    check_flag(progress, "progress")
+    if steps is not None and is_adaptive_ode_method(solver):
+        raise ValueError(f"steps: the adaptive solver {solver!r} chooses its own steps (set rtol/atol); for a "
+                         f"fixed number of steps pass solver='rk4' (or 'euler', 'midpoint') with steps; "
+                         f"got steps={steps!r}.")
     t_lo, t_hi = _resolve_t_min(sde, t_min), float(sde.T)
     start = time.perf_counter()
     B, event_shape, D = x.shape[0], tuple(x.shape[1:]), x[0].numel()
-    seeds = make_seeds(seed, B, x.device)
+    if prior is not None:  # its output shape is checked before the solve, on one example
+        _prior_log_prob(check_callable(prior, "prior", "a callable prior(x_T) -> (B,) log-densities"), sde,
+                        x.new_zeros((1,) + event_shape))
+    check_on_failure(on_failure)
+    # the exact divergence of continuous data draws nothing: no seeds are taken from torch's global generator
+    random = divergence == "hutchinson" or levels is not None
+    seeds = make_seeds(seed, B, x.device) if random or seed is not None else None
     data = dequantize(x, levels, data_range=data_range, seed=seeds) if levels is not None else x
     probe_vs = None
     if divergence == "hutchinson":
         probe_vs = make_probes(x.shape, probes, probe, seed=seeds, dtype=x.dtype, device=x.device)
-    field = _AugmentedFlow(sde, score, event_shape, t_lo, t_hi, probe_vs, chunk_size)
+    nfe = [0]
+    bar = _TimeBar(t_lo, t_hi) if progress else None
+
+    def solve(keep: Optional[torch.Tensor]):
+        sub, vs = (src, probe_vs) if keep is None else (src[keep], None if probe_vs is None else probe_vs[:, keep])
+        field = _AugmentedFlow(sde, score, event_shape, t_lo, t_hi, vs, chunk_size, on_time=bar)
+        y0 = torch.cat([sub.reshape(sub.shape[0], D), sub.new_zeros(sub.shape[0], 1)], dim=1)
+        try:
+            y1, info = solve_augmented(field, y0, t_lo, t_hi, method=solver, rtol=rtol, atol=atol,
+                                       max_steps=max_steps, steps=steps, adjoint=adjoint,
+                                       adjoint_params=None if adjoint_params is None else tuple(adjoint_params))
+        except SolverError as err:
+            nfe[0] += getattr(err, "nfe", 0)
+            raise
+        nfe[0] += info["nfe"]
+        return y1, info["steps"]
+
     with torch.set_grad_enabled(adjoint and torch.is_grad_enabled()):
         src = data if adjoint else data.detach()
-        y0 = torch.cat([src.reshape(B, D), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], dim=1)
-        y1, info = solve_augmented(field, y0, t_lo, t_hi, method=solver, rtol=rtol, atol=atol, max_steps=max_steps,
-                                   steps=steps, adjoint=adjoint,
-                                   adjoint_params=None if adjoint_params is None else tuple(adjoint_params))
-        latent = y1[:, :-1].reshape(x.shape)
-        prior_lp = _prior_log_prob(prior, sde, latent)
-        delta = y1[:, -1]
+        try:
+            result, keep, failed = solve_without_failures(solve, B, on_failure, x.device)
+        finally:
+            if bar is not None:
+                bar.close()
+        per_example = x.new_empty(0)
+        if result is None:  # every example failed
+            latent, prior_lp, delta = (scatter_rows(None, keep, B, like) for like in (x, per_example, per_example))
+            n_steps = 0
+        else:
+            y1, n_steps = result
+            latent_kept = y1[:, :-1].reshape((y1.shape[0],) + event_shape)
+            latent = scatter_rows(latent_kept, keep, B, x)
+            prior_lp = scatter_rows(_prior_log_prob(prior, sde, latent_kept), keep, B, per_example)
+            delta = scatter_rows(y1[:, -1], keep, B, per_example)
         log_prob = prior_lp + delta
         if levels is not None:
             log_prob = log_prob + D * (math.log(data_range[1] - data_range[0]) - math.log(levels))
         bpd = -log_prob / (D * _LN2)
-    return LikelihoodResult(log_prob, bpd, latent, prior_lp, delta, info["nfe"], info["steps"],
-                            time.perf_counter() - start, t_lo, t_hi)
+    return LikelihoodResult(log_prob, bpd, latent, prior_lp, delta, nfe[0], n_steps,
+                            time.perf_counter() - start, t_lo, t_hi, failed)
 
 
 def _check_discrete(levels: int, data_range: Sequence[float]) -> Tuple[float, float]:

@@ -7,23 +7,46 @@ So example i gets the same noise whatever batch it is drawn in, on any device, w
 round trip, which is what makes samples batch-size invariant (EDM draws one generator per
 sample for the same reason; a hash does it in one vectorised call).
 
-The hash runs on int32 tensors with wrapping multiplication (what every PyTorch back end does for
-32-bit integers) and logical shifts written as an arithmetic shift plus a mask, so its 32-bit words are
-exactly those of the textbook unsigned mixer. A :class:`Noise` stream computes the draws of several
-upcoming steps in one call (a chunk of at most about 1 MiB of hash words) and hands them out one by
-one: per-call overheads then stop dominating small states. The values do not depend on the chunking.
+Word j of key k for an example with seed words (lo, hi) is
+
+    base = mix(mix(key_term(k) ^ lo) ^ hi),   word = mix(base ^ mix(j + 0x9E3779B9)),
+
+and draw d takes its uniforms from the words of keys 2d and 2d + 1. The mixer's first step,
+x ^ (x >>> 16), is linear over XOR, so it is applied to the base and to the element counter
+separately: a draw then costs one XOR and the mixer's four remaining steps per word, with the
+counter's terms computed once per event size and cached.
+
+Two implementations give the same bits:
+
+- on CUDA with Triton installed, one fused kernel per call computes the key terms, the hashes
+  and the Box-Muller transform with the CUDA math library's log, sin and cos (those PyTorch's
+  own CUDA kernels call) and correctly rounded square roots;
+- elsewhere, a sequence of in-place PyTorch operations. The hash runs on int32 tensors with
+  wrapping multiplication (what every PyTorch back end does for 32-bit integers) and logical
+  shifts written as an arithmetic shift plus a mask, so its 32-bit words are exactly those of
+  the textbook unsigned mixer.
+
+Neither reads a device value back on the host. A :class:`Noise` stream computes the draws of
+several upcoming steps in one call (a chunk of at most about 1 MiB of hash words) and hands them
+out one by one: per-call overheads then stop dominating small states. The values do not depend
+on the chunking.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+import warnings
+from typing import Dict, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 _MASK32 = 0xFFFFFFFF
 _INT32_MIN = -(1 << 31)
 Seed = Union[int, torch.Tensor, torch.Generator, None]
+
+use_triton = True
+"""Whether CUDA draws use the fused Triton kernel when Triton is installed (same values either way)."""
 
 
 def _signed32(c: int) -> int:
@@ -31,71 +54,356 @@ def _signed32(c: int) -> int:
     return c - (1 << 32) if c >= (1 << 31) else c
 
 
-_MUL1, _MUL2 = _signed32(0x7FEB352D), _signed32(0x846CA68B)
+_MUL1, _MUL2 = 0x7FEB352D, 0x846CA68B
+_COUNTER_OFFSET = 0x9E3779B9
+_KEY_SALT_LO, _KEY_SALT_HI = 0x632BE5AB, 0x27D4EB2F
+# Box-Muller scales: a uniform keeps the top 24 bits of its word in float32 and all 32 in float64
+_ANGLE_32 = 2.0 * math.pi * 2.0**-32
+_ANGLE_24 = float(torch.tensor(2.0 * math.pi * 2.0**-24, dtype=torch.float32))  # as float32 rounds it
+# u1 = (word + 1/2) 2^-bits is computed as offset + 2^-bits * w, with w the float word (float32) or the word
+# minus 2^31 (float64): the product is exact, so the one rounding of the sum is that of word + 1/2
+_U1_OFFSET = {torch.float32: 2.0**-25, torch.float64: 0.5 + 2.0**-33}
+_CONSTANTS: Dict[Tuple[Union[int, float], torch.dtype], torch.Tensor] = {}
+
+
+def _c(value: Union[int, float], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """value as a 0-d CPU tensor of dtype, made once: an operand that every back end reads as a scalar, without
+    the per-call conversion of a Python number (which dominates the cost of an operation on a small tensor)."""
+    constant = _CONSTANTS.get((value, dtype))
+    if constant is None:
+        constant = _CONSTANTS[(value, dtype)] = torch.tensor(value, dtype=dtype)
+    return constant
 
 
 def _mix32(x: int) -> int:
     """lowbias32: a bijective 32-bit integer hash with low avalanche bias (on Python ints)."""
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
+    x = (x * _MUL1) & _MASK32
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
+    x = (x * _MUL2) & _MASK32
     return x ^ (x >> 16)
 
 
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 in place on an int32 tensor holding 32-bit words (returns x).
+def _xorshift_(x: torch.Tensor, k: int, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x ^= x >>> k in place on int32 words (t: optional workspace of x's shape); returns x.
 
-    ``>>`` on int32 shifts in sign bits, so each logical shift x >>> k is (x >> k) & (2^(32-k) - 1).
+    ``>>`` on int32 shifts in sign bits, so the logical shift x >>> k is (x >> k) & (2^(32-k) - 1).
     """
-    t = torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF)
-    x.bitwise_xor_(t).mul_(_MUL1)
-    torch.bitwise_right_shift(x, 15, out=t).bitwise_and_(0x1FFFF)
-    x.bitwise_xor_(t).mul_(_MUL2)
-    torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF)
-    return x.bitwise_xor_(t)
+    t = torch.bitwise_right_shift(x, _c(k)) if t is None else torch.bitwise_right_shift(x, _c(k), out=t)
+    return x.bitwise_xor_(t.bitwise_and_(_c((1 << (32 - k)) - 1)))
 
 
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) -> the int32 tensor with the same 32 bits."""
-    return ((words ^ (1 << 31)) - (1 << 31)).to(torch.int32)
+def _mix32_rest_(x: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """lowbias32 after its first step x ^= x >>> 16, in place on int32 words (returns x)."""
+    _xorshift_(x.mul_(_c(_signed32(_MUL1))), 15, t).mul_(_c(_signed32(_MUL2)))
+    return _xorshift_(x, 16, t)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 in place on an int32 tensor holding 32-bit words (returns x)."""
+    t = torch.empty_like(x)
+    return _mix32_rest_(_xorshift_(x, 16, t), t)
 
 
 def _key_term(key: int) -> int:
     """A mixed 32-bit term for a non-negative Python int key of any size (computed on the host, no tensor ops)."""
-    h = _mix32((key & _MASK32) ^ 0x632BE5AB)
-    return _mix32(h ^ ((key >> 32) & _MASK32) ^ 0x27D4EB2F)
+    h = _mix32((key & _MASK32) ^ _KEY_SALT_LO)
+    return _mix32(h ^ ((key >> 32) & _MASK32) ^ _KEY_SALT_HI)
+
+
+def _folded_base(lo: int, hi: int, key: int) -> int:
+    """mix(mix(key term ^ lo) ^ hi) ^ its own >>> 16, for one seed held as Python ints."""
+    base = _mix32(_mix32(_key_term(key) ^ lo) ^ hi)
+    return base ^ (base >> 16)
 
 
 def _seed_words(seeds: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Low and high 32-bit words of non-negative int64 seeds (B,), as int32 tensors."""
-    return _to_int32(seeds & _MASK32), _to_int32((seeds >> 32) & _MASK32)
+    """Low and high 32-bit words of non-negative int64 seeds (B,), as int32 tensors.
 
-
-def _counter_hash(n: int, device) -> torch.Tensor:
-    """The mixed element counter (n,) int32: a function of the element index alone, shared by every draw."""
-    c = (torch.arange(n, dtype=torch.int64, device=device) + 0x9E3779B9) & _MASK32
-    return _mix32_(_to_int32(c))
-
-
-def _hash(lo: torch.Tensor, hi: torch.Tensor, keys, counter: torch.Tensor) -> torch.Tensor:
-    """32-bit hashes of (seed, key, counter): seed words lo, hi (B,), keys a list of K ints, the mixed counter
-    (N,) from :func:`_counter_hash` -> (K, B, N) int32.
-
-    A base per (seed, key) costs B*K hashes and the counter N; each element then costs one round of the
-    mixer on base ^ counter-hash. Two elements coincide only when base_i ^ base_k = c_j ^ c_l, with
-    probability 2^-32 per pair: the birthday rate of any 32-bit generator.
+    The int64 -> int32 conversion keeps the low 32 bits (a static_cast, modular on every PyTorch back end).
     """
-    k = torch.tensor([_signed32(_key_term(key)) for key in keys], dtype=torch.int32, device=lo.device)
-    base = _mix32_(_mix32_(k[:, None] ^ lo).bitwise_xor_(hi))
-    return _mix32_(base[:, :, None] ^ counter)
+    return seeds.to(torch.int32), torch.bitwise_right_shift(seeds, _c(32, torch.int64)).to(torch.int32)
+
+
+_ELEMENT_TERMS: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+_ELEMENT_TERMS_CACHED = 16  # event sizes kept per process
+_ELEMENT_TERMS_MAX = 1 << 22  # larger ones (16 MiB of words) are recomputed: their draw dwarfs it
+
+
+def _element_terms(half: int, device: torch.device) -> torch.Tensor:
+    """The counter's share of every element hash, (half,) int32: mix(j + 0x9E3779B9) ^ its own >>> 16.
+
+    A function of the element index alone, shared by every seed and key; cached per (size, device).
+    Callers only read it.
+    """
+    key = (half, device)
+    terms = _ELEMENT_TERMS.get(key)
+    if terms is None:
+        counter = torch.arange(half, dtype=torch.int64, device=device) + _COUNTER_OFFSET
+        terms = _xorshift_(_mix32_(counter.to(torch.int32)), 16)  # the conversion keeps the low 32 bits
+        if half <= _ELEMENT_TERMS_MAX:
+            for stale in list(_ELEMENT_TERMS)[:max(0, len(_ELEMENT_TERMS) + 1 - _ELEMENT_TERMS_CACHED)]:
+                _ELEMENT_TERMS.pop(stale, None)
+            _ELEMENT_TERMS[key] = terms
+    return terms
+
+
+def _key_bases(seeds: torch.Tensor, first_key: int, count: int,
+               words: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Folded bases mix(mix(key term ^ lo) ^ hi) ^ its own >>> 16 of keys first_key, ..., first_key + count - 1 for
+    int64 seeds (B,) with 32-bit words (lo, hi) (:func:`_seed_words`, computed if not given): (count, B) int32.
+
+    The key terms are Python ints. On the CPU the bases, a few operations on count x B words, are computed with
+    NumPy's unsigned 32-bit arithmetic, whose per-call cost is a fraction of PyTorch's; elsewhere the key terms
+    enter PyTorch operations as scalar operands, so there is no host-to-device copy.
+    """
+    key_terms = [_key_term(key) for key in range(first_key, first_key + count)]
+    if seeds.device.type == "cpu":
+        s = seeds.numpy().astype(np.int64, copy=False)
+        x = np.array(key_terms, dtype=np.uint32)[:, None] ^ s.astype(np.uint32)
+        _mix32_numpy_(x)
+        x ^= (s >> 32).astype(np.uint32)
+        _mix32_numpy_(x)
+        x ^= x >> 16
+        return torch.from_numpy(x.view(np.int32))
+    lo, hi = _seed_words(seeds) if words is None else words
+    bases = torch.empty((count, lo.shape[0]), dtype=torch.int32, device=lo.device)
+    for i, term in enumerate(key_terms):
+        torch.bitwise_xor(lo, _signed32(term), out=bases[i])
+    t = torch.empty_like(bases)
+    _mix32_rest_(_xorshift_(bases, 16, t), t).bitwise_xor_(hi)
+    return _xorshift_(_mix32_rest_(_xorshift_(bases, 16, t), t), 16, t)
+
+
+def _mix32_numpy_(x: np.ndarray) -> np.ndarray:
+    """lowbias32 in place on a uint32 NumPy array (its shifts are logical and its products wrap)."""
+    x ^= x >> 16
+    x *= np.uint32(_MUL1)
+    x ^= x >> 15
+    x *= np.uint32(_MUL2)
+    x ^= x >> 16
+    return x
+
+
+def _workspace(draws: int, batch: int, half: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Scratch memory for :func:`_draw`: (2, K, 2, B, H), int32 for float32 draws and float64 for float64 draws."""
+    scratch = torch.float64 if dtype == torch.float64 else torch.int32
+    return torch.empty((2, draws, 2, batch, half), dtype=scratch, device=device)
+
+
+def _draw(bases: torch.Tensor, terms: torch.Tensor, n: int, dtype: torch.dtype,
+          workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Standard normals (K, B, n) from the folded bases (K, 2, B) of each draw's two keys and the element terms
+    (H,), H = ceil(n / 2).
+
+    Element j < H is r cos(theta) and element H + j is r sin(theta), with r = sqrt(-2 log u1) and theta = 2 pi u2
+    from words j of the draw's two keys: u1 = (word + 1/2) 2^-bits in (0, 1), u2 = word 2^-bits in [0, 1),
+    24 bits per uniform in float32, 32 in float64 (Box and Muller 1958). Every intermediate lives in
+    ``workspace`` (from :func:`_workspace`; allocated if None), so a draw allocates only its output.
+    """
+    k, _, batch = bases.shape
+    half = terms.shape[0]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    if workspace is None:
+        workspace = _workspace(k, batch, half, dtype, bases.device)
+    # float32: words and spare are the two int32 halves, and the float words go to the spare once it is spent;
+    # float64: both int32 arrays fit in the first float64 half and the float words fill the second. Either way
+    # u1 and cos(theta) then take the first half, whose words are spent.
+    ints = workspace if work == torch.float32 else workspace[0].view(torch.int32).view(2, k, 2, batch, half)
+    words, spare = ints[0], ints[1]
+    _mix32_rest_(torch.bitwise_xor(bases.unsqueeze(-1), terms, out=words), spare)
+    if work == torch.float64:
+        v = workspace[1].copy_(words.bitwise_xor_(_c(_INT32_MIN)))  # the unsigned words minus 2^31, exactly
+        scratch = workspace[0]
+        u1, theta = torch.mul(v[:, 0], _c(2.0**-32, work), out=scratch[:, 0]).add_(_c(_U1_OFFSET[work], work)), v[:, 1]
+        theta.add_(_c(2.0**31, work)).mul_(_c(_ANGLE_32, work))
+    else:  # the words' top 24 bits
+        v = spare.view(work).copy_(words.bitwise_right_shift_(_c(8)).bitwise_and_(_c(0xFFFFFF)))
+        scratch = words.view(work)
+        u1, theta = torch.mul(v[:, 0], _c(2.0**-24, work), out=scratch[:, 0]).add_(_c(_U1_OFFSET[work], work)), v[:, 1]
+        theta.mul_(_c(_ANGLE_24, work))
+    r = u1.log_().mul_(_c(-2.0, work)).sqrt_()
+    z = torch.empty((k, batch, n), dtype=work, device=bases.device)
+    torch.mul(torch.cos(theta, out=scratch[:, 1]), r, out=z[..., :half])
+    sin = theta.sin_()
+    if n < 2 * half:  # odd n: the last sine is not used
+        sin, r = sin[..., :n - half], r[..., :n - half]
+    torch.mul(sin, r, out=z[..., half:])
+    return z if dtype == work else z.to(dtype)
+
+
+def _fused_draw(device: torch.device, dtype: torch.dtype):
+    """The fused kernel for draws in dtype on device, or None where the PyTorch operations run."""
+    if device.type == "cuda" and use_triton and dtype in (torch.float32, torch.float64):
+        return _triton_kernel()
+    return None
+
+
+def _normals(seeds: torch.Tensor, key: int, draws: int, n: int, dtype: torch.dtype,
+             words: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, terms: Optional[torch.Tensor] = None,
+             bases: Optional[torch.Tensor] = None, workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Draws key, ..., key + draws - 1 of n standard normals per example of int64 seeds (B,): (draws, B, n).
+
+    A caller may pass what it holds: the seeds' ``words`` (:func:`_seed_words`), ``terms``, the element terms of
+    :func:`_element_terms` for ceil(n / 2) elements, ``bases``, the folded bases of keys 2 key, ...,
+    2 (key + draws) - 1 (:func:`_key_bases`), and a ``workspace`` for :func:`_draw`.
+    """
+    fused = _fused_draw(seeds.device, dtype)
+    if fused is not None and seeds.numel() and n:
+        z = fused(*(_seed_words(seeds) if words is None else words), key, draws, n, dtype)
+        if z is not None:
+            return z
+    if terms is None:
+        terms = _element_terms((n + 1) // 2, seeds.device)
+    if bases is None:
+        bases = _key_bases(seeds, 2 * key, 2 * draws, words)
+    return _draw(bases.view(draws, 2, seeds.shape[0]), terms, n, dtype, workspace)
+
+
+_TRITON: Dict[str, object] = {}
+
+
+def _triton_kernel():
+    """The fused CUDA draw (a callable with :func:`_normals`' arguments that returns None if the kernel cannot be
+    compiled for the device), or None without Triton."""
+    if "draw" not in _TRITON:
+        _TRITON["draw"] = None
+        if torch.version.hip is None:  # the kernel calls NVIDIA's libdevice
+            try:
+                _TRITON["draw"] = _build_triton_draw()
+            except ImportError:
+                pass
+    return _TRITON["draw"]
+
+
+def _build_triton_draw():
+    """Compile-on-first-call Triton kernel for :func:`_normals` on CUDA; its helpers become module globals,
+    where Triton looks names up."""
+    import triton
+    import triton.language
+    import triton.language.extra.libdevice
+
+    global tl, libdevice, _triton_lowbias32, _triton_base
+    tl, libdevice = triton.language, triton.language.extra.libdevice
+
+    @triton.jit
+    def lowbias32(x):  # on uint32 words: >> is the logical shift and products wrap
+        x ^= x >> 16
+        x *= 0x7FEB352D
+        x ^= x >> 15
+        x *= 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def base(key, lo, hi):  # key: uint64 (its low 64 bits are those of the Python int)
+        term = _triton_lowbias32(_triton_lowbias32((key & 0xFFFFFFFF).to(tl.uint32) ^ 0x632BE5AB)
+                                 ^ (key >> 32).to(tl.uint32) ^ 0x27D4EB2F)
+        return _triton_lowbias32(_triton_lowbias32(term ^ lo) ^ hi)
+
+    _triton_lowbias32, _triton_base = lowbias32, base
+
+    @triton.jit(do_not_specialize=["key_lo", "key_hi", "batch", "half", "n", "pairs"])
+    def normal_kernel(out_ptr, lo_ptr, hi_ptr, key_lo, key_hi, batch, half, n, pairs,
+                      BLOCK: tl.constexpr, FLOAT64: tl.constexpr, ANGLE: tl.constexpr):
+        # one program handles BLOCK (draw, example, j) pairs: outputs j (cosine) and half + j (sine)
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < pairs
+        j = idx % half
+        row = idx // half  # draw * batch + example
+        example = row % batch
+        lo = tl.load(lo_ptr + example, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(hi_ptr + example, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        first = ((key_hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+                 | key_lo.to(tl.uint32, bitcast=True).to(tl.uint64))
+        key = first + 2 * (row // batch).to(tl.uint64)
+        counter = _triton_lowbias32(j.to(tl.uint32) + 0x9E3779B9)
+        w1 = _triton_lowbias32(_triton_base(key, lo, hi) ^ counter)
+        w2 = _triton_lowbias32(_triton_base(key + 1, lo, hi) ^ counter)
+        if FLOAT64:
+            u1 = (w1.to(tl.float64) + 0.5) * tl.full([BLOCK], 2.0**-32, tl.float64)
+            theta = w2.to(tl.float64) * tl.full([BLOCK], ANGLE, tl.float64)
+        else:
+            u1 = ((w1 >> 8).to(tl.float32) + 0.5) * tl.full([BLOCK], 2.0**-24, tl.float32)
+            theta = (w2 >> 8).to(tl.float32) * tl.full([BLOCK], ANGLE, tl.float32)
+        r = libdevice.sqrt_rn(-2.0 * libdevice.log(u1))
+        out = out_ptr + row * n + j
+        tl.store(out, libdevice.cos(theta) * r, mask=mask)
+        tl.store(out + half, libdevice.sin(theta) * r, mask=mask & (half + j < n))
+
+    block = 1024
+    try:  # no fused multiply-adds and libdevice without flush-to-zero: PyTorch's nvcc-built kernels round so
+        from triton.backends.nvidia.compiler import CUDAOptions
+        fields = CUDAOptions.__dataclass_fields__
+    except ImportError:
+        fields = {}
+    compile_options = {name: False for name in ("enable_fp_fusion", "enable_reflect_ftz") if name in fields}
+
+    compiled = set()  # (device, dtype) the kernel was compiled for
+
+    def draw(lo, hi, key, draws, n, dtype):
+        if (lo.device, dtype) not in compiled:
+            try:
+                same = _fused_matches_reference(launch, lo.device, dtype)
+            except Exception as error:  # the compiler's errors have no common type; Triton may not support the GPU
+                same, why = False, f"the Triton kernel failed ({error})"
+            else:
+                why = "the Triton kernel's values differ from the reference implementation's"
+            if not same:
+                warnings.warn(f"sdegen.noise: on {lo.device}, {why}; the PyTorch implementation draws the "
+                              "values instead.", RuntimeWarning)
+                _TRITON["draw"] = None
+                return None
+            compiled.add((lo.device, dtype))
+        return launch(lo, hi, key, draws, n, dtype)
+
+    def launch(lo, hi, key, draws, n, dtype):
+        batch, half = lo.shape[0], (n + 1) // 2
+        pairs = draws * batch * half
+        z = torch.empty((draws, batch, n), dtype=dtype, device=lo.device)
+        first = (2 * key) & ((1 << 64) - 1)
+        args = (z, lo, hi, _signed32(first & _MASK32), _signed32(first >> 32), batch, half, n, pairs)
+        grid = (triton.cdiv(pairs, block),)
+        f64 = dtype == torch.float64
+        options = dict(BLOCK=block, FLOAT64=f64, ANGLE=_ANGLE_32 if f64 else _ANGLE_24)
+        if lo.is_cuda:
+            options.update(compile_options)
+        if lo.is_cuda and lo.device.index != torch.cuda.current_device():  # Triton launches on the current one
+            with torch.cuda.device(lo.device):
+                normal_kernel[grid](*args, **options)
+        else:
+            normal_kernel[grid](*args, **options)
+        return z
+
+    return draw
+
+
+def _fused_matches_reference(launch, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a fused draw gives the PyTorch implementation's bits on a probe (odd and even sizes, a key past 2^32,
+    seeds past 2^32), checked once per device and dtype before the fused kernel is used. The one host read of the
+    comparison is allowed even under ``torch.cuda.set_sync_debug_mode("error")``."""
+    seeds = make_seeds(2024, 37, device)
+    words = _seed_words(seeds)
+    for key, draws, n in ((3, 2, 1), (5, 1, 2), (2**33 + 7, 3, 37), (11, 1, 1000)):
+        fused = launch(*words, key, draws, n, dtype)
+        reference = _draw(_key_bases(seeds, 2 * key, 2 * draws, words).view(draws, 2, 37),
+                          _element_terms((n + 1) // 2, device), n, dtype)
+        mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+        try:
+            if mode:
+                torch.cuda.set_sync_debug_mode(0)
+            if not torch.equal(fused, reference):
+                return False
+        finally:
+            if mode:
+                torch.cuda.set_sync_debug_mode(mode)
+    return True
 
 
 def make_seeds(seed: Seed, batch: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Per-example int64 seeds, shape (batch,).
 
     - int: example i gets a seed that depends only on (seed, i), so a sub-batch of a larger run
-      reproduces the same examples;
+      reproduces the same examples (computed on ``device`` without a host-to-device copy);
     - tensor of shape (batch,): used as given, one seed per example;
     - torch.Generator: ``batch`` seeds drawn from it;
     - None: drawn from torch's global generator (reproducible under ``torch.manual_seed``).
@@ -109,41 +417,20 @@ def make_seeds(seed: Seed, batch: int, device: Optional[torch.device] = None) ->
         return torch.randint(0, 2**62, (batch,), generator=seed, dtype=torch.int64).to(device)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, a (B,) integer tensor, a torch.Generator or None; got {type(seed).__name__}.")
-    base = torch.tensor([seed & 0x7FFFFFFFFFFFFFFF], dtype=torch.int64, device=device)
-    lo, hi = (_hash(*_seed_words(base), [1, 2], _counter_hash(batch, device))[:, 0].to(torch.int64) & _MASK32)
+    seed &= 0x7FFFFFFFFFFFFFFF
+    terms = _element_terms(batch, torch.empty(0, device=device).device)  # example i is element i of keys 1, 2
+    words = torch.empty((2, batch), dtype=torch.int32, device=terms.device)
+    for i, key in enumerate((1, 2)):
+        torch.bitwise_xor(terms, _signed32(_folded_base(seed & _MASK32, seed >> 32, key)), out=words[i])
+    lo, hi = _mix32_rest_(words).to(torch.int64) & _MASK32
     return ((hi & 0x7FFFFFFF) << 32) | lo
-
-
-def _normals(lo: torch.Tensor, hi: torch.Tensor, key: int, draws: int, n: int, dtype: torch.dtype,
-             counter: torch.Tensor) -> torch.Tensor:
-    """Draws key, ..., key + draws - 1 of n standard normals per example: (draws, B, n).
-
-    Box-Muller on the words of keys 2 key' and 2 key' + 1 for draw key': 24 bits per uniform in float32,
-    32 in float64 (log's argument stays in (0, 1], so the radius is finite).
-    """
-    half, batch = counter.shape[0], lo.shape[0]
-    keys = [2 * k + b for k in range(key, key + draws) for b in (0, 1)]
-    h = _hash(lo, hi, keys, counter).view(draws, 2, batch, half)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    if work == torch.float64:  # the unsigned words, exactly
-        bits, v = 32, (h ^ _INT32_MIN).to(work).add_(2.0**31)
-    else:  # their top 24 bits
-        bits, v = 24, torch.bitwise_right_shift(h, 8).bitwise_and_(0xFFFFFF).to(work)
-    del h
-    r = torch.log(v[:, 0].add_(0.5).mul_(2.0**-bits)).mul_(-2.0).sqrt_()  # u1 = (word + 1/2) 2^-bits in (0, 1)
-    theta = v[:, 1].mul_(2.0 * math.pi * 2.0**-bits)  # 2 pi u2, u2 = word 2^-bits in [0, 1)
-    # contiguous products, one concatenation (products written into strided halves are several times slower)
-    z = torch.cat([torch.cos(theta).mul_(r), theta.sin_().mul_(r)], dim=2)[..., :n]
-    return z if dtype == work else z.to(dtype)
 
 
 def normal_from_seeds(seeds: torch.Tensor, key: int, event_shape: Sequence[int],
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise of shape (B, *event_shape): a pure function of (seeds[i], key, element index)."""
     n = math.prod(event_shape)
-    lo, hi = _seed_words(seeds)
-    z = _normals(lo, hi, key, 1, n, dtype, _counter_hash((n + 1) // 2, seeds.device))[0]
-    return z.reshape((seeds.shape[0],) + tuple(event_shape))
+    return _normals(seeds, key, 1, n, dtype).view((seeds.shape[0],) + tuple(event_shape))
 
 
 class Noise:
@@ -155,18 +442,24 @@ class Noise:
 
     Draw k of the stream is ``normal_from_seeds(seeds, k, ...)``. After the first draw, the stream computes
     up to ``max_chunk`` draws at once (at most ``chunk_bytes`` of hash words) and returns them one per call,
-    each a fresh, never re-used slice.
+    each a fresh, never re-used slice; the per-key part of the hash is computed for up to ``base_keys`` keys
+    ahead, and on the CPU the draw keeps its scratch memory (up to ``workspace_limit`` bytes) between calls, so a
+    call allocates only the noise it returns. No call reads a device value on the host.
     """
 
     batch_invariant = True
     max_chunk = 16
     chunk_bytes = 1 << 20
+    base_keys = 64
+    workspace_limit = 1 << 26
 
     def __init__(self, seeds: torch.Tensor, key: int = 0):
         self.seeds = seeds
         self.key = key
-        self._words = None  # (device, lo, hi) of the seeds on the state's device
-        self._counter = None  # the mixed element counter, reused by every draw of one event size
+        self._seeds = None  # (seeds, their 32-bit words) on the state's device
+        self._terms = None  # the element terms of the current event size
+        self._bases = None  # (first key, folded bases (R, B)) of the keys ahead, on the state's device
+        self._workspace = None  # scratch memory of the PyTorch draw
         self._chunk = None  # (shape, dtype, first key, draws (K, B, n)); keys below _next were handed out
         self._next = 0
 
@@ -181,25 +474,58 @@ class Noise:
         chunk = self._chunk
         if (chunk is None or chunk[0] != x.shape or chunk[1] != x.dtype or chunk[3].device != x.device
                 or not self._next <= self.key < chunk[2] + chunk[3].shape[0]):
-            chunk = self._chunk = self._fill(x, draws=1 if chunk is None else self._chunk_draws(x))
+            draws = 1 if chunk is None else self._chunk_draws(x)
+            chunk = self._chunk = None  # let the spent chunk go before the next one is allocated
+            chunk = self._chunk = self._fill(x, draws)
         z = chunk[3][self.key - chunk[2]]
         self.key += 1
         self._next = self.key
-        return z.reshape(x.shape)
+        return z.view(x.shape)
 
     def _chunk_draws(self, x: torch.Tensor) -> int:
         return max(1, min(self.max_chunk, self.chunk_bytes // max(4 * x.numel(), 1)))
 
     def _fill(self, x: torch.Tensor, draws: int):
-        if self._words is None or self._words[0] != x.device:
-            self._words = (x.device,) + _seed_words(self.seeds.to(x.device))
+        if self._seeds is None or self._seeds[0].device != x.device:
+            seeds = self.seeds.to(x.device)
+            self._seeds, self._bases = (seeds, _seed_words(seeds)), None
+        seeds, words = self._seeds
         n = math.prod(x.shape[1:])
-        half = (n + 1) // 2
-        if self._counter is None or self._counter.shape[0] != half or self._counter.device != x.device:
-            self._counter = _counter_hash(half, x.device)
-        _, lo, hi = self._words
         self._next = self.key
-        return x.shape, x.dtype, self.key, _normals(lo, hi, self.key, draws, n, x.dtype, self._counter)
+        if _fused_draw(x.device, x.dtype) is not None:
+            return x.shape, x.dtype, self.key, _normals(seeds, self.key, draws, n, x.dtype, words)
+        half = (n + 1) // 2
+        if self._terms is None or self._terms.shape[0] != half or self._terms.device != x.device:
+            self._terms = _element_terms(half, x.device)
+        bases = self._key_bases(2 * self.key, 2 * draws)
+        z = _normals(seeds, self.key, draws, n, x.dtype, words, self._terms, bases, self._scratch(draws, half, x))
+        return x.shape, x.dtype, self.key, z
+
+    def _scratch(self, draws: int, half: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The stream's workspace for :func:`_draw` on the CPU (kept up to ``workspace_limit`` bytes, else None).
+
+        On the CPU a fresh workspace would come from the system allocator, page faults and all; elsewhere the
+        caching allocators hand memory back cheaply, and a workspace kept across calls could be shared by two
+        device streams.
+        """
+        if x.device.type != "cpu":
+            return None
+        held = self._workspace
+        if held is None or held.shape != (2, draws, 2, x.shape[0], half) or held.device != x.device or (
+                (held.dtype == torch.float64) != (x.dtype == torch.float64)):
+            held = self._workspace = None  # let the last one go first
+            if 2 * draws * 2 * x.shape[0] * half * (8 if x.dtype == torch.float64 else 4) <= self.workspace_limit:
+                held = self._workspace = _workspace(draws, x.shape[0], half, x.dtype, x.device)
+        return held
+
+    def _key_bases(self, first: int, count: int) -> torch.Tensor:
+        """Folded bases (count, B) of keys first, ..., first + count - 1, from the block of keys ahead."""
+        held = self._bases
+        if held is None or not held[0] <= first <= first + count <= held[0] + held[1].shape[0]:
+            seeds, words = self._seeds
+            ahead = max(count, min(self.base_keys, self.chunk_bytes // (4 * max(seeds.shape[0], 1))))
+            held = self._bases = (first, _key_bases(seeds, first, ahead, words))
+        return held[1][first - held[0]:first - held[0] + count]
 
     def spawn(self, salt: int) -> "Noise":
         """An independent stream with the same per-example seeds (used for a Brownian motion, say)."""

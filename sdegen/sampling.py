@@ -8,11 +8,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ._util import check_finite_tensor
+from ._validate import (check_choice, check_flag, check_int, check_number, check_shape, check_state_dtype,
+                        check_tensor)
 from .models import as_model
 from .noise import NOISE_KINDS, Seed, make_seeds, normal_from_seeds
 from .samplers import SAMPLERS, Context, Solver, StepSampler, get_sampler
-from .schedules import time_grid
+from .schedules import check_grid, resolve_grid, time_grid
 from .sde import SDE
 
 
@@ -27,6 +28,8 @@ class SampleInfo:
     times: the float64 grid of output times (the fixed-step grid, or [T, t_min] for a back end).
     trajectory: states at ``times`` when ``return_trajectory=True``, shape (len(times), B, ...), else None.
     sampler: the sampler object used.
+    extra: method-specific results; ``extra["failed"]``: indices of the examples an adaptive solve set aside
+        under ``on_failure="mask"`` (their rows of the samples are NaN).
     """
 
     nfe: int
@@ -37,6 +40,7 @@ class SampleInfo:
     sampler: Any = None
     extra: dict = field(default_factory=dict)
     classifier_nfe: int = 0  # classifier-gradient evaluations (classifier guidance), not counted in nfe
+    pilot_nfe: int = 0  # model calls (each on the pilot batch) of schedule="pilot"'s pilot run, not counted in nfe
 
 
 class _CountedScore:
@@ -53,7 +57,7 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
            schedule: Union[str, torch.Tensor, None] = None, seed: Seed = None, noise: str = "per_example",
            denoise: bool = False,
            progress: bool = False, return_trajectory: bool = False, return_info: bool = False,
-           dtype: torch.dtype = torch.float32, device=None, **options):
+           dtype: Optional[torch.dtype] = None, device=None, **options):
     """Draw samples x_0 ~ p_0 by running the reverse process of ``sde`` with ``score`` from x_T to t_min.
 
     Args:
@@ -65,66 +69,86 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         method: a name from :data:`sdegen.samplers.SAMPLERS` ("euler_maruyama", "reverse_diffusion", "ancestral",
             "pc", "annealed_langevin", "euler", ...), "ode" (torchdiffeq) or "sde" (torchsde), or a sampler object.
         steps: number of steps (fixed-step samplers and fixed-grid back-end methods); the sampler's default if None.
-        t_min: end time (default ``sde.t_min``).
-        schedule: time grid for fixed-step samplers: "uniform", "log_snr", "edm", "quadratic" or explicit times.
+            Adaptive methods choose their own steps and raise ValueError when given one; an explicit schedule
+            fixes the steps (len(schedule) - 1).
+        t_min: end time (default ``sde.t_min``), in (0, T); an explicit schedule ends at its own last time.
+        schedule: time grid for fixed-step samplers: "uniform", "log_snr", "edm", "quadratic", "few_step",
+            "pilot" (laid out by a pilot run of the adaptive solver on 64 draws, see
+            :func:`sdegen.schedules.pilot_grid`; its calls are ``SampleInfo.pilot_nfe``) or explicit times.
         seed: int, one int per example as a (B,) tensor, or a torch.Generator. Example i's x_T and noise depend
             only on its own seed, so a sample does not depend on the batch it is drawn in. None: seeds are drawn
             from torch's global generator where a draw is needed (x_T from the prior, a stochastic sampler's
-            noise); a deterministic sampler started from a given x_T draws nothing.
+            noise), once per call, B of them, before the first step; a deterministic sampler started from a given
+            x_T draws nothing and leaves the global generator's state unchanged.
         noise: "per_example" (default: counter-based streams, batch-size invariant) or "generator" (one
             torch.Generator on x's device: faster for cheap scores, reproducible for a fixed seed and batch only).
         denoise: finish with Tweedie's step x_0 = (x + s^2 score) / m at t_min (one more NFE).
-        progress: show a tqdm progress bar (off by default).
+        progress: show a tqdm progress bar (off by default): steps for fixed-step samplers, the time reached
+            (from T down to t_min) for adaptive and back-end methods.
         return_trajectory: keep the state at every grid time (memory grows with steps only then).
         return_info: also return a :class:`SampleInfo`.
+        dtype, device: of the state drawn from the prior when x_T is None (dtype float32 or float64, default
+            float32; float16/bfloat16 states raise TypeError: run a low-precision network under a float32 state
+            instead). With x_T given the samples keep x_T's dtype, and a different ``dtype`` raises ValueError.
+            A ScoreModel (or a plain score function) casts the network's output to the state's dtype.
         **options: passed to the sampler's constructor (e.g. ``snr``, ``corrector_steps``, ``predictor`` for
-            "pc"; ``solver``, ``rtol``, ``atol`` for "ode"/"sde").
+            "pc"; ``solver``, ``rtol``, ``atol`` for "ode"/"sde"); a keyword the sampler does not take raises
+            TypeError naming it.
 
     Returns:
         samples with x_T's shape, dtype and device; or (samples, SampleInfo) with ``return_info=True``.
     Wrap the call in ``torch.no_grad()`` unless gradients through sampling are wanted.
     """
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
-    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-        raise ValueError(f"steps must be an int >= 1 or None; got {steps!r}.")
-    for name, flag in (("denoise", denoise), ("progress", progress), ("return_trajectory", return_trajectory),
-                       ("return_info", return_info)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False; got {flag!r}.")
+    _check_args(sde, steps, t_min, schedule, noise, dtype, denoise=denoise, progress=progress,
+                return_trajectory=return_trajectory, return_info=return_info)
     sampler = get_sampler(method, **options)
-    if not isinstance(noise, str) or noise not in NOISE_KINDS:
-        raise ValueError(f"noise must be one of {sorted(NOISE_KINDS)}; got {noise!r}.")
     model = as_model(score, sde)
     x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds=bool(sampler.stochastic))
     ctx = Context(sde, model, None if seeds is None else NOISE_KINDS[noise](seeds, key=1))  # draw 0 made x_T
     start = time.perf_counter()
     if isinstance(sampler, StepSampler):
         n = steps or sampler.default_steps
-        ts = time_grid(sde, n, schedule if schedule is not None else sampler.default_schedule, t_min=t_min)
+        ts, pilot_nfe = resolve_grid(sde, n, schedule if schedule is not None else sampler.default_schedule,
+                                     t_min=t_min, model=model, x=x, order=sampler.order)
         x, traj, n_steps = _run_steps(sampler, ctx, x, ts, progress, return_trajectory)
     else:
         if schedule is not None and not isinstance(schedule, torch.Tensor):
-            raise ValueError(f"schedule applies to fixed-step samplers; for {type(sampler).__name__} pass output "
-                             "times as a tensor.")
-        ts = schedule if isinstance(schedule, torch.Tensor) else time_grid(sde, 1, "uniform", t_min=t_min)
-        traj, x, n_steps = sampler.solve(ctx, x, ts.to(torch.float64), steps)
+            raise ValueError(f"schedule: a named schedule applies to fixed-step samplers; for "
+                             f"{type(sampler).__name__} pass the output times as a tensor; got {schedule!r}.")
+        ts = check_grid(sde, schedule, "schedule") if isinstance(schedule, torch.Tensor) else \
+            time_grid(sde, 1, "uniform", t_min=t_min)
+        with _time_progress(ctx, sampler, ts, progress):
+            traj, x, n_steps = sampler.solve(ctx, x, ts, steps)
         traj = traj if return_trajectory else None
     if denoise:
         x = ctx.denoise(x, ts[-1])
+    ctx.check_first_output()
     info = SampleInfo(nfe=ctx.nfe, steps=n_steps, wall_time=time.perf_counter() - start, times=ts,
-                      trajectory=traj, sampler=sampler, classifier_nfe=ctx.classifier_nfe)
+                      trajectory=traj, sampler=sampler, classifier_nfe=ctx.classifier_nfe,
+                      pilot_nfe=pilot_nfe if isinstance(sampler, StepSampler) else 0)
+    if getattr(sampler, "on_failure", None) == "mask":  # examples an adaptive solve set aside
+        info.extra["failed"] = list(sampler.failed)
     return (x, info) if return_info else x
 
 
-STATE_DTYPES = (torch.float32, torch.float64)
-
-
-def _check_state_dtype(dtype: torch.dtype, name: str) -> None:
-    if dtype not in STATE_DTYPES:
-        hint = (" A network in low precision runs under a float32 state: ScoreModel casts its inputs to the "
-                "network's parameter dtype and its outputs back." if dtype in (torch.float16, torch.bfloat16) else "")
-        raise TypeError(f"{name} must be float32 or float64 (the solver state's precision); got {dtype}.{hint}")
+def _check_args(sde, steps, t_min, schedule, noise, dtype, **flags) -> None:
+    """The arguments of :func:`sample` that do not depend on the sampler, checked before any work."""
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE (e.g. sdegen.VPSDE()); got {type(sde).__name__}.")
+    check_int(steps, "steps", lo=1, none_ok=True)
+    check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True, hi_open=True, none_ok=True)
+    for name, flag in flags.items():
+        check_flag(flag, name)
+    check_choice(noise, "noise", sorted(NOISE_KINDS))
+    if dtype is not None:
+        check_state_dtype(dtype, "dtype")
+    if isinstance(schedule, torch.Tensor):
+        if t_min is not None:
+            raise ValueError("t_min: an explicit schedule (a tensor of times) ends at its last time; leave t_min "
+                             f"unset or end the schedule there; got t_min={t_min!r}.")
+        if steps is not None and steps != schedule.numel() - 1:
+            raise ValueError(f"steps: an explicit schedule of {schedule.numel()} times takes {schedule.numel() - 1} "
+                             f"steps; leave steps unset; got steps={steps!r}.")
 
 
 def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
@@ -132,19 +156,15 @@ def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
     deterministic run from a given x_T leaves torch's global generator untouched."""
     if x_T is None:
         if shape is None:
-            raise ValueError("give either x_T or shape=(B, ...) to draw x_T from the prior.")
-        shape = tuple(shape)
-        if len(shape) < 1 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape):
-            raise ValueError(f"shape must be (B, ...) of positive ints; got {shape}.")
-        _check_state_dtype(dtype, "dtype")
+            raise ValueError("shape: give either x_T or shape=(B, ...) to draw x_T from the prior.")
+        shape = check_shape(shape, "shape")
+        dtype = torch.float32 if dtype is None else dtype
         seeds = make_seeds(seed, shape[0], device)
         return sde.prior_std * normal_from_seeds(seeds, 0, shape[1:], dtype), seeds
-    check_finite_tensor(x_T, "x_T")
-    _check_state_dtype(x_T.dtype, "x_T's dtype")
-    if x_T.ndim < 1 or x_T.shape[0] < 1:
-        raise ValueError(f"x_T must have shape (B, ...) with B >= 1; got {tuple(x_T.shape)}.")
-    if x_T.device.type == "cpu" and not bool(torch.isfinite(x_T).all()):
-        raise ValueError("x_T contains +-inf; the starting state must be finite.")
+    check_tensor(x_T, "x_T", batch=True)
+    if dtype is not None and dtype != x_T.dtype:
+        raise ValueError(f"dtype: x_T is {x_T.dtype} and the samples keep x_T's dtype; leave dtype unset or pass "
+                         f"x_T.to({dtype}); got dtype={dtype}.")
     if shape is not None and tuple(shape) != tuple(x_T.shape):
         raise ValueError(f"shape {tuple(shape)} disagrees with x_T's shape {tuple(x_T.shape)}; give one of them.")
     if not needs_seeds and seed is None:
@@ -172,3 +192,48 @@ def _run_steps(sampler: StepSampler, ctx: Context, x: torch.Tensor, ts: torch.Te
     if bar is not None:
         bar.close()
     return x, (torch.stack(traj) if traj is not None else None), n
+
+
+class _time_progress:
+    """A tqdm bar over the time span of a whole-span solver (adaptive, torchdiffeq, torchsde): it advances to
+    the earliest time (from T down to t_min) at which the solver has evaluated the model, so it moves with the
+    solve whatever the solver's steps. Shown only with ``progress=True``; reading the time of a (B,) tensor then
+    costs one host read per model call."""
+
+    def __init__(self, ctx: Context, sampler, ts: torch.Tensor, progress: bool):
+        self.ctx, self.progress = ctx, progress
+        self.t0, self.t1, self.name = float(ts[0]), float(ts[-1]), type(sampler).__name__
+
+    def __enter__(self):
+        if not self.progress:
+            return self
+        from tqdm.auto import tqdm
+
+        span = abs(self.t0 - self.t1)
+        self.bar = tqdm(total=span, desc=f"{self.name} t", unit="", bar_format="{l_bar}{bar}| t={postfix}")
+        self.bar.set_postfix_str(f"{self.t0:.4g}", refresh=False)
+        self.done = 0.0
+        score, denoise = self.ctx.score, self.ctx.denoise
+
+        def watch(fn):
+            def call(x, t):
+                self._advance(t)
+                return fn(x, t)
+            return call
+
+        self.ctx.score, self.ctx.denoise = watch(score), watch(denoise)  # instance attributes shadow the methods
+        return self
+
+    def _advance(self, t: torch.Tensor) -> None:
+        t = float(t if t.ndim == 0 else t.reshape(-1)[0])
+        done = min(abs(self.t0 - t), abs(self.t0 - self.t1))
+        if done > self.done:
+            self.bar.set_postfix_str(f"{t:.4g}", refresh=False)
+            self.bar.update(done - self.done)
+            self.done = done
+
+    def __exit__(self, *exc):
+        if self.progress:
+            del self.ctx.score, self.ctx.denoise
+            self.bar.close()
+        return False

@@ -87,3 +87,167 @@ def test_stream_draws_are_normal_from_seeds_whatever_the_chunking(dt):
     # another shape starts a new chunk
     torch.testing.assert_close(stream.like(torch.zeros(300, 7, dtype=dt)),
                                normal_from_seeds(seeds, 5 + len(draws) + 1, (7,), dt), rtol=0, atol=0)
+
+
+# The reference: the streams' definition written one PyTorch operation after another (the implementation whose
+# values seeds have produced so far), kept here so that any faster implementation is held to the same bits:
+# example i's noise is part of what a seed promises.
+def _reference_mix(x):
+    """lowbias32 in place on int32 words, logical shifts as arithmetic shifts plus masks."""
+    t = torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF)
+    x.bitwise_xor_(t).mul_(0x7FEB352D)
+    torch.bitwise_right_shift(x, 15, out=t).bitwise_and_(0x1FFFF)
+    x.bitwise_xor_(t).mul_(0x846CA68B - 2**32)
+    torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF)
+    return x.bitwise_xor_(t)
+
+
+def _reference_int32(words):
+    return ((words ^ (1 << 31)) - (1 << 31)).to(torch.int32)
+
+
+def _reference_key_term(key):
+    def mix(x):
+        x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+        x = ((x ^ (x >> 15)) * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    h = mix(mix((key & 0xFFFFFFFF) ^ 0x632BE5AB) ^ ((key >> 32) & 0xFFFFFFFF) ^ 0x27D4EB2F)
+    return h - 2**32 if h >= 2**31 else h
+
+
+def _reference_hash(seeds, keys, n):
+    """Words (K, B, n) of keys for int64 seeds (B,) and elements 0..n-1."""
+    lo, hi = _reference_int32(seeds & 0xFFFFFFFF), _reference_int32((seeds >> 32) & 0xFFFFFFFF)
+    counter = _reference_mix(_reference_int32((torch.arange(n, device=seeds.device) + 0x9E3779B9) & 0xFFFFFFFF))
+    k = torch.tensor([_reference_key_term(key) for key in keys], dtype=torch.int32, device=seeds.device)
+    base = _reference_mix(_reference_mix(k[:, None] ^ lo).bitwise_xor_(hi))
+    return _reference_mix(base[:, :, None] ^ counter)
+
+
+def _reference_seeds(seed, batch):
+    base = torch.tensor([seed & 0x7FFFFFFFFFFFFFFF], dtype=torch.int64)
+    lo, hi = _reference_hash(base, [1, 2], batch)[:, 0].to(torch.int64) & 0xFFFFFFFF
+    return ((hi & 0x7FFFFFFF) << 32) | lo
+
+
+def _reference_normal(seeds, key, event_shape, dtype):
+    n, batch = math.prod(event_shape), seeds.shape[0]
+    h = _reference_hash(seeds, [2 * key, 2 * key + 1], (n + 1) // 2)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    if work == torch.float64:
+        bits, v = 32, (h ^ -(1 << 31)).to(work).add_(2.0**31)
+    else:
+        bits, v = 24, torch.bitwise_right_shift(h, 8).bitwise_and_(0xFFFFFF).to(work)
+    r = torch.log(v[0].add_(0.5).mul_(2.0**-bits)).mul_(-2.0).sqrt_()
+    theta = v[1].mul_(2.0 * math.pi * 2.0**-bits)
+    z = torch.cat([torch.cos(theta).mul_(r), theta.sin_().mul_(r)], dim=1)[:, :n]
+    return z.to(dtype).reshape((batch,) + tuple(event_shape))
+
+
+def _assert_same_bits(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    assert torch.equal(a, b), f"{int((a != b).sum())} of {a.numel()} values differ"
+
+
+def test_seeds_are_those_of_the_reference():
+    for seed in (0, 1, 977, 2**40 + 3, 2**63 + 5, -7):
+        for batch in (1, 6, 300):
+            _assert_same_bits(make_seeds(seed, batch), _reference_seeds(seed, batch))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.float16])
+def test_draws_are_those_of_the_reference(dt, device):
+    # odd and even sizes, sizes 1 and 2, more event sizes than the element terms' cache holds, keys of
+    # spawned streams, of the Brownian nodes and probes, and past 2^63
+    shapes = [(), (2,), (3,), (2, 5), (1, 7, 5), (3, 8, 8), (4, 33)] + [(k,) for k in range(4, 40, 2)]
+    keys = [0, 5, (1 << 40) + 3, (1 << 44) + 1, (1 << 50) + 9, 2**63 + 11]
+    for batch in (1, 5, 40):
+        seeds = _reference_seeds(batch, batch).to(device)
+        for i, shape in enumerate(shapes):
+            for key in keys[i % 3::3]:
+                expected = _reference_normal(seeds, key, shape, dt)
+                _assert_same_bits(normal_from_seeds(seeds, key, shape, dt), expected)
+    # drawn again after all the others (cached terms and constants are only ever read)
+    _assert_same_bits(normal_from_seeds(seeds, 5, (3, 8, 8), dt), _reference_normal(seeds, 5, (3, 8, 8), dt))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_stream_draws_are_those_of_the_reference(dt, device):
+    # long enough to cross several chunks and blocks of key bases, with a change of shape and a stream's spawn
+    seeds = _reference_seeds(21, 12).to(device)
+    stream = Noise(seeds, key=3)
+    shapes = [(12, 3, 4, 4)] * 40 + [(12, 5)] * 3 + [(12, 3, 4, 4)] * 2 + [(12, 2, 32, 32)] * 3
+    for k, shape in enumerate(shapes):
+        _assert_same_bits(stream.like(torch.zeros(shape, dtype=dt, device=device)),
+                          _reference_normal(seeds, 3 + k, shape[1:], dt))
+    spawned = stream.spawn(4)
+    for k in range(3):
+        _assert_same_bits(spawned.like(torch.zeros(12, 7, dtype=dt, device=device)),
+                          _reference_normal(seeds, (5 << 40) + k, (7,), dt))
+
+
+def test_handed_out_draws_are_never_overwritten():
+    # refills reuse the stream's scratch memory; the draws it returned must not share it
+    stream = Noise.from_seed(2, 6)
+    x = torch.zeros(6, 5)
+    held = [stream.like(x) for _ in range(3 * Noise.max_chunk)]
+    copies = [z.clone() for z in held]
+    for _ in range(2 * Noise.max_chunk):
+        stream.like(x)
+    stream.like(torch.zeros(6, 3, 3))
+    for z, copy in zip(held, copies):
+        _assert_same_bits(z, copy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [True, False], ids=["triton-if-installed", "torch"])
+def test_cuda_draws_do_not_synchronise_with_the_host(monkeypatch, fused):
+    from sdegen import noise
+    monkeypatch.setattr(noise, "use_triton", fused)
+    x = torch.zeros(8, 3, 4, 4, device="cuda")
+    Noise.from_seed(0, 8, "cuda").like(x)  # compiles the kernels that need compiling
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stream = Noise.from_seed(5, 8, "cuda")
+        for _ in range(2 * Noise.max_chunk + 3):
+            stream.like(x)
+        stream.like(torch.zeros(8, 7, dtype=torch.float64, device="cuda"))
+        stream.spawn(1).like(x)
+        normal_from_seeds(stream.seeds, 3, (5,))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_fused_kernel_agrees_with_the_torch_implementation(monkeypatch):
+    from sdegen import noise
+    if not (torch.cuda.is_available() and noise._triton_kernel() is not None):
+        pytest.skip("needs CUDA and Triton")
+    seeds = make_seeds(8, 33, "cuda")
+    for dt in (torch.float32, torch.float64):
+        for shape in [(), (1,), (7,), (3, 32, 32), (1, 9, 9)]:
+            for key in (0, 3, (1 << 40) + 5, 2**63 + 1):
+                monkeypatch.setattr(noise, "use_triton", True)
+                fused = normal_from_seeds(seeds, key, shape, dt)
+                monkeypatch.setattr(noise, "use_triton", False)
+                _assert_same_bits(fused, normal_from_seeds(seeds, key, shape, dt))
+
+
+def test_fused_kernel_is_checked_against_the_reference_bits():
+    """A fused implementation is used only if it reproduces the PyTorch implementation's bits on a probe: one that
+    does passes, one that is off by a single ulp in one value fails (and the library then keeps the PyTorch
+    implementation)."""
+    from sdegen import noise as nz
+
+    def exact(lo, hi, key, draws, n, dtype):
+        seeds = (hi.to(torch.int64) << 32) | (lo.to(torch.int64) & 0xFFFFFFFF)
+        return nz._draw(nz._key_bases(seeds, 2 * key, 2 * draws).view(draws, 2, lo.shape[0]),
+                        nz._element_terms((n + 1) // 2, lo.device), n, dtype)
+
+    def one_ulp_off(lo, hi, key, draws, n, dtype):
+        z = exact(lo, hi, key, draws, n, dtype)
+        z.view(-1)[-1] = torch.nextafter(z.view(-1)[-1], torch.tensor(math.inf, dtype=dtype))
+        return z
+
+    for dt in (torch.float32, torch.float64):
+        assert nz._fused_matches_reference(exact, torch.device("cpu"), dt)
+        assert not nz._fused_matches_reference(one_ulp_off, torch.device("cpu"), dt)

@@ -15,8 +15,41 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..errors import STEP_LIMIT_HINT, SolverError, check_on_failure, scatter_rows, solve_without_failures
 from .base import Context, Solver, point as _point, time_at_u as _t_at
 from .exponential import exp_moments, exp_poly_integral
+
+
+def solve_isolating_failures(run, ctx: Context, x: torch.Tensor, n_times: int, on_failure: str):
+    """``run(ctx, x) -> (states (n_times, B, ...), final state, steps)`` with failing examples set aside.
+
+    With ``on_failure="mask"``, a :class:`SolverError` naming examples restarts ``run`` on the others with a
+    context of their own (their noise streams start where the run's did, so the result equals a run on those
+    examples alone); the failed rows of the states come back as NaN. The model must treat examples
+    independently (example i's output depends only on x[i]). Returns (states, final state, steps of the last
+    attempt, failed indices); NFE counts every attempt.
+    """
+    noise, B = ctx.noise, x.shape[0]
+    key0 = getattr(noise, "key", 0)
+
+    def attempt(keep):
+        if keep is None:
+            return run(ctx, x)
+        sub_noise = None if noise is None else type(noise)(noise.seeds[keep.to(noise.seeds.device)], key=key0)
+        sub = Context(ctx.sde, ctx.model, sub_noise)
+        sub.grid_points = ctx.grid_points
+        try:
+            return run(sub, x[keep])
+        finally:
+            ctx.nfe += sub.nfe
+            ctx.classifier_nfe += sub.classifier_nfe
+
+    result, keep, failed = solve_without_failures(attempt, B, on_failure, x.device)
+    if not failed:
+        return result + (failed,)
+    traj = scatter_rows(None if result is None else result[0], keep, B, x.expand((n_times,) + x.shape), dim=1)
+    final = scatter_rows(None if result is None else result[1], keep, B, x)
+    return traj, final, 0 if result is None else result[2], failed
 
 
 class AdaptiveExponential(Solver):
@@ -30,16 +63,23 @@ class AdaptiveExponential(Solver):
     Args:
         rtol, atol: relative and absolute tolerances (as in torchdiffeq).
         h_init: first step in u (default: a tenth of the span of u).
-        safety: the controller's safety factor; max_steps: limit on attempted steps (RuntimeError beyond it).
+        safety: the controller's safety factor; max_steps: limit on attempted steps (:class:`sdegen.SolverError`
+            beyond it, naming the examples whose error exceeded the tolerance).
+        on_failure: "raise" (default): a non-finite state or a step size that underflows raise
+            :class:`sdegen.SolverError` naming the examples responsible, the time reached and the last step
+            (in u); "mask": those examples are set aside and the solve restarts on the others, so their result
+            equals a run on them alone (the batch shares its steps); failed rows are NaN and their indices are
+            kept in :attr:`failed` (``SampleInfo.extra["failed"]`` in :func:`sdegen.sample`).
 
     ``solve`` returns (states at every time in ts (len(ts), B, ...), final state, accepted steps); the accept
     test needs one host read of the error norm per step, as in any adaptive solver.
     """
 
     stochastic = False
+    name = "adaptive_rk23"
 
     def __init__(self, rtol: float = 1e-3, atol: float = 1e-3, h_init: Optional[float] = None,
-                 safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0):
+                 safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0, on_failure: str = "raise"):
         for name, v in (("rtol", rtol), ("atol", atol)):
             if not (isinstance(v, (int, float)) and 0 < v < math.inf):
                 raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
@@ -47,19 +87,29 @@ class AdaptiveExponential(Solver):
             raise ValueError(f"h_init must be None or a finite number > 0 (a step in log(m/s)); got {h_init!r}.")
         if not (isinstance(safety, (int, float)) and 0 < safety <= 1):
             raise ValueError(f"safety must lie in (0, 1]; got {safety!r}.")
-        if not (isinstance(max_steps, int) and max_steps >= 1):
+        if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
             raise ValueError(f"max_steps must be an int >= 1; got {max_steps!r}.")
         self.rtol, self.atol, self.h_init, self.safety, self.max_steps = float(rtol), float(atol), h_init, safety, max_steps
         if not (isinstance(max_factor, (int, float)) and 1.0 < max_factor < math.inf):
             raise ValueError(f"max_factor (the largest step growth) must be a finite number > 1; got {max_factor!r}.")
         self.max_factor = float(max_factor)
+        self.on_failure = check_on_failure(on_failure)
         self.stats = {"accepted": 0, "rejected": 0}
+        self.failed: list = []
+        self._ratios: Optional[torch.Tensor] = None
 
     def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
               ) -> Tuple[torch.Tensor, torch.Tensor, int]:
         if steps is not None:
-            raise ValueError("method 'adaptive' chooses its own steps: leave steps=None and set rtol/atol instead.")
+            raise ValueError(f"method {self.name!r} chooses its own steps: leave steps=None and set rtol/atol "
+                             "instead.")
+        traj, x, n, self.failed = solve_isolating_failures(lambda c, z: self._solve(c, z, ts), ctx, x, len(ts),
+                                                           self.on_failure)
+        return traj, x, n
+
+    def _solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
         self._reset(ts)
+        self._ratios = None
         out = [x]
         for k in range(len(ts) - 1):
             x = self._integrate(ctx, x, ts[k], ts[k + 1])
@@ -69,23 +119,47 @@ class AdaptiveExponential(Solver):
     def _reset(self, ts: torch.Tensor) -> None:
         self.stats = {"accepted": 0, "rejected": 0}
 
-    def _error(self, diff: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, t: torch.Tensor) -> float:
+    def _error(self, diff: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, t: torch.Tensor, h: float) -> float:
         """max over examples of RMS(diff / (atol + rtol max(|x|, |x'|))): the one host read of a step."""
         scale = torch.maximum(x.abs(), x_new.abs()).mul_(self.rtol).add_(self.atol)
-        e = float((diff / scale).reshape(x.shape[0], -1).pow(2).mean(1).sqrt().max())
+        per = (diff / scale).reshape(x.shape[0], -1).pow(2).mean(1).sqrt()
+        e = float(per.max())  # NaN propagates through max
         if not math.isfinite(e):
-            raise RuntimeError(f"'adaptive' produced a non-finite state near t={float(t):g}; the score may be NaN.")
+            bad = torch.nonzero(~torch.isfinite(per)).flatten().tolist()
+            raise SolverError(repr(self.name), bad, float(t), h, "the state became non-finite (NaN or inf) in "
+                              "the step from there", detail="the model's output is not finite for these "
+                              "examples; the step size is in u = log(m/s)", batch=x.shape[0])
+        self._ratios = per
         return max(e, 1e-10)
+
+    def _limiting_examples(self) -> Tuple[list, str]:
+        """Examples whose error ratio exceeded 1 in the last step (the worst one if none), and what that says."""
+        if self._ratios is None:
+            return [], "no step had been attempted"
+        per = self._ratios.detach().cpu()
+        above = torch.nonzero(per > 1.0).flatten().tolist()
+        worst = float(per.max())
+        if above:
+            return above, f"their error ratios exceeded 1 in the last step attempted (worst {worst:.3g})"
+        return [int(per.argmax())], f"the last step was accepted; the largest error ratio in it was {worst:.3g}"
+
+    def _check_underflow(self, h: float, u: float, t: torch.Tensor, B: int) -> None:
+        if h <= 1e-12 * max(1.0, abs(u)):
+            bad, why = self._limiting_examples()
+            raise SolverError(repr(self.name), bad, float(t), h, "the step size underflowed",
+                              detail=f"{why}; the step size is in u = log(m/s)", batch=B)
 
     def _next_h(self, h: float, e: float, e_prev: float, k: int) -> float:
         """PI step control (Gustafsson 1991) on accepted steps, plain control after a rejection; k = order + 1."""
         factor = self.safety * e ** (-0.7 / k) * e_prev ** (0.4 / k) if e <= 1.0 else self.safety * e ** (-1.0 / k)
         return h * min(self.max_factor, max(0.2, factor))
 
-    def _check_budget(self, t: torch.Tensor, t1: torch.Tensor) -> None:
+    def _check_budget(self, t: torch.Tensor, t1: torch.Tensor, h: float, B: int) -> None:
         if self.stats["accepted"] + self.stats["rejected"] >= self.max_steps:
-            raise RuntimeError(f"'adaptive' did not reach t={float(t1):g} within max_steps={self.max_steps} "
-                               f"steps (stuck at t={float(t):g}); loosen rtol/atol or raise max_steps.")
+            bad, why = self._limiting_examples()
+            raise SolverError(repr(self.name), bad, float(t), h, f"max_steps={self.max_steps} steps did not reach "
+                              f"t={float(t1):g}", detail=f"{why}; the step size is in u = log(m/s)", batch=B,
+                              hint=STEP_LIMIT_HINT, maskable=False)
 
     def _integrate(self, ctx: Context, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
         m, s, u = _point(ctx, t0)
@@ -93,14 +167,15 @@ class AdaptiveExponential(Solver):
         h = self.h_init if self.h_init is not None else 0.1 * (u_end - u)
         d0, t, e_prev = None, t0, 1.0
         while u_end - u > 1e-12 * max(1.0, abs(u_end)):
-            self._check_budget(t, t1)
+            self._check_budget(t, t1, h, x.shape[0])
+            self._check_underflow(h, u, t, x.shape[0])
             last = h >= u_end - u
             h = min(h, u_end - u)
             if d0 is None:
                 d0 = ctx.denoise(x, t)
             t_new = t1 if last else _t_at(ctx, u + h)
             x_new, diff = self._pair(ctx, x, m, u, d0, h, t_new)
-            e = self._error(diff, x, x_new, t)
+            e = self._error(diff, x, x_new, t, h)
             if e <= 1.0:
                 self.stats["accepted"] += 1
                 x, t, u, d0 = x_new, t_new, u + h, None
@@ -146,10 +221,12 @@ class AdaptiveMultistep(AdaptiveExponential):
     Args as :class:`AdaptiveExponential`, plus order (1-3): the predictor's order.
     """
 
+    name = "adaptive"
+
     def __init__(self, rtol: float = 1e-3, atol: float = 1e-3, h_init: Optional[float] = None, order: int = 3,
-                 safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0):
-        super().__init__(rtol, atol, h_init, safety, max_steps, max_factor)
-        if order not in (1, 2, 3):
+                 safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0, on_failure: str = "raise"):
+        super().__init__(rtol, atol, h_init, safety, max_steps, max_factor, on_failure)
+        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
         self.order = order
 
@@ -165,7 +242,8 @@ class AdaptiveMultistep(AdaptiveExponential):
         h = self.h_init if self.h_init is not None else 0.1 * (u_end - u)
         e_prev, t = 1.0, t0
         while u_end - u > 1e-12 * max(1.0, abs(u_end)):
-            self._check_budget(t, t1)
+            self._check_budget(t, t1, h, x.shape[0])
+            self._check_underflow(h, u, t, x.shape[0])
             t_new = t1 if h >= u_end - u else _t_at(ctx, u + h)
             h = min(h, u_end - u)
             m2, s2, _ = _point(ctx, t_new)
@@ -175,7 +253,7 @@ class AdaptiveMultistep(AdaptiveExponential):
             x_pred = exp_poly_integral(nodes, values, h, base=base, scale=m2)
             d_new = ctx.denoise(x_pred, t_new)
             x_corr = exp_poly_integral([h] + nodes, [d_new] + values, h, base=base, scale=m2)
-            e = self._error(x_corr - x_pred, x, x_corr, t)
+            e = self._error(x_corr - x_pred, x, x_corr, t, h)
             if e <= 1.0:
                 self.stats["accepted"] += 1
                 x, t, u, s = x_corr, t_new, u + h, s2

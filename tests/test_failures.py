@@ -1,0 +1,232 @@
+"""Failures of adaptive solves: one bad example is named, and with on_failure="mask" costs no other example.
+
+The model: the exact score of the 2-D ring (sdegen.GaussianMixture) on the first two coordinates, plus a third
+"marker" coordinate whose score keeps it where it started (exactly constant along the probability-flow ODE,
+driftless under the reverse SDE, so it moves only by the Brownian noise, std <= sqrt(int g^2) ~ 3.2 for VP).
+Example 3 starts with marker 100, the others with 0; the score is +inf for |marker| > 50 at t < |marker| / 200
+(t < 0.5 for example 3). The first
+model call (at t = T) is finite, so the failure happens inside the solve.
+
+Adaptive step control shares its steps across the batch, so the good examples of a masked run are compared
+with a clean run on those 15 examples alone (not with the 16-example run): they must agree exactly.
+"""
+
+import math
+
+import pytest
+import torch
+
+import sdegen
+from sdegen.analytic import GaussianMixture
+from sdegen.errors import SolverError
+
+SDE = sdegen.VPSDE()
+RING = GaussianMixture.ring()
+BAD, B = 3, 16
+GOOD = [i for i in range(B) if i != BAD]
+
+
+def marked_score(probability_flow: bool = True):
+    """Exact ring score, a marker coordinate that stays put, and +inf for the marked example at t < 0.5."""
+    ring = RING.score_fn(SDE)
+
+    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        f, g2 = SDE.drift_coeff(t).to(x.dtype), SDE.diffusion(t).to(x.dtype) ** 2
+        finite = torch.isfinite(x).all(dim=1)
+        x = torch.where(finite[:, None], x, torch.zeros_like(x))  # a network propagates NaN; the oracle refuses it
+        marker = x[:, 2]
+        # probability flow: dm/dt = f m - g^2 s / 2 = 0; reverse SDE: drift f m - g^2 s = 0
+        s_marker = (2.0 if probability_flow else 1.0) * f * marker / g2
+        out = torch.cat([ring(x[:, :2], t), s_marker[:, None]], dim=1)
+        # marker 100: infinite for t < 0.5; a marker m in (50, 100) fails later, for t < m / 200
+        bad = ~finite | ((marker.abs() > 50) & (t < marker.abs() / 200))
+        return torch.where(bad[:, None], torch.full_like(out, math.inf), out)
+
+    return score
+
+
+def _start(dtype=torch.float64):
+    x = SDE.prior_sample((B, 3), seed=7, dtype=dtype)
+    x[:, 2] = 0.0
+    x[BAD, 2] = 100.0
+    return x
+
+
+SAMPLE_CASES = {
+    "ode": dict(method="ode"),
+    "adaptive": dict(method="adaptive", rtol=1e-4, atol=1e-4),
+    "adaptive_rk23": dict(method="adaptive_rk23", rtol=1e-4, atol=1e-4),
+    "sde_adaptive": dict(method="sde", adaptive=True, rtol=5e-2, atol=5e-2, dt_min=1e-3),
+}
+SEEDS = torch.arange(100, 100 + B)
+
+
+def _sample(case, x_T, seeds, **extra):
+    options = dict(SAMPLE_CASES[case], **extra)
+    pf = case != "sde_adaptive"
+    return sdegen.sample(SDE, marked_score(pf), x_T, seed=seeds if not pf else None, return_info=True, **options)
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_CASES))
+def test_sample_failure_names_the_example(case):
+    """The error is a SolverError (a RuntimeError) naming example 3, the method, the time and the step."""
+    with pytest.raises(SolverError) as info:
+        _sample(case, _start(), SEEDS)
+    err = info.value
+    assert isinstance(err, RuntimeError)
+    assert err.examples == [BAD]
+    # the time reached lies on the path; the failing step starts there (the score is finite for t >= 0.5)
+    assert SDE.t_min <= err.t <= SDE.T
+    name = SAMPLE_CASES[case]["method"]
+    assert f"'{name}'" in str(err) or f"{name} " in str(err)
+    assert "[3]" in str(err) and "on_failure='mask'" in str(err)
+    # a step size is reported (torchdiffeq's initial-step selection proposes 0 when its probe meets the inf)
+    assert math.isfinite(err.step) and err.step >= 0
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_CASES))
+def test_sample_mask_keeps_the_others(case):
+    """on_failure='mask': row 3 is NaN, SampleInfo.extra['failed'] == [3], and the 15 others equal, bit for bit,
+    a clean run on those 15 examples alone (with their own seeds for the SDE)."""
+    x_T = _start()
+    x, info = _sample(case, x_T, SEEDS, on_failure="mask")
+    assert info.extra["failed"] == [BAD]
+    assert bool(torch.isnan(x[BAD]).all())
+    clean, clean_info = _sample(case, x_T[GOOD], SEEDS[GOOD])
+    assert "failed" not in clean_info.extra or clean_info.extra["failed"] == []
+    assert bool(torch.isfinite(x[GOOD]).all())
+    assert torch.equal(x[GOOD], clean)
+
+
+def _log_likelihood(x, **options):
+    return sdegen.log_likelihood(SDE, marked_score(), x, divergence="exact", rtol=1e-5, atol=1e-5, t_min=1e-3,
+                                 **options)
+
+
+def _data():
+    x = RING.sample(B, seed=11, dtype=torch.float64)
+    return torch.cat([x, torch.zeros(B, 1, dtype=torch.float64)], dim=1).index_put_(
+        (torch.tensor([BAD]), torch.tensor([2])), torch.tensor([100.0], dtype=torch.float64))
+
+
+def test_log_likelihood_failure_names_the_example():
+    """An infinite score for example 3 (from t_min on) raises a SolverError naming example 3 instead of
+    torchdiffeq's bare 'underflow in dt' assertion."""
+    with pytest.raises(SolverError, match=r"log_likelihood.*examples \[3\] \(1 of 16\)") as info:
+        _log_likelihood(_data())
+    assert info.value.examples == [BAD] and isinstance(info.value, RuntimeError)
+
+
+def test_log_likelihood_mask_keeps_the_others():
+    """on_failure='mask': entry 3 is NaN, result.failed == [3], and the other 15 log-densities and latents equal
+    those of a solve of the 15 alone exactly (the batch shares its steps, so that is the clean comparison)."""
+    x = _data()
+    res = _log_likelihood(x, on_failure="mask")
+    assert res.failed == [BAD]
+    assert math.isnan(float(res.log_prob[BAD])) and bool(torch.isnan(res.latent[BAD]).all())
+    clean = _log_likelihood(x[GOOD])
+    assert clean.failed == []
+    for name in ("log_prob", "bpd", "latent", "prior_log_prob", "delta_log_prob"):
+        assert torch.equal(getattr(res, name)[GOOD], getattr(clean, name)), name
+    assert res.nfe > clean.nfe  # the failed attempt is counted too
+
+
+def test_log_likelihood_mask_with_probes_matches_per_example_probes():
+    """Hutchinson probes are drawn per example from its seed, so the masked solve of 15 examples uses the same
+    probes as a clean solve of those 15 given their seeds."""
+    x, seeds = _data(), torch.arange(50, 50 + B)
+    res = sdegen.log_likelihood(SDE, marked_score(), x, divergence="hutchinson", seed=seeds, t_min=1e-3,
+                                on_failure="mask")
+    clean = sdegen.log_likelihood(SDE, marked_score(), x[GOOD], divergence="hutchinson", seed=seeds[GOOD],
+                                  t_min=1e-3)
+    assert res.failed == [BAD]
+    assert torch.equal(res.log_prob[GOOD], clean.log_prob)
+
+
+def test_second_failure_after_restart_is_set_aside_too():
+    """Example 9 (marker 60) fails only at t < 0.3, after example 3 (t < 0.5): the first attempt names 3, the
+    restart names 9 (an index of the sub-batch, reported in the whole batch), and the 14 others equal a clean
+    run on them alone."""
+    x_T = _start()
+    x_T[9, 2] = 60.0
+    x, info = _sample("adaptive_rk23", x_T, SEEDS, on_failure="mask")
+    assert info.extra["failed"] == [3, 9]
+    assert bool(torch.isnan(x[[3, 9]]).all())
+    good = [i for i in range(B) if i not in (3, 9)]
+    clean, _ = _sample("adaptive_rk23", x_T[good], SEEDS[good])
+    assert torch.equal(x[good], clean)
+
+
+def test_every_example_failing_gives_all_nan():
+    x_T = _start()
+    x_T[:, 2] = 100.0
+    x, info = _sample("adaptive", x_T, SEEDS, on_failure="mask")
+    assert info.extra["failed"] == list(range(B))
+    assert bool(torch.isnan(x).all()) and x.shape == x_T.shape
+
+
+def test_failed_is_empty_for_a_clean_masked_run():
+    x_T = _start()
+    x_T[BAD, 2] = 0.0
+    x, info = _sample("ode", x_T, SEEDS, on_failure="mask")
+    assert info.extra["failed"] == [] and bool(torch.isfinite(x).all())
+
+
+def test_step_limit_names_the_examples_and_agrees_with_its_numbers():
+    """The step limit raises SolverError (a RuntimeError, as before) naming max_steps and the examples; when it
+    says the ratios exceeded 1, the worst ratio it prints is above 1. It follows from the tolerance, not from
+    one example, so it raises under on_failure='mask' too (dropping examples would cascade)."""
+    import re
+
+    ring = RING.score_fn(SDE)
+    x_T = SDE.prior_sample((4, 2), seed=4, dtype=torch.float64)
+    for method, on_failure in (("adaptive", "raise"), ("adaptive_rk23", "raise"), ("adaptive", "mask")):
+        with pytest.raises(SolverError, match="max_steps=5") as info:
+            sdegen.sample(SDE, ring, x_T, method=method, rtol=1e-9, atol=1e-9, max_steps=5, on_failure=on_failure)
+        msg = str(info.value)
+        assert info.value.examples and all(0 <= i < 4 for i in info.value.examples)
+        worst = re.search(r"(?:worst|was) ([0-9.e+-]+)", msg)
+        assert worst is not None, msg
+        assert ("exceeded 1" in msg) == (float(worst.group(1)) > 1.0), msg
+
+
+@pytest.mark.parametrize("method, options, name", [
+    ("sde", dict(adaptive=True, rtol=-1), "rtol"),
+    ("sde", dict(adaptive=True, atol=0.0), "atol"),
+    ("sde", dict(adaptive=True, rtol=math.nan), "rtol"),
+    ("sde", dict(adaptive=True, dt_min=0), "dt_min"),
+    ("sde", dict(adaptive=True, dt_min=-1e-3), "dt_min"),
+    ("ode", dict(max_steps=0), "max_steps"),
+    ("ode", dict(max_steps=-5), "max_steps"),
+    ("ode", dict(max_steps=2.5), "max_steps"),
+    ("adaptive", dict(max_steps=0), "max_steps"),
+    ("adaptive_rk23", dict(max_steps=-1), "max_steps"),
+    ("adaptive", dict(on_failure="skip"), "on_failure"),
+    ("ode", dict(on_failure=None), "on_failure"),
+    ("sde", dict(adaptive=True, on_failure="nan"), "on_failure"),
+])
+def test_bad_solver_options_raise_naming_them(method, options, name):
+    """Options that used to hang (rtol < 0 under torchsde's adaptive stepping) or were accepted (dt_min = 0,
+    max_steps <= 0) raise ValueError naming the parameter before any work."""
+    calls = []
+
+    def score(x, t):
+        calls.append(1)
+        return -x
+
+    with pytest.raises(ValueError, match=name):
+        sdegen.sample(SDE, score, shape=(2, 2), method=method, seed=0, **options)
+    assert not calls
+
+
+@pytest.mark.parametrize("options, name", [(dict(max_steps=0), "max_steps"), (dict(on_failure="drop"), "on_failure")])
+def test_log_likelihood_bad_failure_options(options, name):
+    with pytest.raises(ValueError, match=name):
+        _log_likelihood(_data(), **options)
+
+
+def test_log_likelihood_step_limit_raises_under_mask():
+    x = _data()[GOOD][:4]
+    with pytest.raises(SolverError, match=r"max_steps=3 .*examples \["):
+        _log_likelihood(x, max_steps=3, on_failure="mask")
