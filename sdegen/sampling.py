@@ -12,6 +12,7 @@ from ._validate import (check_choice, check_flag, check_int, check_number, check
                         check_tensor)
 from .models import as_model
 from .noise import NOISE_KINDS, Seed, make_seeds, normal_from_seeds
+from .capture import captured, check_capture
 from .samplers import SAMPLERS, Context, Solver, StepSampler, get_sampler
 from .schedules import check_grid, resolve_grid, time_grid
 from .sde import SDE
@@ -57,7 +58,7 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
            schedule: Union[str, torch.Tensor, None] = None, seed: Seed = None, noise: str = "per_example",
            denoise: bool = False,
            progress: bool = False, return_trajectory: bool = False, return_info: bool = False,
-           dtype: Optional[torch.dtype] = None, device=None, **options):
+           dtype: Optional[torch.dtype] = None, device=None, capture: bool = False, **options):
     """Draw samples x_0 ~ p_0 by running the reverse process of ``sde`` with ``score`` from x_T to t_min.
 
     Args:
@@ -91,6 +92,10 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
             float32; float16/bfloat16 states raise TypeError: run a low-precision network under a float32 state
             instead). With x_T given the samples keep x_T's dtype, and a different ``dtype`` raises ValueError.
             A ScoreModel (or a plain score function) casts the network's output to the state's dtype.
+        capture: record the whole run of a fixed-step sampler as a CUDA graph once and replay it at later calls
+            with the same settings and shapes (one launch per run: for small networks that are launch-bound).
+            The samples are those of the eager run. CUDA only, without gradients, progress or trajectory; see
+            :mod:`sdegen.capture` for its limits.
         **options: passed to the sampler's constructor (e.g. ``snr``, ``corrector_steps``, ``predictor`` for
             "pc"; ``solver``, ``rtol``, ``atol`` for "ode"/"sde"); a keyword the sampler does not take raises
             TypeError naming it.
@@ -100,7 +105,7 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
     Wrap the call in ``torch.no_grad()`` unless gradients through sampling are wanted.
     """
     _check_args(sde, steps, t_min, schedule, noise, dtype, denoise=denoise, progress=progress,
-                return_trajectory=return_trajectory, return_info=return_info)
+                return_trajectory=return_trajectory, return_info=return_info, capture=capture)
     sampler = get_sampler(method, **options)
     model = as_model(score, sde)
     x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds=bool(sampler.stochastic))
@@ -110,8 +115,17 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         n = steps or sampler.default_steps
         ts, pilot_nfe = resolve_grid(sde, n, schedule if schedule is not None else sampler.default_schedule,
                                      t_min=t_min, model=model, x=x, order=sampler.order)
-        x, traj, n_steps = _run_steps(sampler, ctx, x, ts, progress, return_trajectory)
+        if capture:
+            check_capture(x.device, sampler, noise, bool(sampler.stochastic), progress, return_trajectory,
+                          x.requires_grad)
+            x = _run_captured(ctx, sampler, (score, method, options), x, seeds, ts, noise, denoise)
+            traj, n_steps = None, len(ts) - 1
+        else:
+            x, traj, n_steps = _run_steps(sampler, ctx, x, ts, progress, return_trajectory)
     else:
+        if capture:
+            check_capture(x.device, sampler, noise, bool(sampler.stochastic), progress, return_trajectory,
+                          x.requires_grad)
         if schedule is not None and not isinstance(schedule, torch.Tensor):
             raise ValueError(f"schedule: a named schedule applies to fixed-step samplers; for "
                              f"{type(sampler).__name__} pass the output times as a tensor; got {schedule!r}.")
@@ -120,7 +134,7 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         with _time_progress(ctx, sampler, ts, progress):
             traj, x, n_steps = sampler.solve(ctx, x, ts, steps)
         traj = traj if return_trajectory else None
-    if denoise:
+    if denoise and not capture:
         x = ctx.denoise(x, ts[-1])
     ctx.check_first_output()
     info = SampleInfo(nfe=ctx.nfe, steps=n_steps, wall_time=time.perf_counter() - start, times=ts,
@@ -172,6 +186,27 @@ def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
     return x_T, make_seeds(seed, x_T.shape[0], x_T.device)
 
 
+def _run_captured(ctx: Context, sampler: StepSampler, settings: tuple, x: torch.Tensor,
+                  seeds: Optional[torch.Tensor], ts: torch.Tensor, noise: str, denoise: bool) -> torch.Tensor:
+    """The run of :func:`_run_steps` (and the final denoising step) through a captured graph: captured at the first
+    call with these settings, replayed after. ``ctx`` receives the run's counts and its first model output."""
+    score, method, options = settings
+    key = (id(ctx.sde), id(score), method if isinstance(method, str) else id(method), repr(sorted(options.items())),
+           ts.numpy().tobytes(), tuple(x.shape), x.dtype, x.device, noise, denoise, seeds is None)
+
+    def body(x_T, run_seeds):
+        run = Context(ctx.sde, ctx.model, None if run_seeds is None else NOISE_KINDS[noise](run_seeds, key=1))
+        out = _run_steps(sampler, run, x_T, ts, False, False)[0]
+        if denoise:
+            out = run.denoise(out, ts[-1])
+        return out, {"nfe": run.nfe, "classifier_nfe": run.classifier_nfe, "first_output": run._first_output,
+                     "alive": (ctx.sde, score, method)}  # the key's objects live as long as the graph
+
+    x, counts = captured(key, body, x, seeds)
+    ctx.nfe, ctx.classifier_nfe, ctx._first_output = counts["nfe"], counts["classifier_nfe"], counts["first_output"]
+    return x
+
+
 def _run_steps(sampler: StepSampler, ctx: Context, x: torch.Tensor, ts: torch.Tensor, progress: bool,
                return_trajectory: bool):
     traj = [x] if return_trajectory else None
@@ -210,8 +245,8 @@ class _time_progress:
         from tqdm.auto import tqdm
 
         span = abs(self.t0 - self.t1)
-        self.bar = tqdm(total=span, desc=f"{self.name} t", unit="", bar_format="{l_bar}{bar}| t={postfix}")
-        self.bar.set_postfix_str(f"{self.t0:.4g}", refresh=False)
+        self.bar = tqdm(total=span, desc=self.name, bar_format="{l_bar}{bar}| {postfix}")
+        self.bar.set_postfix_str(f"t={self.t0:.4g}", refresh=False)
         self.done = 0.0
         score, denoise = self.ctx.score, self.ctx.denoise
 
@@ -228,12 +263,15 @@ class _time_progress:
         t = float(t if t.ndim == 0 else t.reshape(-1)[0])
         done = min(abs(self.t0 - t), abs(self.t0 - self.t1))
         if done > self.done:
-            self.bar.set_postfix_str(f"{t:.4g}", refresh=False)
+            self.bar.set_postfix_str(f"t={t:.4g}", refresh=False)
             self.bar.update(done - self.done)
             self.done = done
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.progress:
             del self.ctx.score, self.ctx.denoise
+            if exc_type is None:  # the solve reached t_min (a stochastic solver's last call is one step before)
+                self.bar.set_postfix_str(f"t={self.t1:.4g}", refresh=False)
+                self.bar.update(abs(self.t0 - self.t1) - self.done)
             self.bar.close()
         return False
