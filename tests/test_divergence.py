@@ -22,7 +22,7 @@ def _field(shape, dtype):
 
     def f(x):
         z = x.reshape(x.shape[0], -1)
-        return (torch.tanh(z @ W) @ M + 0.3 * z**2).reshape(x.shape)
+        return (torch.tanh(z @ W.to(z.device)) @ M.to(z.device) + 0.3 * z**2).reshape(x.shape)
     return f
 
 
