@@ -38,6 +38,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 T_MIN = 1e-7
 N_TEST = 512
 
+DEVICE = torch.device("cpu")  # set by --device
+
 
 def problems():
     return {"ring2d": sdegen.GaussianMixture.ring(), "mix16d": sdegen.GaussianMixture.random(dim=16, seed=0)}
@@ -90,7 +92,6 @@ def timed(fn, repeats):
 
 
 def run(repeats: int, quick: bool):
-    torch.set_num_threads(1)
     sde = sdegen.VPSDE()
     rows, prior_rows = [], []
     exact_tols = [1e-3, 1e-4, 1e-5] if not quick else [1e-3]
@@ -98,7 +99,7 @@ def run(repeats: int, quick: bool):
     ks = [1, 4, 16] if not quick else [1]
     n = N_TEST if not quick else 64
     for pname, gm in problems().items():
-        x = gm.sample(n, seed=2024, dtype=torch.float64)  # held out: seeds differ from anything used in fitting
+        x = gm.sample(n, seed=2024, dtype=torch.float64, device=DEVICE)  # held out: seeds differ from anything used in fitting
         exact = gm.log_prob(x)
         pT = gm.marginal(sde, sde.T).log_prob
         tmin_gap = (gm.log_prob(sde, x, T_MIN) - exact).abs() / gm.dim
@@ -145,11 +146,10 @@ def run(repeats: int, quick: bool):
 def headline(repeats: int, quick: bool):
     """The timing targets: exact, one-probe Hutchinson and the baseline at tol 1e-5, run interleaved round by
     round (so drifting load from other jobs hits all three alike); wall and process CPU time, medians."""
-    torch.set_num_threads(1)
     sde, tol, n = sdegen.VPSDE(), 1e-5, N_TEST if not quick else 64
     out = []
     for pname, gm in problems().items():
-        x = gm.sample(n, seed=2024, dtype=torch.float64)
+        x = gm.sample(n, seed=2024, dtype=torch.float64, device=DEVICE)
         pT = gm.marginal(sde, sde.T).log_prob
         calls = {
             "exact": lambda: sdegen.log_likelihood(sde, gm, x, divergence="exact", rtol=tol, atol=tol,
@@ -291,7 +291,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved headline timing")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (64 samples, one tolerance)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: timings robust to other processes)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     if sdegen.distributed.launched_rank() != 0:
         return  # the timings are of one process: under torchrun only rank 0 runs and writes
     rows, prior_rows = run(1, args.quick)

@@ -384,7 +384,9 @@ class SDESolver(Solver):
         rsde = sde.reverse(score, event_shape=event_shape)
         rsde.sde_type = SDE_METHODS[self.solver]
         watched = _WatchedSDE(rsde) if self.adaptive else rsde
-        taus = (sde.T - ts).to(device=x.device)  # increasing clock
+        # the increasing clock stays on the host: torchsde compares and steps its times in Python (min(t + dt, t1)),
+        # which on device tensors would wait for the device at every step
+        taus = sde.T - ts
         y0 = x.reshape(B, -1)
         t0, t1 = float(taus[0]), float(taus[-1])
         n = steps or self.default_steps
