@@ -17,11 +17,11 @@ def hexagon():
     return sdegen.GaussianMixture(W, means, torch.full((6,), 0.25**2, dtype=torch.float64))
 
 
-def test_classifier_guidance_scale_one_is_the_exact_conditional_score(dtype):
+def test_classifier_guidance_scale_one_is_the_exact_conditional_score(dtype, device):
     sde, gm = sdegen.VPSDE(), hexagon()
     clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
-    x = torch.randn(64, 2, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 2
-    t = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.98 + 0.01
+    x = (torch.randn(64, 2, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 2).to(device)
+    t = (torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.98 + 0.01).to(device)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
     for c in range(3):
         guided = sdegen.classifier_guidance(gm, clf, c, 1.0).score_fn(sde)
@@ -74,13 +74,16 @@ def test_guided_samples_follow_the_class_conditional_mixture(method, options):
         assert bool(((freq - p).abs() < 4.5 * se).all()), f"class {c}: {freq.tolist()} vs {p.tolist()}"
 
 
-def test_guidance_plugs_into_fixed_step_samplers_and_keeps_shape():
+def test_guidance_plugs_into_fixed_step_samplers_and_keeps_shape(device):
     sde, gm = sdegen.VPSDE(), hexagon()
     clf = sdegen.MixtureClassifier(gm, GROUPS, sde)
-    guided = sdegen.classifier_guidance(gm, clf, torch.tensor([0, 1, 2, 0]), 2.0)
-    for method in ("euler", "euler_maruyama", "ancestral", "pc"):
-        x, info = sdegen.sample(sde, guided, shape=(4, 2), method=method, steps=5, seed=0, return_info=True)
-        assert x.shape == (4, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    guided = sdegen.classifier_guidance(gm, clf, torch.tensor([0, 1, 2, 0], device=device), 2.0)
+    for method in ("euler", "euler_maruyama", "ancestral", "pc", "dpmpp_2m"):
+        x, info = sdegen.sample(sde, guided, shape=(4, 2), method=method, steps=5, seed=0, return_info=True,
+                                device=device)
+        assert x.shape == (4, 2) and x.dtype == torch.float32 and x.device.type == device.type
+        assert torch.isfinite(x).all()
+        assert info.classifier_nfe == info.nfe  # one classifier gradient per score call
 
 
 def test_guidance_gradient_flows_when_x_requires_grad():
