@@ -20,6 +20,7 @@ import torch
 
 from ._deprecation import renamed
 from ._util import Time, as_time, check_batch, check_finite_tensor
+from ._validate import check_finite, check_int, check_number
 from .sde import SDE
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -78,6 +79,7 @@ class GaussianMixture:
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2:
             raise ValueError(f"means must have shape (K, d); got {tuple(means.shape)}.")
+        check_finite(means, "means")
         K, d = means.shape
         weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (K,) or bool((weights < 0).any()) or not bool(weights.sum() > 0):
@@ -104,6 +106,10 @@ class GaussianMixture:
     def ring(cls, n_modes: int = 8, radius: float = 1.0, radial_std: float = 0.05, tangential_std: float = 0.02
              ) -> "GaussianMixture":
         """2-D ring of ``n_modes`` equal-weight anisotropic Gaussians (narrow along the ring's tangent)."""
+        check_int(n_modes, "n_modes", lo=1)
+        check_number(radius, "radius", lo=0.0)
+        check_number(radial_std, "radial_std", lo=0.0)
+        check_number(tangential_std, "tangential_std", lo=0.0)
         ang = torch.arange(n_modes, dtype=torch.float64) * (2 * math.pi / n_modes)
         u = torch.stack([torch.cos(ang), torch.sin(ang)], 1)  # radial directions
         v = torch.stack([-torch.sin(ang), torch.cos(ang)], 1)
@@ -114,6 +120,10 @@ class GaussianMixture:
     def random(cls, dim: int = 16, n_components: int = 6, *, seed: int = 0, mean_scale: float = 1.0,
                cov_scale: float = 0.1) -> "GaussianMixture":
         """Random weights, means N(0, mean_scale^2 I) and full covariances cov_scale^2 A A^T / d + small ridge."""
+        check_int(dim, "dim", lo=1)
+        check_int(n_components, "n_components", lo=1)
+        check_number(mean_scale, "mean_scale", lo=0.0)
+        check_number(cov_scale, "cov_scale", lo=0.0, lo_open=True)
         g = torch.Generator().manual_seed(seed)
         w = torch.rand(n_components, generator=g, dtype=torch.float64) + 0.5
         mu = mean_scale * torch.randn(n_components, dim, generator=g, dtype=torch.float64)

@@ -21,11 +21,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ._util import check_finite_tensor
+from ._validate import check_choice, check_int, check_number, check_tensor
 from .models import as_model
 from .samplers import SAMPLERS, StepSampler, get_sampler
 from .sampling import sample
-from .schedules import time_grid
+from .schedules import SCHEDULES, check_grid, time_grid
 from .sde import SDE
 
 OBJECTIVES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -112,11 +112,16 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     Returns:
         a :class:`ScheduleFit`; pass ``fit.times`` as ``schedule=`` to :func:`sdegen.sample`.
     """
-    _check_args(sde, x_T, steps, reference, max_evals, step_size, min_step_size, subset, seed)
+    _check_args(sde, x_T, steps, t_min, reference, max_evals, step_size, min_step_size, subset, seed)
     loss_fn = _objective(objective)
     starts = [init] if isinstance(init, (str, torch.Tensor)) else list(init)
     if not starts:
-        raise ValueError("init must name at least one starting grid.")
+        raise ValueError("init must name at least one starting grid; got an empty sequence.")
+    for start in starts:
+        if isinstance(start, torch.Tensor):
+            check_grid(sde, start, "init")
+        else:
+            check_choice(start, "init", SCHEDULES, hint=" (or explicit times, or a sequence of them)")
     sampler = get_sampler(method, **options) if isinstance(method, str) else get_sampler(method)
     if isinstance(method, str) and not isinstance(sampler, StepSampler):
         steppers = sorted(k for k, v in SAMPLERS.items() if isinstance(v, type) and issubclass(v, StepSampler))
@@ -142,24 +147,21 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     return best
 
 
-def _check_args(sde, x_T, steps, reference, max_evals, step_size, min_step_size, subset, seed):
+def _check_args(sde, x_T, steps, t_min, reference, max_evals, step_size, min_step_size, subset, seed):
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
-    check_finite_tensor(x_T, "x_T")
-    if x_T.ndim < 1 or x_T.shape[0] < 1:
-        raise ValueError(f"x_T must have shape (B, ...) with B >= 1; got {tuple(x_T.shape)}.")
-    if not (isinstance(steps, int) and steps >= 2):
-        raise ValueError(f"steps must be an int >= 2 (one step has no interior time to fit); got {steps!r}.")
+    check_tensor(x_T, "x_T", batch=True)
+    check_int(steps, "steps", lo=2, hint=" (one step has no interior time to fit)")
+    check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True, hi_open=True, none_ok=True)
     if reference is not None:
-        check_finite_tensor(reference, "reference")
+        check_tensor(reference, "reference")
         if reference.shape != x_T.shape:
             raise ValueError(f"reference must have x_T's shape {tuple(x_T.shape)}; got {tuple(reference.shape)}.")
-    if not (isinstance(max_evals, int) and max_evals >= 1):
-        raise ValueError(f"max_evals must be an int >= 1; got {max_evals!r}.")
-    if not (0.0 < min_step_size <= step_size < math.inf):
-        raise ValueError(f"need 0 < min_step_size <= step_size < inf; got {min_step_size!r}, {step_size!r}.")
-    if subset is not None and not (isinstance(subset, int) and 2 <= subset):
-        raise ValueError(f"subset must be an int >= 2 or None; got {subset!r}.")
+    check_int(max_evals, "max_evals", lo=1)
+    check_number(step_size, "step_size", lo=0.0, lo_open=True)
+    check_number(min_step_size, "min_step_size", lo=0.0, hi=step_size, lo_open=True,
+                 hint=" (the search's final move, at most step_size)")
+    check_int(subset, "subset", lo=2, none_ok=True)
     if isinstance(seed, bool) or not isinstance(seed, (int, torch.Generator)):
         raise TypeError(f"seed must be an int or a torch.Generator; got {type(seed).__name__}.")
 

@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ._util import Time, batch_time, bcast, check_finite_tensor
+from ._util import Time, batch_time, bcast
+from ._validate import check_int, check_tensor
 from .models import Model, ScoreModel, as_model
 from .analytic import GaussianMixture
 from .samplers import StepSampler, get_sampler, register_sampler
@@ -48,8 +49,8 @@ def _check_labels(y: Labels, num_classes: Optional[int]) -> Labels:
     if num_classes is not None:
         lo, hi = (y, y) if isinstance(y, int) else (int(y.min()), int(y.max()))
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"class labels must lie in [0, {num_classes - 1}] (the model has {num_classes} classes); "
-                             f"got labels from {lo} to {hi}.")
+            raise ValueError(f"y: class labels must lie in [0, {num_classes - 1}] (the model has {num_classes} "
+                             f"classes); got labels from {lo} to {hi}.")
     return y
 
 
@@ -91,6 +92,7 @@ class ClassifierGuidedScore:
             raise TypeError(f"classifier must be a callable classifier(x, t) -> logits; "
                             f"got {type(classifier).__name__}.")
         self.scale = _check_scale(scale, "scale")
+        check_int(num_classes, "num_classes", lo=1, none_ok=True)
         self.num_classes = num_classes if num_classes is not None else _num_classes(classifier)
         self.y = _check_labels(y, self.num_classes)
         self.base, self.classifier = score, classifier
@@ -191,6 +193,7 @@ class ClassifierFreeGuidedScore:
         if not callable(model):
             raise TypeError(f"model must be a callable model(x, t, y=None); got {type(model).__name__}.")
         self.w = _check_scale(w, "w")
+        check_int(num_classes, "num_classes", lo=1, none_ok=True)
         self.num_classes = num_classes if num_classes is not None else _num_classes(model)
         self.model, self.y = model, _check_labels(y, self.num_classes)
         given = _check_null_label(null_label)
@@ -303,11 +306,20 @@ class Inpaint(StepSampler):
 
     def __init__(self, known: torch.Tensor, mask: torch.Tensor, sampler: Union[str, StepSampler] = "reverse_diffusion",
                  **options: Any):
-        check_finite_tensor(known, "known")
+        check_tensor(known, "known", dtypes=None, finite=False)
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a tensor; got {type(mask).__name__}.")
+            raise TypeError(f"mask must be a bool (or 0/1) tensor; got {type(mask).__name__}.")
         if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("a floating-point mask must hold only 0 and 1.")
+            raise ValueError("mask: a floating-point mask must hold only 0 and 1.")
+        try:
+            shape = torch.broadcast_shapes(known.shape, mask.shape)
+        except RuntimeError:
+            raise ValueError(f"mask must have x's shape (that of known, {tuple(known.shape)}) or its per-example "
+                             f"shape; got {tuple(mask.shape)}.") from None
+        used = torch.broadcast_to(known, shape)[torch.broadcast_to(mask.bool(), shape)]
+        if used.device.type == "cpu" and not bool(torch.isfinite(used).all()):
+            raise ValueError("known must be finite where mask is True (its other entries are not used); got NaN "
+                             "or inf there.")
         self.known, self.mask = known, mask.bool()
         self.inner = get_sampler(sampler, **options) if isinstance(sampler, str) else sampler
         if options and not isinstance(sampler, str):
@@ -349,19 +361,27 @@ register_sampler("inpaint", Inpaint)
 
 
 def inpaint(sde: SDE, score, known: torch.Tensor, mask: torch.Tensor, *, sampler: Union[str, StepSampler] =
-            "reverse_diffusion", steps: Optional[int] = None, seed=None, return_info: bool = False,
-            **options: Any):
+            "reverse_diffusion", steps: Optional[int] = None, seed=None, schedule=None, t_min: Optional[float] = None,
+            denoise: bool = False, progress: bool = False, return_trajectory: bool = False, return_info: bool = False,
+            noise: str = "per_example", **options: Any):
     """Fill in x where ``mask`` is False given ``known`` where it is True (Song et al. 2021, appendix I.2):
-    :func:`sdegen.sample` with the :class:`Inpaint` sampler, starting from the prior. ``known`` is (B, ...);
-    returns (B, ...) samples in known's dtype (or (samples, SampleInfo) with ``return_info=True``)."""
+    :func:`sdegen.sample` with the :class:`Inpaint` sampler, starting from the prior. ``known`` is (B, ...),
+    float32 or float64; returns (B, ...) samples in known's dtype (or (samples, SampleInfo) with
+    ``return_info=True``). ``steps``, ``seed``, ``schedule``, ``t_min``, ``denoise``, ``progress``,
+    ``return_trajectory`` and ``noise`` are those of :func:`sdegen.sample` (with ``denoise=True`` the known
+    entries are put back after the denoising step); other keywords are options of ``sampler``."""
     from .sampling import sample
 
-    check_finite_tensor(known, "known")
-    if known.ndim < 1:
-        raise ValueError("known must have shape (B, ...).")
+    check_tensor(known, "known", batch=True, finite=False)
     method = Inpaint(known, mask, sampler, **options)
-    return sample(sde, score, shape=tuple(known.shape), method=method, steps=steps, seed=seed,
-                  dtype=known.dtype, device=known.device, return_info=return_info)
+    out = sample(sde, score, shape=tuple(known.shape), method=method, steps=steps, seed=seed, schedule=schedule,
+                 t_min=t_min, denoise=denoise, progress=progress, return_trajectory=return_trajectory, noise=noise,
+                 dtype=known.dtype, device=known.device, return_info=return_info)
+    if not denoise:
+        return out
+    x, info = out if return_info else (out, None)
+    x = torch.where(method.mask.to(x.device).expand(x.shape), known.to(x.dtype).expand(x.shape), x)
+    return (x, info) if return_info else x
 
 
 class MixtureClassifier:

@@ -101,12 +101,12 @@ class _TimeBar:
         from tqdm.auto import tqdm
 
         self.t_lo, self.done = t_lo, 0.0
-        self.bar = tqdm(total=t_hi - t_lo, desc="log_likelihood t", bar_format="{l_bar}{bar}| t={postfix}")
+        self.bar = tqdm(total=t_hi - t_lo, desc="log_likelihood", bar_format="{l_bar}{bar}| {postfix}")
 
     def __call__(self, t: torch.Tensor) -> None:
         done = min(float(t) - self.t_lo, self.bar.total)
         if done > self.done:
-            self.bar.set_postfix_str(f"{float(t):.4g}", refresh=False)
+            self.bar.set_postfix_str(f"t={float(t):.4g}", refresh=False)
             self.bar.update(done - self.done)
             self.done = done
 

@@ -18,7 +18,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from ._deprecation import renamed
-from ._util import batch_time, bcast, check_finite_tensor
+from ._util import batch_time, bcast
+from ._validate import check_flag, check_tensor
 from .sde import SDE
 
 Gen = Union[int, torch.Generator, None]
@@ -56,10 +57,10 @@ def _sde_of(model, sde: Optional[SDE]) -> SDE:
     return sde
 
 
-def _check_batch(x0: torch.Tensor) -> None:
-    check_finite_tensor(x0, "x0")
-    if x0.ndim < 1 or x0.shape[0] < 1:
-        raise ValueError(f"x0 must have shape (B, ...) with B >= 1; got {tuple(x0.shape)}.")
+def _check_batch(x0: torch.Tensor, **flags: bool) -> None:
+    check_tensor(x0, "x0", dtypes=None, batch=True)
+    for name, flag in flags.items():
+        check_flag(flag, name)
 
 
 def sample_time(sde: SDE, n: int, *, seed: Gen = None, importance: bool = False, t_min: Optional[float] = None,
@@ -108,6 +109,9 @@ def _times(sde, x0, t, gen, importance, t_min):
         return sample_time(sde, B, seed=gen, importance=importance, t_min=t_min)
     t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
     t = sde.check_time_for(x0, t)
+    if bool((sde.std(t) <= 0).any()):  # the kernel is a point mass: its score -z/s is undefined
+        raise ValueError(f"t must lie where the kernel std s(t) > 0 (for {type(sde).__name__}: t > 0); got "
+                         f"t={t.flatten()[:4].tolist()}.")
     return batch_time(t, x0.new_empty(B, device="cpu")), torch.ones(B, dtype=torch.float64)
 
 
@@ -142,7 +146,7 @@ def dsm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None
     Returns: a scalar (the batch mean), or the (B,) per-example losses with ``return_per_example=True``.
     """
     sde = _sde_of(model, sde)
-    _check_batch(x0)
+    _check_batch(x0, importance_sampling=importance_sampling, return_per_example=return_per_example)
     gen = _generator("dsm_loss", seed, generator)
     t, iw = _times(sde, x0, t, gen, importance_sampling, t_min)
     z = _randn(x0.shape, gen, x0)
@@ -167,7 +171,7 @@ def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = Non
     ``seed`` (``generator``: deprecated) and the other arguments as in :func:`dsm_loss`.
     """
     sde = _sde_of(model, sde)
-    _check_batch(x0)
+    _check_batch(x0, return_per_example=return_per_example)
     gen = _generator("ddpm_loss", seed, generator)
     if t is None and num_steps is not None:
         if not (isinstance(num_steps, int) and num_steps >= 2):
@@ -206,7 +210,7 @@ def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Op
     if not (isinstance(n_projections, int) and n_projections >= 1):
         raise ValueError(f"n_projections must be an int >= 1; got {n_projections!r}.")
     sde = _sde_of(model, sde)
-    _check_batch(x0)
+    _check_batch(x0, return_per_example=return_per_example)
     gen = _generator("sliced_score_matching_loss", seed, generator)
     t, iw = _times(sde, x0, t, gen, False, t_min)
     x_t = sde.perturb(x0, t, _randn(x0.shape, gen, x0))
@@ -234,7 +238,7 @@ def classifier_loss(classifier: Callable, sde: SDE, x0: torch.Tensor, y: torch.T
     Args: classifier(x_t, t) -> logits (B, C) with t (B,) in x0's dtype; x0 (B, ...); y (B,) integer labels;
     seed: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
     """
-    _check_batch(x0)
+    _check_batch(x0, return_per_example=return_per_example)
     if not isinstance(y, torch.Tensor) or y.shape != (x0.shape[0],) or y.is_floating_point():
         raise ValueError(f"y must be an integer tensor of shape ({x0.shape[0]},); got {getattr(y, 'shape', y)!r}.")
     if not (0.0 <= label_smoothing < 1.0):

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ._util import Time, batch_time, bcast
+from ._validate import check_int, check_number
 from .sde import SDE
 
 PREDICTIONS = ("score", "eps", "x0", "v", "flow", "edm")
@@ -179,8 +180,8 @@ class ScoreModel(Model):
             raise TypeError(f"scale_input must be a bool; got {scale_input!r}.")
         if preconditioning not in PRECONDITIONINGS:
             raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}; got {preconditioning!r}.")
-        if not (isinstance(sigma_data, (int, float)) and 0 < sigma_data < math.inf):
-            raise ValueError(f"sigma_data must be a finite number > 0; got {sigma_data!r}.")
+        check_number(sigma_data, "sigma_data", lo=0.0, lo_open=True)
+        check_int(M, "M", lo=1, hint=" (the number of VP timesteps of preconditioning='vp')")
         self.net, self.prediction, self.time_input, self.num_steps = net, prediction, time_input, num_steps
         self.scale_input = scale_input or prediction == "edm"
         self.sigma_data, self.preconditioning, self.M = float(sigma_data), preconditioning, int(M)
@@ -241,6 +242,8 @@ class ScoreModel(Model):
 
     # --- the same with t already checked (one check per call of the contract) ---
     def _raw(self, x: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor (float32 or float64); got {x.dtype}.")
         tb = batch_time_like(t, x)
         x_net = x / coefficient(self.sde.mean_coeff, t, x) if self.scale_input else x
         if self.prediction == "edm":
@@ -251,10 +254,18 @@ class ScoreModel(Model):
             x_net = x_net.to(dtype)
         if dtype is not None and time_in.is_floating_point():
             time_in = time_in.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
-        out = self.net(x_net, time_in, *args, **kwargs)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the network must return a tensor; got {type(out).__name__}.")
-        _check_output(out, x)
+        try:
+            out = self.net(x_net, time_in, *args, **kwargs)
+        except RuntimeError as err:  # a plain function closing over a network of another dtype, say
+            if "dtype" not in str(err) and "scalar type" not in str(err):
+                raise
+            raise TypeError(f"the model's network {_name(self.net)} failed on a {x_net.dtype} input: {err}. A plain "
+                            "function is called in the state's dtype; wrap the network itself in sdegen.ScoreModel "
+                            "(which casts to its parameters' dtype) or pass x_T in the network's dtype.") from err
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TypeError(f"the model's network {_name(self.net)} must return a tensor (floating-point); got {got}.")
+        _check_output(out, x, self.net)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _denoised(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -304,9 +315,15 @@ def _x0_from(prediction: str, out: torch.Tensor, x: torch.Tensor, m, s) -> torch
     raise ValueError(f"prediction must be one of ('score', 'eps', 'x0', 'v'); got {prediction!r}.")
 
 
-def _check_output(out: torch.Tensor, x: torch.Tensor) -> None:
+def _name(net: Any) -> str:
+    return getattr(net, "__name__", None) or type(net).__name__
+
+
+def _check_output(out: torch.Tensor, x: torch.Tensor, net: Any = None) -> None:
     if out.shape != x.shape:
-        raise ValueError(f"the network output must have x's shape {tuple(x.shape)}; got {tuple(out.shape)}.")
+        who = f"the model's network {_name(net)}" if net is not None else "the network output"
+        raise ValueError(f"{who} must return x's shape {tuple(x.shape)}; got {tuple(out.shape)} (outputs are not "
+                         "broadcast).")
 
 
 def output_to_score(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
@@ -348,10 +365,12 @@ def as_model(score: Any, sde: SDE) -> Model:
     :class:`sdegen.analytic.GaussianMixture`, whose exact score depends on the SDE); or a plain callable
     ``score(x, t)`` with t of shape (B,), taken as the score.
     """
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE instance (e.g. sdegen.VPSDE()); got {sde!r}.")
     if isinstance(score, Model):
         if not _same_sde(score.sde, sde):
-            raise ValueError(f"the model was built for {score.sde!r} but is used under {sde!r}; build the model "
-                             "with the SDE it is sampled with.")
+            raise ValueError(f"sde: the model was built for {score.sde!r} but is used under sde={sde!r}; build the "
+                             "model with the SDE it is sampled with.")
         return score
     if hasattr(score, "as_model"):
         return score.as_model(sde)

@@ -7,13 +7,16 @@ multiply device tensors without a host-device sync).
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._validate import check_int, check_number
 from .sde import SDE
 
 SCHEDULES = ("uniform", "log_snr", "edm", "quadratic", "few_step")
+PILOT = "pilot"  # the model-dependent schedule of :func:`pilot_grid`, resolved by :func:`sdegen.sample`
 
 
 def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "uniform", *,
@@ -26,7 +29,10 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
       - "edm": sigma_i = (sigma_max^(1/rho) + i/N (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho with
         sigma = s/m (Karras et al. 2022, eq. 5), rho = 7 by default;
       - "quadratic": equal steps in sqrt(t) (DDIM's quadratic spacing, Song et al. 2021a);
-      - "few_step": tuned for 5-50 steps of exponential integrators (see :func:`few_step_log_snr`);
+      - "few_step": a log-SNR grid with one jump to sigma = 10, tuned on unit-scale data (mixtures whose means
+        are a few units apart) for 5-50 steps of exponential integrators; it does not carry over to data of other
+        scales (see :func:`few_step_log_snr`), where "log_snr" or the model-dependent "pilot" grid of
+        :func:`pilot_grid` (``sdegen.sample(..., schedule="pilot")``) are the choices;
       - a 1-D tensor of explicit times: validated (strictly decreasing, inside [0, T]) and returned as float64.
     """
     if isinstance(schedule, torch.Tensor):
@@ -34,12 +40,11 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
             raise ValueError("t_min / t_max apply to named schedules; an explicit grid of times runs from its first "
                              "to its last entry: leave t_min and t_max unset.")
         return check_grid(sde, schedule)
-    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-        raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
-    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho must be a finite number > 0; got {rho!r}.")
-    t_min = sde.t_min if t_min is None else float(t_min)
-    t_max = sde.T if t_max is None else float(t_max)
+    check_sde(sde)
+    check_int(steps, "steps", lo=1)
+    check_number(rho, "rho", lo=0.0, lo_open=True)
+    t_min = sde.t_min if t_min is None else check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True)
+    t_max = sde.T if t_max is None else check_number(t_max, "t_max", lo=0.0, hi=sde.T, lo_open=True)
     if not (0.0 < t_min < t_max <= sde.T):
         raise ValueError(f"need 0 < t_min < t_max <= T={sde.T:g}; got t_min={t_min!r}, t_max={t_max!r}.")
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
@@ -57,8 +62,12 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
     elif schedule == "quadratic":
         r = ends.sqrt()
         ts = (r[0] + u * (r[1] - r[0])) ** 2
+    elif schedule == PILOT:
+        raise ValueError("the 'pilot' schedule depends on the model: pass schedule='pilot' to sdegen.sample, or "
+                         "compute it with sdegen.schedules.pilot_grid(sde, model, steps, shape).times.")
     else:
-        raise ValueError(f"schedule must be one of {SCHEDULES} or a tensor of times; got {schedule!r}.")
+        raise ValueError(f"schedule must be one of {SCHEDULES}, {PILOT!r} (with a model) or a tensor of times; "
+                         f"got {schedule!r}.")
     ts[0], ts[-1] = t_max, t_min  # exact end points despite round-off in the inverse maps
     return ts
 
@@ -82,13 +91,91 @@ def few_step_log_snr(lam_ends: torch.Tensor, steps: int, sigma_jump: float = 10.
     return torch.cat([head[:-1], lam_jump + f * (lam_ends[1] - lam_jump)])
 
 
+@dataclass
+class PilotGrid:
+    """A grid from :func:`pilot_grid`: ``times`` (steps + 1 float64 times from t_max to t_min), the pilot's cost
+    ``nfe`` (its batched model calls, each on ``batch`` examples) and its accepted times ``pilot_times``."""
+
+    times: torch.Tensor
+    nfe: int
+    batch: int
+    pilot_times: torch.Tensor
+
+
+PILOT_ORDER = 3  # the pilot's predictor order: its corrected steps have local error O(h^4)
+
+
+def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order: int = 3, batch: int = 64,
+               rtol: float = 1e-3, atol: float = 1e-3, seed: int = 0, t_min: Optional[float] = None,
+               t_max: Optional[float] = None, dtype: torch.dtype = torch.float64, device=None) -> PilotGrid:
+    """A grid of ``steps`` steps for a fixed-step sampler of global ``order``, laid out as the adaptive solver lays
+    out its own steps on this model: no constant of the data or of the SDE enters.
+
+    A pilot run of the adaptive exponential multistep solver (``method="adaptive"``, order 3, error control as in
+    :class:`sdegen.samplers.AdaptiveMultistep`) takes ``batch`` draws of shape (batch, *shape) from the prior
+    (seeded by ``seed``) from t_max to t_min at tolerances ``rtol``/``atol``. Its controller keeps the local error
+    of each accepted step u_k -> u_k + h_k (u = log(m/s)) at the tolerance, C(u) h^{p+1} = tol with p = 3, so
+    1/h(u) = (C(u)/tol)^{1/(p+1)} is a step density. A fixed-step method of order q with N steps has the smallest
+    global error when its local errors C h^{q+1} are equal (equidistribution, Hairer, Norsett & Wanner, "Solving
+    ODEs I", section II.4), i.e. at density proportional to C^{1/(q+1)} = (1/h)^{(p+1)/(q+1)}. The density is
+    taken constant on each pilot step, integrated in u, and its integral divided into ``steps`` equal parts.
+
+    Cost: the pilot's model calls (``PilotGrid.nfe``, typically 30-60 at the default tolerance), each on ``batch``
+    examples; :func:`sdegen.sample` with ``schedule="pilot"`` reports them as ``SampleInfo.pilot_nfe`` and runs
+    the pilot on every call: to reuse a grid, compute it once and pass ``PilotGrid.times`` as the schedule.
+    """
+    from .sampling import sample  # the driver imports this module
+
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
+    if not (isinstance(order, int) and not isinstance(order, bool) and order >= 1):
+        raise ValueError(f"order must be an int >= 1 (the global order of the sampler the grid is for); got {order!r}.")
+    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+        raise ValueError(f"batch must be an int >= 1; got {batch!r}.")
+    ends = time_grid(sde, 1, "uniform", t_min=t_min, t_max=t_max)
+    x = sde.prior_sample((batch,) + tuple(shape), seed=seed, dtype=dtype, device=device)
+    _, info = sample(sde, model, x, method="adaptive", order=PILOT_ORDER, rtol=rtol, atol=atol, schedule=ends,
+                     return_info=True)
+    accepted = torch.tensor(info.sampler.stats["times"], dtype=torch.float64)
+    times = grid_from_step_sizes(sde, accepted, steps, power=(PILOT_ORDER + 1) / (order + 1))
+    return PilotGrid(times=times, nfe=info.nfe, batch=batch, pilot_times=accepted)
+
+
+def grid_from_step_sizes(sde: SDE, ts: torch.Tensor, steps: int, power: float = 1.0) -> torch.Tensor:
+    """``steps`` steps placed with density (1/h)^power in u = log(m/s), h the local step sizes of the grid ``ts``
+    (constant on each of its steps): the points where the integral of the density reaches k/steps of its total.
+    power = 1 re-spaces ``ts`` itself to ``steps`` steps (piecewise linearly in u)."""
+    ts = check_grid(sde, ts, "ts")
+    if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
+        raise ValueError(f"power must be a finite number >= 0; got {power!r}.")
+    u = 0.5 * sde.log_snr(ts)
+    h = u[1:] - u[:-1]
+    mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(h.pow(1.0 - power), 0)])
+    target = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64) * mass[-1]
+    k = torch.searchsorted(mass, target, right=True).clamp(1, len(mass) - 1)
+    frac = ((target - mass[k - 1]) / (mass[k] - mass[k - 1])).clamp(0.0, 1.0)
+    out = sde.t_from_log_snr(2.0 * (u[k - 1] + frac * h[k - 1]))
+    out[0], out[-1] = ts[0], ts[-1]  # exact end points despite round-off in the inverse map
+    return out
+
+
+def resolve_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor], *, t_min: Optional[float], model: Any,
+                 x: torch.Tensor, order: int) -> Tuple[torch.Tensor, int]:
+    """The driver's grid: (times, model calls spent finding them). "pilot" runs :func:`pilot_grid` for a sampler of
+    ``order`` on draws shaped like ``x``; every other schedule is :func:`time_grid`'s and costs no call."""
+    if isinstance(schedule, str) and schedule == PILOT:
+        grid = pilot_grid(sde, model, steps, tuple(x.shape[1:]), order=order, t_min=t_min, dtype=x.dtype,
+                          device=x.device)
+        return grid.times, grid.nfe
+    return time_grid(sde, steps, schedule, t_min=t_min), 0
+
+
 def refine_grid(sde: SDE, ts: torch.Tensor, factor: int = 2) -> torch.Tensor:
     """Split every step of the grid ``ts`` into ``factor`` equal steps in log-SNR: a grid of
     factor * (len(ts) - 1) steps through all of the old times (a warm start for fitting a finer grid with
     :func:`sdegen.optimize_schedule`, coarse to fine)."""
-    ts = check_grid(sde, ts)
-    if not (isinstance(factor, int) and factor >= 1):
-        raise ValueError(f"factor must be an int >= 1; got {factor!r}.")
+    ts = check_grid(sde, ts, "ts")
+    check_int(factor, "factor", lo=1)
     lam = sde.log_snr(ts)
     frac = torch.arange(factor, dtype=torch.float64) / factor
     fine = (lam[:-1, None] + frac * (lam[1:] - lam[:-1])[:, None]).reshape(-1)
@@ -97,15 +184,30 @@ def refine_grid(sde: SDE, ts: torch.Tensor, factor: int = 2) -> torch.Tensor:
     return torch.cat([out, ts[-1:]])
 
 
-def check_grid(sde: SDE, ts: torch.Tensor) -> torch.Tensor:
-    """Validate an explicit time grid: 1-D, at least two times, strictly decreasing, inside (0, T]."""
-    ts = torch.as_tensor(ts).detach().to(device="cpu", dtype=torch.float64)
+def check_grid(sde: SDE, ts: torch.Tensor, name: str = "schedule") -> torch.Tensor:
+    """Validate an explicit time grid (the argument ``name``): 1-D, at least two times, finite, strictly
+    decreasing, inside (0, T]; returns it as a float64 CPU tensor."""
+    check_sde(sde)
+    if isinstance(ts, (list, tuple)):
+        ts = torch.as_tensor(ts, dtype=torch.float64)
+    if not isinstance(ts, torch.Tensor) or ts.is_complex():
+        raise TypeError(f"{name} must be a 1-D real tensor of times; got {type(ts).__name__}.")
+    ts = ts.detach().to(device="cpu", dtype=torch.float64)
     if ts.ndim != 1 or ts.numel() < 2:
-        raise ValueError(f"an explicit time grid must be 1-D with at least 2 times; got shape {tuple(ts.shape)}.")
+        raise ValueError(f"{name}: an explicit time grid must be 1-D with at least 2 times; got shape "
+                         f"{tuple(ts.shape)}.")
     if not bool(torch.isfinite(ts).all()):
-        raise ValueError(f"an explicit time grid must hold finite times; got {ts.tolist()[:8]}.")
+        raise ValueError(f"{name}: an explicit time grid must hold finite times; got {ts.tolist()[:8]}.")
     if bool((ts[1:] >= ts[:-1]).any()):
-        raise ValueError("an explicit time grid must be strictly decreasing (from near T down to t_min).")
+        raise ValueError(f"{name}: an explicit time grid must be strictly decreasing (from near T down to t_min); "
+                         f"got {ts.tolist()[:8]}.")
     if not (0.0 < float(ts[-1]) and float(ts[0]) <= sde.T):
-        raise ValueError(f"grid times must lie in (0, T={sde.T:g}]; got [{float(ts[-1]):g}, {float(ts[0]):g}].")
+        raise ValueError(f"{name}: grid times must lie in (0, T={sde.T:g}]; got [{float(ts[-1]):g}, "
+                         f"{float(ts[0]):g}].")
     return ts
+
+
+def check_sde(sde: SDE) -> SDE:
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE (e.g. sdegen.VPSDE()); got {type(sde).__name__}.")
+    return sde

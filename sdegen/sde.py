@@ -373,9 +373,11 @@ class VPSDE(SDE):
         if schedule != "linear":
             valid = "'linear' or 'cosine'" if type(self) is VPSDE else "'linear'"
             raise ValueError(f"schedule of {type(self).__name__} must be {valid}; got {schedule!r}.")
-        if not (isinstance(beta_min, (int, float)) and math.isfinite(beta_min) and beta_min >= 0):
+        if isinstance(beta_min, bool) or not (isinstance(beta_min, (int, float)) and math.isfinite(beta_min)
+                                              and beta_min >= 0):
             raise ValueError(f"beta_min must be a finite number >= 0; got {beta_min!r}.")
-        if not (isinstance(beta_max, (int, float)) and math.isfinite(beta_max) and beta_max > beta_min):
+        if isinstance(beta_max, bool) or not (isinstance(beta_max, (int, float)) and math.isfinite(beta_max)
+                                              and beta_max > beta_min):
             raise ValueError(f"beta_min must be < beta_max (both finite); got beta_min={beta_min!r}, "
                              f"beta_max={beta_max!r}.")
         self.T, self.t_min = _check_span(1.0 if T is None else T, t_min, 1.0)

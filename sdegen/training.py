@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import nn
 
+from ._validate import check_flag
 from .nets import build_net
 from .models import ScoreModel
 from .sde import SDE, VESDE, SubVPSDE, VPSDE
@@ -373,12 +374,30 @@ def build_model(config: Dict[str, Any]) -> nn.Module:
     raise ValueError(f"config must come from model_config (kind 'ScoreModel' or 'net'); got kind {config.get('kind')!r}.")
 
 
+def _check_path(path: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike file name; got {type(path).__name__} {path!r}.")
+
+
 def save_checkpoint(path: str, model: nn.Module, *, ema: Optional[EMA] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None, config: Optional[Dict[str, Any]] = None,
                     extra: Optional[Dict[str, Any]] = None, is_main: bool = True) -> None:
     """Write {config, model state, EMA state, optimizer state, extra} to ``path`` (plain data and tensors only,
     so :func:`load_checkpoint` can read it with ``weights_only=True``). Only the main process writes; the file
-    appears atomically (written to a temporary name, then renamed)."""
+    appears atomically (written to a temporary name, then renamed).
+
+    Raises TypeError for a ``path`` that is not a str or os.PathLike, a ``model`` that is not a torch.nn.Module, an
+    ``ema`` that is not an :class:`EMA`, an ``optimizer`` that is not a torch optimizer, or ``config``/``extra``
+    that are not dicts; ValueError (from :func:`model_config`) for a model that cannot describe itself."""
+    check_flag(is_main, "is_main")
+    _check_path(path)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a ScoreModel or a network of sdegen.nets); got "
+                        f"{type(model).__name__}.")
+    for name, value, kind in (("ema", ema, EMA), ("optimizer", optimizer, torch.optim.Optimizer),
+                              ("config", config, dict), ("extra", extra, dict)):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{name} must be a {kind.__name__} or None; got {type(value).__name__}.")
     if not is_main:
         return
     state = {"config": config if config is not None else model_config(model), "model": model.state_dict(),
@@ -393,10 +412,31 @@ def save_checkpoint(path: str, model: nn.Module, *, ema: Optional[EMA] = None,
 def load_checkpoint(path: str, *, map_location=None, use_ema: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild the model saved by :func:`save_checkpoint` and load its weights (the EMA weights when present and
     ``use_ema``). Reads with ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
-    Returns (model in eval mode, the raw checkpoint dict)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    Returns (model in eval mode, the raw checkpoint dict).
+
+    Raises FileNotFoundError naming ``path`` when there is no such file, and ValueError naming it when the file is
+    not a checkpoint written by :func:`save_checkpoint` (not a torch file, or not a dict with its "config" and
+    "model" entries); TypeError for a ``use_ema`` that is not a bool."""
+    _check_path(path)
+    check_flag(use_ema, "use_ema")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path {os.fspath(path)!r}: no such checkpoint file.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors alike mean "not a checkpoint"
+        raise ValueError(f"path {os.fspath(path)!r} is not an sdegen checkpoint (torch.load failed: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).") from err
+    missing = [k for k in ("config", "model") if not (isinstance(state, dict) and k in state)]
+    if missing:
+        got = f"a dict with keys {sorted(state)[:8]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise ValueError(f"path {os.fspath(path)!r} is not an sdegen checkpoint: it holds {got}, without "
+                         f"{missing} (write checkpoints with sdegen.save_checkpoint).")
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"config: the checkpoint's config must be a dict from model_config; got "
+                         f"{type(state['config']).__name__}.")
     model = build_model(state["config"])
-    weights = state["ema"]["module"] if (use_ema and state.get("ema") is not None) else state["model"]
+    ema = state.get("ema")
+    weights = ema["module"] if (use_ema and isinstance(ema, dict) and "module" in ema) else state["model"]
     model.load_state_dict(weights)
     if map_location is not None:
         model.to(map_location)

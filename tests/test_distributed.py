@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 import sdegen
 from sdegen import distributed as sd
+from sdegen.likelihood import default_t_min
 
 WORLD = 2
 SEED = 11
@@ -140,7 +141,7 @@ def test_gathered_log_likelihoods_equal_one_process(run):
     one = sd.log_likelihood_sharded(sde, gm, x, seed=SEED, batch_size=BATCH, **_lik_adaptive(gm, sde))
     torch.testing.assert_close(ranks[0]["adaptive"], one["log_prob"], rtol=0, atol=1e-10)
     torch.testing.assert_close(ranks[0]["adaptive_bpd"], one["bpd"], rtol=0, atol=1e-10)
-    exact = gm.log_prob(x, torch.tensor(sde.t_min, dtype=torch.float64), sde)
+    exact = gm.log_prob(x, torch.tensor(default_t_min(sde), dtype=torch.float64), sde)  # log_likelihood's t_min
     torch.testing.assert_close(ranks[0]["adaptive"], exact, rtol=0, atol=1e-4)
 
 
@@ -212,7 +213,7 @@ def test_errors(tmp_path):
         sd.shard_chunks(4, 2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="no shard files"):
         sd.load_shards(str(tmp_path))
-    sd.sample_sharded(sde, gm, 3, (2,), seed=1, batch_size=2, steps=2, shard_dir=str(tmp_path))
+    sd.sample_sharded(sde, gm, 3, (2,), seed=1, batch_size=2, method="euler", steps=2, shard_dir=str(tmp_path))
     os.remove(tmp_path / "samples-00000-of-00001.pt")
     torch.save({"indices": torch.tensor([0]), "num_examples": 3, "world_size": 1, "value/samples": torch.zeros(1, 2)},
                tmp_path / "samples-00000-of-00001.pt")

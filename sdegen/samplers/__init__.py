@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Union
 
+from .._validate import accepted_keywords, check_options
 from .base import Context, Solver, StepSampler
 from .sde_view import (Ancestral, AnnealedLangevin, Euler, EulerMaruyama, PredictorCorrector, ReverseDiffusion,
                        langevin_step)
@@ -74,6 +75,7 @@ def get_sampler(method: Union[str, Any], **kwargs):
         return method
     if method not in SAMPLERS:
         raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(sorted(SAMPLERS))}.")
+    check_options(kwargs, accepted_keywords(SAMPLERS[method]), f"method {method!r}")
     try:
         return SAMPLERS[method](**kwargs)
     except TypeError as err:

@@ -155,9 +155,11 @@ from u to u' = u + h, with c = 1 + lam, is
     def __init__(self, predictor_order: int = 2, corrector_order: int = 0, eta: float = 0.0, noise: str = "sde",
                  midpoint: bool = False, lower_order_final: bool = False, s_tmin: float = 0.0,
                  s_tmax: float = math.inf):
-        if predictor_order not in (1, 2, 3, 4):
+        if isinstance(predictor_order, bool) or not isinstance(predictor_order, int) or \
+                predictor_order not in (1, 2, 3, 4):
             raise ValueError(f"predictor_order must be 1, 2, 3 or 4; got {predictor_order!r}.")
-        if corrector_order not in (0, 1, 2, 3, 4):
+        if isinstance(corrector_order, bool) or not isinstance(corrector_order, int) or \
+                corrector_order not in (0, 1, 2, 3, 4):
             raise ValueError(f"corrector_order must be 0 (no corrector), 1, 2, 3 or 4; got {corrector_order!r}.")
         if noise not in NOISE_RULES:
             raise ValueError(f"noise must be one of {NOISE_RULES}; got {noise!r}.")
@@ -251,7 +253,7 @@ class DPMSolverPP(ExponentialAdams):
     order 3 integrates the quadratic through the last three denoised values exactly, as DEIS)."""
 
     def __init__(self, order: int = 2, lower_order_final: bool = False):
-        if order not in (1, 2, 3):
+        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
         super().__init__(predictor_order=order, midpoint=order == 2, lower_order_final=lower_order_final)
 
@@ -265,7 +267,7 @@ class ExponentialPC(ExponentialAdams):
     ``self.order`` is ``order`` + 1."""
 
     def __init__(self, order: int = 2):
-        if order not in (1, 2, 3):
+        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
         super().__init__(predictor_order=order, corrector_order=order + 1)
 
