@@ -19,10 +19,15 @@ _LOW_PRECISION_HINT = (" A network in low precision runs under a float32 state: 
                        "network's parameter dtype and its outputs back.")
 
 
-def _interval(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool) -> str:
-    left = "(" if lo is None or lo_open else "["
-    right = ")" if hi is None or hi_open else "]"
-    return f"{left}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}{right}"
+def _interval(lo: Optional[float], hi: Optional[float], lo_open: bool = False, hi_open: bool = False) -> str:
+    """The condition on a number in words: ">= 0", "< 1", "in (0, 1]" or "" (any value)."""
+    if lo is None and hi is None:
+        return ""
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
 
 def check_number(value: Any, name: str, *, lo: Optional[float] = None, hi: Optional[float] = None,
@@ -33,17 +38,16 @@ def check_number(value: Any, name: str, *, lo: Optional[float] = None, hi: Optio
     """
     if value is None and none_ok:
         return None
-    where = _interval(lo, hi, lo_open, hi_open)
+    what = f"a finite number {_interval(lo, hi, lo_open, hi_open)}".rstrip() + (" or None" if none_ok else "")
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number in {where}{' or None' if none_ok else ''}; got "
-                        f"{type(value).__name__} {value!r}.{hint}")
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r}.{hint}")
     v = float(value)
     ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
         (hi is None or (v < hi if hi_open else v <= hi))
     if not ok:
-        raise ValueError(f"{name} must be a finite number in {where}; got {value!r}.{hint}")
+        raise ValueError(f"{name} must be {what}; got {value!r}.{hint}")
     return v
 
 
@@ -52,12 +56,11 @@ def check_int(value: Any, name: str, *, lo: Optional[int] = None, hi: Optional[i
     """An int (not a bool, not a float such as 2.0) in [lo, hi]; returns it."""
     if value is None and none_ok:
         return None
-    where = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+    what = f"an int {_interval(lo, hi)}".rstrip() + (" or None" if none_ok else "")
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int in {where}{' or None' if none_ok else ''}; got "
-                        f"{type(value).__name__} {value!r}.{hint}")
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r}.{hint}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be an int in {where}; got {value!r}.{hint}")
+        raise ValueError(f"{name} must be {what}; got {value!r}.{hint}")
     return int(value)
 
 

@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import math
 from numbers import Real
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from ._util import Time, batch_time, bcast
-from ._validate import check_int, check_tensor
+from ._validate import check_int, check_number, check_tensor
 from .models import Model, ScoreModel, as_model
 from .analytic import GaussianMixture
 from .samplers import StepSampler, get_sampler, register_sampler
@@ -28,10 +27,9 @@ Labels = Union[int, torch.Tensor]
 
 
 def _check_scale(scale, name: str) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, Real) or math.isnan(scale) or not math.isfinite(scale) \
-            or scale < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {scale!r}.")
-    return float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, Real):  # a ValueError, as for a negative scale
+        raise ValueError(f"{name} must be a finite number >= 0; got {type(scale).__name__} {scale!r}.")
+    return check_number(scale, name, lo=0.0)
 
 
 def _num_classes(obj) -> Optional[int]:

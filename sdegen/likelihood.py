@@ -23,7 +23,7 @@ import torch
 
 from ._deprecation import renamed
 from ._util import batch_time, check_finite_tensor
-from ._validate import check_callable, check_flag, check_int, check_number, check_tensor
+from ._validate import check_callable, check_choice, check_flag, check_int, check_number, check_tensor
 from .models import as_model
 from .backends import ODE_METHODS, is_adaptive_ode_method, solve_augmented
 from .errors import SolverError, check_on_failure, scatter_rows, solve_without_failures
@@ -124,10 +124,8 @@ def _check_x(x: torch.Tensor) -> None:
 def _check_options(divergence: str, probes: int, probe: Tuple[str, str], solver: Tuple[str, str], rtol: float,
                    atol: float, max_steps: int) -> None:
     """Validate the options; ``probe`` and ``solver`` are (value, the name the caller gave it under)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}; got {divergence!r}.")
-    if not (isinstance(probes, int) and not isinstance(probes, bool) and probes >= 1):
-        raise ValueError(f"probes must be a positive int (Hutchinson probes per example); got {probes!r}.")
+    check_choice(divergence, "divergence", DIVERGENCES)
+    check_int(probes, "probes", lo=1, hint=" (Hutchinson probes per example)")
     if probe[0] not in PROBE_KINDS:
         raise ValueError(f"{probe[1]} must be one of {PROBE_KINDS} (the law of the Hutchinson probes); "
                          f"got {probe[0]!r}.")

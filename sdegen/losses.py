@@ -19,7 +19,7 @@ import torch
 
 from ._deprecation import renamed
 from ._util import batch_time, bcast
-from ._validate import check_flag, check_tensor
+from ._validate import check_choice, check_flag, check_int, check_number, check_tensor
 from .sde import SDE
 
 Gen = Union[int, torch.Generator, None]
@@ -75,11 +75,9 @@ def sample_time(sde: SDE, n: int, *, seed: Gen = None, importance: bool = False,
     The weight 1 / (p(t) (T - t_min)) keeps every loss an unbiased estimate of its uniform-t value.
     ``seed``: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
     """
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"n must be a positive int; got {n!r}.")
-    t_min = sde.t_min if t_min is None else float(t_min)
-    if not (0.0 < t_min < sde.T):
-        raise ValueError(f"t_min must lie in (0, T={sde.T:g}); got {t_min!r}.")
+    check_int(n, "n", lo=1)
+    t_min = sde.t_min if t_min is None else check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True,
+                                                         hi_open=True)
     u = _rand(n, _generator("sample_time", seed, generator))
     if not importance:
         return t_min + u * (sde.T - t_min), torch.ones(n, dtype=torch.float64, device=u.device)
@@ -205,10 +203,8 @@ def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Op
     One Jacobian-vector product per projection; the graph is kept so the loss can be backpropagated.
     ``seed`` (``generator``: deprecated) draws t, the noise and the projections, as in :func:`dsm_loss`.
     """
-    if projection not in ("gaussian", "rademacher"):
-        raise ValueError(f"projection must be 'gaussian' or 'rademacher'; got {projection!r}.")
-    if not (isinstance(n_projections, int) and n_projections >= 1):
-        raise ValueError(f"n_projections must be an int >= 1; got {n_projections!r}.")
+    check_choice(projection, "projection", ("gaussian", "rademacher"))
+    check_int(n_projections, "n_projections", lo=1)
     sde = _sde_of(model, sde)
     _check_batch(x0, return_per_example=return_per_example)
     gen = _generator("sliced_score_matching_loss", seed, generator)
@@ -241,8 +237,7 @@ def classifier_loss(classifier: Callable, sde: SDE, x0: torch.Tensor, y: torch.T
     _check_batch(x0, return_per_example=return_per_example)
     if not isinstance(y, torch.Tensor) or y.shape != (x0.shape[0],) or y.is_floating_point():
         raise ValueError(f"y must be an integer tensor of shape ({x0.shape[0]},); got {getattr(y, 'shape', y)!r}.")
-    if not (0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing!r}.")
+    check_number(label_smoothing, "label_smoothing", lo=0.0, hi=1.0, hi_open=True)
     gen = _generator("classifier_loss", seed, generator)
     t, iw = _times(sde, x0, t, gen, False, t_min)
     x_t = sde.perturb(x0, t, _randn(x0.shape, gen, x0))

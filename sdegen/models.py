@@ -22,13 +22,12 @@ the state's dtype.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional, Union
 
 import torch
 
 from ._util import Time, batch_time, bcast
-from ._validate import check_int, check_number
+from ._validate import check_choice, check_flag, check_int, check_number
 from .sde import SDE
 
 PREDICTIONS = ("score", "eps", "x0", "v", "flow", "edm")
@@ -164,8 +163,7 @@ class ScoreModel(Model):
         super().__init__(sde)
         if not callable(net):
             raise TypeError(f"net must be a callable network net(x, time_input, ...); got {type(net).__name__}.")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}.")
+        check_choice(prediction, "prediction", PREDICTIONS)
         if time_input is None:
             time_input = "c_noise" if prediction == "edm" else "t"
         elif not callable(time_input) and time_input not in TIME_INPUTS:
@@ -176,10 +174,8 @@ class ScoreModel(Model):
         if time_input == "timestep" and not hasattr(sde, "timestep"):
             raise ValueError(f"time_input='timestep' needs an SDE with discrete timesteps (sdegen.DiscreteVPSDE); "
                              f"got {type(sde).__name__}.")
-        if not isinstance(scale_input, bool):
-            raise TypeError(f"scale_input must be a bool; got {scale_input!r}.")
-        if preconditioning not in PRECONDITIONINGS:
-            raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}; got {preconditioning!r}.")
+        check_flag(scale_input, "scale_input")
+        check_choice(preconditioning, "preconditioning", PRECONDITIONINGS)
         check_number(sigma_data, "sigma_data", lo=0.0, lo_open=True)
         check_int(M, "M", lo=1, hint=" (the number of VP timesteps of preconditioning='vp')")
         self.net, self.prediction, self.time_input, self.num_steps = net, prediction, time_input, num_steps
