@@ -642,10 +642,13 @@ def test_step_limit_messages_agree_with_their_numbers():
     """A step limit never claims a tolerance was missed while it prints a ratio below 1."""
     import re
 
-    for method, kw in (("adaptive", {"max_steps": 3}), ("adaptive_rk23", {"max_steps": 3}),
-                       ("ode", {"max_steps": 3})):
+    runs = [lambda m=m: sdegen.sample(VP, RING, x4(), method=m, rtol=1e-9, atol=1e-9, max_steps=3)
+            for m in ("adaptive", "adaptive_rk23", "ode")]
+    runs.append(lambda: sdegen.log_likelihood(VP, RING, x4(torch.float64), divergence="exact", rtol=1e-9,
+                                              atol=1e-9, t_min=1e-3, max_steps=3))
+    for run in runs:
         with pytest.raises(SolverError) as info:
-            sdegen.sample(VP, RING, x4(), method=method, rtol=1e-9, atol=1e-9, **kw)
+            run()
         msg = str(info.value)
         assert "max_steps=3" in msg and "did not meet" not in msg
         for claim in re.finditer(r"exceeded 1[^(]*\(worst ([0-9.e+-]+)\)", msg):
