@@ -1,4 +1,5 @@
-"""Tests of sdegen.schedules.refine_grid (the other schedules are tested with the sampling driver)."""
+"""Tests of sdegen.schedules: refine_grid, grids from step densities and the pilot grid (the fixed named schedules
+are tested with the sampling driver)."""
 
 import pytest
 import torch
@@ -28,3 +29,72 @@ def test_refine_grid_rejects_bad_input():
         refine_grid(sde, sdegen.time_grid(sde, 4), 0)
     with pytest.raises(ValueError, match="decreasing"):
         refine_grid(sde, torch.tensor([0.1, 0.5]))
+
+
+# ---------------------------------------------------------------- grids from step sizes and the pilot grid
+from sdegen.schedules import grid_from_step_sizes, pilot_grid  # noqa: E402
+
+
+@pytest.mark.parametrize("sde", [sdegen.VPSDE(), sdegen.VESDE()])
+def test_equal_steps_give_the_log_snr_grid_at_any_power(sde):
+    """A grid of equal steps in u has a constant density whatever the power: re-spaced to N steps it is the
+    N-step log-SNR grid."""
+    pilot = sdegen.time_grid(sde, 13, "log_snr")
+    for power in (0.0, 0.8, 1.0, 4.0 / 3.0):
+        out = grid_from_step_sizes(sde, pilot, 7, power)
+        torch.testing.assert_close(sde.log_snr(out), sde.log_snr(sdegen.time_grid(sde, 7, "log_snr")),
+                                   rtol=0, atol=1e-9)
+        assert out[0] == pilot[0] and out[-1] == pilot[-1]
+
+
+def test_step_density_is_inverse_step_size_to_the_power():
+    """Two stretches of equal length L in u, stepped with h1 = L/2 and h2 = L/8: the density (1/h)^p puts
+    N h1^-p / (h1^-p + h2^-p) of the N new steps in the first, evenly; p = 1 re-spaces (here: keeps) the grid."""
+    sde = sdegen.VPSDE()
+    lam = sde.log_snr(torch.tensor([sde.T, sde.t_min], dtype=torch.float64))
+    u0, u1 = 0.5 * float(lam[0]), 0.5 * float(lam[1])
+    L = (u1 - u0) / 2
+    us = [u0, u0 + L / 2, u0 + L] + [u0 + L + k * L / 8 for k in range(1, 9)]
+    ts = sde.t_from_log_snr(2.0 * torch.tensor(us, dtype=torch.float64))
+    ts[0], ts[-1] = sde.T, sde.t_min
+    same = grid_from_step_sizes(sde, ts, 10, 1.0)
+    torch.testing.assert_close(0.5 * sde.log_snr(same), torch.tensor(us, dtype=torch.float64), rtol=0, atol=1e-9)
+    # p = 0.5: weights h^(1 - p) per step = (L/2)^0.5 * 2 and (L/8)^0.5 * 8, i.e. 1 : 2 -> 4 of 12 steps in the first
+    half = 0.5 * sde.log_snr(grid_from_step_sizes(sde, ts, 12, 0.5))
+    expect = torch.tensor([u0 + k * L / 4 for k in range(4)] + [u0 + L + k * L / 8 for k in range(9)],
+                          dtype=torch.float64)
+    torch.testing.assert_close(half, expect, rtol=0, atol=1e-9)
+
+
+def test_pilot_grid_cost_is_reported_and_the_run_uses_its_grid():
+    """schedule="pilot" in sample() runs pilot_grid for the sampler's order: the same times, its model calls in
+    SampleInfo.pilot_nfe (not in nfe), the caller's state untouched; the pilot's own steps are unequal in u
+    (the grid adapts to the problem)."""
+    sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    grid = pilot_grid(sde, mix, 12, (2,), order=3)
+    assert grid.nfe >= len(grid.pilot_times) - 1 and grid.batch == 64
+    assert grid.times.shape == (13,) and bool((grid.times[1:] < grid.times[:-1]).all())
+    assert grid.times[0] == sde.T and grid.times[-1] == sde.t_min
+    x_T = sde.prior_sample((16, 2), seed=3, dtype=torch.float64)
+    before = x_T.clone()
+    x, info = sdegen.sample(sde, mix, x_T, method="exp_pc", order=2, steps=12, schedule="pilot", return_info=True)
+    assert torch.equal(x_T, before) and info.nfe == 12 and info.pilot_nfe == grid.nfe
+    torch.testing.assert_close(info.times, grid.times, rtol=0, atol=0)
+    fixed = sdegen.sample(sde, mix, x_T, method="exp_pc", order=2, steps=12, schedule=grid.times)
+    torch.testing.assert_close(x, fixed, rtol=0, atol=0)
+    _, plain = sdegen.sample(sde, mix, x_T, method="exp_pc", order=2, steps=12, return_info=True)
+    assert plain.pilot_nfe == 0
+    h = (0.5 * sde.log_snr(grid.pilot_times)).diff()
+    assert float(h.max() / h.min()) > 2.0  # the pilot's steps are not equal in u: the grid adapts
+
+
+def test_pilot_schedule_needs_a_model_and_valid_arguments():
+    sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    with pytest.raises(ValueError, match="pilot"):
+        sdegen.time_grid(sde, 10, "pilot")
+    with pytest.raises(ValueError, match="order"):
+        pilot_grid(sde, mix, 10, (2,), order=0)
+    with pytest.raises(ValueError, match="batch"):
+        pilot_grid(sde, mix, 10, (2,), batch=0)
+    with pytest.raises(ValueError, match="power"):
+        grid_from_step_sizes(sde, sdegen.time_grid(sde, 4), 3, -1.0)

@@ -5,7 +5,7 @@ Families, one module each:
 - :mod:`.sde_view`: discretisations of the reverse SDE / probability-flow ODE in x and t (Euler, Euler-Maruyama,
   reverse diffusion, ancestral, predictor-corrector, annealed Langevin);
 - :mod:`.exponential`: exponential integrators in y = x/m and u = -log sigma (DDIM, DPM-Solver++ 2M/3M and their
-  SDE variants, the exponential predictor-corrector, SA-Solver);
+  SDE variants, the exponential predictor-corrector, SA-Solver, UniPC);
 - :mod:`.karras`: EDM's sigma-view samplers (Heun, Euler ancestral) and the single-step DPM-Solver;
 - :mod:`.adaptive`: adaptive step-size control in u;
 - :mod:`sdegen.backends`: torchdiffeq ("ode") and torchsde ("sde").
@@ -23,7 +23,7 @@ from .base import Context, Solver, StepSampler
 from .sde_view import (Ancestral, AnnealedLangevin, Euler, EulerMaruyama, PredictorCorrector, ReverseDiffusion,
                        langevin_step)
 from .exponential import (DDIM, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, ExponentialAdams, ExponentialPC,
-                          SASolver, exp_moments, exp_poly_integral, exp_poly_weights)
+                          SASolver, UniPC, exp_moments, exp_poly_integral, exp_poly_weights)
 from .karras import DPMSolver, EulerAncestral, Heun
 from .adaptive import AdaptiveExponential, AdaptiveMultistep
 from ..backends import ODESolver, SDESolver
@@ -47,6 +47,7 @@ SAMPLERS: Dict[str, Callable[..., Any]] = {
     "exp_pc": ExponentialPC,
     "exp_adams": ExponentialAdams,
     "sa_solver": SASolver,
+    "unipc": UniPC,
     "adaptive": AdaptiveMultistep,
     "adaptive_rk23": AdaptiveExponential,
     "ode": ODESolver,
@@ -85,6 +86,6 @@ def get_sampler(method: Union[str, Any], **kwargs):
 __all__ = ["SAMPLERS", "Context", "Solver", "StepSampler", "get_sampler", "register_sampler", "Ancestral",
            "AnnealedLangevin", "Euler", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "langevin_step",
            "DDIM", "ExponentialAdams", "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC",
-           "SASolver", "DPMSolver",
+           "SASolver", "UniPC", "DPMSolver",
            "EulerAncestral", "Heun", "AdaptiveExponential", "AdaptiveMultistep", "ODESolver", "SDESolver",
            "exp_moments", "exp_poly_integral", "exp_poly_weights"]

@@ -319,3 +319,80 @@ class DPMSolverPP3MSDE(SASolver):
 
     def __repr__(self) -> str:
         return f"DPMSolverPP3MSDE(eta={self.eta})"
+
+
+B_FUNCTIONS = ("bh1", "bh2")
+
+
+class UniPC(ExponentialAdams):
+    """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
+    Models", algorithms 2-3, data prediction): the predictor UniP-p and the corrector UniC, which reuses the model
+    evaluation at the predicted point that the next step needs anyway: NFE = steps.
+
+    A step from u to u' = u + h (u = log(m/s), y = x/m) of predictor order p_k = min(p, values so far, and with
+    ``lower_order_final`` the steps left) is the exponential Adams step of :class:`ExponentialAdams` through the
+    last p_k denoised values; UniC then adds D at the predicted point and repeats the step with p_k + 1 values.
+    Where the paper solves its order conditions R rho = b (p_k >= 3 in UniP, p_k >= 2 in UniC) the result is the
+    exact exponential integral of the interpolating polynomial, whatever B(h) is. Where it fixes rho = 1/2
+    (UniP-2 and UniC after a first-order predictor, the paper's section 3.2 and its code), the linear term's moment
+    int_0^h e^{-(h - r)} r dr is replaced by B(h) h / 2 with
+
+      - ``"bh1"``: B(h) = h;
+      - ``"bh2"``: B(h) = e^h - 1 in the paper's sign convention, i.e. 1 - e^{-h} here (the default; UniP-2 is then
+        DPM-Solver++(2M)'s midpoint rule).
+
+    Both rules keep the order: UniP-p has global order p and UniPC-p order p + 1 (the paper's theorems 3.1-3.2);
+    ``lower_order_final`` (diffusers' default) lowers the last steps' orders for stability at few steps and so
+    limits the asymptotic order to 2. The last step has no corrector. ``corrector=False`` is UniP alone.
+
+    Args:
+        order: the predictor's order p, 1-3.
+        variant: "bh1" or "bh2".
+        corrector: apply UniC (default True).
+        lower_order_final: predictor order at most the number of steps left (diffusers' lower_order_final).
+
+    Steps take x of shape (B, ...) of any dtype and device; times are scalar float64 CPU tensors.
+    """
+
+    def __init__(self, order: int = 2, variant: str = "bh2", corrector: bool = True, lower_order_final: bool = True):
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
+        if variant not in B_FUNCTIONS:
+            raise ValueError(f"variant must be one of {B_FUNCTIONS}; got {variant!r}.")
+        corrector = _check_flag(corrector, "corrector")
+        super().__init__(predictor_order=order, corrector_order=order + 1 if corrector else 0,
+                         lower_order_final=lower_order_final)
+        self.variant = variant
+        self.order = order + 1 if corrector else order
+
+    def _linear_moment(self, h: float) -> float:
+        """B(h) h / 2 (see the class docstring), the fixed-rho stand-in for int_0^h e^{-(h - r)} r dr."""
+        return 0.5 * h * (h if self.variant == "bh1" else -math.expm1(-h))
+
+    def step(self, ctx: Context, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, state: dict
+             ) -> Tuple[torch.Tensor, dict]:
+        m, s, u = point(ctx, t)
+        m2, s2, u2 = point(ctx, t_next)
+        h, hist, left = u2 - u, state["hist"], state["left"]
+        if not (hist and self.corrector_order):  # else the previous corrector evaluated D at this step's start
+            hist = hist + [(u, ctx.denoise(x, t))]
+        p = min(self.predictor_order, len(hist), left if self.lower_order_final else self.predictor_order)
+        past = hist[-p:][::-1]  # newest first
+        nodes, values = [v - u for v, _ in past], [d for _, d in past]
+        ms = exp_moments(h, p + 1)
+        base = torch.mul(x, s2 / s)  # e^{-h} y in x = m' y'
+        correct = self.corrector_order > 0 and left > 1
+        weights = _moment_weights(nodes, [ms[0], self._linear_moment(h)] if p == 2 else ms[:p])
+        x_pred = _accumulate(base, values, weights, m2, fresh=correct)
+        state["left"] -= 1
+        if not correct:
+            state["hist"] = hist[-self._keep:]
+            return x_pred, state
+        d_new = ctx.denoise(x_pred, t_next)
+        weights = _moment_weights([h] + nodes, [ms[0], self._linear_moment(h)] if p == 1 else ms[:p + 1])
+        state["hist"] = (hist + [(u2, d_new)])[-self._keep:]
+        return _accumulate(base, [d_new] + values, weights, m2), state
+
+    def __repr__(self) -> str:
+        return (f"UniPC(order={self.predictor_order}, variant={self.variant!r}, corrector={self.corrector_order > 0}, "
+                f"lower_order_final={self.lower_order_final})")

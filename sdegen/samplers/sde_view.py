@@ -39,16 +39,27 @@ class Euler(StepSampler):
 
 
 class EulerMaruyama(StepSampler):
-    """Euler-Maruyama on the reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (Song et al. 2021, eq. 6): weak order 1."""
+    """Euler-Maruyama on the reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (Song et al. 2021, eq. 6): weak order 1.
+
+    Every step but the last is x' = x + [f - g^2 s] dt + g sqrt(-dt) z; the last returns the mean
+    x + [f - g^2 s] dt without noise, as the paper's reference sampler does (its ``x_mean`` at the final step):
+    noise of variance g^2 |dt| added at t_min is not removed by any later step and would widen every mode by it.
+    """
 
     order = 1
     stochastic = True
+
+    def start(self, ctx, x, ts):
+        return len(ts) - 1  # steps left
 
     def step(self, ctx, x, t, t_next, state):
         g = ctx.sde.diffusion(t)
         drift = ctx.sde.reverse_drift(x, t, ctx.score(x, t), False)
         dt = t_next - t
-        return x + bcast(dt, x) * drift + bcast(g * torch.sqrt(-dt), x) * ctx.randn_like(x), None
+        mean = x + bcast(dt, x) * drift
+        if state == 1:  # the last step of the grid given to start()
+            return mean, 0
+        return mean + bcast(g * torch.sqrt(-dt), x) * ctx.randn_like(x), (None if state is None else state - 1)
 
 
 class ReverseDiffusion(StepSampler):

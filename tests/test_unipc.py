@@ -1,0 +1,110 @@
+"""UniPC ("unipc"): its order against the Gaussian-mixture oracle, and step-for-step equivalence with diffusers'
+UniPCMultistepScheduler driven by the same exact noise prediction on diffusers' own DDPM table."""
+
+import math
+
+import pytest
+import torch
+
+import sdegen
+from sdegen.analytic import GaussianMixture
+
+RING = GaussianMixture.ring()
+MIX = GaussianMixture.random(dim=4, n_components=3, seed=0)
+VE_FORM = sdegen.EDMSDE(sigma_min=1e-8, sigma_max=1e8)  # m = 1, s = sigma: the oracle at any noise level
+
+
+def _observed_order(sde, method_opts, steps_list):
+    """Least-squares slope of log RMS endpoint error against log steps (log-SNR grid), negated."""
+    x_T = sde.prior_sample((64, 2), seed=3, dtype=torch.float64)
+    ref = sdegen.sample(sde, RING, x_T, method="ode", rtol=1e-10, atol=1e-10)
+    logs, errs = [], []
+    for steps in steps_list:
+        x, info = sdegen.sample(sde, RING, x_T, method="unipc", steps=steps, schedule="log_snr", return_info=True,
+                                **method_opts)
+        assert info.nfe == steps  # the corrector reuses the next step's evaluation
+        logs.append(math.log(steps))
+        errs.append(math.log(float((x - ref).pow(2).sum(1).mean().sqrt())))
+    n, e = torch.tensor(logs, dtype=torch.float64), torch.tensor(errs, dtype=torch.float64)
+    return float(-((n - n.mean()) * (e - e.mean())).sum() / ((n - n.mean()) ** 2).sum())
+
+
+@pytest.mark.parametrize("opts,order", [
+    ({"order": 1}, 2), ({"order": 2}, 3), ({"order": 2, "variant": "bh1"}, 3),
+    ({"order": 2, "corrector": False}, 2), ({"order": 3, "corrector": False}, 3),
+])
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_unipc_convergence_order(sde_name, opts, order):
+    """UniPC-p has global order p + 1 and UniP-p order p (Zhao et al. 2023, theorems 3.1-3.2): slope of log RMS
+    error against log steps within 0.3 of it, at 80-320 steps, without the lower-order final steps."""
+    sde = {"vp": sdegen.VPSDE(), "ve": sdegen.VESDE()}[sde_name]
+    slope = _observed_order(sde, dict(opts, lower_order_final=False), (80, 160, 320))
+    assert abs(slope - order) <= 0.3, f"unipc {opts} on {sde_name}: slope {slope:.2f}, order {order}"
+
+
+# ------------------------------------------------------------------ against diffusers
+class _Output:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+class OracleEps(torch.nn.Module):
+    """Exact eps of MIX's marginal at diffusers' integer timesteps k: x_k = sqrt(ab_k) x0 + sqrt(1 - ab_k) eps."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table.to(torch.float64)
+
+    def forward(self, sample, timestep):
+        k = torch.as_tensor(timestep).to(torch.float64).reshape(-1).expand(sample.shape[0])
+        assert torch.equal(k, k.round())
+        ab = self.table[k.long()]
+        m, s = ab.sqrt(), (1.0 - ab).sqrt()
+        x = sample.to(torch.float64).reshape(sample.shape[0], -1)
+        score = MIX.score(VE_FORM, x / m[:, None], s / m) / m[:, None]
+        return _Output((-s[:, None] * score).reshape(sample.shape).to(sample.dtype))
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("order,lower_order_final,steps", [(1, True, 6), (2, True, 6), (3, True, 8), (2, False, 6),
+                                                            (3, False, 10)])
+def test_unipc_matches_diffusers(diffusers, variant, order, lower_order_final, steps):
+    """UniPCMultistepScheduler (data prediction, final_sigmas_type="sigma_min": its last step goes to timestep 0)
+    and sdegen's "unipc" on the same timesteps (with timestep 0 appended) from the same x_T, with the exact eps
+    of a 4-D mixture as the network: equal to 1e-6 of the largest entry (diffusers keeps its sigmas in float32,
+    which leaves about 1e-7), the same number of network calls; UniPC without its corrector differs."""
+    from sdegen.adapters import diffusers_time_grid, from_diffusers
+
+    sched = diffusers.UniPCMultistepScheduler(solver_order=order, solver_type=variant, predict_x0=True,
+                                              lower_order_final=lower_order_final, final_sigmas_type="sigma_min",
+                                              timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    net = OracleEps(sched.alphas_cumprod)
+    model = from_diffusers(net, sched)
+    grid = diffusers_time_grid(model.sde, sched.timesteps, final_timestep=0)
+    x_T = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    with torch.no_grad():
+        x = x_T.clone()
+        for k in sched.timesteps:
+            x = sched.step(net(x, k).sample, k, x).prev_sample
+        ours, info = sdegen.sample(model.sde, model, x_T, method="unipc", order=order, variant=variant,
+                                   lower_order_final=lower_order_final, schedule=grid, return_info=True)
+        plain = sdegen.sample(model.sde, model, x_T, method="unipc", order=order, variant=variant, corrector=False,
+                              lower_order_final=lower_order_final, schedule=grid)
+    scale = float(x.abs().max())
+    assert info.nfe == len(sched.timesteps)
+    assert float((ours - x).abs().max()) / scale < 1e-6
+    assert float((plain - x).abs().max()) / scale > 1e-4
+
+
+def test_unipc_options_are_validated():
+    for opts, err in (({"order": 4}, ValueError), ({"order": True}, ValueError), ({"variant": "bh3"}, ValueError),
+                      ({"corrector": 1}, TypeError), ({"lower_order_final": "yes"}, TypeError)):
+        with pytest.raises(err):
+            sdegen.sample(sdegen.VPSDE(), RING, shape=(2, 2), method="unipc", steps=3, seed=0, **opts)
