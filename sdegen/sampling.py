@@ -71,7 +71,8 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
             "pc", "annealed_langevin", "euler", ...), "ode" (torchdiffeq) or "sde" (torchsde), or a sampler object.
         steps: number of steps (fixed-step samplers and fixed-grid back-end methods); the sampler's default if None.
             Adaptive methods choose their own steps and raise ValueError when given one; an explicit schedule
-            fixes the steps (len(schedule) - 1).
+            fixes the steps of a fixed-step sampler (len(schedule) - 1), while for "ode"/"sde" it gives the
+            output times and ``steps`` the steps of a fixed-step back-end solver.
         t_min: end time (default ``sde.t_min``), in (0, T); an explicit schedule ends at its own last time.
         schedule: time grid for fixed-step samplers: "uniform", "log_snr", "edm", "quadratic", "few_step",
             "pilot" (laid out by a pilot run of the adaptive solver on 64 draws, see
@@ -107,6 +108,10 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
     _check_args(sde, steps, t_min, schedule, noise, dtype, denoise=denoise, progress=progress,
                 return_trajectory=return_trajectory, return_info=return_info, capture=capture)
     sampler = get_sampler(method, **options)
+    if isinstance(sampler, StepSampler) and isinstance(schedule, torch.Tensor) and steps is not None \
+            and steps != schedule.numel() - 1:
+        raise ValueError(f"steps: an explicit schedule of {schedule.numel()} times takes {schedule.numel() - 1} "
+                         f"steps of a fixed-step sampler; leave steps unset; got steps={steps!r}.")
     model = as_model(score, sde)
     x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds=bool(sampler.stochastic))
     ctx = Context(sde, model, None if seeds is None else NOISE_KINDS[noise](seeds, key=1))  # draw 0 made x_T
@@ -160,9 +165,6 @@ def _check_args(sde, steps, t_min, schedule, noise, dtype, **flags) -> None:
         if t_min is not None:
             raise ValueError("t_min: an explicit schedule (a tensor of times) ends at its last time; leave t_min "
                              f"unset or end the schedule there; got t_min={t_min!r}.")
-        if steps is not None and steps != schedule.numel() - 1:
-            raise ValueError(f"steps: an explicit schedule of {schedule.numel()} times takes {schedule.numel() - 1} "
-                             f"steps; leave steps unset; got steps={steps!r}.")
 
 
 def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
