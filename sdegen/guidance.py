@@ -310,12 +310,14 @@ class Inpaint(StepSampler):
         if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask: a floating-point mask must hold only 0 and 1.")
         try:
-            shape = torch.broadcast_shapes(known.shape, mask.shape)
+            torch.broadcast_shapes(known.shape, mask.shape)
         except RuntimeError:
             raise ValueError(f"mask must have x's shape (that of known, {tuple(known.shape)}) or its per-example "
                              f"shape; got {tuple(mask.shape)}.") from None
-        used = torch.broadcast_to(known, shape)[torch.broadcast_to(mask.bool(), shape)]
-        if used.device.type == "cpu" and not bool(torch.isfinite(used).all()):
+        ok = (torch.isfinite(known) | ~mask.bool().to(known.device)).all()  # entries outside the mask are unused
+        if known.device.type != "cpu":
+            torch._assert_async(ok, "known must be finite where mask is True")
+        elif not bool(ok):
             raise ValueError("known must be finite where mask is True (its other entries are not used); got NaN "
                              "or inf there.")
         self.known, self.mask = known, mask.bool()
