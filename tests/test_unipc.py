@@ -108,3 +108,21 @@ def test_unipc_options_are_validated():
                       ({"corrector": 1}, TypeError), ({"lower_order_final": "yes"}, TypeError)):
         with pytest.raises(err):
             sdegen.sample(sdegen.VPSDE(), RING, shape=(2, 2), method="unipc", steps=3, seed=0, **opts)
+
+
+def test_unip2_bh2_is_dpmpp_2m_and_full_solves_are_exact():
+    """With B(h) = 1 - e^{-h}, UniP-2 (rho = 1/2) is DPM-Solver++(2M)'s midpoint rule: equal runs on a warped grid.
+    UniP-3's solved order conditions integrate the quadratic exactly: it is the exponential Adams predictor of
+    order 3 with the midpoint rule on its two-value warm-up step."""
+    sde = sdegen.VPSDE()
+    x_T = sde.prior_sample((32, 2), seed=4, dtype=torch.float64)
+    grid = sdegen.time_grid(sde, 9, "edm")
+    unip = {order: sdegen.sample(sde, RING, x_T, method="unipc", order=order, corrector=False,
+                                 lower_order_final=False, schedule=grid) for order in (2, 3)}
+    b = sdegen.sample(sde, RING, x_T, method="dpmpp_2m", schedule=grid)
+    torch.testing.assert_close(unip[2], b, rtol=1e-12, atol=1e-12)
+    adams = sdegen.sample(sde, RING, x_T, method="exp_adams", predictor_order=3, midpoint=True, schedule=grid)
+    torch.testing.assert_close(unip[3], adams, rtol=1e-12, atol=1e-12)
+    bh1 = sdegen.sample(sde, RING, x_T, method="unipc", variant="bh1", corrector=False, lower_order_final=False,
+                        schedule=grid)
+    assert float((bh1 - b).abs().max()) > 1e-4  # B(h) = h is another rule
