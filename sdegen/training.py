@@ -260,7 +260,8 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
         wrap_model, is_main, on_step: hooks for distributed training (see the module docstring); ``on_step(step,
             loss)`` receives the loss as a float, so it reads the loss back at every step.
         evaluate: ``evaluate(module) -> float``, a held-out metric, lower is better, called under ``torch.no_grad``
-            on the EMA weights (the model's without an EMA) every ``eval_every`` steps and after the last step.
+            on the EMA weights (the model's without an EMA) before the first step, every ``eval_every`` steps and
+            after the last step.
         patience: stop after this many evaluations in a row without a new best (None: run all ``steps``).
         restore_best: at the end, put back the weights (model and EMA) of the best evaluation.
         check_every: steps between read-backs of the loss (for the progress bar and the finiteness check);
@@ -283,6 +284,8 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
         bar = tqdm(total=steps, desc=desc)
     model.train()
     stopped, done = False, 0
+    if watch is not None and steps > 0:
+        watch(0, model, ema)  # the starting weights compete too: training never returns worse than its start
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr

@@ -193,11 +193,11 @@ def test_train_draws_on_the_data_device(device):
 
 
 def test_early_stopping_restores_the_best_evaluations_weights():
-    """evaluate() scores the EMA weights; with values 3, 1, 2, 5, 4 and patience 3 the run stops after the 5th
-    evaluation, and restore_best puts back exactly the weights (model and EMA) seen at the 2nd."""
+    """evaluate() scores the EMA weights, first the starting ones; with values 9, 3, 1, 2, 5, 4 and patience 3 the
+    run stops after the 6th evaluation, and restore_best puts back exactly the weights (model and EMA) of the 3rd."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
-    script, seen, modules = [3.0, 1.0, 2.0, 5.0, 4.0, 0.0], [], []
+    script, seen, modules = [9.0, 3.0, 1.0, 2.0, 5.0, 4.0, 0.0], [], []
 
     def evaluate(module):
         assert not torch.is_grad_enabled() and module is not model
@@ -209,11 +209,11 @@ def test_early_stopping_restores_the_best_evaluations_weights():
                          lr=1e-2, progress=False, evaluate=evaluate, eval_every=4, patience=3, restore_best=True,
                          ema_decay=0.9)
     assert all(m is res.ema.module for m in modules)
-    assert res.evaluations == [(4, 3.0), (8, 1.0), (12, 2.0), (16, 5.0), (20, 4.0)]
+    assert res.evaluations == [(0, 9.0), (4, 3.0), (8, 1.0), (12, 2.0), (16, 5.0), (20, 4.0)]
     assert res.stopped_early and len(res.losses) == 20 and (res.best_step, res.best_value) == (8, 1.0)
-    for got, want in ((_state(res.ema.module), seen[1][0]), (_state(model), seen[1][1])):
+    for got, want in ((_state(res.ema.module), seen[2][0]), (_state(model), seen[2][1])):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
-    assert not torch.equal(seen[1][1]["weight"], seen[4][1]["weight"])  # training did move on after the best
+    assert not torch.equal(seen[2][1]["weight"], seen[5][1]["weight"])  # training did move on after the best
     with pytest.raises(ValueError, match="eval_every"):
         training.train(model, lambda m, b, g: m(b).sum(), torch.randn(4, 3), 2, evaluate=evaluate, progress=False)
     with pytest.raises(ValueError, match="evaluate callback"):
