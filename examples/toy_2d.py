@@ -25,22 +25,24 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"))
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's own)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     from sklearn.datasets import make_moons
 
     data = torch.as_tensor(make_moons(8000, noise=0.05, random_state=args.seed)[0], dtype=torch.float32)
-    data = (data - data.mean(0)) / data.std(0)
+    data = ((data - data.mean(0)) / data.std(0)).to(args.device)
     sde = sdegen.VPSDE()
-    model = sdegen.ScoreModel(sdegen.MLP(2, hidden=128, depth=3), sde, prediction="eps")
+    model = sdegen.ScoreModel(sdegen.MLP(2, hidden=128, depth=3), sde, prediction="eps").to(args.device)
     res = sdegen.train(model, lambda m, b, g: sdegen.dsm_loss(m, b, seed=g), data, args.steps, batch_size=256,
                        lr=2e-3, warmup_steps=100, seed=args.seed, desc="toy score model")
     score = res.ema.module
     with torch.no_grad():
         x = sdegen.sample(sde, score, shape=(args.samples, 2), method=args.sampler, steps=args.sample_steps,
-                          seed=args.seed, denoise=True)
-    plot(data, x, score, sde, os.path.join(args.out, "toy_2d.png"))
+                          seed=args.seed, denoise=True, device=args.device)
+    plot(data.cpu(), x.cpu(), score.cpu(), sde, os.path.join(args.out, "toy_2d.png"))
 
 
 def plot(data, x, score, sde, path):
