@@ -143,20 +143,30 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
     _, info = sample(sde, model, x, method="adaptive", order=PILOT_ORDER, rtol=rtol, atol=atol, schedule=ends,
                      return_info=True)
     accepted = torch.tensor(info.sampler.stats["times"], dtype=torch.float64)
-    times = grid_from_step_sizes(sde, accepted, steps, power=(PILOT_ORDER + 1) / (order + 1))
+    u = 0.5 * sde.log_snr(accepted)
+    sizes = u[1:] - u[:-1]
+    if len(sizes) > 1:  # the last step is cut to land on t_min, not chosen by the controller: its density is the
+        sizes[-1] = torch.maximum(sizes[-1], sizes[-2])  # previous step's (a cut step would count as a whole one)
+    times = grid_from_step_sizes(sde, accepted, steps, power=(PILOT_ORDER + 1) / (order + 1), sizes=sizes)
     return PilotGrid(times=times, nfe=info.nfe, batch=batch, pilot_times=accepted)
 
 
-def grid_from_step_sizes(sde: SDE, ts: torch.Tensor, steps: int, power: float = 1.0) -> torch.Tensor:
+def grid_from_step_sizes(sde: SDE, ts: torch.Tensor, steps: int, power: float = 1.0,
+                         sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``steps`` steps placed with density (1/h)^power in u = log(m/s), h the local step sizes of the grid ``ts``
-    (constant on each of its steps): the points where the integral of the density reaches k/steps of its total.
-    power = 1 re-spaces ``ts`` itself to ``steps`` steps (piecewise linearly in u)."""
+    (constant on each of its steps; ``sizes`` (len(ts) - 1 positive values) replaces them where a step's length is
+    not the local step size): the points where the integral of the density reaches k/steps of its total.
+    power = 1 without ``sizes`` re-spaces ``ts`` itself to ``steps`` steps (piecewise linearly in u)."""
     ts = check_grid(sde, ts, "ts")
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
         raise ValueError(f"power must be a finite number >= 0; got {power!r}.")
     u = 0.5 * sde.log_snr(ts)
     h = u[1:] - u[:-1]
-    mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(h.pow(1.0 - power), 0)])
+    if sizes is None:
+        sizes = h
+    elif not (isinstance(sizes, torch.Tensor) and sizes.shape == h.shape and bool((sizes > 0).all())):
+        raise ValueError(f"sizes must be a tensor of {len(h)} positive step sizes; got {sizes!r}.")
+    mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(h * sizes.to(h).pow(-power), 0)])
     target = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64) * mass[-1]
     k = torch.searchsorted(mass, target, right=True).clamp(1, len(mass) - 1)
     frac = ((target - mass[k - 1]) / (mass[k] - mass[k - 1])).clamp(0.0, 1.0)

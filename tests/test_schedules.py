@@ -98,3 +98,22 @@ def test_pilot_schedule_needs_a_model_and_valid_arguments():
         pilot_grid(sde, mix, 10, (2,), batch=0)
     with pytest.raises(ValueError, match="power"):
         grid_from_step_sizes(sde, sdegen.time_grid(sde, 4), 3, -1.0)
+
+
+def test_step_sizes_override_a_cut_last_step():
+    """A pilot's last step is cut short to land on t_min; given the controller's size for it (``sizes``), the
+    density is that of the steps before: here constant, so the result is the log-SNR grid of the whole span,
+    whereas the cut step's own length would crowd a whole step's share of points into it."""
+    sde = sdegen.VPSDE()
+    lam = 0.5 * sde.log_snr(torch.tensor([sde.T, sde.t_min], dtype=torch.float64))
+    u0, u1 = float(lam[0]), float(lam[1])
+    a = (u1 - u0) / 3.05
+    us = torch.tensor([u0, u0 + a, u0 + 2 * a, u0 + 3 * a, u1], dtype=torch.float64)
+    ts = sde.t_from_log_snr(2.0 * us)
+    ts[0], ts[-1] = sde.T, sde.t_min
+    out = grid_from_step_sizes(sde, ts, 6, 1.0, sizes=torch.full((4,), a, dtype=torch.float64))
+    torch.testing.assert_close(sde.log_snr(out), sde.log_snr(sdegen.time_grid(sde, 6, "log_snr")), rtol=0, atol=1e-9)
+    crowded = 0.5 * sde.log_snr(grid_from_step_sizes(sde, ts, 8, 1.0))
+    assert float(crowded[-2]) > u0 + 3 * a - 1e-9  # 2 of 8 points (a quarter, one step of four) in the last 0.05 a
+    with pytest.raises(ValueError, match="sizes"):
+        grid_from_step_sizes(sde, ts, 6, 1.0, sizes=torch.ones(3, dtype=torch.float64))
