@@ -43,10 +43,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: wine, breast_cancer")
     p.add_argument("--widths", default="64,256", help="MLP widths to choose from on the validation split")
+    p.add_argument("--model-seeds", default="0,1,2", help="training seeds (initial weights and the loss's draws); "
+                   "the table reports their mean and standard deviation")
     p.add_argument("--depth", type=int, default=2, help="residual blocks of the MLP")
     p.add_argument("--steps", type=int, default=4000, help="most training steps per model")
-    p.add_argument("--eval-every", type=int, default=200, help="steps between validation NLL evaluations")
-    p.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation NLL evaluations")
+    p.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-components", type=int, default=8, help="largest mixture that BIC may choose")
@@ -58,6 +60,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.widths, args.steps, args.eval_every, args.patience, args.max_components = "16", 40, 20, 1, 2
+        args.model_seeds = "0"
     return args
 
 
@@ -121,8 +124,10 @@ class Whitened:
         return (torch.as_tensor(x) @ self.W.T).to(device=device, dtype=torch.float32)
 
 
-def build(dim: int, width: int, depth: int, device) -> sdegen.ScoreModel:
-    net = sdegen.MLP(dim, hidden=width, depth=depth, time_scale=10.0)
+def build(dim: int, width: int, depth: int, device, seed: int = 0) -> sdegen.ScoreModel:
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on ``seed`` only
+        torch.manual_seed(seed)
+        net = sdegen.MLP(dim, hidden=width, depth=depth, time_scale=10.0)
     with torch.no_grad():  # F = 0 at start: the model is exactly N(0, I) in the whitened space
         net.out[-1].weight.zero_()
         net.out[-1].bias.zero_()
@@ -132,18 +137,18 @@ def build(dim: int, width: int, depth: int, device) -> sdegen.ScoreModel:
 def nll(model, z: torch.Tensor, white: Whitened, tol: float) -> float:
     """-log p_x / D in nats/dim from the probability-flow ODE with the exact divergence."""
     res = sdegen.log_likelihood(model.sde, model, z, divergence="exact", rtol=tol, atol=tol,
-                                t_min=model.sde.t_min)
+                                t_min=model.sde.t_min, seed=0)
     return float(-(res.log_prob.double().mean() + white.logdet) / z.shape[1])
 
 
-def fit_score_model(train_z, val_z, white, width, args, progress):
-    model = build(train_z.shape[1], width, args.depth, args.device)
+def fit_score_model(train_z, val_z, white, width, seed, args, progress):
+    model = build(train_z.shape[1], width, args.depth, args.device, seed)
     loss = lambda m, x, gen: sdegen.dsm_loss(m, x, weighting="likelihood", importance_sampling=True, seed=gen)
     evaluate = lambda module: nll(module, val_z, white, 1e-3)
     t0 = time.time()
     res = sdegen.train(model, loss, train_z, args.steps, batch_size=min(args.batch_size, train_z.shape[0]),
-                       lr=args.lr, warmup_steps=100, ema_decay=0.995, seed=args.seed, progress=progress,
-                       desc=f"width {width}", evaluate=evaluate, eval_every=args.eval_every, patience=args.patience,
+                       lr=args.lr, warmup_steps=100, ema_decay=0.995, seed=seed, progress=progress,
+                       desc=f"width {width}, seed {seed}", evaluate=evaluate, eval_every=args.eval_every, patience=args.patience,
                        restore_best=True)
     return res, time.time() - t0
 
@@ -154,19 +159,23 @@ def run(name: str, args, progress: bool):
     mix = mixture_nll(train, val, (train, val, test), args.max_components, args.seed)
     white = Whitened(train)
     train_z, val_z, test_z = (white(p, args.device) for p in (train, val, test))
+    seeds = [int(v) for v in args.model_seeds.split(",")]
     fits = {}
     for width in (int(w) for w in args.widths.split(",")):
-        res, seconds = fit_score_model(train_z, val_z, white, width, args, progress)
-        fits[width] = (res, seconds)
-        print(f"{name}: width {width}: best validation NLL {res.best_value:.3f} nats/dim after {res.best_step} steps"
-              f" ({'stopped early' if res.stopped_early else 'all steps'}, {seconds:.0f} s)")
-    width = min(fits, key=lambda w: fits[w][0].best_value)
-    res, seconds = fits[width]
-    model = res.ema.module
-    score = [nll(model, p, white, 1e-5) for p in (train_z, val_z, test_z)]
+        fits[width] = [fit_score_model(train_z, val_z, white, width, seed, args, progress) for seed in seeds]
+        for seed, (res, seconds) in zip(seeds, fits[width]):
+            print(f"{name}: width {width}, seed {seed}: best validation NLL {res.best_value:.3f} nats/dim after "
+                  f"{res.best_step} steps ({'stopped early' if res.stopped_early else 'all steps'}, {seconds:.0f} s)")
+    # the width with the best validation NLL averaged over the training seeds
+    width = min(fits, key=lambda w: np.mean([res.best_value for res, _ in fits[w]]))
+    per_seed = np.array([[nll(res.ema.module, p, white, 1e-5) for p in (train_z, val_z, test_z)]
+                         for res, _ in fits[width]])
+    score = per_seed.mean(0).tolist()
     row = {"data": name, "n": (len(train), len(val), len(test)), "dim": train.shape[1], "gauss": gauss,
-           "mixture": mix, "score": score, "width": width, "best_step": res.best_step,
-           "seconds": sum(s for _, s in fits.values())}
+           "mixture": mix, "score": score, "score_sd": per_seed.std(0, ddof=1).tolist() if len(seeds) > 1 else None,
+           "score_test": per_seed[:, 2].tolist(), "width": width,
+           "best_steps": [res.best_step for res, _ in fits[width]],
+           "seconds": sum(s for runs in fits.values() for _, s in runs)}
     print(f"{name}: test NLL (nats/dim) Gaussian {gauss[2]:.3f}, mixture {mix['bic'][1]} {mix['bic'][0][2]:.3f}, "
           f"mixture {mix['val'][1]} {mix['val'][0][2]:.3f}, score model (width {width}) {score[2]:.3f}; "
           f"train {gauss[0]:.3f} / {mix['bic'][0][0]:.3f} / {mix['val'][0][0]:.3f} / {score[0]:.3f}")
@@ -193,11 +202,14 @@ def table(rows, args, seconds: float) -> str:
     ]
     for r in rows:
         label = f"{r['data']} ({'/'.join(map(str, r['n']))}, {r['dim']})"
+        sd = "" if r["score_sd"] is None else (", seed sd train/val/test " +
+                                                 " / ".join(f"{v:.3f}" for v in r["score_sd"]))
         models = (("full-covariance Gaussian", r["gauss"]),
                   (f"Gaussian mixture, {r['mixture']['bic'][1]}", r["mixture"]["bic"][0]),
                   (f"Gaussian mixture, {r['mixture']['val'][1]}", r["mixture"]["val"][0]),
-                  (f"score model (MLP width {r['width']}, depth {args.depth}; best at step {r['best_step']}, "
-                   f"{r['seconds']:.0f} s of training)", r["score"]))
+                  (f"score model (MLP width {r['width']}, depth {args.depth}; mean of {len(r['score_test'])} training "
+                   f"seeds{sd}; best at steps {', '.join(map(str, r['best_steps']))}; {r['seconds']:.0f} s of "
+                   f"training in all)", r["score"]))
         for model, v in models:
             lines.append(f"| {label} | {model} | {v[0]:.3f} | {v[1]:.3f} | {v[2]:.3f} | {v[2] - v[0]:+.3f} |")
     return "\n".join(lines) + "\n"
