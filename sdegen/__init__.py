@@ -28,6 +28,8 @@ from . import analytic, backends, noise, schedules
 from .analytic import GaussianMixture
 from .noise import make_seeds
 from .sampling import SampleInfo, sample
+from . import capture
+from .errors import SolverError
 from .schedules import refine_grid, time_grid
 from . import adaptive, fast_samplers, score  # module paths kept for existing imports
 from . import guidance, losses, nets, training
@@ -62,7 +64,7 @@ __all__ = [
     "DPMSolver",
     "DPMSolverPP", "ExponentialAdams", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver",
     "AdaptiveExponential",
-    "AdaptiveMultistep", "make_seeds",
+    "AdaptiveMultistep", "make_seeds", "SolverError",
     # likelihood
     "log_likelihood", "LikelihoodResult", "bits_per_dim", "dequantize", "divergence_exact", "divergence_hutchinson",
     "make_probes",
@@ -78,7 +80,7 @@ __all__ = [
     "init_distributed", "sample_sharded", "log_likelihood_sharded", "train_ddp",
     # modules
     "samplers", "analytic", "backends", "noise", "schedules", "guidance", "losses", "nets", "training", "divergence",
-    "likelihood", "distributed", "calibration", "adapters",
+    "likelihood", "distributed", "calibration", "adapters", "capture",
 ]
 
 # internals that were reachable from the top-level namespace: kept for a release, then only in their modules
