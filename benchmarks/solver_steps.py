@@ -12,7 +12,8 @@ Rows "(calibrated)" use step schedules fitted by sdegen.optimize_schedule on sep
 (seed 11) at NFE 10 and 20; the fitted grids and the fitting cost are in the report.
 
     python benchmarks/solver_steps.py            # full run (about 40 minutes on one busy core)
-    python benchmarks/solver_steps.py --quick    # NFE 10 and 20, fewer points
+    python benchmarks/solver_steps.py --quick    # NFE 10 and 20 under VP, 2000 endpoint points
+    python benchmarks/solver_steps.py --holdout 7   # the quick plan on fresh problems drawn with seed 7
 Writes benchmarks/results/solver_steps.{md,csv,json} and solver_steps_*.png.
 """
 
@@ -23,6 +24,9 @@ import csv
 import inspect
 import json
 import math
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -34,8 +38,27 @@ from sdegen.analytic import GaussianMixture
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NFE_GRID = (5, 10, 20, 50, 100, 200, 500, 1000)
-PROBLEMS = {"ring": lambda: GaussianMixture.ring(), "mix16": lambda: GaussianMixture.random(dim=16, n_components=6, seed=0)}
+PROBLEMS = {"ring": lambda: GaussianMixture.ring(), "mix16": lambda: GaussianMixture.random(dim=16, n_components=6, seed=0),
+            # not designed on: 64-D, component means 29-38 apart (mean_scale 3), a seed no schedule was tuned on
+            "mix64wide": lambda: GaussianMixture.random(dim=64, n_components=6, seed=1, mean_scale=3.0)}
 SDES = {"vp": lambda: sdegen.VPSDE(), "subvp": lambda: sdegen.SubVPSDE(), "ve": lambda: sdegen.VESDE()}
+
+
+def holdout_problems(seed):
+    """Fresh mixtures for --holdout SEED: 6 components in 2, 16 and 64 dimensions whose means are about 4
+    ("near") or 35 ("wide") units apart (mean_scale = distance / sqrt(2 d)), seeded by SEED; none of them was looked
+    at while a schedule or sampler was designed."""
+    out = {}
+    for i, (dim, sep) in enumerate([(d, s) for d in (2, 16, 64) for s in ("near", "wide")]):
+        dist = 4.0 if sep == "near" else 35.0
+        out[f"h{seed}-d{dim}-{sep}"] = (lambda d=dim, ms=dist / math.sqrt(2 * dim), k=i:
+                                        GaussianMixture.random(dim=d, n_components=6, seed=1000 * seed + k, mean_scale=ms))
+    return out
+
+
+# the grids compared as the recommended default (one sampler, schedules side by side) in the report's first table
+DEFAULT_CANDIDATES = ("exp_pc-2 (log_snr)", "exp_pc-2 (few_step)", "exp_pc-2 (pilot)", "unipc-2 bh2 (log_snr)",
+                      "unipc-2 bh2 (pilot)")
 
 # name -> (method, options, schedule, NFE per step, stochastic)
 SDEGEN = {
@@ -43,12 +66,19 @@ SDEGEN = {
     "ddim": ("ddim", {}, "log_snr", 1, False),
     "heun (edm)": ("heun", {}, "edm", 2, False),
     "dpm_solver-3": ("dpm_solver", {"order": 3}, "log_snr", 3, False),
+    "dpm_solver-3 noise form": ("dpm_solver", {"order": 3, "prediction": "noise"}, "log_snr", 3, False),
     "dpmpp_2m (log_snr)": ("dpmpp_2m", {}, "log_snr", 1, False),
     "dpmpp_3m (log_snr)": ("dpmpp_3m", {}, "log_snr", 1, False),
     "dpmpp_3m (few_step)": ("dpmpp_3m", {}, "few_step", 1, False),
     "exp_pc-2 (few_step)": ("exp_pc", {"order": 2}, "few_step", 1, False),
     "exp_pc-3 (few_step)": ("exp_pc", {"order": 3}, "few_step", 1, False),
     "exp_pc-3 (log_snr)": ("exp_pc", {"order": 3}, "log_snr", 1, False),
+    "exp_pc-2 (log_snr)": ("exp_pc", {"order": 2}, "log_snr", 1, False),
+    "exp_pc-2 (pilot)": ("exp_pc", {"order": 2}, "pilot", 1, False),
+    "exp_pc-3 (pilot)": ("exp_pc", {"order": 3}, "pilot", 1, False),
+    "unipc-2 bh2 (log_snr)": ("unipc", {"order": 2}, "log_snr", 1, False),
+    "unipc-3 bh2 (log_snr)": ("unipc", {"order": 3}, "log_snr", 1, False),
+    "unipc-2 bh2 (pilot)": ("unipc", {"order": 2}, "pilot", 1, False),
     "ddim eta=1 (ancestral)": ("ddim", {"eta": 1.0}, "log_snr", 1, True),
     "heun churn=10 (edm)": ("heun", {"s_churn": 10.0}, "edm", 2, True),
     "dpmpp_2m_sde (log_snr)": ("dpmpp_2m_sde", {}, "log_snr", 1, True),
@@ -84,8 +114,9 @@ DIFFUSERS = {
 
 # ------------------------------------------------------------------ running samplers
 def run_sdegen(spec, sde, mix, x_T, nfe, seed=0):
-    """(samples, NFE used) from one sdegen configuration with at most ``nfe`` evaluations (a method of k NFE
-    per step takes nfe // k steps), or None where not even one step fits."""
+    """(samples, NFE used, pilot calls) from one sdegen configuration with at most ``nfe`` evaluations (a method
+    of k NFE per step takes nfe // k steps), or None where not even one step fits. The "pilot" schedule's own
+    model calls (each on its 64-example pilot batch, SampleInfo.pilot_nfe) come back apart from the run's NFE."""
     method, opts, schedule, per_step, _ = spec
     steps = nfe // per_step
     if isinstance(schedule, dict):  # fitted grids, one per NFE
@@ -96,7 +127,7 @@ def run_sdegen(spec, sde, mix, x_T, nfe, seed=0):
                             return_info=True, **opts)
     if info.nfe != steps * per_step:
         raise RuntimeError(f"{method} promised {steps * per_step} NFE and used {info.nfe}")
-    return x, info.nfe
+    return x, info.nfe, info.pilot_nfe
 
 
 def diffusers_scheduler(cls_name, overrides, sde, steps, n_train=1000):
@@ -241,6 +272,8 @@ def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, 
             out = None if "stochastic" in family else runner(spec, sde, mix, x_T, nfe)
             if out is not None:
                 row.update(endpoint_errors(out[0], ref, mix), nfe=out[1])
+                if len(out) > 2 and out[2]:
+                    row["pilot_nfe"] = out[2]
             if nfe in dist_nfes:
                 out = runner(spec, sde, mix, xd_T, nfe, seed=5)
                 if out is not None:
@@ -253,7 +286,7 @@ def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, 
 
 def adaptive_vs_dopri5(n, log):
     """NFE each solver needs for RMS endpoint error <= 1e-3 on the ring under VP (tolerance sweeps)."""
-    mix, sde = PROBLEMS["ring"](), SDES["vp"]()
+    mix, sde = GaussianMixture.ring(), SDES["vp"]()
     x_T = sde.prior_sample((n, 2), seed=1, dtype=torch.float64)
     ref = reference(sde, mix, x_T)
     rows = []
@@ -280,11 +313,43 @@ def fmt(v, digits=3):
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-def markdown(rows, adaptive_rows, summary, fits=()):
+def run_meta():
+    """Machine, date and command of this run (kept in the JSON so that --report-only re-renders them)."""
+    return {"machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python benchmarks/solver_steps.py " + " ".join(sys.argv[1:])}
+
+
+def markdown(rows, adaptive_rows, summary, fits=(), meta=None):
+    meta = meta or {"machine": "not recorded", "date": "not recorded", "command": "not recorded"}
     lines = ["# Solver steps against quality", "",
              "Endpoint errors: deterministic samplers against torchdiffeq dopri5 at rtol = atol = 1e-10 (float64) "
-             "from the same x_T. Distribution metrics: 20,000 samples against exact draws from p_{t_min}.", ""]
-    lines += ["## Targets", ""] + [f"- {s}" for s in summary] + [""]
+             "from the same x_T. Distribution metrics: 20,000 samples against exact draws from p_{t_min} (4000 with "
+             "--quick).", "",
+             f"Machine: {meta['machine']}; date {meta['date']}; command: `{meta['command']}`.", "",
+             "Rows \"(pilot)\" use `schedule=\"pilot\"` (sdegen.schedules.pilot_grid): a pilot run of the adaptive "
+             "solver on 64 prior draws at rtol = atol = 1e-3 lays out the grid; its model calls, each on the 64-example "
+             "pilot batch, are the column pilot_nfe and are not in NFE (per example of a batch of B they cost "
+             "pilot_nfe * 64 / B calls). mix64wide is a problem no schedule was designed on (64-D, means 29-38 apart).",
+             ""]
+    lines += ["## Default candidates: RMS / flips at NFE 10 and 20 (VP)", "",
+              "| problem | NFE | " + " | ".join(DEFAULT_CANDIDATES) + " | best diffusers |",
+              "|---|---|" + "---|" * (len(DEFAULT_CANDIDATES) + 1)]
+    for pname in PROBLEMS:
+        for nfe in (10, 20):
+            sel = [r for r in rows if r["problem"] == pname and r["sde"] == "vp" and r["nfe"] == nfe and "rms" in r]
+            if not sel:
+                continue
+            cells = []
+            for name in DEFAULT_CANDIDATES:
+                r = next((r for r in sel if r["sampler"] == name), None)
+                cells.append(f"{r['rms']:.3g} / {r['flips']:.3g}" if r else "")
+            theirs = [r for r in sel if r["family"] == "diffusers"]
+            best = min(theirs, key=lambda r: r["rms"]) if theirs else None
+            cells.append(f"{best['rms']:.3g} / {best['flips']:.3g} ({best['sampler'][10:]})" if best else "")
+            lines.append(f"| {pname} | {nfe} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", ""] + [f"- {s}" for s in summary] + [""]
     lines += ["## Adaptive solvers: NFE for RMS <= 1e-3 on the ring (VP)", "", "| solver | tol | NFE | RMS |",
               "|---|---|---|---|"]
     lines += [f"| {r['solver']} | {r['tol']:g} | {r['nfe']} | {r['rms']:.3g} |" for r in adaptive_rows]
@@ -300,7 +365,7 @@ def markdown(rows, adaptive_rows, summary, fits=()):
         lines += [f"| {f['problem']} | {f['sde']} | {f['sampler']} | {f['nfe']} | {f['initial_mse']:.3g} -> {f['mse']:.3g} "
                   f"| {f['evaluations']} | {f['nfe_spent']} | {f['seconds']:.0f} | "
                   f"{', '.join(f'{v:.3g}' for v in f['sigmas'])} |" for f in fits]
-    keys = ["rms", "median", "flips", "sw2", "weight_err", "var_ratio", "logp_gap"]
+    keys = ["rms", "median", "flips", "sw2", "weight_err", "var_ratio", "logp_gap", "pilot_nfe"]
     for pname in PROBLEMS:
         for sname in SDES:
             sel = [r for r in rows if r["problem"] == pname and r["sde"] == sname]
@@ -356,7 +421,9 @@ def summarize(rows, adaptive_rows):
             out.append(f"{pname} VP NFE {nfe}: best sdegen {best['sampler']} RMS {best['rms']:.3g}, median "
                        f"{best['median']:.3g} (target <= {med_target}), flips {best['flips']:.3g}; best diffusers "
                        f"{base['sampler']} RMS {base['rms']:.3g}, flips {base['flips']:.3g}: ratio "
-                       f"{best['rms'] / base['rms']:.2f} -> {'MET' if ok else 'NOT MET'}")
+                       f"{best['rms'] / base['rms']:.2f} -> {'MET' if ok else 'NOT MET'}"
+                       + (f" (its grid cost {best['pilot_nfe']} pilot calls on 64 examples, not in its NFE)"
+                          if best.get("pilot_nfe") else ""))
             if not ok:
                 low = min(ours, key=lambda r: r["median"])
                 out.append(f"  (lowest median there: {low['sampler']} {low['median']:.3g} with RMS {low['rms']:.3g}, "
@@ -379,11 +446,12 @@ def summarize(rows, adaptive_rows):
     return out
 
 
-def write_reports(rows, adaptive_rows, suffix, seconds, with_plots, fits=()):
+def write_reports(rows, adaptive_rows, suffix, seconds, with_plots, fits=(), meta=None):
     summary = summarize(rows, adaptive_rows)
     for line in summary:
         print(line)
-    (RESULTS / f"solver_steps{suffix}.md").write_text(markdown(rows, adaptive_rows, summary, fits))
+    meta = meta or run_meta()
+    (RESULTS / f"solver_steps{suffix}.md").write_text(markdown(rows, adaptive_rows, summary, fits, meta))
     head = ["problem", "sde", "sampler", "family", "nfe"]
     keys = head + sorted({k for r in rows for k in r} - set(head))
     with open(RESULTS / f"solver_steps{suffix}.csv", "w", newline="") as f:
@@ -391,7 +459,8 @@ def write_reports(rows, adaptive_rows, suffix, seconds, with_plots, fits=()):
         w.writeheader()
         w.writerows(rows)
     (RESULTS / f"solver_steps{suffix}.json").write_text(json.dumps(
-        {"rows": rows, "adaptive": adaptive_rows, "summary": summary, "seconds": seconds, "calibration": list(fits)},
+        {"rows": rows, "adaptive": adaptive_rows, "summary": summary, "seconds": seconds, "calibration": list(fits),
+         "meta": meta},
         indent=1))
     if with_plots:
         plots(rows, RESULTS)
@@ -402,15 +471,24 @@ def main():
     parser.add_argument("--quick", action="store_true", help="NFE 10 and 20 on VP only, fewer points")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--holdout", type=int, default=None, metavar="SEED",
+                        help="run the quick plan on fresh problems drawn with this seed (see holdout_problems)")
+    parser.add_argument("--points", type=int, default=None, help="endpoint points per problem (default 2000 "
+                        "with --quick, else per panel)")
     parser.add_argument("--report-only", action="store_true", help="re-render the tables and plots from the JSON")
     parser.add_argument("--only", default=None, metavar="PROBLEM/SDE",
                         help="re-run one panel of the full run (e.g. mix16/vp) and replace its rows in the JSON")
     args = parser.parse_args()
     if sdegen.distributed.launched_rank() != 0:
         return  # the timings are of one process: under torchrun only rank 0 runs and writes
+    suffix = f"_holdout{args.holdout}" if args.holdout is not None else ("_quick" if args.quick else "")
     if args.report_only:
-        data = json.loads((RESULTS / "solver_steps.json").read_text())
-        write_reports(data["rows"], data["adaptive"], "", data["seconds"], True, data.get("calibration", ()))
+        if args.holdout is not None:
+            PROBLEMS.clear()
+            PROBLEMS.update(holdout_problems(args.holdout))
+        data = json.loads((RESULTS / f"solver_steps{suffix}.json").read_text())
+        write_reports(data["rows"], data["adaptive"], suffix, data["seconds"], not suffix, data.get("calibration", ()),
+                      data.get("meta"))
         return
     torch.set_num_threads(args.threads)
     with_diffusers = not args.no_diffusers
@@ -424,8 +502,12 @@ def main():
     start = time.time()
     log = lambda msg: print(f"{time.time() - start:7.1f}s {msg}", flush=True)
     rows, fits = [], []
+    if args.holdout is not None:
+        PROBLEMS.clear()
+        PROBLEMS.update(holdout_problems(args.holdout))
+        args.quick = True
     if args.quick:
-        plan = [(p, "vp", (10, 20), (20,), 500, 4000, True) for p in PROBLEMS]
+        plan = [(p, "vp", (10, 20), (20,), args.points or 2000, 4000, True) for p in PROBLEMS]
     else:
         # the targets are stated under VP: sub-VP and VE get NFE 10-50 without diffusers or calibration.
         # 16-D VP uses 8000 endpoint points: mode flips there are rare events (0.1-0.5% at NFE 10), and with
@@ -448,8 +530,8 @@ def main():
         fits = [f for f in data.get("calibration", []) if keep(f)] + fits
         write_reports(rows, data["adaptive"], "", data["seconds"], True, fits)
         return
-    adaptive_rows = adaptive_vs_dopri5(500 if args.quick else 1000, log)
-    write_reports(rows, adaptive_rows, "_quick" if args.quick else "", time.time() - start, not args.quick, fits)
+    adaptive_rows = [] if args.holdout is not None else adaptive_vs_dopri5(500 if args.quick else 1000, log)
+    write_reports(rows, adaptive_rows, suffix, time.time() - start, not args.quick, fits)
     log("done")
 
 

@@ -84,9 +84,10 @@ def few_step_log_snr(lam_ends: torch.Tensor, steps: int, sigma_jump: float = 10.
 
     The constants were tuned on unit-scale data (the ring and a 16-D mixture with means a few units apart). On data
     of larger scale the denoiser still changes above sigma = 10, and the jump sends trajectories into the wrong
-    component: on a 64-D mixture with means 29-38 apart, exp_pc-2 at NFE 20 ends 2% of the points in another
-    component against 0.2% on the log-SNR grid (benchmarks/results/solver_steps_quick.md). It is kept for those
-    problems; the scale-free choices are "log_snr" and the model's own "pilot" grid (:func:`pilot_grid`).
+    component: on a 64-D mixture with means 29-38 apart, exp_pc-2 at NFE 20 ends 3.1% of the points in another
+    component against 0.3% on the log-SNR grid and 0.15% on the pilot grid (benchmarks/results/solver_steps_quick.md).
+    It is kept for those problems; the scale-free choices are "log_snr" and the model's own "pilot" grid
+    (:func:`pilot_grid`).
     """
     lam_jump = -2.0 * math.log(sigma_jump)
     n_jump = max(1, round(jump_share * steps))
