@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation NLL evaluations")
     p.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-components", type=int, default=8, help="largest mixture that BIC may choose")
     p.add_argument("--seed", type=int, default=0)
@@ -146,8 +147,9 @@ def fit_score_model(train_z, val_z, white, width, seed, args, progress):
     loss = lambda m, x, gen: sdegen.dsm_loss(m, x, weighting="likelihood", importance_sampling=True, seed=gen)
     evaluate = lambda module: nll(module, val_z, white, 1e-3)
     t0 = time.time()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     res = sdegen.train(model, loss, train_z, args.steps, batch_size=min(args.batch_size, train_z.shape[0]),
-                       lr=args.lr, warmup_steps=100, ema_decay=0.995, seed=seed, progress=progress,
+                       lr=args.lr, optimizer=opt, warmup_steps=100, ema_decay=0.995, seed=seed, progress=progress,
                        desc=f"width {width}, seed {seed}", evaluate=evaluate, eval_every=args.eval_every, patience=args.patience,
                        restore_best=True)
     return res, time.time() - t0
