@@ -175,9 +175,17 @@ def rank_batch(args) -> int:
     return max(1, args.batch_size // sdegen.distributed.current_context().world_size)
 
 
+def seeded(build, seed: int, *args, **kwargs):
+    """``build(*args, **kwargs)`` with its initial weights drawn from torch's generator seeded with ``seed`` (the
+    caller's global random state is restored afterwards), so --train starts from the same weights every time."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(*args, **kwargs)
+
+
 def train_score_model(train, args, progress):
     sde = sdegen.VPSDE()
-    model = sdegen.ScoreModel(sdegen.UNet(1, args.width), sde, prediction="eps").to(args.device)
+    model = sdegen.ScoreModel(seeded(sdegen.UNet, args.seed, 1, args.width), sde, prediction="eps").to(args.device)
     levels = train[0].to(args.device)
 
     def loss_fn(m, idx, gen):
@@ -190,7 +198,8 @@ def train_score_model(train, args, progress):
 
 
 def train_classifier(train, sde, steps, args, progress, noisy: bool):
-    clf = sdegen.ConvClassifier(1, 10, base=32, time_conditional=noisy).to(args.device)
+    seed = args.seed + (1 if noisy else 2)
+    clf = seeded(sdegen.ConvClassifier, seed, 1, 10, base=32, time_conditional=noisy).to(args.device)
     levels, labels = train[0].to(args.device), train[1].to(args.device)
 
     def loss_fn(c, idx, gen):
@@ -201,7 +210,7 @@ def train_classifier(train, sde, steps, args, progress, noisy: bool):
 
     res = sdegen.train_ddp(clf, loss_fn, torch.arange(levels.shape[0], device=args.device), steps,
                            batch_size=rank_batch(args), lr=1e-3, warmup_steps=50, ema_decay=0.995,
-                           seed=args.seed + (1 if noisy else 2), progress=progress,
+                           seed=seed, progress=progress,
                            desc="noisy classifier" if noisy else "clean classifier")
     return clf, res.ema, {}
 

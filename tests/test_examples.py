@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+import sdegen
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("sklearn")
@@ -108,3 +110,13 @@ def test_tabular_density_smoke(tmp_path):
     assert all(abs(v) < 10 for v in values), values
     # the starting weights (the Gaussian) compete in the early stopping, so validation NLL is never worse
     assert row["score"][1] <= row["gauss"][1] + 5e-3, (row["score"], row["gauss"])
+
+
+def test_digits_training_starts_from_seeded_weights_and_leaves_the_global_generator_alone():
+    ex = load_example("conditional_generation")
+    state = torch.random.get_rng_state()
+    a = ex.seeded(sdegen.UNet, 5, 1, 8).state_dict()
+    b = ex.seeded(sdegen.UNet, 5, 1, 8).state_dict()
+    c = ex.seeded(sdegen.UNet, 6, 1, 8).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    assert torch.equal(torch.random.get_rng_state(), state)
