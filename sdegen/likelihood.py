@@ -188,9 +188,9 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
             (Hutchinson probes, ``levels``); the exact divergence of continuous data leaves it untouched.
         solver, rtol, atol: the torchdiffeq method ("dopri5" by default; the ``solver`` of
             ``sdegen.sample(method="ode", solver=...)``) and its tolerances; the error is controlled for every
-            example and for its log-density term (not for a batch average). ``steps``: the step count of
-            fixed-grid methods ("rk4", "euler", ...); adaptive methods choose their own and raise ValueError
-            when given one.
+            example (not for a batch average): the RMS of its state's and log-density term's error ratios.
+            ``steps``: the step count of fixed-grid methods ("rk4", "euler", ...); adaptive methods choose their
+            own and raise ValueError when given one.
         t_min: start of the integration; the result is log p_{t_min}, the density of the data blurred by the
             kernel of std sigma(t_min) = s/m, which tends to log p_0 as t_min -> 0. Default
             (:func:`default_t_min`): the time at which sigma = 1/1024, an eighth of one 8-bit bin of data in

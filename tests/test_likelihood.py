@@ -171,14 +171,15 @@ def test_fixed_grid_methods_converge():
 
 
 def test_per_example_error_norm():
-    # one example with a large error ratio decides the step, not the batch average
+    # one example with a large error ratio decides the step, not the batch average; per example the norm is the
+    # RMS over the D + 1 augmented components (the log term is one of them)
     ratio = torch.full((100, 5), 0.1)
     ratio[37, 2] = 30.0
     norm = AugmentedNorm()
-    assert float(norm(ratio)) == pytest.approx(math.sqrt((30.0**2 + 3 * 0.1**2) / 4), rel=1e-6)  # example 37 alone
+    assert float(norm(ratio)) == pytest.approx(math.sqrt((30.0**2 + 4 * 0.1**2) / 5), rel=1e-6)  # example 37 alone
     ratio[:, :4] = 0.1
-    ratio[12, 4] = 5.0  # the log-density term counts on its own
-    assert float(norm(ratio)) == pytest.approx(5.0)
+    ratio[12, 4] = 5.0  # the log-density term is one component of the example's RMS
+    assert float(norm(ratio)) == pytest.approx(math.sqrt((5.0**2 + 4 * 0.1**2) / 5), rel=1e-6)
     assert int(norm.last.argmax()) == 12
 
 
