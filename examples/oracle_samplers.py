@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps of the predictor-corrector sampler")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="oracle_samplers.png")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     ring = sdegen.GaussianMixture.ring()
@@ -40,7 +41,8 @@ def main() -> None:
     for ax, (name, kw) in zip(axes[1:], runs.items()):
         with torch.no_grad():
             x, info = sdegen.sample(sde, ring, shape=(args.n, 2), seed=args.seed, denoise=True, return_info=True,
-                                    dtype=torch.float64, **kw)
+                                    dtype=torch.float64, device=args.device, **kw)
+        x = x.cpu()
         weight_err = float((ring.responsibilities(x).mean(0) - ring.weights).abs().max())
         lp = float(ring.log_prob(x).mean())
         print(f"{name:38s} NFE {info.nfe:4d}  mean log p0 {lp:6.3f} (exact samples {exact_lp:6.3f})  "
