@@ -344,6 +344,12 @@ class SDESolver(Solver):
     Every method but "srk" uses :class:`PerExampleBrownian`, so example i's sample depends only on its seed;
     "srk" needs space-time Levy area and uses torchsde's BrownianInterval seeded from the first example's seed
     (reproducible, but not batch-size invariant), as does ``noise="generator"`` in :func:`sdegen.sample`.
+
+    The result keeps the noise of torchsde's last step (variance g^2 |dt| for Euler-Maruyama): torchsde returns
+    states, not the noise-free mean of its final step, and its uniform steps in t are widest, relative to the
+    noise level, near t_min. Within-mode variances are therefore too large at small step counts (benchmarks/
+    stochastic.py); :class:`sdegen.samplers.EulerMaruyama` ends with its mean, and the exponential SDE
+    samplers ("dpmpp_2m_sde", "sa_solver") reach the noise floor at 50 steps.
     """
 
     stochastic = True
