@@ -151,7 +151,15 @@ def main():
     over = overhead(3 if args.quick else 5, 50 if args.quick else 100)
     mem = peak_memory()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    import datetime
+    import platform
+
     lines = ["# Library overhead and peak memory", "",
+             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; "
+             f"torch {torch.__version__}, 1 thread; load average at the end {os.getloadavg()[0]:.1f}",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+             f"- command: `python {' '.join(sys.argv)}`",
+             "- CPU only: benchmarks/gpu.py measures the same loops on a GPU", "",
              "Overhead per step outside the score call, relative to one 3-layer 256-wide MLP evaluation at batch 1024 "
              "(CPU time of the sampling thread, 1 thread, median of round-robin repeats, range in brackets). "
              "Target <= 10% per NFE.", "",
