@@ -136,6 +136,15 @@ from u to u' = u + h, with c = 1 + lam, is
     ExponentialPC(k) predictor k, corrector k + 1; DPMSolverPP2MSDE(eta) order 2 with midpoint; SASolver(p, c, tau)
     has eta = tau^2; DPMSolverPP3MSDE(eta) order 3.
 
+    With noise, the order is that of the deterministic part; the distribution's error is set by how the
+    denoised values D along the noisy path enter the step. Order 1 leaves out the posterior spread of x0 and
+    under-disperses (see :class:`DDIM`). Higher orders interpolate D through past points whose differences
+    carry the earlier steps' noise, which over-disperses at large steps: on the oracle problems of
+    benchmarks/stochastic.py (VP, log-SNR grid) the within-mode variance at 20 steps is 0.96-1.06x the truth for
+    the 2M midpoint rule, 1.07-1.22x for order 3 with lam = 1 and 1.02-1.09x for SA-Solver's tau = 0.7; at 50
+    steps every setting of order >= 2 is within 3% (within 0.5% at 100), with mixture-weight errors within 1.5x
+    the exact-sampling floor. The noise term itself is the exact transition variance of the linear part.
+
     Args:
         predictor_order: values in the predictor's polynomial, 1-4.
         corrector_order: values in the corrector's, 0 (no corrector) to 4.
