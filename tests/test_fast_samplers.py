@@ -369,7 +369,8 @@ def test_euler_maruyama_ends_with_its_mean(sde_name):
         a = 1.0 + dt * (f + g2 / V)
         var_noisy = a * a * var + g2 * -dt
         var = a * a * var + (g2 * -dt if k < steps - 1 else 0.0)
-    x = sdegen.sample(sde, gauss, shape=(n, 4), method="euler_maruyama", steps=steps, seed=0, dtype=torch.float64)
+    x = sdegen.sample(sde, gauss, shape=(n, 4), method="euler_maruyama", steps=steps, schedule="uniform", seed=0,
+                      dtype=torch.float64)
     got = float(x.var(0).mean())
     tol = 4 * math.sqrt(2.0 / (4 * n))
     assert abs(got / var - 1.0) < tol, (got, var)

@@ -44,10 +44,13 @@ class EulerMaruyama(StepSampler):
     Every step but the last is x' = x + [f - g^2 s] dt + g sqrt(-dt) z; the last returns the mean
     x + [f - g^2 s] dt without noise, as the paper's reference sampler does (its ``x_mean`` at the final step):
     noise of variance g^2 |dt| added at t_min is not removed by any later step and would widen every mode by it.
+    Its default grid is uniform in log-SNR: uniform in t, the steps near t_min span most of the log-SNR range
+    below the data's scale, and the last one is stiff for narrow modes (benchmarks/results/stochastic.md).
     """
 
     order = 1
     stochastic = True
+    default_schedule = "log_snr"
 
     def start(self, ctx, x, ts):
         return len(ts) - 1  # steps left
@@ -95,11 +98,12 @@ class Ancestral(StepSampler):
     On a log-SNR grid this is DDIM with eta = 1 (see :class:`sdegen.samplers.DDIM`): Tweedie's mean stands in
     for a draw of x0, so each step misses the posterior spread of x0 and the samples are under-dispersed at
     first order in the step (and badly so on the uniform grid in t at few steps, whose last step spans most of
-    the log-SNR range below the data's scale).
+    the log-SNR range below the data's scale, which is why its default grid is uniform in log-SNR).
     """
 
     order = 1
     stochastic = True
+    default_schedule = "log_snr"
 
     def step(self, ctx, x, t, t_next, state):
         a, b = ctx.sde.transition(t_next, t)
