@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -185,7 +186,13 @@ def write(rows, prior_rows, heads, repeats):
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    import datetime
+
     lines = ["# Probability-flow log-likelihoods: accuracy, NFE, wall time", "",
+             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} "
+             f"{platform.release()}; torch {torch.__version__}; device {DEVICE}",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+             f"- command: `python {' '.join(sys.argv)}`", "",
              f"VP SDE, exact oracle score, t_min = {T_MIN:g}, the oracle's exact p_T as prior; error = |log p - "
              "log p_0| / D per example (nats/dim) over the held-out samples. Timing: CPU, torch.set_num_threads(1), "
              "wall time of the whole call, one run each, on a 2-core machine shared with other jobs (the timing "
