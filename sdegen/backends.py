@@ -141,6 +141,19 @@ def _solver_error(name: str, func: _StepRecorder, err: BaseException, batch: int
     return None
 
 
+def _solve_isolated(solver, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int], no_steps: str):
+    """``solver._solve`` over the batch; an adaptive solve (which refuses ``steps``, saying ``no_steps``) sets aside
+    the examples that make it fail when ``solver.on_failure == "mask"`` (their indices in ``solver.failed``)."""
+    if solver.adaptive and steps is not None:
+        raise ValueError(f"steps: {no_steps}; got steps={steps!r}.")
+    if not solver.adaptive:
+        solver.failed = []
+        return solver._solve(ctx, x, ts, steps)
+    traj, x, n, solver.failed = solve_isolating_failures(lambda c, z: solver._solve(c, z, ts, steps), ctx, x,
+                                                         len(ts), solver.on_failure)
+    return traj, x, n
+
+
 class ODESolver(Solver):
     """Probability-flow ODE through ``torchdiffeq.odeint`` (adaptive dopri5 by default).
 
@@ -180,16 +193,9 @@ class ODESolver(Solver):
     def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
               ) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """Integrate from ts[0] to ts[-1]; returns (states at every ts (len(ts), B, ...), final state, steps)."""
-        if self.adaptive and steps is not None:
-            raise ValueError(f"steps: the adaptive torchdiffeq solver {self.solver!r} chooses its own steps (set "
-                             f"rtol/atol); for a fixed number of steps pass solver='rk4' (or 'euler', 'midpoint', "
-                             f"'heun3') with steps; got steps={steps!r}.")
-        if not self.adaptive:
-            self.failed = []
-            return self._solve(ctx, x, ts, steps)
-        traj, x, n, self.failed = solve_isolating_failures(lambda c, z: self._solve(c, z, ts, steps), ctx, x,
-                                                           len(ts), self.on_failure)
-        return traj, x, n
+        return _solve_isolated(self, ctx, x, ts, steps, f"the adaptive torchdiffeq solver {self.solver!r} chooses "
+                               "its own steps (set rtol/atol); for a fixed number of steps pass solver='rk4' (or "
+                               "'euler', 'midpoint', 'heun3') with steps")
 
     def _solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
                ) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -372,15 +378,8 @@ class SDESolver(Solver):
 
     def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
-        if self.adaptive and steps is not None:
-            raise ValueError(f"steps: the adaptive torchsde solve chooses its own steps (set rtol/atol/dt_min); "
-                             f"leave steps unset or pass adaptive=False; got steps={steps!r}.")
-        if not self.adaptive:
-            self.failed = []
-            return self._solve(ctx, x, ts, steps)
-        traj, x, n, self.failed = solve_isolating_failures(lambda c, z: self._solve(c, z, ts, steps), ctx, x,
-                                                           len(ts), self.on_failure)
-        return traj, x, n
+        return _solve_isolated(self, ctx, x, ts, steps, "the adaptive torchsde solve chooses its own steps (set "
+                               "rtol/atol/dt_min); leave steps unset or pass adaptive=False")
 
     def _solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
