@@ -25,6 +25,7 @@ from .sde_view import (Ancestral, AnnealedLangevin, Euler, EulerMaruyama, Predic
 from .exponential import (DDIM, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, ExponentialAdams, ExponentialPC,
                           SASolver, UniPC, exp_moments, exp_poly_integral, exp_poly_weights)
 from .karras import DPMSolver, EulerAncestral, Heun
+from .stochastic import DPMSolverPPSDE
 from .adaptive import AdaptiveExponential, AdaptiveMultistep
 from ..backends import ODESolver, SDESolver
 
@@ -44,6 +45,7 @@ SAMPLERS: Dict[str, Callable[..., Any]] = {
     "dpmpp_3m": lambda lower_order_final=False: DPMSolverPP(3, lower_order_final),
     "dpmpp_2m_sde": DPMSolverPP2MSDE,
     "dpmpp_3m_sde": DPMSolverPP3MSDE,
+    "dpmpp_sde": DPMSolverPPSDE,
     "exp_pc": ExponentialPC,
     "exp_adams": ExponentialAdams,
     "sa_solver": SASolver,
