@@ -45,6 +45,7 @@ SAMPLERS = {
     "dpmpp_2m_sde": ("dpmpp_2m_sde", {}, 1),
     "dpmpp_3m_sde": ("dpmpp_3m_sde", {}, 1),
     "dpmpp_sde": ("dpmpp_sde", {}, 2),
+    "dpmpp_sde sigma clock": ("dpmpp_sde", {"brownian": "sigma"}, 2),
     "sa_solver tau=1": ("sa_solver", {}, 1),
     "sa_solver tau=0.7": ("sa_solver", {"tau": 0.7}, 1),
     "exp_adams-2 eta=1": ("exp_adams", {"predictor_order": 2, "eta": 1.0}, 1),
