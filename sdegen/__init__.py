@@ -23,7 +23,7 @@ from . import samplers
 from .samplers import (SAMPLERS, DDIM, AdaptiveExponential, AdaptiveMultistep, Ancestral, AnnealedLangevin, DPMSolver,
                        DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, Euler, EulerAncestral, EulerMaruyama,
                        ExponentialAdams, ExponentialPC, Heun, PredictorCorrector, ReverseDiffusion, SASolver, Solver,
-                       StepSampler, get_sampler, register_sampler)
+                       StepSampler, UniPC, DPMSolverPPSDE, get_sampler, register_sampler)
 from . import analytic, backends, noise, schedules
 from .analytic import GaussianMixture
 from .noise import make_seeds
@@ -63,6 +63,7 @@ __all__ = [
     "ReverseDiffusion", "Ancestral", "EulerAncestral", "PredictorCorrector", "AnnealedLangevin", "DDIM", "Heun",
     "DPMSolver",
     "DPMSolverPP", "ExponentialAdams", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver",
+    "UniPC", "DPMSolverPPSDE",
     "AdaptiveExponential",
     "AdaptiveMultistep", "make_seeds", "SolverError",
     # likelihood

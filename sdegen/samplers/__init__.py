@@ -88,6 +88,6 @@ def get_sampler(method: Union[str, Any], **kwargs):
 __all__ = ["SAMPLERS", "Context", "Solver", "StepSampler", "get_sampler", "register_sampler", "Ancestral",
            "AnnealedLangevin", "Euler", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "langevin_step",
            "DDIM", "ExponentialAdams", "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC",
-           "SASolver", "UniPC", "DPMSolver",
+           "SASolver", "UniPC", "DPMSolverPPSDE", "DPMSolver",
            "EulerAncestral", "Heun", "AdaptiveExponential", "AdaptiveMultistep", "ODESolver", "SDESolver",
            "exp_moments", "exp_poly_integral", "exp_poly_weights"]
