@@ -13,17 +13,15 @@ Writes benchmarks/results/adaptive_nfe.md (or --out). Usage: python benchmarks/a
 """
 
 import argparse
-import datetime
 import math
 import os
-import platform
-import sys
 import time
 
 import torch
 import torchdiffeq
 
 import sdegen
+from common import provenance
 from sdegen.analytic import GaussianMixture
 from sdegen.divergence import make_probes
 from sdegen.likelihood import _AugmentedFlow
@@ -122,11 +120,7 @@ def main():
         l_rows += likelihood_rows(pname, gm, sde, min(args.n, 64), (1e-3, 1e-4, 1e-5))
         print(l_rows[-1], flush=True)
     lines = ["# Adaptive solvers against torchdiffeq's dopri5", "",
-             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-             f"{platform.system()} {platform.release()}; torch {torch.__version__}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
-             f"wall time {time.time() - start:.0f} s",
-             f"- command: `python {' '.join(sys.argv)}`",
+             *provenance(start),
              f"- VP SDE, exact score of the oracle, float64; sampling: {args.n} starting points (seed 1), RMS of "
              "the endpoint error norm against dopri5 at 1e-10; likelihood: "
              f"{min(args.n, 64)} exact draws (seed 5), t_min 1e-5, exact divergence, exact prior", "",

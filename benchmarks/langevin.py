@@ -13,26 +13,16 @@ Writes benchmarks/results/langevin.md. Usage: python benchmarks/langevin.py [--s
 """
 
 import argparse
-import datetime
-import math
 import os
-import platform
-import sys
 import time
 
 import torch
 
 import sdegen
+from common import exact_floor, provenance, within_mode
 from sdegen.analytic import GaussianMixture
 
 F64 = torch.float64
-
-
-def within_mode(gm_t, x):
-    k = gm_t.responsibilities(x).argmax(1)
-    diff = x.to(F64) - gm_t.means[k]
-    q = (diff * torch.linalg.solve(gm_t.covs[k], diff.unsqueeze(-1)).squeeze(-1)).sum(1) / x.shape[1]
-    return float(q.mean()), torch.bincount(k, minlength=gm_t.n_components).to(F64) / x.shape[0]
 
 
 def measure(gm, sde, rule, steps, n, device, floor_sets=20):
@@ -40,14 +30,8 @@ def measure(gm, sde, rule, steps, n, device, floor_sets=20):
     x = sdegen.sample(sde, gm, shape=(n, gm.dim), method="pc", steps=steps, seed=0, step_rule=rule,
                       device=device).cpu()
     q, w = within_mode(gm_t, x)
-    exact_q, floor = [], []
-    for rep in range(floor_sets):
-        qe, we = within_mode(gm_t, gm.sample(n, sde=sde, t=sde.t_min, seed=1000 + rep))
-        exact_q.append(qe)
-        floor.append(float((we - gm.weights).abs().sum()) ** 2)
-    var_ratio = q / (sum(exact_q) / floor_sets)
-    weight_ratio = float((w - gm.weights).abs().sum()) / math.sqrt(sum(floor) / floor_sets)
-    return var_ratio, weight_ratio
+    exact_q, weight_floor = exact_floor(gm, sde, n, floor_sets)
+    return q / exact_q, float((w - gm.weights).abs().sum()) / weight_floor
 
 
 def main():
@@ -69,11 +53,7 @@ def main():
                 rows.append(f"| {name} | {sde_name} | {rule} | {v:.3f} | {w:.2f} |")
                 print(rows[-1], flush=True)
     lines = ["# The Langevin corrector's step rules against exact draws", "",
-             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-             f"{platform.system()} {platform.release()}; device {args.device}; torch {torch.__version__}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
-             f"wall time {time.time() - start:.0f} s",
-             f"- command: `python {' '.join(sys.argv)}`",
+             *provenance(start, args.device),
              f"- `pc` (reverse diffusion + 1 Langevin step, snr 0.16), {args.steps} steps, {args.n} samples, exact "
              "score of the oracle, seed 0; exact draws of p_t_min for the reference (20 sets)",
              "- variance ratio: within-mode variance (mean squared Mahalanobis distance per dimension to the "

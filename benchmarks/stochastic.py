@@ -18,16 +18,14 @@ Writes benchmarks/results/stochastic.md (or --out). Usage:
 """
 
 import argparse
-import datetime
 import math
 import os
-import platform
-import sys
 import time
 
 import torch
 
 import sdegen
+from common import exact_floor, provenance, within_mode
 from sdegen.analytic import GaussianMixture
 
 F64 = torch.float64
@@ -69,25 +67,6 @@ def problems(holdout=None):
         out[f"64-D holdout {holdout}"] = GaussianMixture.random(dim=64, n_components=6, seed=holdout + 1,
                                                                 mean_scale=0.5, cov_scale=0.2)
     return out
-
-
-def within_mode(gm_t, x):
-    """(mean squared Mahalanobis distance per dimension to the most responsible component, assignment fractions)."""
-    k = gm_t.responsibilities(x).argmax(1)
-    diff = x.to(F64) - gm_t.means[k]
-    q = (diff * torch.linalg.solve(gm_t.covs[k], diff.unsqueeze(-1)).squeeze(-1)).sum(1) / x.shape[1]
-    return float(q.mean()), torch.bincount(k, minlength=gm_t.n_components).to(F64) / x.shape[0]
-
-
-def floor(gm, sde, n, reps=40):
-    """(within-mode statistic of exact draws, RMS L1 weight error of exact sets of size n)."""
-    gm_t = gm.marginal(sde, sde.t_min)
-    qs, errs = [], []
-    for rep in range(reps):
-        q, w = within_mode(gm_t, gm.sample(n, sde=sde, t=sde.t_min, seed=1000 + rep))
-        qs.append(q)
-        errs.append(float((w - gm.weights).abs().sum()) ** 2)
-    return sum(qs) / reps, math.sqrt(sum(errs) / reps)
 
 
 def measure(gm, sde, spec, schedule, nfe, n, sets, ref, device):
@@ -143,7 +122,7 @@ def main():
     rows, results = [], {}
     names = args.only or list(SAMPLERS)
     for pname, gm in problems(args.holdout).items():
-        ref = floor(gm, sde, args.n)
+        ref = exact_floor(gm, sde, args.n, 40)
         for name in names:
             spec = SAMPLERS[name]
             for schedule in ((None,) if method_is_solver(spec[0]) else (None, "log_snr")):
@@ -158,11 +137,7 @@ def main():
     head = " | ".join(f"var NFE {k} | weights NFE {k}" for k in args.nfe)
     summary = summarize(results, names, args.nfe)
     lines = ["# Stochastic samplers against exact draws of p_t_min", "",
-             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-             f"{platform.system()} {platform.release()}; device {args.device}; torch {torch.__version__}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
-             f"wall time {time.time() - start:.0f} s",
-             f"- command: `python {' '.join(sys.argv)}`",
+             *provenance(start, args.device),
              f"- VP SDE, exact score of the oracle, float64, {args.sets} sets of {args.n} samples per configuration "
              "(seeds 1, 11, ...); floor from 40 sets of exact draws of p_t_min",
              "- var: within-mode variance ratio (mean squared Mahalanobis distance per dimension to the most "

@@ -1,0 +1,48 @@
+"""What the benchmark scripts share: the provenance lines of a report, and the mixture metrics against exact draws.
+
+The scripts run as ``python benchmarks/<name>.py``, so this module is importable as ``common``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import sys
+import time
+from typing import List, Optional, Tuple
+
+import torch
+
+F64 = torch.float64
+
+
+def provenance(started: Optional[float] = None, device=None) -> List[str]:
+    """The machine, the date (and wall time since ``started``, a time.time()) and the command, as report lines."""
+    machine = (f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+               f"{platform.system()} {platform.release()}; torch {torch.__version__}")
+    date = f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}"
+    return [machine + (f"; device {device}" if device is not None else ""),
+            date + (f"; wall time {time.time() - started:.0f} s" if started is not None else ""),
+            f"- command: `python {' '.join(sys.argv)}`"]
+
+
+def within_mode(gm_t, x: torch.Tensor) -> Tuple[float, torch.Tensor]:
+    """(mean squared Mahalanobis distance per dimension to the most responsible component of the mixture ``gm_t``,
+    the fraction of x (N, D) assigned to each component)."""
+    k = gm_t.responsibilities(x).argmax(1)
+    diff = x.to(F64) - gm_t.means[k]
+    q = (diff * torch.linalg.solve(gm_t.covs[k], diff.unsqueeze(-1)).squeeze(-1)).sum(1) / x.shape[1]
+    return float(q.mean()), torch.bincount(k, minlength=gm_t.n_components).to(F64) / x.shape[0]
+
+
+def exact_floor(gm, sde, n: int, reps: int) -> Tuple[float, float]:
+    """Over ``reps`` sets of n exact draws of p_{t_min}: (mean within-mode statistic, RMS L1 weight error)."""
+    gm_t = gm.marginal(sde, sde.t_min)
+    qs, errs = [], []
+    for rep in range(reps):
+        q, w = within_mode(gm_t, gm.sample(n, sde=sde, t=sde.t_min, seed=1000 + rep))
+        qs.append(q)
+        errs.append(float((w - gm.weights).abs().sum()) ** 2)
+    return sum(qs) / reps, math.sqrt(sum(errs) / reps)
