@@ -114,6 +114,9 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
                          f"steps of a fixed-step sampler; leave steps unset; got steps={steps!r}.")
     model = as_model(score, sde)
     x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds=bool(sampler.stochastic))
+    if capture:
+        check_capture(x.device, sampler, noise, bool(sampler.stochastic), progress, return_trajectory,
+                      x.requires_grad)
     ctx = Context(sde, model, None if seeds is None else NOISE_KINDS[noise](seeds, key=1))  # draw 0 made x_T
     start = time.perf_counter()
     if isinstance(sampler, StepSampler):
@@ -121,16 +124,11 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         ts, pilot_nfe = resolve_grid(sde, n, schedule if schedule is not None else sampler.default_schedule,
                                      t_min=t_min, model=model, x=x, order=sampler.order)
         if capture:
-            check_capture(x.device, sampler, noise, bool(sampler.stochastic), progress, return_trajectory,
-                          x.requires_grad)
             x = _run_captured(ctx, sampler, (score, method, options), x, seeds, ts, noise, denoise)
             traj, n_steps = None, len(ts) - 1
         else:
             x, traj, n_steps = _run_steps(sampler, ctx, x, ts, progress, return_trajectory)
     else:
-        if capture:
-            check_capture(x.device, sampler, noise, bool(sampler.stochastic), progress, return_trajectory,
-                          x.requires_grad)
         if schedule is not None and not isinstance(schedule, torch.Tensor):
             raise ValueError(f"schedule: a named schedule applies to fixed-step samplers; for "
                              f"{type(sampler).__name__} pass the output times as a tensor; got {schedule!r}.")
