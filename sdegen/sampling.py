@@ -13,7 +13,7 @@ from ._validate import (check_choice, check_flag, check_int, check_number, check
 from .models import as_model
 from .noise import NOISE_KINDS, Seed, make_seeds, normal_from_seeds
 from .capture import captured, check_capture
-from .samplers import SAMPLERS, Context, Solver, StepSampler, get_sampler
+from .samplers import SAMPLERS, Context, StepSampler, get_sampler  # SAMPLERS: kept importable from here
 from .schedules import check_grid, resolve_grid, time_grid
 from .sde import SDE
 
