@@ -21,11 +21,11 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 def bcast(v: torch.Tensor, x: torch.Tensor) -> Union[torch.Tensor, float]:
     """Per-example coefficient ``v`` (0-d or (B,)) cast to ``x``'s dtype/device and shaped to broadcast with x.
 
-    A 0-d host tensor without gradient (a coefficient at a grid time) becomes a Python float when x lives on an
-    accelerator: the float rides along with the kernel launch, where a tensor would need a blocking host-to-device
-    copy at every step.
+    A 0-d host tensor without gradient (a coefficient at a grid time) becomes a Python float, which multiplies x
+    in x's dtype on any device: on an accelerator it rides along with the kernel launch, where a tensor would need
+    a blocking host-to-device copy at every step.
     """
-    if v.ndim == 0 and x.device.type != "cpu" and v.device.type == "cpu" and not v.requires_grad:
+    if v.ndim == 0 and v.device.type == "cpu" and not v.requires_grad:
         return float(v)
     return append_dims(v.to(dtype=x.dtype, device=x.device), x.ndim)
 

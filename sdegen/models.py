@@ -42,8 +42,6 @@ def _host_scalar(t: torch.Tensor) -> bool:
 def coefficient(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, x: torch.Tensor):
     """fn(t) ready to multiply x: a Python float for a host scalar time (the grid times of fixed-step samplers; a
     float multiplies x on any device with no host-device copy), else fn(t) shaped (B, 1, ...) in x's dtype."""
-    if _host_scalar(t):
-        return float(fn(t))
     return bcast(fn(t), x)
 
 
