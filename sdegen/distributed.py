@@ -549,16 +549,22 @@ def _global_rows(data) -> Optional[int]:
     return None
 
 
-def _rank_loss(loss_fn: Callable, ctx: DistributedContext, batch_size: int, slice_batch: bool) -> Callable:
-    """Each rank's loss on its slice of the global batch, with its own generator for the loss's randomness."""
+def _rank_loss(loss_fn: Callable, ctx: DistributedContext, batch_size: int, slice_batch: bool,
+               seed: int) -> Callable:
+    """Each rank's loss on its slice of the global batch, with its own generator for the loss's randomness.
+
+    The shared generator (``gen``, the same on every rank) only shuffles, so the global batches agree across
+    ranks; the rank's generator is seeded once from (seed, rank) on the host and lives on the data's device, so
+    a step never reads a value back from the device."""
     lo, hi = ctx.rank * batch_size, (ctx.rank + 1) * batch_size
     call_loss = batch_loss(loss_fn)
+    rank_seed = int(make_seeds(seed, ctx.world_size)[ctx.rank])  # a host tensor: no device involved
+    own: Dict[torch.device, torch.Generator] = {}
 
     def loss(net, batch, gen: torch.Generator):
-        # one draw from the shared generator on every rank keeps the shuffling identical across ranks
-        step_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        own = torch.Generator(gen.device).manual_seed(int(make_seeds(step_seed, ctx.world_size)[ctx.rank]))
-        return call_loss(net, _rows(batch, lo, hi) if slice_batch else batch, own)
+        if gen.device not in own:
+            own[gen.device] = torch.Generator(gen.device).manual_seed(rank_seed)
+        return call_loss(net, _rows(batch, lo, hi) if slice_batch else batch, own[gen.device])
 
     return loss
 
@@ -601,7 +607,7 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
                              f"{batch_size} * {ctx.world_size}; lower batch_size.")
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         wrap = lambda m: DDPModel(m, device_ids=device_ids, **(ddp_kwargs or {}))  # noqa: E731
-        res = train(model, _rank_loss(loss_fn, ctx, batch_size, n is not None), data, steps,
+        res = train(model, _rank_loss(loss_fn, ctx, batch_size, n is not None, seed), data, steps,
                     batch_size=batch_size * ctx.world_size if n is not None else batch_size, seed=seed,
                     wrap_model=wrap, is_main=ctx.is_main, **train_kwargs)
         res.losses = _mean_over_ranks(res.losses, ctx)

@@ -231,7 +231,9 @@ def classifier_loss(classifier: Callable, sde: SDE, x0: torch.Tensor, y: torch.T
     """Cross-entropy of a noise-conditional classifier on perturbed data: E_t E_{x0, y} [-log p_theta(y | x_t, t)]
     with x_t = m(t) x0 + s(t) z and t uniform on [t_min, T] (Song et al. 2021, appendix I.1; Dhariwal & Nichol 2021).
 
-    Args: classifier(x_t, t) -> logits (B, C) with t (B,) in x0's dtype; x0 (B, ...); y (B,) integer labels;
+    Args: classifier(x_t, t) -> logits (B, C) with t (B,) in x0's dtype; x0 (B, ...); y (B,) integer labels in
+    [0, C): labels on the CPU are checked (ValueError); labels on an accelerator are not read back (that would
+    synchronise every step): an out-of-range label there gives that example a NaN loss;
     seed: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
     """
     _check_batch(x0, return_per_example=return_per_example)
@@ -244,12 +246,27 @@ def classifier_loss(classifier: Callable, sde: SDE, x0: torch.Tensor, y: torch.T
     logits = classifier(x_t, t.to(device=x0.device, dtype=x0.dtype))
     if logits.ndim != 2 or logits.shape[0] != x0.shape[0]:
         raise ValueError(f"the classifier must return logits of shape (B, C); got {tuple(logits.shape)}.")
-    if bool(((y < 0) | (y >= logits.shape[1])).any()):
-        raise ValueError(f"labels y must lie in [0, {logits.shape[1] - 1}] (the classifier has {logits.shape[1]} "
-                         f"classes); got min {int(y.min())}, max {int(y.max())}.")
-    per = torch.nn.functional.cross_entropy(logits, y.to(logits.device), reduction="none",
-                                            label_smoothing=label_smoothing)
+    n_classes = logits.shape[1]
+    if y.device.type == "cpu":  # labels on the host are checked without waiting for the device
+        if bool(((y < 0) | (y >= n_classes)).any()):
+            raise ValueError(f"labels y must lie in [0, {n_classes - 1}] (the classifier has {n_classes} classes); "
+                             f"got min {int(y.min())}, max {int(y.max())}.")
+        y = y.to(logits.device)
+        return _cross_entropy(logits, y, label_smoothing, return_per_example)
+    # Labels on an accelerator: reading them back would stall every training step, and an out-of-range label
+    # inside cross_entropy is a device-side assert that ends the process. An example with such a label gets a
+    # NaN loss instead, which sdegen.train's periodic check reports with its step.
+    y = y.to(logits.device)
+    valid = (y >= 0) & (y < n_classes)
+    per = _cross_entropy(logits, torch.where(valid, y, torch.zeros_like(y)), label_smoothing, True)
+    per = torch.where(valid, per, torch.full_like(per, math.nan))
     return per if return_per_example else per.mean()
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float,
+                   per_example: bool) -> torch.Tensor:
+    per = torch.nn.functional.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    return per if per_example else per.mean()
 
 
 def drop_labels(y: torch.Tensor, p: float, null_label: int, *, seed: Gen = None,

@@ -82,3 +82,57 @@ def test_fixed_step_loop_under_cuda_sync_debug_mode(name):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert torch.isfinite(x).all(), label
+
+
+def _classifier(device):
+    lin = torch.nn.Linear(3, 4, device=device)
+    return lambda x, t: lin(x) + t[:, None]
+
+
+def test_training_losses_read_nothing_back():
+    """The losses a training step calls never read a value of the data, the labels or the network's output back
+    to the host: on ``meta`` any such read raises. (An int seed draws t and the noise from a host generator;
+    sdegen.train passes a generator on the data's device instead.)"""
+    x0 = torch.empty(8, 3, device="meta")
+    y = torch.empty(8, dtype=torch.long, device="meta")
+    net = sdegen.ScoreModel(TinyEpsNet(3, "meta"), sdegen.VPSDE(), prediction="eps")
+    with torch.no_grad():
+        losses = [sdegen.dsm_loss(net, x0, seed=0),
+                  sdegen.classifier_loss(_classifier("meta"), sdegen.VPSDE(), x0, y, seed=0)]
+    assert all(v.device.type == "meta" and v.shape == () for v in losses)
+
+
+def test_rank_loss_seeds_its_generator_once_from_the_host():
+    """train_ddp's per-rank loss takes its generator from (seed, rank) on the host: ranks differ, a rank's draws
+    continue from step to step, and the shared shuffling generator is not advanced by the loss."""
+    from sdegen.distributed import DistributedContext, _rank_loss
+
+    def draws(rank, steps=2):
+        ctx = DistributedContext(rank=rank, world_size=2, local_rank=0, device=torch.device("cpu"))
+        loss = _rank_loss(lambda net, batch, gen: torch.rand(2, generator=gen), ctx, 4, True, seed=5)
+        shared = torch.Generator().manual_seed(0)
+        out = [loss(None, torch.zeros(8, 1), shared) for _ in range(steps)]
+        return out, shared.initial_seed(), torch.rand(1, generator=shared)
+
+    (a0, a1), _, shared_next = draws(0)
+    (b0, _), _, _ = draws(1)
+    assert not torch.equal(a0, a1) and not torch.equal(a0, b0)
+    assert torch.equal(draws(0)[0][0], a0)
+    assert torch.equal(shared_next, torch.rand(1, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_classifier_loss_on_cuda_marks_out_of_range_labels_with_nan():
+    x0 = torch.randn(6, 3, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3, 4, -1], device="cuda")
+    clf = _classifier("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        per = sdegen.classifier_loss(clf, sdegen.VPSDE(), x0, y, seed=0, return_per_example=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(per[:4]).all() and torch.isnan(per[4:]).all()
+    y_valid = torch.tensor([0, 1, 2, 3, 0, 0])  # on the host: checked, and the same draws of t and noise
+    ref = sdegen.classifier_loss(clf, sdegen.VPSDE(), x0, y_valid, seed=0, return_per_example=True)
+    assert torch.allclose(per[:4], ref[:4])
