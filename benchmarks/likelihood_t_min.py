@@ -7,7 +7,7 @@ tolerances (so that the solver's own error is far below the gap), this prints pe
 (log_likelihood - log p_0) / D in nats per dimension and the NFE, including the t_min that
 ``log_likelihood`` picks by default.
 
-    python benchmarks/likelihood_t_min.py [--quick]
+    python benchmarks/likelihood_t_min.py [--quick] [--device DEVICE] [--threads N]
 Writes benchmarks/results/likelihood_t_min.md.
 """
 
@@ -41,14 +41,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer points and problems")
     ap.add_argument("--out", default=str(RESULTS / "likelihood_t_min.md"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the draws, the oracle's score and the solve run (default: CUDA when available)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     n = 64 if args.quick else 256
     sdes = {"VP": sdegen.VPSDE(), "sub-VP": sdegen.SubVPSDE(), "cosine VP": sdegen.CosineVPSDE(),
             "VE": sdegen.VESDE()}
     rows = []
     for pname, gm in problems(args.quick).items():
-        x = gm.sample(n, seed=123)
+        x = gm.sample(n, seed=123, device=device)
         exact = gm.log_prob(None, x)
         for sname, sde in sdes.items():
             chosen = default_t_min(sde)
@@ -63,7 +68,7 @@ def main() -> None:
     lines = [
         "# log_likelihood: error of log p_{t_min} against log p_0 (nats/dim)", "",
         f"Machine: {platform.platform()}, {platform.processor() or 'cpu'}, torch {torch.__version__}; "
-        f"date {datetime.date.today()}; command: python benchmarks/likelihood_t_min.py{' --quick' if args.quick else ''}.",
+        f"device {device}; date {datetime.date.today()}; command: python {' '.join(sys.argv)}.",
         "",
         f"{n} exact draws per mixture, the oracle's exact score, exact divergence, dopri5 at rtol = atol = 1e-7. "
         "err = (log_likelihood - exact log p_0) / D per example, its mean and its mean absolute value; * marks log_likelihood's default t_min for that SDE "
