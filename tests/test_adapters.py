@@ -235,8 +235,10 @@ def edm_algorithm2(denoiser, x, ts):
 
 
 def test_heun_reproduces_edm_algorithm2():
-    """sdegen's "heun" on EDMSDE with the "edm" schedule takes the same Heun steps from sigma_max to sigma_min;
-    EDM's last step, Euler from sigma_min to 0, is x - sigma_min (x - D)/sigma_min = D: sdegen's denoise=True."""
+    """sdegen's "heun" on EDMSDE with the "edm" schedule takes the same Heun steps from sigma_max to sigma_min
+    (final_step="heun": the step that ends sdegen's grid is one of EDM's Heun steps); EDM's last step, Euler from
+    sigma_min to 0, is x - sigma_min (x - D)/sigma_min = D: sdegen's denoise=True. The default final Euler step
+    would replace EDM's last Heun step to sigma_min and is off by more than the tolerance."""
     sde = sdegen.EDMSDE()
 
     def denoiser(y, sigma):  # sigma: a float (the reference) or (B,) (sdegen)
@@ -247,9 +249,11 @@ def test_heun_reproduces_edm_algorithm2():
     reference = edm_algorithm2(denoiser, x_T, edm_sigma_steps(n))
     for model in (MIX, from_denoiser(denoiser, sde)):
         x, info = sdegen.sample(sde, model, x_T, method="heun", steps=n - 1, schedule="edm", denoise=True,
-                                return_info=True)
+                                final_step="heun", return_info=True)
         assert info.nfe == 2 * n - 1
         torch.testing.assert_close(x, reference, rtol=0, atol=1e-10)
+    euler_last = sdegen.sample(sde, MIX, x_T, method="heun", steps=n - 1, schedule="edm", denoise=True)
+    assert float((euler_last - reference).abs().max()) > 1e-6
     torch.testing.assert_close(info.times, edm_sigma_steps(n)[:-1], rtol=1e-14, atol=0)
 
 
@@ -344,7 +348,8 @@ def test_euler_discrete_is_ddim_in_sigma(diffusers, unet, noise, spacing):
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_heun_discrete_matches_heun(diffusers, unet, noise, spacing):
     """HeunDiscreteScheduler: Heun steps in sigma, then a first-order step to sigma = 0, which is the denoiser:
-    sdegen's "heun" with denoise=True, the same 2 (n - 1) + 1 network calls."""
+    sdegen's "heun" with final_step="heun" (every step of the grid down to sigma_min is a Heun step) and
+    denoise=True, the same 2 (n - 1) + 1 network calls."""
     sched = diffusers.HeunDiscreteScheduler(timestep_spacing=spacing)
     sched.set_timesteps(4)
     model = from_diffusers(unet, sched)
@@ -352,7 +357,7 @@ def test_heun_discrete_matches_heun(diffusers, unet, noise, spacing):
     with torch.no_grad():
         reference = run_diffusers(unet, sched, noise * sched.init_noise_sigma, scale_input=True)
         x, info = sdegen.sample(model.sde, model, _sigma_scaled_start(sched, noise, model, grid), method="heun",
-                                schedule=grid, denoise=True, return_info=True)
+                                schedule=grid, denoise=True, final_step="heun", return_info=True)
     assert info.nfe == len(sched.timesteps)
     assert rel_err(x, reference) < 1e-5
 

@@ -84,7 +84,7 @@ def test_agrees_with_reference_and_counts_nfe(sde_name, method, opts, order, per
     x_T, ref = _start_and_reference(sde_name, batch=32)
     steps = 100
     x, info = sdegen.sample(SDES[sde_name], RING, x_T, method=method, steps=steps, return_info=True, **opts)
-    assert info.nfe == per_step * steps
+    assert info.nfe == sdegen.get_sampler(method, **opts).total_nfe(steps) <= per_step * steps
     assert info.steps == steps
     bound = BOUND_100[method]
     assert _rms(x, ref) < (bound[order] if isinstance(bound, dict) else bound)

@@ -24,8 +24,10 @@ from .sde_view import (Ancestral, AnnealedLangevin, Euler, EulerMaruyama, Predic
                        langevin_step)
 from .exponential import (DDIM, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, ExponentialAdams, ExponentialPC,
                           SASolver, UniPC, exp_moments, exp_poly_integral, exp_poly_weights)
-from .karras import DPMSolver, EulerAncestral, Heun
+from .karras import DPM2, DPM2Ancestral, DPMPP2SAncestral, DPMSolver, EulerAncestral, Heun
+from .restart import Restart
 from .stochastic import DPMSolverPPSDE
+from .linear_multistep import DEIS, IPNDM, LMS, lagrange_integrals
 from .adaptive import AdaptiveExponential, AdaptiveMultistep
 from ..backends import ODESolver, SDESolver
 
@@ -40,6 +42,10 @@ SAMPLERS: Dict[str, Callable[..., Any]] = {
     "ddim": DDIM,
     "heun": Heun,
     "euler_ancestral": EulerAncestral,
+    "dpm_2": DPM2,
+    "dpm_2_ancestral": DPM2Ancestral,
+    "dpmpp_2s_ancestral": DPMPP2SAncestral,
+    "restart": Restart,
     "dpm_solver": DPMSolver,
     "dpmpp_2m": lambda lower_order_final=False: DPMSolverPP(2, lower_order_final),
     "dpmpp_3m": lambda lower_order_final=False: DPMSolverPP(3, lower_order_final),
@@ -50,6 +56,9 @@ SAMPLERS: Dict[str, Callable[..., Any]] = {
     "exp_adams": ExponentialAdams,
     "sa_solver": SASolver,
     "unipc": UniPC,
+    "lms": LMS,
+    "deis": DEIS,
+    "ipndm": IPNDM,
     "adaptive": AdaptiveMultistep,
     "adaptive_rk23": AdaptiveExponential,
     "ode": ODESolver,
@@ -88,6 +97,6 @@ def get_sampler(method: Union[str, Any], **kwargs):
 __all__ = ["SAMPLERS", "Context", "Solver", "StepSampler", "get_sampler", "register_sampler", "Ancestral",
            "AnnealedLangevin", "Euler", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "langevin_step",
            "DDIM", "ExponentialAdams", "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC",
-           "SASolver", "UniPC", "DPMSolverPPSDE", "DPMSolver",
+           "SASolver", "UniPC", "DPMSolverPPSDE", "DPMSolver", "DPM2", "DPM2Ancestral", "DPMPP2SAncestral", "Restart",
            "EulerAncestral", "Heun", "AdaptiveExponential", "AdaptiveMultistep", "ODESolver", "SDESolver",
-           "exp_moments", "exp_poly_integral", "exp_poly_weights"]
+           "exp_moments", "exp_poly_integral", "exp_poly_weights", "LMS", "DEIS", "IPNDM", "lagrange_integrals"]

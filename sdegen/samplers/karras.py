@@ -10,15 +10,25 @@ from typing import Tuple
 
 import torch
 
-from .base import StepSampler, cache_grid as _cache_grid, point as _point, time_at_u as _t_at
+from .base import StepSampler, cache_grid as _cache_grid, check_unit, point as _point, time_at_u as _t_at
 from .exponential import exp_moments
 
 
 class Heun(StepSampler):
     """EDM's second-order Heun sampler (Karras et al. 2022, algorithm 2) on dy/dsigma = eps, y = x/m.
 
-    Every step is a Heun step (the grid ends at t_min > 0), so NFE = 2 * steps. With ``s_churn > 0``
-    each step with s_tmin <= sigma <= s_tmax first raises sigma to sigma (1 + gamma),
+    Each step is the trapezoidal (Heun) rule in sigma: an Euler point y_e = y + (sigma' - sigma) eps(y, sigma),
+    then y' = y + (sigma' - sigma) (eps(y, sigma) + eps(y_e, sigma')) / 2 (two NFE).
+
+    ``final_step`` sets the step that ends the grid. EDM's algorithm ends with a first-order step (its last
+    step goes to sigma = 0, where the second evaluation does not exist): with ``final_step="euler"`` (default)
+    the step that ends the grid is the Euler step y' = y_e (one NFE), so NFE = 2 * steps - 1 and odd budgets are
+    reachable; the global order stays 2 (one step's local error is O(h^2)). ``final_step="heun"`` makes every step
+    a Heun step (NFE = 2 * steps). EDM's algorithm 2 with N sigmas and t_N = 0 is ``final_step="heun"`` on
+    those N sigmas followed by the driver's ``denoise=True`` (the Euler step from sigma_min to 0 is y - sigma_min
+    eps = D, the denoiser): 2 N - 1 NFE.
+
+    With ``s_churn > 0`` each step with s_tmin <= sigma <= s_tmax first raises sigma to sigma (1 + gamma),
     gamma = min(s_churn / steps, sqrt(2) - 1) (capped at sigma(T)), adding noise of std
     s_noise sqrt(sigma_hat^2 - sigma^2) in y.
     """
@@ -28,7 +38,13 @@ class Heun(StepSampler):
     default_steps = 25
     default_schedule = "edm"
 
-    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
+    final_steps = ("euler", "heun")
+
+    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
+                 final_step: str = "euler"):
+        if not (isinstance(final_step, str) and final_step in self.final_steps):
+            raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}.")
+        self.final_step = final_step
         for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
             if not (isinstance(v, (int, float)) and 0.0 <= v < math.inf):
                 raise ValueError(f"{name} must be a finite number >= 0; got {v!r}.")
@@ -41,31 +57,50 @@ class Heun(StepSampler):
         _cache_grid(ctx, ts)
         gamma = min(self.s_churn / (len(ts) - 1), math.sqrt(2.0) - 1.0)
         m, s, _ = _point(ctx, torch.tensor(ctx.sde.T, dtype=torch.float64))
-        return gamma, s / m
+        return gamma, s / m, float(ts[-1])
+
+    def total_nfe(self, steps: int) -> int:
+        return 2 * steps - int(self.final_step == "euler")
 
     def step(self, ctx, x, t, t_next, state):
-        gamma, sigma_top = state
+        gamma, sigma_top, t_end = state
+        euler = self.final_step == "euler" and float(t_next) == t_end
+        return self.ode_step(ctx, self._churn(ctx, x, t, gamma, sigma_top), t_next, euler), state
+
+    def _churn(self, ctx, x, t, gamma, sigma_top):
+        """(x, t) raised to sigma (1 + gamma) with the matching noise when churn applies at t, else unchanged."""
+        if gamma <= 0:
+            return x, t
         m, s, _ = _point(ctx, t)
         sigma = s / m
-        if gamma > 0 and self.s_tmin <= sigma <= self.s_tmax:
-            sigma_hat = min(sigma * (1.0 + gamma), sigma_top)
-            t = _t_at(ctx, -math.log(sigma_hat)).clamp(max=ctx.sde.T)  # round-off must not pass T
-            m_hat, s, _ = _point(ctx, t)
-            y = torch.div(x, m).add_(ctx.randn_like(x), alpha=self.s_noise * math.sqrt(sigma_hat**2 - sigma**2))
-            x, m = y.mul_(m_hat), m_hat
-            sigma = s / m
+        if not self.s_tmin <= sigma <= self.s_tmax:
+            return x, t
+        sigma_hat = min(sigma * (1.0 + gamma), sigma_top)
+        t_hat = _t_at(ctx, -math.log(sigma_hat)).clamp(max=ctx.sde.T)  # round-off must not pass T
+        m_hat = _point(ctx, t_hat)[0]
+        y = torch.div(x, m).add_(ctx.randn_like(x), alpha=self.s_noise * math.sqrt(sigma_hat**2 - sigma**2))
+        return y.mul_(m_hat), t_hat
+
+    @staticmethod
+    def ode_step(ctx, xt, t_next, euler: bool = False) -> torch.Tensor:
+        """One Heun step (or with ``euler`` its Euler point alone) of dy/dsigma = eps from (x, t) = ``xt`` to t_next."""
+        x, t = xt
+        m, s, _ = _point(ctx, t)
         m2, s2, _ = _point(ctx, t_next)
-        dsig = s2 / m2 - sigma
+        dsig = s2 / m2 - s / m
         # dy/dsigma = eps = -s score in y = x/m, carried out on x = m y: the Euler point is
         # x_e = (m'/m) x - m' dsig s score, the trapezoid adds -m' dsig/2 (s score + s' score(x_e)) to (m'/m) x
         base = x * (m2 / m)
         score = ctx.score(x, t)  # score outputs are never modified in place
+        if euler:
+            return base.add_(score, alpha=-m2 * dsig * s)
         x_euler = torch.add(base, score, alpha=-m2 * dsig * s)
         x_next = base.add_(score, alpha=-0.5 * m2 * dsig * s)
-        return x_next.add_(ctx.score(x_euler, t_next), alpha=-0.5 * m2 * dsig * s2), state
+        return x_next.add_(ctx.score(x_euler, t_next), alpha=-0.5 * m2 * dsig * s2)
 
     def __repr__(self) -> str:
-        return f"Heun(s_churn={self.s_churn}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax}, s_noise={self.s_noise})"
+        return (f"Heun(s_churn={self.s_churn}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax}, s_noise={self.s_noise}, "
+                f"final_step={self.final_step!r})")
 
 
 class EulerAncestral(StepSampler):
@@ -217,3 +252,137 @@ class DPMSolver(StepSampler):
 
     def __repr__(self) -> str:
         return f"DPMSolver(order={self.order}, prediction={self.prediction!r})"
+
+
+def ancestral_split(sigma: float, sigma_next: float, eta: float) -> Tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step sigma -> sigma' (k-diffusion's ``get_ancestral_step``):
+    sigma_up = min(sigma', eta sigma' sqrt(sigma^2 - sigma'^2) / sigma), sigma_down = sqrt(sigma'^2 - sigma_up^2),
+    so that a deterministic step to sigma_down plus fresh noise of std sigma_up lands at noise level sigma'.
+    eta = 1 is DDPM's posterior q(y' | y, y_0 = D) (Ho et al. 2020, eq. 7), eta = 0 no noise (sigma_down = sigma')."""
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(sigma * sigma - sigma_next * sigma_next, 0.0)) / sigma)
+    return math.sqrt(max(sigma_next * sigma_next - sigma_up * sigma_up, 0.0)), sigma_up
+
+
+class DPM2(StepSampler):
+    """DPM-Solver-2 in EDM's sigma view (k-diffusion's ``sample_dpm_2``; Lu et al. 2022, algorithm 1 with the
+    stage at the midpoint in log sigma, Karras et al. 2022 section 3): on dy/dsigma = (y - D) / sigma, y = x/m,
+    a step sigma -> sigma' takes
+
+        sigma_m = sqrt(sigma sigma')                         (the midpoint of log sigma),
+        y_m = y + (sigma_m - sigma) (y - D(y, sigma)) / sigma,
+        y' = y + (sigma' - sigma) (y_m - D(y_m, sigma_m)) / sigma_m,     x' = m' y'.
+
+    Second order, two NFE per step. k-diffusion's step to sigma' = 0 is an Euler step (it is D); here the grid ends
+    at sigma_min > 0, and that last step is the driver's ``denoise=True``: k-diffusion's run on sigmas
+    [sigma_0, ..., sigma_min, 0] equals this sampler on the grid down to sigma_min with ``denoise=True``.
+    x is (B, ...) of any dtype and device and is not modified.
+    """
+
+    order = 2
+    nfe_per_step = 2
+    default_steps = 25
+    default_schedule = "edm"
+    eta, s_noise = 0.0, 0.0
+
+    def _split(self, sigma: float, sigma_next: float) -> Tuple[float, float]:
+        return sigma_next, 0.0
+
+    def start(self, ctx, x, ts):
+        """Per step: (sigma_down, sigma_up) and the stage's (t, m, s) at sqrt(sigma sigma_down), the stage times
+        found in one vectorised call."""
+        _cache_grid(ctx, ts)
+        grid = ts.tolist()
+        sigmas = [ctx.grid_points[t][1] / ctx.grid_points[t][0] for t in grid]
+        splits = [self._split(a, b) for a, b in zip(sigmas[:-1], sigmas[1:])]
+        u_mid = [-0.5 * math.log(a * down) for a, (down, _) in zip(sigmas[:-1], splits)]
+        t_mid = ctx.sde.t_from_log_snr(torch.tensor([2.0 * u for u in u_mid], dtype=torch.float64))
+        log_m, s = ctx.sde.log_mean_coeff(t_mid).tolist(), ctx.sde.std(t_mid).tolist()
+        return {t: (split, (tm, math.exp(a), b)) for t, split, tm, a, b in zip(grid[:-1], splits, t_mid.unbind(),
+                                                                                log_m, s)}
+
+    def _plan(self, ctx, t, t_next, state):
+        """(sigma_down, sigma_up, stage) of the step from t, from the table of :meth:`start` or computed."""
+        planned = state.get(float(t)) if state is not None else None
+        if planned is None:  # a step off the grid given to start()
+            m, s, _ = _point(ctx, t)
+            m2, s2, _ = _point(ctx, t_next)
+            down, up = self._split(s / m, s2 / m2)
+            t_mid = _t_at(ctx, -0.5 * math.log(s / m * down))
+            planned = ((down, up), (t_mid,) + _point(ctx, t_mid)[:2])
+        (down, up), stage = planned
+        return down, up, stage
+
+    def _finish(self, y, d0, y_mid, d_mid, sigma, sigma_mid, sigma_down):
+        """y at sigma_down from the step's start (y, D(y)) and its stage (y_m, D(y_m)): the midpoint rule."""
+        return y.add_(y_mid.sub_(d_mid), alpha=(sigma_down - sigma) / sigma_mid)
+
+    def step(self, ctx, x, t, t_next, state):
+        m, s, _ = _point(ctx, t)
+        m2, s2, _ = _point(ctx, t_next)
+        sigma = s / m
+        down, up, (t_mid, m1, s1) = self._plan(ctx, t, t_next, state)
+        sigma_mid = s1 / m1
+        y = x / m
+        d0 = ctx.denoise(x, t)
+        r = sigma_mid / sigma  # the Euler point y + (sigma_m - sigma)(y - D)/sigma is D + r (y - D)
+        y_mid = torch.mul(y, r).add_(d0, alpha=1.0 - r)
+        d_mid = ctx.denoise(y_mid * m1, t_mid)
+        y_next = self._finish(y, d0, y_mid, d_mid, sigma, sigma_mid, down)
+        if self.stochastic and up > 0.0:
+            y_next = y_next.add_(ctx.randn_like(x), alpha=self.s_noise * up)
+        return y_next.mul_(m2), state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class DPM2Ancestral(DPM2):
+    """DPM-Solver-2 with ancestral noise (k-diffusion's ``sample_dpm_2_ancestral``): each step sigma -> sigma' is
+    split by :func:`ancestral_split` into the :class:`DPM2` step from sigma to sigma_down (stage at
+    sqrt(sigma sigma_down)) and fresh noise: y' = y_down + s_noise sigma_up z, x' = m' y'.
+
+    eta = 1 (default) draws DDPM's posterior noise; eta = 0 is :class:`DPM2`. The deterministic part has order 2
+    (two NFE per step); with noise the method samples the data's marginals with weak order 1.
+
+    Args:
+        eta: the ancestral noise fraction, in [0, 1] (above 1 sigma_down can reach 0, where the midpoint stage
+            does not exist).
+        s_noise: scale of the fresh noise (EDM's S_noise), a finite number >= 0.
+    """
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0):
+        self.eta = check_unit(eta, "eta")
+        if isinstance(s_noise, bool) or not (isinstance(s_noise, (int, float)) and 0.0 <= s_noise < math.inf):
+            raise ValueError(f"s_noise must be a finite number >= 0; got {s_noise!r}.")
+        self.s_noise = float(s_noise)
+        self.stochastic = self.eta > 0 and self.s_noise > 0
+
+    def _split(self, sigma: float, sigma_next: float) -> Tuple[float, float]:
+        return ancestral_split(sigma, sigma_next, self.eta)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eta={self.eta}, s_noise={self.s_noise})"
+
+
+class DPMPP2SAncestral(DPM2Ancestral):
+    """DPM-Solver++(2S) with ancestral noise (k-diffusion's ``sample_dpmpp_2s_ancestral``; Lu et al. 2022b,
+    "DPM-Solver++", algorithm 1 with r = 1/2, data prediction): each step sigma -> sigma' is split by
+    :func:`ancestral_split`; in u = -log sigma with h = log(sigma / sigma_down) the step to sigma_down is
+
+        y_m = e^{-h/2} y + (1 - e^{-h/2}) D(y, sigma),       (at sigma_m = sqrt(sigma sigma_down))
+        y_down = e^{-h} y + (1 - e^{-h}) D(y_m, sigma_m),
+
+    the exponential integrator of dy/du = D - y with D at the stage (the stage is the same point as DPM-2's);
+    then y' = y_down + s_noise sigma_up z, x' = m' y'. eta = 0 is the deterministic second-order DPM-Solver++(2S)
+    (``dpmpp_sde`` with eta = 0); eta = 1 (default) DDPM's posterior noise. Two NFE per step.
+
+    Args:
+        eta: the ancestral noise fraction, in [0, 1].
+        s_noise: scale of the fresh noise, a finite number >= 0.
+    """
+
+    default_schedule = "log_snr"
+
+    def _finish(self, y, d0, y_mid, d_mid, sigma, sigma_mid, sigma_down):
+        r = sigma_down / sigma  # e^{-h}
+        return y.mul_(r).add_(d_mid, alpha=1.0 - r)
