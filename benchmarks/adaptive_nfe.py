@@ -1,21 +1,32 @@
-"""NFE of sdegen's adaptive solvers against torchdiffeq's dopri5 at equal accuracy, with the oracle's exact score.
+"""NFE of sdegen's adaptive solvers against torchdiffeq's dopri5 and k-diffusion's dpm_adaptive at equal accuracy,
+with the oracle's exact score.
 
 - sampling: ``method="adaptive"`` (and "adaptive_rk23") over a sweep of rtol = atol, against torchdiffeq's dopri5
-  on the probability-flow ODE in t with its own (batch RMS) error norm; endpoint RMS against a float64 dopri5
-  reference at 1e-10; the table gives each solver's NFE and RMS per tolerance and the fewest NFE reaching
-  RMS <= 1e-3;
-- likelihood: ``log_likelihood(divergence="exact")`` (and one Hutchinson probe) at rtol = atol = tol against torchdiffeq's dopri5 on the same
-  augmented state (x, log-density) with torchdiffeq's default norm; error: the worst |log p - exact log p_{t_min}|
-  per dimension over the batch (the oracle's exact prior at T for both).
+  on the probability-flow ODE in t with its own (batch RMS) error norm, and k-diffusion's ``sample_dpm_adaptive``
+  (DPM-Solver-23 with its PID controller, Lu et al. 2022, section 3.3; when k-diffusion is installed) over a grid
+  of its rtol and atol, driven in the sigma view y = x / m, sigma = s / m with the exact denoiser
+  D(y, sigma) = y + sigma^2 m score(m y, t(sigma)) from sigma(T) to sigma(t_min); every score call of a peer is
+  counted by one wrapper. Error: the RMS over points of the endpoint's Euclidean distance to a float64 dopri5
+  reference at rtol = atol = 1e-10; the summary gives each solver's fewest NFE reaching RMS <= 1e-3;
+- likelihood: ``log_likelihood(divergence="exact")`` (and one Hutchinson probe) at rtol = atol = tol against
+  torchdiffeq's dopri5 on the same augmented state (x, log-density) with torchdiffeq's default norm; error: the
+  worst |log p - exact log p_{t_min}| per dimension over the batch (the oracle's exact prior at T for both), from
+  t_min = sdegen.likelihood.default_t_min(sde).
 
-Problems: the 2-D ring, the 16-D mixture, and mixtures drawn fresh for this benchmark (8-D seed 23, 32-D seed 5).
-Writes benchmarks/results/adaptive_nfe.md (or --out). Usage: python benchmarks/adaptive_nfe.py [--quick] [--n 256]
+Problems: the 2-D ring and the 16-D mixture under VP, mixtures drawn fresh for this benchmark under VP (8-D seed 23,
+32-D seed 5), VE (8-D seed 61) and EDM (16-D seed 87).
+Writes benchmarks/results/adaptive_nfe.md (or --out).
+Usage: python benchmarks/adaptive_nfe.py [--quick] [--n 256] [--device cuda] [--no-kdiffusion]
 """
 
 import argparse
+import importlib.util
 import math
 import os
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 import torchdiffeq
@@ -24,15 +35,48 @@ import sdegen
 from common import provenance
 from sdegen.analytic import GaussianMixture
 from sdegen.divergence import make_probes
-from sdegen.likelihood import _AugmentedFlow
+from sdegen.likelihood import _AugmentedFlow, default_t_min
 from sdegen.noise import make_seeds
 
 F64 = torch.float64
-PROBLEMS = {"2-D ring": lambda: GaussianMixture.ring(),
-            "16-D mixture": lambda: GaussianMixture.random(dim=16, n_components=6, seed=0),
-            "8-D fresh (seed 23)": lambda: GaussianMixture.random(dim=8, n_components=5, seed=23, mean_scale=1.5),
-            "32-D fresh (seed 5)": lambda: GaussianMixture.random(dim=32, n_components=4, seed=5, mean_scale=0.7,
-                                                                  cov_scale=0.3)}
+PROBLEMS = {
+    "2-D ring, VP": (lambda: GaussianMixture.ring(), sdegen.VPSDE),
+    "16-D mixture, VP": (lambda: GaussianMixture.random(dim=16, n_components=6, seed=0), sdegen.VPSDE),
+    "8-D fresh (seed 61), VE": (lambda: GaussianMixture.random(dim=8, n_components=3, seed=61, mean_scale=2.0,
+                                                               cov_scale=0.2), sdegen.VESDE),
+    "16-D fresh (seed 87), EDM": (lambda: GaussianMixture.random(dim=16, n_components=5, seed=87, mean_scale=0.8),
+                                  sdegen.EDMSDE),
+    "8-D fresh (seed 23), VP": (lambda: GaussianMixture.random(dim=8, n_components=5, seed=23, mean_scale=1.5),
+                                sdegen.VPSDE),
+    "32-D fresh (seed 5), VP": (lambda: GaussianMixture.random(dim=32, n_components=4, seed=5, mean_scale=0.7,
+                                                               cov_scale=0.3), sdegen.VPSDE),
+}
+QUICK = 4  # --quick: the first four (one VE and one EDM among them)
+DPM_RTOLS = (0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4)
+DPM_ATOLS = (0.0078, 1e-3, 1e-4)  # k-diffusion's default atol first
+
+
+def load_k_diffusion():
+    """k_diffusion.sampling alone (the package's __init__ needs torchvision and more), or None when not installed."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "sampling.py"
+    if not path.exists():
+        return None
+    if "k_diffusion.utils" not in sys.modules:
+        utils = types.ModuleType("k_diffusion.utils")
+        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+        pkg = sys.modules.setdefault("k_diffusion", types.ModuleType("k_diffusion"))
+        pkg.__path__, pkg.utils = getattr(pkg, "__path__", []), utils
+        sys.modules["k_diffusion.utils"] = utils
+    mod_spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module
 
 
 class Counted(torch.nn.Module):
@@ -40,9 +84,9 @@ class Counted(torch.nn.Module):
         super().__init__()
         self.f, self.nfe = f, 0
 
-    def forward(self, t, y):
+    def forward(self, *args):
         self.nfe += 1
-        return self.f(t, y)
+        return self.f(*args)
 
 
 def dopri5_sample(sde, gm, x_T, tol):
@@ -54,84 +98,131 @@ def dopri5_sample(sde, gm, x_T, tol):
         return sde.reverse_drift(x, tt, score(x, tt.expand(x.shape[0])), True)
 
     f = Counted(field)
-    t = torch.tensor([sde.T, t_lo], dtype=F64)
+    t = torch.tensor([sde.T, t_lo], dtype=F64, device=x_T.device)
     return torchdiffeq.odeint(f, x_T, t, rtol=tol, atol=tol, method="dopri5")[-1], f.nfe
 
 
-def sampling_rows(pname, gm, sde, n, tols):
-    x_T = sde.prior_sample((n, gm.dim), seed=1, dtype=F64)
+def dpm_adaptive_sample(kd, sde, gm, x_T, rtol, atol):
+    """k-diffusion's sample_dpm_adaptive in the sigma view of ``sde``; returns (x at t_min, score calls)."""
+    score = Counted(gm.score_fn(sde))
+    sig = lambda t: float(sde.sigma(torch.tensor(t, dtype=F64)))  # noqa: E731
+    sigma_min, sigma_max = sig(sde.t_min), sig(sde.T)
+
+    def t_and_m(sigma):
+        t = sde.t_from_sigma(sigma.detach().to("cpu", F64).reshape(-1)[0]).clamp(sde.t_min, sde.T)
+        return t, float(sde.mean_coeff(t))
+
+    def denoiser(y, sigma):
+        t, m = t_and_m(sigma)
+        s = float(sigma.reshape(-1)[0])
+        return y + s**2 * m * score(m * y, t.to(y.device).expand(y.shape[0]))
+
+    y = x_T / t_and_m(torch.tensor(sigma_max))[1]
+    y = kd.sample_dpm_adaptive(denoiser, y, sigma_min, sigma_max, rtol=rtol, atol=atol, disable=True)
+    return y * t_and_m(torch.tensor(sigma_min))[1], score.nfe
+
+
+def sampling_rows(pname, gm, sde, n, tols, kd, device):
+    x_T = sde.prior_sample((n, gm.dim), seed=1, dtype=F64).to(device)
     ref = sdegen.sample(sde, gm, x_T, method="ode", rtol=1e-10, atol=1e-10)
     rms = lambda z: float((z - ref).pow(2).sum(1).mean().sqrt())  # noqa: E731
+    runs = [("adaptive", tol) for tol in tols] + [("adaptive_rk23", tol) for tol in tols]
+    # dopri5 in t needs tighter tolerances than the adaptive solvers in u to reach the same RMS
+    runs += [("torchdiffeq dopri5 (t)", tol) for tol in tols + (1e-5, 3e-6, 1e-6)]
+    if kd is not None:
+        runs += [("k-diffusion dpm_adaptive", (r, a)) for a in DPM_ATOLS for r in DPM_RTOLS]
     rows, best = [], {}
-    for name in ("adaptive", "adaptive_rk23", "torchdiffeq dopri5 (t)"):
-        # dopri5 in t needs tighter tolerances than the adaptive solvers in u to reach the same RMS
-        for tol in tols + ((1e-5, 3e-6, 1e-6) if name.startswith("torchdiffeq") else ()):
-            if name.startswith("torchdiffeq"):
-                x, nfe = dopri5_sample(sde, gm, x_T, tol)
-            else:
-                x, info = sdegen.sample(sde, gm, x_T, method=name, rtol=tol, atol=tol, return_info=True)
-                nfe = info.nfe
-            e = rms(x)
-            rows.append(f"| {pname} | {name} | {tol:g} | {nfe} | {e:.3g} |")
-            if e <= 1e-3:
-                best[name] = min(best.get(name, math.inf), nfe)
+    for name, tol in runs:
+        if name.startswith("torchdiffeq"):
+            x, nfe = dopri5_sample(sde, gm, x_T, tol)
+        elif name.startswith("k-diffusion"):
+            x, nfe = dpm_adaptive_sample(kd, sde, gm, x_T, *tol)
+        else:
+            x, info = sdegen.sample(sde, gm, x_T, method=name, rtol=tol, atol=tol, return_info=True)
+            nfe = info.nfe
+        e = rms(x)
+        label = f"rtol {tol[0]:g}, atol {tol[1]:g}" if isinstance(tol, tuple) else f"{tol:g}"
+        rows.append(f"| {pname} | {name} | {label} | {nfe} | {e:.3g} |")
+        if e <= 1e-3 and nfe < best.get(name, (math.inf,))[0]:
+            best[name] = (nfe, label)
     return rows, best
 
 
-def likelihood_rows(pname, gm, sde, n, tols, t_min=1e-5):
+def likelihood_rows(pname, gm, sde, n, tols, device):
     """Rows for the exact divergence at each tolerance and for one Hutchinson probe (seeded, the same probe for
     both solvers) at the last tolerance; the Hutchinson error is against the exact log-density (it includes the
     estimator's own noise, the same for both)."""
-    x = gm.sample(n, seed=5)
+    t_min = default_t_min(sde)
+    x = gm.sample(n, seed=5, device=device)
     prior = gm.marginal(sde, sde.T).log_prob
     exact = gm.marginal(sde, t_min).log_prob(x)
-    rows = []
+    rows, ratios = [], {}
     for tol, div in [(tol, "exact") for tol in tols] + [(tols[-1], "hutchinson")]:
         r = sdegen.log_likelihood(sde, gm, x, divergence=div, rtol=tol, atol=tol, t_min=t_min, prior=prior,
                                   seed=0)
         err_s = float((r.log_prob - exact).abs().max()) / gm.dim
-        probes = None if div == "exact" else make_probes(x.shape, 1, seed=make_seeds(0, n, x.device), dtype=F64)
+        probes = None if div == "exact" else make_probes(x.shape, 1, seed=make_seeds(0, n, x.device), dtype=F64,
+                                                         device=x.device)
         f = Counted(_AugmentedFlow(sde, gm, (gm.dim,), t_min, float(sde.T), probes, None))
         y0 = torch.cat([x, x.new_zeros(n, 1)], 1)
-        y1 = torchdiffeq.odeint(f, y0, torch.tensor([t_min, float(sde.T)], dtype=F64), rtol=tol, atol=tol,
-                                method="dopri5")[-1]
+        span = torch.tensor([t_min, float(sde.T)], dtype=F64, device=device)
+        y1 = torchdiffeq.odeint(f, y0, span, rtol=tol, atol=tol, method="dopri5")[-1]
         err_d = float((prior(y1[:, :-1].detach()) + y1[:, -1].detach() - exact).abs().max()) / gm.dim
-        rows.append(f"| {pname} | {div} | {tol:g} | {r.nfe} | {err_s:.2e} | {f.nfe} | {err_d:.2e} | {r.nfe / f.nfe:.2f} |")
-    return rows
+        rows.append(f"| {pname} | {div} | {tol:g} | {r.nfe} | {err_s:.2e} | {f.nfe} | {err_d:.2e} | "
+                    f"{r.nfe / f.nfe:.2f} |")
+        ratios[(div, tol)] = r.nfe / f.nfe
+    return rows, ratios
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="ring and 16-D mixture only")
+    parser.add_argument("--quick", action="store_true", help=f"the first {QUICK} problems only")
     parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "adaptive_nfe.md"))
+    parser.add_argument("--device", default="cpu", help="torch device of the states and the oracle (default cpu)")
+    parser.add_argument("--no-kdiffusion", action="store_true", help="leave k-diffusion's dpm_adaptive out")
+    parser.add_argument("--no-likelihood", action="store_true", help="sampling only")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/adaptive_nfe[_quick].md")
     args = parser.parse_args()
-    sde = sdegen.VPSDE()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   "adaptive_nfe_quick.md" if args.quick else "adaptive_nfe.md")
+    device = torch.device(args.device)
+    kd = None if args.no_kdiffusion else load_k_diffusion()
     start = time.time()
-    names = list(PROBLEMS)[:2] if args.quick else list(PROBLEMS)
+    names = list(PROBLEMS)[:QUICK] if args.quick else list(PROBLEMS)
     s_rows, l_rows, summary = [], [], []
+    peers = ("adaptive", "adaptive_rk23", "torchdiffeq dopri5 (t)", "k-diffusion dpm_adaptive")
     for pname in names:
-        gm = PROBLEMS[pname]()
-        rows, best = sampling_rows(pname, gm, sde, args.n, (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5))
+        make_gm, make_sde = PROBLEMS[pname]
+        gm, sde = make_gm(), make_sde()
+        rows, best = sampling_rows(pname, gm, sde, args.n, (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5), kd, device)
         s_rows += rows
-        ours, peer = best.get("adaptive", math.inf), best.get("torchdiffeq dopri5 (t)", math.inf)
-        summary.append(f"| {pname} | {ours} | {best.get('adaptive_rk23', math.inf)} | {peer} | {ours / peer:.2f} |")
+        nfe = {k: best.get(k, (math.inf, "-"))[0] for k in peers}
+        ratio = lambda a, b: f"{nfe[a] / nfe[b]:.2f}" if math.isfinite(nfe[b]) else "-"  # noqa: E731
+        kd_cell = (f"{nfe[peers[3]]} ({best[peers[3]][1]})" if peers[3] in best else
+                   ("not installed" if kd is None else "none reached 1e-3"))
+        summary.append(f"| {pname} | {nfe[peers[0]]} | {nfe[peers[1]]} | {nfe[peers[2]]} | {kd_cell} | "
+                       f"{ratio(peers[0], peers[2])} | {ratio(peers[0], peers[3]) if kd is not None else '-'} |")
         print(summary[-1], flush=True)
-        l_rows += likelihood_rows(pname, gm, sde, min(args.n, 64), (1e-3, 1e-4, 1e-5))
-        print(l_rows[-1], flush=True)
-    lines = ["# Adaptive solvers against torchdiffeq's dopri5", "",
-             *provenance(start),
-             f"- VP SDE, exact score of the oracle, float64; sampling: {args.n} starting points (seed 1), RMS of "
-             "the endpoint error norm against dopri5 at 1e-10; likelihood: "
-             f"{min(args.n, 64)} exact draws (seed 5), t_min 1e-5, exact divergence, exact prior", "",
+        if not args.no_likelihood:
+            rows, _ = likelihood_rows(pname, gm, sde, min(args.n, 64), (1e-3, 1e-4, 1e-5), device)
+            l_rows += rows
+            print(*rows[-2:], sep="\n", flush=True)
+    lines = ["# Adaptive solvers against torchdiffeq's dopri5 and k-diffusion's dpm_adaptive", "",
+             *provenance(start, device),
+             f"- exact score of the oracle, float64; sampling: {args.n} starting points (seed 1), RMS of the "
+             "endpoint error norm against dopri5 at 1e-10; likelihood: "
+             f"{min(args.n, 64)} exact draws (seed 5), t_min = default_t_min(sde), exact prior", "",
              "## Fewest NFE with endpoint RMS <= 1e-3", "",
-             "| problem | adaptive | adaptive_rk23 | torchdiffeq dopri5 (t) | adaptive / dopri5 |", "|---|---|---|---|---|",
+             "| problem | adaptive | adaptive_rk23 | torchdiffeq dopri5 (t) | k-diffusion dpm_adaptive (its tolerances) "
+             "| adaptive / dopri5 | adaptive / dpm_adaptive |", "|---|---|---|---|---|---|---|",
              *summary, "", "## Sampling sweep", "", "| problem | solver | rtol = atol | NFE | RMS |",
-             "|---|---|---|---|---|", *s_rows, "", "## log_likelihood against dopri5 on the augmented state", "",
-             "error: max over the batch of |log p - exact| / dim", "",
-             "| problem | divergence | rtol = atol | sdegen NFE | sdegen error | dopri5 NFE | dopri5 error | NFE ratio |",
-             "|---|---|---|---|---|---|---|---|", *l_rows, ""]
-    with open(args.out, "w") as f:
+             "|---|---|---|---|---|", *s_rows, ""]
+    if l_rows:
+        lines += ["## log_likelihood against dopri5 on the augmented state", "",
+                  "error: max over the batch of |log p - exact| / dim", "",
+                  "| problem | divergence | rtol = atol | sdegen NFE | sdegen error | dopri5 NFE | dopri5 error | "
+                  "NFE ratio |", "|---|---|---|---|---|---|---|---|", *l_rows, ""]
+    with open(out, "w") as f:
         f.write("\n".join(lines))
 
 
