@@ -31,6 +31,9 @@ SDE = sdegen.VPSDE()
 # equal steps in log-SNR its leading error term integrates to zero and the observed order is 4)
 MIXTURE = GaussianMixture([0.6, 0.4], [[0.6, -0.2], [-0.5, 0.4]], [[0.15, 0.08], [0.1, 0.2]])
 ORDER_STEPS = (40, 80, 160)
+# a fourth-order rule is not yet asymptotic at 40 steps (LMS(4) on the "edm" grid: fitted slope 3.64 at 40-160
+# steps, 3.82 at 80-320, 3.91 at 160-640): fitted one octave further
+HIGH_ORDER_STEPS = (80, 160, 320)
 _REFERENCE = {}
 
 
@@ -99,11 +102,11 @@ def _start_and_reference():
 @pytest.mark.parametrize("name", DETERMINISTIC_STEP)
 def test_declared_order_is_the_observed_order(name):
     """Least-squares slope of log RMS endpoint error against log steps (40, 80, 160 steps, each sampler's default
-    grid) equals the declared order within 0.3 (diffrax's tolerance)."""
+    grid; 80, 160, 320 from order 4) equals the declared order within 0.3 (diffrax's tolerance)."""
     sampler = SAMPLERS[name]
     x_T, ref = _start_and_reference()
     log_n, log_err = [], []
-    for steps in ORDER_STEPS:
+    for steps in (HIGH_ORDER_STEPS if sampler.order >= 4 else ORDER_STEPS):
         x = sdegen.sample(SDE, MIXTURE, x_T, method=sampler, steps=steps)
         log_n.append(math.log(steps))
         log_err.append(math.log(float((x - ref).pow(2).sum(1).mean().sqrt())))
