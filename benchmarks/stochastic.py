@@ -1,8 +1,9 @@
 """Stochastic samplers against exact draws of p_{t_min}: within-mode variance and mixture weights over the noise floor.
 
 Every stochastic sampler of the registry runs with the oracle's exact score (GaussianMixture) to the SDE's t_min on
-its default schedule and on the log-SNR grid, at NFE 20, 50 and 100 (a sampler of k NFE per step takes NFE // k
-steps), and is compared with exact draws of p_{t_min}:
+its default schedule and on the log-SNR grid, at NFE 20, 50 and 100 (or ``--nfe``; a sampler takes the most
+steps whose declared NFE is within the budget: NFE // k for k NFE per step, one step more for Heun's final Euler
+step and Restart's re-solves counted), and is compared with exact draws of p_{t_min}:
 
 - variance ratio: the mean squared Mahalanobis distance per dimension to the most responsible component of
   p_{t_min}, over the same statistic of exact draws (1.000 is exact; "at the floor" is within 5%);
@@ -40,6 +41,10 @@ SAMPLERS = {
     "ddim eta=1": ("ddim", {"eta": 1.0}, 1),
     "euler_ancestral": ("euler_ancestral", {}, 1),
     "heun churn=10": ("heun", {"s_churn": 10.0}, 2),
+    "dpm_2_ancestral": ("dpm_2_ancestral", {}, 2),
+    "dpmpp_2s_ancestral": ("dpmpp_2s_ancestral", {}, 2),
+    "restart": ("restart", {}, 2),
+    "restart solver=heun": ("restart", {"solver": "heun"}, 2),
     "dpmpp_2m_sde": ("dpmpp_2m_sde", {}, 1),
     "dpmpp_3m_sde": ("dpmpp_3m_sde", {}, 1),
     "dpmpp_sde": ("dpmpp_sde", {}, 2),
@@ -54,6 +59,19 @@ SAMPLERS = {
 def method_is_solver(method):
     """Whether a registry entry integrates a whole span itself (a named schedule does not apply to it)."""
     return isinstance(sdegen.samplers.get_sampler(method), sdegen.samplers.Solver)
+
+
+def steps_for(spec, nfe):
+    """The most steps whose declared NFE (the sampler's ``total_nfe``) is at most ``nfe`` (at least one step); for
+    a whole-span solver, nfe // NFE per step."""
+    method, opts, per_step = spec
+    sampler = sdegen.samplers.get_sampler(method, **opts)
+    if not hasattr(sampler, "total_nfe"):
+        return max(nfe // per_step, 1)
+    steps = 1
+    while sampler.total_nfe(steps + 1) <= nfe:
+        steps += 1
+    return steps
 
 
 def problems(holdout=None):
@@ -74,7 +92,7 @@ def measure(gm, sde, spec, schedule, nfe, n, sets, ref, device):
     gm_t = gm.marginal(sde, sde.t_min)
     qs, errs = [], []
     for rep in range(sets):
-        x = sdegen.sample(sde, gm, shape=(n, gm.dim), method=method, steps=max(nfe // per_step, 1),
+        x = sdegen.sample(sde, gm, shape=(n, gm.dim), method=method, steps=steps_for(spec, nfe),
                           schedule=schedule, seed=10 * rep + 1, device=device, dtype=F64, **opts).cpu()
         if not torch.isfinite(x).all():
             return math.nan, math.nan
