@@ -14,7 +14,7 @@ import torch
 
 from .._validate import check_int, check_number
 from ..schedules import time_grid
-from .base import Context, StepSampler, cache_grid, point
+from .base import Context, StepSampler, point
 from .karras import DPM2, DPMPP2SAncestral, Heun
 
 
