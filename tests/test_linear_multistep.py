@@ -107,8 +107,9 @@ def test_order_one_is_euler_in_sigma():
 
 @pytest.mark.parametrize("order", [2, 3])
 def test_deis_variants_and_lms(order):
-    """rhoAB-DEIS is LMS; tAB-DEIS is too under EDM's SDE, where t = sigma (to the quadrature's round-off), and
-    differs under VP, where t is not an affine function of sigma; the log-rho rule is a third method."""
+    """rhoAB-DEIS is LMS; tAB-DEIS is too under EDM's SDE, where t = sigma, and is the log-rho rule under VE with
+    s = sigma_min r^t, where t is affine in log sigma (the Lagrange basis is invariant under affine maps; equal to
+    the quadrature's round-off). Under VP, where t is neither, the three are distinct methods."""
     lms = _run(LMS(order))
     torch.testing.assert_close(_run(DEIS(order, "rhoab")), lms, rtol=1e-12, atol=1e-12)
     assert _rel(_run(DEIS(order, "tab")), lms) > 1e-4
@@ -117,6 +118,11 @@ def test_deis_variants_and_lms(order):
     x_T = edm.prior_sample((16, 2), seed=4, dtype=torch.float64)
     torch.testing.assert_close(_run(DEIS(order, "tab"), edm, x_T=x_T), _run(LMS(order), edm, x_T=x_T),
                                rtol=1e-10, atol=1e-10)
+    ve = sdegen.VESDE(kernel="paper")
+    x_T = ve.prior_sample((16, 2), seed=4, dtype=torch.float64)
+    torch.testing.assert_close(_run(DEIS(order, "tab"), ve, x_T=x_T), _run(DEIS(order, "logrho"), ve, x_T=x_T),
+                               rtol=1e-10, atol=1e-10)
+    assert _rel(_run(DEIS(order, "tab"), ve, x_T=x_T), _run(LMS(order), ve, x_T=x_T)) > 1e-4
 
 
 @pytest.mark.parametrize("order", [2, 3, 4])

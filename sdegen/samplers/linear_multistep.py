@@ -170,6 +170,8 @@ class DEIS(SigmaMultistep):
       data-prediction counterpart is :class:`ExponentialAdams` (DPM-Solver++ multistep). With
       ``lower_order_final=True`` it reproduces diffusers' scheduler step for step.
 
+    The Lagrange basis is invariant under affine changes of the variable, so "tab" is "rhoab" under EDM's SDE
+    (t = sigma) and "logrho" under VE with s = sigma_min r^t (t affine in log sigma); under VP the three differ.
     Order 1 of every variant is Euler in rho, DDIM (eta = 0). Global order ``order`` (1-3); one NFE per step.
     ``lower_order_final``: in runs of fewer than 15 steps the last steps use at most the steps left (diffusers'
     default, off here as in the paper). Default grid: Karras et al.'s sigma schedule ("edm").
