@@ -6,9 +6,11 @@ multiply device tensors without a host-device sync).
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -17,6 +19,8 @@ from .sde import SDE
 
 SCHEDULES = ("uniform", "log_snr", "edm", "quadratic", "few_step")
 PILOT = "pilot"  # the model-dependent schedule of :func:`pilot_grid`, resolved by :func:`sdegen.sample`
+PILOT_GLOBAL = "pilot_global"  # :func:`pilot_grid` with error="global" (steps weighted by their error's amplification)
+PILOT_SCHEDULES = {PILOT: "local", PILOT_GLOBAL: "global"}  # schedule name -> pilot_grid's ``error``
 
 
 def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "uniform", *,
@@ -62,12 +66,13 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
     elif schedule == "quadratic":
         r = ends.sqrt()
         ts = (r[0] + u * (r[1] - r[0])) ** 2
-    elif schedule == PILOT:
-        raise ValueError("the 'pilot' schedule depends on the model: pass schedule='pilot' to sdegen.sample, or "
-                         "compute it with sdegen.schedules.pilot_grid(sde, model, steps, shape).times.")
+    elif schedule in PILOT_SCHEDULES:
+        raise ValueError(f"the {schedule!r} schedule depends on the model: pass schedule={schedule!r} to "
+                         "sdegen.sample, or compute it with sdegen.schedules.pilot_grid(sde, model, steps, shape, "
+                         f"error={PILOT_SCHEDULES[schedule]!r}).times.")
     else:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, {PILOT!r} (with a model) or a tensor of times; "
-                         f"got {schedule!r}.")
+        raise ValueError(f"schedule must be one of {SCHEDULES}, {PILOT!r} or {PILOT_GLOBAL!r} (with a model) or a "
+                         f"tensor of times; got {schedule!r}.")
     ts[0], ts[-1] = t_max, t_min  # exact end points despite round-off in the inverse maps
     return ts
 
@@ -101,20 +106,120 @@ def few_step_log_snr(lam_ends: torch.Tensor, steps: int, sigma_jump: float = 10.
 @dataclass
 class PilotGrid:
     """A grid from :func:`pilot_grid`: ``times`` (steps + 1 float64 times from t_max to t_min), the pilot's cost
-    ``nfe`` (its batched model calls, each on ``batch`` examples) and its accepted times ``pilot_times``."""
+    ``nfe`` (its batched model calls, each on ``batch`` examples, the adjoint's included) and its accepted times
+    ``pilot_times``. With ``error="global"``: ``adjoint_nfe`` of those calls were vector-Jacobian products (a
+    forward and a backward pass each) and ``weights`` (one per pilot step, largest 1) are the amplified local
+    errors that reshaped the density. ``sde``, ``order`` and ``error`` say what the grid was made for; a grid is
+    saved and read back with :meth:`save` / :meth:`load`."""
 
     times: torch.Tensor
     nfe: int
     batch: int
     pilot_times: torch.Tensor
+    sde: Optional[SDE] = None
+    order: Optional[int] = None
+    error: str = "local"
+    adjoint_nfe: int = 0
+    weights: Optional[torch.Tensor] = None
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the grid as a small JSON file (next to the model's checkpoint, say): the SDE's description
+        (:meth:`sdegen.SDE.describe`), the sampler order and pilot settings it was made for, and the times
+        (float64 values written with full precision). :meth:`load` reads it back and validates it."""
+        if self.sde is None:
+            raise ValueError("PilotGrid.save needs the grid's sde (grids from pilot_grid carry it); build one with "
+                             "PilotGrid(..., sde=sde) to save it.")
+        save_grid(path, self.times, self.sde, kind="PilotGrid", order=self.order, error=self.error, nfe=self.nfe,
+                  batch=self.batch, adjoint_nfe=self.adjoint_nfe, pilot_times=self.pilot_times.tolist(),
+                  weights=None if self.weights is None else self.weights.tolist(), settings=dict(self.settings))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], sde: Optional[SDE] = None) -> "PilotGrid":
+        """Read a grid written by :meth:`save`. With ``sde``, the file's SDE must describe the same process
+        (ValueError otherwise: a grid made for another SDE's times is not this one's grid)."""
+        times, sde, meta = load_grid(path, sde, kind="PilotGrid")
+        try:
+            pilot = check_grid(sde, torch.tensor(meta["pilot_times"], dtype=torch.float64), "pilot_times")
+            weights = meta["weights"]
+            weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+            return cls(times=times, nfe=int(meta["nfe"]), batch=int(meta["batch"]), pilot_times=pilot, sde=sde,
+                       order=meta["order"], error=str(meta["error"]), adjoint_nfe=int(meta["adjoint_nfe"]),
+                       weights=weights, settings=dict(meta["settings"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"path {os.fspath(path)!r} is not a complete PilotGrid file (missing or malformed "
+                             f"{err}).") from None
+
+
+GRID_FORMAT = "sdegen.grid"  # the "format" entry of a saved grid file
+GRID_VERSION = 1
+
+
+def save_grid(path: Union[str, os.PathLike], times: torch.Tensor, sde: SDE, *, kind: str = "grid",
+              **meta: Any) -> None:
+    """Write a time grid for ``sde`` as JSON: {"format", "version", "kind", "sde": sde.describe(), "times",
+    **meta}. The file appears atomically (written to a temporary name, then renamed); ``meta`` must be plain
+    JSON data."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike file name; got {type(path).__name__} {path!r}.")
+    times = check_grid(sde, times, "times")
+    record = {"format": GRID_FORMAT, "version": GRID_VERSION, "kind": kind, "sde": sde.describe(),
+              "times": times.tolist(), **meta}
+    text = json.dumps(record, indent=1)  # Python's float repr round-trips float64 exactly
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_grid(path: Union[str, os.PathLike], sde: Optional[SDE] = None, *, kind: Optional[str] = None
+              ) -> Tuple[torch.Tensor, SDE, Dict[str, Any]]:
+    """Read a file of :func:`save_grid`: (times as a validated float64 grid, the SDE (``sde`` if given, after
+    checking that it describes the same process as the file's), the remaining entries). ``kind`` (if given)
+    must match the file's. Raises FileNotFoundError for a missing file and ValueError naming the path for a
+    file that is not a grid, is of another kind, another SDE, or holds an invalid grid."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike file name; got {type(path).__name__} {path!r}.")
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"path {name!r}: no such grid file.")
+    try:
+        with open(name) as f:
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"path {name!r} is not a grid file of sdegen (not JSON: {err}).") from None
+    if not isinstance(record, dict) or record.get("format") != GRID_FORMAT:
+        raise ValueError(f"path {name!r} is not a grid file of sdegen (format {GRID_FORMAT!r} expected).")
+    if record.get("version") != GRID_VERSION:
+        raise ValueError(f"path {name!r}: grid file version {record.get('version')!r}; this sdegen reads version "
+                         f"{GRID_VERSION}.")
+    if kind is not None and record.get("kind") != kind:
+        raise ValueError(f"path {name!r} holds a {record.get('kind')!r}, not a {kind!r}.")
+    described = SDE.from_description(record.get("sde"))
+    if sde is not None:
+        check_sde(sde)
+        if sde.describe() != record["sde"]:
+            raise ValueError(f"sde: the grid in {name!r} was made for {record['sde']!r}, not for "
+                             f"{sde.describe()!r}.")
+    else:
+        sde = described
+    if not isinstance(record.get("times"), list):
+        raise ValueError(f"path {name!r}: 'times' must be a list of times; got {type(record.get('times')).__name__}.")
+    times = check_grid(sde, torch.tensor(record["times"], dtype=torch.float64), f"times in {name!r}")
+    meta = {k: v for k, v in record.items() if k not in ("format", "version", "kind", "sde", "times")}
+    return times, sde, meta
 
 
 PILOT_ORDER = 3  # the pilot's predictor order: its corrected steps have local error O(h^4)
+PILOT_ERRORS = ("local", "global")
 
 
 def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order: int = 3, batch: int = 64,
                rtol: float = 1e-3, atol: float = 1e-3, seed: int = 0, t_min: Optional[float] = None,
-               t_max: Optional[float] = None, dtype: torch.dtype = torch.float64, device=None) -> PilotGrid:
+               t_max: Optional[float] = None, dtype: torch.dtype = torch.float64, device=None,
+               error: str = "local") -> PilotGrid:
     """A grid of ``steps`` steps for a fixed-step sampler of global ``order``, laid out as the adaptive solver lays
     out its own steps on this model: no constant of the data or of the SDE enters.
 
@@ -127,10 +232,26 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
     ODEs I", section II.4), i.e. at density proportional to C^{1/(q+1)} = (1/h)^{(p+1)/(q+1)}. The density is
     taken constant on each pilot step, integrated in u, and its integral divided into ``steps`` equal parts.
 
+    error="global" (``schedule="pilot_global"`` in :func:`sdegen.sample`) equidistributes the local errors' share
+    of the global error instead (goal-oriented, dual-weighted step selection: Estep, Larson & Williams 2000,
+    "Estimating the error of numerical solutions of systems of reaction-diffusion equations", section 3; Cao &
+    Petzold 2004, "A posteriori error estimation and global error control for ODEs by the adjoint method"). The
+    endpoint error is the sum over steps of Phi'(t_N <- t_k) le_k, the local error le_k carried to the end by the
+    linearised flow. The adjoint of the probability-flow ODE (:func:`flow_adjoint`), run backwards over the pilot's
+    accepted states from a random cotangent lambda ~ N(0, I) per draw, gives w_k = lambda_k . le_k with
+    E[w_k^2] = |Phi'(t_N <- t_k) le_k|^2, le_k the pilot's own error estimate (corrector minus predictor) of
+    step k. The step weight W_k = RMS over the draws of w_k (scaled to a largest value of 1) multiplies the local
+    error rate: the density is (W C)^{1/(q+1)}. Errors made where the flow contracts (inside a mode) count less,
+    and errors made where it separates trajectories (while they choose a mode) count more. No tolerance enters
+    beyond the pilot's. Cost: one vector-Jacobian product of the model per accepted pilot step
+    (``PilotGrid.adjoint_nfe``, counted in ``nfe``); the model must be differentiable in x (torch autograd).
+
     Cost: the pilot's model calls (``PilotGrid.nfe``, typically 30-60 at the default tolerance), each on ``batch``
     examples; :func:`sdegen.sample` with ``schedule="pilot"`` reports them as ``SampleInfo.pilot_nfe`` and runs
-    the pilot on every call: to reuse a grid, compute it once and pass ``PilotGrid.times`` as the schedule.
+    the pilot on every call: to reuse a grid, compute it once and pass ``PilotGrid.times`` as the schedule (or
+    :meth:`PilotGrid.save` it next to the model and :meth:`PilotGrid.load` it).
     """
+    from .models import as_model
     from .sampling import sample  # the driver imports this module
 
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
@@ -139,17 +260,105 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
         raise ValueError(f"order must be an int >= 1 (the global order of the sampler the grid is for); got {order!r}.")
     if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
         raise ValueError(f"batch must be an int >= 1; got {batch!r}.")
+    if error not in PILOT_ERRORS:
+        raise ValueError(f"error must be one of {PILOT_ERRORS} (the error the grid equidistributes); got {error!r}.")
     ends = time_grid(sde, 1, "uniform", t_min=t_min, t_max=t_max)
+    model = as_model(model, sde)
     x = sde.prior_sample((batch,) + tuple(shape), seed=seed, dtype=dtype, device=device)
-    _, info = sample(sde, model, x, method="adaptive", order=PILOT_ORDER, rtol=rtol, atol=atol, schedule=ends,
-                     return_info=True)
-    accepted = torch.tensor(info.sampler.stats["times"], dtype=torch.float64)
+    pilot = _recording_pilot(rtol, atol)
+    with torch.no_grad():
+        _, info = sample(sde, model, x, method=pilot, schedule=ends, return_info=True)
+    accepted = torch.tensor(pilot.stats["times"], dtype=torch.float64)
+    if len(pilot.record) != len(accepted) - 1:
+        raise RuntimeError(f"the pilot recorded {len(pilot.record)} states for {len(accepted) - 1} accepted steps.")
     u = 0.5 * sde.log_snr(accepted)
     sizes = u[1:] - u[:-1]
     if len(sizes) > 1:  # the last step is cut to land on t_min, not chosen by the controller: its density is the
         sizes[-1] = torch.maximum(sizes[-1], sizes[-2])  # previous step's (a cut step would count as a whole one)
+    weights, adjoint_nfe = None, 0
+    if error == "global":
+        states = torch.stack([state for state, _ in pilot.record])
+        local = torch.stack([le for _, le in pilot.record])
+        g = torch.Generator().manual_seed(seed)
+        cot = torch.randn((2,) + tuple(x.shape), generator=g, dtype=torch.float64)[1].to(device=x.device,
+                                                                                           dtype=x.dtype)
+        lam, adjoint_nfe = flow_adjoint(sde, model, accepted[1:], states, cot, return_nfe=True)
+        w = (lam * local).reshape(len(local), batch, -1).sum(2).double().pow(2).mean(1).sqrt().cpu()
+        if not bool(torch.isfinite(w).all()) or float(w.max()) <= 0.0:
+            raise ValueError(f"error='global': the adjoint weights are not finite and positive ({w.tolist()[:6]}); "
+                             "the model's vector-Jacobian products are not usable: use error='local'.")
+        weights = w / w.max()
+        # a step whose weight is 0 to float precision gets the smallest positive one: its error still counts
+        floor = weights[weights > 0].min()
+        sizes = sizes * weights.clamp_min(float(floor)).pow(-1.0 / (PILOT_ORDER + 1))
     times = grid_from_step_sizes(sde, accepted, steps, power=(PILOT_ORDER + 1) / (order + 1), sizes=sizes)
-    return PilotGrid(times=times, nfe=info.nfe, batch=batch, pilot_times=accepted)
+    settings = {"steps": steps, "shape": list(shape), "rtol": rtol, "atol": atol, "seed": seed,
+                "dtype": str(dtype).replace("torch.", "")}
+    return PilotGrid(times=times, nfe=info.nfe + adjoint_nfe, batch=batch, pilot_times=accepted, sde=sde,
+                     order=order, error=error, adjoint_nfe=adjoint_nfe, weights=weights, settings=settings)
+
+
+def _recording_pilot(rtol: float, atol: float):
+    """The pilot solver (AdaptiveMultistep of order PILOT_ORDER) keeping, for each accepted step, the state it
+    reached and its local error estimate (corrector minus predictor, in x). The accept test of AdaptiveMultistep
+    is ``_error(...) <= 1``; the record follows it."""
+    from .samplers.adaptive import AdaptiveMultistep
+
+    class RecordingPilot(AdaptiveMultistep):
+        def _reset(self, ts):
+            super()._reset(ts)
+            self.record = []
+
+        def _error(self, diff, x, x_new, t, h):
+            e = super()._error(diff, x, x_new, t, h)
+            if e <= 1.0:
+                self.record.append((x_new, diff))
+            return e
+
+    return RecordingPilot(rtol=rtol, atol=atol, order=PILOT_ORDER)
+
+
+def flow_adjoint(sde: SDE, model: Any, times: torch.Tensor, states: torch.Tensor, cotangent: torch.Tensor, *,
+                 return_nfe: bool = False):
+    """Cotangents lambda_k = Phi'(t_K <- t_k)^T lambda of the probability-flow ODE at the states of a trajectory:
+    lambda_k . delta is, to first order, the change of lambda . x(t_K) made by perturbing x(t_k) by delta.
+
+    times: (K,) decreasing float64 times t_1 > ... > t_K of the trajectory's states (the last is the end);
+    states: (K, B, ...) the states x(t_k) (a solver's accepted states); cotangent: (B, ...) lambda at t_K.
+    Returns lambda_k (K, B, ...) (and the vector-Jacobian products spent, K - 1, with ``return_nfe``).
+
+    In xbar = x/m and u = log(m/s) the flow is dxbar/du = D(xbar) - xbar (D the denoiser, Lu et al. 2022b,
+    DPM-Solver++ eq. 9) and its adjoint d mu/du = mu - J_D^T mu (mu = m lambda). Each step back, u_{k+1} -> u_k
+    with h = u_{k+1} - u_k, integrates the linear part exactly and freezes J_D^T mu at the later point
+    (exponential Euler): mu_k = e^{-h} mu_{k+1} + (1 - e^{-h}) J_D(x_{k+1})^T mu_{k+1}, first order in h; one
+    vector-Jacobian product of the model (torch autograd) per step.
+    """
+    from .models import as_model
+
+    model = as_model(model, sde)
+    times = check_grid(sde, times, "times") if len(times) > 1 else torch.as_tensor(times, dtype=torch.float64)
+    if states.shape[0] != len(times) or states.shape[1:] != cotangent.shape:
+        raise ValueError(f"states must have shape (len(times), *cotangent.shape) = ({len(times)}, "
+                         f"{', '.join(map(str, cotangent.shape))}); got {tuple(states.shape)}.")
+    m = torch.exp(sde.log_mean_coeff(times))
+    u = 0.5 * sde.log_snr(times)
+    B = cotangent.shape[0]
+    mu = float(m[-1]) * cotangent
+    out = [mu / float(m[-1])]
+    for k in range(len(times) - 2, -1, -1):
+        h = float(u[k + 1] - u[k])
+        t = times[k + 1].to(device=states.device, dtype=states.dtype).expand(B)
+        with torch.enable_grad():
+            x = states[k + 1].detach().requires_grad_(True)
+            d = model.denoise(x, t)
+            if not d.requires_grad:
+                raise TypeError("model: the adjoint needs a model differentiable in x (torch autograd); its denoised "
+                                "output has no gradient. Use the pilot's error='local'.")
+            (vjp,) = torch.autograd.grad(d, x, mu)
+        mu = math.exp(-h) * mu - math.expm1(-h) * float(m[k + 1]) * vjp
+        out.append(mu / float(m[k]))
+    lam = torch.stack(out[::-1])
+    return (lam, len(times) - 1) if return_nfe else lam
 
 
 def grid_from_step_sizes(sde: SDE, ts: torch.Tensor, steps: int, power: float = 1.0,
@@ -178,11 +387,12 @@ def grid_from_step_sizes(sde: SDE, ts: torch.Tensor, steps: int, power: float = 
 
 def resolve_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor], *, t_min: Optional[float], model: Any,
                  x: torch.Tensor, order: int) -> Tuple[torch.Tensor, int]:
-    """The driver's grid: (times, model calls spent finding them). "pilot" runs :func:`pilot_grid` for a sampler of
-    ``order`` on draws shaped like ``x``; every other schedule is :func:`time_grid`'s and costs no call."""
-    if isinstance(schedule, str) and schedule == PILOT:
+    """The driver's grid: (times, model calls spent finding them). "pilot" ("pilot_global") runs :func:`pilot_grid`
+    (with error="global") for a sampler of ``order`` on draws shaped like ``x``; every other schedule is
+    :func:`time_grid`'s and costs no call."""
+    if isinstance(schedule, str) and schedule in PILOT_SCHEDULES:
         grid = pilot_grid(sde, model, steps, tuple(x.shape[1:]), order=order, t_min=t_min, dtype=x.dtype,
-                          device=x.device)
+                          device=x.device, error=PILOT_SCHEDULES[schedule])
         return grid.times, grid.nfe
     return time_grid(sde, steps, schedule, t_min=t_min), 0
 

@@ -117,3 +117,96 @@ def test_step_sizes_override_a_cut_last_step():
     assert float(crowded[-2]) > u0 + 3 * a - 1e-9  # 2 of 8 points (a quarter, one step of four) in the last 0.05 a
     with pytest.raises(ValueError, match="sizes"):
         grid_from_step_sizes(sde, ts, 6, 1.0, sizes=torch.ones(3, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- the flow's adjoint and the globally weighted pilot
+from sdegen.schedules import PilotGrid, flow_adjoint  # noqa: E402
+
+
+def _diagonal_gaussian(var):
+    d = len(var)
+    return sdegen.GaussianMixture(torch.ones(1, dtype=torch.float64), torch.linspace(-0.5, 0.5, d, dtype=torch.float64)[None],
+                                  torch.diag(torch.tensor(var, dtype=torch.float64))[None])
+
+
+def test_flow_adjoint_is_the_closed_form_amplification_of_a_gaussian():
+    """For Gaussian data N(mu, diag(c^2)) the denoiser is linear with J_D = c^2/(c^2 + sigma^2) per coordinate, so
+    the probability-flow map is linear: Phi'(t_end <- t) = (m_end/m_t) sqrt((c^2 + sigma_end^2)/(c^2 + sigma_t^2))
+    per coordinate (the integral of dD/dxbar - 1 over u = -log sigma). The adjoint reproduces it to first order:
+    its error halves when the grid is refined twofold."""
+    sde, var = sdegen.VPSDE(), [0.01, 0.25, 4.0]
+    mix = _diagonal_gaussian(var)
+    c2 = torch.tensor(var, dtype=torch.float64)
+    lam_end = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = []
+    for n in (100, 200):
+        ts = sdegen.time_grid(sde, n, "log_snr")
+        states = sde.prior_sample((n + 1, 3, 3), seed=1, dtype=torch.float64)  # J_D does not depend on the state
+        lam = flow_adjoint(sde, mix, ts, states, lam_end)
+        m, s2 = torch.exp(sde.log_mean_coeff(ts)), sde.sigma(ts) ** 2
+        amp = (m[-1] / m)[:, None] * ((c2 + s2[-1]) / (c2 + s2[:, None])).sqrt()
+        exact = amp[:, None, :] * lam_end
+        assert lam.shape == (n + 1, 3, 3) and torch.equal(lam[-1], lam_end)
+        errors.append(float(((lam - exact).abs() / exact.abs()).max()))
+    assert errors[1] < 0.05 and 0.4 < errors[1] / errors[0] < 0.6, errors
+
+
+def test_global_pilot_grid_accounts_for_the_adjoint_and_is_deterministic():
+    """error="global": the same pilot run as error="local" (same accepted times and calls) plus one
+    vector-Jacobian product per accepted step after the first, all in nfe; a strictly decreasing grid with the
+    exact end points; the same grid at the same seed; sample(schedule="pilot_global") uses it and reports its cost."""
+    sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    local = pilot_grid(sde, mix, 10, (2,), order=3)
+    grid = pilot_grid(sde, mix, 10, (2,), order=3, error="global")
+    torch.testing.assert_close(grid.pilot_times, local.pilot_times, rtol=0, atol=0)
+    assert grid.adjoint_nfe == len(grid.pilot_times) - 2 and grid.nfe == local.nfe + grid.adjoint_nfe
+    assert local.adjoint_nfe == 0 and local.weights is None
+    assert grid.weights.shape == (len(grid.pilot_times) - 1,) and float(grid.weights.max()) == 1.0
+    assert bool((grid.weights > 0).all())
+    assert grid.times.shape == (11,) and bool((grid.times[1:] < grid.times[:-1]).all())
+    assert grid.times[0] == sde.T and grid.times[-1] == sde.t_min
+    assert not torch.equal(grid.times, local.times)  # the weights reshape the density
+    again = pilot_grid(sde, mix, 10, (2,), order=3, error="global")
+    assert torch.equal(again.times, grid.times)
+    x_T = sde.prior_sample((8, 2), seed=3, dtype=torch.float64)
+    _, info = sdegen.sample(sde, mix, x_T, method="exp_pc", order=2, steps=10, schedule="pilot_global",
+                            return_info=True)
+    assert info.pilot_nfe == grid.nfe and info.nfe == 10
+    torch.testing.assert_close(info.times, grid.times, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="error"):
+        pilot_grid(sde, mix, 10, (2,), error="adjoint")
+    with pytest.raises(ValueError, match="pilot_global"):
+        sdegen.time_grid(sde, 10, "pilot_global")
+
+
+def test_pilot_grid_saved_and_loaded_is_the_same_grid(tmp_path):
+    """save/load round-trips the times bit for bit with the SDE, order and settings; loading for another SDE, a
+    file of another kind, a grid that is not decreasing or a missing file fails naming the problem."""
+    sde, mix = sdegen.VESDE(sigma_max=50.0), sdegen.GaussianMixture.ring()
+    grid = pilot_grid(sde, mix, 6, (2,), order=2, error="global")
+    path = tmp_path / "model.grid.json"
+    grid.save(path)
+    back = PilotGrid.load(path)
+    assert torch.equal(back.times, grid.times) and torch.equal(back.pilot_times, grid.pilot_times)
+    assert torch.equal(back.weights, grid.weights)
+    assert (back.nfe, back.batch, back.order, back.error, back.adjoint_nfe) == (grid.nfe, 64, 2, "global",
+                                                                               grid.adjoint_nfe)
+    assert back.sde.describe() == sde.describe() and back.settings == grid.settings
+    assert torch.equal(PilotGrid.load(str(path), sde=sdegen.VESDE(sigma_max=50.0)).times, grid.times)
+    with pytest.raises(ValueError, match="sde"):
+        PilotGrid.load(path, sde=sdegen.VESDE(sigma_max=80.0))
+    with pytest.raises(FileNotFoundError, match="no such"):
+        PilotGrid.load(tmp_path / "missing.json")
+    import json
+    record = json.loads(path.read_text())
+    (tmp_path / "flat.json").write_text(json.dumps({**record, "times": [0.5, 0.5, 0.1]}))
+    with pytest.raises(ValueError, match="decreasing"):
+        PilotGrid.load(tmp_path / "flat.json")
+    (tmp_path / "other.json").write_text(json.dumps({**record, "kind": "ScheduleFit"}))
+    with pytest.raises(ValueError, match="PilotGrid"):
+        PilotGrid.load(tmp_path / "other.json")
+    (tmp_path / "junk.json").write_text("not json")
+    with pytest.raises(ValueError, match="not a grid file"):
+        PilotGrid.load(tmp_path / "junk.json")
+    with pytest.raises(ValueError, match="sde"):
+        PilotGrid(times=grid.times, nfe=0, batch=1, pilot_times=grid.pilot_times).save(tmp_path / "x.json")
