@@ -4,7 +4,8 @@ In y = x / m and sigma = s / m (DEIS's rho) the probability-flow ODE of every li
 
     dy/dsigma = eps = (y - D) / sigma = -s score(x, t)
 
-(Karras et al. 2022, eq. 4 with s(t) = 1; Zhang & Chen 2022, eq. 13). A step from sigma_i to sigma_{i+1} here is
+(Karras et al. 2022, eq. 1 with sigma as the time; Zhang & Chen 2022, section 4). A step from sigma_i to
+sigma_{i+1} here is
 
     y_{i+1} = y_i + sum_j w_ij eps_{i-j},        x_{i+1} = m_{i+1} y_{i+1},
 
@@ -152,7 +153,7 @@ class LMS(SigmaMultistep):
 
 class DEIS(SigmaMultistep):
     """DEIS, the diffusion exponential integrator sampler (Zhang & Chen 2022, "Fast Sampling of Diffusion Models
-    with Exponential Integrator", section 4, eqs. 14-15 and 19): Adams-Bashforth on the probability-flow ODE with
+    with Exponential Integrator", section 4): Adams-Bashforth on the probability-flow ODE with
     the linear part integrated exactly. In y = x/m and rho = sigma = s/m that linear part is gone and the ODE is
     exactly dy/drho = eps, so every variant is y_{i+1} = y_i + sum_j w_ij eps_{i-j} with
 
