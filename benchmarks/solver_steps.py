@@ -15,6 +15,10 @@ Rows "(calibrated)" use step schedules fitted by sdegen.optimize_schedule on sep
     python benchmarks/solver_steps.py --quick    # NFE 10 and 20 under VP, 2000 endpoint points
     python benchmarks/solver_steps.py --holdout 7   # the quick plan on fresh problems drawn with seed 7
 Writes benchmarks/results/solver_steps.{md,csv,json} and solver_steps_*.png.
+
+The headline comparison over many problems (dimensions 2-256, seven SDEs, separations 0.5-40, hold-out draws, the
+recommended default against diffusers and k-diffusion) is benchmarks/suite_solvers.py, built on this module's
+runners and metrics.
 """
 
 from __future__ import annotations
@@ -125,8 +129,8 @@ def run_sdegen(spec, sde, mix, x_T, nfe, seed=0):
         return None
     x, info = sdegen.sample(sde, mix, x_T, method=method, steps=steps, schedule=schedule, seed=seed,
                             return_info=True, **opts)
-    if info.nfe != steps * per_step:
-        raise RuntimeError(f"{method} promised {steps * per_step} NFE and used {info.nfe}")
+    if info.nfe > steps * per_step:  # fewer is allowed: e.g. Heun's last step to t_min may be an Euler step
+        raise RuntimeError(f"{method} promised at most {steps * per_step} NFE and used {info.nfe}")
     return x, info.nfe, info.pilot_nfe
 
 
@@ -141,10 +145,12 @@ def diffusers_scheduler(cls_name, overrides, sde, steps, n_train=1000):
     alpha_bar = 1.0 / (1.0 + sigma**2)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
     betas = (1.0 - alpha_bar / prev).numpy()
-    config = dict(num_train_timesteps=n_train, trained_betas=betas, prediction_type="epsilon",
-                  final_sigmas_type="sigma_min", thresholding=False)
+    config = dict(num_train_timesteps=n_train, trained_betas=betas, prediction_type="epsilon", thresholding=False)
+    cls = getattr(diffusers, cls_name)
+    if "final_sigmas_type" in inspect.signature(cls.__init__).parameters:  # DEIS has none
+        config["final_sigmas_type"] = "sigma_min"
     config.update(overrides)
-    sched = getattr(diffusers, cls_name)(**config)
+    sched = cls(**config)
     sched.set_timesteps(steps)
     return sched
 

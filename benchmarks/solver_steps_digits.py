@@ -1,5 +1,7 @@
 """Solver steps against endpoint error on a trained score network: the U-Net of examples/conditional_generation.py
-(VP SDE, scikit-learn's 8x8 digits), sdegen's deterministic samplers against diffusers' multistep schedulers.
+(VP SDE, scikit-learn's 8x8 digits), sdegen's deterministic samplers against diffusers' multistep schedulers. The
+row "[default]" is the recommended setting (benchmarks/suite_solvers.py's RECOMMENDED); the report's Target section
+compares its RMS at NFE 10 and 20 with the best diffusers configuration's.
 
 The oracle benchmark (benchmarks/solver_steps.py) measures against exact scores; here the score is a learned
 network, so the probability-flow ODE is the network's own and its reference solution is sdegen's adaptive solver
@@ -11,11 +13,12 @@ example's clean classifier differs from the reference's ("flips"). Rows "(calibr
 by sdegen.optimize_schedule on other starting points (seed 11) at NFE 10 and 20 with a capped search; their
 fitting cost is listed. NFE 100 is run for a few samplers only (LONG), to keep the run near 25 minutes.
 
-The score model is the one the example caches (examples/output/cache, same file name); if absent it is trained
-with the example's own functions (one thread: about 10-15 minutes for the default 2000 steps).
+The score model and the clean classifier are the example's shipped checkpoints (examples/checkpoints, checked
+against their SHA256SUMS; ``python examples/conditional_generation.py --train`` retrains them).
 
     python benchmarks/solver_steps_digits.py                  # 11-15 minutes on one core of a busy machine
-    python benchmarks/solver_steps_digits.py --quick          # a smoke run: few images, NFE 5 and 10
+    python benchmarks/solver_steps_digits.py --quick          # a smoke run: few images, NFE 10 and 20
+    python benchmarks/solver_steps_digits.py --device cuda    # on a GPU (default: cuda when available)
 Writes benchmarks/results/solver_steps_digits.{md,csv,json} and solver_steps_digits.png.
 """
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
@@ -37,21 +39,30 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 
+import common  # noqa: E402
 import conditional_generation as example  # noqa: E402
 import solver_steps as oracle_bench  # noqa: E402
+import suite_solvers as suite  # noqa: E402
 
 import sdegen  # noqa: E402
 
 # the oracle benchmark's deterministic samplers but Euler in t (far behind at these NFE), plus exp_pc-2 on log-SNR
 SDEGEN = {name: spec for name, spec in oracle_bench.SDEGEN.items() if not spec[4] and spec[0] != "euler"}
 SDEGEN["exp_pc-2 (log_snr)"] = ("exp_pc", {"order": 2}, "log_snr", 1, False)
-DIFFUSERS = {name: spec for name, spec in oracle_bench.DIFFUSERS.items() if "sde-" not in name}  # ODE solvers only
+# the recommended default (suite_solvers.RECOMMENDED, one constant for every benchmark) as a run_sdegen spec
+DEFAULT_NAME = suite.sdegen_label(suite.RECOMMENDED)[len("sdegen "):] + " [default]"
+DEFAULT = (suite.RECOMMENDED["method"], {k: v for k, v in suite.RECOMMENDED.items() if k not in ("method", "schedule")},
+           suite.RECOMMENDED["schedule"], 1, False)
+# diffusers' ODE solvers as in the oracle suite (DPM-Solver++ 2M/3M, UniPC bh1/bh2 order 2/3, DEIS 2/3 on trailing,
+# Karras and AYS-style spacing), ending at sigma_min: the network's reference ends at t_min
+DIFFUSERS = {name: spec for name, spec in suite.diffusers_configs().items() if spec[3] == "sigma_min"}
 CAL_NFE = (10, 20)
 # the calibration subset's reference: dopri5 at 1e-5 is 0.5-2e-3 (per-pixel RMS) off, a few percent of the
 # NFE-10/20 errors being fitted, for a third of the adaptive solver's NFE
 CAL_REFERENCE = {"method": "ode", "rtol": 1e-5, "atol": 1e-5}
 # the only samplers also run at NFE > 50 (the run must stay near 25 minutes on one core)
-LONG = ("exp_pc-3 (few_step)", "dpmpp_3m (log_snr)", "diffusers dpm++3m karras", "diffusers unipc-3 karras")
+LONG = ("exp_pc-3 (few_step)", "dpmpp_3m (log_snr)", "diffusers dpm++3m karras sigma_min",
+        "diffusers unipc-3 bh2 karras sigma_min", DEFAULT_NAME)
 REF_TOL = 1e-5
 
 
@@ -66,30 +77,22 @@ class NetworkScore:
 
 
 # ------------------------------------------------------------------ the trained models
-def example_args(args):
-    """The example's settings (its defaults, our --train-steps) and the cache tag its main() derives from them."""
-    ex = example.parse_args(["--train-steps", str(args.train_steps), "--no-progress"])
-    clf_steps = ex.classifier_steps or max(1, ex.train_steps // 2)
-    key = json.dumps([ex.train_steps, clf_steps, ex.width, ex.batch_size, ex.seed])
-    return ex, clf_steps, hashlib.sha1(key.encode()).hexdigest()[:8]
-
-
 def load_models(args, log):
-    """The example's cached score model (and clean classifier, unless --no-flips), trained here if absent."""
-    ex, clf_steps, tag = example_args(args)
-    cache = args.cache_dir or os.path.join(ex.out, "cache")
-    os.makedirs(cache, exist_ok=True)
-    train, _ = example.load_data()
+    """The example's shipped score model (and clean classifier, unless --no-flips) from --checkpoints, each checked
+    against the folder's SHA256SUMS; returns (score model, classifier or None, a tag: the score model's SHA-256
+    prefix and training steps)."""
+    names = [example.NAMES["score"]] + ([] if args.no_flips else [example.NAMES["clean"]])
+    example.verify_checkpoints(args.checkpoints, names)
     t0 = time.time()
-    model = example.cached(os.path.join(cache, f"score_{tag}.pt"), lambda: example.train_score_model(train, ex, False))
-    log(f"score model ready ({time.time() - t0:.0f} s)")
+    model, raw = sdegen.load_checkpoint(os.path.join(args.checkpoints, example.NAMES["score"]), map_location="cpu")
     clean = None
     if not args.no_flips:
-        clean = example.cached(os.path.join(cache, f"clean_clf_{tag}.pt"),
-                               lambda: example.train_classifier(train, model.sde, clf_steps, ex, False, noisy=False))
-        log(f"clean classifier ready ({time.time() - t0:.0f} s)")
+        clean = sdegen.load_checkpoint(os.path.join(args.checkpoints, example.NAMES["clean"]), map_location="cpu")[0]
+    extra = raw.get("extra") or {}
+    tag = f"sha256 {example.sha256(os.path.join(args.checkpoints, example.NAMES['score']))[:12]}"
+    log(f"models loaded from {args.checkpoints} ({time.time() - t0:.1f} s)")
     model.eval()
-    return model, clean, tag
+    return model, clean, tag, extra.get("train_steps")
 
 
 # ------------------------------------------------------------------ metrics
@@ -154,8 +157,9 @@ def calibrate(sde, model, args, log):
 def run_all(sde, model, clean, x_T, ref, specs, args, log):
     ref_labels = example.predict(clean, ref) if clean is not None else None
     adapter = NetworkScore(model)
-    configs = [(n, s, oracle_bench.run_sdegen, "sdegen") for n, s in specs.items()]
-    configs += [(n, s, oracle_bench.run_diffusers, "diffusers") for n, s in DIFFUSERS.items()]
+    configs = [(DEFAULT_NAME, DEFAULT, oracle_bench.run_sdegen, "default")]
+    configs += [(n, s, oracle_bench.run_sdegen, "sdegen") for n, s in specs.items()]
+    configs += [(n, s, suite.run_diffusers, "diffusers") for n, s in DIFFUSERS.items()]
     rows = []
     for name, spec, runner, family in configs:
         t0 = time.time()
@@ -163,7 +167,11 @@ def run_all(sde, model, clean, x_T, ref, specs, args, log):
             if nfe > 50 and name not in LONG:
                 continue
             t1 = time.time()
-            out = runner(spec, sde, adapter, x_T, nfe)
+            try:
+                out = runner(spec, sde, adapter, x_T, nfe)
+            except Exception as exc:  # a baseline that fails is recorded as non-finite, not fatal
+                log(f"{name} NFE {nfe} failed: {type(exc).__name__}: {exc}")
+                out = (torch.full_like(x_T, math.nan), nfe)
             if out is not None:
                 rows.append(dict(sampler=name, family=family, nfe=out[1], nfe_slot=nfe, seconds=time.time() - t1,
                                  **endpoint_errors(out[0], ref, ref_labels, clean)))
@@ -182,11 +190,27 @@ def headline(rows):
     """Per NFE slot 10 and 20 and family: the row with the lowest RMS and the row with the lowest median."""
     out = []
     for nfe in CAL_NFE:
-        for family in ("sdegen", "sdegen calibrated", "diffusers"):
+        for family in ("default", "sdegen", "sdegen calibrated", "diffusers"):
             sel = [r for r in rows if r["nfe_slot"] == nfe and r["family"] == family]
             if sel:
                 best, low = min(sel, key=lambda r: r["rms"]), min(sel, key=lambda r: r["median"])
                 out.append({"nfe": nfe, "family": family, "best_rms": best, "best_median": low})
+    return out
+
+
+def target_lines(rows):
+    """The target: at NFE 10 and 20 the recommended default's RMS is at most 0.6 times the best diffusers row's."""
+    out = []
+    for nfe in CAL_NFE:
+        sel = [r for r in rows if r["nfe_slot"] == nfe]
+        ours = [r for r in sel if r["family"] == "default"]
+        theirs = [r for r in sel if r["family"] == "diffusers" and math.isfinite(r["rms"])]
+        if ours and theirs:
+            d, b = ours[0], min(theirs, key=lambda r: r["rms"])
+            ratio = d["rms"] / b["rms"]
+            out.append(f"NFE {nfe}: default {d['sampler']} RMS {d['rms']:.3g} (median {d['median']:.3g}), best "
+                       f"diffusers {b['sampler']} RMS {b['rms']:.3g} (median {b['median']:.3g}): ratio {ratio:.2f} "
+                       f"(target <= 0.6) -> {'MET' if ratio <= 0.6 else 'NOT MET'}")
     return out
 
 
@@ -209,11 +233,12 @@ def calibration_lines(fits, settings):
 def markdown(rows, heads, ref_record, fits, settings):
     lines = ["# Solver steps against quality on the trained digits model", "",
              f"Score model: examples/conditional_generation.py's U-Net (VP SDE, {settings['train_steps']} training steps, "
-             f"cache tag {settings['tag']}). {settings['images']} starting points x_T (float32, seed 1); per-image error "
+             f"checkpoint {settings['tag']}). {settings['images']} starting points x_T (float32, seed 1); per-image error "
              "= per-pixel RMS of x - ref (pixels in [-1, 1]); columns: RMS over images, median, maximum, and the fraction "
              "of images whose clean-classifier label differs from the reference's (flips). A method of k NFE per step "
              f"runs nfe // k steps and shows the NFE it used. Threads: {settings['threads']}; "
-             f"total run {settings['seconds'] / 60:.1f} min.", "",
+             f"device {settings.get('device', 'cpu')}; "
+             f"total run {settings['seconds'] / 60:.1f} min.", ""] + settings.get("provenance", []) + ["",
              f"Reference: sdegen's adaptive solver (exponential predictor-corrector with error control in log m/s), "
              f"rtol = atol = {REF_TOL:g}, NFE {ref_record['nfe']} ({ref_record['seconds']:.0f} s). Checked on the first "
              f"{ref_record['check_images']} images against (per-image error as above):", "",
@@ -227,6 +252,7 @@ def markdown(rows, heads, ref_record, fits, settings):
         b, m = h["best_rms"], h["best_median"]
         lines.append(f"| {h['nfe']} | {h['family']} | {b['sampler']} | {fmt(b['rms'])} | {fmt(b['median'])} | "
                      f"{fmt(b.get('flips'))} | {m['sampler']} | {fmt(m['median'])} | {fmt(m['rms'])} |")
+    lines += ["", "## Target", ""] + [f"- {s}" for s in target_lines(rows)]
     lines += calibration_lines(fits, settings)
     if any(not math.isfinite(r["rms"]) for r in rows):
         lines += ["", "Rows with inf: the sampler returned non-finite images. For diffusers' 3M on Karras sigmas from NFE 15 "
@@ -283,8 +309,8 @@ def write_reports(rows, heads, ref_record, fits, settings, out):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-steps", type=int, default=2000, help="the example's --train-steps (selects the checkpoint)")
-    p.add_argument("--cache-dir", default=None, help="the example's checkpoint cache (default: examples/output/cache)")
+    p.add_argument("--checkpoints", default=example.CHECKPOINTS,
+                   help="folder of the example's checkpoints and their SHA256SUMS (default: the shipped ones)")
     p.add_argument("--images", type=int, default=256, help="evaluation starting points")
     p.add_argument("--nfe", default="5,10,20,50,100", help="comma-separated NFE budgets")
     p.add_argument("--check", type=int, default=16, help="images on which the reference is checked against 1e-6")
@@ -295,13 +321,14 @@ def parse_args(argv=None):
     p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--no-flips", action="store_true", help="skip the clean classifier (and its training)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(oracle_bench.RESULTS))
     p.add_argument("--report-only", action="store_true", help="re-render the tables and plot from the JSON")
-    p.add_argument("--quick", action="store_true", help="smoke run: 32 images, NFE 5 and 10, a short calibration")
+    p.add_argument("--quick", action="store_true", help="smoke run: 32 images, NFE 10 and 20, a short calibration")
     args = p.parse_args(argv)
     args.nfe = tuple(int(n) for n in args.nfe.split(","))
     if args.quick:
-        args.images, args.nfe, args.check, args.cal_pool, args.cal_subset, args.cal_max_evals = 32, (5, 10), 4, 128, 32, 10
+        args.images, args.nfe, args.check, args.cal_pool, args.cal_subset, args.cal_max_evals = 32, (10, 20), 4, 128, 32, 10
     return args
 
 
@@ -315,10 +342,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     start = time.time()
     log = lambda msg: print(f"{time.time() - start:7.1f}s {msg}", flush=True)
-    model, clean, tag = load_models(args, log)
+    model, clean, tag, train_steps = load_models(args, log)
+    model = model.to(args.device)
+    clean = clean.to(args.device) if clean is not None else None
     sde = model.sde
     with torch.no_grad():
-        x_T = sde.prior_sample((args.images, 1, 8, 8), seed=1)
+        x_T = sde.prior_sample((args.images, 1, 8, 8), seed=1).to(args.device)
         ref, ref_record = reference(sde, model, x_T, args.check, log)
         specs, fits = dict(SDEGEN), []
         if not args.no_calibration:
@@ -329,15 +358,18 @@ def main(argv=None):
         if "calibrated" in r["sampler"]:
             r["family"] = "sdegen calibrated"
     heads = headline(rows)
-    settings = {"train_steps": args.train_steps, "tag": tag, "images": args.images, "threads": args.threads,
+    settings = {"train_steps": train_steps, "tag": tag, "images": args.images, "threads": args.threads,
                 "seconds": time.time() - start, "cal_pool": args.cal_pool, "cal_subset": args.cal_subset,
-                "cal_max_evals": args.cal_max_evals, "cal_min_step": args.cal_min_step}
+                "cal_max_evals": args.cal_max_evals, "cal_min_step": args.cal_min_step, "device": args.device,
+                "provenance": common.provenance(start, device=args.device)}
     write_reports(rows, heads, ref_record, fits, settings, Path(args.out))
     for h in heads:
         b, m = h["best_rms"], h["best_median"]
         log(f"NFE {h['nfe']} {h['family']}: lowest RMS {b['sampler']} {b['rms']:.3g} (median {b['median']:.3g}); "
             f"lowest median {m['sampler']} {m['median']:.3g} (RMS {m['rms']:.3g})")
-    log("done")
+    for line in target_lines(rows):
+        log(line)
+    log(f"done: total runtime {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
