@@ -16,6 +16,7 @@ objective evaluation (:attr:`ScheduleFit.nfe` counts them all). The result is a 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -25,7 +26,7 @@ from ._validate import check_choice, check_int, check_number, check_tensor
 from .models import as_model
 from .samplers import SAMPLERS, StepSampler, get_sampler
 from .sampling import sample
-from .schedules import SCHEDULES, check_grid, time_grid
+from .schedules import SCHEDULES, check_grid, load_grid, save_grid, time_grid
 from .sde import SDE
 
 OBJECTIVES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -58,6 +59,8 @@ class ScheduleFit:
     nfe: network evaluations spent in all (reference solve included), each on the whole calibration batch, as
         :func:`sdegen.sample` counts them (the sum of its ``SampleInfo.nfe``).
     history: the objective after each accepted move.
+    sde, method, steps: the SDE, the sampler (its name, or its repr for a sampler object) and the steps the grid was
+        fitted for (set by :func:`optimize_schedule`; :meth:`save` writes them beside the times).
     """
 
     times: torch.Tensor
@@ -66,6 +69,32 @@ class ScheduleFit:
     evaluations: int
     nfe: int
     history: List[float] = field(default_factory=list)
+    sde: Optional[SDE] = None
+    method: Optional[str] = None
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the fitted grid as a small JSON file (next to the model's checkpoint, say) with its SDE's
+        description, the sampler it was fitted for and the fit's losses and cost (:func:`sdegen.schedules.save_grid`);
+        :meth:`load` reads it back and validates it."""
+        if self.sde is None:
+            raise ValueError("ScheduleFit.save needs the fit's sde (fits from optimize_schedule carry it); set "
+                             "fit.sde to the SDE the grid was fitted for.")
+        save_grid(path, self.times, self.sde, kind="ScheduleFit", method=self.method, loss=self.loss,
+                  initial_loss=self.initial_loss, evaluations=self.evaluations, nfe=self.nfe,
+                  history=list(self.history))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], sde: Optional[SDE] = None) -> "ScheduleFit":
+        """Read a fit written by :meth:`save`; with ``sde``, the file's SDE must describe the same process
+        (ValueError otherwise)."""
+        times, sde, meta = load_grid(path, sde, kind="ScheduleFit")
+        try:
+            return cls(times=times, loss=float(meta["loss"]), initial_loss=float(meta["initial_loss"]),
+                       evaluations=int(meta["evaluations"]), nfe=int(meta["nfe"]),
+                       history=[float(v) for v in meta["history"]], sde=sde, method=meta["method"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"path {os.fspath(path)!r} is not a complete ScheduleFit file (missing or malformed "
+                             f"{err}).") from None
 
 
 def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, StepSampler] = "exp_pc",
@@ -144,6 +173,7 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
                                 step_size, min_step_size) for start in starts]
     best = min(fits, key=lambda f: f.loss)
     best.nfe, best.evaluations = runs.nfe, sum(f.evaluations for f in fits)
+    best.sde, best.method = sde, method if isinstance(method, str) else repr(sampler)
     return best
 
 

@@ -106,3 +106,26 @@ def test_screened_subset_estimates_the_objective_of_all_points():
         assert fit.initial_loss == pytest.approx(full, rel=0.25)
     with pytest.raises(ValueError, match="subset"):
         optimize_schedule(sde, RING, x_pool, steps=4, reference=ref_pool, subset=1)
+
+
+def test_fitted_grid_saved_and_loaded_reruns_the_same_samples(tmp_path):
+    """ScheduleFit.save/load: the times bit for bit, the fit's record, its SDE; the loaded grid gives the same
+    samples; a fit loaded for another SDE or from a pilot grid's file fails naming the problem."""
+    sde, x_cal, ref_cal = _batch("ve", 128, 3)
+    fit = optimize_schedule(sde, RING, x_cal, method="ddim", steps=4, reference=ref_cal, init="log_snr", max_evals=20)
+    assert fit.sde is sde and fit.method == "ddim"
+    path = tmp_path / "ring.fit.json"
+    fit.save(path)
+    back = type(fit).load(path)
+    assert torch.equal(back.times, fit.times) and back.sde.describe() == sde.describe()
+    assert (back.loss, back.initial_loss, back.evaluations, back.nfe, back.history, back.method) == (
+        fit.loss, fit.initial_loss, fit.evaluations, fit.nfe, fit.history, "ddim")
+    x_T = sde.prior_sample((16, 2), seed=5, dtype=torch.float64)
+    assert torch.equal(sdegen.sample(back.sde, RING, x_T, method="ddim", schedule=back.times),
+                       sdegen.sample(sde, RING, x_T, method="ddim", schedule=fit.times))
+    with pytest.raises(ValueError, match="sde"):
+        type(fit).load(path, sde=sdegen.VPSDE())
+    pilot = sdegen.schedules.pilot_grid(sde, RING, 4, (2,))
+    pilot.save(tmp_path / "pilot.json")
+    with pytest.raises(ValueError, match="ScheduleFit"):
+        type(fit).load(tmp_path / "pilot.json")
