@@ -174,6 +174,81 @@ def likelihood_rows(pname, gm, sde, n, tols, device):
     return rows, ratios
 
 
+class Clocked(torch.nn.Module):
+    """The augmented field in the clock v = phi(sigma) instead of t: d(x, l)/dv = field(t(v), (x, l)) dt/dv, with
+    dt/dv = 1 / (phi'(sigma) dsigma/dt) and dsigma/dt = sigma g^2 / (2 s^2) (from sigma = s/m and
+    g^2 = ds^2/dt - 2 f s^2); the log-density integrand takes the same Jacobian as the state's."""
+
+    CLOCKS = {"log sigma": (torch.log, torch.exp, lambda s: 1.0 / s),
+              "sigma": (lambda s: s, lambda v: v, torch.ones_like)}
+
+    def __init__(self, flow, sde, clock):
+        super().__init__()
+        self.flow, self.sde, (self.phi, self.inverse, self.dphi) = flow, sde, self.CLOCKS[clock]
+
+    def span(self, t_lo, t_hi):
+        return tuple(float(self.phi(self.sde.sigma(torch.tensor(t, dtype=F64)))) for t in (t_lo, t_hi))
+
+    def forward(self, v, y):
+        t = self.sde.t_from_sigma(self.inverse(v.to(F64).cpu())).clamp(self.flow.t_lo, self.flow.t_hi)
+        sigma = self.sde.sigma(t)
+        dsigma_dt = sigma * self.sde.diffusion(t) ** 2 / (2.0 * self.sde.std(t) ** 2)
+        return self.flow(t.to(y.device), y) * float(1.0 / (self.dphi(sigma) * dsigma_dt))
+
+
+class PerDimension(torch.nn.Module):
+    """The augmented field with the log-density term integrated per dimension, l / D (its tolerance then that of
+    a log-density per dimension, the unit of bits/dim)."""
+
+    def __init__(self, flow, dim):
+        super().__init__()
+        self.flow, self.dim = flow, dim
+
+    def forward(self, t, y):
+        out = self.flow(t, y)
+        return torch.cat([out[:, :-1], out[:, -1:] / self.dim], 1)
+
+
+def likelihood_option_rows(pname, gm, sde, n, tol, device):
+    """log_likelihood's per-example control under other time variables and norms, the cost of solving every
+    example alone (the least NFE any per-example step control with this pair and controller needs: the hardest
+    example's), and the tolerance at which sdegen's worst error matches dopri5's at ``tol``."""
+    from sdegen.backends import solve_augmented
+
+    t_min, T = default_t_min(sde), float(sde.T)
+    x = gm.sample(n, seed=5, device=device)
+    prior = gm.marginal(sde, sde.T).log_prob
+    exact = gm.marginal(sde, t_min).log_prob(x)
+    flow = _AugmentedFlow(sde, gm, (gm.dim,), t_min, T, None, None)
+    y0 = torch.cat([x, x.new_zeros(n, 1)], 1)
+    worst = lambda y1, scale=1.0, rows=slice(None): float(  # noqa: E731
+        (prior(y1[:, :-1]) + y1[:, -1] * scale - exact[rows]).abs().max()) / gm.dim
+    rows = []
+    with torch.no_grad():
+        f = Counted(flow)
+        y1 = torchdiffeq.odeint(f, y0, torch.tensor([t_min, T], dtype=F64, device=device), rtol=tol, atol=tol)[-1]
+        d_nfe, d_err = f.nfe, worst(y1)
+        rows.append(("torchdiffeq dopri5, batch-average norm, t", d_nfe, d_err))
+        y1, info = solve_augmented(flow, y0, t_min, T, rtol=tol, atol=tol)
+        rows.append(("sdegen: per-example norm, t", info["nfe"], worst(y1)))
+        for clock in Clocked.CLOCKS:
+            field = Clocked(flow, sde, clock)
+            y1, info = solve_augmented(field, y0, *field.span(t_min, T), rtol=tol, atol=tol)
+            rows.append((f"per-example norm, clock {clock}", info["nfe"], worst(y1)))
+        y1, info = solve_augmented(PerDimension(flow, gm.dim), y0, t_min, T, rtol=tol, atol=tol)
+        rows.append(("per-example norm, t, log-density per dimension", info["nfe"], worst(y1, gm.dim)))
+        alone = [solve_augmented(flow, y0[i:i + 1], t_min, T, rtol=tol, atol=tol) for i in range(n)]
+        rows.append(("every example alone (max NFE, worst error)", max(a[1]["nfe"] for a in alone),
+                     max(worst(a[0], rows=slice(i, i + 1)) for i, a in enumerate(alone))))
+        for loose in (8 * tol, 4 * tol, 2 * tol, tol):
+            y1, info = solve_augmented(flow, y0, t_min, T, rtol=loose, atol=loose)
+            if worst(y1) <= d_err:
+                rows.append((f"sdegen at the loosest tol matching dopri5's worst error: {loose:g}", info["nfe"],
+                             worst(y1)))
+                break
+    return [f"| {pname} | {name} | {nfe} | {nfe / d_nfe:.2f} | {err:.2e} |" for name, nfe, err in rows]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"the first {QUICK} problems only")
@@ -181,8 +256,13 @@ def main():
     parser.add_argument("--device", default="cpu", help="torch device of the states and the oracle (default cpu)")
     parser.add_argument("--no-kdiffusion", action="store_true", help="leave k-diffusion's dpm_adaptive out")
     parser.add_argument("--no-likelihood", action="store_true", help="sampling only")
+    parser.add_argument("--likelihood-options", action="store_true",
+                        help="only the log_likelihood study of time variables and norms at rtol = atol = 1e-5 "
+                        "(writes adaptive_nfe_likelihood_options.md)")
     parser.add_argument("--out", default=None, help="default benchmarks/results/adaptive_nfe[_quick].md")
     args = parser.parse_args()
+    if args.likelihood_options:
+        return likelihood_options(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    "adaptive_nfe_quick.md" if args.quick else "adaptive_nfe.md")
     device = torch.device(args.device)
@@ -222,6 +302,27 @@ def main():
                   "error: max over the batch of |log p - exact| / dim", "",
                   "| problem | divergence | rtol = atol | sdegen NFE | sdegen error | dopri5 NFE | dopri5 error | "
                   "NFE ratio |", "|---|---|---|---|---|---|---|---|", *l_rows, ""]
+    with open(out, "w") as f:
+        f.write("\n".join(lines))
+
+
+def likelihood_options(args):
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   "adaptive_nfe_likelihood_options.md")
+    device, start, rows = torch.device(args.device), time.time(), []
+    n = min(args.n, 64)
+    for pname in list(PROBLEMS)[:QUICK] if args.quick else list(PROBLEMS):
+        make_gm, make_sde = PROBLEMS[pname]
+        new = likelihood_option_rows(pname, make_gm(), make_sde(), n, 1e-5, device)
+        rows += new
+        print(*new, sep="\n", flush=True)
+    lines = ["# log_likelihood: per-example error control under other time variables and norms", "",
+             *provenance(start, device),
+             f"- exact divergence, rtol = atol = 1e-5, {n} exact draws (seed 5), t_min = default_t_min(sde), exact "
+             "prior; error: max over the batch of |log p - exact log p_{t_min}| / dim; every row but the first "
+             "uses sdegen's per-example norm (max over examples of the RMS over x and the log term) with "
+             "torchdiffeq's dopri5", "",
+             "| problem | variant | NFE | NFE / dopri5 | worst error / dim |", "|---|---|---|---|---|", *rows, ""]
     with open(out, "w") as f:
         f.write("\n".join(lines))
 
