@@ -16,10 +16,12 @@ fitting cost is listed. NFE 100 is run for a few samplers only (LONG), to keep t
 The score model and the clean classifier are the example's shipped checkpoints (examples/checkpoints, checked
 against their SHA256SUMS; ``python examples/conditional_generation.py --train`` retrains them).
 
-    python benchmarks/solver_steps_digits.py                  # 11-15 minutes on one core of a busy machine
-    python benchmarks/solver_steps_digits.py --quick          # a smoke run: few images, NFE 10 and 20
+    python benchmarks/solver_steps_digits.py                  # 20-30 minutes on one core of a busy machine
+    python benchmarks/solver_steps_digits.py --quick          # a smoke run: 32 images, NFE 10 and 20 (3-4 minutes)
     python benchmarks/solver_steps_digits.py --device cuda    # on a GPU (default: cuda when available)
-Writes benchmarks/results/solver_steps_digits.{md,csv,json} and solver_steps_digits.png.
+    python benchmarks/solver_steps_digits.py --nfe 10,20 --no-calibration --name solver_steps_digits_default
+                                                              # NFE 10 and 20 only, no fitted grids
+Writes benchmarks/results/solver_steps_digits.{md,csv,json} and solver_steps_digits.png (--name changes the stem).
 """
 
 from __future__ import annotations
@@ -294,17 +296,17 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def write_reports(rows, heads, ref_record, fits, settings, out):
+def write_reports(rows, heads, ref_record, fits, settings, out, name="solver_steps_digits"):
     out.mkdir(parents=True, exist_ok=True)
-    (out / "solver_steps_digits.json").write_text(json.dumps(
+    (out / f"{name}.json").write_text(json.dumps(
         {"rows": rows, "reference": ref_record, "calibration": fits, "settings": settings}, indent=1))
-    (out / "solver_steps_digits.md").write_text(markdown(rows, heads, ref_record, fits, settings))
+    (out / f"{name}.md").write_text(markdown(rows, heads, ref_record, fits, settings))
     keys = ["sampler", "family", "nfe_slot", "nfe", "rms", "median", "max", "flips", "seconds"]
-    with open(out / "solver_steps_digits.csv", "w", newline="") as f:
+    with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[k for k in keys if any(k in r for r in rows)])
         w.writeheader()
         w.writerows(rows)
-    plot(rows, out / "solver_steps_digits.png")
+    plot(rows, out / f"{name}.png")
 
 
 def parse_args(argv=None):
@@ -323,6 +325,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(oracle_bench.RESULTS))
+    p.add_argument("--name", default="solver_steps_digits", help="report file names (NAME.md, .csv, .json, .png)")
     p.add_argument("--report-only", action="store_true", help="re-render the tables and plot from the JSON")
     p.add_argument("--quick", action="store_true", help="smoke run: 32 images, NFE 10 and 20, a short calibration")
     args = p.parse_args(argv)
@@ -335,9 +338,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.report_only:
-        data = json.loads((Path(args.out) / "solver_steps_digits.json").read_text())
+        data = json.loads((Path(args.out) / f"{args.name}.json").read_text())
         rows = data["rows"]
-        write_reports(rows, headline(rows), data["reference"], data["calibration"], data["settings"], Path(args.out))
+        write_reports(rows, headline(rows), data["reference"], data["calibration"], data["settings"], Path(args.out),
+                      args.name)
         return
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -362,7 +366,7 @@ def main(argv=None):
                 "seconds": time.time() - start, "cal_pool": args.cal_pool, "cal_subset": args.cal_subset,
                 "cal_max_evals": args.cal_max_evals, "cal_min_step": args.cal_min_step, "device": args.device,
                 "provenance": common.provenance(start, device=args.device)}
-    write_reports(rows, heads, ref_record, fits, settings, Path(args.out))
+    write_reports(rows, heads, ref_record, fits, settings, Path(args.out), args.name)
     for h in heads:
         b, m = h["best_rms"], h["best_median"]
         log(f"NFE {h['nfe']} {h['family']}: lowest RMS {b['sampler']} {b['rms']:.3g} (median {b['median']:.3g}); "
