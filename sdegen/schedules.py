@@ -242,8 +242,11 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
     E[w_k^2] = |Phi'(t_N <- t_k) le_k|^2, le_k the pilot's own error estimate (corrector minus predictor) of
     step k. The step weight W_k = RMS over the draws of w_k (scaled to a largest value of 1) multiplies the local
     error rate: the density is (W C)^{1/(q+1)}. Errors made where the flow contracts (inside a mode) count less,
-    and errors made where it separates trajectories (while they choose a mode) count more. No tolerance enters
-    beyond the pilot's. Cost: one vector-Jacobian product of the model per accepted pilot step
+    and errors made where it separates trajectories (while they choose a mode) count more. Where the weights
+    fall by orders of magnitude the density would allow steps far beyond the pilot's, outside the range where
+    its local error model was measured and where a multistep sampler keeps its stability: the grid's steps grow
+    by at most the pilot controller's own limit (``max_factor`` = 2) per step (``growth`` of
+    :func:`grid_from_step_sizes`). No tolerance enters beyond the pilot's. Cost: one vector-Jacobian product of the model per accepted pilot step
     (``PilotGrid.adjoint_nfe``, counted in ``nfe``); the model must be differentiable in x (torch autograd).
 
     Cost: the pilot's model calls (``PilotGrid.nfe``, typically 30-60 at the default tolerance), each on ``batch``
@@ -291,7 +294,10 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
         # a step whose weight is 0 to float precision gets the smallest positive one: its error still counts
         floor = weights[weights > 0].min()
         sizes = sizes * weights.clamp_min(float(floor)).pow(-1.0 / (PILOT_ORDER + 1))
-    times = grid_from_step_sizes(sde, accepted, steps, power=(PILOT_ORDER + 1) / (order + 1), sizes=sizes)
+    # the globally weighted density can drop by orders of magnitude where the flow contracts; its grid grows its
+    # steps no faster than the pilot's controller was allowed to (max_factor), over which its weights were measured
+    times = grid_from_step_sizes(sde, accepted, steps, power=(PILOT_ORDER + 1) / (order + 1), sizes=sizes,
+                                 growth=pilot.max_factor if error == "global" else None)
     settings = {"steps": steps, "shape": list(shape), "rtol": rtol, "atol": atol, "seed": seed,
                 "dtype": str(dtype).replace("torch.", "")}
     return PilotGrid(times=times, nfe=info.nfe + adjoint_nfe, batch=batch, pilot_times=accepted, sde=sde,
@@ -362,27 +368,63 @@ def flow_adjoint(sde: SDE, model: Any, times: torch.Tensor, states: torch.Tensor
 
 
 def grid_from_step_sizes(sde: SDE, ts: torch.Tensor, steps: int, power: float = 1.0,
-                         sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         sizes: Optional[torch.Tensor] = None, growth: Optional[float] = None) -> torch.Tensor:
     """``steps`` steps placed with density (1/h)^power in u = log(m/s), h the local step sizes of the grid ``ts``
     (constant on each of its steps; ``sizes`` (len(ts) - 1 positive values) replaces them where a step's length is
     not the local step size): the points where the integral of the density reaches k/steps of its total.
-    power = 1 without ``sizes`` re-spaces ``ts`` itself to ``steps`` steps (piecewise linearly in u)."""
+    power = 1 without ``sizes`` re-spaces ``ts`` itself to ``steps`` steps (piecewise linearly in u).
+
+    growth (> 1, optional): no step is longer than ``growth`` times the step before it (in the order the grid is
+    walked). The local step H(u) = 1/(c rho(u)) of the density rho is replaced by its largest minorant of slope at
+    most log(growth), min over v <= u of H(v) + log(growth)(u - v) (a step placed where H rises with slope L is
+    e^L times the one before it), and c is chosen (bisection) so that it makes ``steps`` steps: steps shrink
+    freely, but grow only as fast as a step-size controller with that limit lets them (variable-step multistep methods are stable and keep their error
+    constants for bounded step ratios: Hairer, Norsett & Wanner, "Solving ODEs I", section III.5)."""
     ts = check_grid(sde, ts, "ts")
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
         raise ValueError(f"power must be a finite number >= 0; got {power!r}.")
+    if growth is not None and not (isinstance(growth, (int, float)) and 1.0 < growth < math.inf):
+        raise ValueError(f"growth must be None or a finite number > 1 (the largest ratio of a step to the one "
+                         f"before it); got {growth!r}.")
     u = 0.5 * sde.log_snr(ts)
     h = u[1:] - u[:-1]
     if sizes is None:
         sizes = h
     elif not (isinstance(sizes, torch.Tensor) and sizes.shape == h.shape and bool((sizes > 0).all())):
         raise ValueError(f"sizes must be a tensor of {len(h)} positive step sizes; got {sizes!r}.")
-    mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(h * sizes.to(h).pow(-power), 0)])
+    density = sizes.to(h).pow(-power)
+    if growth is not None:
+        u, h, density = _limit_growth(u, density, steps, growth)
+    mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(h * density, 0)])
     target = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64) * mass[-1]
     k = torch.searchsorted(mass, target, right=True).clamp(1, len(mass) - 1)
     frac = ((target - mass[k - 1]) / (mass[k] - mass[k - 1])).clamp(0.0, 1.0)
     out = sde.t_from_log_snr(2.0 * (u[k - 1] + frac * h[k - 1]))
     out[0], out[-1] = ts[0], ts[-1]  # exact end points despite round-off in the inverse map
     return out
+
+
+def _limit_growth(u: torch.Tensor, density: torch.Tensor, steps: int, growth: float, cells: int = 4096):
+    """(nodes, cell lengths, density) of the growth-limited density of :func:`grid_from_step_sizes` on ``cells``
+    equal cells of u (fine against any grid of ``steps`` << cells steps)."""
+    fine = torch.linspace(float(u[0]), float(u[-1]), cells + 1, dtype=torch.float64)
+    du = fine[1:] - fine[:-1]
+    k = torch.searchsorted(u, 0.5 * (fine[1:] + fine[:-1]), right=True).clamp(1, len(u) - 1) - 1
+    rho = density[k]
+    ramp = math.log(growth) * (fine[:-1] - fine[0])
+
+    def minorant(c):  # min over v <= u of H(v) + log(growth)(u - v), with H = 1/(c rho)
+        return torch.cummin(1.0 / (c * rho) - ramp, 0).values + ramp
+
+    total = float((du * rho).sum())
+    lo, hi = math.log(steps / total) - 60.0, math.log(steps / total)  # n(c) <= c * total; n -> 0 as c -> 0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if float((du / minorant(math.exp(mid))).sum()) > steps:
+            hi = mid
+        else:
+            lo = mid
+    return fine, du, 1.0 / minorant(math.exp(hi))
 
 
 def resolve_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor], *, t_min: Optional[float], model: Any,

@@ -139,7 +139,7 @@ def test_flow_adjoint_is_the_closed_form_amplification_of_a_gaussian():
     c2 = torch.tensor(var, dtype=torch.float64)
     lam_end = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     errors = []
-    for n in (100, 200):
+    for n in (60, 120):
         ts = sdegen.time_grid(sde, n, "log_snr")
         states = sde.prior_sample((n + 1, 3, 3), seed=1, dtype=torch.float64)  # J_D does not depend on the state
         lam = flow_adjoint(sde, mix, ts, states, lam_end)
@@ -148,7 +148,7 @@ def test_flow_adjoint_is_the_closed_form_amplification_of_a_gaussian():
         exact = amp[:, None, :] * lam_end
         assert lam.shape == (n + 1, 3, 3) and torch.equal(lam[-1], lam_end)
         errors.append(float(((lam - exact).abs() / exact.abs()).max()))
-    assert errors[1] < 0.05 and 0.4 < errors[1] / errors[0] < 0.6, errors
+    assert errors[1] < 0.08 and 0.4 < errors[1] / errors[0] < 0.6, errors
 
 
 def test_global_pilot_grid_accounts_for_the_adjoint_and_is_deterministic():
@@ -210,3 +210,28 @@ def test_pilot_grid_saved_and_loaded_is_the_same_grid(tmp_path):
         PilotGrid.load(tmp_path / "junk.json")
     with pytest.raises(ValueError, match="sde"):
         PilotGrid(times=grid.times, nfe=0, batch=1, pilot_times=grid.pilot_times).save(tmp_path / "x.json")
+
+
+def test_growth_limit_bounds_the_step_ratio_and_keeps_an_even_grid():
+    """growth=r: a grid whose steps would jump from L/16 to L/2 (a density dropping eightfold) grows them by at
+    most r per step, with the same number of steps and end points; a constant density (steps equal in u) is
+    already within any limit and stays the log-SNR grid."""
+    sde = sdegen.VPSDE()
+    lam = 0.5 * sde.log_snr(torch.tensor([sde.T, sde.t_min], dtype=torch.float64))
+    u0, u1 = float(lam[0]), float(lam[1])
+    L = (u1 - u0) / 2
+    us = [u0 + k * L / 16 for k in range(17)] + [u0 + L + k * L / 2 for k in range(1, 3)]
+    ts = sde.t_from_log_snr(2.0 * torch.tensor(us, dtype=torch.float64))
+    ts[0], ts[-1] = sde.T, sde.t_min
+    free = 0.5 * sde.log_snr(grid_from_step_sizes(sde, ts, 12, 1.0))
+    assert float((free.diff()[1:] / free.diff()[:-1]).max()) > 3.0  # the jump the limit removes
+    for r in (1.5, 2.0):
+        out = grid_from_step_sizes(sde, ts, 12, 1.0, growth=r)
+        h = (0.5 * sde.log_snr(out)).diff()
+        assert out.shape == (13,) and out[0] == ts[0] and out[-1] == ts[-1] and bool((h > 0).all())
+        assert float((h[1:] / h[:-1]).max()) <= r * (1 + 1e-3)
+    even = sdegen.time_grid(sde, 9, "log_snr")
+    torch.testing.assert_close(sde.log_snr(grid_from_step_sizes(sde, even, 6, 1.0, growth=1.2)),
+                               sde.log_snr(sdegen.time_grid(sde, 6, "log_snr")), rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="growth"):
+        grid_from_step_sizes(sde, even, 6, 1.0, growth=1.0)
