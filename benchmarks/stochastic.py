@@ -162,7 +162,8 @@ def main():
              "responsible component of p_t_min, samples over exact draws; 1.000 is exact)",
              "- weights: RMS L1 error of the assignment fractions over the same RMS for exact draws (1.0 is the "
              "floor); `*` marks a configuration at the floor (variance within 5%, weights within 1.5x)",
-             "- schedule: `default` is the sampler's own default grid", "",
+             "- schedule: `default` is the sampler's own default grid",
+             "- NFE k: each sampler takes the most steps whose declared NFE (`total_nfe`) is at most k", "",
              "## At the floor on every problem (variance within 5%, weights within 1.5x the floor)", "",
              "| sampler | schedule | " + " | ".join(f"NFE {k}" for k in args.nfe) + " |",
              "|---|---|" + "---|" * len(args.nfe), *summary, "", "## Per problem", "",

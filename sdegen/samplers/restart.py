@@ -34,7 +34,9 @@ class Restart(StepSampler):
 
     with sigma_max = ``restart_sigmas[1]`` (at most sigma(T)), then continues on the main grid. The forward draw
     contracts the error accumulated before t_j (the paper's theorem 2) at the cost of re-solving the interval; the
-    ODE keeps the discretisation error small (its theorem 1).
+    ODE keeps the discretisation error small (its theorem 1). The errors it contracts are those of the model above
+    the interval and of the coarse steps there; with an exact score and a fixed NFE, the NFE spent on re-solves
+    is missed by the main grid, and the plain ODE solver is the more accurate (benchmarks/stochastic.py).
 
     ``solver`` is the ODE rule, on the main grid and in the re-solves (each re-solve on the solver's default
     grid over [sigma_j, sigma_max]):
