@@ -6,7 +6,9 @@ Families, one module each:
   reverse diffusion, ancestral, predictor-corrector, annealed Langevin);
 - :mod:`.exponential`: exponential integrators in y = x/m and u = -log sigma (DDIM, DPM-Solver++ 2M/3M and their
   SDE variants, the exponential predictor-corrector, SA-Solver, UniPC);
-- :mod:`.karras`: EDM's sigma-view samplers (Heun, Euler ancestral) and the single-step DPM-Solver;
+- :mod:`.karras`: EDM's sigma-view samplers (Heun, Euler ancestral, DPM-2 and DPM-2 ancestral,
+  DPM-Solver++(2S) ancestral) and the single-step DPM-Solver;
+- :mod:`.restart`: Restart sampling (ODE steps with restarts of one noise interval);
 - :mod:`.linear_multistep`: Adams-Bashforth rules on eps in sigma (LMS, DEIS, iPNDM);
 - :mod:`.adaptive`: adaptive step-size control in u;
 - :mod:`sdegen.backends`: torchdiffeq ("ode") and torchsde ("sde").
