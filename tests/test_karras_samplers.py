@@ -120,6 +120,18 @@ def test_deterministic_variants_are_second_order(method, opts):
     assert abs(slope - 2.0) <= 0.3, (method, opts, slope)
 
 
+@pytest.mark.parametrize("sde", [VP, sdegen.VESDE(), EDM], ids=["vp", "ve", "edm"])
+def test_dpm_2_is_dpm_solver_2_with_noise_prediction(sde):
+    """k-diffusion's midpoint rule in sigma, y' = y + (sigma' - sigma) eps(y_m, sigma_m), is DPM-Solver-2's
+    y' = y - sigma' (e^h - 1) eps(y_m) (sigma' e^h = sigma), with the same stage: equal to round-off."""
+    data = GaussianMixture.random(dim=3, n_components=3, seed=4)
+    ts = sdegen.time_grid(sde, 9, "edm")
+    x_T = sde.prior_sample((5, 3), seed=0, dtype=F64)
+    a = sdegen.sample(sde, data, x_T, method="dpm_2", schedule=ts)
+    b = sdegen.sample(sde, data, x_T, method="dpm_solver", order=2, prediction="noise", schedule=ts)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_dpm_2_ancestral_at_eta_0_is_dpm_2():
     x_T = VP.prior_sample((6, 3), seed=1, dtype=F64)
     data = GaussianMixture.random(dim=3, n_components=2, seed=2)

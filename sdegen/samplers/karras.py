@@ -272,6 +272,9 @@ class DPM2(StepSampler):
         y_m = y + (sigma_m - sigma) (y - D(y, sigma)) / sigma,
         y' = y + (sigma' - sigma) (y_m - D(y_m, sigma_m)) / sigma_m,     x' = m' y'.
 
+    In u = -log sigma this is DPM-Solver-2 with noise prediction (Lu et al. 2022, algorithm 1, r = 1/2):
+    y_m = y - sigma_m (e^{h/2} - 1) eps and y' = y - sigma' (e^h - 1) eps(y_m), since sigma' e^h = sigma, i.e.
+    ``DPMSolver(order=2, prediction="noise")``, written here in sigma as k-diffusion does.
     Second order, two NFE per step. k-diffusion's step to sigma' = 0 is an Euler step (it is D); here the grid ends
     at sigma_min > 0, and that last step is the driver's ``denoise=True``: k-diffusion's run on sigmas
     [sigma_0, ..., sigma_min, 0] equals this sampler on the grid down to sigma_min with ``denoise=True``.
