@@ -354,13 +354,14 @@ def flow_adjoint(sde: SDE, model: Any, times: torch.Tensor, states: torch.Tensor
     for k in range(len(times) - 2, -1, -1):
         h = float(u[k + 1] - u[k])
         t = times[k + 1].to(device=states.device, dtype=states.dtype).expand(B)
-        with torch.enable_grad():
-            x = states[k + 1].detach().requires_grad_(True)
-            d = model.denoise(x, t)
+        # autograd also inside a caller's torch.no_grad() or torch.inference_mode() (clones are ordinary tensors)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = states[k + 1].detach().clone().requires_grad_(True)
+            d = model.denoise(x, t.clone())
             if not d.requires_grad:
                 raise TypeError("model: the adjoint needs a model differentiable in x (torch autograd); its denoised "
                                 "output has no gradient. Use the pilot's error='local'.")
-            (vjp,) = torch.autograd.grad(d, x, mu)
+            (vjp,) = torch.autograd.grad(d, x, mu.clone())
         mu = math.exp(-h) * mu - math.expm1(-h) * float(m[k + 1]) * vjp
         out.append(mu / float(m[k]))
     lam = torch.stack(out[::-1])
