@@ -3,7 +3,9 @@
 Every problem is a Gaussian mixture (exact scores at every noise level, sdegen.analytic.GaussianMixture) under one
 forward SDE. The problems span the factors a step schedule could be fitted to: dimension (2, 16, 64, 256),
 distance between component means (about 0.5, 5 and 40), component standard deviations from 0.01 to 1 within one
-mixture, unequal weights, and seven SDEs (VP, cosine VP, sub-VP, VE with sigma_max 50 and 380, EDM, flow).
+mixture, unequal weights, and seven SDEs (VP, cosine VP, sub-VP, VE with sigma_max 50 and 380, EDM, flow). Every
+SDE ends at a noise level sigma(t_min) = s/m between 1e-3 and 1e-2 (VE on its SMLD levels, kernel="paper"; sub-VP at
+t_min = 1e-2): lower levels round to alpha_bar = 1 in the float32 table diffusers keeps.
 ``--holdout-seeds`` draws fresh problems and fresh SDE parameters that no schedule was designed on.
 
 Each deterministic sampler starts from the same x_T as a float64 torchdiffeq dopri5 solve (rtol = atol = 1e-10)
@@ -132,8 +134,9 @@ def make_sde(kind, g=None):
         return sdegen.VPSDE(beta_min=u(0.05, 0.2), beta_max=u(10.0, 25.0)) if g else sdegen.VPSDE()
     if kind == "cosine":
         return sdegen.CosineVPSDE(cosine_s=logu(0.004, 0.02)) if g else sdegen.CosineVPSDE()
-    if kind == "subvp":
-        return sdegen.SubVPSDE(beta_min=u(0.05, 0.2), beta_max=u(10.0, 25.0)) if g else sdegen.SubVPSDE()
+    if kind == "subvp":  # t_min = 1e-2: sigma(t_min) ~ 2e-3 (at 1e-3 it is 1e-4, below a float32 table's reach)
+        return sdegen.SubVPSDE(beta_min=u(0.05, 0.2), beta_max=u(10.0, 25.0), t_min=1e-2) if g \
+            else sdegen.SubVPSDE(t_min=1e-2)
     if kind in ("ve50", "ve380"):
         smax = 50.0 if kind == "ve50" else 380.0
         # the SMLD noise levels (kernel "paper"): sampling ends at sigma_min, not at the exact kernel's
