@@ -176,6 +176,7 @@ def run_all(sde, model, clean, x_T, ref, specs, args, log):
                 out = (torch.full_like(x_T, math.nan), nfe)
             if out is not None:
                 rows.append(dict(sampler=name, family=family, nfe=out[1], nfe_slot=nfe, seconds=time.time() - t1,
+                                 pilot_nfe=out[2] if len(out) > 2 else 0,
                                  **endpoint_errors(out[0], ref, ref_labels, clean)))
         log(f"{name}: {time.time() - t0:.1f} s")
     return rows
@@ -261,7 +262,7 @@ def markdown(rows, heads, ref_record, fits, settings):
                   "on (where it drops lower_order_final) the grid's last two sigmas are both sigma_min, and the "
                   "third-order update of that zero-length final step divides by its length (NaN; the same happens on "
                   "the oracle in solver_steps.md)."]
-    keys = ["rms", "median", "max", "flips"]
+    keys = ["rms", "median", "max", "flips", "pilot_nfe"]  # pilot_nfe: schedule="pilot"'s calls on 64 examples
     for nfe in sorted({r["nfe_slot"] for r in rows}):
         sel = sorted([r for r in rows if r["nfe_slot"] == nfe], key=lambda r: r["rms"])
         lines += ["", f"## NFE {nfe}", "", "| sampler | NFE used | " + " | ".join(keys) + " |",
@@ -301,7 +302,7 @@ def write_reports(rows, heads, ref_record, fits, settings, out, name="solver_ste
     (out / f"{name}.json").write_text(json.dumps(
         {"rows": rows, "reference": ref_record, "calibration": fits, "settings": settings}, indent=1))
     (out / f"{name}.md").write_text(markdown(rows, heads, ref_record, fits, settings))
-    keys = ["sampler", "family", "nfe_slot", "nfe", "rms", "median", "max", "flips", "seconds"]
+    keys = ["sampler", "family", "nfe_slot", "nfe", "rms", "median", "max", "flips", "pilot_nfe", "seconds"]
     with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[k for k in keys if any(k in r for r in rows)])
         w.writeheader()
