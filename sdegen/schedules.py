@@ -18,9 +18,9 @@ from ._validate import check_int, check_number
 from .sde import SDE
 
 SCHEDULES = ("uniform", "log_snr", "edm", "quadratic", "few_step")
-PILOT = "pilot"  # the model-dependent schedule of :func:`pilot_grid`, resolved by :func:`sdegen.sample`
-PILOT_GLOBAL = "pilot_global"  # :func:`pilot_grid` with error="global" (steps weighted by their error's amplification)
-PILOT_SCHEDULES = {PILOT: "local", PILOT_GLOBAL: "global"}  # schedule name -> pilot_grid's ``error``
+PILOT = "pilot"  # the model-dependent grid of :func:`pilot_grid` (error="global"), resolved by :func:`sdegen.sample`
+PILOT_LOCAL = "pilot_local"  # :func:`pilot_grid` with error="local": for models without autograd, at the pilot's cost
+PILOT_SCHEDULES = {PILOT: "global", PILOT_LOCAL: "local"}  # schedule name -> pilot_grid's ``error``
 
 
 def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "uniform", *,
@@ -71,7 +71,7 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
                          "sdegen.sample, or compute it with sdegen.schedules.pilot_grid(sde, model, steps, shape, "
                          f"error={PILOT_SCHEDULES[schedule]!r}).times.")
     else:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, {PILOT!r} or {PILOT_GLOBAL!r} (with a model) or a "
+        raise ValueError(f"schedule must be one of {SCHEDULES}, {PILOT!r} or {PILOT_LOCAL!r} (with a model) or a "
                          f"tensor of times; got {schedule!r}.")
     ts[0], ts[-1] = t_max, t_min  # exact end points despite round-off in the inverse maps
     return ts
@@ -232,27 +232,29 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
     ODEs I", section II.4), i.e. at density proportional to C^{1/(q+1)} = (1/h)^{(p+1)/(q+1)}. The density is
     taken constant on each pilot step, integrated in u, and its integral divided into ``steps`` equal parts.
 
-    error="global" (``schedule="pilot_global"`` in :func:`sdegen.sample`) equidistributes the local errors' share
-    of the global error instead (goal-oriented, dual-weighted step selection: Estep, Larson & Williams 2000,
-    "Estimating the error of numerical solutions of systems of reaction-diffusion equations", section 3; Cao &
-    Petzold 2004, "A posteriori error estimation and global error control for ODEs by the adjoint method"). The
-    endpoint error is the sum over steps of Phi'(t_N <- t_k) le_k, the local error le_k carried to the end by the
-    linearised flow. The adjoint of the probability-flow ODE (:func:`flow_adjoint`), run backwards over the pilot's
-    accepted states from a random cotangent lambda ~ N(0, I) per draw, gives w_k = lambda_k . le_k with
-    E[w_k^2] = |Phi'(t_N <- t_k) le_k|^2, le_k the pilot's own error estimate (corrector minus predictor) of
-    step k. The step weight W_k = RMS over the draws of w_k (scaled to a largest value of 1) multiplies the local
-    error rate: the density is (W C)^{1/(q+1)}. Errors made where the flow contracts (inside a mode) count less,
-    and errors made where it separates trajectories (while they choose a mode) count more. Where the weights
-    fall by orders of magnitude the density would allow steps far beyond the pilot's, outside the range where
-    its local error model was measured and where a multistep sampler keeps its stability: the grid's steps grow
-    by at most the pilot controller's own limit (``max_factor`` = 2) per step (``growth`` of
-    :func:`grid_from_step_sizes`). No tolerance enters beyond the pilot's. Cost: one vector-Jacobian product of the model per accepted pilot step
-    (``PilotGrid.adjoint_nfe``, counted in ``nfe``); the model must be differentiable in x (torch autograd).
+    error="global" (``schedule="pilot"`` in :func:`sdegen.sample`; ``"pilot_local"`` is error="local")
+    equidistributes the local errors' share of the global error instead (goal-oriented, dual-weighted step
+    selection: Estep, Larson & Williams 2000, "Estimating the error of numerical solutions of systems of
+    reaction-diffusion equations", section 3; Cao & Petzold 2004, "A posteriori error estimation and global error
+    control for ODEs by the adjoint method"). The endpoint error is the sum over steps of Phi'(t_N <- t_k) le_k, the
+    local error le_k carried to the end by the linearised flow. The adjoint of the probability-flow ODE
+    (:func:`flow_adjoint`), run backwards over the pilot's accepted states from a random cotangent lambda ~ N(0, I)
+    per draw, gives w_k = lambda_k . le_k with E[w_k^2] = |Phi'(t_N <- t_k) le_k|^2, le_k the pilot's own error
+    estimate (corrector minus predictor) of step k. The step weight W_k = RMS over the draws of w_k (scaled to a
+    largest value of 1) multiplies the local error rate: the density is (W C)^{1/(q+1)}. Errors made where the flow
+    contracts (inside a mode) count less, and errors made where it separates trajectories (while they choose a mode)
+    count more. Where the weights fall by orders of magnitude the density would allow steps far beyond the pilot's,
+    outside the range where its local error model was measured and where a multistep sampler keeps its stability:
+    the grid's steps grow by at most the pilot controller's own limit (``max_factor`` = 2) per step (``growth`` of
+    :func:`grid_from_step_sizes`). No tolerance enters beyond the pilot's. Cost: one vector-Jacobian product of the
+    model per accepted pilot step (``PilotGrid.adjoint_nfe``, counted in ``nfe``); the model must be differentiable
+    in x (torch autograd).
 
     Cost: the pilot's model calls (``PilotGrid.nfe``, typically 30-60 at the default tolerance), each on ``batch``
-    examples; :func:`sdegen.sample` with ``schedule="pilot"`` reports them as ``SampleInfo.pilot_nfe`` and runs
-    the pilot on every call: to reuse a grid, compute it once and pass ``PilotGrid.times`` as the schedule (or
-    :meth:`PilotGrid.save` it next to the model and :meth:`PilotGrid.load` it).
+    examples; :func:`sdegen.sample` with ``schedule="pilot"`` or ``"pilot_local"`` reports them as
+    ``SampleInfo.pilot_nfe`` and runs the pilot on every call: to reuse a grid, compute it once and pass
+    ``PilotGrid.times`` as the schedule (or :meth:`PilotGrid.save` it next to the model and :meth:`PilotGrid.load`
+    it).
     """
     from .models import as_model
     from .sampling import sample  # the driver imports this module
@@ -289,7 +291,8 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
         w = (lam * local).reshape(len(local), batch, -1).sum(2).double().pow(2).mean(1).sqrt().cpu()
         if not bool(torch.isfinite(w).all()) or float(w.max()) <= 0.0:
             raise ValueError(f"error='global': the adjoint weights are not finite and positive ({w.tolist()[:6]}); "
-                             "the model's vector-Jacobian products are not usable: use error='local'.")
+                             "the model's vector-Jacobian products are not usable: use error='local' "
+                             "(schedule='pilot_local').")
         weights = w / w.max()
         # a step whose weight is 0 to float precision gets the smallest positive one: its error still counts
         floor = weights[weights > 0].min()
@@ -360,7 +363,7 @@ def flow_adjoint(sde: SDE, model: Any, times: torch.Tensor, states: torch.Tensor
             d = model.denoise(x, t.clone())
             if not d.requires_grad:
                 raise TypeError("model: the adjoint needs a model differentiable in x (torch autograd); its denoised "
-                                "output has no gradient. Use the pilot's error='local'.")
+                                "output has no gradient. Use the pilot's error='local' (schedule='pilot_local').")
             (vjp,) = torch.autograd.grad(d, x, mu.clone())
         mu = math.exp(-h) * mu - math.expm1(-h) * float(m[k + 1]) * vjp
         out.append(mu / float(m[k]))
@@ -377,10 +380,11 @@ def grid_from_step_sizes(sde: SDE, ts: torch.Tensor, steps: int, power: float = 
 
     growth (> 1, optional): no step is longer than ``growth`` times the step before it (in the order the grid is
     walked). The local step H(u) = 1/(c rho(u)) of the density rho is replaced by its largest minorant of slope at
-    most log(growth), min over v <= u of H(v) + log(growth)(u - v) (a step placed where H rises with slope L is
-    e^L times the one before it), and c is chosen (bisection) so that it makes ``steps`` steps: steps shrink
-    freely, but grow only as fast as a step-size controller with that limit lets them (variable-step multistep methods are stable and keep their error
-    constants for bounded step ratios: Hairer, Norsett & Wanner, "Solving ODEs I", section III.5)."""
+    most log(growth), min over v <= u of H(v) + log(growth)(u - v) (a step placed where H rises with slope L is e^L
+    times the one before it), and c is chosen (bisection) so that it makes ``steps`` steps: steps shrink freely, but
+    grow only as fast as a step-size controller with that limit lets them (variable-step multistep methods are
+    stable and keep their error constants for bounded step ratios: Hairer, Norsett & Wanner, "Solving ODEs I",
+    section III.5)."""
     ts = check_grid(sde, ts, "ts")
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
         raise ValueError(f"power must be a finite number >= 0; got {power!r}.")
@@ -430,8 +434,8 @@ def _limit_growth(u: torch.Tensor, density: torch.Tensor, steps: int, growth: fl
 
 def resolve_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor], *, t_min: Optional[float], model: Any,
                  x: torch.Tensor, order: int) -> Tuple[torch.Tensor, int]:
-    """The driver's grid: (times, model calls spent finding them). "pilot" ("pilot_global") runs :func:`pilot_grid`
-    (with error="global") for a sampler of ``order`` on draws shaped like ``x``; every other schedule is
+    """The driver's grid: (times, model calls spent finding them). "pilot" ("pilot_local") runs :func:`pilot_grid`
+    with error="global" ("local") for a sampler of ``order`` on draws shaped like ``x``; every other schedule is
     :func:`time_grid`'s and costs no call."""
     if isinstance(schedule, str) and schedule in PILOT_SCHEDULES:
         grid = pilot_grid(sde, model, steps, tuple(x.shape[1:]), order=order, t_min=t_min, dtype=x.dtype,

@@ -67,7 +67,7 @@ def test_step_density_is_inverse_step_size_to_the_power():
 
 
 def test_pilot_grid_cost_is_reported_and_the_run_uses_its_grid():
-    """schedule="pilot" in sample() runs pilot_grid for the sampler's order: the same times, its model calls in
+    """schedule="pilot_local" in sample() runs pilot_grid for the sampler's order: the same times, its model calls in
     SampleInfo.pilot_nfe (not in nfe), the caller's state untouched; the pilot's own steps are unequal in u
     (the grid adapts to the problem)."""
     sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
@@ -77,7 +77,8 @@ def test_pilot_grid_cost_is_reported_and_the_run_uses_its_grid():
     assert grid.times[0] == sde.T and grid.times[-1] == sde.t_min
     x_T = sde.prior_sample((16, 2), seed=3, dtype=torch.float64)
     before = x_T.clone()
-    x, info = sdegen.sample(sde, mix, x_T, method="exp_pc", order=2, steps=12, schedule="pilot", return_info=True)
+    x, info = sdegen.sample(sde, mix, x_T, method="exp_pc", order=2, steps=12, schedule="pilot_local",
+                            return_info=True)
     assert torch.equal(x_T, before) and info.nfe == 12 and info.pilot_nfe == grid.nfe
     torch.testing.assert_close(info.times, grid.times, rtol=0, atol=0)
     fixed = sdegen.sample(sde, mix, x_T, method="exp_pc", order=2, steps=12, schedule=grid.times)
@@ -154,7 +155,7 @@ def test_flow_adjoint_is_the_closed_form_amplification_of_a_gaussian():
 def test_global_pilot_grid_accounts_for_the_adjoint_and_is_deterministic():
     """error="global": the same pilot run as error="local" (same accepted times and calls) plus one
     vector-Jacobian product per accepted step after the first, all in nfe; a strictly decreasing grid with the
-    exact end points; the same grid at the same seed; sample(schedule="pilot_global") uses it and reports its cost."""
+    exact end points; the same grid at the same seed; sample(schedule="pilot") uses it and reports its cost."""
     sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
     local = pilot_grid(sde, mix, 10, (2,), order=3)
     grid = pilot_grid(sde, mix, 10, (2,), order=3, error="global")
@@ -169,14 +170,14 @@ def test_global_pilot_grid_accounts_for_the_adjoint_and_is_deterministic():
     with torch.inference_mode():  # the same grid again, the adjoint's autograd working inside inference mode
         assert torch.equal(pilot_grid(sde, mix, 10, (2,), order=3, error="global").times, grid.times)
     x_T = sde.prior_sample((8, 2), seed=3, dtype=torch.float64)
-    _, info = sdegen.sample(sde, mix, x_T, method="exp_pc", order=2, steps=10, schedule="pilot_global",
+    _, info = sdegen.sample(sde, mix, x_T, method="exp_pc", order=2, steps=10, schedule="pilot",
                             return_info=True)
     assert info.pilot_nfe == grid.nfe and info.nfe == 10
     torch.testing.assert_close(info.times, grid.times, rtol=0, atol=0)
     with pytest.raises(ValueError, match="error"):
         pilot_grid(sde, mix, 10, (2,), error="adjoint")
-    with pytest.raises(ValueError, match="pilot_global"):
-        sdegen.time_grid(sde, 10, "pilot_global")
+    with pytest.raises(ValueError, match="pilot_local"):
+        sdegen.time_grid(sde, 10, "pilot_local")
 
 
 def test_pilot_grid_saved_and_loaded_is_the_same_grid(tmp_path):
