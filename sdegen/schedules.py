@@ -66,7 +66,7 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
     elif schedule == "quadratic":
         r = ends.sqrt()
         ts = (r[0] + u * (r[1] - r[0])) ** 2
-    elif schedule in PILOT_SCHEDULES:
+    elif isinstance(schedule, str) and schedule in PILOT_SCHEDULES:
         raise ValueError(f"the {schedule!r} schedule depends on the model: pass schedule={schedule!r} to "
                          "sdegen.sample, or compute it with sdegen.schedules.pilot_grid(sde, model, steps, shape, "
                          f"error={PILOT_SCHEDULES[schedule]!r}).times.")
