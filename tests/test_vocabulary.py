@@ -249,7 +249,7 @@ def test_rank_loss_gives_each_rank_its_rows_and_a_seed():
     draws = []
     for rank in (0, 1):
         ctx = distributed.DistributedContext(rank=rank, world_size=2)
-        distributed._rank_loss(loss, ctx, 4, True)(None, (x, y), torch.Generator().manual_seed(0))
+        distributed._rank_loss(loss, ctx, 4, True, seed=0)(None, (x, y), torch.Generator().manual_seed(0))
         draws.append(torch.rand(4, generator=calls[-1][2]))
     for rank, (xb, yb, seed) in enumerate(calls):
         assert isinstance(seed, torch.Generator)
