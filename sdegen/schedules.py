@@ -219,7 +219,7 @@ PILOT_ERRORS = ("local", "global")
 def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order: int = 3, batch: int = 64,
                rtol: float = 1e-3, atol: float = 1e-3, seed: int = 0, t_min: Optional[float] = None,
                t_max: Optional[float] = None, dtype: torch.dtype = torch.float64, device=None,
-               error: str = "local") -> PilotGrid:
+               error: str = "global") -> PilotGrid:
     """A grid of ``steps`` steps for a fixed-step sampler of global ``order``, laid out as the adaptive solver lays
     out its own steps on this model: no constant of the data or of the SDE enters.
 
@@ -232,8 +232,8 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
     ODEs I", section II.4), i.e. at density proportional to C^{1/(q+1)} = (1/h)^{(p+1)/(q+1)}. The density is
     taken constant on each pilot step, integrated in u, and its integral divided into ``steps`` equal parts.
 
-    error="global" (``schedule="pilot"`` in :func:`sdegen.sample`; ``"pilot_local"`` is error="local")
-    equidistributes the local errors' share of the global error instead (goal-oriented, dual-weighted step
+    error="global" (the default, and ``schedule="pilot"`` in :func:`sdegen.sample`; error="local" is
+    ``"pilot_local"``, the density above) equidistributes the local errors' share of the global error instead (goal-oriented, dual-weighted step
     selection: Estep, Larson & Williams 2000, "Estimating the error of numerical solutions of systems of
     reaction-diffusion equations", section 3; Cao & Petzold 2004, "A posteriori error estimation and global error
     control for ODEs by the adjoint method"). The endpoint error is the sum over steps of Phi'(t_N <- t_k) le_k, the

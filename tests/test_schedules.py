@@ -71,7 +71,7 @@ def test_pilot_grid_cost_is_reported_and_the_run_uses_its_grid():
     SampleInfo.pilot_nfe (not in nfe), the caller's state untouched; the pilot's own steps are unequal in u
     (the grid adapts to the problem)."""
     sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
-    grid = pilot_grid(sde, mix, 12, (2,), order=3)
+    grid = pilot_grid(sde, mix, 12, (2,), order=3, error="local")
     assert grid.nfe >= len(grid.pilot_times) - 1 and grid.batch == 64
     assert grid.times.shape == (13,) and bool((grid.times[1:] < grid.times[:-1]).all())
     assert grid.times[0] == sde.T and grid.times[-1] == sde.t_min
@@ -157,7 +157,7 @@ def test_global_pilot_grid_accounts_for_the_adjoint_and_is_deterministic():
     vector-Jacobian product per accepted step after the first, all in nfe; a strictly decreasing grid with the
     exact end points; the same grid at the same seed; sample(schedule="pilot") uses it and reports its cost."""
     sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
-    local = pilot_grid(sde, mix, 10, (2,), order=3)
+    local = pilot_grid(sde, mix, 10, (2,), order=3, error="local")
     grid = pilot_grid(sde, mix, 10, (2,), order=3, error="global")
     torch.testing.assert_close(grid.pilot_times, local.pilot_times, rtol=0, atol=0)
     assert grid.adjoint_nfe == len(grid.pilot_times) - 2 and grid.nfe == local.nfe + grid.adjoint_nfe
