@@ -23,14 +23,15 @@ from . import samplers
 from .samplers import (SAMPLERS, DDIM, AdaptiveExponential, AdaptiveMultistep, Ancestral, AnnealedLangevin, DPMSolver,
                        DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, Euler, EulerAncestral, EulerMaruyama,
                        ExponentialAdams, ExponentialPC, Heun, PredictorCorrector, ReverseDiffusion, SASolver, Solver,
-                       StepSampler, UniPC, DPMSolverPPSDE, get_sampler, register_sampler)
+                       StepSampler, UniPC, DPMSolverPPSDE, DPM2, DPM2Ancestral, DPMPP2SAncestral, Restart, LMS,
+                       DEIS, IPNDM, get_sampler, register_sampler)
 from . import analytic, backends, noise, schedules
 from .analytic import GaussianMixture
 from .noise import make_seeds
 from .sampling import SampleInfo, sample
 from . import capture
 from .errors import SolverError
-from .schedules import refine_grid, time_grid
+from .schedules import PilotGrid, pilot_grid, refine_grid, time_grid
 from . import adaptive, fast_samplers, score  # module paths kept for existing imports
 from . import guidance, losses, nets, training
 from .guidance import (ClassifierFreeGuidedScore, ClassifierGuidedScore, Inpaint, MixtureClassifier,
@@ -63,7 +64,8 @@ __all__ = [
     "ReverseDiffusion", "Ancestral", "EulerAncestral", "PredictorCorrector", "AnnealedLangevin", "DDIM", "Heun",
     "DPMSolver",
     "DPMSolverPP", "ExponentialAdams", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC", "SASolver",
-    "UniPC", "DPMSolverPPSDE",
+    "UniPC", "DPMSolverPPSDE", "DPM2", "DPM2Ancestral", "DPMPP2SAncestral", "Restart", "LMS", "DEIS", "IPNDM",
+    "pilot_grid", "PilotGrid",
     "AdaptiveExponential",
     "AdaptiveMultistep", "make_seeds", "SolverError",
     # likelihood
