@@ -2,10 +2,7 @@
 DPM-Solver++(2S) ancestral and Heun's final Euler step, against k-diffusion's functions (where installed), the
 flow's float64 reference, closed forms and the exact marginals of Gaussian data."""
 
-import importlib.util
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -14,6 +11,8 @@ import sdegen
 from sdegen.analytic import GaussianMixture
 from sdegen.noise import Noise
 from sdegen.samplers import DPM2, DPM2Ancestral, DPMPP2SAncestral, Heun
+
+from peers import k_diffusion_sampling
 
 F64 = torch.float64
 VP = sdegen.VPSDE()
@@ -25,33 +24,7 @@ SEEDS = torch.tensor([11, 12, 13, 14, 15, 16])
 
 
 def _k_sampling():
-    """k-diffusion's sampling module alone (its package __init__ needs torchvision and more): loaded from its file
-    with a stub ``k_diffusion.utils`` providing append_dims. Skips when k-diffusion is not installed."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed")
-    if "_kdiff_sampling" in sys.modules:
-        return sys.modules["_kdiff_sampling"]
-    pytest.importorskip("torchsde")
-    pytest.importorskip("tqdm")
-    pkg = types.ModuleType("_kdiff")
-    pkg.__path__ = []
-    utils = types.ModuleType("_kdiff.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    path = spec.submodule_search_locations[0] + "/sampling.py"
-    module_spec = importlib.util.spec_from_file_location("_kdiff.sampling", path)
-    module = importlib.util.module_from_spec(module_spec)
-    saved = {k: sys.modules.get(k) for k in ("_kdiff", "_kdiff.utils")}
-    sys.modules.update({"_kdiff": pkg, "_kdiff.utils": utils})
-    try:
-        module_spec.loader.exec_module(module)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-    sys.modules["_kdiff_sampling"] = module
-    return module
+    return k_diffusion_sampling()
 
 
 def _k_denoiser(y, sigma):

@@ -2,11 +2,7 @@
 their convergence orders against the Gaussian-mixture oracle, and step-for-step equivalence with k-diffusion's
 ``sample_lms`` and diffusers' DEISMultistepScheduler (each skipped when the package is absent)."""
 
-import importlib.util
 import math
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +11,8 @@ import sdegen
 from sdegen.analytic import GaussianMixture
 from sdegen.samplers import linear_multistep
 from sdegen.samplers.linear_multistep import ADAMS_BASHFORTH, DEIS, IPNDM, LMS, lagrange_integrals
+
+from peers import OracleEps, k_diffusion_sampling
 
 # diffusers 0.42 under numpy 2 warns inside its own set_timesteps
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -176,38 +174,9 @@ def test_convergence_order(sde_name, sampler, order):
 
 
 # ------------------------------------------------------------------ against k-diffusion
-def _load_k_diffusion_sampling():
-    """k-diffusion's sampling module without its package __init__ (which needs torchvision and more); skip if the
-    package or the modules sampling.py imports (scipy, torchdiffeq, torchsde, tqdm) are absent."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed")
-    for name in ("scipy", "torchdiffeq", "torchsde", "tqdm"):
-        pytest.importorskip(name)
-    path = Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    package = types.ModuleType("k_diffusion")
-    package.__path__, package.utils = [], utils
-    names = ("k_diffusion", "k_diffusion.utils", "k_diffusion.sampling")
-    saved = {name: sys.modules.get(name) for name in names}
-    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = package, utils  # for its "from . import utils"
-    try:
-        module_spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
-    return module
-
-
 @pytest.fixture(scope="module")
 def k_sampling():
-    return _load_k_diffusion_sampling()
+    return k_diffusion_sampling()
 
 
 def _sigma_denoiser(y, sigma):
@@ -233,28 +202,6 @@ def test_lms_matches_k_diffusion(k_sampling, sde_name, order):
 
 
 # ------------------------------------------------------------------ against diffusers
-class _Output:
-    def __init__(self, sample):
-        self.sample = sample
-
-
-class OracleEps(torch.nn.Module):
-    """Exact eps of MIX's marginal at diffusers' integer timesteps k: x_k = sqrt(ab_k) x0 + sqrt(1 - ab_k) eps."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = table.to(torch.float64)
-
-    def forward(self, sample, timestep):
-        k = torch.as_tensor(timestep).to(torch.float64).reshape(-1).expand(sample.shape[0])
-        assert torch.equal(k, k.round())
-        ab = self.table[k.long()]
-        m, s = ab.sqrt(), (1.0 - ab).sqrt()
-        x = sample.to(torch.float64).reshape(sample.shape[0], -1)
-        score = MIX.score(VE_FORM, x / m[:, None], s / m) / m[:, None]
-        return _Output((-s[:, None] * score).reshape(sample.shape).to(sample.dtype))
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("spacing", ["linspace", "trailing"])
 @pytest.mark.parametrize("order,steps", [(1, 6), (2, 6), (3, 8), (3, 20)])
@@ -271,7 +218,7 @@ def test_deis_logrho_matches_diffusers(spacing, order, steps):
     sched = diffusers.DEISMultistepScheduler(solver_order=order, lower_order_final=True, timestep_spacing=spacing)
     sched.set_timesteps(steps)
     sched.sigmas = sched.sigmas.double()
-    net = OracleEps(sched.alphas_cumprod)
+    net = OracleEps(MIX, sched.alphas_cumprod, VE_FORM)
     model = from_diffusers(net, sched)
     grid = diffusers_time_grid(model.sde, sched.timesteps, final_timestep=0)
     x_T = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)

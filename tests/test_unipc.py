@@ -9,6 +9,8 @@ import torch
 import sdegen
 from sdegen.analytic import GaussianMixture
 
+from peers import OracleEps
+
 RING = GaussianMixture.ring()
 MIX = GaussianMixture.random(dim=4, n_components=3, seed=0)
 VE_FORM = sdegen.EDMSDE(sigma_min=1e-8, sigma_max=1e8)  # m = 1, s = sigma: the oracle at any noise level
@@ -43,28 +45,6 @@ def test_unipc_convergence_order(sde_name, opts, order):
 
 
 # ------------------------------------------------------------------ against diffusers
-class _Output:
-    def __init__(self, sample):
-        self.sample = sample
-
-
-class OracleEps(torch.nn.Module):
-    """Exact eps of MIX's marginal at diffusers' integer timesteps k: x_k = sqrt(ab_k) x0 + sqrt(1 - ab_k) eps."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = table.to(torch.float64)
-
-    def forward(self, sample, timestep):
-        k = torch.as_tensor(timestep).to(torch.float64).reshape(-1).expand(sample.shape[0])
-        assert torch.equal(k, k.round())
-        ab = self.table[k.long()]
-        m, s = ab.sqrt(), (1.0 - ab).sqrt()
-        x = sample.to(torch.float64).reshape(sample.shape[0], -1)
-        score = MIX.score(VE_FORM, x / m[:, None], s / m) / m[:, None]
-        return _Output((-s[:, None] * score).reshape(sample.shape).to(sample.dtype))
-
-
 @pytest.fixture(scope="module")
 def diffusers():
     return pytest.importorskip("diffusers")
@@ -85,7 +65,7 @@ def test_unipc_matches_diffusers(diffusers, variant, order, lower_order_final, s
                                               lower_order_final=lower_order_final, final_sigmas_type="sigma_min",
                                               timestep_spacing="trailing")
     sched.set_timesteps(steps)
-    net = OracleEps(sched.alphas_cumprod)
+    net = OracleEps(MIX, sched.alphas_cumprod, VE_FORM)
     model = from_diffusers(net, sched)
     grid = diffusers_time_grid(model.sde, sched.timesteps, final_timestep=0)
     x_T = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
