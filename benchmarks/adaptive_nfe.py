@@ -20,19 +20,15 @@ Usage: python benchmarks/adaptive_nfe.py [--quick] [--n 256] [--device cuda] [--
 """
 
 import argparse
-import importlib.util
 import math
 import os
-import sys
 import time
-import types
-from pathlib import Path
 
 import torch
 import torchdiffeq
 
 import sdegen
-from common import provenance
+from common import load_k_diffusion, provenance
 from sdegen.analytic import GaussianMixture
 from sdegen.divergence import make_probes
 from sdegen.likelihood import _AugmentedFlow, default_t_min
@@ -54,29 +50,6 @@ PROBLEMS = {
 QUICK = 4  # --quick: the first four (one VE and one EDM among them)
 DPM_RTOLS = (0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4)
 DPM_ATOLS = (0.0078, 1e-3, 1e-4)  # k-diffusion's default atol first
-
-
-def load_k_diffusion():
-    """k_diffusion.sampling alone (the package's __init__ needs torchvision and more), or None when not installed."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "sampling.py"
-    if not path.exists():
-        return None
-    if "k_diffusion.utils" not in sys.modules:
-        utils = types.ModuleType("k_diffusion.utils")
-        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-        pkg = sys.modules.setdefault("k_diffusion", types.ModuleType("k_diffusion"))
-        pkg.__path__, pkg.utils = getattr(pkg, "__path__", []), utils
-        sys.modules["k_diffusion.utils"] = utils
-    mod_spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(module)
-    except ImportError:
-        return None
-    return module
 
 
 class Counted(torch.nn.Module):

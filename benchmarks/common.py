@@ -6,11 +6,14 @@ The scripts run as ``python benchmarks/<name>.py``, so this module is importable
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import math
 import os
 import platform
 import sys
 import time
+import types
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
@@ -46,3 +49,27 @@ def exact_floor(gm, sde, n: int, reps: int) -> Tuple[float, float]:
         qs.append(q)
         errs.append(float((w - gm.weights).abs().sum()) ** 2)
     return sum(qs) / reps, math.sqrt(sum(errs) / reps)
+
+
+def load_k_diffusion():
+    """k_diffusion.sampling alone (the package's __init__ needs torchvision and more), loaded from its file with a
+    stub ``k_diffusion.utils`` providing append_dims; None when k-diffusion or a module it imports is missing."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "sampling.py"
+    if not path.exists():
+        return None
+    if "k_diffusion.utils" not in sys.modules:
+        utils = types.ModuleType("k_diffusion.utils")
+        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+        pkg = sys.modules.setdefault("k_diffusion", types.ModuleType("k_diffusion"))
+        pkg.__path__, pkg.utils = getattr(pkg, "__path__", []), utils
+        sys.modules["k_diffusion.utils"] = utils
+    mod_spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module

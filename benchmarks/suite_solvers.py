@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import inspect
 import json
 import math
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -341,30 +339,6 @@ def run_diffusers(spec, sde, mix, x_T, nfe):
 
 
 # ---------------------------------------------------------------- k-diffusion
-def load_k_diffusion():
-    """k_diffusion.sampling without the package's __init__ (which needs torchvision and more), or None."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
-    if not path.exists():
-        return None
-    if "k_diffusion" not in sys.modules:
-        pkg = types.ModuleType("k_diffusion")
-        pkg.__path__ = []
-        utils = types.ModuleType("k_diffusion.utils")
-        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-        pkg.utils = utils
-        sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
-    mod_spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(module)
-    except ImportError:
-        return None
-    return module
-
-
 def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
     """Karras et al. (2022) eq. 5: n levels from sigma_max to sigma_min, float64."""
     ramp = torch.linspace(0, 1, n, dtype=F64)
@@ -627,7 +601,7 @@ def main():
         data = json.loads(out.with_suffix(".json").read_text())
         rows, meta, seconds = data["rows"], data["meta"], data["seconds"]
     else:
-        kd = None if args.no_kdiffusion else load_k_diffusion()
+        kd = None if args.no_kdiffusion else common.load_k_diffusion()
         log = lambda msg: print(f"{time.time() - start:7.1f}s {msg}", flush=True)
         log(f"{len(problems)} problems on {args.device}; k-diffusion {'loaded' if kd else 'not available'}")
         rows = []
