@@ -308,7 +308,14 @@ class DPMSolverPP2MSDE(ExponentialAdams):
 class SASolver(ExponentialAdams):
     """SA-Solver (Xue et al. 2023, algorithm 1, data prediction, eqs. 14-15): lam = tau^2 on the steps starting
     at s_tmin <= sigma <= s_tmax (their piecewise-constant tau(t)); tau = 0 with ``corrector_order =
-    predictor_order + 1`` is "exp_pc", tau = 1 the reverse SDE."""
+    predictor_order + 1`` is "exp_pc", tau = 1 the reverse SDE.
+
+    The grid matters more than tau at 10-20 steps: on the oracle problems of benchmarks/stochastic.py (VP, NFE 20)
+    the log-SNR grid leaves the within-mode variance 1.05-1.17x the truth at tau = 1, and grids laid out for the
+    probability-flow ODE's error (``schedule="pilot"``, ``"pilot_local"``) do no better; spending one step on
+    sigma above the data's scale s (from the prior down to the sigma where the denoiser's sensitivity s^2 / (s^2 +
+    sigma^2) is 1%, where it is nearly constant and the exponential step is nearly exact) and the rest below it
+    brings tau = 1 within 3% (benchmarks/results/stochastic_data_jump*.md)."""
 
     def __init__(self, predictor_order: int = 3, corrector_order: int = 4, tau: float = 1.0, s_tmin: float = 0.0,
                  s_tmax: float = math.inf):
