@@ -411,7 +411,7 @@ def plots(rows, out):
 
 
 def summarize(rows, adaptive_rows):
-    """The issue's targets, each with the measured figures (MET only if one sampler meets every condition)."""
+    """The accuracy targets, each with the measured figures (MET only if one sampler meets every condition)."""
     out = []
     for pname, med10, med20 in (("ring", 0.03, 0.006), ("mix16", 0.05, 0.007)):
         for nfe, med_target in ((10, med10), (20, med20)):
