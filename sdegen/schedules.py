@@ -350,6 +350,7 @@ def flow_adjoint(sde: SDE, model: Any, times: torch.Tensor, states: torch.Tensor
         raise ValueError(f"states must have shape (len(times), *cotangent.shape) = ({len(times)}, "
                          f"{', '.join(map(str, cotangent.shape))}); got {tuple(states.shape)}.")
     m = torch.exp(sde.log_mean_coeff(times))
+    std = sde.std(times)
     u = 0.5 * sde.log_snr(times)
     B = cotangent.shape[0]
     mu = float(m[-1]) * cotangent
@@ -360,10 +361,11 @@ def flow_adjoint(sde: SDE, model: Any, times: torch.Tensor, states: torch.Tensor
         # autograd also inside a caller's torch.no_grad() or torch.inference_mode() (clones are ordinary tensors)
         with torch.inference_mode(False), torch.enable_grad():
             x = states[k + 1].detach().clone().requires_grad_(True)
-            d = model.denoise(x, t.clone())
-            if not d.requires_grad:
-                raise TypeError("model: the adjoint needs a model differentiable in x (torch autograd); its denoised "
-                                "output has no gradient. Use the pilot's error='local' (schedule='pilot_local').")
+            score = model.score(x, t.clone())
+            if not score.requires_grad:  # checked on the score: D = (x + s^2 score) / m would carry x's own gradient
+                raise TypeError("model: the adjoint needs a model differentiable in x (torch autograd); its score "
+                                "has no gradient. Use the pilot's error='local' (schedule='pilot_local').")
+            d = torch.add(x, score, alpha=float(std[k + 1]) ** 2) / float(m[k + 1])  # Tweedie's denoiser
             (vjp,) = torch.autograd.grad(d, x, mu.clone())
         mu = math.exp(-h) * mu - math.expm1(-h) * float(m[k + 1]) * vjp
         out.append(mu / float(m[k]))

@@ -101,6 +101,21 @@ def test_pilot_schedule_needs_a_model_and_valid_arguments():
         grid_from_step_sizes(sde, sdegen.time_grid(sde, 4), 3, -1.0)
 
 
+def test_weighted_pilot_refuses_a_score_without_gradient():
+    """A score computed outside autograd (detached) has no Jacobian to weigh the steps with: the weighted pilot
+    raises and names the local one, which still works."""
+    sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+
+    def detached(x, t):
+        return mix.score(sde, x.detach(), t).detach()
+
+    with pytest.raises(TypeError, match="pilot_local"):
+        pilot_grid(sde, detached, 6, (2,))
+    with pytest.raises(TypeError, match="model"):
+        sdegen.sample(sde, detached, shape=(4, 2), steps=6, method="unipc", schedule="pilot", seed=0)
+    assert pilot_grid(sde, detached, 6, (2,), error="local").times.shape == (7,)
+
+
 def test_step_sizes_override_a_cut_last_step():
     """A pilot's last step is cut short to land on t_min; given the controller's size for it (``sizes``), the
     density is that of the steps before: here constant, so the result is the log-SNR grid of the whole span,
