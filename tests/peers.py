@@ -63,3 +63,19 @@ class OracleEps(torch.nn.Module):
         x = sample.to(torch.float64).reshape(sample.shape[0], -1)
         score = self.mixture.score(self.sigma_view, x / m[:, None], s / m) / m[:, None]
         return _Output((-s[:, None] * score).reshape(sample.shape).to(sample.dtype))
+
+
+def diffusers_run(sched, mixture, sigma_view, x_T):
+    """A diffusers scheduler (``set_timesteps`` already called) driven by the mixture's exact eps from x_T, and the
+    same network as an sdegen model on the scheduler's table with the scheduler's timesteps as sdegen times
+    (ending at t = 0's timestep): (diffusers' samples, model, grid)."""
+    from sdegen.adapters import diffusers_time_grid, from_diffusers
+
+    net = OracleEps(mixture, sched.alphas_cumprod, sigma_view)
+    model = from_diffusers(net, sched)
+    grid = diffusers_time_grid(model.sde, sched.timesteps, final_timestep=0)
+    with torch.no_grad():
+        x = x_T.clone()
+        for k in sched.timesteps:
+            x = sched.step(net(x, k).sample, k, x).prev_sample
+    return x, model, grid

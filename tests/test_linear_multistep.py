@@ -12,7 +12,7 @@ from sdegen.analytic import GaussianMixture
 from sdegen.samplers import linear_multistep
 from sdegen.samplers.linear_multistep import ADAMS_BASHFORTH, DEIS, IPNDM, LMS, lagrange_integrals
 
-from peers import OracleEps, k_diffusion_sampling
+from peers import diffusers_run, k_diffusion_sampling
 
 # diffusers 0.42 under numpy 2 warns inside its own set_timesteps
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -213,19 +213,12 @@ def test_deis_logrho_matches_diffusers(spacing, order, steps):
     differences of antiderivatives cancel (up to 4e-5 at 20 steps); its sigmas are cast to float64 here, which
     leaves the float32 rounding of its sigma table (below 1e-6). tAB-DEIS is another method."""
     diffusers = pytest.importorskip("diffusers")
-    from sdegen.adapters import diffusers_time_grid, from_diffusers
-
     sched = diffusers.DEISMultistepScheduler(solver_order=order, lower_order_final=True, timestep_spacing=spacing)
     sched.set_timesteps(steps)
     sched.sigmas = sched.sigmas.double()
-    net = OracleEps(MIX, sched.alphas_cumprod, VE_FORM)
-    model = from_diffusers(net, sched)
-    grid = diffusers_time_grid(model.sde, sched.timesteps, final_timestep=0)
     x_T = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x, model, grid = diffusers_run(sched, MIX, VE_FORM, x_T)
     with torch.no_grad():
-        x = x_T.clone()
-        for k in sched.timesteps:
-            x = sched.step(net(x, k).sample, k, x).prev_sample
         ours, info = sdegen.sample(model.sde, model, x_T, method="deis", order=order, variant="logrho",
                                    lower_order_final=True, schedule=grid, return_info=True)
         tab = sdegen.sample(model.sde, model, x_T, method="deis", order=order, lower_order_final=True, schedule=grid)

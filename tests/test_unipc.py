@@ -9,7 +9,7 @@ import torch
 import sdegen
 from sdegen.analytic import GaussianMixture
 
-from peers import OracleEps
+from peers import diffusers_run
 
 RING = GaussianMixture.ring()
 MIX = GaussianMixture.random(dim=4, n_components=3, seed=0)
@@ -59,20 +59,13 @@ def test_unipc_matches_diffusers(diffusers, variant, order, lower_order_final, s
     and sdegen's "unipc" on the same timesteps (with timestep 0 appended) from the same x_T, with the exact eps
     of a 4-D mixture as the network: equal to 1e-6 of the largest entry (diffusers keeps its sigmas in float32,
     which leaves about 1e-7), the same number of network calls; UniPC without its corrector differs."""
-    from sdegen.adapters import diffusers_time_grid, from_diffusers
-
     sched = diffusers.UniPCMultistepScheduler(solver_order=order, solver_type=variant, predict_x0=True,
                                               lower_order_final=lower_order_final, final_sigmas_type="sigma_min",
                                               timestep_spacing="trailing")
     sched.set_timesteps(steps)
-    net = OracleEps(MIX, sched.alphas_cumprod, VE_FORM)
-    model = from_diffusers(net, sched)
-    grid = diffusers_time_grid(model.sde, sched.timesteps, final_timestep=0)
     x_T = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x, model, grid = diffusers_run(sched, MIX, VE_FORM, x_T)
     with torch.no_grad():
-        x = x_T.clone()
-        for k in sched.timesteps:
-            x = sched.step(net(x, k).sample, k, x).prev_sample
         ours, info = sdegen.sample(model.sde, model, x_T, method="unipc", order=order, variant=variant,
                                    lower_order_final=lower_order_final, schedule=grid, return_info=True)
         plain = sdegen.sample(model.sde, model, x_T, method="unipc", order=order, variant=variant, corrector=False,
