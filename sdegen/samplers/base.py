@@ -15,7 +15,7 @@ Times are scalar (0-d) float64 CPU tensors from the grid.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -171,6 +171,15 @@ def cache_grid(ctx: Context, ts: torch.Tensor) -> None:
     context per run), so that a step's coefficients cost dictionary look-ups instead of tensor launches."""
     log_m, s = ctx.sde.log_mean_coeff(ts).tolist(), ctx.sde.std(ts).tolist()
     ctx.grid_points.update({t: (math.exp(a), b, a - math.log(b)) for t, a, b in zip(ts.tolist(), log_m, s)})
+
+
+def points_at_u(ctx: Context, us: List[float]) -> List[Tuple[torch.Tensor, float, float]]:
+    """(t, m, s) at the times whose u = log(m/s) are ``us`` (Python floats), found in one vectorised call: the
+    stage points of single-step samplers, computed once per run so that a step makes no scalar tensor launches.
+    Each t is a 0-d float64 tensor; m and s are Python floats."""
+    t = ctx.sde.t_from_log_snr(torch.tensor([2.0 * u for u in us], dtype=torch.float64))
+    log_m, s = ctx.sde.log_mean_coeff(t).tolist(), ctx.sde.std(t).tolist()
+    return [(tk, math.exp(a), b) for tk, a, b in zip(t.unbind(), log_m, s)]
 
 
 def time_at_u(ctx: Context, u: float) -> torch.Tensor:

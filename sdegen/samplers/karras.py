@@ -10,7 +10,8 @@ from typing import Tuple
 
 import torch
 
-from .base import StepSampler, cache_grid as _cache_grid, check_unit, point as _point, time_at_u as _t_at
+from .base import (StepSampler, cache_grid as _cache_grid, check_unit, point as _point, points_at_u as _points_at_u,
+                   time_at_u as _t_at)
 from .exponential import exp_moments
 
 
@@ -187,9 +188,7 @@ class DPMSolver(StepSampler):
         grid = ts.tolist()
         us = [ctx.grid_points[t][2] for t in grid]
         mids = [u + r * (u2 - u) for u, u2 in zip(us[:-1], us[1:]) for r in rs]
-        t_mid = ctx.sde.t_from_log_snr(torch.tensor([2.0 * v for v in mids], dtype=torch.float64))
-        log_m, s = ctx.sde.log_mean_coeff(t_mid).tolist(), ctx.sde.std(t_mid).tolist()
-        points = [(t, math.exp(a), b) for t, a, b in zip(t_mid.unbind(), log_m, s)]
+        points = _points_at_u(ctx, mids)
         return {t: points[len(rs) * i:len(rs) * (i + 1)] for i, t in enumerate(grid[:-1])}
 
     def _eps(self, ctx, y, u, point=None):
@@ -298,10 +297,7 @@ class DPM2(StepSampler):
         sigmas = [ctx.grid_points[t][1] / ctx.grid_points[t][0] for t in grid]
         splits = [self._split(a, b) for a, b in zip(sigmas[:-1], sigmas[1:])]
         u_mid = [-0.5 * math.log(a * down) for a, (down, _) in zip(sigmas[:-1], splits)]
-        t_mid = ctx.sde.t_from_log_snr(torch.tensor([2.0 * u for u in u_mid], dtype=torch.float64))
-        log_m, s = ctx.sde.log_mean_coeff(t_mid).tolist(), ctx.sde.std(t_mid).tolist()
-        return {t: (split, (tm, math.exp(a), b)) for t, split, tm, a, b in zip(grid[:-1], splits, t_mid.unbind(),
-                                                                                log_m, s)}
+        return {t: (split, stage) for t, split, stage in zip(grid[:-1], splits, _points_at_u(ctx, u_mid))}
 
     def _plan(self, ctx, t, t_next, state):
         """(sigma_down, sigma_up, stage) of the step from t, from the table of :meth:`start` or computed."""

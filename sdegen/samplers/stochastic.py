@@ -12,7 +12,7 @@ from typing import Tuple
 
 import torch
 
-from .base import Context, StepSampler, cache_grid, point
+from .base import Context, StepSampler, cache_grid, point, points_at_u, time_at_u
 
 BROWNIAN_CLOCKS = ("snr", "sigma")
 
@@ -92,9 +92,7 @@ class DPMSolverPPSDE(StepSampler):
         grid = ts.tolist()
         us = [ctx.grid_points[t][2] for t in grid]
         mids = [u + self.r * (u2 - u) for u, u2 in zip(us[:-1], us[1:])]
-        t_mid = ctx.sde.t_from_log_snr(torch.tensor([2.0 * v for v in mids], dtype=torch.float64))
-        log_m, s = ctx.sde.log_mean_coeff(t_mid).tolist(), ctx.sde.std(t_mid).tolist()
-        return {t: (tm, math.exp(a), b) for t, tm, a, b in zip(grid[:-1], t_mid.unbind(), log_m, s)}
+        return dict(zip(grid[:-1], points_at_u(ctx, mids)))
 
     def _correlation(self, h1: float, h: float) -> float:
         """rho between the normalised noises of the stage (length h1) and of the full step (length h)."""
@@ -111,7 +109,7 @@ class DPMSolverPPSDE(StepSampler):
         h = u2 - u
         stage = state.get(float(t)) if state is not None else None
         if stage is None:  # a step off the grid given to start()
-            t_mid = ctx.sde.t_from_log_snr(torch.tensor(2.0 * (u + self.r * h), dtype=torch.float64))
+            t_mid = time_at_u(ctx, u + self.r * h)
             stage = (t_mid,) + point(ctx, t_mid)[:2]
         t_mid, m1, s1 = stage
         h1 = self.r * h
