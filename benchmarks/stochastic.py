@@ -38,6 +38,7 @@ import torch
 import sdegen
 from common import exact_floor, provenance, within_mode
 from sdegen.analytic import GaussianMixture
+from sdegen.sensitivity_grid import sensitivity_grid
 
 F64 = torch.float64
 
@@ -101,6 +102,7 @@ def problems(holdout=()):
     return out
 
 
+SENSITIVITY = "sensitivity"  # sdegen.sensitivity_grid for the sampler's order (its pilot calls are not counted)
 DATA_JUMP = {"data_jump": 0.8, "data_jump_log_snr": 1.0}  # schedule name -> warp power after the jump
 DATA_JUMP_TOL = 0.01  # the largest sensitivity |dD/dy| of the denoiser left to the jump
 
@@ -129,6 +131,9 @@ def measure(gm, sde, spec, schedule, nfe, n, sets, ref, device):
     steps = steps_for(spec, nfe)
     if schedule in DATA_JUMP:
         schedule = data_jump_grid(gm, sde, steps, power=DATA_JUMP[schedule])
+    elif schedule == SENSITIVITY:
+        order = sdegen.samplers.get_sampler(method, **opts).order
+        schedule, _ = sensitivity_grid(sde, gm, steps, (gm.dim,), order=order, device=device)
     for rep in range(sets):
         x = sdegen.sample(sde, gm, shape=(n, gm.dim), method=method, steps=steps,
                           schedule=schedule, seed=10 * rep + 1, device=device, dtype=F64, **opts).cpu()
