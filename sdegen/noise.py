@@ -157,15 +157,15 @@ def _key_bases(seeds: torch.Tensor, first_key: int, count: int,
     NumPy's unsigned 32-bit arithmetic, whose per-call cost is a fraction of PyTorch's; elsewhere the key terms
     enter PyTorch operations as scalar operands, so there is no host-to-device copy.
     """
-    key_terms = [_key_term(key) for key in range(first_key, first_key + count)]
     if seeds.device.type == "cpu":
         s = seeds.numpy().astype(np.int64, copy=False)
-        x = np.array(key_terms, dtype=np.uint32)[:, None] ^ s.astype(np.uint32)
+        x = _key_terms_numpy(first_key, count)[:, None] ^ s.astype(np.uint32)
         _mix32_numpy_(x)
         x ^= (s >> 32).astype(np.uint32)
         _mix32_numpy_(x)
         x ^= x >> 16
         return torch.from_numpy(x.view(np.int32))
+    key_terms = [_key_term(key) for key in range(first_key, first_key + count)]
     lo, hi = _seed_words(seeds) if words is None else words
     bases = torch.empty((count, lo.shape[0]), dtype=torch.int32, device=lo.device)
     for i, term in enumerate(key_terms):
@@ -175,14 +175,57 @@ def _key_bases(seeds: torch.Tensor, first_key: int, count: int,
     return _xorshift_(_mix32_rest_(_xorshift_(bases, 16, t), t), 16, t)
 
 
+def _key_terms_numpy(first_key: int, count: int) -> np.ndarray:
+    """:func:`_key_term` of keys first_key, ..., first_key + count - 1 as a uint32 array (count,).
+
+    A key term reads the key's low 64 bits only, so the keys are held modulo 2^64 in uint64 (whose sums wrap);
+    a few keys are mixed on the host, where a NumPy call would cost more than the arithmetic."""
+    if count <= 8:
+        return np.array([_key_term(key) for key in range(first_key, first_key + count)], dtype=np.uint32)
+    keys = np.arange(count, dtype=np.uint64) + np.uint64(first_key & ((1 << 64) - 1))
+    h = _mix32_numpy_((keys & np.uint64(_MASK32)).astype(np.uint32) ^ np.uint32(_KEY_SALT_LO))
+    h ^= (keys >> np.uint64(32)).astype(np.uint32)
+    h ^= np.uint32(_KEY_SALT_HI)
+    return _mix32_numpy_(h)
+
+
 def _mix32_numpy_(x: np.ndarray) -> np.ndarray:
     """lowbias32 in place on a uint32 NumPy array (its shifts are logical and its products wrap)."""
     x ^= x >> 16
+    return _mix32_rest_numpy_(x, np.empty_like(x))
+
+
+def _mix32_rest_numpy_(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """lowbias32 after its first step, in place on a uint32 NumPy array (t: workspace of x's shape)."""
     x *= np.uint32(_MUL1)
-    x ^= x >> 15
+    x ^= np.right_shift(x, 15, out=t)
     x *= np.uint32(_MUL2)
-    x ^= x >> 16
+    x ^= np.right_shift(x, 16, out=t)
     return x
+
+
+_BROADCAST_ROW = 32
+"""Below this many elements per row, a NumPy or PyTorch broadcast over rows costs more in per-row loop overhead
+than repeating the rows' values first and combining whole arrays."""
+
+
+def _hash_words_numpy(bases: torch.Tensor, terms: torch.Tensor, words: torch.Tensor, spare: torch.Tensor) -> None:
+    """words[k, c, b, j] = the hash word of element j: lowbias32 (after its first step) of bases[k, c, b] ^ terms[j],
+    computed in place with NumPy's uint32 arithmetic (logical shifts: two passes per xorshift instead of three)
+    on CPU tensors; ``spare`` is workspace of words' shape."""
+    half = terms.shape[0]
+    if words.numel() == 0:
+        return
+    w = words.numpy().view(np.uint32).reshape(-1, half)
+    b = bases.numpy().view(np.uint32).reshape(-1)
+    t = terms.numpy().view(np.uint32)
+    if half >= _BROADCAST_ROW:
+        np.bitwise_xor(b[:, None], t, out=w)
+    else:  # one repeat of the bases and one xor with the terms tiled over a row block of the batch
+        rows = bases.shape[-1]
+        np.bitwise_xor(np.repeat(b, half).reshape(-1, rows * half), np.tile(t, rows),
+                       out=w.reshape(-1, rows * half))
+    _mix32_rest_numpy_(w, spare.numpy().view(np.uint32).reshape(w.shape))
 
 
 def _workspace(draws: int, batch: int, half: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -211,14 +254,22 @@ def _draw(bases: torch.Tensor, terms: torch.Tensor, n: int, dtype: torch.dtype,
     # u1 and cos(theta) then take the first half, whose words are spent.
     ints = workspace if work == torch.float32 else workspace[0].view(torch.int32).view(2, k, 2, batch, half)
     words, spare = ints[0], ints[1]
-    _mix32_rest_(torch.bitwise_xor(bases.unsqueeze(-1), terms, out=words), spare)
+    on_host = bases.device.type == "cpu"
+    if on_host:
+        _hash_words_numpy(bases, terms, words, spare)
+    else:
+        _mix32_rest_(torch.bitwise_xor(bases.unsqueeze(-1), terms, out=words), spare)
     if work == torch.float64:
         v = workspace[1].copy_(words.bitwise_xor_(_c(_INT32_MIN)))  # the unsigned words minus 2^31, exactly
         scratch = workspace[0]
         u1, theta = torch.mul(v[:, 0], _c(2.0**-32, work), out=scratch[:, 0]).add_(_c(_U1_OFFSET[work], work)), v[:, 1]
         theta.add_(_c(2.0**31, work)).mul_(_c(_ANGLE_32, work))
     else:  # the words' top 24 bits
-        v = spare.view(work).copy_(words.bitwise_right_shift_(_c(8)).bitwise_and_(_c(0xFFFFFF)))
+        if on_host:  # a logical shift of the uint32 words
+            np.right_shift(words.numpy().view(np.uint32), 8, out=words.numpy().view(np.uint32))
+        else:
+            words.bitwise_right_shift_(_c(8)).bitwise_and_(_c(0xFFFFFF))
+        v = spare.view(work).copy_(words)
         scratch = words.view(work)
         u1, theta = torch.mul(v[:, 0], _c(2.0**-24, work), out=scratch[:, 0]).add_(_c(_U1_OFFSET[work], work)), v[:, 1]
         theta.mul_(_c(_ANGLE_24, work))
@@ -444,7 +495,9 @@ class Noise:
     up to ``max_chunk`` draws at once (at most ``chunk_bytes`` of hash words) and returns them one per call,
     each a fresh, never re-used slice; the per-key part of the hash is computed for up to ``base_keys`` keys
     ahead, and on the CPU the draw keeps its scratch memory (up to ``workspace_limit`` bytes) between calls, so a
-    call allocates only the noise it returns. No call reads a device value on the host.
+    call allocates only the noise it returns. A caller that knows how many draws follow says so with
+    :meth:`expect`: chunks then start at the first draw and stop at the last one. No call reads a device value on
+    the host.
     """
 
     batch_invariant = True
@@ -462,6 +515,13 @@ class Noise:
         self._workspace = None  # scratch memory of the PyTorch draw
         self._chunk = None  # (shape, dtype, first key, draws (K, B, n)); keys below _next were handed out
         self._next = 0
+        self._expected_end = 0  # the key after the last draw announced by :meth:`expect`
+
+    def expect(self, draws: int) -> None:
+        """Announce that about ``draws`` more draws (of one shape) follow, so that chunks and key bases are sized
+        for them: no chunk runs past them, and the first draw starts a full chunk. A hint only: the values never
+        depend on it, and draws past the announced ones are made as without it."""
+        self._expected_end = self.key + max(int(draws), 0)
 
     @classmethod
     def from_seed(cls, seed: Seed, batch: int, device=None) -> "Noise":
@@ -474,7 +534,10 @@ class Noise:
         chunk = self._chunk
         if (chunk is None or chunk[0] != x.shape or chunk[1] != x.dtype or chunk[3].device != x.device
                 or not self._next <= self.key < chunk[2] + chunk[3].shape[0]):
-            draws = 1 if chunk is None else self._chunk_draws(x)
+            expected = self._expected_end - self.key
+            draws = 1 if chunk is None and expected <= 0 else self._chunk_draws(x)
+            if expected > 0:
+                draws = min(draws, expected)
             chunk = self._chunk = None  # let the spent chunk go before the next one is allocated
             chunk = self._chunk = self._fill(x, draws)
         z = chunk[3][self.key - chunk[2]]
@@ -511,6 +574,9 @@ class Noise:
         if x.device.type != "cpu":
             return None
         held = self._workspace
+        if held is not None and held.shape[1] > draws and held.shape[2:] == (2, x.shape[0], half) \
+                and (held.dtype == torch.float64) == (x.dtype == torch.float64):
+            return held[:, :draws]  # a shorter chunk (the last of an expected run) uses the front of the workspace
         if held is None or held.shape != (2, draws, 2, x.shape[0], half) or held.device != x.device or (
                 (held.dtype == torch.float64) != (x.dtype == torch.float64)):
             held = self._workspace = None  # let the last one go first
@@ -524,6 +590,8 @@ class Noise:
         if held is None or not held[0] <= first <= first + count <= held[0] + held[1].shape[0]:
             seeds, words = self._seeds
             ahead = max(count, min(self.base_keys, self.chunk_bytes // (4 * max(seeds.shape[0], 1))))
+            if 2 * self._expected_end > first + count:  # not past the expected draws' keys
+                ahead = min(ahead, 2 * self._expected_end - first)
             held = self._bases = (first, _key_bases(seeds, first, ahead, words))
         return held[1][first - held[0]:first - held[0] + count]
 
@@ -552,6 +620,9 @@ class GeneratorNoise:
         if self._generator is None or self._generator.device != x.device:
             self._generator = torch.Generator(device=x.device).manual_seed(self.entropy)
         return torch.randn(x.shape, generator=self._generator, dtype=x.dtype, device=x.device)
+
+    def expect(self, draws: int) -> None:
+        """A hint of :class:`Noise`'s interface; a generator draws on demand."""
 
     def spawn(self, salt: int) -> "GeneratorNoise":
         return GeneratorNoise(self.seeds, key=(salt + 1) << 20)

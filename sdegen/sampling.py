@@ -213,6 +213,9 @@ def _run_steps(sampler: StepSampler, ctx: Context, x: torch.Tensor, ts: torch.Te
     ctx.model.prepare(ts)
     state = sampler.start(ctx, x, ts)
     n = len(ts) - 1
+    expect = getattr(ctx.noise, "expect", None)
+    if expect is not None and sampler.stochastic:  # about one draw a step: the stream sizes its chunks for the run
+        expect(n)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -186,6 +186,29 @@ def test_stream_draws_are_those_of_the_reference(dt, device):
                           _reference_normal(seeds, (5 << 40) + k, (7,), dt))
 
 
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+@pytest.mark.parametrize("expected", [1, 5, Noise.max_chunk + 3])
+def test_expected_draws_leave_the_values_unchanged(dt, expected):
+    # chunks sized for the announced draws (a full first chunk, a shorter last one in the front of the workspace,
+    # key bases up to the last announced key), then draws past them, a new announcement and a change of shape
+    seeds = _reference_seeds(8, 24)
+    stream = Noise(seeds, key=7)
+    stream.expect(expected)
+    x = torch.zeros(24, 2, 3, dtype=dt)
+    draws = [stream.like(x) for _ in range(expected + 2 * Noise.max_chunk)]
+    stream.expect(3)
+    draws += [stream.like(x) for _ in range(4)] + [stream.like(torch.zeros(24, 40, dtype=dt))]
+    for k, z in enumerate(draws):
+        _assert_same_bits(z, _reference_normal(seeds, 7 + k, z.shape[1:], dt))
+
+
+def test_vectorised_key_terms_are_the_host_ones():
+    from sdegen.noise import _key_term, _key_terms_numpy
+    for first in (0, 5, (3 << 40) + 1, 2**63 - 4, 2**64 - 6, 2**70 + 9):
+        got = _key_terms_numpy(first, 12).tolist()
+        assert got == [_key_term(key) for key in range(first, first + 12)]
+
+
 def test_handed_out_draws_are_never_overwritten():
     # refills reuse the stream's scratch memory; the draws it returned must not share it
     stream = Noise.from_seed(2, 6)
