@@ -16,6 +16,13 @@ separate table (same ODE solve, only the prior differs).
 
 Outputs in benchmarks/results/: likelihood.md, likelihood.csv, likelihood.json, likelihood_accuracy.png,
 likelihood_nfe.png. Run:  python benchmarks/likelihood.py [--repeats 5] [--quick]
+
+``--nfe-study`` (writes likelihood_nfe.md) measures instead what per-example error control costs: on mixtures drawn
+for it under VP, VE, sub-VP, EDM, flow and cosine-VP SDEs, the NFE and per-example errors of log_likelihood against
+torchdiffeq's dopri5 with its batch-average norm at the same rtol = atol (exact divergence and one probe), the
+options for closing the gap (time variable sigma or log sigma in x or in y = x/m, dopri8, Tsitouras' 5(4) pair,
+a PI step-size controller, the weight of the log-density term in the norm), and the NFE each needs at equal
+worst-case accuracy.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import statistics
@@ -293,18 +301,300 @@ def plots(rows, base):
     plt.close(fig)
 
 
+# --- cost of per-example error control across SDEs (--nfe-study) ------------------------------------------
+
+def nfe_problems():
+    """Mixtures drawn for this study only (seeds 101-107), one or two per SDE family."""
+    rand = sdegen.GaussianMixture.random
+    return {"VP 8-D (seed 101)": (rand(dim=8, n_components=4, seed=101), sdegen.VPSDE()),
+            "VP 16-D (seed 107)": (rand(dim=16, n_components=5, seed=107, cov_scale=0.3), sdegen.VPSDE()),
+            "VE 8-D (seed 102)": (rand(dim=8, n_components=3, seed=102, mean_scale=2.0, cov_scale=0.2),
+                                  sdegen.VESDE()),
+            "sub-VP 8-D (seed 103)": (rand(dim=8, n_components=4, seed=103), sdegen.SubVPSDE()),
+            "EDM 16-D (seed 104)": (rand(dim=16, n_components=5, seed=104, mean_scale=0.8), sdegen.EDMSDE()),
+            "flow 8-D (seed 105)": (rand(dim=8, n_components=4, seed=105), sdegen.FlowSDE()),
+            "cosine VP 8-D (seed 106)": (rand(dim=8, n_components=4, seed=106), sdegen.CosineVPSDE())}
+
+
+class _Counted(torch.nn.Module):
+    def __init__(self, field):
+        super().__init__()
+        self.field, self.nfe = field, 0
+
+    def forward(self, t, y):
+        self.nfe += 1
+        return self.field(t, y)
+
+
+class _Clocked(torch.nn.Module):
+    """The augmented field in the clock v = sigma or log sigma, in x or in y = x / m. In y: dy/dt = (f~ - f x) / m and
+    d l / dt = div f~ - D f (div_x f~ = D f + div_y dy/dt), so l gains D log(m(T) / m(t_min)) at the end; any clock
+    multiplies the whole field by dt/dv, with dsigma/dt = s'/m - sigma f."""
+
+    def __init__(self, flow, sde, clock, space, dim):
+        super().__init__()
+        self.flow, self.sde, self.clock, self.space, self.dim = flow, sde, clock, space, dim
+
+    def v_of(self, t):
+        sigma = self.sde.sigma(torch.tensor(t, dtype=torch.float64))
+        return float(sigma if self.clock == "sigma" else torch.log(sigma))
+
+    def forward(self, v, y):
+        sigma = v.double() if self.clock == "sigma" else torch.exp(v.double())
+        t = self.sde.t_from_sigma(sigma).clamp(self.flow.t_lo, self.flow.t_hi)
+        m, f = self.sde.mean_coeff(t), self.sde.drift_coeff(t)
+        if self.space == "y":
+            out = self.flow(t, torch.cat([y[:, :-1] * m, y[:, -1:]], 1))
+            out = torch.cat([(out[:, :-1] - f * m * y[:, :-1]) / m, out[:, -1:] - self.dim * f], 1)
+        else:
+            out = self.flow(t, y)
+        sigma = self.sde.sigma(t)
+        dsigma = self.sde.d_std(t) / m - sigma * f
+        return out * (1.0 / dsigma if self.clock == "sigma" else sigma / dsigma)
+
+    def solve(self, y0, t_lo, t_hi, tol):
+        from sdegen.backends import solve_augmented
+
+        m = lambda t: self.sde.mean_coeff(torch.tensor(t, dtype=torch.float64))  # noqa: E731
+        if self.space == "y":
+            y0 = torch.cat([y0[:, :-1] / m(t_lo), y0[:, -1:]], 1)
+        y1, info = solve_augmented(self, y0, self.v_of(t_lo), self.v_of(t_hi), rtol=tol, atol=tol)
+        if self.space == "y":
+            y1 = torch.cat([y1[:, :-1] * m(t_hi), y1[:, -1:] + self.dim * torch.log(m(t_hi) / m(t_lo))], 1)
+        return y1, info["nfe"]
+
+
+# Tsitouras 2011 ("Runge-Kutta pairs of order 5(4) satisfying only the first column simplifying assumption",
+# table 1): nodes, stages, fifth-order weights and the difference to the embedded fourth-order ones.
+TSIT5_C = (0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0)
+TSIT5_A = ((0.161,), (-0.008480655492356989, 0.335480655492357),
+           (2.8971530571054935, -6.359448489975075, 4.3622954328695815),
+           (5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525),
+           (5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401, -0.028269050394068383),
+           (0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081,
+            2.324710524099774))
+TSIT5_E = (-0.00178001105222577714, -0.0008164344596567469, 0.007880878010261995, -0.1447110071732629,
+           0.5823571654525552, -0.45808210592918697, 1.0 / 66.0)
+
+
+def _tableau(name):
+    if name == "tsit5":
+        return TSIT5_C, TSIT5_A, TSIT5_A[-1] + (0.0,), TSIT5_E
+    from torchdiffeq._impl.dopri5 import _DORMAND_PRINCE_SHAMPINE_TABLEAU as dp
+
+    return (tuple(dp.alpha.tolist()), tuple(tuple(b.tolist()) for b in dp.beta), tuple(dp.c_sol.tolist()),
+            tuple(dp.c_error.tolist()))
+
+
+def rk45_per_example(field, y0, t0, t1, tol, tableau="dopri5", beta=0.0):
+    """A 5(4) pair with the per-example norm (max over examples of the RMS of the error ratios), torchdiffeq's
+    first step, and Gustafsson's PI controller h' = h 0.9 r^-(1/5 - 3 beta / 4) r_prev^beta (Hairer, Norsett &
+    Wanner, "Solving ODEs I", section II.4; beta = 0: the I controller of torchdiffeq; 0.04: DOPRI5's code).
+    Returns (y(t1), NFE)."""
+    from torchdiffeq._impl.misc import _select_initial_step
+
+    c, a, b, e = _tableau(tableau)
+    nfe = [0]
+
+    def f(t, y):
+        nfe[0] += 1
+        return field(torch.as_tensor(t, dtype=torch.float64), y)
+
+    norm = lambda r: r.pow(2).mean(1).sqrt().max()  # noqa: E731
+    t, y, k1 = t0, y0, f(t0, y0)
+    h = float(_select_initial_step(f, torch.tensor(t0, dtype=torch.float64), y0, 4, tol, tol, norm, k1))
+    r_prev, rejected = 1e-4, False
+    while t < t1:
+        h = min(h, t1 - t)
+        ks = [k1]
+        for ci, row in zip(c, a):
+            ks.append(f(t + ci * h, y + h * sum(w * k for w, k in zip(row, ks))))
+        y_new = y + h * sum(w * k for w, k in zip(b, ks))
+        r = float(norm(h * sum(w * k for w, k in zip(e, ks)) / (tol + tol * torch.maximum(y.abs(), y_new.abs()))))
+        factor = 0.9 * max(r, 1e-10) ** -(0.2 - 0.75 * beta) * (r_prev ** beta if r <= 1 else 1.0)
+        factor = min(10.0, max(0.2, factor))
+        if r <= 1:
+            t, y, k1, r_prev = t + h, y_new, ks[-1], max(r, 1e-4)
+            factor = min(factor, 1.0) if rejected else factor
+        rejected = r > 1
+        h *= factor
+    return y, nfe[0]
+
+
+def _norm_scaling_log_term(weight):
+    """Per-example RMS over the D + 1 ratios with the log term's divided by ``weight(D)``, max over examples."""
+    def norm(r):
+        d = r.shape[1] - 1
+        return ((r[:, :-1].pow(2).sum(1) + (r[:, -1] / weight(d)) ** 2) / (d + 1)).sqrt().max()
+    return norm
+
+
+def nfe_study_rows(pname, gm, sde, n, tols):
+    """sdegen's log_likelihood against dopri5 with torchdiffeq's default (batch RMS) norm, exact and one
+    Rademacher probe, and the options at the tightest tolerance (exact divergence)."""
+    import torchdiffeq
+    from sdegen.likelihood import _AugmentedFlow, default_t_min
+
+    t_lo, t_hi, D = default_t_min(sde), float(sde.T), gm.dim
+    x = gm.sample(n, seed=2024, dtype=torch.float64)
+    prior = gm.marginal(sde, sde.T).log_prob
+    exact = gm.marginal(sde, t_lo).log_prob(x)
+    y0 = torch.cat([x, x.new_zeros(n, 1)], 1)
+    span = torch.tensor([t_lo, t_hi], dtype=torch.float64)
+    log_p = lambda y1: prior(y1[:, :-1]) + y1[:, -1]  # noqa: E731
+    rows = []
+    for div in ("exact", "hutchinson"):
+        probes = None if div == "exact" else sdegen.divergence.make_probes(
+            x.shape, 1, seed=sdegen.noise.make_seeds(0, n, x.device), dtype=x.dtype, device=x.device)
+        flow = _AugmentedFlow(sde, gm, (D,), t_lo, t_hi, probes, None)
+        # Hutchinson: the error of the solve, against the same estimator solved to 1e-10
+        truth = exact if div == "exact" else log_p(torchdiffeq.odeint(flow, y0, span, rtol=1e-10, atol=1e-10)[-1])
+        err = lambda lp: ((lp - truth).abs() / D)  # noqa: E731
+        for tol in tols:
+            with torch.no_grad():
+                r = sdegen.log_likelihood(sde, gm, x, divergence=div, rtol=tol, atol=tol, t_min=t_lo, prior=prior,
+                                          seed=0)
+                f = _Counted(flow)
+                lp_d = log_p(torchdiffeq.odeint(f, y0, span, rtol=tol, atol=tol, method="dopri5")[-1])
+            rows.append({"problem": pname, "divergence": div, "tol": tol, "variant": "sdegen log_likelihood",
+                         "nfe": r.nfe, "ratio": r.nfe / f.nfe, "err_max": float(err(r.log_prob).max()),
+                         "err_median": float(err(r.log_prob).median()), "dopri5_nfe": f.nfe,
+                         "dopri5_err_max": float(err(lp_d).max()), "dopri5_err_median": float(err(lp_d).median())})
+        if div != "exact":
+            continue
+        tol, base = tols[-1], rows[-1]["dopri5_nfe"]
+        options = {f"clock {c}, state {s}": (lambda c=c, s=s: _Clocked(flow, sde, c, s, D).solve(y0, t_lo, t_hi, tol))
+                   for c in ("sigma", "log sigma") for s in ("x", "y")}
+        options["dopri8 (t)"] = lambda: _solve_with(flow, y0, t_lo, t_hi, tol, "dopri8")
+        options["tsit5 (t)"] = lambda: rk45_per_example(flow, y0, t_lo, t_hi, tol, "tsit5")
+        options["dopri5 (t), PI controller beta 0.04"] = lambda: rk45_per_example(flow, y0, t_lo, t_hi, tol, beta=0.04)
+        for label, weight in (("log term / sqrt(D)", math.sqrt), ("log term / D", float)):
+            options[f"norm: {label}"] = lambda w=weight: _solve_norm(flow, y0, span, tol, _norm_scaling_log_term(w))
+        for label, run_option in options.items():
+            with torch.no_grad():
+                y1, nfe = run_option()
+            e = err(log_p(y1))
+            rows.append({"problem": pname, "divergence": div, "tol": tol, "variant": label, "nfe": nfe,
+                         "ratio": nfe / base, "err_max": float(e.max()), "err_median": float(e.median())})
+    return rows
+
+
+def _solve_with(flow, y0, t_lo, t_hi, tol, method):
+    from sdegen.backends import solve_augmented
+
+    y1, info = solve_augmented(flow, y0, t_lo, t_hi, rtol=tol, atol=tol, method=method)
+    return y1, info["nfe"]
+
+
+def _solve_norm(flow, y0, span, tol, norm):
+    import torchdiffeq
+
+    f = _Counted(flow)
+    return torchdiffeq.odeint(f, y0, span, rtol=tol, atol=tol, options={"norm": norm})[-1], f.nfe
+
+
+def work_precision_rows(pname, gm, sde, n, tols):
+    """NFE and worst error per dimension (exact divergence) of dopri5 with the batch norm, sdegen's default and sdegen
+    with dopri8, over a grid of tolerances; for each dopri5 tolerance, the fewest NFE at which each sdegen variant's
+    worst error is no larger than dopri5's there."""
+    import torchdiffeq
+    from sdegen.likelihood import _AugmentedFlow, default_t_min
+
+    t_lo, t_hi, D = default_t_min(sde), float(sde.T), gm.dim
+    x = gm.sample(n, seed=2024, dtype=torch.float64)
+    prior = gm.marginal(sde, sde.T).log_prob
+    exact = gm.marginal(sde, t_lo).log_prob(x)
+    flow = _AugmentedFlow(sde, gm, (D,), t_lo, t_hi, None, None)
+    y0 = torch.cat([x, x.new_zeros(n, 1)], 1)
+    span = torch.tensor([t_lo, t_hi], dtype=torch.float64)
+    worst = lambda lp: float((lp - exact).abs().max()) / D  # noqa: E731
+    runs = {"dopri5, batch norm": [], "sdegen (dopri5)": [], "sdegen, solver='dopri8'": []}
+    with torch.no_grad():
+        for tol in tols:
+            f = _Counted(flow)
+            y1 = torchdiffeq.odeint(f, y0, span, rtol=tol, atol=tol, method="dopri5")[-1]
+            runs["dopri5, batch norm"].append((tol, f.nfe, worst(prior(y1[:, :-1]) + y1[:, -1])))
+            for label, solver in (("sdegen (dopri5)", "dopri5"), ("sdegen, solver='dopri8'", "dopri8")):
+                r = sdegen.log_likelihood(sde, gm, x, divergence="exact", solver=solver, rtol=tol, atol=tol,
+                                          t_min=t_lo, prior=prior)
+                runs[label].append((tol, r.nfe, worst(r.log_prob)))
+    rows = []
+    for tol, nfe, err in runs["dopri5, batch norm"]:
+        cells = []
+        for label in ("sdegen (dopri5)", "sdegen, solver='dopri8'"):
+            ok = [(n_, t_) for t_, n_, e_ in runs[label] if e_ <= err]
+            cells.append(f"{min(ok)[0]} (tol {min(ok)[1]:.0e}, {min(ok)[0] / nfe:.2f}x)" if ok else "none in the grid")
+        rows.append(f"| {pname} | {tol:.0e} | {nfe} | {err:.1e} | {cells[0]} | {cells[1]} |")
+    return rows
+
+
+def nfe_study(quick: bool):
+    import datetime
+
+    start, rows = time.time(), []
+    tols = (1e-3, 1e-4, 1e-5)
+    probs = list(nfe_problems().items())[:3 if quick else None]
+    for pname, (gm, sde) in probs:
+        rows += nfe_study_rows(pname, gm, sde, 16 if quick else 64, tols)
+        for r in rows[-len(tols) * 2 - 9:]:
+            print(f"  {r['problem']:24s} {r['divergence']:10s} {r['tol']:.0e} {r['variant']:40s} nfe {r['nfe']:4d} "
+                  f"ratio {r['ratio']:.2f} max {r['err_max']:.1e} med {r['err_median']:.1e}", flush=True)
+    main_rows = [r for r in rows if r["variant"] == "sdegen log_likelihood"]
+    lines = ["# log_likelihood: NFE against dopri5 (batch-average norm) across SDEs, and the options studied", "",
+             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} "
+             f"{platform.release()}; torch {torch.__version__}; device cpu",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; wall time "
+             f"{time.time() - start:.0f} s", f"- command: `python {' '.join(sys.argv)}`", "",
+             f"Mixtures drawn for this study (seeds 101-107), {16 if quick else 64} exact draws each (seed 2024), "
+             "oracle score, t_min = default_t_min(sde), exact prior at T. dopri5: torchdiffeq's dopri5 in t on the "
+             "same augmented state with its default norm (RMS over the whole batch). Error per example: |log p - "
+             "truth| / D, truth = the oracle's exact log p_{t_min} (exact divergence) or the same one-probe "
+             "estimator solved to rtol = atol = 1e-10 (Hutchinson: the solver's error, not the probe's).", "",
+             "## sdegen.log_likelihood against dopri5 at the same rtol = atol", "",
+             "| problem | divergence | tol | NFE | dopri5 NFE | NFE ratio | max err | dopri5 max err | median err | "
+             "dopri5 median err |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['problem']} | {r['divergence']} | {r['tol']:.0e} | {r['nfe']} | {r['dopri5_nfe']} | "
+              f"{r['ratio']:.2f} | {r['err_max']:.1e} | {r['dopri5_err_max']:.1e} | {r['err_median']:.1e} | "
+              f"{r['dopri5_err_median']:.1e} |" for r in main_rows]
+    ratios = {d: [r["ratio"] for r in main_rows if r["divergence"] == d] for d in ("exact", "hutchinson")}
+    lines += ["", "NFE ratio range: " + "; ".join(f"{d} {min(v):.2f}-{max(v):.2f}" for d, v in ratios.items()), "",
+              f"## Options, exact divergence, tol {tols[-1]:g} (every row keeps sdegen's per-example norm unless it "
+              "names another; ratio against dopri5's NFE)", "",
+              "| problem | variant | NFE | NFE / dopri5 | max err | median err |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['problem']} | {r['variant']} | {r['nfe']} | {r['ratio']:.2f} | {r['err_max']:.1e} | "
+              f"{r['err_median']:.1e} |" for r in rows if r["tol"] == tols[-1] and r["divergence"] == "exact"]
+    wp_tols = (1e-3, 5e-4, 2e-4, 1e-4, 5e-5, 2e-5, 1e-5, 5e-6, 2e-6, 1e-6)
+    lines += ["", "## At equal worst-case accuracy (exact divergence)", "",
+              "For each tolerance of dopri5 with the batch norm: its NFE and worst error per dimension, and the fewest "
+              f"NFE at which sdegen reaches a worst error no larger, over rtol = atol in "
+              f"{{{', '.join(f'{t:.0e}' for t in wp_tols)}}}.", "",
+              "| problem | dopri5 tol | dopri5 NFE | dopri5 worst err | sdegen (dopri5) | sdegen, solver='dopri8' |",
+              "|---|---|---|---|---|---|"]
+    for pname, (gm, sde) in probs:
+        lines += work_precision_rows(pname, gm, sde, 16 if quick else 64, wp_tols)
+        print(*lines[-len(wp_tols):], sep="\n", flush=True)
+    path = os.path.join(RESULTS, "likelihood_nfe_quick.md" if quick else "likelihood_nfe.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("wrote", path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved headline timing")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (64 samples, one tolerance)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: timings robust to other processes)")
+    ap.add_argument("--nfe-study", action="store_true", help="only the cost of per-example error control against "
+                    "dopri5 across SDEs and the options studied (writes likelihood_nfe.md)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if sdegen.distributed.launched_rank() != 0:
         return  # the timings are of one process: under torchrun only rank 0 runs and writes
+    if args.nfe_study:
+        return nfe_study(args.quick)
     rows, prior_rows = run(1, args.quick)
     heads = headline(args.repeats, args.quick)
     write(rows, prior_rows, heads, args.repeats)

@@ -49,6 +49,23 @@ def test_steps_are_set_by_each_example_not_the_batch_average():
     assert pair.nfe >= alone[hard] - 6
 
 
+def test_hutchinson_steps_are_set_by_each_example_not_the_batch_average():
+    # the same with one probe per example: with per-example seeds, an example's probe (and so its log-density
+    # integrand) does not depend on the batch, so 15 copies of an easy example leave the steps and the hard
+    # example's estimate unchanged; its log-density term is in the per-example norm too
+    sde, gm = sdegen.VPSDE(), GaussianMixture.ring()
+    x, seeds = gm.sample(5, seed=3), torch.arange(100, 105)
+    alone = [log_likelihood(sde, gm, x[i:i + 1], rtol=1e-4, atol=1e-4, seed=seeds[i:i + 1]).nfe for i in range(5)]
+    hard, easy = max(range(5), key=alone.__getitem__), min(range(5), key=alone.__getitem__)
+    assert alone[hard] > alone[easy]
+    pair = log_likelihood(sde, gm, x[[hard, easy]], rtol=1e-4, atol=1e-4, seed=seeds[[hard, easy]])
+    rows = [hard] + [easy] * 15
+    padded = log_likelihood(sde, gm, x[rows], rtol=1e-4, atol=1e-4, seed=seeds[rows])
+    assert padded.nfe == pair.nfe and padded.steps == pair.steps
+    torch.testing.assert_close(padded.log_prob[:2], pair.log_prob, rtol=0, atol=1e-10)
+    assert pair.nfe >= alone[hard] - 6
+
+
 @pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
 def test_nfe_counts_every_score_evaluation(divergence):
     sde, gm = sdegen.VPSDE(), _mixture()
