@@ -13,11 +13,15 @@ step and Restart's re-solves counted), and is compared with exact draws of p_{t_
 
 Problems: the 2-D ring, the 16-D mixture of six components (both designed on elsewhere), and mixtures drawn fresh
 for this benchmark (8-D and 32-D, seeds no sampler was tuned on); ``--holdout SEED [SEED ...]`` adds a 4-D and a
-64-D mixture drawn from each SEED (``--no-ref`` runs only those).
+64-D mixture drawn from each SEED (``--no-ref`` runs only those); ``--suite-holdout SEED [SEED ...]`` adds three
+problems per SEED from benchmarks/suite_solvers.py's hold-out draws (dimension 2-256, means 0.5-40 apart, component
+standard deviations 0.01-1, each under its own SDE: VP, cosine, sub-VP, VE, EDM or flow).
 
 ``--schedules`` picks the grids of the step samplers: ``default`` (the sampler's own), any of time_grid's names, or
 ``pilot`` / ``pilot_local`` (sdegen.schedules.pilot_grid, laid out for the probability-flow ODE's error; its pilot
-model calls are not counted in the NFE), or ``data_jump`` / ``data_jump_log_snr`` (:func:`data_jump_grid`: "few_step"
+model calls are not counted in the NFE), ``sensitivity`` (sdegen.sensitivity_grid.sensitivity_grid for the
+sampler's order: equal step errors of the denoiser's sensitivity J (I - J) measured by a pilot, whose calls are not
+counted either), or ``data_jump`` / ``data_jump_log_snr`` (:func:`data_jump_grid`: "few_step"
 with its jump set by the data's scale, warped or in equal log-SNR steps after it). The weight ratio is an RMS over ``--sets`` sets: for sets of exact draws
 (n = 4000, 3 sets) it reads 1.0 with a standard deviation of 0.16-0.22 and a 95th percentile of 1.25 (ring, 16-D and
 4-D problems, 40 groups of 3 sets), so a single reading near 1.5 does not separate a sampler from the floor; use
@@ -176,7 +180,11 @@ def main():
                         help="seeds of extra problems (a 4-D and a 64-D mixture per seed)")
     parser.add_argument("--schedules", nargs="+", default=["default", "log_snr"],
                         help="grids to run each step sampler on: default (its own), or names of time_grid / "
-                             "'pilot' / 'pilot_local' (a pilot grid's model calls are not counted in the NFE)")
+                             "'pilot' / 'pilot_local' / 'sensitivity' / 'data_jump' (a pilot's model calls are "
+                             "not counted in the NFE)")
+    parser.add_argument("--suite-holdout", type=int, nargs="+", default=[],
+                        help="seeds of suite_solvers.holdout_problems (3 per seed: dimension, separation and SDE "
+                             "drawn at random; each problem under its own SDE)")
     parser.add_argument("--no-ref", action="store_true",
                         help="only the named problems: skip the ring and the 16-D mixture (hold-out runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -184,14 +192,17 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.nfe, args.sets = [50], 2
-    sde = sdegen.VPSDE()
     start = time.time()
     rows, results = [], {}
     names = args.only or list(SAMPLERS)
-    probs = problems(args.holdout)
+    probs = {k: (gm, sdegen.VPSDE()) for k, gm in problems(args.holdout).items()}
     if args.no_ref:
         probs = {k: v for k, v in probs.items() if "holdout" in k}
-    for pname, gm in probs.items():
+    if args.suite_holdout:
+        from suite_solvers import holdout_problems
+        for seed in args.suite_holdout:
+            probs.update({k: (gm, sde) for k, (gm, sde, _, _) in holdout_problems(seed, 3).items()})
+    for pname, (gm, sde) in probs.items():
         ref = exact_floor(gm, sde, args.n, 40)
         for name in names:
             spec = SAMPLERS[name]
@@ -209,7 +220,7 @@ def main():
     summary = summarize(results, names, args.nfe, args.schedules)
     lines = ["# Stochastic samplers against exact draws of p_t_min", "",
              *provenance(start, args.device),
-             f"- VP SDE, exact score of the oracle, float64, {args.sets} sets of {args.n} samples per configuration "
+             f"- VP SDE (suite hold-out problems: their own SDE), exact score of the oracle, float64, {args.sets} sets of {args.n} samples per configuration "
              "(seeds 1, 11, ...); floor from 40 sets of exact draws of p_t_min",
              "- var: within-mode variance ratio (mean squared Mahalanobis distance per dimension to the most "
              "responsible component of p_t_min, samples over exact draws; 1.000 is exact)",
