@@ -16,9 +16,10 @@ def _reference(sde, x_T, ts=None):
                          return_trajectory=ts is not None, return_info=ts is not None)
 
 
-@pytest.mark.parametrize("method", ["adaptive", "adaptive_rk23"])
+@pytest.mark.parametrize("method,opts", [("adaptive", {}), ("adaptive", {"error": "predictor", "order": 3}),
+                                         ("adaptive_rk23", {})])
 @pytest.mark.parametrize("sde_name", list(SDES))
-def test_meets_tolerance_and_counts_nfe(sde_name, method):
+def test_meets_tolerance_and_counts_nfe(sde_name, method, opts):
     """Tighter tolerances give smaller errors; at rtol = atol = tol the worst example's endpoint error is
     within 10 tol of the float64 reference; NFE is what the docstring says."""
     sde = SDES[sde_name]
@@ -26,7 +27,7 @@ def test_meets_tolerance_and_counts_nfe(sde_name, method):
     ref = _reference(sde, x_T)
     errors = []
     for tol in (1e-3, 1e-5):
-        x, info = sdegen.sample(sde, RING, x_T, method=method, rtol=tol, atol=tol, return_info=True)
+        x, info = sdegen.sample(sde, RING, x_T, method=method, rtol=tol, atol=tol, return_info=True, **opts)
         err = (x - ref).norm(dim=1).max().item()
         assert err <= 10 * tol, f"{method} on {sde_name}: max error {err:.2e} at tol {tol:g}"
         errors.append(err)
@@ -74,11 +75,11 @@ def test_output_times_and_shapes(dtype):
 
 @pytest.mark.parametrize("opts,err", [
     ({"rtol": 0.0}, ValueError), ({"atol": -1.0}, ValueError), ({"h_init": 0.0}, ValueError),
-    ({"order": 4}, ValueError), ({"safety": 1.5}, ValueError), ({"max_steps": 0}, ValueError),
+    ({"order": 5}, ValueError), ({"error": "global"}, ValueError), ({"safety": 1.5}, ValueError), ({"max_steps": 0}, ValueError),
     ({"max_factor": 1.0}, ValueError), ({"steps": 10}, ValueError), ({"schedule": "edm"}, ValueError),
 ])
 def test_bad_options(opts, err):
-    with pytest.raises(err, match=r"rtol|atol|h_init|order|safety|max_steps|max_factor|steps|schedule"):
+    with pytest.raises(err, match=r"rtol|atol|h_init|order|error|safety|max_steps|max_factor|steps|schedule"):
         sdegen.sample(SDES["vp"], RING, shape=(4, 2), method="adaptive", **opts)
 
 

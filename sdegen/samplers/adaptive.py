@@ -205,7 +205,7 @@ class AdaptiveExponential(Solver):
         return hi, diff
 
     def __repr__(self) -> str:
-        return f"AdaptiveExponential(rtol={self.rtol:g}, atol={self.atol:g})"
+        return f"{type(self).__name__}(rtol={self.rtol:g}, atol={self.atol:g})"
 
 
 class AdaptiveMultistep(AdaptiveExponential):
@@ -214,21 +214,35 @@ class AdaptiveMultistep(AdaptiveExponential):
     Predictor: the exponential Adams rule through the last k denoised values (k <= order, DPM-Solver++ multistep
     / DEIS on a variable grid). The denoised value at the predicted point is the step's one NFE; the corrector
     adds it to the interpolation (one order higher, the UniC idea of Zhao et al. 2023, eq. 8, in the
-    data-prediction form) and its difference from the predictor estimates the local error. Accepted steps keep
-    the corrected state and the new denoised value; rejected ones cost one NFE. NFE = 1 + attempted steps.
-    After a run, ``stats["times"]`` lists the accepted times (an explicit grid for the fixed-step samplers).
+    data-prediction form). Accepted steps keep the corrected state and the new denoised value; rejected ones cost
+    one NFE. NFE = 1 + attempted steps. After a run, ``stats["times"]`` lists the accepted times (an explicit grid
+    for the fixed-step samplers).
 
-    Args as :class:`AdaptiveExponential`, plus order (1-3): the predictor's order.
+    The error controlled (``error``): the corrector evaluates the denoiser at the predicted point, not at the state
+    it keeps (PEC mode), so the kept state's local error is dominated by that denoised value's own error,
+    J (x_pred - x), weighted by the corrector's weight on it, J = dD/dy the denoiser's Jacobian (-> I as the noise
+    vanishes). With x_pred - x ~ corrector - predictor = delta and that weight at most 1 - e^{-h} (the Lagrange
+    basis of the newest node lies in [0, 1] over the step), ``error="corrector"`` (default) controls
+    (1 - e^{-h}) delta, a quantity of order k + 2 in h (controller exponent 1/(k + 2)); ``error="predictor"``
+    controls delta itself, the predictor's local error (order k + 1; local extrapolation as in dopri5).
+
+    Args as :class:`AdaptiveExponential`, plus order (1-4): the predictor's order; error: "corrector" or
+    "predictor", the local error controlled.
     """
 
     name = "adaptive"
+    ERRORS = ("corrector", "predictor")
 
-    def __init__(self, rtol: float = 1e-3, atol: float = 1e-3, h_init: Optional[float] = None, order: int = 3,
-                 safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0, on_failure: str = "raise"):
+    def __init__(self, rtol: float = 1e-3, atol: float = 1e-3, h_init: Optional[float] = None, order: int = 4,
+                 safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0, on_failure: str = "raise",
+                 error: str = "corrector"):
         super().__init__(rtol, atol, h_init, safety, max_steps, max_factor, on_failure)
-        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3; got {order!r}.")
-        self.order = order
+        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3, 4):
+            raise ValueError(f"order must be 1, 2, 3 or 4; got {order!r}.")
+        if error not in self.ERRORS:
+            raise ValueError(f"error must be one of {self.ERRORS} (the local error the step control holds to "
+                             f"rtol/atol); got {error!r}.")
+        self.order, self.error = order, error
 
     def _reset(self, ts):
         self._hist = []
@@ -253,7 +267,8 @@ class AdaptiveMultistep(AdaptiveExponential):
             x_pred = exp_poly_integral(nodes, values, h, base=base, scale=m2)
             d_new = ctx.denoise(x_pred, t_new)
             x_corr = exp_poly_integral([h] + nodes, [d_new] + values, h, base=base, scale=m2)
-            e = self._error(x_corr - x_pred, x, x_corr, t, h)
+            weight = -math.expm1(-h) if self.error == "corrector" else 1.0  # see the class docstring
+            e = self._error((x_corr - x_pred).mul_(weight), x, x_corr, t, h)
             if e <= 1.0:
                 self.stats["accepted"] += 1
                 x, t, u, s = x_corr, t_new, u + h, s2
@@ -261,7 +276,8 @@ class AdaptiveMultistep(AdaptiveExponential):
                 self.stats["times"].append(float(t))
             else:
                 self.stats["rejected"] += 1
-            h, e_prev = self._next_h(h, e, e_prev, len(hist) + 1), (e if e <= 1.0 else e_prev)
+            k = len(hist) + (2 if self.error == "corrector" else 1)
+            h, e_prev = self._next_h(h, e, e_prev, k), (e if e <= 1.0 else e_prev)
         return x
 
 
