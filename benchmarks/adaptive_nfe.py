@@ -16,7 +16,7 @@ with the oracle's exact score.
 Problems: the 2-D ring and the 16-D mixture under VP, mixtures drawn fresh for this benchmark under VP (8-D seed 23,
 32-D seed 5), VE (8-D seed 61) and EDM (16-D seed 87).
 Writes benchmarks/results/adaptive_nfe.md (or --out).
-Usage: python benchmarks/adaptive_nfe.py [--quick] [--n 256] [--device cuda] [--no-kdiffusion]
+Usage: python benchmarks/adaptive_nfe.py [--quick] [--n 256] [--device cuda] [--no-kdiffusion] [--holdout SEED COUNT]
 """
 
 import argparse
@@ -47,7 +47,16 @@ PROBLEMS = {
     "32-D fresh (seed 5), VP": (lambda: GaussianMixture.random(dim=32, n_components=4, seed=5, mean_scale=0.7,
                                                                cov_scale=0.3), sdegen.VPSDE),
 }
+TARGETS = (0.4, 0.5)  # adaptive's NFE at RMS 1e-3 as a fraction of dopri5's and of dpm_adaptive's
 QUICK = 4  # --quick: the first four (one VE and one EDM among them)
+# sdegen's solvers in the sweep: label -> (method, options); the second row is "adaptive" controlling the
+# predictor's local error instead of the kept state's (see sdegen.samplers.AdaptiveMultistep)
+SDEGEN = {"adaptive": ("adaptive", {}),
+          "adaptive (error=predictor, order 3)": ("adaptive", {"error": "predictor", "order": 3}),
+          "adaptive_rk23": ("adaptive_rk23", {})}
+# rtol = atol of sdegen's solvers (and of dopri5, with tighter ones added): steps of about 1.5x, so that the
+# fewest NFE reaching RMS 1e-3 is resolved about as finely as k-diffusion's grid of rtol and atol resolves its own
+SAMPLING_TOLS = (1e-2, 7e-3, 5e-3, 3.5e-3, 2.5e-3, 1.7e-3, 1.2e-3, 8e-4, 5e-4, 3e-4, 2e-4, 1e-4, 5e-5, 3e-5)
 DPM_RTOLS = (0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4)
 DPM_ATOLS = (0.0078, 1e-3, 1e-4)  # k-diffusion's default atol first
 
@@ -99,9 +108,9 @@ def sampling_rows(pname, gm, sde, n, tols, kd, device):
     x_T = sde.prior_sample((n, gm.dim), seed=1, dtype=F64).to(device)
     ref = sdegen.sample(sde, gm, x_T, method="ode", rtol=1e-10, atol=1e-10)
     rms = lambda z: float((z - ref).pow(2).sum(1).mean().sqrt())  # noqa: E731
-    runs = [("adaptive", tol) for tol in tols] + [("adaptive_rk23", tol) for tol in tols]
+    runs = [(name, tol) for name in SDEGEN for tol in tols]
     # dopri5 in t needs tighter tolerances than the adaptive solvers in u to reach the same RMS
-    runs += [("torchdiffeq dopri5 (t)", tol) for tol in tols + (1e-5, 3e-6, 1e-6)]
+    runs += [("torchdiffeq dopri5 (t)", tol) for tol in tols + (2e-5, 1e-5, 5e-6, 3e-6, 2e-6, 1e-6)]
     if kd is not None:
         runs += [("k-diffusion dpm_adaptive", (r, a)) for a in DPM_ATOLS for r in DPM_RTOLS]
     rows, best = [], {}
@@ -111,7 +120,8 @@ def sampling_rows(pname, gm, sde, n, tols, kd, device):
         elif name.startswith("k-diffusion"):
             x, nfe = dpm_adaptive_sample(kd, sde, gm, x_T, *tol)
         else:
-            x, info = sdegen.sample(sde, gm, x_T, method=name, rtol=tol, atol=tol, return_info=True)
+            method, opts = SDEGEN[name]
+            x, info = sdegen.sample(sde, gm, x_T, method=method, rtol=tol, atol=tol, return_info=True, **opts)
             nfe = info.nfe
         e = rms(x)
         label = f"rtol {tol[0]:g}, atol {tol[1]:g}" if isinstance(tol, tuple) else f"{tol:g}"
@@ -232,31 +242,30 @@ def main():
     parser.add_argument("--likelihood-options", action="store_true",
                         help="only the log_likelihood study of time variables and norms at rtol = atol = 1e-5 "
                         "(writes adaptive_nfe_likelihood_options.md)")
+    parser.add_argument("--holdout", type=int, nargs=2, metavar=("SEED", "COUNT"), default=None,
+                        help="add COUNT fresh problems of suite_solvers.holdout_problems(SEED, COUNT) (sampling only)")
     parser.add_argument("--out", default=None, help="default benchmarks/results/adaptive_nfe[_quick].md")
     args = parser.parse_args()
     if args.likelihood_options:
         return likelihood_options(args)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   "adaptive_nfe_quick.md" if args.quick else "adaptive_nfe.md")
+    default = ("adaptive_nfe_quick.md" if args.quick else
+               f"adaptive_nfe_holdout{args.holdout[0]}.md" if args.holdout else "adaptive_nfe.md")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", default)
     device = torch.device(args.device)
     kd = None if args.no_kdiffusion else load_k_diffusion()
     start = time.time()
     names = list(PROBLEMS)[:QUICK] if args.quick else list(PROBLEMS)
     s_rows, l_rows, summary = [], [], []
-    peers = ("adaptive", "adaptive_rk23", "torchdiffeq dopri5 (t)", "k-diffusion dpm_adaptive")
-    for pname in names:
-        make_gm, make_sde = PROBLEMS[pname]
+    problems = {name: PROBLEMS[name] for name in names}
+    if args.holdout is not None:
+        problems.update(holdout(*args.holdout))
+    for pname, (make_gm, make_sde) in problems.items():
         gm, sde = make_gm(), make_sde()
-        rows, best = sampling_rows(pname, gm, sde, args.n, (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5), kd, device)
+        rows, best = sampling_rows(pname, gm, sde, args.n, SAMPLING_TOLS, kd, device)
         s_rows += rows
-        nfe = {k: best.get(k, (math.inf, "-"))[0] for k in peers}
-        ratio = lambda a, b: f"{nfe[a] / nfe[b]:.2f}" if math.isfinite(nfe[b]) else "-"  # noqa: E731
-        kd_cell = (f"{nfe[peers[3]]} ({best[peers[3]][1]})" if peers[3] in best else
-                   ("not installed" if kd is None else "none reached 1e-3"))
-        summary.append(f"| {pname} | {nfe[peers[0]]} | {nfe[peers[1]]} | {nfe[peers[2]]} | {kd_cell} | "
-                       f"{ratio(peers[0], peers[2])} | {ratio(peers[0], peers[3]) if kd is not None else '-'} |")
+        summary.append(summary_row(pname, best, kd is not None))
         print(summary[-1], flush=True)
-        if not args.no_likelihood:
+        if pname in PROBLEMS and not args.no_likelihood:
             rows, _ = likelihood_rows(pname, gm, sde, min(args.n, 64), (1e-3, 1e-4, 1e-5), device)
             l_rows += rows
             print(*rows[-2:], sep="\n", flush=True)
@@ -266,9 +275,10 @@ def main():
              "endpoint error norm against dopri5 at 1e-10; likelihood: "
              f"{min(args.n, 64)} exact draws (seed 5), t_min = default_t_min(sde), exact prior", "",
              "## Fewest NFE with endpoint RMS <= 1e-3", "",
-             "| problem | adaptive | adaptive_rk23 | torchdiffeq dopri5 (t) | k-diffusion dpm_adaptive (its tolerances) "
-             "| adaptive / dopri5 | adaptive / dpm_adaptive |", "|---|---|---|---|---|---|---|",
-             *summary, "", "## Sampling sweep", "", "| problem | solver | rtol = atol | NFE | RMS |",
+             f"target: adaptive's NFE <= {TARGETS[0]:g} x dopri5's and <= {TARGETS[1]:g} x dpm_adaptive's", "",
+             "| problem | adaptive | adaptive (error=predictor, order 3) | adaptive_rk23 | torchdiffeq dopri5 (t) | "
+             "k-diffusion dpm_adaptive (its tolerances) | adaptive / dopri5 | adaptive / dpm_adaptive | target met |",
+             "|---|---|---|---|---|---|---|---|---|", *summary, "", "## Sampling sweep", "", "| problem | solver | rtol = atol | NFE | RMS |",
              "|---|---|---|---|---|", *s_rows, ""]
     if l_rows:
         lines += ["## log_likelihood against dopri5 on the augmented state", "",
@@ -277,6 +287,27 @@ def main():
                   "NFE ratio |", "|---|---|---|---|---|---|---|---|", *l_rows, ""]
     with open(out, "w") as f:
         f.write("\n".join(lines))
+
+
+def summary_row(pname, best, with_kd):
+    """The fewest NFE of each solver reaching RMS 1e-3, adaptive's ratios to the peers and whether both targets hold."""
+    names = list(SDEGEN) + ["torchdiffeq dopri5 (t)", "k-diffusion dpm_adaptive"]
+    nfe = {k: best.get(k, (math.inf, "-"))[0] for k in names}
+    ratios = [nfe["adaptive"] / nfe[peer] if math.isfinite(nfe[peer]) else math.nan for peer in names[-2:]]
+    kd_cell = (f"{nfe[names[-1]]} ({best[names[-1]][1]})" if names[-1] in best else
+               ("none reached 1e-3" if with_kd else "not installed"))
+    met = all(r <= target for r, target in zip(ratios, TARGETS)) if with_kd else "-"
+    cells = [str(nfe[k]) for k in names[:-1]] + [kd_cell] + [f"{r:.2f}" for r in ratios] + [
+        {True: "yes", False: "no"}.get(met, met)]
+    return f"| {pname} | " + " | ".join(cells) + " |"
+
+
+def holdout(seed, count):
+    """Fresh problems from the solver suite's hold-out generator (benchmarks/suite_solvers.py), none designed on."""
+    from suite_solvers import holdout_problems
+
+    return {name: ((lambda g=gm: g), (lambda s=sde: s)) for name, (gm, sde, _, _) in
+            holdout_problems(seed, count).items()}
 
 
 def likelihood_options(args):
