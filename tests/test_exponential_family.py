@@ -9,7 +9,7 @@ import torch
 
 import sdegen
 from sdegen.analytic import GaussianMixture
-from sdegen.models import Model
+from sdegen.models import Model, as_model
 from sdegen.samplers import Context, get_sampler
 from sdegen.samplers.exponential import (DDIM, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP3MSDE, ExponentialAdams,
                                          ExponentialPC, SASolver)
@@ -191,6 +191,27 @@ def test_exact_for_denoisers_polynomial_in_u(sde_name, settings, degree):
         particular = lambda v: a + b * (v - 1.0 / c)
         y = particular(u2) + (y - particular(u)) * math.exp(-c * (u2 - u))
     torch.testing.assert_close(got, float(sde.mean_coeff(ts[-1])) * y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("settings", [{"predictor_order": 3, "corrector_order": 4, "eta": 0.6, "s_tmax": 2.0},
+                                      {"predictor_order": 2, "midpoint": True, "lower_order_final": True},
+                                      {"predictor_order": 4, "corrector_order": 2, "eta": 0.5, "noise": "ddim"}])
+def test_planned_steps_are_the_steps_computed_on_the_fly(settings):
+    """start() tabulates every step's coefficients for its grid (kept for the next run on the same grid); steps
+    without the table (or off its grid) compute them from the history, and the samples agree bit for bit."""
+    sde = SDES["vp"]
+    x = sde.prior_sample((8, 2), seed=2, **F64)
+    ts = sdegen.time_grid(sde, 9, "log_snr")
+    draws = [torch.randn(8, 2, generator=torch.Generator().manual_seed(k), **F64) for k in range(9)]
+    sampler = ExponentialAdams(**settings)
+    planned, _ = _run(sampler, sde, as_model(RING, sde), x, ts, ListNoise(draws))
+    again, _ = _run(sampler, sde, as_model(RING, sde), x, ts, ListNoise(draws))
+    ctx = Context(sde, as_model(RING, sde), ListNoise(draws))
+    state, y = sampler.start(ctx, x, ts), x
+    del state["plan"]
+    for t, t_next in zip(ts[:-1].unbind(), ts[1:].unbind()):
+        y, state = sampler.step(ctx, y, t, t_next, state)
+    assert torch.equal(planned, again) and torch.equal(planned, y)
 
 
 ALIASES = [

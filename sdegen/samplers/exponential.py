@@ -17,6 +17,7 @@ Model outputs and the caller's tensors are never modified.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import torch
@@ -24,6 +25,8 @@ import torch
 from .base import Context, StepSampler, cache_grid, check_unit, point
 
 NOISE_RULES = ("sde", "ddim")
+_PLANS: "OrderedDict[tuple, list]" = OrderedDict()  # step coefficients per (settings, grid), see ExponentialAdams.start
+_PLANS_KEPT = 16
 
 
 def exp_moments(h: float, k: int, rate: float = 1.0) -> List[float]:
@@ -203,39 +206,84 @@ from u to u' = u + h, with c = 1 + lam, is
 
     def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> dict:
         cache_grid(ctx, ts)
-        return {"hist": [], "left": len(ts) - 1, "few": len(ts) - 1 < 15}
+        return {"hist": [], "left": len(ts) - 1, "few": len(ts) - 1 < 15, "plan": self._plan(ctx, ts)}
 
-    def step(self, ctx: Context, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, state: dict
-             ) -> Tuple[torch.Tensor, dict]:
+    def _plan(self, ctx: Context, ts: torch.Tensor) -> list:
+        """Every step's host coefficients on the grid ts (see :meth:`_coefficients`), as (t, t', u, u', ...) tuples.
+
+        They depend on the settings and the grid's (m, s, u) only, so a grid sampled again (the usual case: one
+        grid, many batches) finds them computed; a step then costs table look-ups on the host."""
+        times = ts.tolist()
+        points = tuple(ctx.grid_points[t] for t in times)
+        key = (type(self), self.predictor_order, self.corrector_order, self.eta, self.noise, self.midpoint,
+               self.lower_order_final, self.s_tmin, self.s_tmax, points)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            _PLANS.move_to_end(key)
+            return plan
+        n, unbound, us, plan = len(times) - 1, ts.unbind(), [], []
+        for i in range(n):  # the u's of the history as step() keeps it
+            u, u2 = points[i][2], points[i + 1][2]
+            if not (us and self.corrector_order):
+                us = us + [u]
+            coefficients = self._coefficients(ctx, us, unbound[i], unbound[i + 1], n - i, n < 15)
+            plan.append((times[i], times[i + 1], u, u2) + coefficients)
+            us = (us + [u2] if coefficients[3] is not None else us)[-self._keep:]
+        _PLANS[key] = plan
+        while len(_PLANS) > _PLANS_KEPT:
+            _PLANS.popitem(last=False)
+        return plan
+
+    def _coefficients(self, ctx: Context, us: List[float], t: torch.Tensor, t_next: torch.Tensor, left: int,
+                      few: bool) -> Tuple[float, float, List[float], Optional[List[float]]]:
+        """(a, k, w, w_c) of the step from t to t_next, given the u's of the denoised values so far (oldest first,
+        the one at t last) and the steps left: x' = a x + k z + sum_j w_j D_j over the newest len(w) values
+        (newest first), and the corrector's weights w_c over D at the predicted point and the newest
+        len(w_c) - 1 values (None: no corrector)."""
         m, s, u = point(ctx, t)
         m2, s2, u2 = point(ctx, t_next)
-        h, hist, last = u2 - u, state["hist"], state["left"] == 1
-        if not (hist and self.corrector_order):  # else the previous corrector evaluated D at this step's start
-            hist = hist + [(u, ctx.denoise(x, t))]
+        h, last = u2 - u, left == 1
         lam, var = self._extra_rate(s / m, h)
         c = 1.0 + lam
         # x' = m' y' with m'/m = (s'/s) e^h: the coefficient e^{-c h} of y is (s'/s) e^{-lam h} on x
-        base = torch.mul(x, s2 / s * math.exp(-lam * h))
-        if var > 0.0:
-            base = base.add_(ctx.randn_like(x), alpha=s2 * math.sqrt(var))
-        past = hist[-1:] if self.lower_order_final and last and state["few"] else hist[-self.predictor_order:]
+        a, k = s2 / s * math.exp(-lam * h), (s2 * math.sqrt(var) if var > 0.0 else 0.0)
+        past = us[-1:] if self.lower_order_final and last and few else us[-self.predictor_order:]
         past = past[::-1]  # newest first
         correct = self.corrector_order > 0 and not last
-        n_corr = min(self.corrector_order, len(hist) + 1) if correct else 0
+        n_corr = min(self.corrector_order, len(us) + 1) if correct else 0
         midpoint = self.midpoint and len(past) == 2  # the midpoint rule needs M_0 only
         ms = exp_moments(h, max(1 if midpoint else len(past), n_corr), c)  # the corrector's start with the predictor's
         ms_pred = [ms[0], 0.5 * h * ms[0]] if midpoint else ms[:len(past)]
-        weights = _moment_weights([v - u for v, _ in past], ms_pred)
-        x_pred = _accumulate(base, [d for _, d in past], weights, m2 * c, fresh=correct)  # base kept if correct
-        state["left"] -= 1
+        weights = [m2 * c * w for w in _moment_weights([v - u for v in past], ms_pred)]
         if not correct:
+            return a, k, weights, None
+        older = us[::-1][:n_corr - 1]
+        return a, k, weights, [m2 * c * w for w in _moment_weights([h] + [v - u for v in older], ms[:n_corr])]
+
+    def step(self, ctx: Context, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, state: dict
+             ) -> Tuple[torch.Tensor, dict]:
+        hist, plan, left = state["hist"], state.get("plan"), state["left"]
+        entry = plan[len(plan) - left] if plan is not None and 0 < left <= len(plan) else None
+        if entry is None or entry[0] != float(t) or entry[1] != float(t_next):  # a step off the planned grid
+            us = [v for v, _ in hist]
+            u, u2 = point(ctx, t)[2], point(ctx, t_next)[2]
+            entry = (None, None, u, u2) + self._coefficients(
+                ctx, us if us and self.corrector_order else us + [u], t, t_next, left, state["few"])
+        _, _, u, u2, a, k, weights, corrector = entry
+        if not (hist and self.corrector_order):  # else the previous corrector evaluated D at this step's start
+            hist = hist + [(u, ctx.denoise(x, t))]
+        base = torch.mul(x, a)
+        if k:
+            base = base.add_(ctx.randn_like(x), alpha=k)
+        newest = hist[::-1]
+        x_pred = _accumulate(base, [d for _, d in newest[:len(weights)]], weights, 1.0, fresh=corrector is not None)
+        state["left"] -= 1
+        if corrector is None:
             state["hist"] = hist[-self._keep:]
             return x_pred, state
         d_new = ctx.denoise(x_pred, t_next)
-        older = hist[::-1][:n_corr - 1]
-        weights = _moment_weights([h] + [v - u for v, _ in older], ms[:n_corr])
         state["hist"] = (hist + [(u2, d_new)])[-self._keep:]
-        return _accumulate(base, [d_new] + [d for _, d in older], weights, m2 * c), state
+        return _accumulate(base, [d_new] + [d for _, d in newest[:len(corrector) - 1]], corrector, 1.0), state
 
     def __repr__(self) -> str:
         return (f"ExponentialAdams(predictor_order={self.predictor_order}, corrector_order={self.corrector_order}, "
@@ -386,6 +434,10 @@ class UniPC(ExponentialAdams):
                          lower_order_final=lower_order_final)
         self.variant = variant
         self.order = order + 1 if corrector else order
+
+    def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> dict:
+        cache_grid(ctx, ts)
+        return {"hist": [], "left": len(ts) - 1, "few": len(ts) - 1 < 15}
 
     def _linear_moment(self, h: float) -> float:
         """B(h) h / 2 (see the class docstring), the fixed-rho stand-in for int_0^h e^{-(h - r)} r dr."""
