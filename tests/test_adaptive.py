@@ -86,3 +86,43 @@ def test_bad_options(opts, err):
 def test_max_steps_raises_with_location():
     with pytest.raises(RuntimeError, match="max_steps"):
         sdegen.sample(SDES["vp"], RING, shape=(4, 2), method="adaptive", rtol=1e-9, atol=1e-9, max_steps=5)
+
+
+def _gaussian_flow(gauss, sde, x, t, t_new):
+    """Exact probability-flow map of the one-component mixture N(mu, C) from (x, t) to t_new: in y = x/m and
+    sigma = s/m, y - mu scales by (C + sigma_new^2)^{1/2} (C + sigma^2)^{-1/2} (commuting, so per eigenvalue)."""
+    mu, (evals, evecs) = gauss.means[0], torch.linalg.eigh(gauss.covs[0])
+    m, sig = sde.mean_coeff(t), sde.sigma(t)
+    m_new, sig_new = sde.mean_coeff(t_new), sde.sigma(t_new)
+    factor = ((evals + sig_new**2) / (evals + sig**2)).sqrt()
+    return m_new * (mu + ((x / m - mu) @ evecs * factor) @ evecs.T)
+
+
+@pytest.mark.parametrize("error", ["corrector", "predictor"])
+@pytest.mark.parametrize("sde", [sdegen.VPSDE(), sdegen.VESDE(), sdegen.EDMSDE()], ids=["vp", "ve", "edm"])
+def test_accepted_steps_meet_the_tolerance(sde, error):
+    """Every accepted step's true local error (against the closed-form flow of a Gaussian, from the step's own start)
+    is within the tolerance: RMS over the state of err / (atol + rtol max(|x|, |x'|)) <= 1 for every example. For
+    error="corrector" this holds because the estimate bounds the denoiser's Jacobian (c / (c + sigma^2) < 1 here)."""
+    gauss = GaussianMixture.random(dim=3, n_components=1, seed=3)
+    x_T = sde.prior_sample((64, 3), seed=1, dtype=torch.float64)
+    steps = []
+
+    class Recording(sdegen.AdaptiveMultistep):
+        def _error(self, diff, x, x_new, t, h):
+            e = super()._error(diff, x, x_new, t, h)
+            if e <= 1.0:
+                steps.append((x, t, h, x_new))
+            return e
+
+    for tol in (1e-3, 1e-4):
+        steps.clear()
+        sdegen.sample(sde, gauss, x_T, method=Recording(rtol=tol, atol=tol, error=error))
+        assert len(steps) > 5
+        for x, t, h, x_new in steps:
+            u_new = 0.5 * float(sde.log_snr(t)) + h
+            t_new = sde.t_from_log_snr(torch.tensor(2.0 * u_new, dtype=torch.float64))
+            local = x_new - _gaussian_flow(gauss, sde, x, t, t_new)
+            scale = torch.maximum(x.abs(), x_new.abs()) * tol + tol
+            ratio = (local / scale).pow(2).mean(1).sqrt().max().item()
+            assert ratio <= 1.0, f"{error} at tol {tol:g}: a step from t={float(t):.3g} (h={h:.3g}) has ratio {ratio:.2f}"
