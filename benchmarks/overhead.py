@@ -9,16 +9,23 @@ Peak memory: the peak resident-set increase of a sampling run at 1000 steps agai
 (16, 3, 64, 64) state with an exact Gaussian score, each run in a fresh process with glibc's mmap threshold
 fixed at 64 KiB (so the resident set follows the live tensors). Target: within 10%.
 Overhead is reported per step and per NFE (Heun and DPM-Solver-3 make 2 and 3 evaluations per step).
+With ``--baseline DIR``, another copy of the package (an earlier commit, say), importable under the name of DIR's
+last component, runs alternately with this one in the same process (its runs interleaved with ours, in alternating
+order), so that both see the same machine: a before/after comparison on a shared machine.
 
-    python benchmarks/overhead.py [--quick]
-Writes benchmarks/results/overhead.{md,json}.
+    python benchmarks/overhead.py [--quick] [--repeats N] [--baseline DIR]
+    (a baseline: git archive COMMIT sdegen | tar -x -C /tmp/b && mv /tmp/b/sdegen /tmp/b/sdegen_before)
+Writes benchmarks/results/overhead.{md,json} (overhead_baseline.{md,json} with --baseline, no memory table).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -63,39 +70,42 @@ class TimedScore:
         return out
 
 
-def overhead(repeats: int, steps: int) -> list:
+def overhead(repeats: int, steps: int, libraries: dict) -> dict:
+    """Rows per library ({label: module}) of the overhead table; every library's run of a sampler follows the
+    same MLP evaluations, in an order that alternates between repeats."""
     torch.manual_seed(0)
     net = mlp().eval()
-    sde = sdegen.VPSDE()
     x_T = torch.randn(1024, 16)
     t = torch.full((1024,), 0.5)
-    evals, per_step, nfe = [], {name: [] for name in SAMPLERS}, {}
+    evals, per_step, nfe = [], {(lib, name): [] for lib in libraries for name in SAMPLERS}, {}
     with torch.no_grad():
         for _ in range(5):
             net(torch.cat([x_T, t[:, None]], 1))
-        for _ in range(repeats):  # round-robin, so that a busy spell of the machine hits every sampler alike
+        for repeat in range(repeats):  # round-robin, so that a busy spell of the machine hits every sampler alike
             for name, opts in SAMPLERS.items():
                 for _ in range(10):
                     start = clock()
                     net(torch.cat([x_T, t[:, None]], 1))
                     evals.append(clock() - start)
-                score = TimedScore(net)
-                start = clock()
-                _, info = sdegen.sample(sde, score, x_T, method=METHOD.get(name, name), steps=steps, seed=0,
-                                        return_info=True, **opts)
-                per_step[name].append((clock() - start - score.seconds) / info.steps)
-                nfe[name] = info.nfe / info.steps
+                for lib in list(libraries)[::1 if repeat % 2 == 0 else -1]:
+                    score = TimedScore(net)
+                    start = clock()
+                    _, info = libraries[lib].sample(libraries[lib].VPSDE(), score, x_T, method=METHOD.get(name, name),
+                                                    steps=steps, seed=0, return_info=True, **opts)
+                    per_step[(lib, name)].append((clock() - start - score.seconds) / info.steps)
+                    nfe[name] = info.nfe / info.steps
     t_eval = statistics.median(evals)
     print(f"MLP eval: median {1e3 * t_eval:.3f} ms (quartiles {1e3 * _quantile(evals, 0.25):.3f}-"
           f"{1e3 * _quantile(evals, 0.75):.3f} ms)")
-    rows = []
-    for name, runs in per_step.items():
+    rows = {lib: [] for lib in libraries}
+    for (lib, name), runs in per_step.items():
         o = statistics.median(runs)
-        rows.append({"sampler": name, "mlp_eval_ms": 1e3 * t_eval, "overhead_per_step_ms": 1e3 * o,
-                     "overhead_min_ms": 1e3 * min(runs), "overhead_max_ms": 1e3 * max(runs),
-                     "ratio": o / t_eval, "nfe_per_step": nfe[name], "ratio_per_nfe": o / nfe[name] / t_eval})
-        print(f"{name:30s} overhead/step {1e3 * o:.3f} ms (range {1e3 * min(runs):.3f}-{1e3 * max(runs):.3f}) "
-              f"= {100 * o / t_eval:.1f}% of one MLP eval, {100 * o / nfe[name] / t_eval:.1f}% per NFE", flush=True)
+        rows[lib].append({"sampler": name, "mlp_eval_ms": 1e3 * t_eval, "overhead_per_step_ms": 1e3 * o,
+                          "overhead_min_ms": 1e3 * min(runs), "overhead_max_ms": 1e3 * max(runs),
+                          "ratio": o / t_eval, "nfe_per_step": nfe[name], "ratio_per_nfe": o / nfe[name] / t_eval})
+        print(f"{lib:8s} {name:30s} overhead/step {1e3 * o:.3f} ms (range {1e3 * min(runs):.3f}-"
+              f"{1e3 * max(runs):.3f}) = {100 * o / t_eval:.1f}% of one MLP eval, "
+              f"{100 * o / nfe[name] / t_eval:.1f}% per NFE", flush=True)
     return rows
 
 
@@ -146,17 +156,26 @@ def main():
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None, help="round-robin repeats (default 5, 3 with --quick)")
+    parser.add_argument("--baseline", default=None, help="directory of another copy of the package (see above)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    over = overhead(3 if args.quick else 5, 50 if args.quick else 100)
+    libraries = {"this": sdegen}
+    if args.baseline:
+        directory = Path(args.baseline).resolve()
+        sys.path.insert(0, str(directory.parent))
+        libraries = {"baseline": importlib.import_module(directory.name), "this": sdegen}
+    load_before = os.getloadavg()[0]
+    rows = overhead(args.repeats or (3 if args.quick else 5), 50 if args.quick else 100, libraries)
+    if args.baseline:
+        _write_comparison(rows, args.baseline, load_before)
+        return
+    over = rows["this"]
     mem = peak_memory()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    import datetime
-    import platform
-
     lines = ["# Library overhead and peak memory", "",
-             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; "
-             f"torch {torch.__version__}, 1 thread; load average at the end {os.getloadavg()[0]:.1f}",
+             f"- machine: {_machine()}; load average at the start {load_before:.1f}, at the end "
+             f"{os.getloadavg()[0]:.1f}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
              f"- command: `python {' '.join(sys.argv)}`",
              "- CPU only: benchmarks/gpu.py measures the same loops on a GPU", "",
@@ -174,6 +193,33 @@ def main():
     lines += [f"| {r['sampler']} | {r['peak_10_mib']:.1f} | {r['peak_1000_mib']:.1f} | {r['ratio']:.3f} |" for r in mem]
     (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "overhead.json").write_text(json.dumps({"overhead": over, "memory": mem}, indent=1))
+
+
+def _machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; "
+            f"torch {torch.__version__}, 1 thread")
+
+
+def _write_comparison(rows: dict, baseline: str, load_before: float) -> None:
+    lines = ["# Library overhead: this tree against a baseline copy, interleaved", "",
+             f"- machine: {_machine()}; load average at the start {load_before:.1f}, at the end "
+             f"{os.getloadavg()[0]:.1f}",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+             f"- command: `python {' '.join(sys.argv)}`", f"- baseline: `{baseline}`", "",
+             "Overhead per NFE outside the score call, as a fraction of one 3-layer 256-wide MLP evaluation at batch "
+             "1024 (CPU time of the sampling thread, median of round-robin repeats, range in brackets; both copies "
+             "run between the same MLP evaluations). Target <= 10% per NFE.", "",
+             "| sampler | MLP eval (ms) | baseline overhead/step (ms) [range] | baseline per NFE | "
+             "this overhead/step (ms) [range] | this per NFE |", "|---|---|---|---|---|---|"]
+    for old, new in zip(rows["baseline"], rows["this"]):
+        lines.append(f"| {new['sampler']} | {new['mlp_eval_ms']:.3f} | {old['overhead_per_step_ms']:.3f} "
+                     f"[{old['overhead_min_ms']:.3f}-{old['overhead_max_ms']:.3f}] | "
+                     f"{100 * old['ratio_per_nfe']:.1f}% | "
+                     f"{new['overhead_per_step_ms']:.3f} [{new['overhead_min_ms']:.3f}-{new['overhead_max_ms']:.3f}] | "
+                     f"{100 * new['ratio_per_nfe']:.1f}% |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "overhead_baseline.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "overhead_baseline.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
