@@ -6,7 +6,7 @@ formula) is the posterior spread of x0 in units of the noise.
 
 Why J (I - J): the exact transition of the reverse SDE from sigma to sigma' = sigma e^{-h} draws x0 from its
 posterior, y' = a y + (1 - a) x0 + sigma' sqrt(1 - a) z with a = e^{-2h}; a step that puts D in place of x0 misses
-(1 - a)^2 Cov[x0 | y] of variance. On a Gaussian N(mu, v) this is a relative variance error of
+(1 - a)^2 Cov[x0 | y] of variance. On a Gaussian N(mu, v) this is a relative variance error of about
 (1 - a)^2 J (1 - J) ~ 4 h^2 J (1 - J) per step, J = v / (v + sigma^2): zero where D is constant (J = 0, sigma far
 above the data's scales, where exponential integrators are exact) and where D is the identity (J = I, sigma far
 below them), largest where sigma crosses a scale of the data. For general data the per-step error is taken as
