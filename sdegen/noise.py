@@ -204,30 +204,6 @@ def _mix32_rest_numpy_(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     return x
 
 
-_BROADCAST_ROW = 32
-"""Below this many elements per row, a NumPy or PyTorch broadcast over rows costs more in per-row loop overhead
-than repeating the rows' values first and combining whole arrays."""
-
-
-def _hash_words_numpy(bases: torch.Tensor, terms: torch.Tensor, words: torch.Tensor, spare: torch.Tensor) -> None:
-    """words[k, c, b, j] = the hash word of element j: lowbias32 (after its first step) of bases[k, c, b] ^ terms[j],
-    computed in place with NumPy's uint32 arithmetic (logical shifts: two passes per xorshift instead of three)
-    on CPU tensors; ``spare`` is workspace of words' shape."""
-    half = terms.shape[0]
-    if words.numel() == 0:
-        return
-    w = words.numpy().view(np.uint32).reshape(-1, half)
-    b = bases.numpy().view(np.uint32).reshape(-1)
-    t = terms.numpy().view(np.uint32)
-    if half >= _BROADCAST_ROW:
-        np.bitwise_xor(b[:, None], t, out=w)
-    else:  # one repeat of the bases and one xor with the terms tiled over a row block of the batch
-        rows = bases.shape[-1]
-        np.bitwise_xor(np.repeat(b, half).reshape(-1, rows * half), np.tile(t, rows),
-                       out=w.reshape(-1, rows * half))
-    _mix32_rest_numpy_(w, spare.numpy().view(np.uint32).reshape(w.shape))
-
-
 def _workspace(draws: int, batch: int, half: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Scratch memory for :func:`_draw`: (2, K, 2, B, H), int32 for float32 draws and float64 for float64 draws."""
     scratch = torch.float64 if dtype == torch.float64 else torch.int32
@@ -254,22 +230,14 @@ def _draw(bases: torch.Tensor, terms: torch.Tensor, n: int, dtype: torch.dtype,
     # u1 and cos(theta) then take the first half, whose words are spent.
     ints = workspace if work == torch.float32 else workspace[0].view(torch.int32).view(2, k, 2, batch, half)
     words, spare = ints[0], ints[1]
-    on_host = bases.device.type == "cpu"
-    if on_host:
-        _hash_words_numpy(bases, terms, words, spare)
-    else:
-        _mix32_rest_(torch.bitwise_xor(bases.unsqueeze(-1), terms, out=words), spare)
+    _mix32_rest_(torch.bitwise_xor(bases.unsqueeze(-1), terms, out=words), spare)
     if work == torch.float64:
         v = workspace[1].copy_(words.bitwise_xor_(_c(_INT32_MIN)))  # the unsigned words minus 2^31, exactly
         scratch = workspace[0]
         u1, theta = torch.mul(v[:, 0], _c(2.0**-32, work), out=scratch[:, 0]).add_(_c(_U1_OFFSET[work], work)), v[:, 1]
         theta.add_(_c(2.0**31, work)).mul_(_c(_ANGLE_32, work))
     else:  # the words' top 24 bits
-        if on_host:  # a logical shift of the uint32 words
-            np.right_shift(words.numpy().view(np.uint32), 8, out=words.numpy().view(np.uint32))
-        else:
-            words.bitwise_right_shift_(_c(8)).bitwise_and_(_c(0xFFFFFF))
-        v = spare.view(work).copy_(words)
+        v = spare.view(work).copy_(words.bitwise_right_shift_(_c(8)).bitwise_and_(_c(0xFFFFFF)))
         scratch = words.view(work)
         u1, theta = torch.mul(v[:, 0], _c(2.0**-24, work), out=scratch[:, 0]).add_(_c(_U1_OFFSET[work], work)), v[:, 1]
         theta.mul_(_c(_ANGLE_24, work))
