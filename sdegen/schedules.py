@@ -212,7 +212,7 @@ def load_grid(path: Union[str, os.PathLike], sde: Optional[SDE] = None, *, kind:
     return times, sde, meta
 
 
-PILOT_ORDER = 3  # the pilot's predictor order: its corrected steps have local error O(h^4)
+PILOT_ORDER = 3  # the pilot's predictor order: the local error it controls (the predictor's) is O(h^4)
 PILOT_ERRORS = ("local", "global")
 
 
@@ -223,8 +223,8 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
     """A grid of ``steps`` steps for a fixed-step sampler of global ``order``, laid out as the adaptive solver lays
     out its own steps on this model: no constant of the data or of the SDE enters.
 
-    A pilot run of the adaptive exponential multistep solver (``method="adaptive"``, order 3, error control as in
-    :class:`sdegen.samplers.AdaptiveMultistep`) takes ``batch`` draws of shape (batch, *shape) from the prior
+    A pilot run of the adaptive exponential multistep solver (``method="adaptive"``, order 3, controlling the
+    predictor's local error: :class:`sdegen.samplers.AdaptiveMultistep` with ``error="predictor"``) takes ``batch`` draws of shape (batch, *shape) from the prior
     (seeded by ``seed``) from t_max to t_min at tolerances ``rtol``/``atol``. Its controller keeps the local error
     of each accepted step u_k -> u_k + h_k (u = log(m/s)) at the tolerance, C(u) h^{p+1} = tol with p = 3, so
     1/h(u) = (C(u)/tol)^{1/(p+1)} is a step density. A fixed-step method of order q with N steps has the smallest
@@ -310,7 +310,10 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
 def _recording_pilot(rtol: float, atol: float):
     """The pilot solver (AdaptiveMultistep of order PILOT_ORDER) keeping, for each accepted step, the state it
     reached and its local error estimate (corrector minus predictor, in x). The accept test of AdaptiveMultistep
-    is ``_error(...) <= 1``; the record follows it."""
+    is ``_error(...) <= 1``; the record follows it.
+
+    The controller holds the predictor's local error (``error="predictor"``, of order PILOT_ORDER + 1 in h) to the
+    tolerance: the error model C(u) h^{p+1}, p = PILOT_ORDER, that :func:`pilot_grid` turns into a step density."""
     from .samplers.adaptive import AdaptiveMultistep
 
     class RecordingPilot(AdaptiveMultistep):
@@ -324,7 +327,7 @@ def _recording_pilot(rtol: float, atol: float):
                 self.record.append((x_new, diff))
             return e
 
-    return RecordingPilot(rtol=rtol, atol=atol, order=PILOT_ORDER)
+    return RecordingPilot(rtol=rtol, atol=atol, order=PILOT_ORDER, error="predictor")
 
 
 def flow_adjoint(sde: SDE, model: Any, times: torch.Tensor, states: torch.Tensor, cotangent: torch.Tensor, *,

@@ -1,6 +1,8 @@
 """Tests of sdegen.schedules: refine_grid, grids from step densities and the pilot grid (the fixed named schedules
 are tested with the sampling driver)."""
 
+import math
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def test_refine_grid_rejects_bad_input():
 
 
 # ---------------------------------------------------------------- grids from step sizes and the pilot grid
-from sdegen.schedules import grid_from_step_sizes, pilot_grid  # noqa: E402
+from sdegen.schedules import PILOT_ORDER, grid_from_step_sizes, pilot_grid  # noqa: E402
 
 
 @pytest.mark.parametrize("sde", [sdegen.VPSDE(), sdegen.VESDE()])
@@ -251,3 +253,15 @@ def test_growth_limit_bounds_the_step_ratio_and_keeps_an_even_grid():
                                sde.log_snr(sdegen.time_grid(sde, 6, "log_snr")), rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="growth"):
         grid_from_step_sizes(sde, even, 6, 1.0, growth=1.0)
+
+
+def test_pilot_steps_follow_the_predictor_error_model():
+    """pilot_grid reads the pilot's steps as C(u) h^(p+1) = tol with p = PILOT_ORDER (the predictor's local error,
+    which the pilot controls): its number of steps then grows as tol^(-1/(p+1)). Fitted over two decades of
+    tolerance on the ring mixture, the exponent is 1/(p+1) = 0.25 within 0.02 (a controller of the corrected
+    state's error, of order p + 2, gives 1/(p+2) = 0.2)."""
+    sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    tols = (1e-4, 1e-5, 1e-6)
+    steps = [len(pilot_grid(sde, mix, 4, (2,), error="local", rtol=tol, atol=tol).pilot_times) - 1 for tol in tols]
+    slope = math.log(steps[-1] / steps[0]) / math.log(tols[0] / tols[-1])
+    assert abs(slope - 1.0 / (PILOT_ORDER + 1)) < 0.02, (steps, slope)
