@@ -10,8 +10,11 @@ posterior, y' = a y + (1 - a) x0 + sigma' sqrt(1 - a) z with a = e^{-2h}; a step
 (1 - a)^2 J (1 - J) ~ 4 h^2 J (1 - J) per step, J = v / (v + sigma^2): zero where D is constant (J = 0, sigma far
 above the data's scales, where exponential integrators are exact) and where D is the identity (J = I, sigma far
 below them), largest where sigma crosses a scale of the data. For general data the per-step error is taken as
-C(u) h^{q+1} with C(u) the root-mean-square eigenvalue of J (I - J), which also counts the directions between
-modes, where J has eigenvalues above 1 while trajectories choose their component.
+C(u) h^{q+1} with C(u) the root-mean-square eigenvalue of J (I - J), read no higher than the Gaussian model's
+largest value 1/4 (at J = 1/2): between modes, while trajectories choose their component, J has eigenvalues above 1
+and J (I - J) grows as their square, but there the model does not apply (the variance a step misses,
+(1 - a)^2 Cov[x0 | y], stays below (1 - a)^2 times the marginal variance), and without the bound those noise levels
+would take the steps that set the modes' own spread.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .schedules import time_grid
 from .sde import SDE
 
 F64 = torch.float64
+CAP = 0.25  # the largest J (1 - J) of the Gaussian error model (at J = 1/2)
 
 
 def _jvp(model, x: torch.Tensor, t: torch.Tensor, d0: torch.Tensor, v: torch.Tensor, m: float, sigma: float
@@ -142,7 +146,7 @@ def sensitivity_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, 
     resolution = math.sqrt(torch.finfo(dtype).eps)  # the forward differences' relative accuracy
     if not bool((c > resolution).any()):
         return time_grid(sde, steps, "log_snr", t_min=t_min, t_max=t_max), nfe
-    u = _equidistribute(0.5 * sde.log_snr(ts), c.clamp_min(resolution), steps, order)
+    u = _equidistribute(0.5 * sde.log_snr(ts), c.clamp(resolution, CAP), steps, order)
     grid = sde.t_from_log_snr(2.0 * u)
     grid[0], grid[-1] = ts[0], ts[-1]  # exact end points despite round-off in the inverse map
     return grid, nfe
