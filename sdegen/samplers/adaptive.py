@@ -215,7 +215,7 @@ class AdaptiveMultistep(AdaptiveExponential):
     / DEIS on a variable grid). The denoised value at the predicted point is the step's one NFE; the corrector
     adds it to the interpolation (one order higher, the UniC idea of Zhao et al. 2023, eq. 8, in the
     data-prediction form). Accepted steps keep the corrected state and the new denoised value; rejected ones cost
-    one NFE. NFE = 1 + attempted steps. After a run, ``stats["times"]`` lists the accepted times (an explicit grid
+    one NFE. Step sizes: PI control capped by Gustafsson's predictive controller (see :meth:`_next_h`). NFE = 1 + attempted steps. After a run, ``stats["times"]`` lists the accepted times (an explicit grid
     for the fixed-step samplers).
 
     The error controlled (``error``): the corrector evaluates the denoiser at the predicted point, not at the state
@@ -248,13 +248,29 @@ class AdaptiveMultistep(AdaptiveExponential):
         self._hist = []
         self.stats = {"accepted": 0, "rejected": 0, "times": [float(ts[0])]}
 
+    def _next_h(self, h: float, e: float, e_prev: float, k: int) -> float:
+        """The PI proposal, capped on accepted steps by Gustafsson's predictive one (Gustafsson 1994, "Control-theoretic
+        techniques for stepsize selection in implicit Runge-Kutta methods", ACM TOMS 20; Hairer & Wanner, "Solving
+        ODEs II", section IV.8, as in RADAU5): safety h (h / h_acc) (e_acc / e^2)^{1/k}, with (h_acc, e_acc) the
+        previous accepted step. Where the error constant keeps growing (trajectories choosing a mode) it extrapolates
+        that growth, instead of alternating accepted and rejected steps."""
+        h_new = super()._next_h(h, e, e_prev, k)
+        if e > 1.0:
+            return h_new
+        if self._accepted is not None:
+            h_acc, e_acc = self._accepted
+            predictive = self.safety * (h / h_acc) * (e_acc / e**2) ** (1.0 / k)
+            h_new = min(h_new, h * min(self.max_factor, max(0.2, predictive)))
+        self._accepted = (h, max(e, 1e-2))  # RADAU5's floor on the remembered error
+        return h_new
+
     def _integrate(self, ctx, x, t0, t1):
         m, s, u = _point(ctx, t0)
         u_end = _point(ctx, t1)[2]
         if not self._hist:
             self._hist = [(u, ctx.denoise(x, t0))]
         h = self.h_init if self.h_init is not None else 0.1 * (u_end - u)
-        e_prev, t = 1.0, t0
+        e_prev, t, self._accepted = 1.0, t0, None
         while u_end - u > 1e-12 * max(1.0, abs(u_end)):
             self._check_budget(t, t1, h, x.shape[0])
             self._check_underflow(h, u, t, x.shape[0])
