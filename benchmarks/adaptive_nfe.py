@@ -243,7 +243,7 @@ def main():
                         help="only the log_likelihood study of time variables and norms at rtol = atol = 1e-5 "
                         "(writes adaptive_nfe_likelihood_options.md)")
     parser.add_argument("--holdout", type=int, nargs=2, metavar=("SEED", "COUNT"), default=None,
-                        help="add COUNT fresh problems of suite_solvers.holdout_problems(SEED, COUNT) (sampling only)")
+                        help="instead, COUNT fresh problems of suite_solvers.holdout_problems(SEED, COUNT) (sampling only)")
     parser.add_argument("--out", default=None, help="default benchmarks/results/adaptive_nfe[_quick].md")
     args = parser.parse_args()
     if args.likelihood_options:
@@ -256,9 +256,7 @@ def main():
     start = time.time()
     names = list(PROBLEMS)[:QUICK] if args.quick else list(PROBLEMS)
     s_rows, l_rows, summary = [], [], []
-    problems = {name: PROBLEMS[name] for name in names}
-    if args.holdout is not None:
-        problems.update(holdout(*args.holdout))
+    problems = holdout(*args.holdout) if args.holdout else {name: PROBLEMS[name] for name in names}
     for pname, (make_gm, make_sde) in problems.items():
         gm, sde = make_gm(), make_sde()
         rows, best = sampling_rows(pname, gm, sde, args.n, SAMPLING_TOLS, kd, device)
