@@ -44,7 +44,7 @@ from .divergence import divergence_exact, divergence_hutchinson, make_probes
 from .likelihood import LikelihoodResult, bits_per_dim, dequantize, log_likelihood
 from . import distributed
 from .distributed import init_distributed, log_likelihood_sharded, sample_sharded, train_ddp
-from . import calibration
+from . import calibration, sensitivity_grid
 from .calibration import ScheduleFit, optimize_schedule
 from . import adapters
 from .adapters import diffusers_time_grid, from_denoiser, from_diffusers, from_score_sde

@@ -76,7 +76,9 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         t_min: end time (default ``sde.t_min``), in (0, T); an explicit schedule ends at its own last time.
         schedule: time grid for fixed-step samplers: "uniform", "log_snr", "edm", "quadratic", "few_step",
             "pilot" (laid out by a pilot run of the adaptive solver on 64 draws, see
-            :func:`sdegen.schedules.pilot_grid`; its calls are ``SampleInfo.pilot_nfe``) or explicit times.
+            :func:`sdegen.schedules.pilot_grid`; its calls are ``SampleInfo.pilot_nfe``), "sensitivity" (for
+            stochastic samplers: equal steps of the denoiser's sensitivity measured by a pilot, see
+            :func:`sdegen.sensitivity_grid.sensitivity_grid`; its calls are ``pilot_nfe`` too) or explicit times.
         seed: int, one int per example as a (B,) tensor, or a torch.Generator. Example i's x_T and noise depend
             only on its own seed, so a sample does not depend on the batch it is drawn in. None: seeds are drawn
             from torch's global generator where a draw is needed (x_T from the prior, a stochastic sampler's

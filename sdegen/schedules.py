@@ -21,6 +21,7 @@ SCHEDULES = ("uniform", "log_snr", "edm", "quadratic", "few_step")
 PILOT = "pilot"  # the model-dependent grid of :func:`pilot_grid` (error="global"), resolved by :func:`sdegen.sample`
 PILOT_LOCAL = "pilot_local"  # :func:`pilot_grid` with error="local": for models without autograd, at the pilot's cost
 PILOT_SCHEDULES = {PILOT: "global", PILOT_LOCAL: "local"}  # schedule name -> pilot_grid's ``error``
+SENSITIVITY = "sensitivity"  # the model-dependent grid of :func:`sdegen.sensitivity_grid.sensitivity_grid`
 
 
 def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "uniform", *,
@@ -70,9 +71,13 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
         raise ValueError(f"the {schedule!r} schedule depends on the model: pass schedule={schedule!r} to "
                          "sdegen.sample, or compute it with sdegen.schedules.pilot_grid(sde, model, steps, shape, "
                          f"error={PILOT_SCHEDULES[schedule]!r}).times.")
+    elif schedule == SENSITIVITY:
+        raise ValueError(f"the {schedule!r} schedule depends on the model: pass schedule={schedule!r} to "
+                         "sdegen.sample, or compute it with sdegen.sensitivity_grid.sensitivity_grid(sde, model, steps, "
+                         "shape, order=...)[0].")
     else:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, {PILOT!r} or {PILOT_LOCAL!r} (with a model) or a "
-                         f"tensor of times; got {schedule!r}.")
+        raise ValueError(f"schedule must be one of {SCHEDULES}, {PILOT!r}, {PILOT_LOCAL!r} or {SENSITIVITY!r} (with "
+                         f"a model) or a tensor of times; got {schedule!r}.")
     ts[0], ts[-1] = t_max, t_min  # exact end points despite round-off in the inverse maps
     return ts
 
@@ -440,12 +445,17 @@ def _limit_growth(u: torch.Tensor, density: torch.Tensor, steps: int, growth: fl
 def resolve_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor], *, t_min: Optional[float], model: Any,
                  x: torch.Tensor, order: int) -> Tuple[torch.Tensor, int]:
     """The driver's grid: (times, model calls spent finding them). "pilot" ("pilot_local") runs :func:`pilot_grid`
-    with error="global" ("local") for a sampler of ``order`` on draws shaped like ``x``; every other schedule is
-    :func:`time_grid`'s and costs no call."""
+    with error="global" ("local") for a sampler of ``order`` on draws shaped like ``x``; "sensitivity" runs
+    :func:`sdegen.sensitivity_grid.sensitivity_grid` for it; every other schedule is :func:`time_grid`'s and costs
+    no call."""
     if isinstance(schedule, str) and schedule in PILOT_SCHEDULES:
         grid = pilot_grid(sde, model, steps, tuple(x.shape[1:]), order=order, t_min=t_min, dtype=x.dtype,
                           device=x.device, error=PILOT_SCHEDULES[schedule])
         return grid.times, grid.nfe
+    if isinstance(schedule, str) and schedule == SENSITIVITY:
+        from .sensitivity_grid import sensitivity_grid  # it builds on time_grid: imported here, not at the top
+        return sensitivity_grid(sde, model, steps, tuple(x.shape[1:]), order=order, t_min=t_min, dtype=x.dtype,
+                                device=x.device)
     return time_grid(sde, steps, schedule, t_min=t_min), 0
 
 

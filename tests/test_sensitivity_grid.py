@@ -112,3 +112,18 @@ def test_sa_solver_on_the_grid_samples_gaussian_data_at_ten_steps(v):
                                        seed=3, dtype=F64).var(0).mean()) / target for name, grid in grids.items()}
     assert abs(ratio["sensitivity"] - 1.0) < 0.03
     assert abs(ratio["log_snr"] - 1.0) > 0.05
+
+
+def test_sample_resolves_the_sensitivity_schedule():
+    """schedule="sensitivity" in sdegen.sample is sensitivity_grid for the sampler's order on draws shaped like x:
+    the same samples as the explicit grid, and the pilot's calls reported as pilot_nfe, not as nfe."""
+    gm = gaussian(0.3, 4)
+    sampler = sdegen.samplers.get_sampler("sa_solver", tau=0.7)
+    times, pilot_nfe = sensitivity_grid(VP, gm, 8, (4,), order=sampler.order)
+    x_named, info = sdegen.sample(VP, gm, shape=(16, 4), method="sa_solver", tau=0.7, steps=8,
+                                  schedule="sensitivity", seed=3, dtype=F64, return_info=True)
+    x_explicit = sdegen.sample(VP, gm, shape=(16, 4), method="sa_solver", tau=0.7, schedule=times, seed=3, dtype=F64)
+    torch.testing.assert_close(x_named, x_explicit, rtol=0.0, atol=0.0)
+    assert info.pilot_nfe == pilot_nfe > 0
+    with pytest.raises(ValueError, match="sensitivity_grid"):
+        sdegen.time_grid(VP, 8, "sensitivity")
