@@ -31,9 +31,12 @@ from .divergence import (PROBE_KINDS, check_differentiable_output, divergence_ex
                          make_probes)
 from .noise import Seed, make_seeds, normal_from_seeds
 from .sde import SDE
+from .likelihood_multistep import MultistepLikelihood
 
 DIVERGENCES = ("hutchinson", "exact")
 _LN2 = math.log(2.0)
+MULTISTEP = "multistep"
+SOLVERS = (MULTISTEP,) + tuple(ODE_METHODS)
 
 
 @dataclass
@@ -129,8 +132,9 @@ def _check_options(divergence: str, probes: int, probe: Tuple[str, str], solver:
     if probe[0] not in PROBE_KINDS:
         raise ValueError(f"{probe[1]} must be one of {PROBE_KINDS} (the law of the Hutchinson probes); "
                          f"got {probe[0]!r}.")
-    if solver[0] not in ODE_METHODS:
-        raise ValueError(f"{solver[1]} must be a torchdiffeq method, one of {ODE_METHODS}; got {solver[0]!r}.")
+    if solver[0] not in SOLVERS:
+        raise ValueError(f"{solver[1]} must be 'multistep' or a torchdiffeq method, one of {SOLVERS}; "
+                         f"got {solver[0]!r}.")
     for name, v in (("rtol", rtol), ("atol", atol)):
         check_number(v, name, lo=0.0, lo_open=True)
     check_int(max_steps, "max_steps", lo=1)
@@ -187,10 +191,15 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
             None: B seeds are drawn once from torch's global generator, and only when something random needs them
             (Hutchinson probes, ``levels``); the exact divergence of continuous data leaves it untouched.
         solver, rtol, atol: the torchdiffeq method ("dopri5" by default; the ``solver`` of
-            ``sdegen.sample(method="ode", solver=...)``) and its tolerances; the error is controlled for every
-            example (not for a batch average): the RMS of its state's and log-density term's error ratios. At the
-            same rtol/atol this takes 1.0-1.55x the evaluations of dopri5 with torchdiffeq's batch-average norm,
-            and the worst example's error is usually 2-20x smaller (benchmarks/results/likelihood_nfe.md).
+            ``sdegen.sample(method="ode", solver=...)``) or "multistep", and the tolerances; the error is
+            controlled for every example (not for a batch average): the RMS of its state's and log-density term's
+            error ratios. At the same rtol/atol dopri5 takes 1.0-1.55x the evaluations of dopri5 with
+            torchdiffeq's batch-average norm, and the worst example's error is usually 2-20x smaller
+            (benchmarks/results/likelihood_nfe.md). "multistep" (:mod:`sdegen.likelihood_multistep`): an adaptive
+            exponential multistep predictor-corrector in y = x/m and log sigma, one evaluation per step, the same
+            per-example norm; it took 0.57-1.39x the evaluations of that batch-norm dopri5 (0.57-1.09x at
+            rtol = atol <= 1e-4) with a worst error 2-100x smaller (benchmarks/results/likelihood_nfe_multistep.md);
+            it has no adjoint (``adjoint=True`` raises ValueError: use dopri5).
             ``steps``: the step count of fixed-grid methods ("rk4", "euler", ...); adaptive methods choose their
             own and raise ValueError when given one.
         t_min: start of the integration; the result is log p_{t_min}, the density of the data blurred by the
@@ -232,7 +241,10 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
     _check_options(divergence, probes, (probe, probe_name), (solver, solver_name), rtol, atol, max_steps)
     check_flag(adjoint, "adjoint")
     check_flag(progress, "progress")
-    if steps is not None and is_adaptive_ode_method(solver):
+    if adjoint and solver == MULTISTEP:
+        raise ValueError(f"{solver_name}='multistep' does not support adjoint=True (its steps are not a "
+                         "torchdiffeq solve); pass solver='dopri5' (the default under adjoint=True) for gradients.")
+    if steps is not None and (solver == MULTISTEP or is_adaptive_ode_method(solver)):
         raise ValueError(f"steps: the adaptive solver {solver!r} chooses its own steps (set rtol/atol); for a "
                          f"fixed number of steps pass solver='rk4' (or 'euler', 'midpoint') with steps; "
                          f"got steps={steps!r}.")
@@ -255,6 +267,8 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
 
     def solve(keep: Optional[torch.Tensor]):
         sub, vs = (src, probe_vs) if keep is None else (src[keep], None if probe_vs is None else probe_vs[:, keep])
+        if solver == MULTISTEP:
+            return _solve_multistep(sde, score, sub, vs, t_lo, t_hi, rtol, atol, max_steps, chunk_size, bar, nfe)
         field = _AugmentedFlow(sde, score, event_shape, t_lo, t_hi, vs, chunk_size, on_time=bar)
         y0 = torch.cat([sub.reshape(sub.shape[0], D), sub.new_zeros(sub.shape[0], 1)], dim=1)
         try:
@@ -290,6 +304,16 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         bpd = -log_prob / (D * _LN2)
     return LikelihoodResult(log_prob, bpd, latent, prior_lp, delta, nfe[0], n_steps,
                             time.perf_counter() - start, t_lo, t_hi, failed)
+
+
+def _solve_multistep(sde, score, x, probes, t_lo, t_hi, rtol, atol, max_steps, chunk_size, bar, nfe):
+    """The multistep solve in the form of the Runge-Kutta branch: (y1 = (x_T flattened, int div f~), steps)."""
+    stepper = MultistepLikelihood(rtol, atol, max_steps=max_steps)
+    try:
+        x_T, delta = stepper.solve(sde, as_model(score, sde), x, t_lo, t_hi, probes, chunk_size, on_time=bar)
+    finally:
+        nfe[0] += stepper.stats["nfe"]
+    return torch.cat([x_T.reshape(x.shape[0], -1), delta[:, None].to(x_T.dtype)], dim=1), stepper.stats["accepted"]
 
 
 def _check_discrete(levels: int, data_range: Sequence[float]) -> Tuple[float, float]:

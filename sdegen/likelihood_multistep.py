@@ -1,0 +1,277 @@
+"""Log-likelihoods by an adaptive exponential multistep method: one evaluation of the augmented field per step.
+
+In y = x/m against tau = log sigma = log(s/m) (increasing from data to noise) the probability-flow ODE of any
+linear SDE reads (Karras et al. 2022, eq. 4, with sigma = e^tau)
+
+    dy/dtau = y - D(y, tau),
+
+D the denoiser E[x_0 | x_t = m y], so its linear part integrates exactly (variation of constants):
+
+    y(tau + h) = e^h y(tau) - int_0^h e^{h - r} D(tau + r) dr.
+
+The density follows from the instantaneous change of variables in y (Chen et al. 2018, theorem 1),
+log p^y_{tau_0}(y_0) = log p^y_{tau_1}(y_1) + int div_y (y - D) dtau, and from x = m y, log p^x = log p^y - d log m
+(d values per example). Collecting the terms (tau_1 - tau_0 + log(m_1/m_0) = log(s_1/s_0)):
+
+    log p_{t_min}(x) = log p_T(x_T) + d log(s(T) / s(t_min)) - int_{tau_0}^{tau_1} div_y D(y_tau, tau) dtau,
+
+with div_y D = m div_x D. The bracket d log(s_T/s_min) - int div_y D equals the integral of div f~ over t that the
+Runge-Kutta solvers accumulate, at every time.
+
+One step from tau to tau + h (the method of :class:`sdegen.samplers.AdaptiveMultistep`, run forward):
+
+- predictor: the exponential Adams rule through the last k step points' denoised values (the Lagrange
+  polynomial in tau integrated against e^{h - r} exactly; DPM-Solver++ multistep / DEIS on a variable grid),
+  and the same polynomial through their divergences integrated plainly (an Adams-Bashforth quadrature);
+- one evaluation at the predicted point: D and its divergence (a forward pass and the backward pass(es) of the
+  exact divergence, or of Hutchinson probes held fixed along the solve);
+- corrector: both rules again with that point added (order k + 1, the UniC idea of Zhao et al. 2023, eq. 8, and
+  an Adams-Moulton quadrature), kept together with the new values (PEC mode).
+
+The error held to rtol/atol per example is that of the augmented state (x, int div f~) as in
+:func:`sdegen.log_likelihood`'s Runge-Kutta solvers: the RMS of its d + 1 error ratios, the worst example deciding
+acceptance. The corrector-minus-predictor difference delta is the predictor's local error (order k + 1); the kept
+corrector is one order higher, and its local error is the new point's weight in the step's rules times the error
+of the values evaluated there, which the predictor's delta makes: at most (e^h - 1) delta for the state (the
+newest Lagrange basis lies in [0, 1] over the step, and dD/dy -> I as the noise vanishes) and h delta for the
+log-density term (``error="corrector"``, controller exponent 1/(k + 2)); ``error="predictor"`` holds delta itself.
+Steps: the standard (I) controller of Runge-Kutta codes, exponent 1/(k + 2) (resp. 1/(k + 1)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ._util import batch_time
+from .divergence import check_differentiable_output, divergence_exact, divergence_hutchinson
+from .errors import STEP_LIMIT_HINT, SolverError
+from .models import Model
+from .sde import SDE
+
+ERRORS = ("corrector", "predictor")
+_NAME = "log_likelihood (solver='multistep')"
+
+
+def exp_moments(h: float, n: int) -> List[float]:
+    """M_k = int_0^1 e^{h (1 - rho)} rho^k drho for k < n, by the series sum_j h^j k! / (j + k + 1)!
+    (all terms positive: no cancellation at small h, where the integration-by-parts recursion loses digits)."""
+    out = []
+    for k in range(n):
+        term = math.factorial(k) / math.factorial(k + 1)  # j = 0
+        total, j = term, 0
+        while term > 1e-17 * total and j < 400:
+            j += 1
+            term *= h / (j + k + 1)
+            total += term
+        out.append(total)
+    return out
+
+
+def _solve_small(a: List[List[float]], b: List[float]) -> List[float]:
+    """Gaussian elimination with partial pivoting on a small dense system (Python floats, float64)."""
+    n = len(b)
+    a = [row[:] + [v] for row, v in zip(a, b)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(a[r][c]))
+        a[c], a[p] = a[p], a[c]
+        for r in range(c + 1, n):
+            f = a[r][c] / a[c][c]
+            for j in range(c, n + 1):
+                a[r][j] -= f * a[c][j]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (a[r][n] - sum(a[r][j] * x[j] for j in range(r + 1, n))) / a[r][r]
+    return x
+
+
+def step_weights(nodes: Sequence[float], h: float) -> Tuple[List[float], List[float]]:
+    """Weights of the values at ``nodes`` (offsets from the step's start in units of h: 1 for its end, <= 0 for
+    earlier points) in int_0^h e^{h - r} P(r) dr and in int_0^h P(r) dr, P their Lagrange interpolant: the
+    moment equations sum_j w_j rho_j^k = h M_k (resp. h / (k + 1)), k < len(nodes)."""
+    n = len(nodes)
+    vander = [[rho**k for rho in nodes] for k in range(n)]
+    w_exp = _solve_small(vander, [h * m for m in exp_moments(h, n)])
+    w_quad = _solve_small(vander, [h / (k + 1) for k in range(n)])
+    return w_exp, w_quad
+
+
+class _DenoiserDivergence:
+    """(D(m y, t), div_y D) of a batch of y (B, ...): one augmented-field evaluation."""
+
+    def __init__(self, model: Model, probes: Optional[torch.Tensor], chunk_size: Optional[int]):
+        self.model, self.probes, self.chunk_size, self.nfe = model, probes, chunk_size, 0
+
+    def __call__(self, y: torch.Tensor, t: torch.Tensor, m: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.nfe += 1
+
+        def field(z: torch.Tensor) -> torch.Tensor:
+            out = self.model.denoise(z * m, batch_time(t, z).to(z.dtype))
+            return check_differentiable_output(out, z, "the model's denoised estimate D(x, t)")
+
+        if self.probes is None:
+            d, div = divergence_exact(field, y, chunk_size=self.chunk_size, create_graph=False)
+        else:
+            d, div = divergence_hutchinson(field, y, self.probes, create_graph=False)
+        return d, div.to(d.dtype)
+
+
+class _Point:
+    """(t, m, s, tau) at a time, as a 0-d float64 CPU tensor and Python floats."""
+
+    def __init__(self, sde: SDE, t: torch.Tensor):
+        self.t = t
+        log_m, self.s = float(sde.log_mean_coeff(t)), float(sde.std(t))
+        self.m, self.tau = math.exp(log_m), math.log(self.s) - log_m
+
+
+def _point_at_tau(sde: SDE, tau: float) -> _Point:
+    return _Point(sde, sde.t_from_log_snr(torch.tensor(-2.0 * tau, dtype=torch.float64)))
+
+
+class MultistepLikelihood:
+    """Adaptive exponential multistep predictor-corrector for the augmented probability-flow ODE (module docstring).
+
+    Args:
+        rtol, atol: tolerances of the augmented state (x, int div f~), per example.
+        order: the predictor's largest order (1-4; the corrector's is one higher); error: "corrector" or
+            "predictor", the local error held to the tolerances.
+        max_steps: limit on attempted steps; h_init: the first step in tau = log sigma (default: from the
+            first evaluation, Hairer, Norsett & Wanner, "Solving ODEs I", section II.4); safety, max_factor:
+            the controller's safety factor and largest growth of a step.
+    """
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, order: int = 4, error: str = "corrector",
+                 max_steps: int = 10_000, h_init: Optional[float] = None, safety: float = 0.9,
+                 max_factor: float = 2.0):
+        if isinstance(order, bool) or order not in (1, 2, 3, 4):
+            raise ValueError(f"order must be 1, 2, 3 or 4 (the predictor's order); got {order!r}.")
+        if error not in ERRORS:
+            raise ValueError(f"error must be one of {ERRORS} (the local error held to rtol/atol); got {error!r}.")
+        self.rtol, self.atol, self.order, self.error = float(rtol), float(atol), order, error
+        self.max_steps, self.h_init, self.safety, self.max_factor = max_steps, h_init, safety, max_factor
+        self.stats = {"accepted": 0, "rejected": 0, "nfe": 0}
+
+    def solve(self, sde: SDE, model: Model, x: torch.Tensor, t_lo: float, t_hi: float,
+              probes: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+              on_time: Optional[Callable[[torch.Tensor], None]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Integrate from t_lo to t_hi; returns (x_T of x's shape, int_{t_lo}^{t_hi} div f~ dt of shape (B,)).
+        Raises :class:`SolverError` naming the examples at a non-finite value, an underflowing step or the step
+        limit. ``stats`` holds the accepted and rejected steps and the evaluations."""
+        field = _DenoiserDivergence(model, probes, chunk_size)
+        self.stats = {"accepted": 0, "rejected": 0, "nfe": 0}
+        try:
+            return self._integrate(sde, field, x, t_lo, t_hi, on_time)
+        finally:
+            self.stats["nfe"] = field.nfe
+
+    def _integrate(self, sde, field, x, t_lo, t_hi, on_time):
+        B, d = x.shape[0], x[0].numel()
+        start, end = _Point(sde, torch.tensor(t_lo, dtype=torch.float64)), _Point(sde, torch.tensor(t_hi,
+                                                                                                   dtype=torch.float64))
+        here, y = start, x / start.m
+        big_l = x.new_zeros(B)  # int div_y D dtau so far
+        d_now, div_now = field(y, here.t, here.m)
+        self._check_finite(d_now, div_now, here, 0.0, B)
+        hist = [(here.tau, d_now, div_now)]
+        h = self.h_init if self.h_init is not None else self._first_step(y, d_now, here, end)
+        rejected, ratios = False, None
+        while end.tau - here.tau > 1e-12 * max(1.0, abs(end.tau)):
+            if self.stats["accepted"] + self.stats["rejected"] >= self.max_steps:
+                raise self._limit_error(ratios, here, h, B, f"max_steps={self.max_steps} steps did not reach "
+                                        f"t={t_hi:g}", STEP_LIMIT_HINT, maskable=False)
+            if h <= 1e-12 * max(1.0, abs(here.tau)):
+                raise self._limit_error(ratios, here, h, B, "the step size underflowed")
+            last = h >= end.tau - here.tau
+            h = end.tau - here.tau if last else h
+            nxt = end if last else _point_at_tau(sde, here.tau + h)
+            y_new, l_new, delta_y, delta_l = self._step(field, y, big_l, hist, here, nxt, h)
+            per = self._ratios(x_old=y * here.m, x_new=y_new * nxt.m, dx=delta_y * nxt.m,
+                               l_old=d * math.log(here.s / start.s) - big_l,
+                               l_new=d * math.log(nxt.s / start.s) - l_new, dl=delta_l, d=d)
+            e = float(per.max())  # the step's one host read
+            if not math.isfinite(e):
+                self._check_finite(y_new, l_new, nxt, h, B)
+            ratios, e = per, max(e, 1e-10)
+            k = len(hist[-self.order:]) + (2 if self.error == "corrector" else 1)
+            if e <= 1.0:
+                self.stats["accepted"] += 1
+                y, big_l, here = y_new, l_new, nxt
+                hist = (hist + [self._new_point])[-self.order:]
+                if on_time is not None:
+                    on_time(here.t)
+            else:
+                self.stats["rejected"] += 1
+            h, rejected = self._next_h(h, e, k, rejected), e > 1.0
+        delta_log_prob = d * math.log(end.s / start.s) - big_l
+        return y * end.m, delta_log_prob
+
+    def _step(self, field, y, big_l, hist, here, nxt, h):
+        """Predictor, one evaluation, corrector: (y', L', corrector - predictor in y and in L), each weighted by
+        the error model; the new point's (tau, D, div) is kept for an accepted step."""
+        hist = hist[-self.order:]
+        nodes = [(tau - here.tau) / h for tau, _, _ in hist]
+        grow = math.exp(h)
+        wp, qp = step_weights(nodes, h)
+        y_pred = y * grow
+        for w, (_, dv, _) in zip(wp, hist):
+            y_pred = y_pred - w * dv
+        d_new, div_new = field(y_pred, nxt.t, nxt.m)
+        wc, qc = step_weights([1.0] + nodes, h)
+        y_corr = y * grow - wc[0] * d_new
+        l_pred, l_corr = big_l.clone(), big_l + qc[0] * div_new
+        for b, c, q, (_, dv, div) in zip(wc[1:], qp, qc[1:], hist):
+            y_corr = y_corr - b * dv
+            l_pred = l_pred + c * div
+            l_corr = l_corr + q * div
+        self._new_point = (nxt.tau, d_new, div_new)
+        wy, wl = (math.expm1(h), h) if self.error == "corrector" else (1.0, 1.0)
+        return y_corr, l_corr, (y_corr - y_pred) * wy, (l_corr - l_pred) * wl
+
+    def _ratios(self, x_old, x_new, dx, l_old, l_new, dl, d):
+        """Per example: the RMS of the d + 1 error ratios err / (atol + rtol max(|old|, |new|)) of (x, l)."""
+        sx = torch.maximum(x_old.abs(), x_new.abs()).mul_(self.rtol).add_(self.atol)
+        sl = torch.maximum(l_old.abs(), l_new.abs()).mul_(self.rtol).add_(self.atol)
+        sq = (dx / sx).reshape(dx.shape[0], -1).pow(2).sum(1) + (dl / sl).pow(2)
+        return (sq / (d + 1)).sqrt()
+
+    def _first_step(self, y, d0, here, end) -> float:
+        """Hairer's starting step 0.01 ||y|| / ||dy/dtau|| in the error norm (1e-6 where the field vanishes), at
+        most a tenth of the span."""
+        scale = y.abs().mul(here.m * self.rtol).add_(self.atol)
+        f = (y - d0) * here.m
+        n0 = float(((y * here.m) / scale).pow(2).mean().sqrt())
+        n1 = float((f / scale).pow(2).mean().sqrt())
+        h = 1e-6 if n0 < 1e-5 or n1 < 1e-5 else 0.01 * n0 / n1
+        return min(h, 0.1 * (end.tau - here.tau))
+
+    def _next_h(self, h: float, e: float, k: int, rejected: bool) -> float:
+        """The standard controller h' = h min(max_factor, max(0.2, safety e^{-1/k})), held at h' <= h on the step
+        after a rejection (Hairer, Norsett & Wanner, "Solving ODEs I", section II.4, eq. 4.13). A PI controller
+        with Gustafsson's predictive cap (the adaptive sampler's) kept the error ratios at 0.1-0.4 and took
+        10-25% more evaluations here (benchmarks/results/likelihood_nfe_multistep.md)."""
+        factor = min(self.max_factor, max(0.2, self.safety * e ** (-1.0 / k)))
+        return h * (min(factor, 1.0) if rejected and e <= 1.0 else factor)
+
+    def _check_finite(self, a, b, at, h, B):
+        bad = ~torch.isfinite(a.reshape(B, -1)).all(1) | ~torch.isfinite(b)
+        if bool(bad.any()):
+            raise SolverError(_NAME, torch.nonzero(bad).flatten().tolist(), float(at.t), h,
+                              "the state, the log-density term or the denoiser became non-finite (NaN or inf)",
+                              detail="the step size is in tau = log sigma", batch=B)
+
+    def _limit_error(self, ratios, here, h, B, reason, hint=None, maskable=True):
+        if ratios is None:
+            bad, why = [], "no step had been attempted"
+        else:
+            per = ratios.detach().cpu()
+            bad = torch.nonzero(per > 1.0).flatten().tolist() or [int(per.argmax())]
+            why = f"their error ratios exceeded 1 in the last step attempted (worst {float(per.max()):.3g})"
+        kwargs = {} if hint is None else {"hint": hint}
+        return SolverError(_NAME, bad, float(here.t), h, reason, detail=f"{why}; the step size is in tau = log "
+                           "sigma", batch=B, maskable=maskable, **kwargs)
+
+
+__all__ = ["MultistepLikelihood", "step_weights", "exp_moments", "ERRORS"]
