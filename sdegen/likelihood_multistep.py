@@ -46,6 +46,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ._util import batch_time
+from ._validate import check_int, check_number
 from .divergence import check_differentiable_output, divergence_exact, divergence_hutchinson
 from .errors import STEP_LIMIT_HINT, SolverError
 from .models import Model
@@ -140,7 +141,8 @@ class MultistepLikelihood:
             "predictor", the local error held to the tolerances.
         max_steps: limit on attempted steps; h_init: the first step in tau = log sigma (default: from the
             first evaluation, Hairer, Norsett & Wanner, "Solving ODEs I", section II.4); safety, max_factor:
-            the controller's safety factor and largest growth of a step.
+            the controller's safety factor and largest growth of a step (1: the steps never grow, so that with
+            tolerances no step can fail they are h_init throughout, a fixed grid in log sigma).
     """
 
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, order: int = 4, error: str = "corrector",
@@ -150,6 +152,13 @@ class MultistepLikelihood:
             raise ValueError(f"order must be 1, 2, 3 or 4 (the predictor's order); got {order!r}.")
         if error not in ERRORS:
             raise ValueError(f"error must be one of {ERRORS} (the local error held to rtol/atol); got {error!r}.")
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            check_number(v, name, lo=0.0, lo_open=True)
+        check_int(max_steps, "max_steps", lo=1)
+        if h_init is not None:
+            check_number(h_init, "h_init", lo=0.0, lo_open=True, hint=" (a step in log sigma)")
+        check_number(safety, "safety", lo=0.0, hi=1.0, lo_open=True)
+        check_number(max_factor, "max_factor", lo=1.0, hint=" (the largest growth of a step; 1: steps never grow)")
         self.rtol, self.atol, self.order, self.error = float(rtol), float(atol), order, error
         self.max_steps, self.h_init, self.safety, self.max_factor = max_steps, h_init, safety, max_factor
         self.stats = {"accepted": 0, "rejected": 0, "nfe": 0}
