@@ -183,7 +183,9 @@ class MultistepLikelihood:
         here, y = start, x / start.m
         big_l = x.new_zeros(B)  # int div_y D dtau so far
         d_now, div_now = field(y, here.t, here.m)
-        self._check_finite(d_now, div_now, here, 0.0, B)
+        bad = ~torch.isfinite(d_now.reshape(B, -1)).all(1) | ~torch.isfinite(div_now)
+        if bool(bad.any()):
+            raise self._nonfinite(bad, here, 0.0, B)
         hist = [(here.tau, d_now, div_now)]
         h = self.h_init if self.h_init is not None else self._first_step(y, d_now, here, end)
         rejected, ratios = False, None
@@ -196,19 +198,19 @@ class MultistepLikelihood:
             last = h >= end.tau - here.tau
             h = end.tau - here.tau if last else h
             nxt = end if last else _point_at_tau(sde, here.tau + h)
-            y_new, l_new, delta_y, delta_l = self._step(field, y, big_l, hist, here, nxt, h)
+            y_new, l_new, delta_y, delta_l, new_point = self._step(field, y, big_l, hist, here, nxt, h)
             per = self._ratios(x_old=y * here.m, x_new=y_new * nxt.m, dx=delta_y * nxt.m,
                                l_old=d * math.log(here.s / start.s) - big_l,
                                l_new=d * math.log(nxt.s / start.s) - l_new, dl=delta_l, d=d)
             e = float(per.max())  # the step's one host read
             if not math.isfinite(e):
-                self._check_finite(y_new, l_new, nxt, h, B)
+                raise self._nonfinite(~torch.isfinite(per), here, h, B)
             ratios, e = per, max(e, 1e-10)
             k = len(hist[-self.order:]) + (2 if self.error == "corrector" else 1)
             if e <= 1.0:
                 self.stats["accepted"] += 1
                 y, big_l, here = y_new, l_new, nxt
-                hist = (hist + [self._new_point])[-self.order:]
+                hist = (hist + [new_point])[-self.order:]
                 if on_time is not None:
                     on_time(here.t)
             else:
@@ -218,8 +220,8 @@ class MultistepLikelihood:
         return y * end.m, delta_log_prob
 
     def _step(self, field, y, big_l, hist, here, nxt, h):
-        """Predictor, one evaluation, corrector: (y', L', corrector - predictor in y and in L), each weighted by
-        the error model; the new point's (tau, D, div) is kept for an accepted step."""
+        """Predictor, one evaluation, corrector: (y', L', corrector - predictor in y and in L, each weighted by
+        the error model, and the new point's (tau, D, div), kept for an accepted step)."""
         hist = hist[-self.order:]
         nodes = [(tau - here.tau) / h for tau, _, _ in hist]
         grow = math.exp(h)
@@ -235,9 +237,8 @@ class MultistepLikelihood:
             y_corr = y_corr - b * dv
             l_pred = l_pred + c * div
             l_corr = l_corr + q * div
-        self._new_point = (nxt.tau, d_new, div_new)
         wy, wl = (math.expm1(h), h) if self.error == "corrector" else (1.0, 1.0)
-        return y_corr, l_corr, (y_corr - y_pred) * wy, (l_corr - l_pred) * wl
+        return y_corr, l_corr, (y_corr - y_pred) * wy, (l_corr - l_pred) * wl, (nxt.tau, d_new, div_new)
 
     def _ratios(self, x_old, x_new, dx, l_old, l_new, dl, d):
         """Per example: the RMS of the d + 1 error ratios err / (atol + rtol max(|old|, |new|)) of (x, l)."""
@@ -247,14 +248,14 @@ class MultistepLikelihood:
         return (sq / (d + 1)).sqrt()
 
     def _first_step(self, y, d0, here, end) -> float:
-        """Hairer's starting step 0.01 ||y|| / ||dy/dtau|| in the error norm (1e-6 where the field vanishes), at
-        most a tenth of the span."""
+        """Hairer's starting step 0.01 ||x|| / ||dx/dtau|| in the error norm, per example (the smallest decides;
+        1e-6 where the state or the field vanishes), at most a tenth of the span."""
+        B = y.shape[0]
         scale = y.abs().mul(here.m * self.rtol).add_(self.atol)
-        f = (y - d0) * here.m
-        n0 = float(((y * here.m) / scale).pow(2).mean().sqrt())
-        n1 = float((f / scale).pow(2).mean().sqrt())
-        h = 1e-6 if n0 < 1e-5 or n1 < 1e-5 else 0.01 * n0 / n1
-        return min(h, 0.1 * (end.tau - here.tau))
+        n0 = (y * here.m / scale).reshape(B, -1).pow(2).mean(1).sqrt()
+        n1 = ((y - d0) * here.m / scale).reshape(B, -1).pow(2).mean(1).sqrt()
+        h = torch.where((n0 < 1e-5) | (n1 < 1e-5), torch.full_like(n0, 1e-6), 0.01 * n0 / n1.clamp_min(1e-5))
+        return min(float(h.min()), 0.1 * (end.tau - here.tau))
 
     def _next_h(self, h: float, e: float, k: int, rejected: bool) -> float:
         """The standard controller h' = h min(max_factor, max(0.2, safety e^{-1/k})), held at h' <= h on the step
@@ -264,12 +265,10 @@ class MultistepLikelihood:
         factor = min(self.max_factor, max(0.2, self.safety * e ** (-1.0 / k)))
         return h * (min(factor, 1.0) if rejected and e <= 1.0 else factor)
 
-    def _check_finite(self, a, b, at, h, B):
-        bad = ~torch.isfinite(a.reshape(B, -1)).all(1) | ~torch.isfinite(b)
-        if bool(bad.any()):
-            raise SolverError(_NAME, torch.nonzero(bad).flatten().tolist(), float(at.t), h,
-                              "the state, the log-density term or the denoiser became non-finite (NaN or inf)",
-                              detail="the step size is in tau = log sigma", batch=B)
+    def _nonfinite(self, bad: torch.Tensor, at: _Point, h: float, B: int) -> SolverError:
+        return SolverError(_NAME, torch.nonzero(bad.cpu()).flatten().tolist(), float(at.t), h,
+                           "the state, the log-density term or the denoiser became non-finite (NaN or inf) in the "
+                           "step from there", detail="the step size is in tau = log sigma", batch=B)
 
     def _limit_error(self, ratios, here, h, B, reason, hint=None, maskable=True):
         if ratios is None:
