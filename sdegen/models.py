@@ -71,8 +71,10 @@ class Model(torch.nn.Module):
         self.sde = sde
 
     def prepare(self, ts: torch.Tensor) -> None:
-        """Called by the sampling driver with a run's grid times (1-D float64, on the CPU) before the first step:
-        m and s at every grid time in one vectorised call, so that a step's conversion costs a table look-up."""
+        """Called by the sampling driver with a run's grid times (1-D float64, on the CPU) before the first step
+        (and by samplers with their stage times): m and s at every time in one vectorised call, so that a step's
+        conversion costs a table look-up; the times also make the (B,) time inputs of :meth:`batch_time` in one
+        launch at the first call."""
         if not _host_scalar(ts[0]):
             return
         table = self.__dict__.setdefault("_scalar_coeffs", {})
@@ -81,6 +83,48 @@ class Model(torch.nn.Module):
         key = id(self.sde)
         table.update({(key, t): (m, s) for t, m, s in zip(ts.tolist(), self.sde.mean_coeff(ts).tolist(),
                                                           self.sde.std(ts).tolist())})
+        prepared = self.__dict__.setdefault("_prepared_times", [])
+        if sum(times.numel() for times in prepared) > 65536:
+            prepared.clear()
+            self.__dict__.pop("_time_rows", None)
+        prepared.append(ts)
+
+    def _host_value(self, t: torch.Tensor) -> float:
+        """float(t) of a host scalar time, read once per tensor and version: a model call asks for it twice."""
+        if t.is_inference():  # an inference tensor keeps no version counter
+            return float(t)
+        last = self.__dict__.get("_last_time")
+        if last is not None and last[0] is t and last[1] == t._version:
+            return last[2]
+        value = float(t)
+        self.__dict__["_last_time"] = (t, t._version, value)
+        return value
+
+    def batch_time(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A 0-d or (B,) time as the (B,) tensor in x's dtype and device that a network receives.
+
+        On the CPU, a prepared time (see :meth:`prepare`) comes as a broadcast view of a per-model table made in
+        one launch for all prepared times: a step then makes no tensor at all. Such a view is read-only (an in-place
+        operation on it raises, since its B entries share one element), so a network cannot alter a later call's
+        time. Elsewhere, and for a batch of one, a host scalar fills a new tensor in one launch."""
+        if not _host_scalar(t):
+            return batch_time(t, x).to(x.dtype)
+        value, batch = self._host_value(t), x.shape[0]
+        if x.device.type != "cpu" or batch < 2:
+            return torch.full((batch,), value, dtype=x.dtype, device=x.device)
+        rows = self.__dict__.get("_time_rows")
+        if rows is None or rows[0] != (x.dtype, batch):
+            rows = self.__dict__["_time_rows"] = [(x.dtype, batch), {}, 0]  # key, value -> row, times taken in
+        row = rows[1].get(value)
+        prepared = self.__dict__.get("_prepared_times", [])
+        if row is None and rows[2] < len(prepared):  # times prepared since: one launch for all of them
+            times = torch.cat(prepared[rows[2]:])
+            rows[1].update(zip(times.tolist(), (row.expand(batch) for row in times.to(x.dtype).unbind())))
+            rows[2] = len(prepared)
+            row = rows[1].get(value)
+        if row is None:
+            return torch.full((batch,), value, dtype=x.dtype, device=x.device)
+        return row
 
     def _coeffs(self, x: torch.Tensor, t: torch.Tensor):
         """(m, s) at t, ready to multiply x (see :func:`coefficient`); host scalar times hit a small table, since
@@ -88,7 +132,7 @@ class Model(torch.nn.Module):
         if not _host_scalar(t):
             return bcast(self.sde.mean_coeff(t), x), bcast(self.sde.std(t), x)
         table = self.__dict__.setdefault("_scalar_coeffs", {})
-        key = (id(self.sde), float(t))
+        key = (id(self.sde), self._host_value(t))
         hit = table.get(key)
         if hit is None:
             if len(table) > 65536:
@@ -238,7 +282,7 @@ class ScoreModel(Model):
     def _raw(self, x: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor (float32 or float64); got {x.dtype}.")
-        tb = batch_time_like(t, x)
+        tb = self.batch_time(t, x)
         x_net = x / coefficient(self.sde.mean_coeff, t, x) if self.scale_input else x
         if self.prediction == "edm":
             x_net = x_net * bcast(self._edm_coeffs(tb)[2], x)
@@ -264,7 +308,7 @@ class ScoreModel(Model):
 
     def _denoised(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction == "edm":
-            c_skip, c_out, _, _ = self._edm_coeffs(batch_time_like(t, x))
+            c_skip, c_out, _, _ = self._edm_coeffs(self.batch_time(t, x))
             return bcast(c_skip, x) * (x / coefficient(self.sde.mean_coeff, t, x)) + bcast(c_out, x) * out
         if self.prediction == "flow":
             m, s = self._coeffs(x, t)

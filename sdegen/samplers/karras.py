@@ -6,7 +6,7 @@ the single-step DPM-Solver, in u = -log sigma.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -179,75 +179,90 @@ class DPMSolver(StepSampler):
         return {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}[self.order]
 
     def start(self, ctx, x, ts):
-        """The intermediate times of every step (u + r h, r in the order's fractions) and their (m, s), found in
-        one vectorised call: a step then makes no scalar tensor launches."""
+        """The stage points of every step (u + r h, r in the order's fractions, with their t, m and s), found in
+        one vectorised call, and with prediction="data" every step's coefficients: a step then costs table
+        look-ups on the host and no scalar tensor launches."""
         _cache_grid(ctx, ts)
         rs = self._fractions()
-        if not rs:
-            return None
         grid = ts.tolist()
         us = [ctx.grid_points[t][2] for t in grid]
         mids = [u + r * (u2 - u) for u, u2 in zip(us[:-1], us[1:]) for r in rs]
-        points = _points_at_u(ctx, mids)
-        return {t: points[len(rs) * i:len(rs) * (i + 1)] for i, t in enumerate(grid[:-1])}
+        points = _points_at_u(ctx, mids) if mids else []
+        if points:
+            ctx.model.prepare(torch.stack([p[0] for p in points]))  # the model's table of (m, s) at the stages
+        plan = {}
+        for i, (t, t2) in enumerate(zip(grid[:-1], grid[1:])):
+            stages = points[len(rs) * i:len(rs) * (i + 1)]
+            (m, _, u), (m2, _, u2) = ctx.grid_points[t], ctx.grid_points[t2]
+            coefficients = self._data_coefficients(m, u2 - u, m2, [p[1] for p in stages]) \
+                if self.prediction == "data" else None
+            plan[t] = (t2, stages, coefficients)
+        return plan
 
-    def _eps(self, ctx, y, u, point=None):
-        if point is None:  # a step off the grid given to start()
-            t = _t_at(ctx, u)
-            point = (t,) + _point(ctx, t)[:2]
+    @staticmethod
+    def _eps(ctx, y, point):
+        """eps = -s score at the stage ``point`` = (t, m, s), from y = x/m there."""
         t, m, s = point
         return -s * ctx.score(y * m, t)
 
-    def _denoised(self, ctx, y, u, point=None):
-        if point is None:  # a step off the grid given to start()
-            t = _t_at(ctx, u)
-            point = (t,) + _point(ctx, t)[:2]
-        t, m, _ = point
-        return ctx.denoise(y * m, t)
+    def _data_coefficients(self, m: float, h: float, m2: float, stage_m: List[float]) -> List[Tuple[float, ...]]:
+        """(a, w_0, w_prev) of each stage and of the step's end: x_r = a x + w_0 D_0 + w_prev D_prev in x at the
+        stage u + r h (m_r its m), the DPM-Solver++ rule in y = x/m (see :meth:`_data_step`) carried out on
+        x_r = m_r y_r. D_prev is D at the stage before (no term at the first stage)."""
+        rows, r_prev = [], None
+        for r, m_r in list(zip(self._fractions(), stage_m)) + [(1.0, m2)]:
+            a0, a1 = exp_moments(r * h, 2)
+            c = a1 / (r_prev * h) if r_prev is not None else 0.0  # the weight of D_prev - D_0 in y
+            rows.append((m_r / m * math.exp(-r * h), m_r * (a0 - c), m_r * c))
+            r_prev = r
+        return rows
 
-    def _data_step(self, ctx, x, t, m, u, h, m2, mid):
+    def _data_step(self, ctx, x, t, coefficients, stages):
         """DPM-Solver++ single step in y = x/m: y' = e^{-h} y + M_0(h) D_0 + M_1(h) / (r h) (D_r - D_0), D_r at
         the last stage u + r h, itself reached by the same rule from the stage before (M_j: :func:`exp_moments`)."""
-        y = x / m
-        d0 = ctx.denoise(x, t)
-        rs = self._fractions()
-        prev, r_prev = None, None  # the last stage's D and its fraction
-        for r, point in zip(rs, mid):
-            a = exp_moments(r * h, 2)
-            y_r = torch.add(y * math.exp(-r * h), d0, alpha=a[0])
-            if prev is not None:
-                y_r = y_r.add_(prev - d0, alpha=a[1] / (r_prev * h))
-            prev, r_prev = self._denoised(ctx, y_r, u + r * h, point), r
-        b = exp_moments(h, 2)
-        y_next = torch.add(y * math.exp(-h), d0, alpha=b[0])
-        if prev is not None:
-            y_next = y_next.add_(prev - d0, alpha=b[1] / (r_prev * h))
-        return y_next.mul_(m2)
+        d0 = prev = ctx.denoise(x, t)
+        for (a, w0, w_prev), point in zip(coefficients, stages + [None]):
+            x_r = torch.mul(x, a).add_(d0, alpha=w0)
+            if prev is not d0:
+                x_r = x_r.add_(prev, alpha=w_prev)
+            if point is None:
+                return x_r
+            prev = ctx.denoise(x_r, point[0])
 
     def step(self, ctx, x, t, t_next, state):
+        entry = state.get(float(t)) if state is not None else None
+        if entry is None or entry[0] != float(t_next):  # a step off the grid given to start()
+            m, _, u = _point(ctx, t)
+            m2, _, u2 = _point(ctx, t_next)
+            stages = [(tr,) + _point(ctx, tr)[:2] for tr in (_t_at(ctx, u + r * (u2 - u)) for r in self._fractions())]
+            coefficients = self._data_coefficients(m, u2 - u, m2, [p[1] for p in stages])
+        else:
+            _, stages, coefficients = entry
+        if self.prediction == "data":
+            return self._data_step(ctx, x, t, coefficients, stages), state
+        return self._noise_step(ctx, x, t, t_next, stages), state
+
+    def _noise_step(self, ctx, x, t, t_next, mid):
         m, s, u = _point(ctx, t)
         m2, s2, u2 = _point(ctx, t_next)
         h, sig2 = u2 - u, s2 / m2
-        mid = (state.get(float(t)) if state is not None else None) or [None, None]
-        if self.prediction == "data":
-            return self._data_step(ctx, x, t, m, u, h, m2, mid), state
         y = x / m
         e0 = -s * ctx.score(x, t)
         y_next = torch.add(y, e0, alpha=-sig2 * math.expm1(h))
         if self.order == 2:
             r1 = 0.5
             sig1 = math.exp(-(u + r1 * h))
-            e1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h, mid[0])
+            e1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), mid[0])
             y_next = y_next.add_(e1 - e0, alpha=-sig2 * math.expm1(h) / (2.0 * r1))
         elif self.order == 3:
             r1, r2 = 1.0 / 3.0, 2.0 / 3.0
             sig1, sigm = math.exp(-(u + r1 * h)), math.exp(-(u + r2 * h))
-            d1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), u + r1 * h, mid[0]).sub_(e0)
+            d1 = self._eps(ctx, torch.add(y, e0, alpha=-sig1 * math.expm1(r1 * h)), mid[0]).sub_(e0)
             y2 = (torch.add(y, e0, alpha=-sigm * math.expm1(r2 * h))
                   .add_(d1, alpha=-sigm * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1.0)))
-            d2 = self._eps(ctx, y2, u + r2 * h, mid[1]).sub_(e0)
+            d2 = self._eps(ctx, y2, mid[1]).sub_(e0)
             y_next = y_next.add_(d2, alpha=-sig2 / r2 * (math.expm1(h) / h - 1.0))
-        return y_next.mul_(m2), state
+        return y_next.mul_(m2)
 
     def __repr__(self) -> str:
         return f"DPMSolver(order={self.order}, prediction={self.prediction!r})"
