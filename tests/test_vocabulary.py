@@ -50,7 +50,7 @@ def test_log_likelihood_renamed_arguments(new, old, value, other, no_warnings):
 
 
 def test_log_likelihood_names_the_argument_given_in_errors():
-    with pytest.raises(ValueError, match="solver must be a torchdiffeq method"):
+    with pytest.raises(ValueError, match="solver must be 'multistep' or a torchdiffeq method"):
         _loglik(solver="nope")
     with pytest.raises(ValueError, match="probe must be one of"):
         _loglik(probe="uniform")
