@@ -588,6 +588,171 @@ def nfe_study(quick: bool):
     print("wrote", path)
 
 
+# --- the one-evaluation-per-step multistep solver against dopri5 (--multistep) ---------------------------------
+
+def holdout_problems():
+    """Mixtures not used while building the multistep solver: fresh seeds (201-207), other dims and scales."""
+    rand = sdegen.GaussianMixture.random
+    return {"VP 12-D (seed 201)": (rand(dim=12, n_components=3, seed=201, cov_scale=0.2), sdegen.VPSDE()),
+            "VE 4-D (seed 202)": (rand(dim=4, n_components=5, seed=202, mean_scale=1.5, cov_scale=0.3),
+                                  sdegen.VESDE()),
+            "sub-VP 16-D (seed 203)": (rand(dim=16, n_components=4, seed=203, cov_scale=0.5), sdegen.SubVPSDE()),
+            "EDM 8-D (seed 204)": (rand(dim=8, n_components=6, seed=204, mean_scale=1.2), sdegen.EDMSDE()),
+            "flow 32-D (seed 205)": (rand(dim=32, n_components=3, seed=205, cov_scale=0.3), sdegen.FlowSDE()),
+            "cosine VP 4-D (seed 206)": (rand(dim=4, n_components=2, seed=206), sdegen.CosineVPSDE()),
+            "VP ring 2-D": (sdegen.GaussianMixture.ring(), sdegen.VPSDE())}
+
+
+def multistep_rows(pname, gm, sde, n, tols, seed=2024):
+    """log_likelihood(solver="multistep") and (solver="dopri5", per-example norm) against torchdiffeq's dopri5 with its
+    batch-RMS norm at the same rtol = atol, exact divergence and one Rademacher probe."""
+    import torchdiffeq
+    from sdegen.likelihood import _AugmentedFlow, default_t_min
+
+    t_lo, t_hi, D = default_t_min(sde), float(sde.T), gm.dim
+    x = gm.sample(n, seed=seed, dtype=torch.float64)
+    prior = gm.marginal(sde, sde.T).log_prob
+    exact = gm.marginal(sde, t_lo).log_prob(x)
+    y0 = torch.cat([x, x.new_zeros(n, 1)], 1)
+    span = torch.tensor([t_lo, t_hi], dtype=torch.float64)
+    log_p = lambda y1: prior(y1[:, :-1]) + y1[:, -1]  # noqa: E731
+    rows = []
+    for div in ("exact", "hutchinson"):
+        probes = None if div == "exact" else sdegen.divergence.make_probes(
+            x.shape, 1, seed=sdegen.noise.make_seeds(0, n, x.device), dtype=x.dtype, device=x.device)
+        flow = _AugmentedFlow(sde, gm, (D,), t_lo, t_hi, probes, None)
+        with torch.no_grad():
+            truth = exact if div == "exact" else log_p(torchdiffeq.odeint(flow, y0, span, rtol=1e-10, atol=1e-10)[-1])
+        err = lambda lp: (lp - truth).abs() / D  # noqa: E731
+        for tol in tols:
+            with torch.no_grad():
+                f = _Counted(flow)
+                e_d = err(log_p(torchdiffeq.odeint(f, y0, span, rtol=tol, atol=tol, method="dopri5")[-1]))
+                row = {"problem": pname, "divergence": div, "tol": tol, "dopri5_nfe": f.nfe,
+                       "dopri5_err_max": float(e_d.max()), "dopri5_err_median": float(e_d.median())}
+                for solver, key in (("multistep", "multistep"), ("dopri5", "sdegen_dopri5")):
+                    r = sdegen.log_likelihood(sde, gm, x, divergence=div, solver=solver, rtol=tol, atol=tol,
+                                              t_min=t_lo, prior=prior, seed=0)
+                    e = err(r.log_prob)
+                    row.update({f"{key}_nfe": r.nfe, f"{key}_err_max": float(e.max()),
+                                f"{key}_err_median": float(e.median())})
+            rows.append(row)
+            print(f"  {pname:26s} {div:10s} {tol:.0e} multistep {row['multistep_nfe']:4d} dopri5 {f.nfe:4d} "
+                  f"ratio {row['multistep_nfe'] / f.nfe:.2f} max {row['multistep_err_max']:.1e} vs "
+                  f"{row['dopri5_err_max']:.1e} med {row['multistep_err_median']:.1e} vs "
+                  f"{row['dopri5_err_median']:.1e}", flush=True)
+    return rows
+
+
+def multistep_variant_rows(pname, gm, sde, n, tol):
+    """Orders 3 and 4 and the error controlled, with the standard (I) controller or with the adaptive sampler's
+    (PI with Gustafsson's predictive cap), exact divergence: NFE and worst / median error per dimension."""
+    from sdegen.likelihood import default_t_min
+    from sdegen.likelihood_multistep import MultistepLikelihood
+
+    class PredictivePI(MultistepLikelihood):
+        def _next_h(self, h, e, k, rejected):
+            if e > 1.0:
+                return h * max(0.2, self.safety * e ** (-1.0 / k))
+            factor = self.safety * e ** (-0.7 / k) * self._e_prev ** (0.4 / k)
+            if getattr(self, "_acc", None) is not None:
+                factor = min(factor, self.safety * (h / self._acc[0]) * (self._acc[1] / e**2) ** (1.0 / k))
+            self._acc, self._e_prev = (h, max(e, 1e-2)), e
+            return h * min(self.max_factor, max(0.2, factor))
+
+    t_lo, t_hi, D = default_t_min(sde), float(sde.T), gm.dim
+    x = gm.sample(n, seed=2024, dtype=torch.float64)
+    prior = gm.marginal(sde, sde.T).log_prob
+    exact = gm.marginal(sde, t_lo).log_prob(x)
+    model = sdegen.models.as_model(gm, sde)
+    rows = []
+    for order in (3, 4):
+        for error in ("corrector", "predictor"):
+            for label, cls in (("I", MultistepLikelihood), ("PI + predictive", PredictivePI)):
+                solver = cls(tol, tol, order=order, error=error)
+                solver._e_prev, solver._acc = 1.0, None
+                with torch.no_grad():
+                    x_T, delta = solver.solve(sde, model, x, t_lo, t_hi)
+                e = (prior(x_T) + delta - exact).abs() / D
+                rows.append(f"| {pname} | {order} | {error} | {label} | {solver.stats['nfe']} | "
+                            f"{solver.stats['rejected']} | {float(e.max()):.1e} | {float(e.median()):.1e} |")
+    return rows
+
+
+def _target_summary(rows):
+    ratios = [r["multistep_nfe"] / r["dopri5_nfe"] for r in rows]
+    own = [r["multistep_nfe"] / r["sdegen_dopri5_nfe"] for r in rows]
+    n = len(rows)
+    cheaper = sum(x <= 1.0 for x in ratios)
+    worst_ok = sum(r["multistep_err_max"] <= r["dopri5_err_max"] for r in rows)
+    med_ok = sum(r["multistep_err_median"] <= r["dopri5_err_median"] for r in rows)
+    all_ok = sum(x <= 1.0 and r["multistep_err_max"] <= r["dopri5_err_max"] and
+                 r["multistep_err_median"] <= r["dopri5_err_median"] for x, r in zip(ratios, rows))
+    by_tol = "; ".join(f"tol {t:.0e}: {min(x for x, r in zip(ratios, rows) if r['tol'] == t):.2f}-"
+                       f"{max(x for x, r in zip(ratios, rows) if r['tol'] == t):.2f}"
+                       for t in sorted({r['tol'] for r in rows}, reverse=True))
+    return [f"NFE ratio (multistep / dopri5 with the batch norm): {min(ratios):.2f}-{max(ratios):.2f}, median "
+            f"{statistics.median(ratios):.2f} ({by_tol}). Rows with NFE <= dopri5's: {cheaper}/{n}; max error <= "
+            f"dopri5's: {worst_ok}/{n}; median error <= dopri5's: {med_ok}/{n}; all three: {all_ok}/{n}.",
+            "",
+            f"Against log_likelihood's dopri5 (the same per-example norm): NFE ratio {min(own):.2f}-{max(own):.2f}, "
+            f"median {statistics.median(own):.2f}; rows with NFE <= its: {sum(x <= 1.0 for x in own)}/{n}; max "
+            f"error <= its: {sum(r['multistep_err_max'] <= r['sdegen_dopri5_err_max'] for r in rows)}/{n}; median "
+            f"error <= its: {sum(r['multistep_err_median'] <= r['sdegen_dopri5_err_median'] for r in rows)}/{n}."]
+
+
+def multistep_study(quick: bool):
+    import datetime
+
+    start = time.time()
+    tols, n = (1e-3, 1e-4, 1e-5), 16 if quick else 64
+    sets = {"the NFE study's problems (seeds 101-107, draws seed 2024)": nfe_problems(),
+            "hold-out problems (seeds 201-207 and the ring, draws seed 2025)": holdout_problems()}
+    tables = {}
+    for title, probs in sets.items():
+        rows = []
+        for pname, (gm, sde) in list(probs.items())[:2 if quick else None]:
+            rows += multistep_rows(pname, gm, sde, n, tols, seed=2024 if "101" in title else 2025)
+        tables[title] = rows
+    variants = []
+    for pname, (gm, sde) in list(nfe_problems().items())[:2 if quick else None]:
+        variants += multistep_variant_rows(pname, gm, sde, n, 1e-5)
+        print(*variants[-8:], sep="\n", flush=True)
+    lines = ["# log_likelihood(solver='multistep'): NFE and accuracy against dopri5 (batch-average norm)", "",
+             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} "
+             f"{platform.release()}; torch {torch.__version__}; device cpu",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; wall time "
+             f"{time.time() - start:.0f} s", f"- command: `python {' '.join(sys.argv)}`", "",
+             f"{n} exact draws per problem, oracle score, t_min = default_t_min(sde), exact prior at T. multistep: "
+             "sdegen.log_likelihood(solver='multistep') (sdegen/likelihood_multistep.py: exponential multistep "
+             "predictor-corrector in y = x/m against log sigma, order 4, corrector error, the standard controller, "
+             "per-example norm over (x, int div f~)); dopri5 (batch norm): torchdiffeq's dopri5 in t on the "
+             "augmented state with its default RMS norm over the whole batch; sdegen dopri5: log_likelihood's "
+             "dopri5 with the per-example norm. Error per example: |log p - truth| / D, truth = the oracle's exact "
+             "log p_{t_min} (exact divergence) or the same one-probe estimator solved by dopri5 to rtol = atol = "
+             "1e-10 (Hutchinson: the solver's error; with Rademacher probes both solvers integrate the same "
+             "estimator). Target: NFE <= dopri5's at the same rtol = atol with max and median error no worse.", ""]
+    for title, rows in tables.items():
+        lines += [f"## {title}", "", "| problem | divergence | tol | multistep NFE | dopri5 NFE | ratio | max err | "
+                  "dopri5 max err | median err | dopri5 median err | sdegen dopri5 NFE | sdegen dopri5 max err |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['problem']} | {r['divergence']} | {r['tol']:.0e} | {r['multistep_nfe']} | {r['dopri5_nfe']} | "
+                  f"{r['multistep_nfe'] / r['dopri5_nfe']:.2f} | {r['multistep_err_max']:.1e} | "
+                  f"{r['dopri5_err_max']:.1e} | {r['multistep_err_median']:.1e} | {r['dopri5_err_median']:.1e} | "
+                  f"{r['sdegen_dopri5_nfe']} | {r['sdegen_dopri5_err_max']:.1e} |" for r in rows]
+        lines += [""] + _target_summary(rows) + [""]
+    lines += ["## Variants, exact divergence, tol 1e-05 (the NFE study's problems)", "",
+              "Predictor order (corrector one higher), the local error controlled, and the step-size controller: "
+              "I = the standard one with no growth right after a rejection (the solver's); PI + predictive = the "
+              "adaptive sampler's (Gustafsson's PI with the predictive cap).", "",
+              "| problem | order | error | controller | NFE | rejected | max err | median err |",
+              "|---|---|---|---|---|---|---|---|"] + variants
+    path = os.path.join(RESULTS, "likelihood_nfe_multistep_quick.md" if quick else "likelihood_nfe_multistep.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("wrote", path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved headline timing")
@@ -596,6 +761,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: timings robust to other processes)")
     ap.add_argument("--nfe-study", action="store_true", help="only the cost of per-example error control against "
                     "dopri5 across SDEs and the options studied (writes likelihood_nfe.md)")
+    ap.add_argument("--multistep", action="store_true", help="only log_likelihood(solver='multistep') against dopri5 "
+                    "on the NFE study's problems and on hold-out ones (writes likelihood_nfe_multistep.md)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -604,6 +771,8 @@ def main():
         return  # the timings are of one process: under torchrun only rank 0 runs and writes
     if args.nfe_study:
         return nfe_study(args.quick)
+    if args.multistep:
+        return multistep_study(args.quick)
     rows, prior_rows = run(1, args.quick)
     heads = headline(args.repeats, args.quick)
     write(rows, prior_rows, heads, args.repeats)

@@ -8,7 +8,8 @@ Song et al. 2021, section 4.3 and appendix D.2)
 
 where x_t solves the ODE from x_{t_min} = x. :func:`log_likelihood` integrates the augmented state
 (x_t, int div f~) forward in time with torchdiffeq, the divergence exact or estimated by Hutchinson-Skilling
-probes held fixed along the solve (:mod:`sdegen.divergence`). For discrete data, :func:`dequantize` and
+probes held fixed along the solve (:mod:`sdegen.divergence`); ``solver="multistep"`` integrates it instead in
+y = x/m against log sigma with one evaluation per step (:mod:`sdegen.likelihood_multistep`). For discrete data, :func:`dequantize` and
 :func:`bits_per_dim` give bits per dimension under uniform dequantization.
 """
 
