@@ -13,7 +13,8 @@ With ``--baseline DIR``, another copy of the package (an earlier commit, say), i
 last component, runs alternately with this one in the same process (its runs interleaved with ours, in alternating
 order), so that both see the same machine: a before/after comparison on a shared machine.
 
-    python benchmarks/overhead.py [--quick] [--repeats N] [--baseline DIR]
+    python benchmarks/overhead.py [--quick] [--repeats N] [--baseline DIR]   (CPU only: benchmarks/gpu.py times the
+    same loops on a GPU)
     (a baseline: git archive COMMIT sdegen | tar -x -C /tmp/b && mv /tmp/b/sdegen /tmp/b/sdegen_before)
 Writes benchmarks/results/overhead.{md,json} (overhead_baseline.{md,json} with --baseline, no memory table).
 """

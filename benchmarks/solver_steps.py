@@ -46,6 +46,7 @@ PROBLEMS = {"ring": lambda: GaussianMixture.ring(), "mix16": lambda: GaussianMix
             # not designed on: 64-D, component means 29-38 apart (mean_scale 3), a seed no schedule was tuned on
             "mix64wide": lambda: GaussianMixture.random(dim=64, n_components=6, seed=1, mean_scale=3.0)}
 SDES = {"vp": lambda: sdegen.VPSDE(), "subvp": lambda: sdegen.SubVPSDE(), "ve": lambda: sdegen.VESDE()}
+DEVICE = torch.device("cpu")  # where the samplers run (--device); metrics are computed on the CPU
 
 
 def holdout_problems(seed):
@@ -170,7 +171,7 @@ def run_diffusers(spec, sde, mix, x_T, nfe, seed=0):
     x = x_T / c0
     for i, timestep in enumerate(sched.timesteps):
         t, c = scale(sched.sigmas[i])
-        eps = -sde.std(t) * score(c * x, t.expand(x.shape[0]))
+        eps = -sde.std(t) * score(c * x, t.expand(x.shape[0]).to(x.device))
         kw = {"generator": g} if "generator" in inspect.signature(sched.step).parameters else {}
         x = sched.step(eps, timestep, x, **kw).prev_sample
     t_end, c_end = scale(sched.sigmas[-1])
@@ -252,11 +253,11 @@ def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, 
     mix, sde = PROBLEMS[pname](), SDES[sname]()
     mix_t = mix.marginal(sde, sde.t_min)
     rows = []
-    x_T = sde.prior_sample((n_end, mix.dim), seed=1, dtype=torch.float64)
+    x_T = sde.prior_sample((n_end, mix.dim), seed=1, dtype=torch.float64).to(DEVICE)
     t0 = time.time()
-    ref = reference(sde, mix, x_T)
+    ref = reference(sde, mix, x_T).cpu()
     log(f"[{pname}/{sname}] reference in {time.time() - t0:.1f}s")
-    xd_T = sde.prior_sample((n_dist, mix.dim), seed=2, dtype=torch.float64)
+    xd_T = sde.prior_sample((n_dist, mix.dim), seed=2, dtype=torch.float64).to(DEVICE)
     exact = mix_t.sample(n_dist, seed=3)
     floor = distribution_metrics(mix_t.sample(n_dist, seed=4), exact, mix_t)
     rows.append(dict(problem=pname, sde=sname, sampler="exact samples (noise floor)", family="floor", nfe=0, **floor))
@@ -277,13 +278,13 @@ def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, 
             row = dict(problem=pname, sde=sname, sampler=name, family=family, nfe=nfe)
             out = None if "stochastic" in family else runner(spec, sde, mix, x_T, nfe)
             if out is not None:
-                row.update(endpoint_errors(out[0], ref, mix), nfe=out[1])
+                row.update(endpoint_errors(out[0].cpu(), ref, mix), nfe=out[1])
                 if len(out) > 2 and out[2]:
                     row["pilot_nfe"] = out[2]
             if nfe in dist_nfes:
                 out = runner(spec, sde, mix, xd_T, nfe, seed=5)
                 if out is not None:
-                    row.update(distribution_metrics(out[0], exact, mix_t), nfe=out[1])
+                    row.update(distribution_metrics(out[0].cpu(), exact, mix_t), nfe=out[1])
             if len(row) > 5:
                 rows.append(row)
         log(f"[{pname}/{sname}] {name}: {time.time() - t0:.1f}s")
@@ -293,7 +294,7 @@ def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, 
 def adaptive_vs_dopri5(n, log):
     """NFE each solver needs for RMS endpoint error <= 1e-3 on the ring under VP (tolerance sweeps)."""
     mix, sde = GaussianMixture.ring(), SDES["vp"]()
-    x_T = sde.prior_sample((n, 2), seed=1, dtype=torch.float64)
+    x_T = sde.prior_sample((n, 2), seed=1, dtype=torch.float64).to(DEVICE)
     ref = reference(sde, mix, x_T)
     rows = []
     for method in ("adaptive", "ode"):
@@ -324,7 +325,7 @@ def run_meta():
     return {"machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python benchmarks/solver_steps.py " + " ".join(sys.argv[1:])}
+            "command": "python benchmarks/solver_steps.py " + " ".join(sys.argv[1:]), "device": str(DEVICE)}
 
 
 def markdown(rows, adaptive_rows, summary, fits=(), meta=None):
@@ -333,7 +334,7 @@ def markdown(rows, adaptive_rows, summary, fits=(), meta=None):
              "Endpoint errors: deterministic samplers against torchdiffeq dopri5 at rtol = atol = 1e-10 (float64) "
              "from the same x_T. Distribution metrics: 20,000 samples against exact draws from p_{t_min} (4000 with "
              "--quick).", "",
-             f"Machine: {meta['machine']}; date {meta['date']}; command: `{meta['command']}`.", "",
+             f"Machine: {meta['machine']}; device {meta.get('device', 'cpu')}; date {meta['date']}; command: `{meta['command']}`.", "",
              "Rows \"(pilot)\" use `schedule=\"pilot\"` (sdegen.schedules.pilot_grid): a pilot run of the adaptive "
              "solver on 64 prior draws at rtol = atol = 1e-3 lays out the grid; its model calls, each on the 64-example "
              "pilot batch, are the column pilot_nfe and are not in NFE (per example of a batch of B they cost "
@@ -477,6 +478,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="NFE 10 and 20 on VP only, fewer points")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the samplers and the reference run (default: CUDA when available)")
     parser.add_argument("--holdout", type=int, default=None, metavar="SEED",
                         help="run the quick plan on fresh problems drawn with this seed (see holdout_problems)")
     parser.add_argument("--points", type=int, default=None, help="endpoint points per problem (default 2000 "
@@ -497,6 +500,8 @@ def main():
                       data.get("meta"))
         return
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     with_diffusers = not args.no_diffusers
     if with_diffusers:
         try:
