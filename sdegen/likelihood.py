@@ -198,8 +198,9 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
             torchdiffeq's batch-average norm, and the worst example's error is usually 2-20x smaller
             (benchmarks/results/likelihood_nfe.md). "multistep" (:mod:`sdegen.likelihood_multistep`): an adaptive
             exponential multistep predictor-corrector in y = x/m and log sigma, one evaluation per step, the same
-            per-example norm; it took 0.57-1.39x the evaluations of that batch-norm dopri5 (0.57-1.09x at
-            rtol = atol <= 1e-4) with a worst error 2-100x smaller (benchmarks/results/likelihood_nfe_multistep.md);
+            per-example norm; on 14 mixture problems under seven SDEs it took 0.56-1.43x the evaluations of that
+            batch-norm dopri5 (median 0.9; the rows above 1 mostly at rtol = atol = 1e-3) with a worst error below
+            dopri5's in every row, often 10-100x (benchmarks/results/likelihood_nfe_multistep.md);
             it has no adjoint (``adjoint=True`` raises ValueError: use dopri5).
             ``steps``: the step count of fixed-grid methods ("rk4", "euler", ...); adaptive methods choose their
             own and raise ValueError when given one.
