@@ -429,27 +429,57 @@ def _norm_scaling_log_term(weight):
     return norm
 
 
-def nfe_study_rows(pname, gm, sde, n, tols):
-    """sdegen's log_likelihood against dopri5 with torchdiffeq's default (batch RMS) norm, exact and one
-    Rademacher probe, and the options at the tightest tolerance (exact divergence)."""
-    import torchdiffeq
-    from sdegen.likelihood import _AugmentedFlow, default_t_min
+def _study_problem(gm, sde, n, seed):
+    """n float64 draws of the mixture and what the NFE studies integrate: (t_min, x, augmented start (x, 0), time
+    span, exact prior at T, log p from an augmented end state, dimension)."""
+    from sdegen.likelihood import default_t_min
 
-    t_lo, t_hi, D = default_t_min(sde), float(sde.T), gm.dim
-    x = gm.sample(n, seed=2024, dtype=torch.float64)
+    t_lo = default_t_min(sde)
+    x = gm.sample(n, seed=seed, dtype=torch.float64)
     prior = gm.marginal(sde, sde.T).log_prob
-    exact = gm.marginal(sde, t_lo).log_prob(x)
     y0 = torch.cat([x, x.new_zeros(n, 1)], 1)
-    span = torch.tensor([t_lo, t_hi], dtype=torch.float64)
-    log_p = lambda y1: prior(y1[:, :-1]) + y1[:, -1]  # noqa: E731
-    rows = []
+    span = torch.tensor([t_lo, float(sde.T)], dtype=torch.float64)
+    return t_lo, x, y0, span, prior, (lambda y1: prior(y1[:, :-1]) + y1[:, -1]), gm.dim
+
+
+def _study_flows(gm, sde, x, y0, span, log_p):
+    """For the exact divergence and one Rademacher probe: (name, the augmented field, per-example error per dimension
+    of a log p). Truth: the oracle's exact log p_{t_min}, or for the probe the same estimator solved by dopri5 to
+    rtol = atol = 1e-10 (so the error is the solver's)."""
+    import torchdiffeq
+    from sdegen.likelihood import _AugmentedFlow
+
+    t_lo, t_hi = float(span[0]), float(span[1])
+    n, D = x.shape
     for div in ("exact", "hutchinson"):
         probes = None if div == "exact" else sdegen.divergence.make_probes(
             x.shape, 1, seed=sdegen.noise.make_seeds(0, n, x.device), dtype=x.dtype, device=x.device)
         flow = _AugmentedFlow(sde, gm, (D,), t_lo, t_hi, probes, None)
-        # Hutchinson: the error of the solve, against the same estimator solved to 1e-10
-        truth = exact if div == "exact" else log_p(torchdiffeq.odeint(flow, y0, span, rtol=1e-10, atol=1e-10)[-1])
-        err = lambda lp: ((lp - truth).abs() / D)  # noqa: E731
+        with torch.no_grad():
+            truth = (gm.marginal(sde, t_lo).log_prob(x) if div == "exact" else
+                     log_p(torchdiffeq.odeint(flow, y0, span, rtol=1e-10, atol=1e-10)[-1]))
+        yield div, flow, (lambda lp, truth=truth: (lp - truth).abs() / D)
+
+
+def _study_header(start):
+    """The machine, date (with the wall time since ``start``) and command lines of a study's report."""
+    import datetime
+
+    return [f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} "
+            f"{platform.release()}; torch {torch.__version__}; device cpu",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; wall time "
+            f"{time.time() - start:.0f} s", f"- command: `python {' '.join(sys.argv)}`", ""]
+
+
+def nfe_study_rows(pname, gm, sde, n, tols):
+    """sdegen's log_likelihood against dopri5 with torchdiffeq's default (batch RMS) norm, exact and one
+    Rademacher probe, and the options at the tightest tolerance (exact divergence)."""
+    import torchdiffeq
+
+    t_lo, x, y0, span, prior, log_p, D = _study_problem(gm, sde, n, 2024)
+    t_hi = float(sde.T)
+    rows = []
+    for div, flow, err in _study_flows(gm, sde, x, y0, span, log_p):
         for tol in tols:
             with torch.no_grad():
                 r = sdegen.log_likelihood(sde, gm, x, divergence=div, rtol=tol, atol=tol, t_min=t_lo, prior=prior,
@@ -538,8 +568,6 @@ def work_precision_rows(pname, gm, sde, n, tols):
 
 
 def nfe_study(quick: bool):
-    import datetime
-
     start, rows = time.time(), []
     tols = (1e-3, 1e-4, 1e-5)
     probs = list(nfe_problems().items())[:3 if quick else None]
@@ -550,10 +578,7 @@ def nfe_study(quick: bool):
                   f"ratio {r['ratio']:.2f} max {r['err_max']:.1e} med {r['err_median']:.1e}", flush=True)
     main_rows = [r for r in rows if r["variant"] == "sdegen log_likelihood"]
     lines = ["# log_likelihood: NFE against dopri5 (batch-average norm) across SDEs, and the options studied", "",
-             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} "
-             f"{platform.release()}; torch {torch.__version__}; device cpu",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; wall time "
-             f"{time.time() - start:.0f} s", f"- command: `python {' '.join(sys.argv)}`", "",
+             *_study_header(start),
              f"Mixtures drawn for this study (seeds 101-107), {16 if quick else 64} exact draws each (seed 2024), "
              "oracle score, t_min = default_t_min(sde), exact prior at T. dopri5: torchdiffeq's dopri5 in t on the "
              "same augmented state with its default norm (RMS over the whole batch). Error per example: |log p - "
@@ -607,23 +632,10 @@ def multistep_rows(pname, gm, sde, n, tols, seed=2024):
     """log_likelihood(solver="multistep") and (solver="dopri5", per-example norm) against torchdiffeq's dopri5 with its
     batch-RMS norm at the same rtol = atol, exact divergence and one Rademacher probe."""
     import torchdiffeq
-    from sdegen.likelihood import _AugmentedFlow, default_t_min
 
-    t_lo, t_hi, D = default_t_min(sde), float(sde.T), gm.dim
-    x = gm.sample(n, seed=seed, dtype=torch.float64)
-    prior = gm.marginal(sde, sde.T).log_prob
-    exact = gm.marginal(sde, t_lo).log_prob(x)
-    y0 = torch.cat([x, x.new_zeros(n, 1)], 1)
-    span = torch.tensor([t_lo, t_hi], dtype=torch.float64)
-    log_p = lambda y1: prior(y1[:, :-1]) + y1[:, -1]  # noqa: E731
+    t_lo, x, y0, span, prior, log_p, D = _study_problem(gm, sde, n, seed)
     rows = []
-    for div in ("exact", "hutchinson"):
-        probes = None if div == "exact" else sdegen.divergence.make_probes(
-            x.shape, 1, seed=sdegen.noise.make_seeds(0, n, x.device), dtype=x.dtype, device=x.device)
-        flow = _AugmentedFlow(sde, gm, (D,), t_lo, t_hi, probes, None)
-        with torch.no_grad():
-            truth = exact if div == "exact" else log_p(torchdiffeq.odeint(flow, y0, span, rtol=1e-10, atol=1e-10)[-1])
-        err = lambda lp: (lp - truth).abs() / D  # noqa: E731
+    for div, flow, err in _study_flows(gm, sde, x, y0, span, log_p):
         for tol in tols:
             with torch.no_grad():
                 f = _Counted(flow)
@@ -702,8 +714,6 @@ def _target_summary(rows):
 
 
 def multistep_study(quick: bool):
-    import datetime
-
     start = time.time()
     tols, n = (1e-3, 1e-4, 1e-5), 16 if quick else 64
     sets = {"the NFE study's problems (seeds 101-107, draws seed 2024)": nfe_problems(),
@@ -719,10 +729,7 @@ def multistep_study(quick: bool):
         variants += multistep_variant_rows(pname, gm, sde, n, 1e-5)
         print(*variants[-8:], sep="\n", flush=True)
     lines = ["# log_likelihood(solver='multistep'): NFE and accuracy against dopri5 (batch-average norm)", "",
-             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} "
-             f"{platform.release()}; torch {torch.__version__}; device cpu",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; wall time "
-             f"{time.time() - start:.0f} s", f"- command: `python {' '.join(sys.argv)}`", "",
+             *_study_header(start),
              f"{n} exact draws per problem, oracle score, t_min = default_t_min(sde), exact prior at T. multistep: "
              "sdegen.log_likelihood(solver='multistep') (sdegen/likelihood_multistep.py: exponential multistep "
              "predictor-corrector in y = x/m against log sigma, order 4, corrector error, the standard controller, "
