@@ -248,13 +248,16 @@ class MultistepLikelihood:
         return (sq / (d + 1)).sqrt()
 
     def _first_step(self, y, d0, here, end) -> float:
-        """Hairer's starting step 0.01 ||x|| / ||dx/dtau|| in the error norm, per example (the smallest decides;
-        1e-6 where the state or the field vanishes), at most a tenth of the span."""
+        """Hairer's starting step 0.01 ||x|| / ||dx/dtau|| in the error norm, per example (the smallest decides),
+        at most a tenth of the span. An example whose state or field vanishes in that norm sets no bound (Hairer's
+        rule then starts at 1e-6 and, growing at most 2x a step, would spend some 20 steps reaching a step the
+        field allows, e.g. for a network whose output layer starts at zero): the controller rejects a step that
+        is too long at the cost of one evaluation."""
         B = y.shape[0]
         scale = y.abs().mul(here.m * self.rtol).add_(self.atol)
         n0 = (y * here.m / scale).reshape(B, -1).pow(2).mean(1).sqrt()
         n1 = ((y - d0) * here.m / scale).reshape(B, -1).pow(2).mean(1).sqrt()
-        h = torch.where((n0 < 1e-5) | (n1 < 1e-5), torch.full_like(n0, 1e-6), 0.01 * n0 / n1.clamp_min(1e-5))
+        h = torch.where((n0 < 1e-5) | (n1 < 1e-5), torch.full_like(n0, math.inf), 0.01 * n0 / n1.clamp_min(1e-5))
         return min(float(h.min()), 0.1 * (end.tau - here.tau))
 
     def _next_h(self, h: float, e: float, k: int, rejected: bool) -> float:

@@ -126,6 +126,28 @@ def test_step_count_follows_the_error_model():
     assert 1 / 8 <= -slope <= 1 / 4, (slope, steps)
 
 
+class _ZeroNoise(torch.nn.Module):
+    """A noise-prediction network that predicts zero (an output layer initialised at zero): D(x, t) = x / m."""
+
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "edm"])
+def test_a_vanishing_field_costs_a_few_steps_and_is_exact(sde_name):
+    # with D = x/m the flow keeps y = x/m fixed: x_T = x m_T / m_0 and log p_0(x) = log p_T(x_T) + d log(m_T / m_0)
+    # (for EDM, m = 1: the identity). Every step is exact, so the step grows from a tenth of the span at once.
+    sde = SDES[sde_name]()
+    model = sdegen.ScoreModel(_ZeroNoise(), sde, prediction="eps")
+    x = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    r = log_likelihood(sde, model, x, divergence="exact", solver="multistep", rtol=1e-6, atol=1e-6)
+    t0, t1 = torch.tensor(r.t_min, dtype=torch.float64), torch.tensor(sde.T, dtype=torch.float64)
+    ratio = sde.mean_coeff(t1) / sde.mean_coeff(t0)
+    expected = sde.prior_log_prob(x * ratio) + 6 * torch.log(ratio)
+    torch.testing.assert_close(r.log_prob, expected, rtol=0, atol=1e-9)
+    assert r.nfe <= 8, r.nfe  # 1 + the steps 0.1, 0.2, 0.4, rest of the span in tau (Hairer's 1e-6 start: 27)
+
+
 def test_hutchinson_integrates_the_same_estimator_as_dopri5():
     # with Rademacher probes (|v|^2 = D) the estimate v^T (d f~/dx) v dt of the x-space flow and D log(s_T/s_0)
     # - v^T (dD/dy) v dtau of the y-space one are the same integral: both solvers converge to one number
