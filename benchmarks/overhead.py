@@ -9,12 +9,20 @@ Peak memory: the peak resident-set increase of a sampling run at 1000 steps agai
 (16, 3, 64, 64) state with an exact Gaussian score, each run in a fresh process with glibc's mmap threshold
 fixed at 64 KiB (so the resident set follows the live tensors). Target: within 10%.
 Overhead is reported per step and per NFE (Heun and DPM-Solver-3 make 2 and 3 evaluations per step).
+Allocator: the MLP's activations (1 MiB each at batch 1024) sit at glibc's adaptive mmap threshold, so whether they
+come from the heap or from fresh pages depends on the process's history of allocations; on this machine that moved
+the minor page faults of a sampling step between 0 and 300 for one and the same sampler (up to a third of an MLP
+evaluation), run to run. By default (``--malloc fixed``) the script re-executes itself with the thresholds fixed
+(``MALLOC_MMAP_THRESHOLD_`` 64 MiB, ``MALLOC_TRIM_THRESHOLD_`` 256 MiB: tensors up to 64 MiB come from the heap and
+stay mapped), so that the figures measure the library's work; ``--malloc adaptive`` keeps glibc's defaults. The
+tables give the minor page faults per step either way. (The same setting, or a caching allocator such as jemalloc
+or tcmalloc, speeds up any PyTorch CPU loop over small networks.)
 With ``--baseline DIR``, another copy of the package (an earlier commit, say), importable under the name of DIR's
 last component, runs alternately with this one in the same process (its runs interleaved with ours, in alternating
 order), so that both see the same machine: a before/after comparison on a shared machine.
 
-    python benchmarks/overhead.py [--quick] [--repeats N] [--baseline DIR]   (CPU only: benchmarks/gpu.py times the
-    same loops on a GPU)
+    python benchmarks/overhead.py [--quick] [--repeats N] [--baseline DIR] [--malloc fixed|adaptive]
+    (CPU only: benchmarks/gpu.py times the same loops on a GPU)
     (a baseline: git archive COMMIT sdegen | tar -x -C /tmp/b && mv /tmp/b/sdegen /tmp/b/sdegen_before)
 Writes benchmarks/results/overhead.{md,json} (overhead_baseline.{md,json} with --baseline, no memory table).
 """
@@ -79,6 +87,7 @@ def overhead(repeats: int, steps: int, libraries: dict) -> dict:
     x_T = torch.randn(1024, 16)
     t = torch.full((1024,), 0.5)
     evals, per_step, nfe = [], {(lib, name): [] for lib in libraries for name in SAMPLERS}, {}
+    faults = {key: [] for key in per_step}
     with torch.no_grad():
         for _ in range(5):
             net(torch.cat([x_T, t[:, None]], 1))
@@ -90,10 +99,13 @@ def overhead(repeats: int, steps: int, libraries: dict) -> dict:
                     evals.append(clock() - start)
                 for lib in list(libraries)[::1 if repeat % 2 == 0 else -1]:
                     score = TimedScore(net)
+                    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     start = clock()
                     _, info = libraries[lib].sample(libraries[lib].VPSDE(), score, x_T, method=METHOD.get(name, name),
                                                     steps=steps, seed=0, return_info=True, **opts)
                     per_step[(lib, name)].append((clock() - start - score.seconds) / info.steps)
+                    faults[(lib, name)].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+                                               / info.steps)
                     nfe[name] = info.nfe / info.steps
     t_eval = statistics.median(evals)
     print(f"MLP eval: median {1e3 * t_eval:.3f} ms (quartiles {1e3 * _quantile(evals, 0.25):.3f}-"
@@ -103,7 +115,8 @@ def overhead(repeats: int, steps: int, libraries: dict) -> dict:
         o = statistics.median(runs)
         rows[lib].append({"sampler": name, "mlp_eval_ms": 1e3 * t_eval, "overhead_per_step_ms": 1e3 * o,
                           "overhead_min_ms": 1e3 * min(runs), "overhead_max_ms": 1e3 * max(runs),
-                          "ratio": o / t_eval, "nfe_per_step": nfe[name], "ratio_per_nfe": o / nfe[name] / t_eval})
+                          "ratio": o / t_eval, "nfe_per_step": nfe[name], "ratio_per_nfe": o / nfe[name] / t_eval,
+                          "faults_per_step": statistics.median(faults[(lib, name)])})
         print(f"{lib:8s} {name:30s} overhead/step {1e3 * o:.3f} ms (range {1e3 * min(runs):.3f}-"
               f"{1e3 * max(runs):.3f}) = {100 * o / t_eval:.1f}% of one MLP eval, "
               f"{100 * o / nfe[name] / t_eval:.1f}% per NFE", flush=True)
@@ -140,7 +153,8 @@ def peak_memory() -> list:
         for steps in (10, 1000):
             # a fixed mmap threshold: glibc then returns every large freed block at once, so the resident
             # set follows the live tensors instead of the allocator's adaptive heap
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            env = {k: v for k, v in os.environ.items() if k not in FIXED_MALLOC}
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
             out = subprocess.run([sys.executable, __file__, "--child", METHOD.get(name, name), json.dumps(opts),
                                   str(steps)], capture_output=True, text=True, check=True, env=env)
             result[steps] = json.loads(out.stdout.strip().splitlines()[-1])["increase_mib"]
@@ -159,7 +173,15 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None, help="round-robin repeats (default 5, 3 with --quick)")
     parser.add_argument("--baseline", default=None, help="directory of another copy of the package (see above)")
+    parser.add_argument("--malloc", choices=("fixed", "adaptive"), default="fixed",
+                        help="glibc's mmap/trim thresholds fixed (the default: the figures measure the library, not "
+                             "the allocator's history) or adaptive (glibc's defaults); see the module docstring")
     args = parser.parse_args()
+    if args.malloc == "fixed" and any(os.environ.get(k) != v for k, v in FIXED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **FIXED_MALLOC))
+    if args.malloc == "adaptive" and any(k in os.environ for k in FIXED_MALLOC):
+        os.execve(sys.executable, [sys.executable] + sys.argv,
+                  {k: v for k, v in os.environ.items() if k not in FIXED_MALLOC})
     torch.set_num_threads(1)
     libraries = {"this": sdegen}
     if args.baseline:
@@ -179,21 +201,31 @@ def main():
              f"{os.getloadavg()[0]:.1f}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
              f"- command: `python {' '.join(sys.argv)}`",
-             "- CPU only: benchmarks/gpu.py measures the same loops on a GPU", "",
+             "- CPU only: benchmarks/gpu.py measures the same loops on a GPU", f"- allocator: {_allocator()}", "",
              "Overhead per step outside the score call, relative to one 3-layer 256-wide MLP evaluation at batch 1024 "
-             "(CPU time of the sampling thread, 1 thread, median of round-robin repeats, range in brackets). "
-             "Target <= 10% per NFE.", "",
-             "| sampler | NFE/step | MLP eval (ms) | overhead/step (ms) [range] | ratio per step | ratio per NFE |",
-             "|---|---|---|---|---|---|"]
+             "(CPU time of the sampling thread, 1 thread, median of round-robin repeats, range in brackets); minor "
+             "page faults per step of the whole loop (network included), median. Target <= 10% per NFE.", "",
+             "| sampler | NFE/step | MLP eval (ms) | overhead/step (ms) [range] | ratio per step | ratio per NFE | "
+             "page faults/step |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['nfe_per_step']:g} | {r['mlp_eval_ms']:.3f} | {r['overhead_per_step_ms']:.3f} "
               f"[{r['overhead_min_ms']:.3f}-{r['overhead_max_ms']:.3f}] | "
-              f"{100 * r['ratio']:.1f}% | {100 * r['ratio_per_nfe']:.1f}% |" for r in over]
+              f"{100 * r['ratio']:.1f}% | {100 * r['ratio_per_nfe']:.1f}% | {r['faults_per_step']:.0f} |" for r in over]
     lines += ["", "Peak resident memory increase of one run on a (16, 3, 64, 64) float32 state. Target: 1000 steps "
               "within 10% of 10 steps.", "", "| sampler | 10 steps (MiB) | 1000 steps (MiB) | ratio |",
               "|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['peak_10_mib']:.1f} | {r['peak_1000_mib']:.1f} | {r['ratio']:.3f} |" for r in mem]
     (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "overhead.json").write_text(json.dumps({"overhead": over, "memory": mem}, indent=1))
+
+
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def _allocator() -> str:
+    set_here = {k: os.environ[k] for k in FIXED_MALLOC if k in os.environ}
+    if not set_here:
+        return "glibc malloc with its adaptive mmap and trim thresholds (--malloc adaptive)"
+    return "glibc malloc with fixed thresholds (" + ", ".join(f"{k}={v}" for k, v in set_here.items()) + ")"
 
 
 def _machine() -> str:
@@ -206,18 +238,20 @@ def _write_comparison(rows: dict, baseline: str, load_before: float) -> None:
              f"- machine: {_machine()}; load average at the start {load_before:.1f}, at the end "
              f"{os.getloadavg()[0]:.1f}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-             f"- command: `python {' '.join(sys.argv)}`", f"- baseline: `{baseline}`", "",
+             f"- command: `python {' '.join(sys.argv)}`", f"- baseline: `{baseline}`", f"- allocator: {_allocator()}",
+             "",
              "Overhead per NFE outside the score call, as a fraction of one 3-layer 256-wide MLP evaluation at batch "
              "1024 (CPU time of the sampling thread, median of round-robin repeats, range in brackets; both copies "
              "run between the same MLP evaluations). Target <= 10% per NFE.", "",
              "| sampler | MLP eval (ms) | baseline overhead/step (ms) [range] | baseline per NFE | "
-             "this overhead/step (ms) [range] | this per NFE |", "|---|---|---|---|---|---|"]
+             "this overhead/step (ms) [range] | this per NFE | page faults/step (baseline, this) |",
+             "|---|---|---|---|---|---|---|"]
     for old, new in zip(rows["baseline"], rows["this"]):
         lines.append(f"| {new['sampler']} | {new['mlp_eval_ms']:.3f} | {old['overhead_per_step_ms']:.3f} "
                      f"[{old['overhead_min_ms']:.3f}-{old['overhead_max_ms']:.3f}] | "
                      f"{100 * old['ratio_per_nfe']:.1f}% | "
                      f"{new['overhead_per_step_ms']:.3f} [{new['overhead_min_ms']:.3f}-{new['overhead_max_ms']:.3f}] | "
-                     f"{100 * new['ratio_per_nfe']:.1f}% |")
+                     f"{100 * new['ratio_per_nfe']:.1f}% | {old['faults_per_step']:.0f}, {new['faults_per_step']:.0f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "overhead_baseline.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "overhead_baseline.json").write_text(json.dumps(rows, indent=1))
