@@ -91,7 +91,7 @@ def test_capture_needs_cuda():
 @pytest.mark.parametrize("name,options", CASES, ids=[c[0] for c in CASES])
 def test_cuda_graph_replays_equal_the_eager_run(name, options):
     capture.clear_captured()
-    sde, gm = sdegen.VPSDE(), GaussianMixture.ring()
+    sde = sdegen.VPSDE()
     net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).cuda()
     model = sdegen.ScoreModel(lambda x, t: net(torch.cat([x, t[:, None]], 1)), sde, prediction="eps")
     for seed in (0, 1, 2):

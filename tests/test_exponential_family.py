@@ -123,7 +123,7 @@ def test_first_step_is_the_exact_first_order_sde_step(sde_name, sampler, lam):
     z = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), **F64)
     got, ctx = _run(sampler, sde, RING, x, ts, ListNoise([z]))
     t, t2 = ts.unbind()
-    (m, s, u), (m2, s2, u2) = _ms_u(sde, t), _ms_u(sde, t2)
+    (m, _, u), (m2, s2, u2) = _ms_u(sde, t), _ms_u(sde, t2)
     h, c = u2 - u, 1.0 + lam
     y2 = math.exp(-c * h) * x / m + (1 - math.exp(-c * h)) * _oracle_denoised(sde, x, t)
     want = m2 * y2 + s2 * math.sqrt(1 - math.exp(-2 * lam * h)) * z
