@@ -50,6 +50,7 @@ from ._validate import check_int, check_number
 from .divergence import check_differentiable_output, divergence_exact, divergence_hutchinson
 from .errors import STEP_LIMIT_HINT, SolverError
 from .models import Model
+from .samplers.exponential import _moment_weights, exp_moments as _decay_moments
 from .sde import SDE
 
 ERRORS = ("corrector", "predictor")
@@ -57,46 +58,19 @@ _NAME = "log_likelihood (solver='multistep')"
 
 
 def exp_moments(h: float, n: int) -> List[float]:
-    """M_k = int_0^1 e^{h (1 - rho)} rho^k drho for k < n, by the series sum_j h^j k! / (j + k + 1)!
-    (all terms positive: no cancellation at small h, where the integration-by-parts recursion loses digits)."""
-    out = []
-    for k in range(n):
-        term = math.factorial(k) / math.factorial(k + 1)  # j = 0
-        total, j = term, 0
-        while term > 1e-17 * total and j < 400:
-            j += 1
-            term *= h / (j + k + 1)
-            total += term
-        out.append(total)
-    return out
-
-
-def _solve_small(a: List[List[float]], b: List[float]) -> List[float]:
-    """Gaussian elimination with partial pivoting on a small dense system (Python floats, float64)."""
-    n = len(b)
-    a = [row[:] + [v] for row, v in zip(a, b)]
-    for c in range(n):
-        p = max(range(c, n), key=lambda r: abs(a[r][c]))
-        a[c], a[p] = a[p], a[c]
-        for r in range(c + 1, n):
-            f = a[r][c] / a[c][c]
-            for j in range(c, n + 1):
-                a[r][j] -= f * a[c][j]
-    x = [0.0] * n
-    for r in range(n - 1, -1, -1):
-        x[r] = (a[r][n] - sum(a[r][j] * x[j] for j in range(r + 1, n))) / a[r][r]
-    return x
+    """M_k = int_0^1 e^{h (1 - rho)} rho^k drho for k < n: the growing kernel of a step forward in tau. It is the
+    decaying kernel of the samplers' exponential integrators (:func:`sdegen.samplers.exponential.exp_moments`, a
+    step in u = -tau) taken over a step of -h: int_0^h e^{h - r} r^k dr = (-1)^{k+1} M^u_k(-h), and rho = r / h."""
+    return [(-1) ** (k + 1) * m / h ** (k + 1) for k, m in enumerate(_decay_moments(-h, n))]
 
 
 def step_weights(nodes: Sequence[float], h: float) -> Tuple[List[float], List[float]]:
     """Weights of the values at ``nodes`` (offsets from the step's start in units of h: 1 for its end, <= 0 for
     earlier points) in int_0^h e^{h - r} P(r) dr and in int_0^h P(r) dr, P their Lagrange interpolant: the
     moment equations sum_j w_j rho_j^k = h M_k (resp. h / (k + 1)), k < len(nodes)."""
-    n = len(nodes)
-    vander = [[rho**k for rho in nodes] for k in range(n)]
-    w_exp = _solve_small(vander, [h * m for m in exp_moments(h, n)])
-    w_quad = _solve_small(vander, [h / (k + 1) for k in range(n)])
-    return w_exp, w_quad
+    n, nodes = len(nodes), [float(rho) for rho in nodes]
+    return (_moment_weights(nodes, [h * m for m in exp_moments(h, n)]),
+            _moment_weights(nodes, [h / (k + 1) for k in range(n)]))
 
 
 class _DenoiserDivergence:
