@@ -300,7 +300,7 @@ def inpainting_figure(model, test, args):
     fills = []
     for k in range(3):
         with torch.no_grad():
-            fills.append(sdegen.inpaint(model.sde, model, x0, mask, sampler="reverse_diffusion", steps=args.steps,
+            fills.append(sdegen.inpaint(model.sde, model, x0, mask, method="reverse_diffusion", steps=args.steps,
                                         seed=args.seed + 100 + k))
     shown = torch.where(mask, x0, torch.full_like(x0, -1.0))
     grid = torch.stack([x0, shown] + fills, dim=1).reshape(-1, 1, 8, 8)

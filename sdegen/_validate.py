@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from numbers import Integral, Real
-from typing import Any, Callable, Collection, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -178,3 +178,11 @@ def check_options(options: Mapping[str, Any], accepted: Optional[Iterable[str]],
     if unknown:
         takes = ", ".join(accepted) if accepted else "no options"
         raise TypeError(f"{where} does not take {', '.join(map(repr, unknown))}; it takes: {takes}.")
+
+
+def reject_inapplicable(given: Dict[str, Any], why: str) -> None:
+    """Raise ValueError naming the first option in ``given`` (name -> value, None: not given) that was passed
+    explicitly although it cannot apply; ``why`` says to what it applies and what to do instead."""
+    for name, value in given.items():
+        if value is not None:
+            raise ValueError(f"{name}: {why}; leave {name} unset; got {name}={value!r}.")

@@ -61,7 +61,8 @@ class DiffusersNet(torch.nn.Module):
 class DiscreteTimestep:
     """t -> the timestep t N - 1 of a :class:`sdegen.DiscreteVPSDE`, rounded to the integer where t holds a table
     time (k + 1) / N to within its dtype's precision: a float32 time cannot represent (k + 1) / N exactly, and a
-    network trained on integer timesteps is then fed exactly its integers."""
+    network trained on integer timesteps is then fed exactly its integers. The same map as ScoreModel's
+    ``time_input="timestep"`` (:meth:`sdegen.DiscreteVPSDE.timestep`), which also refuses times before the table."""
 
     def __init__(self, sde: DiscreteVPSDE):
         self.sde = sde
@@ -106,9 +107,10 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
     (its network takes 0.25 log sigma) is refused with the ScoreModel that fits it.
 
     Returns:
-        ``ScoreModel(DiffusersNet(unet), DiscreteVPSDE(alphas_cumprod), prediction, time_input=DiscreteTimestep)``;
+        ``ScoreModel(DiffusersNet(unet), DiscreteVPSDE(alphas_cumprod), prediction, time_input="timestep")``;
         sample with ``sdegen.sample(model.sde, model, ...)``. Outputs have x's shape and dtype; the network runs in
-        its own dtype (a bfloat16 UNet under a float32 state, say).
+        its own dtype (a bfloat16 UNet under a float32 state, say). The model refuses times before ``t_min``
+        (negative timesteps, which the network has not seen).
     """
     table = getattr(scheduler, "alphas_cumprod", scheduler)
     if not isinstance(table, torch.Tensor):
@@ -127,7 +129,7 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
         raise ValueError(f"prediction_type must be one of {tuple(DIFFUSERS_PREDICTIONS)}; got {prediction_type!r}.")
     sde = DiscreteVPSDE(table, t_min=t_min)
     return ScoreModel(DiffusersNet(unet), sde, prediction=DIFFUSERS_PREDICTIONS[prediction_type],
-                      time_input=DiscreteTimestep(sde))
+                      time_input="timestep")
 
 
 def diffusers_time_grid(sde: DiscreteVPSDE, timesteps, *, final_timestep: Optional[float] = None) -> torch.Tensor:

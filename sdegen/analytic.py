@@ -21,6 +21,7 @@ import torch
 from ._deprecation import renamed
 from ._util import Time, as_time, check_batch, check_finite_tensor
 from ._validate import check_finite, check_int, check_number
+from .noise import torch_generator
 from .sde import SDE
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -147,7 +148,6 @@ class GaussianMixture:
         return torch.exp(sde.log_mean_coeff(t)), sde.std(t) ** 2
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        check_finite_tensor(x)
         if x.ndim < 1 or x[0].numel() != self.dim:
             raise ValueError(f"x must have shape (B, ...) with {self.dim} values per example; got {tuple(x.shape)}.")
         return x.reshape(x.shape[0], self.dim).to(torch.float64)
@@ -168,26 +168,42 @@ class GaussianMixture:
     @_sde_first("x", "t", "sde")
     def log_prob(self, sde: Optional[SDE], x: torch.Tensor, t: Optional[Time] = None) -> torch.Tensor:
         """Exact log p_t(x) under ``sde``, shape (B,); t=None gives the data density p_0 = the mixture itself."""
+        check_finite_tensor(x)
         logc, _ = self._component_terms(x, sde, t)
         return torch.logsumexp(logc, dim=1).to(x.dtype)
 
     @_sde_first("x", "t", "sde")
     def responsibilities(self, sde: Optional[SDE], x: torch.Tensor, t: Optional[Time] = None) -> torch.Tensor:
         """Posterior component probabilities p_t(k | x) under ``sde``, shape (B, K) (t=None: at the data)."""
+        check_finite_tensor(x)
         logc, _ = self._component_terms(x, sde, t)
         return torch.softmax(logc, dim=1).to(x.dtype)
 
     @_sde_first("x", "t", "sde")
     def score(self, sde: Optional[SDE], x: torch.Tensor, t: Optional[Time] = None) -> torch.Tensor:
         """Exact grad_x log p_t(x) under ``sde``, same shape as x (t=None: the score of the data density)."""
+        check_finite_tensor(x)
+        return self._score(sde, x, t)
+
+    def _score(self, sde: Optional[SDE], x: torch.Tensor, t: Optional[Time]) -> torch.Tensor:
         logc, prec_diff = self._component_terms(x, sde, t)
         r = torch.softmax(logc, dim=1)
         return -(r[:, :, None] * prec_diff).sum(1).reshape(x.shape).to(x.dtype)
 
     def score_fn(self, sde: SDE):
-        """The exact score under ``sde`` as a callable ``score(x, t)``: the form every sampler accepts."""
+        """The exact score under ``sde`` as a callable ``score(x, t)``: the form every sampler accepts.
+
+        It is a model in the sense of the samplers: example i's output depends only on x[i], and a state with a NaN
+        or an infinity has no score, so its row comes back NaN while the other rows are exact. A solve in which one
+        example has failed can then finish, or set that example aside, without the oracle refusing the whole batch
+        (:meth:`score` itself refuses NaN input)."""
         def exact_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.score(sde, x, t)
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
+                return self.score(sde, x, t)  # its message says what x must be
+            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+            bad = bad.reshape((-1,) + (1,) * (x.ndim - 1))
+            s = self._score(sde, torch.where(bad, torch.zeros_like(x), x), t)
+            return torch.where(bad, torch.full_like(s, math.nan), s)
         return exact_score
 
     @_sde_first("t", "sde")
@@ -215,15 +231,20 @@ class GaussianMixture:
                return_components: bool = False, generator: Optional[torch.Generator] = None):
         """n exact draws from p_t under ``sde`` (from the mixture itself when t is None), shape (n, d).
 
-        seed: an int, a torch.Generator, or None (torch's global generator); ``generator`` is its deprecated name.
+        seed: an int (any size: taken modulo 2^64), a torch.Generator, or None (torch's global generator), as
+            :func:`sdegen.noise.torch_generator` reads it; ``generator`` is its deprecated name.
+        dtype: a floating dtype (an integer dtype raises ValueError: it would truncate every draw).
         With ``return_components=True`` also returns the (n,) component index of each draw.
         """
-        if not (isinstance(n, int) and n >= 1):
+        if isinstance(n, bool) or not (isinstance(n, int) and n >= 1):
             raise ValueError(f"n must be a positive int; got {n!r}.")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32); got {dtype!r}.")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype (float16, bfloat16, float32 or float64): draws from a "
+                             f"continuous distribution; got {dtype}.")
         seed, name = renamed("GaussianMixture.sample", "seed", seed, "generator", generator)
-        if isinstance(seed, bool) or not (seed is None or isinstance(seed, (int, torch.Generator))):
-            raise TypeError(f"{name} must be an int, a torch.Generator or None; got {type(seed).__name__}.")
-        generator = torch.Generator().manual_seed(seed) if isinstance(seed, int) else seed
+        generator = torch_generator(seed, name)
         src = self if t is None else self.marginal(sde, t)
         k = torch.multinomial(src.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)

@@ -17,6 +17,7 @@ import torchsde
 from torchdiffeq._impl.odeint import SOLVERS as _ODE_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
+from ._validate import check_int, check_number, reject_inapplicable
 from .errors import STEP_LIMIT_HINT, SolverError, check_finite_result, check_on_failure, nonfinite_rows, rows_to_list
 from .noise import normal_from_seeds
 from .samplers.adaptive import solve_isolating_failures
@@ -44,18 +45,30 @@ class FailureMonitor:
     Called by torchdiffeq on scaled states, derivatives and error estimates (B, ...): returns the max over
     examples of the per-example RMS (NaN when any is NaN), and keeps, on the device (no host read), which
     examples gave a non-finite value since the last accepted step (``bad``) and the last per-example ratios.
+
+    Before the first step torchdiffeq chooses its starting step from the norms of the state and the derivative
+    (Hairer's rule h0 = 0.01 ||y|| / ||f||): there a non-finite norm is returned as +inf, so that a NaN
+    derivative gives h0 = 0, as an infinite one does, and the solve stops at once with a step that underflows
+    (a NaN norm would make h0 NaN and send the model a NaN time). Once stepping (:meth:`stepping`), a NaN
+    error ratio stays NaN: torchdiffeq then rejects the step and proposes no step at all, which stops the solve
+    without first shrinking the step through a run of rejections.
     """
 
     def __init__(self):
         self.bad: Optional[torch.Tensor] = None
         self.last: Optional[torch.Tensor] = None
         self.last_rejected: Optional[torch.Tensor] = None
+        self.started = False
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         per = v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt()
         self.bad = ~torch.isfinite(per) if self.bad is None else self.bad | ~torch.isfinite(per)
         self.last = per
-        return per.max()
+        worst = per.max()
+        return worst if self.started else torch.nan_to_num(worst, nan=math.inf, posinf=math.inf)
+
+    def stepping(self) -> None:
+        self.started = True
 
     def accepted(self) -> None:
         self.bad = None
@@ -81,8 +94,11 @@ class FailureMonitor:
 class _StepRecorder:
     """torchdiffeq step callbacks: count accepted and rejected steps, remember the last (t, dt) tried."""
 
-    def _setup_callbacks(self, method: str, monitor: Optional[FailureMonitor]) -> None:
+    def _setup_callbacks(self, method: str, monitor: Optional[FailureMonitor], direction: float = 1.0) -> None:
+        # torchdiffeq integrates a decreasing span in the clock -t: the callbacks see t in the caller's clock but
+        # a positive step dt, so a step from t0 reaches t0 + direction * dt
         self.accepted, self.rejected, self.attempted, self.monitor = 0, 0, 0, monitor
+        self.direction = direction
         self.t_tried, self.dt_tried, self.dt_before, self.t_reached = None, None, None, None
         valid = _ODE_SOLVERS[method].valid_callbacks()
         if "callback_accept_step" in valid:
@@ -92,10 +108,12 @@ class _StepRecorder:
     def callback_step(self, t0, y0, dt):  # before every step, adaptive or fixed
         self.attempted += 1
         self.t_tried, self.dt_tried, self.dt_before = t0, dt, self.dt_tried
+        if self.monitor is not None:
+            self.monitor.stepping()
 
     def _accept(self, t0, y0, dt):
         self.accepted += 1
-        self.t_reached = t0 + dt
+        self.t_reached = t0 + self.direction * dt
         if self.monitor is not None:
             self.monitor.accepted()
 
@@ -117,10 +135,10 @@ class _StepRecorder:
 class _ODEFunc(_StepRecorder, torch.nn.Module):
     """Probability-flow field plus torchdiffeq step callbacks that count accepted and rejected steps."""
 
-    def __init__(self, ode: ProbabilityFlowODE, method: str, monitor: Optional[FailureMonitor]):
+    def __init__(self, ode: ProbabilityFlowODE, method: str, monitor: Optional[FailureMonitor], direction: float):
         torch.nn.Module.__init__(self)
         self.ode = ode
-        self._setup_callbacks(method, monitor)
+        self._setup_callbacks(method, monitor, direction)
 
     def forward(self, t, x):
         return self.ode(t, x)
@@ -158,36 +176,49 @@ class ODESolver(Solver):
     """Probability-flow ODE through ``torchdiffeq.odeint`` (adaptive dopri5 by default).
 
     Args:
-        solver: any torchdiffeq method name ("dopri5", "bosh3", "rk4", "euler", ...).
-        rtol, atol: tolerances of adaptive methods, enforced per example (max over the batch of per-example RMS).
-        max_steps: adaptive step limit (an int >= 1).
+        solver: any torchdiffeq method name: adaptive ("dopri5", "bosh3", ...) or fixed-grid ("rk4", "euler",
+            "midpoint", ...).
+        rtol, atol: tolerances of adaptive methods (default 1e-5 each), enforced per example (max over the batch
+            of per-example RMS).
+        max_steps: adaptive step limit (an int >= 1; default 100_000).
         on_failure: for adaptive methods, "raise" (default): a non-finite state or a step size that underflows
             raise :class:`sdegen.SolverError` naming the examples responsible, the time reached and the last
-            step (as does the step limit, in either mode); "mask": those examples are set aside and the solve restarts on the others (their
-            result equals a run on them alone, since the batch shares its steps), the failed rows are NaN and
-            their indices are kept in :attr:`failed`.
+            step (as does the step limit, in either mode); "mask": those examples are set aside and the solve
+            restarts on the others (their result equals a run on them alone, since the batch shares its steps),
+            the failed rows are NaN and their indices are kept in :attr:`failed`.
         options: extra torchdiffeq options (override the defaults set here).
-    Fixed-grid methods take ``steps`` equal steps. Adaptive methods are told to land exactly on the end
-    time (option ``step_t``) and the field is evaluated at clamp(t, t_min, T), so the score is never
-    asked for a time outside [t_min, T].
+    Fixed-grid methods take ``steps`` equal steps (default 100) and, like the fixed-step samplers, return every
+    example, one whose score is non-finite as a non-finite row; rtol, atol, max_steps and on_failure apply to
+    adaptive methods only, and passing one with a fixed-grid method raises ValueError. Adaptive methods are told
+    to land exactly on the end time (option ``step_t``) and the field is evaluated at clamp(t, t_min, T), so the
+    score is never asked for a time outside [t_min, T].
     """
 
     stochastic = False
 
-    def __init__(self, solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 100_000,
-                 options: Optional[Dict[str, Any]] = None, on_failure: str = "raise"):
+    def __init__(self, solver: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
+                 max_steps: Optional[int] = None, options: Optional[Dict[str, Any]] = None,
+                 on_failure: Optional[str] = None):
         if solver not in _ODE_SOLVERS or solver == "scipy_solver":
             raise ValueError(f"unknown torchdiffeq solver {solver!r}; valid: {', '.join(ODE_METHODS)}.")
-        for name, v in (("rtol", rtol), ("atol", atol)):
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
-        if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
-            raise ValueError(f"max_steps must be an int >= 1 (the adaptive step limit); got {max_steps!r}.")
-        self.solver, self.rtol, self.atol, self.max_steps = solver, float(rtol), float(atol), max_steps
-        self.options = dict(options or {})
         self.adaptive = is_adaptive_ode_method(solver)
+        if not self.adaptive:
+            reject_inapplicable({"rtol": rtol, "atol": atol, "max_steps": max_steps, "on_failure": on_failure},
+                                f"it applies to adaptive torchdiffeq solvers (e.g. 'dopri5', 'bosh3'), while "
+                                f"{solver!r} takes a fixed grid of `steps` equal steps")
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            if v is not None and (isinstance(v, bool) or not (isinstance(v, (int, float)) and v > 0
+                                                              and math.isfinite(v))):
+                raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
+        if max_steps is not None and (isinstance(max_steps, bool) or not (isinstance(max_steps, int)
+                                                                          and max_steps >= 1)):
+            raise ValueError(f"max_steps must be an int >= 1 (the adaptive step limit); got {max_steps!r}.")
+        self.solver = solver
+        self.rtol, self.atol = float(1e-5 if rtol is None else rtol), float(1e-5 if atol is None else atol)
+        self.max_steps = 100_000 if max_steps is None else max_steps
+        self.options = dict(options or {})
         self.default_steps = None if self.adaptive else 100
-        self.on_failure = check_on_failure(on_failure)
+        self.on_failure = check_on_failure("raise" if on_failure is None else on_failure)
         self.failed: list = []
 
     def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
@@ -202,7 +233,8 @@ class ODESolver(Solver):
         sde, score = ctx.sde, ctx.score
         lo, hi = float(ts.min()), float(ts.max())
         monitor = FailureMonitor() if self.adaptive else None
-        func = _ODEFunc(ProbabilityFlowODE(sde, score, t_clamp=(lo, hi)), self.solver, monitor)
+        direction = -1.0 if float(ts[-1]) < float(ts[0]) else 1.0
+        func = _ODEFunc(ProbabilityFlowODE(sde, score, t_clamp=(lo, hi)), self.solver, monitor, direction)
         t = ts.to(device=x.device)
         if self.adaptive:
             options = {"norm": monitor, "step_t": t[-1:], "max_num_steps": self.max_steps}
@@ -220,9 +252,11 @@ class ODESolver(Solver):
             raise failure from None
         if self.adaptive:
             check_finite_result(out[-1], name, float(ts[-1]), func.where()[1])
-        return out, out[-1], func.accepted
+        return out, out[-1], func.accepted if self.adaptive else func.attempted
 
     def __repr__(self) -> str:
+        if not self.adaptive:
+            return f"ODESolver(solver={self.solver!r})"
         return f"ODESolver(solver={self.solver!r}, rtol={self.rtol:g}, atol={self.atol:g})"
 
 
@@ -341,12 +375,15 @@ class SDESolver(Solver):
     Args:
         solver: a torchsde method valid for diagonal (here additive) noise: euler, milstein, srk, midpoint,
             heun, euler_heun, reversible_heun.
-        adaptive: torchsde's adaptive stepping (error estimated by step doubling), with rtol, atol (finite, > 0)
-            and dt_min (the smallest step, > 0; steps that small are accepted whatever their error).
+        adaptive: torchsde's adaptive stepping (error estimated by step doubling), with rtol, atol (finite, > 0;
+            default 1e-3 each) and dt_min (the smallest step, > 0, default 1e-5; steps that small are accepted
+            whatever their error). Without it the solve takes ``steps`` equal steps (default 1000) and returns
+            every example, one whose score is non-finite as a non-finite row, like the fixed-step samplers.
         on_failure: for adaptive solves, "raise" (default): NaN in the error estimate or a non-finite result raise
             :class:`sdegen.SolverError` naming the examples whose drift became non-finite; "mask": those examples
             are set aside and the solve restarts on the others with their own noise (their result equals a run on
             them alone), the failed rows are NaN and their indices are kept in :attr:`failed`.
+        rtol, atol, dt_min and on_failure apply to ``adaptive=True`` only; passing one without it raises ValueError.
     Every method but "srk" uses :class:`PerExampleBrownian`, so example i's sample depends only on its seed;
     "srk" needs space-time Levy area and uses torchsde's BrownianInterval seeded from the first example's seed
     (reproducible, but not batch-size invariant), as does ``noise="generator"`` in :func:`sdegen.sample`.
@@ -360,20 +397,27 @@ class SDESolver(Solver):
 
     stochastic = True
 
-    def __init__(self, solver: str = "euler", adaptive: bool = False, rtol: float = 1e-3, atol: float = 1e-3,
-                 dt_min: float = 1e-5, options: Optional[Dict[str, Any]] = None, on_failure: str = "raise"):
+    def __init__(self, solver: str = "euler", adaptive: bool = False, rtol: Optional[float] = None,
+                 atol: Optional[float] = None, dt_min: Optional[float] = None,
+                 options: Optional[Dict[str, Any]] = None, on_failure: Optional[str] = None):
         if solver not in SDE_METHODS:
             raise ValueError(f"unknown torchsde solver {solver!r}; valid: {', '.join(sorted(SDE_METHODS))}.")
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be True or False; got {adaptive!r}.")
+        if not adaptive:
+            reject_inapplicable({"rtol": rtol, "atol": atol, "dt_min": dt_min, "on_failure": on_failure},
+                                "it applies to torchsde's adaptive stepping (pass adaptive=True), while "
+                                "adaptive=False takes `steps` equal steps")
         for name, v in (("rtol", rtol), ("atol", atol), ("dt_min", dt_min)):
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            if v is not None and (isinstance(v, bool) or not (isinstance(v, (int, float)) and v > 0
+                                                              and math.isfinite(v))):
                 raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
         self.solver, self.adaptive = solver, adaptive
-        self.rtol, self.atol, self.dt_min = float(rtol), float(atol), float(dt_min)
+        self.rtol, self.atol, self.dt_min = (float(d if v is None else v)
+                                             for v, d in ((rtol, 1e-3), (atol, 1e-3), (dt_min, 1e-5)))
         self.options = dict(options or {})
         self.default_steps = 1000
-        self.on_failure = check_on_failure(on_failure)
+        self.on_failure = check_on_failure("raise" if on_failure is None else on_failure)
         self.failed: list = []
 
     def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
@@ -441,54 +485,72 @@ class AugmentedNorm(FailureMonitor):
     it alone to the tolerance (a max of the two parts) cost 1.1-1.6x the NFE of dopri5 on the whole batch for
     no accuracy the oracle could see in the log-density per dimension (benchmarks/adaptive_nfe.py). Keeps the
     last per-example ratios and the non-finite examples on the device (no host sync) so a failed solve can
-    name the examples that stopped it.
+    name the examples that stopped it. (On a flat (B, D + 1) state this is :class:`FailureMonitor`'s norm.)
     """
-
-    def __call__(self, ratio: torch.Tensor) -> torch.Tensor:
-        per = ratio.pow(2).mean(1).sqrt()
-        self.bad = ~torch.isfinite(per) if self.bad is None else self.bad | ~torch.isfinite(per)
-        self.last = per
-        return per.max()
 
 
 class _CountingFunc(_StepRecorder, torch.nn.Module):
-    """Wraps a field: counts evaluations and steps, and stops the solve after ``max_steps`` steps."""
+    """Wraps a field: counts evaluations and steps, and stops an adaptive solve after ``max_steps`` steps (None: a
+    fixed grid, whose step count is its own). On a fixed grid it keeps, on the device, the earliest time at which
+    each example's field was non-finite (``failed_at``, (B,) float64, NaN while finite)."""
 
-    def __init__(self, field: torch.nn.Module, norm: AugmentedNorm, method: str, max_steps: int):
+    def __init__(self, field: torch.nn.Module, norm: AugmentedNorm, method: str, max_steps: Optional[int],
+                 y0: torch.Tensor):
         torch.nn.Module.__init__(self)
         self.field, self.max_steps, self.nfe = field, max_steps, 0
+        self.failed_at = None if max_steps is not None else torch.full(
+            (y0.shape[0],), math.nan, dtype=torch.float64, device=y0.device)
         self._setup_callbacks(method, norm)  # fixed-grid solvers warn about callbacks they never call
 
     def forward(self, t, y):
         self.nfe += 1
-        return self.field(t, y)
+        out = self.field(t, y)
+        if self.failed_at is not None:
+            first = nonfinite_rows(out) & torch.isnan(self.failed_at)
+            self.failed_at = torch.where(first, t.detach().to(self.failed_at), self.failed_at)
+        return out
 
     def callback_step(self, t0, y0, dt):  # before every step, adaptive or fixed
         super().callback_step(t0, y0, dt)
-        if self.attempted > self.max_steps:
+        if self.max_steps is not None and self.attempted > self.max_steps:
             raise _StepLimit()
 
 
 def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: float, *, method: str = "dopri5",
-                    rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 10_000, steps: Optional[int] = None,
-                    adjoint: bool = False, adjoint_params=None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+                    rtol: Optional[float] = None, atol: Optional[float] = None, max_steps: Optional[int] = None,
+                    steps: Optional[int] = None, adjoint: bool = False,
+                    adjoint_params=None) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Integrate ``dy/dt = field(t, y)`` for an augmented state y (B, D + 1) from t0 to t1 with torchdiffeq.
 
-    Adaptive methods control the error per example with :class:`AugmentedNorm` and land exactly on t1;
-    fixed-grid methods take ``steps`` equal steps. ``adjoint=True`` uses ``torchdiffeq.odeint_adjoint``
+    Adaptive methods control the error per example with :class:`AugmentedNorm` at ``rtol``, ``atol`` (default
+    1e-5 each) within ``max_steps`` steps (default 10_000) and land exactly on t1; they raise
+    :class:`sdegen.SolverError` naming the examples responsible when ``max_steps`` run out (those whose error
+    ratio exceeded 1), when the step size underflows or when the result is not finite (those whose state, log
+    term or derivative became non-finite). Fixed-grid methods take ``steps`` equal steps (default 100); there
+    every example moves on its own, so one that fails costs the others nothing: its row of y(t1) comes back
+    non-finite and ``info["failed_at"]`` ((B,) float64, NaN for the others) holds the earliest time at which its
+    field was non-finite. An option of the other kind (``steps`` for an adaptive method; ``rtol``, ``atol`` or
+    ``max_steps`` for a fixed grid) raises ValueError. ``adjoint=True`` uses ``torchdiffeq.odeint_adjoint``
     (memory O(1) in the number of steps) so gradients flow to y0 and to ``adjoint_params``.
-    Returns (y(t1), info) with info = {"nfe", "steps", "rejected"}.
-    Adaptive methods raise :class:`sdegen.SolverError` naming the examples responsible when ``max_steps`` run
-    out (those whose error ratio exceeded 1), when the step size underflows or when the result is not finite
-    (those whose state, log term or derivative became non-finite).
+    Returns (y(t1), info) with info = {"nfe", "steps", "rejected", "failed_at" (None for adaptive methods)}.
     """
     if method not in _ODE_SOLVERS or method == "scipy_solver":
         raise ValueError(f"unknown torchdiffeq method {method!r}; valid: {', '.join(ODE_METHODS)}.")
-    if steps is not None and not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps must be a positive int (steps of a fixed-grid method); got {steps!r}.")
+    check_int(steps, "steps", lo=1, none_ok=True)
     adaptive = is_adaptive_ode_method(method)
+    if adaptive:
+        reject_inapplicable({"steps": steps}, f"the adaptive method {method!r} chooses its own steps (set "
+                            "rtol/atol); for a fixed number of steps pass a fixed-grid method such as 'rk4'")
+        rtol, atol = (check_number(1e-5 if v is None else v, name, lo=0.0, lo_open=True)
+                      for name, v in (("rtol", rtol), ("atol", atol)))
+        max_steps = check_int(10_000 if max_steps is None else max_steps, "max_steps", lo=1)
+    else:
+        reject_inapplicable({"rtol": rtol, "atol": atol, "max_steps": max_steps},
+                            f"it applies to adaptive methods (e.g. 'dopri5'), while {method!r} takes a fixed grid "
+                            "of `steps` equal steps")
+        rtol = atol = 1e-5  # not read by a fixed-grid method
     norm = AugmentedNorm()
-    func = _CountingFunc(field, norm, method, max_steps)
+    func = _CountingFunc(field, norm, method, max_steps, y0)
     t = torch.tensor([t0, t1], dtype=torch.float64, device=y0.device)
     if adaptive:
         options = {"norm": norm, "step_t": t[-1:], "max_num_steps": max_steps + 1}
@@ -504,8 +566,7 @@ def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: flo
         else:
             out = torchdiffeq.odeint(func, y0, t, **kwargs)
     except (_StepLimit, AssertionError) as err:
-        failure = _solver_error(name, func, err, y0.shape[0], max_steps, t1) if adaptive or isinstance(
-            err, _StepLimit) else None
+        failure = _solver_error(name, func, err, y0.shape[0], max_steps, t1) if adaptive else None
         if failure is None:
             raise
         failure.nfe = func.nfe  # the caller may count the evaluations of a failed attempt
@@ -517,4 +578,4 @@ def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: flo
             failure.nfe = func.nfe
             raise
     steps_taken = func.accepted if adaptive else func.attempted
-    return out[-1], {"nfe": func.nfe, "steps": steps_taken, "rejected": func.rejected}
+    return out[-1], {"nfe": func.nfe, "steps": steps_taken, "rejected": func.rejected, "failed_at": func.failed_at}

@@ -23,7 +23,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from ._validate import check_choice, check_int, check_number, check_tensor
+from .backends import ODE_METHODS, is_adaptive_ode_method
 from .models import as_model
+from .noise import check_seed, torch_generator
 from .samplers import SAMPLERS, StepSampler, get_sampler
 from .sampling import sample
 from .schedules import SCHEDULES, check_grid, load_grid, save_grid, time_grid
@@ -59,8 +61,9 @@ class ScheduleFit:
     nfe: network evaluations spent in all (reference solve included), each on the whole calibration batch, as
         :func:`sdegen.sample` counts them (the sum of its ``SampleInfo.nfe``).
     history: the objective after each accepted move.
-    sde, method, steps: the SDE, the sampler (its name, or its repr for a sampler object) and the steps the grid was
-        fitted for (set by :func:`optimize_schedule`; :meth:`save` writes them beside the times).
+    sde, method: the SDE and the sampler (its name, or its repr for a sampler object) the grid was fitted for (set
+        by :func:`optimize_schedule`; :meth:`save` writes them beside the times).
+    steps (read-only): the number of steps of the grid, len(times) - 1.
     """
 
     times: torch.Tensor
@@ -71,6 +74,11 @@ class ScheduleFit:
     history: List[float] = field(default_factory=list)
     sde: Optional[SDE] = None
     method: Optional[str] = None
+
+    @property
+    def steps(self) -> int:
+        """The number of steps of the fitted grid: len(times) - 1."""
+        return len(self.times) - 1
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the fitted grid as a small JSON file (next to the model's checkpoint, say) with its SDE's
@@ -123,7 +131,10 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
             (default: torchdiffeq dopri5 at rtol = atol = 1e-6 for float32 x_T, 1e-9 for float64).
         init: starting grid(s): a schedule name of :func:`sdegen.time_grid`, explicit times, or a sequence of
             them; with several, each is fitted (a multi-start search: the objective has local minima) and the
-            fit with the lowest objective is returned, its ``nfe`` counting all of them.
+            fit with the lowest objective is returned, its ``nfe`` counting all of them. Explicit times (an
+            earlier fit refined by :func:`sdegen.refine_grid`, say) have steps + 1 entries, start at T and end at
+            t_min: the fit keeps both ends. Without ``t_min`` the explicit grids set it (their common last time).
+        t_min: the last time of the fitted grid (default: that of the explicit initial grids, else sde.t_min).
         objective: "mse" (mean squared per-example error, the default), "mean", "log", or a function of the
             (B,) per-example errors and their (B,) weights (which sum to 1).
         subset: fit on this many of the B points, chosen by screening (see below); None fits on all of them.
@@ -143,15 +154,8 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     """
     _check_args(sde, x_T, steps, t_min, reference, max_evals, step_size, min_step_size, subset, seed)
     loss_fn = _objective(objective)
-    starts = [init] if isinstance(init, (str, torch.Tensor)) else list(init)
-    if not starts:
-        raise ValueError("init must name at least one starting grid; got an empty sequence.")
-    for start in starts:
-        if isinstance(start, torch.Tensor):
-            check_grid(sde, start, "init")
-        else:
-            check_choice(start, "init", SCHEDULES, hint=" (or explicit times, or a sequence of them)")
-    sampler = get_sampler(method, **options) if isinstance(method, str) else get_sampler(method)
+    starts, t_end = _starts(sde, init, steps, t_min)
+    sampler = get_sampler(method, **options)
     if isinstance(method, str) and not isinstance(sampler, StepSampler):
         steppers = sorted(k for k, v in SAMPLERS.items() if isinstance(v, type) and issubclass(v, StepSampler))
         raise ValueError(f"unknown method {method!r} for a fitted grid: it needs a fixed-step sampler, one of "
@@ -166,10 +170,10 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     with torch.no_grad():
         weights = torch.full((x_T.shape[0],), 1.0 / x_T.shape[0], dtype=torch.float64, device=x_T.device)
         if subset is not None and subset < x_T.shape[0]:
-            index, weights = _screen(sde, runs, x_T, sampler, steps, starts[0], t_min, subset, seed)
+            index, weights = _screen(sde, runs, x_T, sampler, steps, starts[0], t_end, subset, seed)
             x_T, reference = x_T[index], None if reference is None else reference[index]
-        ref = reference if reference is not None else _reference(runs, x_T, t_min, reference_options)
-        fits = [_pattern_search(sde, runs, x_T, ref, weights, sampler, steps, start, t_min, loss_fn, max_evals,
+        ref = reference if reference is not None else _reference(runs, x_T, t_end, reference_options)
+        fits = [_pattern_search(sde, runs, x_T, ref, weights, sampler, steps, start, t_end, loss_fn, max_evals,
                                 step_size, min_step_size) for start in starts]
     best = min(fits, key=lambda f: f.loss)
     best.nfe, best.evaluations = runs.nfe, sum(f.evaluations for f in fits)
@@ -192,8 +196,39 @@ def _check_args(sde, x_T, steps, t_min, reference, max_evals, step_size, min_ste
     check_number(min_step_size, "min_step_size", lo=0.0, hi=step_size, lo_open=True,
                  hint=" (the search's final move, at most step_size)")
     check_int(subset, "subset", lo=2, none_ok=True)
-    if isinstance(seed, bool) or not isinstance(seed, (int, torch.Generator)):
-        raise TypeError(f"seed must be an int or a torch.Generator; got {type(seed).__name__}.")
+    check_seed(seed, "seed", ("int", "generator"))
+
+
+def _starts(sde, init, steps, t_min):
+    """The starting grids (names, and explicit times as float64 grids) and the end time t_end of every fitted grid.
+
+    A fitted grid runs from T to t_end, so an explicit start must too, with ``steps`` steps: t_end is ``t_min``, else
+    the last time of the explicit starts (which must agree), else sde.t_min."""
+    starts = [init] if isinstance(init, (str, torch.Tensor)) else list(init)
+    if not starts:
+        raise ValueError("init must name at least one starting grid; got an empty sequence.")
+    for k, start in enumerate(starts):
+        if isinstance(start, torch.Tensor):
+            starts[k] = check_grid(sde, start, "init")
+        else:
+            check_choice(start, "init", SCHEDULES, hint=" (or explicit times, or a sequence of them)")
+    grids = [start for start in starts if isinstance(start, torch.Tensor)]
+    ends = sorted({float(g[-1]) for g in grids})
+    if t_min is None and len(ends) > 1:
+        raise ValueError(f"init: the explicit starting grids end at different times {ends}, but a fit has one "
+                         "t_min; pass t_min= and grids that end there.")
+    t_end = float(t_min) if t_min is not None else ends[0] if ends else sde.t_min
+    for g in grids:
+        if len(g) != steps + 1:
+            raise ValueError(f"init: an explicit starting grid of {len(g)} times has {len(g) - 1} steps, but "
+                             f"steps={steps}; pass steps={len(g) - 1} or a grid of {steps + 1} times.")
+        if float(g[0]) != sde.T:
+            raise ValueError(f"init: an explicit starting grid must start at T={sde.T!r}, where every fitted grid "
+                             f"starts; got one starting at {float(g[0])!r}.")
+        if float(g[-1]) != t_end:
+            raise ValueError(f"init: an explicit starting grid must end at t_min={t_end!r}, where the fitted grid "
+                             f"ends; got one ending at {float(g[-1])!r}: leave t_min unset or end the grid there.")
+    return starts, t_end
 
 
 def _objective(objective):
@@ -215,7 +250,7 @@ def _screen(sde, runs, x_T, sampler, steps, init, t_min, subset, seed):
     k = subset // 2
     order = torch.argsort(gap, descending=True)
     rest = order[k:]
-    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    g = torch_generator(seed, "seed", ("int", "generator"))
     drawn = rest[torch.randperm(len(rest), generator=g)[:subset - k]]
     index = torch.cat([order[:k], drawn])
     weights = torch.cat([torch.full((k,), 1.0 / n, dtype=torch.float64),
@@ -229,17 +264,21 @@ def _init_schedule(init):
 
 
 def _reference(runs, x_T, t_min, reference_options):
+    """The reference samples: by default an adaptive ODE solve at tight tolerances (which the options may set); a
+    fixed-grid reference (``{"solver": "rk4", "steps": N}``, a fixed-step sampler) takes no tolerances."""
     tol = 1e-9 if x_T.dtype == torch.float64 else 1e-6
-    opts = {"method": "ode", "rtol": tol, "atol": tol, **(reference_options or {})}
+    opts = {"method": "ode", **(reference_options or {})}
+    solver = opts.get("solver", "dopri5")
+    adaptive = opts["method"] in ("adaptive", "adaptive_rk23") or opts["method"] == "ode" and isinstance(solver, str) \
+        and solver in ODE_METHODS and is_adaptive_ode_method(solver)
+    if adaptive:
+        opts = {"rtol": tol, "atol": tol, **opts}
     return runs(x_T, t_min=t_min, **opts)
 
 
-def _pattern_search(sde, runs, x_T, ref, weights, sampler, steps, init, t_min, loss_fn, max_evals, step, min_step):
-    t_end = sde.t_min if t_min is None else float(t_min)
+def _pattern_search(sde, runs, x_T, ref, weights, sampler, steps, init, t_end, loss_fn, max_evals, step, min_step):
     lam_ends = sde.log_snr(torch.tensor([sde.T, t_end], dtype=torch.float64))
-    lam0 = sde.log_snr(time_grid(sde, steps, init, t_min=t_end))
-    if len(lam0) != steps + 1:
-        raise ValueError(f"init has {len(lam0) - 1} steps but steps={steps}.")
+    lam0 = sde.log_snr(init if isinstance(init, torch.Tensor) else time_grid(sde, steps, init, t_min=t_end))
     theta = torch.log((lam0[1:] - lam0[:-1]) / (lam_ends[1] - lam_ends[0]))
 
     def grid(th):

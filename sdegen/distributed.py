@@ -33,8 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ._deprecation import renamed
+from ._validate import check_flag
 from .likelihood import log_likelihood
-from .noise import make_seeds
+from .noise import check_seed, make_seeds
 from .sampling import sample
 from .sde import SDE
 from .training import TrainResult, batch_loss, save_checkpoint, train
@@ -268,10 +269,7 @@ def _broadcast(value: Optional[torch.Tensor], shape: Tuple[int, ...], like: torc
 
 
 def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int (every rank must derive the same per-example seeds from it); "
-                        f"got {type(seed).__name__}.")
-    return seed
+    return check_seed(seed, "seed", ("int",), why=" (every rank must derive the same per-example seeds from it)")
 
 
 def _run_chunks(n: int, batch_size: int, seed: int, ctx: DistributedContext, fn: Callable, progress: bool,
@@ -353,6 +351,7 @@ def sample_sharded(sde: SDE, score=None, num_samples: Optional[int] = None,
     shape = _sample_shape(shape, num_samples, event_shape)
     num_samples, event_shape = shape[0], shape[1:]
     _check_seed(seed)
+    check_flag(progress, "progress")
     _check_gather(gather)
     score_for = _score_source(score, score_for)
     for bad in ("x_T", "return_info", "return_trajectory"):
@@ -448,6 +447,7 @@ def log_likelihood_sharded(sde: SDE, score=None, data=None, *, seed: int = 0, ba
     n = _num_examples(data)
     _check_count(n, "the number of examples in data", 1)
     _check_seed(seed)
+    check_flag(progress, "progress")
     _check_gather(gather)
     score_for = _score_source(score, score_for)
     if "seed" in likelihood_kwargs:
@@ -584,7 +584,7 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
         data: tensors (N, ...) or a tuple of them: every rank draws the same global batch of ``batch_size *
             world_size`` rows (shuffled by ``seed``) and trains on its own ``batch_size`` rows of it. Any other
             iterable (a DataLoader with a DistributedSampler) is used as it is, its batches being the rank's.
-        batch_size: examples per rank and step. seed: shuffling seed, the same on every rank; the loss's own
+        batch_size: examples per rank and step. seed: shuffling seed, an int, the same on every rank; the loss's own
             randomness (times, noise) comes from a generator that differs between ranks.
         checkpoint: path that rank 0 writes at the end (:func:`sdegen.save_checkpoint`, with the EMA and the
             optimizer); checkpoint_config: its ``config`` (default: the model's own).
@@ -598,6 +598,7 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
         if bad in train_kwargs:
             raise ValueError(f"train_ddp sets {bad} itself; call sdegen.train directly to choose it.")
     _check_count(batch_size, "batch_size", 1)
+    _check_seed(seed)
     if ctx.world_size == 1:
         res = train(model, loss_fn, data, steps, batch_size=batch_size, seed=seed, **train_kwargs)
     else:

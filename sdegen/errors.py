@@ -4,6 +4,8 @@ An adaptive solver shares its steps across the batch, so one example whose score
 error never meets the tolerance, stops the whole batch. :class:`SolverError` names those examples, the time
 reached and the last step size. With ``on_failure="mask"``, :func:`solve_without_failures` restarts the solve on
 the other examples (their result is then that of a run on them alone) and returns the failed indices.
+(:func:`sdegen.log_likelihood` on a fixed grid, where no example stops another, raises the same error for the
+examples whose result is non-finite, or under "mask" returns them as NaN without a restart.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ R = TypeVar("R")
 
 
 class SolverError(RuntimeError):
-    """An adaptive solve could not go on.
+    """A solve could not go on (an adaptive one), or some examples' results are not finite (a fixed-grid
+    likelihood).
 
     Attributes:
         method: the solver's name as the caller selects it (e.g. "adaptive_rk23", "ode (dopri5)").

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from ._deprecation import renamed
 from ._util import Time, batch_time, bcast
 from ._validate import check_int, check_number, check_tensor
 from .models import Model, ScoreModel, as_model
@@ -267,15 +268,18 @@ class ClassifierFreeGuidedModel(Model):
         return super().denoise(x, t)
 
 
-def classifier_free_guidance(model: Callable, y: Labels, w: float = 1.0, *, num_classes: Optional[int] = None,
-                             null_label: Optional[int] = None) -> ClassifierFreeGuidedScore:
+def classifier_free_guidance(score: Optional[Callable] = None, y: Optional[Labels] = None, w: float = 1.0, *,
+                             num_classes: Optional[int] = None, null_label: Optional[int] = None,
+                             model: Optional[Callable] = None) -> ClassifierFreeGuidedScore:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6), as a score:
 
         (1 + w) s(x, t, y) - w s(x, t)  =  s(x, t) + (1 + w) [s(x, t, y) - s(x, t)],
 
     i.e. classifier guidance with scale 1 + w and the implicit classifier grad log p_t(y | x) = s(x,t,y) - s(x,t).
-    ``model(x, t, y)`` is the conditional score and ``model(x, t)`` the unconditional one (the nets of
-    :mod:`sdegen.nets` with ``num_classes`` set use a null label for it; train with :func:`sdegen.losses.drop_labels`).
+    ``score(x, t, y)`` is the conditional model and ``score(x, t)`` the unconditional one (a ScoreModel, or a
+    callable; the nets of :mod:`sdegen.nets` with ``num_classes`` set use a null label for it; train with
+    :func:`sdegen.losses.drop_labels`). ``model`` is the deprecated name of ``score`` (DeprecationWarning).
+    y: the requested class, an int or an integer tensor (B,); required.
     w >= 0 (w = 0: the conditional score). Labels outside the model's classes raise ValueError.
 
     ``null_label``: the label that selects the unconditional branch (default: the network's ``.null_label``, e.g.
@@ -283,7 +287,14 @@ def classifier_free_guidance(model: Callable, y: Labels, w: float = 1.0, *, num_
     [x, x] with labels [y, null] replaces the two calls (1 NFE per evaluation instead of 2; for a
     :class:`sdegen.ScoreModel` the raw outputs are combined, see :class:`ClassifierFreeGuidedModel`).
     """
-    return ClassifierFreeGuidedScore(model, y, w, num_classes, null_label=null_label)
+    score, name = renamed("classifier_free_guidance", "score", score, "model", model)
+    if score is None or y is None:
+        missing = " and ".join(n for n, v in (("score", score), ("y", y)) if v is None)
+        raise TypeError(f"classifier_free_guidance needs {missing}: classifier_free_guidance(score, y, w).")
+    if not callable(score):
+        raise TypeError(f"{name} must be a callable conditional model, called as {name}(x, t, y) and {name}(x, t) "
+                        f"(a ScoreModel, say); got {type(score).__name__}.")
+    return ClassifierFreeGuidedScore(score, y, w, num_classes, null_label=null_label)
 
 
 class Inpaint(StepSampler):
@@ -360,20 +371,28 @@ class Inpaint(StepSampler):
 register_sampler("inpaint", Inpaint)
 
 
-def inpaint(sde: SDE, score, known: torch.Tensor, mask: torch.Tensor, *, sampler: Union[str, StepSampler] =
-            "reverse_diffusion", steps: Optional[int] = None, seed=None, schedule=None, t_min: Optional[float] = None,
-            denoise: bool = False, progress: bool = False, return_trajectory: bool = False, return_info: bool = False,
-            noise: str = "per_example", **options: Any):
+def inpaint(sde: SDE, score, known: torch.Tensor, mask: torch.Tensor, *,
+            method: Union[str, StepSampler, None] = None, steps: Optional[int] = None, seed=None, schedule=None,
+            t_min: Optional[float] = None, denoise: bool = False, progress: bool = False,
+            return_trajectory: bool = False, return_info: bool = False, noise: str = "per_example",
+            sampler: Union[str, StepSampler, None] = None, **options: Any):
     """Fill in x where ``mask`` is False given ``known`` where it is True (Song et al. 2021, appendix I.2):
     :func:`sdegen.sample` with the :class:`Inpaint` sampler, starting from the prior. ``known`` is (B, ...),
     float32 or float64; returns (B, ...) samples in known's dtype (or (samples, SampleInfo) with
-    ``return_info=True``). ``steps``, ``seed``, ``schedule``, ``t_min``, ``denoise``, ``progress``,
-    ``return_trajectory`` and ``noise`` are those of :func:`sdegen.sample` (with ``denoise=True`` the known
-    entries are put back after the denoising step); other keywords are options of ``sampler``."""
+    ``return_info=True``). ``method`` is the fixed-step sampler that steps the whole state, a name or a
+    StepSampler (default "reverse_diffusion"; ``sampler`` is its deprecated name); other keywords are its options.
+    ``steps``, ``seed``, ``schedule``, ``t_min``, ``denoise``, ``progress``, ``return_trajectory`` and ``noise`` are
+    those of :func:`sdegen.sample` (with ``denoise=True`` the known entries are put back after the denoising
+    step)."""
     from .sampling import sample
 
     check_tensor(known, "known", batch=True, finite=False)
-    method = Inpaint(known, mask, sampler, **options)
+    method, name = renamed("inpaint", "method", method, "sampler", sampler)
+    inner = get_sampler("reverse_diffusion" if method is None else method, **options)
+    if not isinstance(inner, StepSampler):
+        raise TypeError(f"{name} must be a fixed-step sampler (a StepSampler, or the name of one), which inpainting "
+                        f"steps between replacements; got {inner!r}.")
+    method = Inpaint(known, mask, inner)
     out = sample(sde, score, shape=tuple(known.shape), method=method, steps=steps, seed=seed, schedule=schedule,
                  t_min=t_min, denoise=denoise, progress=progress, return_trajectory=return_trajectory, noise=noise,
                  dtype=known.dtype, device=known.device, return_info=return_info)

@@ -24,10 +24,11 @@ import torch
 
 from ._deprecation import renamed
 from ._util import batch_time, check_finite_tensor
-from ._validate import check_callable, check_choice, check_flag, check_int, check_number, check_tensor
+from ._validate import (check_callable, check_choice, check_flag, check_int, check_number, check_tensor,
+                        reject_inapplicable)
 from .models import as_model
 from .backends import ODE_METHODS, is_adaptive_ode_method, solve_augmented
-from .errors import SolverError, check_on_failure, scatter_rows, solve_without_failures
+from .errors import SolverError, check_on_failure, nonfinite_rows, scatter_rows, solve_without_failures
 from .divergence import (PROBE_KINDS, check_differentiable_output, divergence_exact, divergence_hutchinson,
                          make_probes)
 from .noise import Seed, make_seeds, normal_from_seeds
@@ -125,20 +126,71 @@ def _check_x(x: torch.Tensor) -> None:
                          f"got {tuple(x.shape)}.")
 
 
-def _check_options(divergence: str, probes: int, probe: Tuple[str, str], solver: Tuple[str, str], rtol: float,
-                   atol: float, max_steps: int) -> None:
-    """Validate the options; ``probe`` and ``solver`` are (value, the name the caller gave it under)."""
+@dataclass
+class _Settings:
+    """The options of :func:`log_likelihood` with the defaults of those left unset filled in."""
+
+    solver: str
+    adaptive: bool
+    probes: int
+    probe: str
+    rtol: float
+    atol: float
+    max_steps: int
+    data_range: Tuple[float, float]
+
+
+def _resolve_options(divergence: str, probes: Optional[int], probe: Tuple[Optional[str], str],
+                     solver: Tuple[Optional[str], str], rtol: Optional[float], atol: Optional[float],
+                     steps: Optional[int], max_steps: Optional[int], chunk_size: Optional[int], adjoint: bool,
+                     adjoint_params, levels: Optional[int], data_range, on_failure: str) -> _Settings:
+    """Check the options and fill in the defaults; ``probe`` and ``solver`` are (value or None, the name the caller
+    gave it under). An option passed explicitly that cannot apply to the chosen divergence or solver raises
+    ValueError naming it, rather than being ignored."""
+    (solver, solver_name), (probe, probe_name) = solver, probe
     check_choice(divergence, "divergence", DIVERGENCES)
-    check_int(probes, "probes", lo=1, hint=" (Hutchinson probes per example)")
-    if probe[0] not in PROBE_KINDS:
-        raise ValueError(f"{probe[1]} must be one of {PROBE_KINDS} (the law of the Hutchinson probes); "
-                         f"got {probe[0]!r}.")
-    if solver[0] not in SOLVERS:
-        raise ValueError(f"{solver[1]} must be 'multistep' or a torchdiffeq method, one of {SOLVERS}; "
-                         f"got {solver[0]!r}.")
+    check_int(probes, "probes", lo=1, none_ok=True, hint=" (Hutchinson probes per example)")
+    if probe is not None and probe not in PROBE_KINDS:
+        raise ValueError(f"{probe_name} must be one of {PROBE_KINDS} (the law of the Hutchinson probes); "
+                         f"got {probe!r}.")
+    solver = "dopri5" if solver is None else solver
+    if solver not in SOLVERS:
+        raise ValueError(f"{solver_name} must be 'multistep' or a torchdiffeq method, one of {SOLVERS}; "
+                         f"got {solver!r}.")
     for name, v in (("rtol", rtol), ("atol", atol)):
-        check_number(v, name, lo=0.0, lo_open=True)
-    check_int(max_steps, "max_steps", lo=1)
+        check_number(v, name, lo=0.0, lo_open=True, none_ok=True)
+    check_int(steps, "steps", lo=1, none_ok=True)
+    check_int(max_steps, "max_steps", lo=1, none_ok=True)
+    check_int(chunk_size, "chunk_size", lo=1, none_ok=True)
+    check_flag(adjoint, "adjoint")
+    check_on_failure(on_failure)
+    if divergence == "exact":
+        reject_inapplicable({"probes": probes, probe_name: probe}, "it applies to divergence='hutchinson' (the "
+                            "probes of the estimate), while the exact divergence draws none")
+    else:
+        reject_inapplicable({"chunk_size": chunk_size}, "it applies to divergence='exact' (basis vectors per "
+                            "vmapped backward pass), while the Hutchinson estimate takes one pass per probe")
+    adaptive = solver == MULTISTEP or is_adaptive_ode_method(solver)
+    if adaptive:
+        reject_inapplicable({"steps": steps}, f"the adaptive solver {solver!r} chooses its own steps (set "
+                            "rtol/atol); for a fixed number of steps pass solver='rk4' (or 'euler', 'midpoint') "
+                            "with steps")
+    else:
+        reject_inapplicable({"rtol": rtol, "atol": atol, "max_steps": max_steps}, f"it applies to the adaptive "
+                            f"solvers ('dopri5', 'multistep', ...), while {solver!r} takes a fixed grid of `steps` "
+                            "equal steps")
+    if not adjoint:
+        reject_inapplicable({"adjoint_params": adjoint_params}, "it names the tensors that receive gradients under "
+                            "adjoint=True")
+    if levels is None:
+        reject_inapplicable({"data_range": data_range}, "it is the range of discrete data given with levels=...")
+    if adjoint and solver == MULTISTEP:
+        raise ValueError(f"{solver_name}='multistep' does not support adjoint=True (its steps are not a "
+                         "torchdiffeq solve); pass solver='dopri5' (the default under adjoint=True) for gradients.")
+    return _Settings(solver, adaptive, 1 if probes is None else probes, "rademacher" if probe is None else probe,
+                     1e-5 if rtol is None else float(rtol), 1e-5 if atol is None else float(atol),
+                     10_000 if max_steps is None else max_steps,
+                     (-1.0, 1.0) if data_range is None else tuple(data_range))
 
 
 LIKELIHOOD_SIGMA = 1.0 / 1024.0  # an eighth of one 8-bit bin (2/256) of data in [-1, 1]
@@ -149,7 +201,11 @@ def default_t_min(sde: SDE) -> float:
     sigma(t) = s(t)/m(t) is :data:`LIKELIHOOD_SIGMA` = 1/1024, an eighth of one 8-bit bin of data scaled to [-1, 1]
     (the blur then changes log p by a small fraction of what the data's own resolution does), or ``sde.t_min``
     when that is earlier (an SDE whose kernel is that narrow sooner, or never: VE's "paper" kernel).
-    VP (beta_min = 0.1): t ~ 9.5e-6; sub-VP and cosine VP: of the same order; VE, EDM: ``sde.t_min``."""
+    VP (beta_min = 0.1): t ~ 9.5e-6; sub-VP and cosine VP: of the same order; VE, EDM: ``sde.t_min``.
+    An SDE whose ``t_min_is_earliest`` (a :class:`sdegen.DiscreteVPSDE`: the table's first timestep) starts at its
+    ``t_min``."""
+    if sde.t_min_is_earliest:
+        return float(sde.t_min)
     t = float(sde.t_from_sigma(torch.tensor(LIKELIHOOD_SIGMA, dtype=torch.float64)))
     return t if 0.0 < t < sde.t_min else float(sde.t_min)
 
@@ -168,13 +224,13 @@ def _prior_log_prob(prior: Optional[Callable], sde: SDE, x_T: torch.Tensor) -> t
     return lp.to(x_T.dtype)
 
 
-def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutchinson", probes: int = 1,
-                   probe: Optional[str] = None, solver: Optional[str] = None, rtol: float = 1e-5,
-                   atol: float = 1e-5, steps: Optional[int] = None, t_min: Optional[float] = None,
+def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutchinson", probes: Optional[int] = None,
+                   probe: Optional[str] = None, solver: Optional[str] = None, rtol: Optional[float] = None,
+                   atol: Optional[float] = None, steps: Optional[int] = None, t_min: Optional[float] = None,
                    prior: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, seed: Seed = None,
-                   max_steps: int = 10_000, adjoint: bool = False,
+                   max_steps: Optional[int] = None, adjoint: bool = False,
                    adjoint_params: Optional[Sequence[torch.Tensor]] = None, chunk_size: Optional[int] = None,
-                   levels: Optional[int] = None, data_range: Tuple[float, float] = (-1.0, 1.0),
+                   levels: Optional[int] = None, data_range: Optional[Tuple[float, float]] = None,
                    method: Optional[str] = None, noise: Optional[str] = None,
                    on_failure: str = "raise", progress: bool = False) -> LikelihoodResult:
     """Per-example log p_{t_min}(x) through the probability-flow ODE (Song et al. 2021, appendix D.2).
@@ -184,15 +240,16 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
             or an oracle with ``score_fn(sde)``. It must be differentiable in x and example i must depend only on x[i].
         x: data (B, ...), float32 or float64, any device; never modified.
         divergence: "exact" (trace of the Jacobian, D vmapped vector-Jacobian products) or "hutchinson".
-        probes, probe: Hutchinson probes per example and their law, "rademacher" (default) or "gaussian"; the
-            probes are drawn once per example from ``seed`` and held fixed along the solve. K probes cost K
-            vector-Jacobian products per evaluation, so for K >= D the exact divergence is as cheap and has no
-            variance.
+        probes, probe: Hutchinson probes per example (default 1) and their law, "rademacher" (default) or
+            "gaussian"; the probes are drawn once per example from ``seed`` and held fixed along the solve. K probes
+            cost K vector-Jacobian products per evaluation, so for K >= D the exact divergence is as cheap and has
+            no variance. With ``divergence="exact"`` they do not apply, and passing one raises ValueError.
         seed: an int, a (B,) integer tensor or a torch.Generator for the probes and the dequantization noise.
             None: B seeds are drawn once from torch's global generator, and only when something random needs them
             (Hutchinson probes, ``levels``); the exact divergence of continuous data leaves it untouched.
         solver, rtol, atol: the torchdiffeq method ("dopri5" by default; the ``solver`` of
-            ``sdegen.sample(method="ode", solver=...)``) or "multistep", and the tolerances; the error is
+            ``sdegen.sample(method="ode", solver=...)``) or "multistep", and the tolerances of the adaptive ones
+            (default 1e-5 each; with a fixed-grid method they do not apply and raise ValueError); the error is
             controlled for every example (not for a batch average): the RMS of its state's and log-density term's
             error ratios. At the same rtol/atol dopri5 takes 1.0-1.55x the evaluations of dopri5 with
             torchdiffeq's batch-average norm, and the worst example's error is usually 2-20x smaller
@@ -213,75 +270,73 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
             for a network trained only on [sde.t_min, T]; ``LikelihoodResult.t_min`` says which was used.
         progress: show a tqdm bar of the time reached (from t_min up to T).
         prior: log-density of x_T, ``prior(x_T) -> (B,)``; default ``sde.prior_log_prob``.
-        max_steps: adaptive step limit; running out raises :class:`sdegen.SolverError` (a RuntimeError) naming
-            the examples that limited the step.
+        max_steps: adaptive step limit (default 10_000); running out raises :class:`sdegen.SolverError` (a
+            RuntimeError) naming the examples that limited the step. A fixed grid takes exactly ``steps`` steps,
+            and ``max_steps`` with a fixed-grid method raises ValueError.
         on_failure: "raise" (default): an adaptive solve that cannot go on (a non-finite state, log term or
             derivative, a step size that underflows) raises :class:`sdegen.SolverError` naming the
             examples responsible, the time reached and the last step size; "mask": those examples are set aside
             and the solve restarts on the others (the batch shares its steps, so their result equals a solve of
             them alone), the failed entries are NaN and their indices are in ``LikelihoodResult.failed``.
+            A fixed-grid method moves every example on its own, so an example whose state or log term became
+            non-finite costs the others nothing: "raise" raises SolverError naming it and the earliest time its
+            field was non-finite, "mask" returns its entries as NaN, its index in ``failed``, with no restart.
         adjoint: gradients through the result (to x and the score's parameters) by the adjoint method
             (torchdiffeq.odeint_adjoint, memory constant in the steps), for maximum-likelihood fine-tuning.
             Without it the solve runs without a graph and the result carries no gradient.
-        adjoint_params: the tensors to receive gradients under ``adjoint=True``; default: the parameters of the
-            score when it is a ``torch.nn.Module`` (pass them explicitly for a plain function closing over a net).
-        chunk_size: basis vectors per vmapped backward pass of the exact divergence.
-        levels, data_range: for discrete data with ``levels`` values per dimension scaled to ``data_range``,
-            x is dequantized (:func:`dequantize`, seeded by ``seed``) and ``bpd`` is that of the discrete data
-            (:func:`bits_per_dim`).
+        adjoint_params: the tensors to receive gradients under ``adjoint=True`` (without it: ValueError); default:
+            the parameters of the score when it is a ``torch.nn.Module`` (pass them explicitly for a plain
+            function closing over a net).
+        chunk_size: basis vectors per vmapped backward pass of the exact divergence (with
+            ``divergence="hutchinson"``, which takes one backward pass per probe: ValueError).
+        levels, data_range: for discrete data with ``levels`` values per dimension scaled to ``data_range``
+            (default (-1, 1); without ``levels``: ValueError), x is dequantized (:func:`dequantize`, seeded by
+            ``seed``) and ``bpd`` is that of the discrete data (:func:`bits_per_dim`).
         method, noise: deprecated names of ``solver`` and ``probe`` (DeprecationWarning; both names: ValueError).
     Returns:
         :class:`LikelihoodResult` (log_prob and bpd of shape (B,), latent x_T, NFE, steps).
     """
     solver, solver_name = renamed("log_likelihood", "solver", solver, "method", method)
     probe, probe_name = renamed("log_likelihood", "probe", probe, "noise", noise)
-    solver = "dopri5" if solver is None else solver
-    probe = "rademacher" if probe is None else probe
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE (e.g. sdegen.VPSDE()); got {type(sde).__name__}.")
     _check_x(x)
-    _check_options(divergence, probes, (probe, probe_name), (solver, solver_name), rtol, atol, max_steps)
-    check_flag(adjoint, "adjoint")
+    opt = _resolve_options(divergence, probes, (probe, probe_name), (solver, solver_name), rtol, atol, steps,
+                           max_steps, chunk_size, adjoint, adjoint_params, levels, data_range, on_failure)
     check_flag(progress, "progress")
-    if adjoint and solver == MULTISTEP:
-        raise ValueError(f"{solver_name}='multistep' does not support adjoint=True (its steps are not a "
-                         "torchdiffeq solve); pass solver='dopri5' (the default under adjoint=True) for gradients.")
-    if steps is not None and (solver == MULTISTEP or is_adaptive_ode_method(solver)):
-        raise ValueError(f"steps: the adaptive solver {solver!r} chooses its own steps (set rtol/atol); for a "
-                         f"fixed number of steps pass solver='rk4' (or 'euler', 'midpoint') with steps; "
-                         f"got steps={steps!r}.")
     t_lo, t_hi = _resolve_t_min(sde, t_min), float(sde.T)
     start = time.perf_counter()
     B, event_shape, D = x.shape[0], tuple(x.shape[1:]), x[0].numel()
     if prior is not None:  # its output shape is checked before the solve, on one example
         _prior_log_prob(check_callable(prior, "prior", "a callable prior(x_T) -> (B,) log-densities"), sde,
                         x.new_zeros((1,) + event_shape))
-    check_on_failure(on_failure)
     # the exact divergence of continuous data draws nothing: no seeds are taken from torch's global generator
     random = divergence == "hutchinson" or levels is not None
     seeds = make_seeds(seed, B, x.device) if random or seed is not None else None
-    data = dequantize(x, levels, data_range=data_range, seed=seeds) if levels is not None else x
+    data = dequantize(x, levels, data_range=opt.data_range, seed=seeds) if levels is not None else x
     probe_vs = None
     if divergence == "hutchinson":
-        probe_vs = make_probes(x.shape, probes, probe, seed=seeds, dtype=x.dtype, device=x.device)
+        probe_vs = make_probes(x.shape, opt.probes, opt.probe, seed=seeds, dtype=x.dtype, device=x.device)
     nfe = [0]
     bar = _TimeBar(t_lo, t_hi) if progress else None
 
     def solve(keep: Optional[torch.Tensor]):
+        """(y1 = (x_T flattened, int div f~) of the examples ``keep``, steps, the fixed grid's failure times)."""
         sub, vs = (src, probe_vs) if keep is None else (src[keep], None if probe_vs is None else probe_vs[:, keep])
-        if solver == MULTISTEP:
-            return _solve_multistep(sde, score, sub, vs, t_lo, t_hi, rtol, atol, max_steps, chunk_size, bar, nfe)
+        if opt.solver == MULTISTEP:
+            return _solve_multistep(sde, score, sub, vs, t_lo, t_hi, opt, chunk_size, bar, nfe) + (None,)
         field = _AugmentedFlow(sde, score, event_shape, t_lo, t_hi, vs, chunk_size, on_time=bar)
         y0 = torch.cat([sub.reshape(sub.shape[0], D), sub.new_zeros(sub.shape[0], 1)], dim=1)
+        tolerances = dict(rtol=opt.rtol, atol=opt.atol, max_steps=opt.max_steps) if opt.adaptive else {}
         try:
-            y1, info = solve_augmented(field, y0, t_lo, t_hi, method=solver, rtol=rtol, atol=atol,
-                                       max_steps=max_steps, steps=steps, adjoint=adjoint,
-                                       adjoint_params=None if adjoint_params is None else tuple(adjoint_params))
+            y1, info = solve_augmented(field, y0, t_lo, t_hi, method=opt.solver, steps=steps, adjoint=adjoint,
+                                       adjoint_params=None if adjoint_params is None else tuple(adjoint_params),
+                                       **tolerances)
         except SolverError as err:
             nfe[0] += getattr(err, "nfe", 0)
             raise
         nfe[0] += info["nfe"]
-        return y1, info["steps"]
+        return y1, info["steps"], info["failed_at"]
 
     with torch.set_grad_enabled(adjoint and torch.is_grad_enabled()):
         src = data if adjoint else data.detach()
@@ -290,27 +345,57 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         finally:
             if bar is not None:
                 bar.close()
+        n_steps = 0 if result is None else result[1]
+        if result is not None and result[2] is not None:  # a fixed grid: examples that failed on their own
+            result, keep, lost = _set_aside_on_grid(result, keep, B, on_failure, opt.solver, t_lo, t_hi)
+            failed = sorted(failed + lost)
         per_example = x.new_empty(0)
         if result is None:  # every example failed
             latent, prior_lp, delta = (scatter_rows(None, keep, B, like) for like in (x, per_example, per_example))
-            n_steps = 0
         else:
-            y1, n_steps = result
+            y1 = result[0]
             latent_kept = y1[:, :-1].reshape((y1.shape[0],) + event_shape)
             latent = scatter_rows(latent_kept, keep, B, x)
             prior_lp = scatter_rows(_prior_log_prob(prior, sde, latent_kept), keep, B, per_example)
             delta = scatter_rows(y1[:, -1], keep, B, per_example)
         log_prob = prior_lp + delta
         if levels is not None:
-            log_prob = log_prob + D * (math.log(data_range[1] - data_range[0]) - math.log(levels))
+            lo, hi = opt.data_range
+            log_prob = log_prob + D * (math.log(hi - lo) - math.log(levels))
         bpd = -log_prob / (D * _LN2)
     return LikelihoodResult(log_prob, bpd, latent, prior_lp, delta, nfe[0], n_steps,
                             time.perf_counter() - start, t_lo, t_hi, failed)
 
 
-def _solve_multistep(sde, score, x, probes, t_lo, t_hi, rtol, atol, max_steps, chunk_size, bar, nfe):
+def _set_aside_on_grid(result, keep: torch.Tensor, B: int, on_failure: str, solver: str, t_lo: float, t_hi: float):
+    """The examples of a fixed-grid solve whose state or log term ended non-finite: under "raise" a
+    :class:`SolverError` naming them and the earliest time their field was non-finite; under "mask" they join
+    the failed examples. Returns (the result of the others or None, their indices, the indices set aside)."""
+    y1, n_steps, failed_at = result
+    lost = nonfinite_rows(y1)
+    if not bool(lost.any()):  # one host read, after the solve
+        return result, keep, []
+    where = keep[lost].tolist()
+    if on_failure == "raise":
+        first = failed_at[lost]
+        if bool(torch.isnan(first).all()):
+            t, when = t_hi, "their field stayed finite and the state overflowed"
+        else:
+            t, when = float(first.nan_to_num(nan=math.inf).min()), "the time is the earliest at which their " \
+                "field was non-finite"
+        raise SolverError(f"log_likelihood (torchdiffeq {solver!r})", where, t, (t_hi - t_lo) / n_steps,
+                          "the state or the log-density term became non-finite (NaN or inf)",
+                          detail=f"a fixed grid moves each example on its own, so the others are unaffected; {when}",
+                          batch=B)
+    ok = ~lost
+    if not bool(ok.any()):
+        return None, keep[ok], where
+    return (y1[ok], n_steps, failed_at[ok]), keep[ok], where
+
+
+def _solve_multistep(sde, score, x, probes, t_lo, t_hi, opt: _Settings, chunk_size, bar, nfe):
     """The multistep solve in the form of the Runge-Kutta branch: (y1 = (x_T flattened, int div f~), steps)."""
-    stepper = MultistepLikelihood(rtol, atol, max_steps=max_steps)
+    stepper = MultistepLikelihood(opt.rtol, opt.atol, max_steps=opt.max_steps)
     try:
         x_T, delta = stepper.solve(sde, as_model(score, sde), x, t_lo, t_hi, probes, chunk_size, on_time=bar)
     finally:

@@ -20,6 +20,8 @@ import torch
 from ._deprecation import renamed
 from ._util import batch_time, bcast
 from ._validate import check_choice, check_flag, check_int, check_number, check_tensor
+from .models import Model, as_model
+from .noise import torch_generator
 from .sde import SDE
 
 Gen = Union[int, torch.Generator, None]
@@ -28,14 +30,10 @@ WEIGHTINGS = ("s2", "likelihood", "none")
 
 def _generator(where: str, seed: Gen, generator: Gen) -> Optional[torch.Generator]:
     """The torch.Generator a loss draws from: ``seed`` (or its deprecated name ``generator``) as an int seeds a
-    fresh CPU generator, a torch.Generator is used as it is, None means torch's global generator."""
+    fresh CPU generator, a torch.Generator is used as it is, None means torch's global generator
+    (:func:`sdegen.noise.torch_generator`)."""
     seed, name = renamed(where, "seed", seed, "generator", generator, stacklevel=4)
-    if seed is None or isinstance(seed, torch.Generator):
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{name} must be an int, a torch.Generator or None (torch's global generator); "
-                        f"got {type(seed).__name__}.")
-    return torch.Generator().manual_seed(seed)
+    return torch_generator(seed, name)
 
 
 def _randn(shape, gen: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
@@ -51,10 +49,27 @@ def _rand(n: int, gen: Optional[torch.Generator]) -> torch.Tensor:
 
 
 def _sde_of(model, sde: Optional[SDE]) -> SDE:
-    sde = sde if sde is not None else getattr(model, "sde", None)
+    """The SDE a loss perturbs with: ``sde``, or the model's own. A :class:`sdegen.Model` (or a wrapper of one with
+    ``.module``, such as train_ddp's DDPModel) converts its output under its own SDE, so another ``sde`` is refused
+    with the ValueError of :func:`sdegen.sample`."""
+    if sde is None:
+        sde = getattr(model, "sde", None)
+        if not isinstance(sde, SDE):
+            raise TypeError("sde: pass a ScoreModel (which carries its SDE) or give sde=... explicitly.")
+        return sde
     if not isinstance(sde, SDE):
-        raise TypeError("pass a ScoreModel (which carries its SDE) or give sde=... explicitly.")
+        raise TypeError(f"sde must be an sdegen.SDE or None (the model's own); got {type(sde).__name__}.")
+    own = model if isinstance(model, Model) else getattr(model, "module", None)
+    if isinstance(own, Model):
+        as_model(own, sde)
     return sde
+
+
+def _t_min(sde: SDE, t_min: Optional[float]) -> float:
+    """The lower end of the training times: ``t_min`` in (0, T), by default the SDE's own."""
+    if t_min is None:
+        return sde.t_min
+    return check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True, hi_open=True)
 
 
 def _check_batch(x0: torch.Tensor, **flags: bool) -> None:
@@ -63,23 +78,28 @@ def _check_batch(x0: torch.Tensor, **flags: bool) -> None:
         check_flag(flag, name)
 
 
-def sample_time(sde: SDE, n: int, *, seed: Gen = None, importance: bool = False, t_min: Optional[float] = None,
-                generator: Gen = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def sample_time(sde: SDE, n: int, *, seed: Gen = None, importance_sampling: Optional[bool] = None,
+                t_min: Optional[float] = None, generator: Gen = None,
+                importance: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Draw n training times in [t_min, T] and their importance weights, both (n,) float64 on the generator's device
     (the CPU for an int seed or None).
 
-    Uniform (default): weight 1. ``importance=True`` draws t with density p(t) proportional to g(t)^2 / s(t)^2,
-    the proposal of Song et al. 2021 ("Maximum Likelihood Training of Score-Based Diffusion Models", section 5).
+    Uniform (default, ``importance_sampling=False``): weight 1. ``importance_sampling=True`` draws t with density
+    p(t) proportional to g(t)^2 / s(t)^2, the proposal of Song et al. 2021 ("Maximum Likelihood Training of
+    Score-Based Diffusion Models", section 5).
     For a linear SDE g^2 / s^2 = -d lambda / dt with lambda = log(m^2 / s^2) (since d s^2/dt = 2 f s^2 + g^2), so
     the proposal is uniform in log-SNR and exact: t = lambda^{-1}(lambda(t_min) - u (lambda(t_min) - lambda(T))).
     The weight 1 / (p(t) (T - t_min)) keeps every loss an unbiased estimate of its uniform-t value.
-    ``seed``: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
+    ``seed``: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name,
+    and ``importance`` that of ``importance_sampling`` (the name :func:`dsm_loss` uses; DeprecationWarning).
     """
     check_int(n, "n", lo=1)
-    t_min = sde.t_min if t_min is None else check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True,
-                                                         hi_open=True)
+    importance_sampling, name = renamed("sample_time", "importance_sampling", importance_sampling, "importance",
+                                        importance)
+    importance_sampling = False if importance_sampling is None else check_flag(importance_sampling, name)
+    t_min = _t_min(sde, t_min)
     u = _rand(n, _generator("sample_time", seed, generator))
-    if not importance:
+    if not importance_sampling:
         return t_min + u * (sde.T - t_min), torch.ones(n, dtype=torch.float64, device=u.device)
     ends = torch.tensor([t_min, sde.T], dtype=torch.float64, device=u.device)
     lam = sde.log_snr(ends)
@@ -101,10 +121,19 @@ def loss_weight(sde: SDE, t: torch.Tensor, weighting: str) -> torch.Tensor:
     raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}.")
 
 
-def _times(sde, x0, t, gen, importance, t_min):
+def _times(sde, x0, t, gen, importance, t_min, **drawing):
+    """(t, importance weights), both (B,) float64: drawn by :func:`sample_time`, or the fixed times ``t`` with
+    weight 1, which leave nothing to the options that shape the draw (``importance``, ``t_min`` and the
+    ``drawing`` options, such as ddpm_loss's num_steps): given with t, they raise ValueError."""
     B = x0.shape[0]
     if t is None:
-        return sample_time(sde, B, seed=gen, importance=importance, t_min=t_min)
+        return sample_time(sde, B, seed=gen, importance_sampling=importance, t_min=t_min)
+    drawing.update(importance_sampling=importance or None, t_min=t_min)
+    given = [name for name, value in drawing.items() if value is not None]
+    if given:
+        names = " and ".join(given)
+        raise ValueError(f"{names}: {'they shape' if len(given) > 1 else 'it shapes'} how t is drawn, while t= fixes "
+                         f"the times; leave {names} unset with fixed t; got t and {given[0]}={drawing[given[0]]!r}.")
     t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
     t = sde.check_time_for(x0, t)
     if bool((sde.std(t) <= 0).any()):  # the kernel is a point mass: its score -z/s is undefined
@@ -159,25 +188,27 @@ def dsm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None
 
 
 def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None, num_steps: Optional[int] = None,
-              reduce: str = "mean", t=None, seed: Gen = None, return_per_example: bool = False,
-              generator: Gen = None, **kwargs) -> torch.Tensor:
+              reduce: str = "mean", t=None, seed: Gen = None, t_min: Optional[float] = None,
+              return_per_example: bool = False, generator: Gen = None, **kwargs) -> torch.Tensor:
     """DDPM's simplified objective L_simple = E_t E || eps - eps_theta(x_t, t) ||^2 (Ho et al. 2020, eq. 14).
 
-    t is uniform on [t_min, T], or, with ``num_steps=N``, uniform on the N grid times linspace(t_min, T, N) (the
-    discrete DDPM indices). eps_theta is ``model.eps`` (for an eps-predicting ScoreModel: the network output).
-    In continuous time it equals :func:`dsm_loss` with weighting "s2" and reduce="mean".
-    ``seed`` (``generator``: deprecated) and the other arguments as in :func:`dsm_loss`.
+    t is uniform on [t_min, T] (``t_min``: default ``sde.t_min``, as in :func:`dsm_loss`), or, with
+    ``num_steps=N``, uniform on the N grid times linspace(t_min, T, N) (the discrete DDPM indices). Fixed times
+    ``t`` replace the draw, so ``t_min`` and ``num_steps`` are refused with them. eps_theta is ``model.eps`` (for
+    an eps-predicting ScoreModel: the network output). In continuous time it equals :func:`dsm_loss` with
+    weighting "s2" and reduce="mean". ``seed`` (``generator``: deprecated) and the other arguments as in
+    :func:`dsm_loss`.
     """
     sde = _sde_of(model, sde)
     _check_batch(x0, return_per_example=return_per_example)
+    check_int(num_steps, "num_steps", lo=2, none_ok=True, hint=" It is the number of discrete DDPM times.")
     gen = _generator("ddpm_loss", seed, generator)
     if t is None and num_steps is not None:
-        if not (isinstance(num_steps, int) and num_steps >= 2):
-            raise ValueError(f"num_steps must be an int >= 2 or None; got {num_steps!r}.")
         u = _rand(x0.shape[0], gen)
-        grid = torch.linspace(sde.t_min, sde.T, num_steps, dtype=torch.float64, device=u.device)
-        t = grid[(u * num_steps).long().clamp_max(num_steps - 1)]
-    t, _ = _times(sde, x0, t, gen, False, None)
+        grid = torch.linspace(_t_min(sde, t_min), sde.T, num_steps, dtype=torch.float64, device=u.device)
+        t = _times(sde, x0, grid[(u * num_steps).long().clamp_max(num_steps - 1)], gen, False, None)[0]
+    else:
+        t, _ = _times(sde, x0, t, gen, False, t_min, num_steps=num_steps)
     z = _randn(x0.shape, gen, x0)
     x_t = sde.perturb(x0, t, z)
     tt = t.to(x0.device)  # float64: a float32 cast could round past T
@@ -274,9 +305,14 @@ def drop_labels(y: torch.Tensor, p: float, null_label: int, *, seed: Gen = None,
     """Replace each label by ``null_label`` with probability p: the label dropout that trains one network
     for both the conditional and unconditional score of classifier-free guidance (Ho & Salimans 2022, alg. 1).
     ``seed``: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
-    Returns a new tensor; y is not modified."""
-    if not (0.0 <= p <= 1.0) or math.isnan(p):
-        raise ValueError(f"p must lie in [0, 1]; got {p!r}.")
+    y: integer labels (B,) (not bool); null_label: an int >= 0, the label of the unconditional branch (for the nets
+    of :mod:`sdegen.nets`, their ``num_classes``). Returns a new tensor; y is not modified."""
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point or y.dtype.is_complex or \
+            y.dtype == torch.bool:
+        got = f"a {y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(f"y must be an integer tensor of class labels, shape (B,); got {got}.")
+    check_number(p, "p", lo=0.0, hi=1.0)
+    check_int(null_label, "null_label", lo=0, hint=" It is the label of the unconditional branch.")
     gen = _generator("drop_labels", seed, generator)
     drop = _rand(y.shape[0], gen).to(y.device) < p
     return torch.where(drop, torch.full_like(y, null_label), y)

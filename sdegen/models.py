@@ -22,12 +22,13 @@ the state's dtype.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Optional, Union
 
 import torch
 
 from ._util import Time, batch_time, bcast
-from ._validate import check_choice, check_flag, check_int, check_number
+from ._validate import check_choice, check_flag, check_int, check_number, reject_inapplicable
 from .sde import SDE
 
 PREDICTIONS = ("score", "eps", "x0", "v", "flow", "edm")
@@ -162,6 +163,10 @@ class Model(torch.nn.Module):
         return self.score(x, t, *args, **kwargs)
 
 
+# what PyTorch's kernels say when a tensor meets parameters of another dtype (matmul, convolution, indexing, ...)
+_DTYPE_MISMATCH = re.compile(r"dtype|scalar type|(input|weight|bias) type|same type", re.IGNORECASE)
+
+
 def network_dtype(net: Any) -> Optional[torch.dtype]:
     """The dtype of a module's first floating-point parameter (None for a plain function or a module without any)."""
     if isinstance(net, torch.nn.Module):
@@ -184,24 +189,31 @@ class ScoreModel(Model):
             "log_sigma", "edm_sigma" (s/m), "index" (round(t / T (num_steps - 1))), "timestep" (the exact
             fractional timestep of a :class:`sdegen.DiscreteVPSDE`) or a callable t -> input. Default: "t",
             or c_noise for prediction="edm".
-        num_steps: N for time_input="index".
+        num_steps: N for time_input="index" (default 1000; only with that time input).
         scale_input: False: the network sees the state x (score_sde, DDPM and diffusers networks); True: it sees
             x_in = x / m(t), the scaled input that EDM and k-diffusion networks are trained on. prediction="edm"
             always scales (its formula is written in x_in).
-        sigma_data: EDM's data standard deviation (prediction="edm", preconditioning="edm").
+        sigma_data: EDM's data standard deviation (prediction="edm", preconditioning="edm"; default 0.5).
         preconditioning: the c_skip, c_out, c_in, c_noise of EDM's table 1 for prediction="edm": "edm"
-            (sigma_data), "vp" (c_noise = (M - 1) t, for a network trained under VPSDE's time) or "ve"
+            (sigma_data; the default), "vp" (c_noise = (M - 1) t, for a network trained under VPSDE's time) or "ve"
             (c_noise = log(sigma / 2)).
-        M: the number of VP timesteps of preconditioning="vp" (1000 in EDM).
+        M: the number of VP timesteps of preconditioning="vp" (default 1000, as in EDM).
+        An option given where it has no effect (``sigma_data`` without EDM's own preconditioning, ``num_steps``
+        without time_input="index", ...) raises a ValueError rather than being ignored.
 
     The network runs in the dtype of its own parameters: a bfloat16 network under a float32 or float64 state gets
     its inputs cast and returns outputs cast back (floating time inputs go as float32 to 16-bit networks).
     Shapes: x is (B, ...), t a float, 0-d or (B,) tensor; outputs have x's shape and dtype.
+    Times: a network is asked only where its conversions are defined: s(t) > 0 (the kernel's std; every
+    parameterisation but "score" divides by it) and, for time_input="timestep", t >= ``sde.t_min``, the table's first timestep
+    (a DDPM network has not seen negative timesteps). Host and CPU times outside raise a ValueError; times on an
+    accelerator are not read back to check.
     """
 
     def __init__(self, net: Callable, sde: SDE, prediction: str = "eps",
-                 time_input: Union[str, Callable[[torch.Tensor], torch.Tensor], None] = None, num_steps: int = 1000,
-                 *, scale_input: bool = False, sigma_data: float = 0.5, preconditioning: str = "edm", M: int = 1000):
+                 time_input: Union[str, Callable[[torch.Tensor], torch.Tensor], None] = None,
+                 num_steps: Optional[int] = None, *, scale_input: bool = False, sigma_data: Optional[float] = None,
+                 preconditioning: Optional[str] = None, M: Optional[int] = None):
         super().__init__(sde)
         if not callable(net):
             raise TypeError(f"net must be a callable network net(x, time_input, ...); got {type(net).__name__}.")
@@ -210,17 +222,29 @@ class ScoreModel(Model):
             time_input = "c_noise" if prediction == "edm" else "t"
         elif not callable(time_input) and time_input not in TIME_INPUTS:
             raise ValueError(f"time_input must be one of {TIME_INPUTS} or a callable; got {time_input!r}.")
-        if time_input == "index" and not (isinstance(num_steps, int) and not isinstance(num_steps, bool)
-                                          and num_steps >= 2):
+        if time_input != "index":
+            reject_inapplicable({"num_steps": num_steps}, "it applies to time_input='index' only")
+        if time_input == "index" and not (num_steps is None or isinstance(num_steps, int)
+                                          and not isinstance(num_steps, bool) and num_steps >= 2):
             raise ValueError(f"num_steps must be an int >= 2; got {num_steps!r}.")
         if time_input == "timestep" and not hasattr(sde, "timestep"):
             raise ValueError(f"time_input='timestep' needs an SDE with discrete timesteps (sdegen.DiscreteVPSDE); "
                              f"got {type(sde).__name__}.")
         check_flag(scale_input, "scale_input")
+        if prediction != "edm":
+            reject_inapplicable({"preconditioning": preconditioning, "sigma_data": sigma_data, "M": M},
+                                "it applies to prediction='edm' only")
+        preconditioning = "edm" if preconditioning is None else preconditioning
         check_choice(preconditioning, "preconditioning", PRECONDITIONINGS)
+        if preconditioning != "edm":
+            reject_inapplicable({"sigma_data": sigma_data}, "it applies to preconditioning='edm' only")
+        if preconditioning != "vp":
+            reject_inapplicable({"M": M}, "it applies to preconditioning='vp' only")
+        sigma_data, M = 0.5 if sigma_data is None else sigma_data, 1000 if M is None else M
         check_number(sigma_data, "sigma_data", lo=0.0, lo_open=True)
         check_int(M, "M", lo=1, hint=" (the number of VP timesteps of preconditioning='vp')")
-        self.net, self.prediction, self.time_input, self.num_steps = net, prediction, time_input, num_steps
+        self.net, self.prediction, self.time_input = net, prediction, time_input
+        self.num_steps = 1000 if num_steps is None else num_steps
         self.scale_input = scale_input or prediction == "edm"
         self.sigma_data, self.preconditioning, self.M = float(sigma_data), preconditioning, int(M)
 
@@ -282,6 +306,7 @@ class ScoreModel(Model):
     def _raw(self, x: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor (float32 or float64); got {x.dtype}.")
+        self._check_network_time(x, t)
         tb = self.batch_time(t, x)
         x_net = x / coefficient(self.sde.mean_coeff, t, x) if self.scale_input else x
         if self.prediction == "edm":
@@ -295,7 +320,7 @@ class ScoreModel(Model):
         try:
             out = self.net(x_net, time_in, *args, **kwargs)
         except RuntimeError as err:  # a plain function closing over a network of another dtype, say
-            if "dtype" not in str(err) and "scalar type" not in str(err):
+            if not _DTYPE_MISMATCH.search(str(err)):
                 raise
             raise TypeError(f"the model's network {_name(self.net)} failed on a {x_net.dtype} input: {err}. A plain "
                             "function is called in the state's dtype; wrap the network itself in sdegen.ScoreModel "
@@ -305,6 +330,31 @@ class ScoreModel(Model):
             raise TypeError(f"the model's network {_name(self.net)} must return a tensor (floating-point); got {got}.")
         _check_output(out, x, self.net)
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _check_network_time(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """ValueError where the network is asked at s(t) = 0 or, for discrete timesteps, before the table's first
+        one. A host scalar time reads the per-time table of (m, s); a CPU tensor is compared directly; times on
+        an accelerator are left unchecked (reading them back would stall the device)."""
+        divides = self.prediction != "score"
+        if _host_scalar(t):
+            value = self._host_value(t)
+            early = self.time_input == "timestep" and value < self.sde.t_min
+            if not early and (not divides or self._coeffs(x, t)[1] > 0.0):
+                return
+        elif t.device.type == "cpu":
+            low = t.detach().min()
+            early = self.time_input == "timestep" and bool(low < self.sde.t_min)
+            if not early and (not divides or bool(self.sde.std(low) > 0)):  # s(t) increases with t
+                return
+            value = float(low)
+        else:
+            return
+        if early:
+            raise ValueError(f"t must be >= {self.sde.t_min:g}, the time of the network's first timestep (timestep "
+                             f"0 of the {self.sde.num_timesteps}-step table); got t = {value:g} (timestep "
+                             f"{value * self.sde.num_timesteps - 1:g}). Pass t_min >= sde.t_min.")
+        raise ValueError(f"t must be where the kernel's std s(t) > 0: the network's conversions divide by it; got "
+                         f"t = {value:g}, where s(t) = 0. Samplers and log_likelihood stop at t_min > 0.")
 
     def _denoised(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction == "edm":

@@ -57,7 +57,22 @@ class _Conditioning(nn.Module):
             return emb
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=ref.device)
+        else:
+            _check_labels(y, batch, self.num_classes)
         return emb + self.label(y.to(device=ref.device, dtype=torch.long))
+
+
+def _check_labels(y: torch.Tensor, batch: int, num_classes: int) -> None:
+    """Labels must be integers of shape (batch,) in [0, num_classes] (num_classes is the null label); their values
+    are checked where that needs no device read (on the CPU)."""
+    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(f"labels y must be an integer tensor of shape ({batch},); got {got}.")
+    if y.shape != (batch,):
+        raise ValueError(f"labels y must have shape ({batch},), one per example; got {tuple(y.shape)}.")
+    if y.device.type == "cpu" and batch and bool(((y < 0) | (y > num_classes)).any()):
+        raise ValueError(f"labels y must lie in [0, {num_classes}] ({num_classes} is the null label); got values "
+                         f"from {int(y.min())} to {int(y.max())}.")
 
 
 class MLP(nn.Module):
@@ -84,6 +99,10 @@ class MLP(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dim = self.inp.in_features
+        if x.ndim < 1 or x.shape[0] and x[0].numel() != dim:
+            raise ValueError(f"MLP(dim={dim}) needs x of shape (B, ...) with {dim} values per example; got "
+                             f"{tuple(x.shape)}.")
         B = x.shape[0]
         emb = self.cond(t, y, B, x)
         h = self.inp(_to_params(x, self.inp).reshape(B, -1))

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Sequence, Tuple, Union
+from numbers import Integral
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from ._validate import check_int
 
 _MASK32 = 0xFFFFFFFF
 _INT32_MIN = -(1 << 31)
@@ -418,24 +421,71 @@ def _fused_matches_reference(launch, device: torch.device, dtype: torch.dtype) -
     return True
 
 
+SEED_KINDS = {"int": "an int", "tensor": "a (B,) integer tensor of per-example seeds",
+              "generator": "a torch.Generator", "none": "None (torch's global generator)"}
+"""The forms a random source can take, in the words every seed error uses."""
+
+
+def check_seed(seed: Any, name: str = "seed", kinds: Sequence[str] = ("int", "generator", "none"),
+               why: str = "") -> Seed:
+    """The one rule for a ``seed`` argument: one of ``kinds`` (keys of :data:`SEED_KINDS`), else TypeError naming
+    ``name`` and the valid forms (``why``: a reason appended to them, such as why an int is needed).
+
+    An int may have any size and sign (not a bool, which is almost always a mistake): :func:`make_seeds` keeps its
+    low 63 bits and :func:`torch_generator` its value modulo 2^64, so every int torch.manual_seed takes seeds a
+    generator as it does. A per-example tensor is checked for dtype and shape by :func:`make_seeds`, which knows B.
+    Returns the seed, an int as a Python int.
+    """
+    if isinstance(seed, Integral) and not isinstance(seed, bool):
+        kind = "int"
+    elif isinstance(seed, torch.Generator):
+        kind = "generator"
+    elif seed is None:
+        kind = "none"
+    elif isinstance(seed, torch.Tensor):
+        kind = "tensor"
+    else:
+        kind = None
+    if kind not in kinds:
+        forms = [SEED_KINDS[k] for k in kinds]
+        valid = forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + " or " + forms[-1]
+        got = f"a {seed.dtype} tensor" if isinstance(seed, torch.Tensor) else f"{type(seed).__name__} {seed!r}"
+        raise TypeError(f"{name} must be {valid}{why}; got {got}.")
+    return int(seed) if kind == "int" else seed
+
+
+def torch_generator(seed: Any, name: str = "seed", kinds: Sequence[str] = ("int", "generator", "none"),
+                    device=None, why: str = "") -> Optional[torch.Generator]:
+    """The torch.Generator a seed stands for (checked by :func:`check_seed`): an int seeds a fresh generator on
+    ``device`` (default: the CPU) with the int modulo 2^64, a torch.Generator is used as it is, and None means
+    torch's global generator (returned as None, which torch's random functions read that way)."""
+    seed = check_seed(seed, name, kinds, why)
+    if isinstance(seed, int):
+        return torch.Generator(device=device if device is not None else "cpu").manual_seed(seed % (1 << 64))
+    return seed
+
+
 def make_seeds(seed: Seed, batch: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Per-example int64 seeds, shape (batch,).
 
-    - int: example i gets a seed that depends only on (seed, i), so a sub-batch of a larger run
-      reproduces the same examples (computed on ``device`` without a host-to-device copy);
-    - tensor of shape (batch,): used as given, one seed per example;
-    - torch.Generator: ``batch`` seeds drawn from it;
+    - int (any size; its low 63 bits are used): example i gets a seed that depends only on (seed, i), so a
+      sub-batch of a larger run reproduces the same examples (computed on ``device`` without a host-to-device copy);
+    - integer tensor of shape (batch,) (not bool): used as given, one seed per example;
+    - torch.Generator: ``batch`` seeds drawn from it (on its own device, then moved to ``device``);
     - None: drawn from torch's global generator (reproducible under ``torch.manual_seed``).
     """
+    check_int(batch, "batch", lo=0)
+    seed = check_seed(seed, "seed", ("int", "tensor", "generator", "none"))
     if isinstance(seed, torch.Tensor):
-        if seed.shape != (batch,) or seed.is_floating_point():
-            raise ValueError(f"seed as a tensor must be an integer tensor of shape ({batch},) (one per example); "
-                             f"got dtype {seed.dtype} and shape {tuple(seed.shape)}.")
+        if seed.shape != (batch,) or seed.dtype.is_floating_point or seed.dtype.is_complex or \
+                seed.dtype == torch.bool:
+            raise ValueError(f"seed as a tensor must be an integer tensor (not bool) of shape ({batch},), one seed "
+                             f"per example; got dtype {seed.dtype} and shape {tuple(seed.shape)}.")
         return seed.to(device=device, dtype=torch.int64) & 0x7FFFFFFFFFFFFFFF
     if isinstance(seed, torch.Generator) or seed is None:
-        return torch.randint(0, 2**62, (batch,), generator=seed, dtype=torch.int64).to(device)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, a (B,) integer tensor, a torch.Generator or None; got {type(seed).__name__}.")
+        where = seed.device if seed is not None else None
+        drawn = torch.randint(0, 2**62, (batch,), generator=seed, dtype=torch.int64, device=where)
+        return drawn.to(device if device is not None else "cpu")
     seed &= 0x7FFFFFFFFFFFFFFF
     terms = _element_terms(batch, torch.empty(0, device=device).device)  # example i is element i of keys 1, 2
     words = torch.empty((2, batch), dtype=torch.int32, device=terms.device)

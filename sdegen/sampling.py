@@ -167,9 +167,24 @@ def _check_args(sde, steps, t_min, schedule, noise, dtype, **flags) -> None:
                              f"unset or end the schedule there; got t_min={t_min!r}.")
 
 
+def _same_device(device: torch.device, actual: torch.device) -> bool:
+    """Whether ``device`` names ``actual`` ("cuda" names the current CUDA device)."""
+    if device.type != actual.type:
+        return False
+    if device.index is None and device.type == "cuda":
+        return actual.index == torch.cuda.current_device()
+    return device.index is None or device.index == actual.index
+
+
 def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
     """(x_T, per-example seeds or None): seeds are made only when a random draw needs them, so that a
     deterministic run from a given x_T leaves torch's global generator untouched."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0'; got "
+                             f"{device!r}.") from None
     if x_T is None:
         if shape is None:
             raise ValueError("shape: give either x_T or shape=(B, ...) to draw x_T from the prior.")
@@ -181,6 +196,9 @@ def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
     if dtype is not None and dtype != x_T.dtype:
         raise ValueError(f"dtype: x_T is {x_T.dtype} and the samples keep x_T's dtype; leave dtype unset or pass "
                          f"x_T.to({dtype}); got dtype={dtype}.")
+    if device is not None and not _same_device(device, x_T.device):
+        raise ValueError(f"device: x_T is on {x_T.device} and the samples stay on x_T's device; leave device unset "
+                         f"or pass x_T.to({str(device)!r}); got device={str(device)!r}.")
     if shape is not None and tuple(shape) != tuple(x_T.shape):
         raise ValueError(f"shape {tuple(shape)} disagrees with x_T's shape {tuple(x_T.shape)}; give one of them.")
     if not needs_seeds and seed is None:

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from ._validate import check_int, check_number
+from .noise import check_seed, torch_generator
 from .sde import SDE
 
 SCHEDULES = ("uniform", "log_snr", "edm", "quadratic", "few_step")
@@ -114,8 +115,8 @@ class PilotGrid:
     ``nfe`` (its batched model calls, each on ``batch`` examples, the adjoint's included) and its accepted times
     ``pilot_times``. With ``error="global"``: ``adjoint_nfe`` of those calls were vector-Jacobian products (a
     forward and a backward pass each) and ``weights`` (one per pilot step, largest 1) are the amplified local
-    errors that reshaped the density. ``sde``, ``order`` and ``error`` say what the grid was made for; a grid is
-    saved and read back with :meth:`save` / :meth:`load`."""
+    errors that reshaped the density. ``sde``, ``order`` and ``error`` say what the grid was made for, and
+    ``steps`` (read-only) is len(times) - 1; a grid is saved and read back with :meth:`save` / :meth:`load`."""
 
     times: torch.Tensor
     nfe: int
@@ -127,6 +128,11 @@ class PilotGrid:
     adjoint_nfe: int = 0
     weights: Optional[torch.Tensor] = None
     settings: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        """The number of steps of the grid: len(times) - 1."""
+        return len(self.times) - 1
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the grid as a small JSON file (next to the model's checkpoint, say): the SDE's description
@@ -222,15 +228,16 @@ PILOT_ERRORS = ("local", "global")
 
 
 def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order: int = 3, batch: int = 64,
-               rtol: float = 1e-3, atol: float = 1e-3, seed: int = 0, t_min: Optional[float] = None,
-               t_max: Optional[float] = None, dtype: torch.dtype = torch.float64, device=None,
-               error: str = "global") -> PilotGrid:
+               rtol: float = 1e-3, atol: float = 1e-3, seed: Union[int, torch.Generator, None] = 0,
+               t_min: Optional[float] = None, t_max: Optional[float] = None, dtype: torch.dtype = torch.float64,
+               device=None, error: str = "global") -> PilotGrid:
     """A grid of ``steps`` steps for a fixed-step sampler of global ``order``, laid out as the adaptive solver lays
     out its own steps on this model: no constant of the data or of the SDE enters.
 
     A pilot run of the adaptive exponential multistep solver (``method="adaptive"``, order 3, controlling the
     predictor's local error: :class:`sdegen.samplers.AdaptiveMultistep` with ``error="predictor"``) takes ``batch`` draws of shape (batch, *shape) from the prior
-    (seeded by ``seed``) from t_max to t_min at tolerances ``rtol``/``atol``. Its controller keeps the local error
+    (``seed``: an int, a torch.Generator, or None for torch's global generator; the adjoint's random cotangents
+    come from it too) from t_max to t_min at tolerances ``rtol``/``atol``. Its controller keeps the local error
     of each accepted step u_k -> u_k + h_k (u = log(m/s)) at the tolerance, C(u) h^{p+1} = tol with p = 3, so
     1/h(u) = (C(u)/tol)^{1/(p+1)} is a step density. A fixed-step method of order q with N steps has the smallest
     global error when its local errors C h^{q+1} are equal (equidistribution, Hairer, Norsett & Wanner, "Solving
@@ -272,6 +279,7 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
         raise ValueError(f"batch must be an int >= 1; got {batch!r}.")
     if error not in PILOT_ERRORS:
         raise ValueError(f"error must be one of {PILOT_ERRORS} (the error the grid equidistributes); got {error!r}.")
+    seed = check_seed(seed)
     ends = time_grid(sde, 1, "uniform", t_min=t_min, t_max=t_max)
     model = as_model(model, sde)
     x = sde.prior_sample((batch,) + tuple(shape), seed=seed, dtype=dtype, device=device)
@@ -289,9 +297,9 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
     if error == "global":
         states = torch.stack([state for state, _ in pilot.record])
         local = torch.stack([le for _, le in pilot.record])
-        g = torch.Generator().manual_seed(seed)
-        cot = torch.randn((2,) + tuple(x.shape), generator=g, dtype=torch.float64)[1].to(device=x.device,
-                                                                                           dtype=x.dtype)
+        g = torch_generator(seed)
+        cot = torch.randn((2,) + tuple(x.shape), generator=g, dtype=torch.float64,
+                          device=g.device if g is not None else "cpu")[1].to(device=x.device, dtype=x.dtype)
         lam, adjoint_nfe = flow_adjoint(sde, model, accepted[1:], states, cot, return_nfe=True)
         w = (lam * local).reshape(len(local), batch, -1).sum(2).double().pow(2).mean(1).sqrt().cpu()
         if not bool(torch.isfinite(w).all()) or float(w.max()) <= 0.0:
@@ -306,7 +314,9 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
     # steps no faster than the pilot's controller was allowed to (max_factor), over which its weights were measured
     times = grid_from_step_sizes(sde, accepted, steps, power=(PILOT_ORDER + 1) / (order + 1), sizes=sizes,
                                  growth=pilot.max_factor if error == "global" else None)
-    settings = {"steps": steps, "shape": list(shape), "rtol": rtol, "atol": atol, "seed": seed,
+    # an int seed is recorded; a Generator or torch's global generator cannot be, and are written as None
+    settings = {"steps": steps, "shape": list(shape), "rtol": rtol, "atol": atol,
+                "seed": seed if isinstance(seed, int) else None,
                 "dtype": str(dtype).replace("torch.", "")}
     return PilotGrid(times=times, nfe=info.nfe + adjoint_nfe, batch=batch, pilot_times=accepted, sde=sde,
                      order=order, error=error, adjoint_nfe=adjoint_nfe, weights=weights, settings=settings)

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ._deprecation import renamed
 from ._util import (Time, as_time, batch_time, bcast, check_batch, check_finite_tensor, check_positive,
                     check_range)
 from .noise import Seed, make_seeds, normal_from_seeds
@@ -68,8 +69,9 @@ class SDE(abc.ABC):
     Optional closed forms (the defaults are exact but slower): ``drift_coeff(t)`` = f = d log m / dt (default:
     autograd), ``diffusion(t)`` = g = sqrt(d s^2/dt - 2 f s^2) (default: autograd), ``transition_var(t_from,
     t_to)``, ``t_from_log_snr(lam)`` and ``t_from_sigma(sigma)`` (default: bisection in float64). Class or
-    instance attributes: ``T`` (end time, default 1), ``t_min`` (default end of sampling, 1e-3) and
-    ``prior_std`` (default s(T)). ``config()`` returns the constructor's keyword arguments, so that checkpoints
+    instance attributes: ``T`` (end time, default 1), ``t_min`` (default end of sampling, 1e-3),
+    ``t_min_is_earliest`` (True where no model is defined before ``t_min``, as for a discrete timestep table: no
+    default time then goes below it; default False) and ``prior_std`` (default s(T)). ``config()`` returns the constructor's keyword arguments, so that checkpoints
     can rebuild the SDE with ``from_config`` (the default, ``{}``, suits an SDE without arguments).
 
     Example (EDM's SDE, Karras et al. 2022: m = 1, s(t) = t)::
@@ -84,6 +86,7 @@ class SDE(abc.ABC):
 
     T: float = 1.0
     t_min: float = 1e-3
+    t_min_is_earliest: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -282,13 +285,18 @@ class SDE(abc.ABC):
         sq = ((x - mean) ** 2).reshape(x.shape[0], -1).sum(1)
         return -0.5 * sq / std**2 - d * torch.log(std) - 0.5 * d * _LOG_2PI
 
-    def prior_sample(self, shape: Sequence[int], *, seed: Seed = None, generator: Optional[torch.Generator] = None,
-                     dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-        """Draws from the prior N(0, prior_std^2 I), shape (B, ...); example i depends only on its seed."""
+    def prior_sample(self, shape: Sequence[int], *, seed: Seed = None, dtype: torch.dtype = torch.float32,
+                     device=None, generator: Seed = None) -> torch.Tensor:
+        """Draws from the prior N(0, prior_std^2 I), shape (B, ...); example i depends only on its seed.
+
+        ``seed``: as in :func:`sdegen.sample` (an int, a (B,) integer tensor, a torch.Generator, or None for torch's
+        global generator); ``generator`` is its deprecated name (DeprecationWarning; both: ValueError).
+        """
+        seed, _ = renamed("SDE.prior_sample", "seed", seed, "generator", generator)
         shape = tuple(shape)
         if len(shape) < 1 or shape[0] < 1:
             raise ValueError(f"shape must be (B, ...) with B >= 1; got {shape}.")
-        seeds = make_seeds(generator if generator is not None else seed, shape[0], device)
+        seeds = make_seeds(seed, shape[0], device)
         return self.prior_std * normal_from_seeds(seeds, 0, shape[1:], dtype)
 
     def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -634,6 +642,7 @@ class DiscreteVPSDE(SDE):
     """
 
     prior_std = 1.0
+    t_min_is_earliest = True  # timestep 0 of the table: its networks have seen no earlier time
 
     def __init__(self, alphas_cumprod, *, t_min: Optional[float] = None):
         ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()

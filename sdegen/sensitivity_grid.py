@@ -20,11 +20,12 @@ would take the steps that set the modes' own spread.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._validate import check_int
+from .noise import check_seed, torch_generator
 from .schedules import time_grid
 from .sde import SDE
 
@@ -47,24 +48,27 @@ def _jvp(model, x: torch.Tensor, t: torch.Tensor, d0: torch.Tensor, v: torch.Ten
 
 
 def sensitivity_profile(sde: SDE, model: Any, shape: Sequence[int], *, points: int = 48, batch: int = 64,
-                        seed: int = 0, t_min: Optional[float] = None, t_max: Optional[float] = None,
-                        dtype: torch.dtype = F64, device=None) -> Tuple[torch.Tensor, torch.Tensor, int]:
+                        seed: Union[int, torch.Generator, None] = 0, t_min: Optional[float] = None,
+                        t_max: Optional[float] = None, dtype: torch.dtype = F64,
+                        device=None) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """(times, C, model calls): C(t) = sqrt(E ||(J - J^2) xi||^2 / d), the RMS eigenvalue of J (I - J) over the
     marginal p_t, at the ``points`` + 1 times of the log-SNR grid from t_max to t_min.
 
     The states are those of one pilot run of DPM-Solver++(2M) (the probability-flow ODE, whose states are draws of
-    the marginals) from ``batch`` prior draws of shape (batch, *shape) seeded by ``seed``; at each one, J xi and
-    J (J xi) for xi ~ N(0, I) (Hutchinson's estimator: E ||M xi||^2 = tr(M^T M)) by forward differences.
+    the marginals) from ``batch`` prior draws of shape (batch, *shape); ``seed`` (an int, a torch.Generator, or
+    None for torch's global generator) draws them and the probes xi. At each state, J xi and J (J xi) for
+    xi ~ N(0, I) (Hutchinson's estimator: E ||M xi||^2 = tr(M^T M)) by forward differences.
     Cost: 4 ``points`` + 3 model calls on ``batch`` examples."""
     from .models import as_model
     from .sampling import sample  # the driver imports the schedules
 
     check_int(points, "points", lo=2)
     check_int(batch, "batch", lo=1)
+    seed = check_seed(seed)
     model = as_model(model, sde)
     ts = time_grid(sde, points, "log_snr", t_min=t_min, t_max=t_max)
     x = sde.prior_sample((batch,) + tuple(shape), seed=seed, dtype=dtype, device=device)
-    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    gen = torch_generator(seed + 1 if isinstance(seed, int) else seed)
     with torch.no_grad():
         _, info = sample(sde, model, x, method="dpmpp_2m", schedule=ts, return_trajectory=True, return_info=True)
         log_m, s = sde.log_mean_coeff(ts).tolist(), sde.std(ts).tolist()
@@ -73,7 +77,8 @@ def sensitivity_profile(sde: SDE, model: Any, shape: Sequence[int], *, points: i
             xt = info.trajectory[k]
             m = math.exp(log_m[k])
             d0 = model.denoise(xt, t)
-            xi = torch.randn(xt.shape, generator=gen, dtype=F64).to(device=xt.device, dtype=xt.dtype)
+            xi = torch.randn(xt.shape, generator=gen, dtype=F64, device=gen.device if gen is not None else "cpu")
+            xi = xi.to(device=xt.device, dtype=xt.dtype)
             a = _jvp(model, xt, t, d0, xi, m, s[k] / m)
             b = _jvp(model, xt, t, d0, a, m, s[k] / m)
             values.append((a - b).pow(2).mean().sqrt())
@@ -120,8 +125,9 @@ def _equidistribute(u: torch.Tensor, c: torch.Tensor, steps: int, order: int, ce
 
 
 def sensitivity_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order: int = 1, points: int = 48,
-                     batch: int = 64, seed: int = 0, t_min: Optional[float] = None, t_max: Optional[float] = None,
-                     dtype: torch.dtype = F64, device=None) -> Tuple[torch.Tensor, int]:
+                     batch: int = 64, seed: Union[int, torch.Generator, None] = 0, t_min: Optional[float] = None,
+                     t_max: Optional[float] = None, dtype: torch.dtype = F64,
+                     device=None) -> Tuple[torch.Tensor, int]:
     """(times, pilot model calls): a grid of ``steps`` steps for a stochastic sampler of global ``order`` q whose
     steps have equal error estimates max C(u) (1 - e^{-2h})^{q+1} over each step u -> u + h, u = log(m/s), C from
     :func:`sensitivity_profile` (see the module docstring).

@@ -20,9 +20,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import nn
 
-from ._validate import check_flag
+from ._validate import check_flag, check_int, check_number
 from .nets import build_net
 from .models import ScoreModel
+from .noise import torch_generator
 from .sde import SDE, VESDE, SubVPSDE, VPSDE
 
 Batch = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -143,15 +144,21 @@ def data_device(data, model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _check_train_options(steps, lr, evaluate, eval_every, patience, restore_best, check_every) -> None:
-    if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f"steps must be an int >= 0; got {steps!r}.")
-    if not (lr > 0):
-        raise ValueError(f"lr must be > 0; got {lr!r}.")
+def _check_train_options(steps, lr, ema_decay, grad_clip, warmup_steps, evaluate, eval_every, patience, check_every,
+                         **flags: Any) -> None:
+    """The options of :func:`train`, checked before any work; ``flags`` are its True/False options by name."""
+    check_int(steps, "steps", lo=0)
+    check_number(lr, "lr", lo=0.0, lo_open=True)
+    check_number(ema_decay, "ema_decay", lo=0.0, hi=1.0, hi_open=True, none_ok=True, hint=" None keeps no EMA.")
+    check_number(grad_clip, "grad_clip", lo=0.0, lo_open=True, none_ok=True,
+                 hint=" It is the largest global gradient norm; None turns clipping off.")
+    check_int(warmup_steps, "warmup_steps", lo=0)
+    for name, flag in flags.items():
+        check_flag(flag, name)
     if not (isinstance(check_every, int) and check_every >= 1):
         raise ValueError(f"check_every must be an int >= 1 (steps between loss read-backs); got {check_every!r}.")
     if evaluate is None:
-        if patience is not None or restore_best:
+        if patience is not None or flags["restore_best"]:
             raise ValueError("patience and restore_best need an evaluate callback (a held-out metric to watch).")
         return
     if not callable(evaluate):
@@ -237,7 +244,8 @@ class _Watcher:
 
 def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: int, *, batch_size: int = 128,
           lr: float = 2e-4, optimizer: Optional[torch.optim.Optimizer] = None, ema_decay: Optional[float] = 0.999,
-          grad_clip: Optional[float] = 1.0, warmup_steps: int = 0, seed: int = 0, progress: bool = True,
+          grad_clip: Optional[float] = 1.0, warmup_steps: int = 0, seed: Union[int, torch.Generator] = 0,
+          progress: bool = True,
           desc: str = "train", wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, is_main: bool = True,
           on_step: Optional[Callable[[int, float], None]] = None,
           evaluate: Optional[Callable[[nn.Module], float]] = None, eval_every: Optional[int] = None,
@@ -254,9 +262,13 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
             :func:`batch_loss`). The generator lives on the data's device (the model's for a non-tensor
             ``data``), so the noise and times are drawn where the batch is, without a copy.
         data: a tensor (N, ...), a tuple of tensors (x, y, ...), or any iterable of batches.
-        steps: optimizer steps (at most). lr, warmup_steps: Adam's learning rate with a linear warm-up.
-        ema_decay: keep an :class:`EMA` of the weights (None: no EMA). grad_clip: global norm clip (None: off).
-        seed: seeds the generator that shuffles the data and that the loss draws from.
+        steps: optimizer steps (at most). lr, warmup_steps: Adam's learning rate (finite, > 0) with a linear
+            warm-up over ``warmup_steps`` >= 0 steps (0: none).
+        ema_decay: keep an :class:`EMA` of the weights with this decay in [0, 1) (None: no EMA).
+        grad_clip: the largest global gradient norm, > 0 (None: no clipping).
+        seed: the random source that shuffles the data and that the loss draws from: an int seeds a generator on
+            the data's device, a torch.Generator is used as it is (on its own device).
+        progress: show a tqdm progress bar (True or False).
         wrap_model, is_main, on_step: hooks for distributed training (see the module docstring); ``on_step(step,
             loss)`` receives the loss as a float, so it reads the loss back at every step.
         evaluate: ``evaluate(module) -> float``, a held-out metric, lower is better, called under ``torch.no_grad``
@@ -269,9 +281,10 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     Returns: a :class:`TrainResult`. The loss must stay finite: a NaN or infinite loss raises at the next
     read-back, naming the step it appeared at.
     """
-    _check_train_options(steps, lr, evaluate, eval_every, patience, restore_best, check_every)
+    _check_train_options(steps, lr, ema_decay, grad_clip, warmup_steps, evaluate, eval_every, patience, check_every,
+                         restore_best=restore_best, progress=progress, is_main=is_main)
     call_loss = batch_loss(loss_fn)
-    gen = torch.Generator(device=data_device(data, model)).manual_seed(seed)
+    gen = torch_generator(seed, "seed", ("int", "generator"), device=data_device(data, model))
     batches = iterate_batches(data, batch_size, gen)
     net = wrap_model(model) if wrap_model is not None else model
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
@@ -348,30 +361,46 @@ def build_sde(config: Dict[str, Any]) -> SDE:
     return SDES[name](**config)
 
 
+def _score_model_settings(prediction: str, time_input: Any, preconditioning: Optional[str]) -> Tuple[str, ...]:
+    """The ScoreModel settings that apply to a model with this prediction, time input and preconditioning (the
+    others have no effect, and ScoreModel refuses them)."""
+    edm = prediction == "edm"
+    applies = {"num_steps": time_input == "index", "preconditioning": edm,
+               "sigma_data": edm and preconditioning in (None, "edm"), "M": edm and preconditioning == "vp"}
+    return tuple(name for name, used in applies.items() if used)
+
+
 def model_config(model: nn.Module) -> Dict[str, Any]:
     """Plain-data config of a network from :mod:`sdegen.nets` or a :class:`ScoreModel` around one (its SDE, what it
-    predicts, its time input and input scaling, and EDM's preconditioning settings)."""
+    predicts, its time input and input scaling, and EDM's preconditioning settings). Settings that do not apply to
+    the model (``num_steps`` without time_input="index", EDM's without prediction="edm") are recorded as None."""
     if isinstance(model, ScoreModel):
         if callable(model.time_input):
             raise ValueError("a ScoreModel with a callable time_input cannot be described by plain data.")
         # c_noise is the time input prediction="edm" chooses itself when none is given
         time_input = None if model.time_input == "c_noise" else model.time_input
+        used = _score_model_settings(model.prediction, time_input, model.preconditioning)
+        settings = {name: getattr(model, name) if name in used else None
+                    for name in ("num_steps", "sigma_data", "preconditioning", "M")}
         return {"kind": "ScoreModel", "net": model_config(model.net), "sde": sde_config(model.sde),
-                "prediction": model.prediction, "time_input": time_input, "num_steps": model.num_steps,
-                "scale_input": model.scale_input, "sigma_data": model.sigma_data,
-                "preconditioning": model.preconditioning, "M": model.M}
+                "prediction": model.prediction, "time_input": time_input, "scale_input": model.scale_input,
+                **settings}
     if not hasattr(model, "config"):
         raise ValueError(f"{type(model).__name__} has no .config; give save_checkpoint a config=... explicitly.")
     return {"kind": "net", "name": type(model).__name__, "config": dict(model.config)}
 
 
 def build_model(config: Dict[str, Any]) -> nn.Module:
-    """Rebuild a model (untrained) from :func:`model_config`'s output (configs written before a ScoreModel had
-    ``scale_input``, ``sigma_data``, ``preconditioning`` and ``M`` get their defaults)."""
+    """Rebuild a model (untrained) from :func:`model_config`'s output. Configs written before a ScoreModel had
+    ``scale_input``, ``sigma_data``, ``preconditioning`` and ``M`` get their defaults; older configs also recorded
+    these settings (and ``num_steps``) for models they do not apply to, where they had no effect: they are left
+    out."""
     if config.get("kind") == "ScoreModel":
-        options = {k: config[k] for k in ("scale_input", "sigma_data", "preconditioning", "M") if k in config}
-        return ScoreModel(build_model(config["net"]), build_sde(config["sde"]), prediction=config["prediction"],
-                          time_input=config["time_input"], num_steps=config["num_steps"], **options)
+        prediction, time_input = config["prediction"], config["time_input"]
+        used = _score_model_settings(prediction, time_input, config.get("preconditioning"))
+        options = {name: config[name] for name in ("scale_input",) + used if config.get(name) is not None}
+        return ScoreModel(build_model(config["net"]), build_sde(config["sde"]), prediction=prediction,
+                          time_input=time_input, **options)
     if config.get("kind") == "net":
         return build_net(config["name"], config["config"])
     raise ValueError(f"config must come from model_config (kind 'ScoreModel' or 'net'); got kind {config.get('kind')!r}.")

@@ -71,3 +71,47 @@ def test_shapes_dtypes_and_errors(dtype):
         GaussianMixture([-1.0, 2.0], [[0.0], [1.0]], [1.0, 1.0])
     with pytest.raises(ValueError, match="semi-definite"):
         GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, -1.0]]])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_score_fn_gives_nan_rows_for_non_finite_states(bad):
+    """Inside a solve the oracle is a model: a state with a NaN or an infinity has no score, so its row is NaN and
+    every other row equals the score of that row alone (gradients included); called directly, the public methods
+    still refuse NaN input."""
+    sde, gm = sdegen.VPSDE(), GaussianMixture.random(dim=4, n_components=3, seed=2)
+    x = torch.randn(5, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[1, 0, 1] = bad
+    t = torch.full((5,), 0.3, dtype=torch.float64)
+    good = [0, 2, 3, 4]
+    leaf = x.clone().requires_grad_(True)
+    s = gm.score_fn(sde)(leaf, t)
+    assert s.shape == x.shape and bool(torch.isnan(s[1]).all())
+    torch.testing.assert_close(s[good], gm.score(sde, x[good], t[good]), rtol=0, atol=0)
+    s.nan_to_num(0.0).sum().backward()
+    assert bool(torch.isfinite(leaf.grad).all()) and bool((leaf.grad[1] == 0).all())
+    if math.isnan(bad):
+        for method in (gm.score, gm.log_prob, gm.responsibilities):
+            with pytest.raises(ValueError, match="NaN"):
+                method(sde, x, t)
+
+
+def test_score_fn_still_checks_shape_and_type():
+    sde, gm = sdegen.VPSDE(), GaussianMixture.ring()
+    with pytest.raises(ValueError, match="2 values per example"):
+        gm.score_fn(sde)(torch.zeros(3, 3), torch.full((3,), 0.5))
+    with pytest.raises(TypeError, match="floating"):
+        gm.score_fn(sde)(torch.zeros(3, 2, dtype=torch.int64), torch.full((3,), 0.5))
+
+
+def test_sample_refuses_a_non_floating_dtype():
+    """An integer dtype would truncate every draw (the ring's draws would all be 0)."""
+    gm = GaussianMixture.ring()
+    for dtype in (torch.int64, torch.bool):
+        with pytest.raises(ValueError, match=r"dtype must be a floating dtype.*got torch\.(int64|bool)"):
+            gm.sample(3, seed=0, dtype=dtype)
+    with pytest.raises(TypeError, match="dtype"):
+        gm.sample(3, seed=0, dtype="float32")
+    with pytest.raises(ValueError, match="n must be"):
+        gm.sample(True, seed=0)
+    x = gm.sample(3, seed=0, dtype=torch.float32)
+    assert x.dtype == torch.float32 and torch.equal(x, gm.sample(3, seed=0).float())

@@ -653,3 +653,38 @@ def test_step_limit_messages_agree_with_their_numbers():
         assert "max_steps=3" in msg and "did not meet" not in msg
         for claim in re.finditer(r"exceeded 1[^(]*\(worst ([0-9.e+-]+)\)", msg):
             assert float(claim.group(1)) > 1.0, msg
+
+
+def test_reference_networks_refuse_inputs_of_the_wrong_shape_and_labels_out_of_range():
+    """MLP(dim) needs d values per example; labels must be integers of shape (B,) in [0, num_classes] (the last one
+    is the null label, which is accepted)."""
+    net = sdegen.MLP(4, hidden=8, depth=1, num_classes=3)
+    x, t = torch.randn(2, 4), torch.full((2,), 0.5)
+    with pytest.raises(ValueError, match=r"MLP\(dim=4\).*\(2, 5\)"):
+        net(torch.randn(2, 5), t)
+    for y, err, match in ((torch.tensor([0, 1, 2]), ValueError, "shape"), (torch.tensor([0, 4]), ValueError, r"\[0, 3\]"),
+                          (torch.tensor([-1, 0]), ValueError, r"\[0, 3\]"), (torch.tensor([0.0, 1.0]), TypeError, "integer")):
+        with pytest.raises(err, match=match):
+            net(x, t, y)
+    assert net(x, t, torch.tensor([3, 0])).shape == (2, 4)
+
+
+def test_sampler_option_errors_name_the_value_and_the_method():
+    """A constructor's complaint about an option's value is passed on as it is (not as an unknown option); a
+    predictor that chooses its own steps is named as such."""
+    ring = GaussianMixture.ring()
+    with pytest.raises(TypeError, match=r"method 'lms' with options order: order must be an int"):
+        sdegen.sample(sdegen.VPSDE(), ring, shape=(2, 2), method="lms", order=2.0, steps=3, seed=0)
+    with pytest.raises(TypeError, match=r"fixed-step sampler.*'adaptive' \(AdaptiveMultistep, which chooses its own"):
+        sdegen.sample(sdegen.VPSDE(), ring, shape=(2, 2), method="pc", predictor="adaptive", steps=3, seed=0)
+
+
+def test_sample_device_is_parsed_and_must_agree_with_x_T():
+    """``device`` places a prior draw; with x_T given the samples stay where x_T is, so another device raises (as
+    another dtype does) and the same one is accepted; an unparsable device names the parameter."""
+    ring, sde = GaussianMixture.ring(), sdegen.VPSDE()
+    with pytest.raises(ValueError, match="device: x_T is on cpu"):
+        sdegen.sample(sde, ring, torch.zeros(3, 2), method="ddim", steps=2, device="meta")
+    with pytest.raises(ValueError, match="device must be"):
+        sdegen.sample(sde, ring, shape=(3, 2), method="ddim", steps=2, device="no-such-device")
+    assert sdegen.sample(sde, ring, torch.zeros(3, 2), method="ddim", steps=2, device="cpu").device.type == "cpu"

@@ -129,3 +129,94 @@ def test_fitted_grid_saved_and_loaded_reruns_the_same_samples(tmp_path):
     pilot.save(tmp_path / "pilot.json")
     with pytest.raises(ValueError, match="ScheduleFit"):
         type(fit).load(tmp_path / "pilot.json")
+
+
+def test_refined_fit_starts_from_the_coarse_fit():
+    """The README's coarse-to-fine step: refine_grid(sde, fit.times, 2) is a valid explicit start of an 8-step fit;
+    with no search (max_evals = 1) the fit returns that grid and its objective is the MSE on it; the same start
+    works in a multi-start list and with a screened subset; ``steps`` of a fit is len(times) - 1."""
+    sde, x_cal, ref_cal = _batch("vp", 64, 7)
+    coarse = optimize_schedule(sde, RING, x_cal, method="dpmpp_2m", steps=4, reference=ref_cal, init="log_snr",
+                               max_evals=20)
+    finer = sdegen.refine_grid(sde, coarse.times, 2)
+    start = optimize_schedule(sde, RING, x_cal, method="dpmpp_2m", steps=8, reference=ref_cal, init=finer,
+                              max_evals=1)
+    torch.testing.assert_close(start.times, finer, rtol=1e-12, atol=0)
+    assert start.steps == 8 and coarse.steps == 4
+    assert start.loss == start.initial_loss == pytest.approx(_rms(sde, x_cal, ref_cal, finer, method="dpmpp_2m") ** 2,
+                                                              rel=1e-9)
+    fit = optimize_schedule(sde, RING, x_cal, method="dpmpp_2m", steps=8, reference=ref_cal, init=finer,
+                            max_evals=30)
+    assert fit.initial_loss == start.initial_loss and fit.loss < fit.initial_loss
+    both = optimize_schedule(sde, RING, x_cal, method="dpmpp_2m", steps=8, reference=ref_cal,
+                             init=[finer, "log_snr"], max_evals=30)
+    log_snr = optimize_schedule(sde, RING, x_cal, method="dpmpp_2m", steps=8, reference=ref_cal, init="log_snr",
+                                max_evals=30)
+    assert both.loss == min(fit.loss, log_snr.loss) and both.evaluations == fit.evaluations + log_snr.evaluations
+    screened = optimize_schedule(sde, RING, x_cal, method="dpmpp_2m", steps=8, reference=ref_cal, init=finer,
+                                 max_evals=1, subset=16, seed=0)
+    torch.testing.assert_close(screened.times, finer, rtol=1e-12, atol=0)
+
+
+def test_explicit_start_sets_the_end_time_and_must_fit_the_grid():
+    """An explicit start ending at 0.01 sets the fitted grid's t_min (and the reference solve's end) when t_min is
+    not given; a start of another step count, one that does not begin at T, one that misses a given t_min, and
+    explicit starts with different ends are refused naming init."""
+    sde, x_cal, _ = _batch("vp", 32, 8)
+    init = sdegen.time_grid(sde, 4, "log_snr", t_min=0.01)
+    fit = optimize_schedule(sde, RING, x_cal, method="ddim", steps=4, init=init, max_evals=1,
+                            reference_options={"rtol": 1e-8, "atol": 1e-8})
+    assert float(fit.times[-1]) == 0.01 and float(fit.times[0]) == sde.T
+    ref = sdegen.sample(sde, RING, x_cal, method="ode", rtol=1e-8, atol=1e-8, t_min=0.01)
+    assert fit.loss == pytest.approx(_rms(sde, x_cal, ref, init, method="ddim") ** 2, rel=1e-4)
+    named = optimize_schedule(sde, RING, x_cal, method="ddim", steps=4, init=[init, "edm"], max_evals=1,
+                              reference=ref)
+    assert float(named.times[-1]) == 0.01
+    kw = dict(method="ddim", reference=ref, max_evals=1)
+    with pytest.raises(ValueError, match=r"init: an explicit starting grid of 5 times has 4 steps, but steps=3"):
+        optimize_schedule(sde, RING, x_cal, steps=3, init=init, **kw)
+    with pytest.raises(ValueError, match="init: an explicit starting grid must start at T=1.0"):
+        optimize_schedule(sde, RING, x_cal, steps=4, init=sdegen.time_grid(sde, 4, "log_snr", t_max=0.9), **kw)
+    with pytest.raises(ValueError, match=r"init: an explicit starting grid must end at t_min=0.02.*got one ending at "
+                                         r"0.01"):
+        optimize_schedule(sde, RING, x_cal, steps=4, init=init, t_min=0.02, **kw)
+    with pytest.raises(ValueError, match=r"init: the explicit starting grids end at different times \[0.001, 0.01\]"):
+        optimize_schedule(sde, RING, x_cal, steps=4, init=[init, sdegen.time_grid(sde, 4, "log_snr")], **kw)
+
+
+def test_options_with_a_sampler_object_are_refused():
+    """Options go with a sampler name; with a sampler object they would be dropped (even unknown ones), so they
+    raise as in sdegen.sample."""
+    sde, x_cal, ref_cal = _batch("vp", 16, 9)
+    sampler = sdegen.samplers.get_sampler("exp_pc")
+    kw = dict(steps=3, reference=ref_cal, init="log_snr", max_evals=1)
+    with pytest.raises(ValueError, match=r"sampler options \['order'\] were given with a sampler object"):
+        optimize_schedule(sde, RING, x_cal, method=sampler, order=1, **kw)
+    with pytest.raises(ValueError, match=r"sampler options \['not_an_option'\]"):
+        optimize_schedule(sde, RING, x_cal, method=sampler, not_an_option=123, **kw)
+    by_object = optimize_schedule(sde, RING, x_cal, method=sdegen.samplers.get_sampler("exp_pc", order=1), **kw)
+    by_name = optimize_schedule(sde, RING, x_cal, method="exp_pc", order=1, **kw)
+    assert by_object.loss == by_name.loss
+
+
+def test_seed_of_any_int_size():
+    """seed = 2^64 + 5 draws the unscreened points as seed = 5 (an int seeds a generator modulo 2^64)."""
+    sde, x_pool, ref_pool = _batch("vp", 64, 6)
+    kw = dict(method="ddim", steps=3, reference=ref_pool, init="log_snr", max_evals=1, subset=8)
+    a = optimize_schedule(sde, RING, x_pool, seed=2**64 + 5, **kw)
+    assert a.loss == optimize_schedule(sde, RING, x_pool, seed=5, **kw).loss
+    assert a.loss != optimize_schedule(sde, RING, x_pool, seed=6, **kw).loss
+    with pytest.raises(TypeError, match=r"seed must be an int or a torch.Generator; got NoneType None"):
+        optimize_schedule(sde, RING, x_pool, seed=None, **kw)
+
+
+def test_a_fixed_grid_reference_takes_no_tolerances_and_fits_the_same_grid():
+    """reference_options={"solver": "rk4", "steps": N}: the reference is a fixed-grid solve (no rtol/atol are added
+    to it); at 200 RK4 steps it agrees with the default adaptive reference far below the sampler's error, so the
+    pattern search takes the same decisions and returns the same grid."""
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    x_T = sde.prior_sample((16, 2), seed=0, dtype=torch.float64)
+    fixed = sdegen.optimize_schedule(sde, ring, x_T, steps=4, method="ddim", seed=0, max_evals=6,
+                                     reference_options={"solver": "rk4", "steps": 200})
+    adaptive = sdegen.optimize_schedule(sde, ring, x_T, steps=4, method="ddim", seed=0, max_evals=6)
+    torch.testing.assert_close(fixed.times, adaptive.times, rtol=0, atol=1e-12)

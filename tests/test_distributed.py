@@ -219,3 +219,24 @@ def test_errors(tmp_path):
                tmp_path / "samples-00000-of-00001.pt")
     with pytest.raises(ValueError, match="cover"):
         sd.load_shards(str(tmp_path))
+
+
+def test_progress_and_seed_follow_the_library_rules():
+    """progress is True or False ("no" is truthy and would show the bar); seed is an int (every rank derives the
+    same per-example seeds from it) of any size, so 2^64 + 3 samples as 3 (make_seeds keeps the low 63 bits)."""
+    gm, sde = _problem()
+    kw = dict(shape=(3, 2), batch_size=2, method="euler", steps=2)
+    for fn, args in ((sd.sample_sharded, kw), (sd.log_likelihood_sharded, dict(data=torch.zeros(3, 2)))):
+        with pytest.raises(TypeError, match="progress must be True or False; got str 'no'"):
+            fn(sde, gm, progress="no", **args)
+        with pytest.raises(TypeError, match=r"seed must be an int \(every rank must derive the same per-example "
+                                            r"seeds from it\); got float 1.5"):
+            fn(sde, gm, seed=1.5, **args)
+    assert torch.equal(sd.sample_sharded(sde, gm, seed=2**64 + 3, **kw)["samples"],
+                       sd.sample_sharded(sde, gm, seed=3, **kw)["samples"])
+    model = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sde, prediction="eps")
+    for bad, message in ((torch.Generator(), "seed must be an int"), (None, "seed must be an int")):
+        with pytest.raises(TypeError, match=message):
+            sd.train_ddp(model, sdegen.dsm_loss, torch.zeros(8, 2), 1, batch_size=4, seed=bad, progress=False)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        sd.train_ddp(model, sdegen.dsm_loss, torch.zeros(8, 2), 1, batch_size=4, progress="no")

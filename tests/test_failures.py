@@ -1,4 +1,4 @@
-"""Failures of adaptive solves: one bad example is named, and with on_failure="mask" costs no other example.
+"""Failures of solves: one bad example is named, and with on_failure="mask" costs no other example.
 
 The model: the exact score of the 2-D ring (sdegen.GaussianMixture) on the first two coordinates, plus a third
 "marker" coordinate whose score keeps it where it started (exactly constant along the probability-flow ODE,
@@ -26,8 +26,9 @@ BAD, B = 3, 16
 GOOD = [i for i in range(B) if i != BAD]
 
 
-def marked_score(probability_flow: bool = True):
-    """Exact ring score, a marker coordinate that stays put, and +inf for the marked example at t < 0.5."""
+def marked_score(probability_flow: bool = True, fill: float = math.inf):
+    """Exact ring score, a marker coordinate that stays put, and ``fill`` (+inf, or NaN) for the marked example at
+    t < 0.5."""
     ring = RING.score_fn(SDE)
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,7 @@ def marked_score(probability_flow: bool = True):
         out = torch.cat([ring(x[:, :2], t), s_marker[:, None]], dim=1)
         # marker 100: infinite for t < 0.5; a marker m in (50, 100) fails later, for t < m / 200
         bad = ~finite | ((marker.abs() > 50) & (t < marker.abs() / 200))
-        return torch.where(bad[:, None], torch.full_like(out, math.inf), out)
+        return torch.where(bad[:, None], torch.full_like(out, fill), out)
 
     return score
 
@@ -203,7 +204,7 @@ def test_step_limit_names_the_examples_and_agrees_with_its_numbers():
     ("adaptive", dict(max_steps=0), "max_steps"),
     ("adaptive_rk23", dict(max_steps=-1), "max_steps"),
     ("adaptive", dict(on_failure="skip"), "on_failure"),
-    ("ode", dict(on_failure=None), "on_failure"),
+    ("ode", dict(on_failure="Mask"), "on_failure"),
     ("sde", dict(adaptive=True, on_failure="nan"), "on_failure"),
 ])
 def test_bad_solver_options_raise_naming_them(method, options, name):
@@ -230,3 +231,154 @@ def test_log_likelihood_step_limit_raises_under_mask():
     x = _data()[GOOD][:4]
     with pytest.raises(SolverError, match=r"max_steps=3 .*examples \["):
         _log_likelihood(x, max_steps=3, on_failure="mask")
+
+
+# ------------------------------------------------------------------ a NaN score, and a failure at the first call
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3", "multistep"])
+def test_log_likelihood_nan_score_is_named_and_masked_like_an_infinite_one(solver):
+    """A score that is NaN (not inf) for example 3 fails like an infinite one: the adaptive solvers name example 3
+    in a SolverError (dopri5's starting-step rule meets the NaN too, and must not turn it into a NaN time), and
+    under "mask" the others equal a solve of them alone."""
+    x = _data()
+
+    def run(z, **kw):
+        return sdegen.log_likelihood(SDE, marked_score(fill=math.nan), z, divergence="exact", solver=solver,
+                                     rtol=1e-5, atol=1e-5, t_min=1e-3, **kw)
+
+    with pytest.raises(SolverError) as info:
+        run(x)
+    assert info.value.examples == [BAD]
+    res, clean = run(x, on_failure="mask"), run(x[GOOD])
+    assert res.failed == [BAD] and math.isnan(float(res.log_prob[BAD]))
+    assert torch.equal(res.log_prob[GOOD], clean.log_prob) and torch.equal(res.latent[GOOD], clean.latent)
+
+
+def test_sample_ode_nan_score_is_named():
+    with pytest.raises(SolverError) as info:
+        sdegen.sample(SDE, marked_score(fill=math.nan), _start(), method="ode")
+    assert info.value.examples == [BAD] and SDE.t_min <= info.value.t <= SDE.T
+
+
+def _broken_from_the_start(x_T):
+    """Example 3's marker 300 makes its score infinite for t < 1.5: at every call, the first included."""
+    x_T = x_T.clone()
+    x_T[BAD, 2] = 300.0
+    return x_T
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_CASES))
+def test_failure_at_the_first_call_is_a_solver_error_and_masked(case):
+    """An example whose score is infinite already at the first model call is a failure of that example like any
+    other: "raise" names it in a SolverError (not the model check's ValueError for the whole batch), "mask" sets
+    it aside and the others equal a run on them alone."""
+    x_T = _broken_from_the_start(_start())
+    with pytest.raises(SolverError) as info:
+        _sample(case, x_T, SEEDS)
+    assert info.value.examples == [BAD]
+    x, info = _sample(case, x_T, SEEDS, on_failure="mask")
+    assert info.extra["failed"] == [BAD] and bool(torch.isnan(x[BAD]).all())
+    clean, _ = _sample(case, x_T[GOOD], SEEDS[GOOD])
+    assert torch.equal(x[GOOD], clean)
+
+
+@pytest.mark.parametrize("method, options", [("euler", dict(steps=8)), ("dpmpp_2m", dict(steps=8)),
+                                             ("euler_maruyama", dict(steps=8)),
+                                             ("ode", dict(solver="rk4", steps=8)), ("sde", dict(steps=8))])
+def test_fixed_step_samplers_return_every_example_when_one_fails_at_the_first_call(method, options):
+    """README: a fixed-step sampler returns every example; one whose score is infinite comes back non-finite and
+    the others are untouched, also when it is infinite at the very first call."""
+    x_T = _broken_from_the_start(_start())
+    pf = method in ("euler", "dpmpp_2m", "ode")
+
+    def run(z, seeds):
+        return sdegen.sample(SDE, marked_score(pf), z, method=method, seed=seeds, **options)
+
+    x = run(x_T, SEEDS)
+    assert not bool(torch.isfinite(x[BAD]).all())
+    assert torch.equal(x[GOOD], run(x_T[GOOD], SEEDS[GOOD]))
+
+
+@pytest.mark.parametrize("method, options", [("euler", dict(steps=4)), ("ode", dict(solver="rk4", steps=4))])
+def test_a_model_non_finite_for_every_example_at_its_first_call_raises(method, options):
+    """No example has a result to keep: that is a broken model, refused with a ValueError naming it."""
+    with pytest.raises(ValueError, match=r"model \(function\) returned non-finite values .*every example"):
+        sdegen.sample(SDE, lambda x, t: torch.full_like(x, math.nan), _start(), method=method, **options)
+
+
+# ------------------------------------------------------------------ the Gaussian-mixture oracle inside a solve
+def _readme_score():
+    """The README's example: the ring's exact score, infinite for far-out inputs at low noise."""
+    exact = RING.score_fn(SDE)
+
+    def score(x, t):
+        broken = (t.reshape(-1, 1) < 0.5) & (x[:, :1] > 100)
+        return torch.where(broken, float("inf"), exact(x, t))
+
+    return score
+
+
+@pytest.mark.parametrize("method", ["adaptive", "adaptive_rk23", "ode"])
+def test_readme_failure_example_with_the_oracle(method):
+    """The README's "When a solve fails" example for every adaptive method: the solver evaluates the model again
+    on the failed example's non-finite state, where the oracle gives a NaN row instead of refusing the batch."""
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    x_T[3] = torch.tensor([1e4, 0.0])
+    with pytest.raises(SolverError) as info:
+        sdegen.sample(SDE, _readme_score(), x_T, method=method)
+    assert info.value.examples == [3]
+    x, info = sdegen.sample(SDE, _readme_score(), x_T, method=method, on_failure="mask", return_info=True)
+    assert info.extra["failed"] == [3] and int(torch.isfinite(x).all(dim=1).sum()) == 15
+    assert torch.equal(x[GOOD], sdegen.sample(SDE, _readme_score(), x_T[GOOD], method=method))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(solver="multistep"), dict(solver="rk4", steps=10)])
+def test_log_likelihood_with_the_oracle_keeps_the_others(options):
+    """log_likelihood with the raw oracle inside a score that is infinite for example 3 at high noise."""
+    exact = RING.score_fn(SDE)
+
+    def score(x, t):
+        return torch.where((t.reshape(-1, 1) > 0.5) & (x[:, :1] > 5), float("inf"), exact(x, t))
+
+    x = RING.sample(8, seed=0)
+    x[3] = torch.tensor([50.0, 0.0])
+    keep = [i for i in range(8) if i != 3]
+    seeds = sdegen.make_seeds(0, 8)
+    with pytest.raises(SolverError) as info:
+        sdegen.log_likelihood(SDE, score, x, seed=seeds, **options)
+    assert info.value.examples == [3]
+    res = sdegen.log_likelihood(SDE, score, x, seed=seeds, on_failure="mask", **options)
+    alone = sdegen.log_likelihood(SDE, score, x[keep], seed=seeds[keep], **options)
+    assert res.failed == [3] and math.isnan(float(res.log_prob[3])) and bool(torch.isnan(res.latent[3]).all())
+    torch.testing.assert_close(res.log_prob[keep], alone.log_prob, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ log_likelihood on a fixed grid
+def test_log_likelihood_fixed_grid_names_the_failed_example_and_where():
+    """rk4: example 3's score is infinite from t_min on; the SolverError names it and that time, and the others'
+    finite latents are not lost to the prior's refusal of a non-finite one."""
+    with pytest.raises(SolverError, match=r"'rk4'.*examples \[3\] \(1 of 16\)") as info:
+        _fixed_grid_log_likelihood(_data())
+    assert info.value.examples == [BAD]
+    assert info.value.t == pytest.approx(1e-3) and info.value.step == pytest.approx((SDE.T - 1e-3) / 12)
+
+
+def _fixed_grid_log_likelihood(x, **options):
+    return sdegen.log_likelihood(SDE, marked_score(), x, divergence="exact", solver="rk4", steps=12, t_min=1e-3,
+                                 **options)
+
+
+def test_log_likelihood_fixed_grid_mask_returns_the_others_without_a_restart():
+    """Under "mask" the failed entries are NaN, their index in result.failed, and the others are those of a solve
+    of them alone; a fixed grid shares no step size, so no second solve is needed: 4 evaluations a step."""
+    x = _data()
+    res = _fixed_grid_log_likelihood(x, on_failure="mask")
+    clean = _fixed_grid_log_likelihood(x[GOOD])
+    assert res.failed == [BAD] and res.nfe == 4 * 12 and res.steps == 12
+    for name in ("log_prob", "bpd", "latent", "prior_log_prob", "delta_log_prob"):
+        value = getattr(res, name)
+        assert bool(torch.isnan(value[BAD]).all()), name
+        torch.testing.assert_close(value[GOOD], getattr(clean, name), rtol=0, atol=1e-12)
+    every = _data()
+    every[:, 2] = 100.0
+    res = _fixed_grid_log_likelihood(every, on_failure="mask")
+    assert res.failed == list(range(B)) and bool(torch.isnan(res.log_prob).all())

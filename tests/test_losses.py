@@ -74,7 +74,7 @@ def test_dsm_time_average_is_unbiased_with_and_without_importance_sampling(name,
 
 def test_importance_sampling_density_is_uniform_in_log_snr():
     sde = sdegen.VPSDE()
-    t, w = losses.sample_time(sde, 50000, generator=0, importance=True)
+    t, w = losses.sample_time(sde, 50000, seed=0, importance_sampling=True)
     lam = sde.log_snr(t)
     lo, hi = float(sde.log_snr(sde.T)), float(sde.log_snr(sde.t_min))
     u = (lam - lo) / (hi - lo)
@@ -203,7 +203,7 @@ def test_loss_errors():
     clf = sdegen.MixtureClassifier(gm, [[0]], sde)
     with pytest.raises(ValueError, match="labels y must lie in"):
         sdegen.classifier_loss(clf, sde, x0, torch.tensor([0, 1, 0, 0]))
-    with pytest.raises(ValueError, match="p must lie"):
+    with pytest.raises(ValueError, match=r"p must be a finite number in \[0, 1\]; got 1.5"):
         sdegen.drop_labels(torch.zeros(3, dtype=torch.long), 1.5, 10)
 
 
@@ -213,3 +213,139 @@ def test_drop_labels_rate():
     frac = (out == 10).double()
     within(frac, 0.1)
     assert torch.equal(y, torch.zeros_like(y))
+
+
+# ------------------------------------------------------------------------------------------ one SDE per model
+class _Wrapped:
+    """A wrapper that calls a model and exposes it as ``.module`` (as train_ddp's DDPModel does)."""
+
+    def __init__(self, module):
+        self.module, self.sde = module, module.sde
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def eps(self, *args, **kwargs):
+        return self.module.eps(*args, **kwargs)
+
+
+@pytest.mark.parametrize("loss", [sdegen.dsm_loss, sdegen.ddpm_loss, sdegen.sliced_score_matching_loss],
+                         ids=lambda f: f.__name__)
+def test_losses_refuse_an_sde_other_than_the_models_own(loss):
+    """A ScoreModel converts its network output under its own SDE: a loss given another sde= would perturb with one
+    kernel and convert with the other, so it raises the ValueError of sdegen.sample; the same process under another
+    instance is the model's SDE and changes nothing."""
+    sde, gm = sdegen.VPSDE(), gaussian()
+    model = sdegen.ScoreModel(gm.score_fn(sde), sde, prediction="score")
+    x0 = gm.sample(64, seed=0)
+    own = loss(model, x0, seed=1, return_per_example=True)
+    torch.testing.assert_close(loss(model, x0, sde=sdegen.VPSDE(), seed=1, return_per_example=True), own,
+                               rtol=0, atol=0)
+    for wrong in (sdegen.VPSDE(beta_max=10.0), sdegen.VESDE()):
+        with pytest.raises(ValueError, match=r"sde: the model was built for VPSDE\(.*but is used under sde=" +
+                           type(wrong).__name__):
+            loss(model, x0, sde=wrong, seed=1)
+        with pytest.raises(ValueError, match="sde: the model was built for"):
+            loss(_Wrapped(model), x0, sde=wrong, seed=1)
+    with pytest.raises(TypeError, match="sde must be an sdegen.SDE or None"):
+        loss(model, x0, sde="vp", seed=1)
+
+
+# ------------------------------------------------------------------------------------------ times and their options
+def _recording_score(seen):
+    def score(x, t, **kwargs):
+        seen.append((t.clone(), kwargs))
+        return -x
+    return score
+
+
+def test_ddpm_loss_t_min_is_the_lower_end_of_the_times_as_in_dsm_loss():
+    """ddpm_loss(t_min=...) draws t uniformly on [t_min, T], the draw of dsm_loss with the same seed (so the two
+    losses agree to round-off), and never passes t_min to the network; with num_steps the grid runs from t_min."""
+    sde, gm = sdegen.VPSDE(), gaussian()
+    x0 = gm.sample(4000, seed=0)
+    seen = []
+    a = sdegen.ddpm_loss(_recording_score(seen), x0, sde=sde, t_min=0.5, seed=11, return_per_example=True)
+    t, kwargs = seen[0]
+    assert kwargs == {} and bool((t >= 0.5).all() and (t <= sde.T).all())
+    assert float(t.min()) < 0.501 and float(t.max()) > 0.999  # it spans [t_min, T]
+    torch.testing.assert_close(t, losses.sample_time(sde, 4000, seed=11, t_min=0.5)[0], rtol=0, atol=0)
+    b = sdegen.dsm_loss(gm.score_fn(sde), x0, sde=sde, reduce="mean", t_min=0.5, seed=11, return_per_example=True)
+    c = sdegen.ddpm_loss(gm.score_fn(sde), x0, sde=sde, t_min=0.5, seed=11, return_per_example=True)
+    torch.testing.assert_close(c, b, rtol=1e-10, atol=0)
+    assert not torch.equal(a, sdegen.ddpm_loss(_recording_score([]), x0, sde=sde, seed=11, return_per_example=True))
+    seen.clear()
+    sdegen.ddpm_loss(_recording_score(seen), x0, sde=sde, t_min=0.5, num_steps=5, seed=0)
+    grid = torch.linspace(0.5, sde.T, 5, dtype=torch.float64)
+    assert torch.equal(torch.unique(seen[0][0]), grid)
+    with pytest.raises(ValueError, match=r"t_min must be a finite number in \(0, 1\)"):
+        sdegen.ddpm_loss(gm.score_fn(sde), x0, sde=sde, t_min=1.5, seed=0)
+
+
+@pytest.mark.parametrize("loss, option", [(sdegen.ddpm_loss, {"num_steps": 10}), (sdegen.ddpm_loss, {"t_min": 0.1}),
+                                          (sdegen.dsm_loss, {"t_min": 0.1}),
+                                          (sdegen.dsm_loss, {"importance_sampling": True}),
+                                          (sdegen.sliced_score_matching_loss, {"t_min": 0.1})],
+                         ids=lambda v: getattr(v, "__name__", None) or next(iter(v)))
+def test_fixed_times_refuse_the_options_of_the_draw(loss, option):
+    sde, gm = sdegen.VPSDE(), gaussian()
+    x0 = gm.sample(8, seed=0)
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"{name}: it shapes how t is drawn, while t= fixes the times; leave {name} "
+                                         "unset with fixed t"):
+        loss(gm.score_fn(sde), x0, sde=sde, t=0.5, seed=0, **option)
+    loss(gm.score_fn(sde), x0, sde=sde, t=0.5, seed=0)  # the same call without the option runs
+    with pytest.raises(ValueError, match="importance_sampling and t_min: they shape how t is drawn"):
+        sdegen.dsm_loss(gm.score_fn(sde), x0, sde=sde, t=0.5, importance_sampling=True, t_min=0.1)
+
+
+def test_importance_sampling_is_one_name_and_a_bool():
+    """sample_time and dsm_loss call the log-SNR proposal importance_sampling; sample_time's importance= still works
+    with a DeprecationWarning; a non-bool such as "no" (truthy) is refused naming the argument as written."""
+    sde = sdegen.VPSDE()
+    t, w = losses.sample_time(sde, 64, seed=3, importance_sampling=True)
+    uniform = losses.sample_time(sde, 64, seed=3)
+    assert not torch.equal(t, uniform[0]) and torch.equal(uniform[1], torch.ones(64, dtype=torch.float64))
+    with pytest.warns(DeprecationWarning, match="sample_time: importance= is deprecated.*use importance_sampling="):
+        old = losses.sample_time(sde, 64, seed=3, importance=True)
+    assert torch.equal(old[0], t) and torch.equal(old[1], w)
+    with pytest.raises(ValueError, match="importance_sampling=.*importance="):
+        losses.sample_time(sde, 64, seed=3, importance_sampling=True, importance=True)
+    with pytest.raises(TypeError, match="importance_sampling must be True or False; got str 'no'"):
+        losses.sample_time(sde, 64, importance_sampling="no")
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="importance must be True or False"):
+        losses.sample_time(sde, 64, importance="no")
+    gm = gaussian()
+    with pytest.raises(TypeError, match="importance_sampling must be True or False"):
+        sdegen.dsm_loss(gm.score_fn(sde), gm.sample(4, seed=0), sde=sde, importance_sampling="no")
+
+
+def test_drop_labels_refuses_bad_labels_and_null_labels():
+    y = torch.tensor([0, 1, 2, 1])
+    assert torch.equal(sdegen.drop_labels(y, 1.0, 3, seed=0), torch.full((4,), 3))
+    assert torch.equal(sdegen.drop_labels(y, 0.0, 3, seed=0), y)
+    with pytest.raises(ValueError, match="null_label must be an int >= 0; got -1"):
+        sdegen.drop_labels(y, 0.5, -1, seed=0)
+    with pytest.raises(TypeError, match="null_label must be an int >= 0; got float 3.0"):
+        sdegen.drop_labels(y, 0.5, 3.0, seed=0)
+    for bad in (y.float(), y.bool(), y[:, None], [0, 1]):
+        with pytest.raises(TypeError, match=r"y must be an integer tensor of class labels, shape \(B,\)"):
+            sdegen.drop_labels(bad, 0.5, 3, seed=0)
+
+
+def test_loss_seeds_of_any_size_follow_torch_manual_seed():
+    """An int seed seeds the loss's generator modulo 2^64, the range torch.manual_seed takes (negative ints wrap):
+    so 2^64 + 5 draws as 5, and -1 as 2^64 - 1, instead of an overflow that does not name seed."""
+    sde, gm = sdegen.VPSDE(), gaussian()
+    x0 = gm.sample(16, seed=0)
+
+    def loss(seed):
+        return sdegen.dsm_loss(gm.score_fn(sde), x0, sde=sde, seed=seed, return_per_example=True)
+
+    torch.testing.assert_close(loss(2**64 + 5), loss(5), rtol=0, atol=0)
+    torch.testing.assert_close(loss(-1), loss(2**64 - 1), rtol=0, atol=0)
+    assert not torch.equal(loss(5), loss(6))
+    for bad in (1.5, True, "5", torch.tensor(5)):
+        with pytest.raises(TypeError, match=r"seed must be an int, a torch.Generator or None \(torch's global "
+                                            r"generator\); got "):
+            loss(bad)

@@ -112,8 +112,10 @@ def test_every_parameterisation_converts_exactly_to_the_oracle_score_and_denoise
     for prediction, preconditioning in KINDS:
         for scale_input in ((True,) if prediction == "edm" else (False, True)):
             net = OracleNet(gm, sde, prediction, preconditioning, scale_input)
-            model = sdegen.ScoreModel(net, sde, prediction, scale_input=scale_input,
-                                      preconditioning=preconditioning or "edm", sigma_data=SIGMA_DATA, M=M_VP)
+            edm = {} if prediction != "edm" else {"preconditioning": preconditioning,
+                                                  **{"edm": {"sigma_data": SIGMA_DATA}, "vp": {"M": M_VP}}.get(
+                                                      preconditioning, {})}
+            model = sdegen.ScoreModel(net, sde, prediction, scale_input=scale_input, **edm)
             case = f"{sde_name}, {prediction}, {preconditioning}, scale_input={scale_input}"
             torch.testing.assert_close(model.score(x, t), score, **tol, msg=lambda e: f"{case}: score {e}")
             torch.testing.assert_close(model.denoise(x, t), denoised, **tol, msg=lambda e: f"{case}: denoise {e}")
@@ -149,7 +151,8 @@ def test_network_inputs_scaled_state_and_time_inputs():
         expected = {"sigma": sde.std(t), "log_sigma": torch.log(sde.std(t)), "edm_sigma": sde.std(t) / m[:, 0, 0],
                     "index": torch.round(t / sde.T * 99).long()}
         for kind, value in expected.items():
-            sdegen.ScoreModel(spy, sde, "eps", time_input=kind, num_steps=100).score(x, t)
+            steps = {"num_steps": 100} if kind == "index" else {}
+            sdegen.ScoreModel(spy, sde, "eps", time_input=kind, **steps).score(x, t)
             torch.testing.assert_close(seen["t"], value, rtol=1e-14, atol=0)
         assert torch.equal(x, before)
 
@@ -284,3 +287,72 @@ def test_16bit_reference_networks_take_float32_and_float64_inputs(dtype):
     assert grad_low.dtype == torch.float64
     err = relative_error(grad_low, grad_ref)
     assert u / 64 < err < K * u, f"classifier gradient error {err / u:.2f} u"
+
+
+@pytest.mark.parametrize("prediction,options,unused", [
+    ("eps", {"num_steps": 100}, "num_steps"), ("eps", {"sigma_data": 1.0}, "sigma_data"),
+    ("v", {"preconditioning": "edm"}, "preconditioning"), ("x0", {"M": 10}, "M"),
+    ("edm", {"preconditioning": "vp", "sigma_data": 1.0}, "sigma_data"), ("edm", {"M": 10}, "M"),
+    ("edm", {"preconditioning": "ve", "M": 10}, "M"),
+])
+def test_an_option_without_effect_is_refused_by_name(prediction, options, unused):
+    """Options of another setting (EDM's preconditioning constants, the index time's N) raise instead of being
+    ignored, naming the option and the setting it belongs to; in their own setting they are taken."""
+    with pytest.raises(ValueError, match=f"^{unused}: it applies to"):
+        sdegen.ScoreModel(lambda x, t: x, sdegen.VPSDE(), prediction, **options)
+    assert sdegen.ScoreModel(lambda x, t: x, sdegen.VPSDE(), "eps", time_input="index", num_steps=100).num_steps == 100
+    assert sdegen.ScoreModel(lambda x, t: x, sdegen.VPSDE(), "edm", preconditioning="vp", M=10).M == 10
+    assert sdegen.ScoreModel(lambda x, t: x, sdegen.VPSDE(), "edm", sigma_data=1.0).sigma_data == 1.0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow", "edm"])
+def test_a_network_is_not_asked_where_the_kernel_std_vanishes(prediction):
+    """At t = 0, where s(t) = 0, every conversion but the score's own divides by s: a host time, a CPU batch of
+    times holding a 0 and the denoiser all raise a ValueError naming t, instead of returning inf or NaN; the
+    smallest positive time gives finite values. A network that predicts the score itself may be asked at t = 0."""
+    sde = sdegen.FlowSDE() if prediction == "flow" else sdegen.VPSDE()
+    model = sdegen.ScoreModel(lambda x, t: torch.tanh(x), sde, prediction)
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for t in (0.0, torch.tensor([0.5, 0.0, 0.2], dtype=torch.float64)):
+        for call in (model.score, model.denoise, model.eps):
+            with pytest.raises(ValueError, match=r"s\(t\) > 0"):
+                call(x, t)
+    assert torch.isfinite(model.score(x, torch.tensor([0.5, 1e-4, 0.2], dtype=torch.float64))).all()
+    score_net = sdegen.ScoreModel(lambda x, t: -x, sde, "score")
+    torch.testing.assert_close(score_net.score(x, 0.0), -x)
+
+
+def test_a_diffusers_network_is_never_fed_a_negative_timestep():
+    """from_diffusers' model maps t to the timestep t N - 1: times before the table's first timestep (t < 1/N)
+    raise a ValueError naming sde.t_min, through the model and through sample(t_min=...); at t_min the network
+    sees timestep 0 exactly."""
+    from sdegen.adapters import from_diffusers
+
+    seen = []
+
+    def net(x, k):
+        seen.append(k.detach().clone())
+        return torch.tanh(x)
+
+    table = torch.linspace(0.999, 0.01, 50, dtype=torch.float64)
+    model = from_diffusers(net, table)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="t_min"):
+        model.score(x, 0.5 / 50)
+    with pytest.raises(ValueError, match="t_min"):
+        sdegen.sample(model.sde, model, x, method="dpmpp_2m", steps=4, t_min=1e-4)
+    seen.clear()
+    sdegen.sample(model.sde, model, x, method="dpmpp_2m", steps=4, denoise=True)  # the last call at t_min
+    assert min(float(k.min()) for k in seen) == 0.0
+    seen.clear()  # log_likelihood's default start is the table's first timestep too
+    result = sdegen.log_likelihood(model.sde, model, x, divergence="exact", solver="rk4", steps=4)
+    assert result.t_min == model.sde.t_min and min(float(k.min()) for k in seen) == 0.0
+
+
+def test_a_plain_function_over_a_conv_network_of_another_dtype_gets_the_mixed_precision_hint():
+    """A plain function closing over a float32 Conv2d, called in a float64 state: a TypeError that says to wrap the
+    network in ScoreModel (which casts to its parameters' dtype), not the convolution's bare RuntimeError."""
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(TypeError, match="wrap the network itself in sdegen.ScoreModel"):
+        sdegen.sample(sdegen.VPSDE(), lambda x, t: conv(x), x, method="ddim", steps=2)

@@ -222,3 +222,72 @@ def test_early_stopping_restores_the_best_evaluations_weights():
 
 def _state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _tiny(seed=0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sdegen.VPSDE(), prediction="eps")
+
+
+TRAIN_X = torch.randn(32, 2, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("option, error, message", [
+    ({"grad_clip": -1.0}, ValueError, r"grad_clip must be a finite number > 0 or None; got -1.0"),
+    ({"grad_clip": 0.0}, ValueError, r"grad_clip must be a finite number > 0 or None; got 0.0"),
+    ({"grad_clip": float("nan")}, ValueError, r"grad_clip must be a finite number > 0 or None; got nan"),
+    ({"warmup_steps": -5}, ValueError, r"warmup_steps must be an int >= 0; got -5"),
+    ({"warmup_steps": 2.5}, TypeError, r"warmup_steps must be an int >= 0; got float 2.5"),
+    ({"ema_decay": 2.0}, ValueError, r"ema_decay must be a finite number in \[0, 1\) or None; got 2.0"),
+    ({"lr": float("inf")}, ValueError, r"lr must be a finite number > 0; got inf"),
+    ({"lr": 0.0}, ValueError, r"lr must be a finite number > 0; got 0.0"),
+    ({"steps": 1.5}, TypeError, r"steps must be an int >= 0; got float 1.5"),
+    ({"progress": "no"}, TypeError, r"progress must be True or False; got str 'no'"),
+    ({"restore_best": 1}, TypeError, r"restore_best must be True or False; got int 1"),
+    ({"is_main": None}, TypeError, r"is_main must be True or False; got NoneType None"),
+    ({"seed": 0.5}, TypeError, r"seed must be an int or a torch.Generator; got float 0.5"),
+    ({"seed": None}, TypeError, r"seed must be an int or a torch.Generator; got NoneType None"),
+    ({"seed": "0"}, TypeError, r"seed must be an int or a torch.Generator; got str '0'"),
+], ids=lambda v: repr(v)[:40] if isinstance(v, dict) else "")
+def test_train_refuses_bad_options_before_any_step(option, error, message):
+    """A negative grad_clip would reverse every gradient (clip_grad_norm_ scales by a negative factor) and a
+    negative warm-up would give a negative learning rate: each bad option raises naming itself, and the model is
+    left untouched."""
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = {"steps": 2, "progress": False, **option}
+    steps = kw.pop("steps")
+    with pytest.raises(error, match=message):
+        training.train(model, sdegen.dsm_loss, TRAIN_X, steps, batch_size=8, **kw)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_train_seed_is_an_int_of_any_size_or_a_generator():
+    """An int seeds a generator on the data's device modulo 2^64; a torch.Generator is used as it is, so
+    Generator().manual_seed(4) trains exactly as seed=4, and 2^64 + 4 as 4."""
+    def losses(seed):
+        return training.train(_tiny(), sdegen.dsm_loss, TRAIN_X, 4, batch_size=8, progress=False, seed=seed).losses
+
+    by_int = losses(4)
+    assert by_int == losses(torch.Generator().manual_seed(4)) == losses(2**64 + 4)
+    assert by_int != losses(5)
+
+
+def test_model_config_records_the_settings_that_apply():
+    """model_config records num_steps and EDM's settings only where they apply (None elsewhere), and build_model
+    rebuilds the same config; an older config that recorded defaults for every model still loads."""
+    sde = sdegen.VPSDE()
+    index = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sde, prediction="eps", time_input="index",
+                              num_steps=50)
+    cfg = training.model_config(index)
+    assert (cfg["num_steps"], cfg["sigma_data"], cfg["preconditioning"], cfg["M"]) == (50, None, None, None)
+    assert training.model_config(training.build_model(cfg)) == cfg and training.build_model(cfg).num_steps == 50
+    vp = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sde, prediction="edm", preconditioning="vp", M=200)
+    cfg = training.model_config(vp)
+    assert (cfg["num_steps"], cfg["sigma_data"], cfg["preconditioning"], cfg["M"]) == (None, None, "vp", 200)
+    assert training.model_config(training.build_model(cfg)) == cfg
+    legacy = dict(training.model_config(_tiny()), num_steps=1000, sigma_data=0.5, preconditioning="edm", M=1000)
+    rebuilt = training.build_model(legacy)
+    assert (rebuilt.prediction, rebuilt.time_input) == ("eps", "t")
+    assert training.model_config(rebuilt) == training.model_config(_tiny())

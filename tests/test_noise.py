@@ -1,11 +1,12 @@
 """Per-example noise: moments, independence, batch invariance, device-free determinism."""
 
 import math
+import re
 
 import pytest
 import torch
 
-from sdegen.noise import Noise, make_seeds, normal_from_seeds
+from sdegen.noise import Noise, check_seed, make_seeds, normal_from_seeds, torch_generator
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64])
@@ -274,3 +275,56 @@ def test_fused_kernel_is_checked_against_the_reference_bits():
     for dt in (torch.float32, torch.float64):
         assert nz._fused_matches_reference(exact, torch.device("cpu"), dt)
         assert not nz._fused_matches_reference(one_ulp_off, torch.device("cpu"), dt)
+
+
+def test_make_seeds_refuses_bool_tensors_and_bad_batch_sizes():
+    """A bool tensor holds 0/1 only: as per-example seeds it would give most examples the same stream."""
+    with pytest.raises(ValueError, match=r"seed as a tensor must be an integer tensor \(not bool\) of shape \(4,\)"):
+        make_seeds(torch.ones(4, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="seed as a tensor must be an integer tensor"):
+        make_seeds(torch.zeros(4), 4)
+    with pytest.raises(ValueError, match="batch must be an int >= 0; got -1"):
+        make_seeds(0, -1)
+    with pytest.raises(TypeError, match="batch must be an int >= 0; got float 2.0"):
+        make_seeds(0, 2.0)
+    assert make_seeds(0, 0).shape == (0,)
+    assert torch.equal(make_seeds(torch.tensor([3, 4], dtype=torch.int32), 2), torch.tensor([3, 4]))
+
+
+def test_int_seeds_of_any_size():
+    """make_seeds keeps an int's low 63 bits, torch_generator its value modulo 2^64 (as torch.manual_seed reads
+    the ints it takes), so no int overflows; a numpy int is an int."""
+    np = pytest.importorskip("numpy")
+    base = make_seeds(5, 6)
+    assert torch.equal(make_seeds(2**64 + 5, 6), base) and torch.equal(make_seeds(2**63 + 5, 6), base)
+    assert torch.equal(make_seeds(np.int64(5), 6), base)
+    assert not torch.equal(make_seeds(6, 6), base)
+    draw = lambda g: torch.rand(3, generator=g)  # noqa: E731
+    assert torch.equal(draw(torch_generator(2**64 + 5)), draw(torch.Generator().manual_seed(5)))
+    assert torch.equal(draw(torch_generator(-1)), draw(torch.Generator().manual_seed(2**64 - 1)))
+    g = torch.Generator()
+    assert torch_generator(g) is g and torch_generator(None) is None
+
+
+@pytest.mark.parametrize("kinds, valid", [
+    (("int", "generator", "none"), "an int, a torch.Generator or None (torch's global generator)"),
+    (("int", "generator"), "an int or a torch.Generator"),
+    (("int",), "an int"),
+    (("int", "tensor", "generator", "none"),
+     "an int, a (B,) integer tensor of per-example seeds, a torch.Generator or None (torch's global generator)")])
+def test_one_seed_rule_and_one_message(kinds, valid):
+    """check_seed is the rule behind every seed= of the library: the message names seed, lists the forms the
+    function takes, and says what it got."""
+    for bad, got in ((1.5, "float 1.5"), (True, "bool True"), ("3", "str '3'")):
+        with pytest.raises(TypeError) as err:
+            check_seed(bad, "seed", kinds)
+        assert str(err.value) == f"seed must be {valid}; got {got}."
+    assert check_seed(7, "seed", kinds) == 7 and type(check_seed(2**70, "seed", kinds)) is int
+    for kind, value in (("generator", torch.Generator()), ("none", None), ("tensor", torch.arange(3))):
+        if kind in kinds:
+            assert check_seed(value, "seed", kinds) is value
+        else:
+            with pytest.raises(TypeError, match=re.escape(f"seed must be {valid}; got ")):
+                check_seed(value, "seed", kinds)
+    with pytest.raises(TypeError, match=r"seed must be an int \(the same on every rank\); got NoneType None\."):
+        check_seed(None, "seed", ("int",), why=" (the same on every rank)")

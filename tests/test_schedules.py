@@ -265,3 +265,31 @@ def test_pilot_steps_follow_the_predictor_error_model():
     steps = [len(pilot_grid(sde, mix, 4, (2,), error="local", rtol=tol, atol=tol).pilot_times) - 1 for tol in tols]
     slope = math.log(steps[-1] / steps[0]) / math.log(tols[0] / tols[-1])
     assert abs(slope - 1.0 / (PILOT_ORDER + 1)) < 0.02, (steps, slope)
+
+
+@pytest.mark.parametrize("error", ["local", "global"])
+def test_pilot_grid_takes_the_seeds_of_the_library(error):
+    """seed: an int, a torch.Generator (the same state gives the same grid; it draws the prior states and the
+    adjoint's cotangents) or None (torch's global generator, reproducible under torch.manual_seed); an int seed
+    leaves the global generator alone. A non-seed raises TypeError before anything is drawn. The grid has
+    ``steps`` steps; its settings record an int seed, and None for the others (a Generator is not plain data)."""
+    sde, mix = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    kw = dict(batch=8, error=error)
+    state = torch.get_rng_state()
+    by_int = pilot_grid(sde, mix, 6, (2,), seed=3, **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert by_int.steps == 6 and by_int.settings["seed"] == 3
+    assert torch.equal(by_int.times, pilot_grid(sde, mix, 6, (2,), seed=2**64 + 3, **kw).times)  # low 63 bits
+    by_gen = pilot_grid(sde, mix, 6, (2,), seed=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(by_gen.times, pilot_grid(sde, mix, 6, (2,), seed=torch.Generator().manual_seed(3), **kw).times)
+    assert by_gen.settings["seed"] is None and not torch.equal(by_gen.times, by_int.times)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        by_global = pilot_grid(sde, mix, 6, (2,), seed=None, **kw)
+        torch.manual_seed(5)
+        assert torch.equal(pilot_grid(sde, mix, 6, (2,), seed=None, **kw).times, by_global.times)
+    state = torch.get_rng_state()
+    with pytest.raises(TypeError, match=r"seed must be an int, a torch.Generator or None \(torch's global "
+                                        r"generator\); got float 1.5"):
+        pilot_grid(sde, mix, 6, (2,), seed=1.5, **kw)
+    assert torch.equal(torch.get_rng_state(), state)

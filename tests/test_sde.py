@@ -188,3 +188,20 @@ def test_reverse_and_probability_flow_run_in_torchsde_and_torchdiffeq():
     taus = rsde.solver_time(ts)
     y = torchsde.sdeint(rsde, x1.repeat(3, 1), taus, dt=1e-2)
     assert y.shape == (2, 3, 2) and torch.isfinite(y).all()
+
+
+def test_prior_sample_generator_is_a_deprecated_name_of_seed():
+    """prior_sample(generator=g) draws what seed=g draws, with a DeprecationWarning that points at the caller;
+    given both, neither silently wins: ValueError naming both."""
+    sde = sdegen.VPSDE()
+    new = sde.prior_sample((5, 2), seed=torch.Generator().manual_seed(3))
+    assert not torch.equal(new, sde.prior_sample((5, 2), seed=torch.Generator().manual_seed(4)))
+    with pytest.warns(DeprecationWarning, match=r"SDE.prior_sample: generator= is deprecated.*use seed=") as record:
+        old = sde.prior_sample((5, 2), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(old, new) and record[0].filename == __file__
+    with pytest.warns(DeprecationWarning):
+        assert torch.equal(sde.prior_sample((5, 2), generator=7), sde.prior_sample((5, 2), seed=7))
+    with pytest.raises(ValueError, match="got both seed= and its deprecated name generator="):
+        sde.prior_sample((5, 2), seed=123, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="seed must be an int, a"):
+        sde.prior_sample((5, 2), seed=0.5)

@@ -127,3 +127,23 @@ def test_sample_resolves_the_sensitivity_schedule():
     assert info.pilot_nfe == pilot_nfe > 0
     with pytest.raises(ValueError, match="sensitivity_grid"):
         sdegen.time_grid(VP, 8, "sensitivity")
+
+
+def test_seed_takes_a_generator_and_none():
+    """seed is an int, a torch.Generator or None, as for the other random functions: a Generator gives the grid of
+    its state, None the grid of torch's global generator's state, an int does not touch the global generator."""
+    ring = GaussianMixture.ring()
+    kw = dict(points=8, batch=8)
+    state = torch.get_rng_state()
+    by_int, _ = sensitivity_grid(VP, ring, 6, (2,), seed=4, **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    by_gen, _ = sensitivity_grid(VP, ring, 6, (2,), seed=torch.Generator().manual_seed(4), **kw)
+    again, _ = sensitivity_grid(VP, ring, 6, (2,), seed=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(by_gen, again) and not torch.equal(by_gen, by_int)
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        by_global, _ = sensitivity_grid(VP, ring, 6, (2,), seed=None, **kw)
+        torch.manual_seed(4)
+        assert torch.equal(sensitivity_grid(VP, ring, 6, (2,), seed=None, **kw)[0], by_global)
+    with pytest.raises(TypeError, match="seed must be an int, a torch.Generator or None"):
+        sensitivity_grid(VP, ring, 6, (2,), seed="4", **kw)

@@ -76,6 +76,33 @@ def test_unipc_matches_diffusers(diffusers, variant, order, lower_order_final, s
     assert float((plain - x).abs().max()) / scale > 1e-4
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("order,steps", [(1, 6), (2, 6), (2, 20)])
+def test_unipc_matches_diffusers_ending_at_zero(diffusers, order, steps):
+    """UniPCMultistepScheduler with its default final_sigmas_type="zero" and solver_order <= 2 (bh2; bh1's B(h) = h
+    is infinite on a step to sigma = 0) takes a first-order last step to sigma = 0, where the data prediction is the
+    whole update: "unipc" with ``lower_order_final=False`` down to the scheduler's last timestep followed by
+    Tweedie's denoiser (``denoise=True``) equals it to 1e-6 of the largest entry, with the same network calls.
+    sdegen's ``lower_order_final`` counts the steps of its own grid (one fewer), so keeping it changes the run."""
+    from sdegen.adapters import diffusers_time_grid
+
+    sched = diffusers.UniPCMultistepScheduler(solver_order=order, final_sigmas_type="zero", timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    x_T = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    x, model, _ = diffusers_run(sched, MIX, VE_FORM, x_T)
+    grid = diffusers_time_grid(model.sde, sched.timesteps)
+    with torch.no_grad():
+        ours, info = sdegen.sample(model.sde, model, x_T, method="unipc", order=order, lower_order_final=False,
+                                   schedule=grid, denoise=True, return_info=True)
+        lowered = sdegen.sample(model.sde, model, x_T, method="unipc", order=order, lower_order_final=True,
+                                schedule=grid, denoise=True)
+    scale = float(x.abs().max())
+    assert info.nfe == len(sched.timesteps)
+    assert float((ours - x).abs().max()) / scale < 1e-6
+    if order > 1:
+        assert float((lowered - x).abs().max()) / scale > 1e-3
+
+
 def test_unipc_options_are_validated():
     for opts, err in (({"order": 4}, ValueError), ({"order": True}, ValueError), ({"variant": "bh3"}, ValueError),
                       ({"corrector": 1}, TypeError), ({"lower_order_final": "yes"}, TypeError)):

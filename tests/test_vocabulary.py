@@ -93,7 +93,7 @@ LOSSES = {
         LOSS_GM.score_fn(LOSS_SDE), LOSS_X, sde=LOSS_SDE, return_per_example=True, **kw),
     "classifier_loss": lambda **kw: sdegen.classifier_loss(_clf, LOSS_SDE, LOSS_X, LOSS_K, return_per_example=True,
                                                            **kw),
-    "sample_time": lambda **kw: torch.stack(sdegen.sample_time(LOSS_SDE, 16, importance=True, **kw)),
+    "sample_time": lambda **kw: torch.stack(sdegen.sample_time(LOSS_SDE, 16, importance_sampling=True, **kw)),
     "drop_labels": lambda **kw: sdegen.drop_labels(LOSS_K, 0.5, 7, **kw),
 }
 
@@ -425,13 +425,17 @@ def test_checkpoints_round_trip_every_sde_and_model_setting(case, tmp_path):
 
 def test_model_config_records_every_score_model_setting():
     sde = sdegen.DiscreteVPSDE.from_betas(torch.linspace(1e-3, 0.2, 20))
-    model = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sde, prediction="v", time_input="timestep",
-                              scale_input=True, sigma_data=0.3, preconditioning="vp", M=200)
+    model = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sde, prediction="edm", time_input="timestep",
+                              preconditioning="vp", M=200)
     cfg = training.model_config(model)
     assert {k: cfg[k] for k in ("prediction", "time_input", "scale_input", "sigma_data", "preconditioning", "M")} == \
-        {"prediction": "v", "time_input": "timestep", "scale_input": True, "sigma_data": 0.3,
+        {"prediction": "edm", "time_input": "timestep", "scale_input": True, "sigma_data": None,
          "preconditioning": "vp", "M": 200}
     assert training.model_config(training.build_model(cfg)) == cfg
+    scaled = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sde, prediction="v", scale_input=True)
+    assert training.build_model(training.model_config(scaled)).scale_input is True
+    edm_own = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sdegen.EDMSDE(), prediction="edm", sigma_data=0.3)
+    assert training.build_model(training.model_config(edm_own)).sigma_data == 0.3
     # prediction="edm" picks EDM's c_noise as its time input; the config records "the default", not the name
     edm = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sdegen.EDMSDE(), prediction="edm")
     assert training.model_config(edm)["time_input"] is None
@@ -479,3 +483,52 @@ def test_the_library_uses_its_own_vocabulary(no_warnings, tmp_path):
     sdegen.optimize_schedule(sde, gm, sde.prior_sample((8, 2), seed=0), method="ddim", steps=2,
                              reference=torch.zeros(8, 2), max_evals=2, init="log_snr")
     assert math.isfinite(float(sdegen.dsm_loss(gm.score_fn(sde), gm.sample(4, seed=1), sde=sde, seed=0)))
+
+
+# ------------------------------------------------------------------------------------------ guidance and inpainting
+INP_KNOWN = GaussianMixture.ring().sample(6, seed=1)
+INP_MASK = torch.tensor([True, False])
+
+
+def _inpaint(**kwargs):
+    return sdegen.inpaint(sdegen.VPSDE(), GaussianMixture.ring(), INP_KNOWN, INP_MASK, steps=6, seed=2, **kwargs)
+
+
+def test_inpaint_takes_the_sampler_as_method(no_warnings):
+    """inpaint's sampler is method=, as in sample and optimize_schedule; sampler= is its deprecated name."""
+    new = _inpaint(method="ddim")
+    assert not torch.equal(new, _inpaint(method="euler"))  # the argument is used
+    assert torch.equal(_inpaint(), _inpaint(method="reverse_diffusion"))  # the default
+    torch.testing.assert_close(_inpaint(method=sdegen.samplers.get_sampler("ddim")), new, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="inpaint: sampler= is deprecated.*use method=") as record:
+        old = _inpaint(sampler="ddim")
+    assert record[0].filename == __file__
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="method=.*sampler="):
+        _inpaint(method="ddim", sampler="ddim")
+    with pytest.raises(TypeError, match="method must be a fixed-step sampler"):
+        _inpaint(method="adaptive")
+    with pytest.raises(TypeError, match="does not take"):
+        _inpaint(method="ddim", not_an_option=1)
+
+
+def test_classifier_free_guidance_takes_the_model_as_score(no_warnings):
+    """The model argument is score=, as in classifier_guidance, sample and log_likelihood; model= is its
+    deprecated name; positional calls are unchanged."""
+    net = sdegen.MLP(2, hidden=8, depth=1, num_classes=3)
+    model = sdegen.ScoreModel(net, sdegen.VPSDE(), prediction="eps")
+    x, t = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), torch.full((4,), 0.5)
+    y = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        new = sdegen.classifier_free_guidance(score=model, y=y, w=2.0)(x, t)
+        assert torch.equal(sdegen.classifier_free_guidance(model, y, 2.0)(x, t), new)
+        assert not torch.equal(sdegen.classifier_free_guidance(model, y, 0.5)(x, t), new)
+        with pytest.warns(DeprecationWarning, match="classifier_free_guidance: model= is deprecated.*use score="):
+            old = sdegen.classifier_free_guidance(model=model, y=y, w=2.0)(x, t)
+    assert torch.equal(old, new)
+    with pytest.raises(ValueError, match="score=.*model="):
+        sdegen.classifier_free_guidance(model, y, model=model)
+    with pytest.raises(TypeError, match="classifier_free_guidance needs y"):
+        sdegen.classifier_free_guidance(model)
+    with pytest.raises(TypeError, match="score must be a callable conditional model"):
+        sdegen.classifier_free_guidance(3, 0)

@@ -93,8 +93,9 @@ def get_sampler(method: Union[str, Any], **kwargs):
     check_options(kwargs, accepted_keywords(SAMPLERS[method]), f"method {method!r}")
     try:
         return SAMPLERS[method](**kwargs)
-    except TypeError as err:
-        raise TypeError(f"method {method!r} does not take these options: {err}") from None
+    except TypeError as err:  # the option names are checked above: this is about their values
+        given = f" with options {', '.join(sorted(kwargs))}" if kwargs else ""
+        raise TypeError(f"method {method!r}{given}: {err}") from None
 
 
 __all__ = ["SAMPLERS", "Context", "Solver", "StepSampler", "get_sampler", "register_sampler", "Ancestral",

@@ -42,6 +42,9 @@ class Context:
         self.grid_points: dict = {}  # per-run table of (m, s, u) at grid times, see :func:`cache_grid`
         self._output_checked = False
         self._first_output = None  # (non-finite rows, model name, t) of the first output until it is checked
+        # whole-span solvers that name non-finite examples themselves (SolverError, or set aside under
+        # on_failure="mask") turn this off: a model output's finiteness is then theirs to judge
+        self.check_finite = True
 
     def _time(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # a host scalar (a grid time) goes to the model as it is: the model turns its coefficients into Python
@@ -55,7 +58,8 @@ class Context:
         self.classifier_nfe += self.model.classifier_calls
 
     def _check_first(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, what: str) -> torch.Tensor:
-        """The first output of a run is checked (shape, dtype, finiteness: one host read per run, not per step)."""
+        """The first output of a run is checked (shape, dtype, finiteness: one host read per run, not per step);
+        see :meth:`check_first_output` for what a non-finite output means."""
         if self._output_checked:
             return out
         self._output_checked = True
@@ -64,24 +68,28 @@ class Context:
             got = (f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__)
             raise ValueError(f"the model ({name}) must return its {what} with the state's shape and dtype "
                              f"{tuple(x.shape)} {x.dtype}; got {got}.")
+        if not self.check_finite:
+            return out
         self._first_output = (~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1), name, t)
         if out.device.type == "cpu":  # reading a CPU value costs nothing; elsewhere it waits for the end of the run
             self.check_first_output()
         return out
 
     def check_first_output(self) -> None:
-        """Raise if the run's first model output held a NaN or an infinity, naming the examples.
+        """Raise ValueError if the run's first model output was non-finite (NaN or inf) for every example.
 
+        That is a broken model, not a failing example: no example has a result to keep. A model that fails for
+        some examples only costs the others nothing: a fixed-step sampler returns those examples non-finite and
+        the rest as they are, and an adaptive solver names them or sets them aside (``on_failure``).
         On the CPU this runs at the first call; on an accelerator the driver calls it after the step loop, so that
         the loop never waits for the device (a host read of the device's value would synchronise)."""
         first, self._first_output = self._first_output, None
         if first is None or first[0].device.type == "meta":  # meta tensors hold no values
             return
         bad, name, t = first
-        if bool(bad.any()):
-            idx = bad.nonzero().flatten()[:8].tolist()
-            raise ValueError(f"the model ({name}) returned non-finite values for examples {idx} at its first "
-                             f"call (t = {t.flatten()[:1].tolist()}); check the network and its inputs.")
+        if bool(bad.all()):
+            raise ValueError(f"the model ({name}) returned non-finite values (NaN or inf) for every example at its "
+                             f"first call (t = {t.flatten()[:1].tolist()}); check the network and its inputs.")
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """s(x, t) for a scalar (0-d) or (B,) time; the model sees a (B,) time in x's dtype."""

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from .._util import bcast, flat_norm
-from .base import Context, StepSampler
+from .base import Context, Solver, StepSampler
 
 
 class Euler(StepSampler):
@@ -175,7 +175,9 @@ class PredictorCorrector(StepSampler):
                              f"got {predictor!r}.")
         self.predictor = get_sampler(predictor) if isinstance(predictor, str) else predictor
         if not isinstance(self.predictor, StepSampler):
-            raise TypeError(f"predictor must be a sampler name or a StepSampler; got {type(predictor).__name__}.")
+            why = "" if not isinstance(self.predictor, Solver) else ", which chooses its own steps"
+            raise TypeError(f"predictor must be a fixed-step sampler (a StepSampler or its name); got {predictor!r} "
+                            f"({type(self.predictor).__name__}{why}).")
         if isinstance(corrector_steps, bool) or not (isinstance(corrector_steps, int) and corrector_steps >= 0):
             raise ValueError(f"corrector_steps must be an int >= 0; got {corrector_steps!r}.")
         if not (isinstance(snr, (int, float)) and snr > 0 and math.isfinite(snr)):
