@@ -140,7 +140,7 @@ def run(repeats: int, quick: bool):
                 for k in ks:
                     reps = repeats
                     res, wall, walls = timed(lambda: sdegen.log_likelihood(
-                        sde, gm, x, divergence="hutchinson", noise=noise, probes=k, seed=1, rtol=tol, atol=tol,
+                        sde, gm, x, divergence="hutchinson", probe=noise, probes=k, seed=1, rtol=tol, atol=tol,
                         t_min=T_MIN, prior=pT), reps)
                     record("hutchinson", tol, res.log_prob, res.nfe, wall, walls, k, noise, res.steps)
         for tol in sorted(set(exact_tols + hutch_tols), reverse=True):

@@ -587,7 +587,8 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
         batch_size: examples per rank and step. seed: shuffling seed, an int, the same on every rank; the loss's own
             randomness (times, noise) comes from a generator that differs between ranks.
         checkpoint: path that rank 0 writes at the end (:func:`sdegen.save_checkpoint`, with the EMA and the
-            optimizer); checkpoint_config: its ``config`` (default: the model's own).
+            optimizer; ``extra`` holds the steps run, the best evaluated step and the world size);
+            checkpoint_config: its ``config`` (default: the model's own).
         ddp_kwargs: extra arguments of DistributedDataParallel (``find_unused_parameters``, ...).
         train_kwargs: the other options of :func:`sdegen.train` (lr, ema_decay, grad_clip, optimizer, ...).
     Returns: the :class:`TrainResult` (identical model and EMA on every rank), whose ``losses`` are the global-batch
@@ -614,7 +615,8 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
         res.losses = _mean_over_ranks(res.losses, ctx)
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, ema=res.ema, optimizer=res.optimizer, config=checkpoint_config,
-                        extra={"steps": steps, "world_size": ctx.world_size}, is_main=ctx.is_main)
+                        extra={"steps": res.steps, "best_step": res.best_step,
+                               "world_size": ctx.world_size}, is_main=ctx.is_main)
         ctx.barrier()
     return res
 

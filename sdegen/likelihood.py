@@ -201,7 +201,8 @@ def default_t_min(sde: SDE) -> float:
     sigma(t) = s(t)/m(t) is :data:`LIKELIHOOD_SIGMA` = 1/1024, an eighth of one 8-bit bin of data scaled to [-1, 1]
     (the blur then changes log p by a small fraction of what the data's own resolution does), or ``sde.t_min``
     when that is earlier (an SDE whose kernel is that narrow sooner, or never: VE's "paper" kernel).
-    VP (beta_min = 0.1): t ~ 9.5e-6; sub-VP and cosine VP: of the same order; VE, EDM: ``sde.t_min``.
+    VP (beta_min = 0.1): t ~ 9.5e-6; cosine VP: 2.5e-5; EDM and flow: about 1/1024; sub-VP (whose std grows like
+    t^2 near 0) and VE: ``sde.t_min``.
     An SDE whose ``t_min_is_earliest`` (a :class:`sdegen.DiscreteVPSDE`: the table's first timestep) starts at its
     ``t_min``."""
     if sde.t_min_is_earliest:

@@ -500,9 +500,18 @@ def check_grid(sde: SDE, ts: torch.Tensor, name: str = "schedule") -> torch.Tens
     if bool((ts[1:] >= ts[:-1]).any()):
         raise ValueError(f"{name}: an explicit time grid must be strictly decreasing (from near T down to t_min); "
                          f"got {ts.tolist()[:8]}.")
-    if not (0.0 < float(ts[-1]) and float(ts[0]) <= sde.T):
+    if not 0.0 < float(ts[-1]):
         raise ValueError(f"{name}: grid times must lie in (0, T={sde.T:g}]; got [{float(ts[-1]):g}, "
                          f"{float(ts[0]):g}].")
+    if float(ts[0]) != sde.T and float(ts[0]) == float(torch.tensor(sde.T, dtype=torch.float32)):
+        ts = ts.clone()  # T written in float32 (0.999 rounds up by 1.3e-8) is T
+        ts[0] = sde.T
+        if float(ts[1]) >= sde.T:
+            raise ValueError(f"{name}: an explicit time grid must be strictly decreasing; its first two times round "
+                             f"to T={sde.T!r}.")
+    if float(ts[0]) > sde.T:
+        raise ValueError(f"{name}: grid times must lie in (0, T={sde.T!r}]; got [{float(ts[-1]):g}, "
+                         f"{float(ts[0])!r}].")
     return ts
 
 

@@ -123,7 +123,11 @@ def batch_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Any, Batch, to
 class TrainResult:
     """What :func:`train` returns: the trained model, its EMA (or None), the per-step losses and the optimizer;
     with an ``evaluate`` callback also the evaluations [(steps done, value), ...], the best of them
-    (``best_step``, ``best_value``) and whether the run stopped early."""
+    (``best_step``, ``best_value``) and whether the run stopped early. ``steps`` counts the optimizer steps taken
+    in all (``start_step`` included; ``restore_best`` puts back the weights of ``best_step`` but not the optimizer
+    state of that step), and
+    ``generator`` is the random stream in its final state: pass both back (``start_step=result.steps``,
+    ``seed=result.generator``, with ``optimizer`` and ``ema``) to continue the run."""
 
     model: nn.Module
     ema: Optional[EMA]
@@ -133,6 +137,8 @@ class TrainResult:
     best_step: Optional[int] = None
     best_value: Optional[float] = None
     stopped_early: bool = False
+    steps: int = 0
+    generator: Optional[torch.Generator] = None
 
 
 def data_device(data, model: nn.Module) -> torch.device:
@@ -243,7 +249,8 @@ class _Watcher:
 
 
 def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: int, *, batch_size: int = 128,
-          lr: float = 2e-4, optimizer: Optional[torch.optim.Optimizer] = None, ema_decay: Optional[float] = 0.999,
+          lr: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+          ema_decay: Optional[float] = 0.999, ema: Optional[EMA] = None, start_step: int = 0,
           grad_clip: Optional[float] = 1.0, warmup_steps: int = 0, seed: Union[int, torch.Generator] = 0,
           progress: bool = True,
           desc: str = "train", wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, is_main: bool = True,
@@ -255,16 +262,24 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     Args:
         model: the module to train (in place).
         loss_fn: returns a scalar; it draws its own randomness (t and noise) from a torch.Generator seeded by
-            ``seed``, so a run is reproducible. A loss with a ``seed`` parameter (every sdegen loss) is called as
+            ``seed``, so a run is reproducible. A loss with a ``seed`` parameter (dsm_loss, ddpm_loss, sliced_score_matching_loss) is called as
             ``loss_fn(wrapped_model, x, seed=generator)``, or ``loss_fn(wrapped_model, x, y, seed=generator)`` for
             tuple data (x, y): ``sdegen.dsm_loss`` then passes y to the model as its class label. Any other loss
             is called with three positional arguments, ``loss_fn(wrapped_model, batch, generator)`` (see
             :func:`batch_loss`). The generator lives on the data's device (the model's for a non-tensor
             ``data``), so the noise and times are drawn where the batch is, without a copy.
         data: a tensor (N, ...), a tuple of tensors (x, y, ...), or any iterable of batches.
-        steps: optimizer steps (at most). lr, warmup_steps: Adam's learning rate (finite, > 0) with a linear
-            warm-up over ``warmup_steps`` >= 0 steps (0: none).
+        steps: optimizer steps (at most) in this call.
+        lr, warmup_steps: the learning rate (finite, > 0; default 2e-4 for the Adam optimizer made here, and the
+            optimizer's own for a given ``optimizer``, whose groups it then overrides) with a linear warm-up over
+            ``warmup_steps`` >= 0 steps (0: none), counted from step 0 of the whole run.
+        optimizer: a torch optimizer over ``model``'s parameters (default: Adam); its state carries over between
+            calls.
         ema_decay: keep an :class:`EMA` of the weights with this decay in [0, 1) (None: no EMA).
+        ema: an existing :class:`EMA` of ``model`` to keep updating (a resumed run's), instead of a new one with
+            ``ema_decay``.
+        start_step: the optimizer steps already taken (a resumed run's ``TrainResult.steps``): the warm-up, the
+            evaluation schedule and ``on_step`` continue from there.
         grad_clip: the largest global gradient norm, > 0 (None: no clipping).
         seed: the random source that shuffles the data and that the loss draws from: an int seeds a generator on
             the data's device, a torch.Generator is used as it is (on its own device).
@@ -281,14 +296,23 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     Returns: a :class:`TrainResult`. The loss must stay finite: a NaN or infinite loss raises at the next
     read-back, naming the step it appeared at.
     """
-    _check_train_options(steps, lr, ema_decay, grad_clip, warmup_steps, evaluate, eval_every, patience, check_every,
-                         restore_best=restore_best, progress=progress, is_main=is_main)
+    _check_train_options(steps, 2e-4 if lr is None else lr, ema_decay, grad_clip, warmup_steps, evaluate, eval_every,
+                         patience, check_every, restore_best=restore_best, progress=progress, is_main=is_main)
+    check_int(start_step, "start_step", lo=0, hint=" (optimizer steps already taken by a resumed run)")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None; got {type(optimizer).__name__}.")
+    if ema is not None and not isinstance(ema, EMA):
+        raise TypeError(f"ema must be an sdegen.EMA (a resumed run's) or None; got {type(ema).__name__}.")
     call_loss = batch_loss(loss_fn)
     gen = torch_generator(seed, "seed", ("int", "generator"), device=data_device(data, model))
     batches = iterate_batches(data, batch_size, gen)
     net = wrap_model(model) if wrap_model is not None else model
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
-    ema = EMA(model, ema_decay) if ema_decay is not None else None
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=2e-4 if lr is None else lr)
+    for group in opt.param_groups:  # the rate before warm-up, kept where torch's LR schedulers keep it
+        group["initial_lr"] = group.get("initial_lr", group["lr"]) if lr is None else lr
+    base_lrs = [group["initial_lr"] for group in opt.param_groups]
+    if ema is None and ema_decay is not None:
+        ema = EMA(model, ema_decay)
     watch = _Watcher(evaluate, eval_every, patience, restore_best) if evaluate is not None else None
     log = _LossLog(check_every, immediate=on_step is not None)
     bar = None
@@ -296,12 +320,13 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc=desc)
     model.train()
-    stopped, done = False, 0
+    stopped, done = False, start_step
     if watch is not None and steps > 0:
-        watch(0, model, ema)  # the starting weights compete too: training never returns worse than its start
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+        watch(start_step, model, ema)  # the starting weights compete too: training never returns worse than its start
+    for step in range(start_step, start_step + steps):
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * warm
         loss = call_loss(net, next(batches), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -324,12 +349,12 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
                 stopped = True
                 break
     log.flush()
-    if watch is not None and done > 0 and (not watch.history or watch.history[-1][0] != done):
+    if watch is not None and done > start_step and (not watch.history or watch.history[-1][0] != done):
         watch(done, model, ema)
     if bar is not None:
         bar.close()
     model.eval()
-    result = TrainResult(model, ema, log.values, opt, stopped_early=stopped)
+    result = TrainResult(model, ema, log.values, opt, stopped_early=stopped, steps=done, generator=gen)
     if watch is not None:
         watch.restore(model, ema)
         result.evaluations = watch.history
@@ -433,12 +458,25 @@ def save_checkpoint(path: str, model: nn.Module, *, ema: Optional[EMA] = None,
     if not is_main:
         return
     state = {"config": config if config is not None else model_config(model), "model": model.state_dict(),
+             "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in model.state_dict().items()
+                        if t.is_floating_point()},
              "ema": ema.state_dict() if ema is not None else None,
              "optimizer": optimizer.state_dict() if optimizer is not None else None, "extra": extra or {}}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _cast_like_saved(model: nn.Module, dtypes: Optional[Dict[str, str]]) -> None:
+    """Give the rebuilt model's floating parameters and buffers the dtypes they were saved in (a float64 or bfloat16
+    network comes back as it was, not as float32). Older checkpoints record none and keep the built dtypes."""
+    if not isinstance(dtypes, dict):
+        return
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        saved = getattr(torch, str(dtypes.get(name, "")), None)
+        if isinstance(saved, torch.dtype) and tensor.is_floating_point() and tensor.dtype != saved:
+            tensor.data = tensor.data.to(saved)
 
 
 def load_checkpoint(path: str, *, map_location=None, use_ema: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -467,6 +505,7 @@ def load_checkpoint(path: str, *, map_location=None, use_ema: bool = True) -> Tu
         raise ValueError(f"config: the checkpoint's config must be a dict from model_config; got "
                          f"{type(state['config']).__name__}.")
     model = build_model(state["config"])
+    _cast_like_saved(model, state.get("dtypes"))
     ema = state.get("ema")
     weights = ema["module"] if (use_ema and isinstance(ema, dict) and "module" in ema) else state["model"]
     model.load_state_dict(weights)

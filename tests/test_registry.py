@@ -156,3 +156,16 @@ def test_euler_ancestral_limits_are_ancestral_sampling_and_ddim():
 def test_euler_ancestral_bad_options(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         sdegen.get_sampler("euler_ancestral", **kw)
+
+
+def test_sde_view_samplers_default_to_the_log_snr_grid():
+    """reverse_diffusion, like euler_maruyama and ancestral, runs on the log-SNR grid by default (the uniform grid in
+    t starves the low-noise end under SDEs whose noise level is not uniform in t, such as EDM's): the default run
+    equals the run with schedule="log_snr", sample for sample, and differs from schedule="uniform"."""
+    sde, ring = sdegen.EDMSDE(), GaussianMixture.ring()
+    for method in ("reverse_diffusion", "euler_maruyama", "ancestral"):
+        default = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4)
+        log_snr = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4, schedule="log_snr")
+        uniform = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4, schedule="uniform")
+        assert torch.equal(default, log_snr), method
+        assert not torch.allclose(default, uniform), method

@@ -293,3 +293,13 @@ def test_pilot_grid_takes_the_seeds_of_the_library(error):
                                         r"generator\); got float 1.5"):
         pilot_grid(sde, mix, 6, (2,), seed=1.5, **kw)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_an_explicit_grid_written_in_float32_may_start_at_T_rounded_up():
+    """FlowSDE's T = 0.999 is 0.99900001 in float32 (cosine VP's 0.9946 rounds down): a float32 grid starting there
+    starts at T (the grid comes back with T exactly); a time beyond T is refused, naming the schedule."""
+    for sde in (sdegen.FlowSDE(), sdegen.CosineVPSDE()):
+        ts = sdegen.time_grid(sde, 2, torch.tensor([sde.T, sde.T / 2, sde.t_min], dtype=torch.float32))
+        assert ts.dtype == torch.float64 and float(ts[0]) == sde.T
+    with pytest.raises(ValueError, match=r"schedule: grid times must lie in \(0, T=0.999\]"):
+        sdegen.time_grid(sdegen.FlowSDE(), 2, torch.tensor([0.9991, 0.5, 0.01], dtype=torch.float64))

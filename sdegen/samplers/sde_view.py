@@ -74,10 +74,16 @@ class ReverseDiffusion(StepSampler):
     p_{t_min} about the mean, and noise added at t_min is never removed (with it the within-mode variance of
     the 2-D ring at 20 log-SNR steps is 1.78x the truth, without it 1.59x: the rest is the first-order bias of
     the step, benchmarks/stochastic.py).
+
+    Its default grid is uniform in log-SNR, as for the other SDE-view samplers: a uniform grid in t (the paper's
+    N training steps) is fine for VP at a thousand steps but puts few steps where the data's scales are under
+    SDEs whose noise level is not uniform in t (under EDM's SDE, sampling the 1-D mixture's weights at 400 uniform
+    steps is off by 5-9 standard errors, within 2 on the log-SNR grid). ``schedule="uniform"`` gives the paper's.
     """
 
     order = 1
     stochastic = True
+    default_schedule = "log_snr"
 
     def start(self, ctx, x, ts):
         return len(ts) - 1  # steps left
