@@ -383,7 +383,9 @@ def inpaint(sde: SDE, score, known: torch.Tensor, mask: torch.Tensor, *,
     StepSampler (default "reverse_diffusion"; ``sampler`` is its deprecated name); other keywords are its options.
     ``steps``, ``seed``, ``schedule``, ``t_min``, ``denoise``, ``progress``, ``return_trajectory`` and ``noise`` are
     those of :func:`sdegen.sample` (with ``denoise=True`` the known entries are put back after the denoising
-    step)."""
+    step). The default grid is the method's own (uniform in t for "reverse_diffusion"); under an SDE whose time is
+    its noise level, such as :class:`sdegen.EDMSDE`, pass ``schedule="log_snr"`` (see
+    :class:`sdegen.samplers.ReverseDiffusion`)."""
     from .sampling import sample
 
     check_tensor(known, "known", batch=True, finite=False)

@@ -158,14 +158,16 @@ def test_euler_ancestral_bad_options(kw):
         sdegen.get_sampler("euler_ancestral", **kw)
 
 
-def test_sde_view_samplers_default_to_the_log_snr_grid():
-    """reverse_diffusion, like euler_maruyama and ancestral, runs on the log-SNR grid by default (the uniform grid in
-    t starves the low-noise end under SDEs whose noise level is not uniform in t, such as EDM's): the default run
-    equals the run with schedule="log_snr", sample for sample, and differs from schedule="uniform"."""
+@pytest.mark.parametrize("method,grid", [("reverse_diffusion", "uniform"), ("euler_maruyama", "log_snr"),
+                                         ("ancestral", "log_snr")])
+def test_sde_view_samplers_run_on_their_declared_default_grid(method, grid):
+    """Without a schedule, a sampler runs on its declared default grid (the paper's uniform grid for the reverse-
+    diffusion predictor, log-SNR for Euler-Maruyama and ancestral sampling): the run equals the run with that
+    schedule given, sample for sample, and differs from the other grid's."""
     sde, ring = sdegen.EDMSDE(), GaussianMixture.ring()
-    for method in ("reverse_diffusion", "euler_maruyama", "ancestral"):
-        default = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4)
-        log_snr = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4, schedule="log_snr")
-        uniform = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4, schedule="uniform")
-        assert torch.equal(default, log_snr), method
-        assert not torch.allclose(default, uniform), method
+    other = {"uniform": "log_snr", "log_snr": "uniform"}[grid]
+    default = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4)
+    same = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4, schedule=grid)
+    different = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4, schedule=other)
+    assert torch.equal(default, same)
+    assert not torch.allclose(default, different)
