@@ -186,3 +186,8 @@ def reject_inapplicable(given: Dict[str, Any], why: str) -> None:
     for name, value in given.items():
         if value is not None:
             raise ValueError(f"{name}: {why}; leave {name} unset; got {name}={value!r}.")
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integers (labels, seeds): neither floating, complex nor bool."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)

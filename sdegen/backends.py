@@ -207,9 +207,7 @@ class ODESolver(Solver):
                                 f"it applies to adaptive torchdiffeq solvers (e.g. 'dopri5', 'bosh3'), while "
                                 f"{solver!r} takes a fixed grid of `steps` equal steps")
         for name, v in (("rtol", rtol), ("atol", atol)):
-            if v is not None and (isinstance(v, bool) or not (isinstance(v, (int, float)) and v > 0
-                                                              and math.isfinite(v))):
-                raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
+            check_number(v, name, lo=0.0, lo_open=True, none_ok=True)
         if max_steps is not None and (isinstance(max_steps, bool) or not (isinstance(max_steps, int)
                                                                           and max_steps >= 1)):
             raise ValueError(f"max_steps must be an int >= 1 (the adaptive step limit); got {max_steps!r}.")
@@ -409,9 +407,7 @@ class SDESolver(Solver):
                                 "it applies to torchsde's adaptive stepping (pass adaptive=True), while "
                                 "adaptive=False takes `steps` equal steps")
         for name, v in (("rtol", rtol), ("atol", atol), ("dt_min", dt_min)):
-            if v is not None and (isinstance(v, bool) or not (isinstance(v, (int, float)) and v > 0
-                                                              and math.isfinite(v))):
-                raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
+            check_number(v, name, lo=0.0, lo_open=True, none_ok=True)
         self.solver, self.adaptive = solver, adaptive
         self.rtol, self.atol, self.dt_min = (float(d if v is None else v)
                                              for v, d in ((rtol, 1e-3), (atol, 1e-3), (dt_min, 1e-5)))

@@ -268,10 +268,9 @@ def _reference(runs, x_T, t_min, reference_options):
     fixed-grid reference (``{"solver": "rk4", "steps": N}``, a fixed-step sampler) takes no tolerances."""
     tol = 1e-9 if x_T.dtype == torch.float64 else 1e-6
     opts = {"method": "ode", **(reference_options or {})}
-    solver = opts.get("solver", "dopri5")
-    adaptive = opts["method"] in ("adaptive", "adaptive_rk23") or opts["method"] == "ode" and isinstance(solver, str) \
-        and solver in ODE_METHODS and is_adaptive_ode_method(solver)
-    if adaptive:
+    method, solver = opts["method"], opts.get("solver", "dopri5")
+    adaptive_ode = method == "ode" and solver in ODE_METHODS and is_adaptive_ode_method(solver)
+    if adaptive_ode or method in ("adaptive", "adaptive_rk23"):
         opts = {"rtol": tol, "atol": tol, **opts}
     return runs(x_T, t_min=t_min, **opts)
 

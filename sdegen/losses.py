@@ -19,7 +19,7 @@ import torch
 
 from ._deprecation import renamed
 from ._util import batch_time, bcast
-from ._validate import check_choice, check_flag, check_int, check_number, check_tensor
+from ._validate import check_choice, check_flag, check_int, check_number, check_tensor, is_integer_dtype
 from .models import Model, as_model
 from .noise import torch_generator
 from .sde import SDE
@@ -307,8 +307,7 @@ def drop_labels(y: torch.Tensor, p: float, null_label: int, *, seed: Gen = None,
     ``seed``: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
     y: integer labels (B,) (not bool); null_label: an int >= 0, the label of the unconditional branch (for the nets
     of :mod:`sdegen.nets`, their ``num_classes``). Returns a new tensor; y is not modified."""
-    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point or y.dtype.is_complex or \
-            y.dtype == torch.bool:
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or not is_integer_dtype(y.dtype):
         got = f"a {y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise TypeError(f"y must be an integer tensor of class labels, shape (B,); got {got}.")
     check_number(p, "p", lo=0.0, hi=1.0)

@@ -23,7 +23,7 @@ the state's dtype.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
@@ -167,6 +167,21 @@ class Model(torch.nn.Module):
 _DTYPE_MISMATCH = re.compile(r"dtype|scalar type|(input|weight|bias) type|same type", re.IGNORECASE)
 
 
+# where each optional ScoreModel setting has an effect (elsewhere it is refused, not ignored)
+_SETTING_SCOPE = {"num_steps": "time_input='index'", "preconditioning": "prediction='edm'",
+                  "sigma_data": "prediction='edm' with preconditioning='edm'",
+                  "M": "prediction='edm' with preconditioning='vp'"}
+
+
+def settings_that_apply(prediction: str, time_input: Any, preconditioning: Optional[str]) -> Tuple[str, ...]:
+    """The optional :class:`ScoreModel` settings (``num_steps``, ``preconditioning``, ``sigma_data``, ``M``) that
+    have an effect for this prediction, time input and preconditioning (None: EDM's own)."""
+    edm = prediction == "edm"
+    applies = {"num_steps": time_input == "index", "preconditioning": edm,
+               "sigma_data": edm and preconditioning in (None, "edm"), "M": edm and preconditioning == "vp"}
+    return tuple(name for name, used in applies.items() if used)
+
+
 def network_dtype(net: Any) -> Optional[torch.dtype]:
     """The dtype of a module's first floating-point parameter (None for a plain function or a module without any)."""
     if isinstance(net, torch.nn.Module):
@@ -205,9 +220,9 @@ class ScoreModel(Model):
     its inputs cast and returns outputs cast back (floating time inputs go as float32 to 16-bit networks).
     Shapes: x is (B, ...), t a float, 0-d or (B,) tensor; outputs have x's shape and dtype.
     Times: a network is asked only where its conversions are defined: s(t) > 0 (the kernel's std; every
-    parameterisation but "score" divides by it) and, for time_input="timestep", t >= ``sde.t_min``, the table's first timestep
-    (a DDPM network has not seen negative timesteps). Host and CPU times outside raise a ValueError; times on an
-    accelerator are not read back to check.
+    parameterisation but "score" divides by it) and, for time_input="timestep", t >= ``sde.t_min``, the table's
+    first timestep (a DDPM network has not seen negative timesteps). Host and CPU times outside raise a
+    ValueError; times on an accelerator are not read back to check.
     """
 
     def __init__(self, net: Callable, sde: SDE, prediction: str = "eps",
@@ -222,24 +237,19 @@ class ScoreModel(Model):
             time_input = "c_noise" if prediction == "edm" else "t"
         elif not callable(time_input) and time_input not in TIME_INPUTS:
             raise ValueError(f"time_input must be one of {TIME_INPUTS} or a callable; got {time_input!r}.")
-        if time_input != "index":
-            reject_inapplicable({"num_steps": num_steps}, "it applies to time_input='index' only")
-        if time_input == "index" and not (num_steps is None or isinstance(num_steps, int)
-                                          and not isinstance(num_steps, bool) and num_steps >= 2):
-            raise ValueError(f"num_steps must be an int >= 2; got {num_steps!r}.")
         if time_input == "timestep" and not hasattr(sde, "timestep"):
             raise ValueError(f"time_input='timestep' needs an SDE with discrete timesteps (sdegen.DiscreteVPSDE); "
                              f"got {type(sde).__name__}.")
         check_flag(scale_input, "scale_input")
-        if prediction != "edm":
-            reject_inapplicable({"preconditioning": preconditioning, "sigma_data": sigma_data, "M": M},
-                                "it applies to prediction='edm' only")
+        if preconditioning is not None:
+            check_choice(preconditioning, "preconditioning", PRECONDITIONINGS)
+        used = settings_that_apply(prediction, time_input, preconditioning)
+        for name, value in (("num_steps", num_steps), ("preconditioning", preconditioning),
+                            ("sigma_data", sigma_data), ("M", M)):
+            if name not in used:
+                reject_inapplicable({name: value}, f"it applies to {_SETTING_SCOPE[name]} only")
+        check_int(num_steps, "num_steps", lo=2, none_ok=True, hint=" (the N of time_input='index')")
         preconditioning = "edm" if preconditioning is None else preconditioning
-        check_choice(preconditioning, "preconditioning", PRECONDITIONINGS)
-        if preconditioning != "edm":
-            reject_inapplicable({"sigma_data": sigma_data}, "it applies to preconditioning='edm' only")
-        if preconditioning != "vp":
-            reject_inapplicable({"M": M}, "it applies to preconditioning='vp' only")
         sigma_data, M = 0.5 if sigma_data is None else sigma_data, 1000 if M is None else M
         check_number(sigma_data, "sigma_data", lo=0.0, lo_open=True)
         check_int(M, "M", lo=1, hint=" (the number of VP timesteps of preconditioning='vp')")

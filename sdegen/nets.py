@@ -22,6 +22,8 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from ._validate import is_integer_dtype
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
     """Sinusoidal embedding of scale * t (Vaswani et al. 2017; DDPM's time embedding): (B,) -> (B, dim)."""
@@ -65,7 +67,7 @@ class _Conditioning(nn.Module):
 def _check_labels(y: torch.Tensor, batch: int, num_classes: int) -> None:
     """Labels must be integers of shape (batch,) in [0, num_classes] (num_classes is the null label); their values
     are checked where that needs no device read (on the CPU)."""
-    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+    if not isinstance(y, torch.Tensor) or not is_integer_dtype(y.dtype):
         got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
         raise TypeError(f"labels y must be an integer tensor of shape ({batch},); got {got}.")
     if y.shape != (batch,):

@@ -42,7 +42,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ._validate import check_int
+from ._validate import check_int, is_integer_dtype
 
 _MASK32 = 0xFFFFFFFF
 _INT32_MIN = -(1 << 31)
@@ -477,8 +477,7 @@ def make_seeds(seed: Seed, batch: int, device: Optional[torch.device] = None) ->
     check_int(batch, "batch", lo=0)
     seed = check_seed(seed, "seed", ("int", "tensor", "generator", "none"))
     if isinstance(seed, torch.Tensor):
-        if seed.shape != (batch,) or seed.dtype.is_floating_point or seed.dtype.is_complex or \
-                seed.dtype == torch.bool:
+        if seed.shape != (batch,) or not is_integer_dtype(seed.dtype):
             raise ValueError(f"seed as a tensor must be an integer tensor (not bool) of shape ({batch},), one seed "
                              f"per example; got dtype {seed.dtype} and shape {tuple(seed.shape)}.")
         return seed.to(device=device, dtype=torch.int64) & 0x7FFFFFFFFFFFFFFF

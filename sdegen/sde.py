@@ -71,8 +71,9 @@ class SDE(abc.ABC):
     t_to)``, ``t_from_log_snr(lam)`` and ``t_from_sigma(sigma)`` (default: bisection in float64). Class or
     instance attributes: ``T`` (end time, default 1), ``t_min`` (default end of sampling, 1e-3),
     ``t_min_is_earliest`` (True where no model is defined before ``t_min``, as for a discrete timestep table: no
-    default time then goes below it; default False) and ``prior_std`` (default s(T)). ``config()`` returns the constructor's keyword arguments, so that checkpoints
-    can rebuild the SDE with ``from_config`` (the default, ``{}``, suits an SDE without arguments).
+    default time then goes below it; default False) and ``prior_std`` (default s(T)). ``config()`` returns the
+    constructor's keyword arguments, so that checkpoints can rebuild the SDE with ``from_config`` (the default,
+    ``{}``, suits an SDE without arguments).
 
     Example (EDM's SDE, Karras et al. 2022: m = 1, s(t) = t)::
 

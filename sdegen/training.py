@@ -22,7 +22,7 @@ from torch import nn
 
 from ._validate import check_flag, check_int, check_number
 from .nets import build_net
-from .models import ScoreModel
+from .models import ScoreModel, settings_that_apply
 from .noise import torch_generator
 from .sde import SDE, VESDE, SubVPSDE, VPSDE
 
@@ -125,9 +125,8 @@ class TrainResult:
     with an ``evaluate`` callback also the evaluations [(steps done, value), ...], the best of them
     (``best_step``, ``best_value``) and whether the run stopped early. ``steps`` counts the optimizer steps taken
     in all (``start_step`` included; ``restore_best`` puts back the weights of ``best_step`` but not the optimizer
-    state of that step), and
-    ``generator`` is the random stream in its final state: pass both back (``start_step=result.steps``,
-    ``seed=result.generator``, with ``optimizer`` and ``ema``) to continue the run."""
+    state of that step), and ``generator`` is the random stream in its final state: pass both back
+    (``start_step=result.steps``, ``seed=result.generator``, with ``optimizer`` and ``ema``) to continue the run."""
 
     model: nn.Module
     ema: Optional[EMA]
@@ -248,9 +247,12 @@ class _Watcher:
             ema.num_updates = updates
 
 
+DEFAULT_LR, DEFAULT_EMA_DECAY = 2e-4, 0.999  # the Adam rate made here and the EMA decay of a new EMA
+
+
 def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: int, *, batch_size: int = 128,
           lr: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-          ema_decay: Optional[float] = 0.999, ema: Optional[EMA] = None, start_step: int = 0,
+          ema_decay: Optional[float] = DEFAULT_EMA_DECAY, ema: Optional[EMA] = None, start_step: int = 0,
           grad_clip: Optional[float] = 1.0, warmup_steps: int = 0, seed: Union[int, torch.Generator] = 0,
           progress: bool = True,
           desc: str = "train", wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, is_main: bool = True,
@@ -262,8 +264,8 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     Args:
         model: the module to train (in place).
         loss_fn: returns a scalar; it draws its own randomness (t and noise) from a torch.Generator seeded by
-            ``seed``, so a run is reproducible. A loss with a ``seed`` parameter (dsm_loss, ddpm_loss, sliced_score_matching_loss) is called as
-            ``loss_fn(wrapped_model, x, seed=generator)``, or ``loss_fn(wrapped_model, x, y, seed=generator)`` for
+            ``seed``, so a run is reproducible. A loss with a ``seed`` parameter (dsm_loss, ddpm_loss,
+            sliced_score_matching_loss) is called as ``loss_fn(wrapped_model, x, seed=generator)``, or ``loss_fn(wrapped_model, x, y, seed=generator)`` for
             tuple data (x, y): ``sdegen.dsm_loss`` then passes y to the model as its class label. Any other loss
             is called with three positional arguments, ``loss_fn(wrapped_model, batch, generator)`` (see
             :func:`batch_loss`). The generator lives on the data's device (the model's for a non-tensor
@@ -277,7 +279,7 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
             calls.
         ema_decay: keep an :class:`EMA` of the weights with this decay in [0, 1) (None: no EMA).
         ema: an existing :class:`EMA` of ``model`` to keep updating (a resumed run's), instead of a new one with
-            ``ema_decay``.
+            ``ema_decay`` (which, set to another value than the EMA's own decay, raises ValueError).
         start_step: the optimizer steps already taken (a resumed run's ``TrainResult.steps``): the warm-up, the
             evaluation schedule and ``on_step`` continue from there.
         grad_clip: the largest global gradient norm, > 0 (None: no clipping).
@@ -296,18 +298,21 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     Returns: a :class:`TrainResult`. The loss must stay finite: a NaN or infinite loss raises at the next
     read-back, naming the step it appeared at.
     """
-    _check_train_options(steps, 2e-4 if lr is None else lr, ema_decay, grad_clip, warmup_steps, evaluate, eval_every,
+    _check_train_options(steps, DEFAULT_LR if lr is None else lr, ema_decay, grad_clip, warmup_steps, evaluate, eval_every,
                          patience, check_every, restore_best=restore_best, progress=progress, is_main=is_main)
     check_int(start_step, "start_step", lo=0, hint=" (optimizer steps already taken by a resumed run)")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None; got {type(optimizer).__name__}.")
     if ema is not None and not isinstance(ema, EMA):
         raise TypeError(f"ema must be an sdegen.EMA (a resumed run's) or None; got {type(ema).__name__}.")
+    if ema is not None and ema_decay not in (DEFAULT_EMA_DECAY, ema.decay):
+        raise ValueError(f"ema_decay: the given ema keeps its own decay {ema.decay:g}; leave ema_decay unset (or "
+                         f"equal to it) when passing ema; got ema_decay={ema_decay!r}.")
     call_loss = batch_loss(loss_fn)
     gen = torch_generator(seed, "seed", ("int", "generator"), device=data_device(data, model))
     batches = iterate_batches(data, batch_size, gen)
     net = wrap_model(model) if wrap_model is not None else model
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=2e-4 if lr is None else lr)
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=DEFAULT_LR if lr is None else lr)
     for group in opt.param_groups:  # the rate before warm-up, kept where torch's LR schedulers keep it
         group["initial_lr"] = group.get("initial_lr", group["lr"]) if lr is None else lr
     base_lrs = [group["initial_lr"] for group in opt.param_groups]
@@ -386,15 +391,6 @@ def build_sde(config: Dict[str, Any]) -> SDE:
     return SDES[name](**config)
 
 
-def _score_model_settings(prediction: str, time_input: Any, preconditioning: Optional[str]) -> Tuple[str, ...]:
-    """The ScoreModel settings that apply to a model with this prediction, time input and preconditioning (the
-    others have no effect, and ScoreModel refuses them)."""
-    edm = prediction == "edm"
-    applies = {"num_steps": time_input == "index", "preconditioning": edm,
-               "sigma_data": edm and preconditioning in (None, "edm"), "M": edm and preconditioning == "vp"}
-    return tuple(name for name, used in applies.items() if used)
-
-
 def model_config(model: nn.Module) -> Dict[str, Any]:
     """Plain-data config of a network from :mod:`sdegen.nets` or a :class:`ScoreModel` around one (its SDE, what it
     predicts, its time input and input scaling, and EDM's preconditioning settings). Settings that do not apply to
@@ -404,7 +400,7 @@ def model_config(model: nn.Module) -> Dict[str, Any]:
             raise ValueError("a ScoreModel with a callable time_input cannot be described by plain data.")
         # c_noise is the time input prediction="edm" chooses itself when none is given
         time_input = None if model.time_input == "c_noise" else model.time_input
-        used = _score_model_settings(model.prediction, time_input, model.preconditioning)
+        used = settings_that_apply(model.prediction, time_input, model.preconditioning)
         settings = {name: getattr(model, name) if name in used else None
                     for name in ("num_steps", "sigma_data", "preconditioning", "M")}
         return {"kind": "ScoreModel", "net": model_config(model.net), "sde": sde_config(model.sde),
@@ -422,7 +418,7 @@ def build_model(config: Dict[str, Any]) -> nn.Module:
     out."""
     if config.get("kind") == "ScoreModel":
         prediction, time_input = config["prediction"], config["time_input"]
-        used = _score_model_settings(prediction, time_input, config.get("preconditioning"))
+        used = settings_that_apply(prediction, time_input, config.get("preconditioning"))
         options = {name: config[name] for name in ("scale_input",) + used if config.get(name) is not None}
         return ScoreModel(build_model(config["net"]), build_sde(config["sde"]), prediction=prediction,
                           time_input=time_input, **options)

@@ -333,6 +333,8 @@ def test_a_run_resumed_from_its_result_equals_the_continuous_run():
     assert second.ema.num_updates == 60
     with pytest.raises(TypeError, match="ema must be an sdegen.EMA"):
         sdegen.train(model, sdegen.dsm_loss, x, 1, ema=model, progress=False)
+    with pytest.raises(ValueError, match="ema_decay: the given ema keeps its own decay"):
+        sdegen.train(model, sdegen.dsm_loss, x, 1, ema=second.ema, ema_decay=0.5, progress=False)
     with pytest.raises(ValueError, match="start_step"):
         sdegen.train(model, sdegen.dsm_loss, x, 1, start_step=-1, progress=False)
 
