@@ -184,6 +184,7 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
 def _check_args(sde, x_T, steps, t_min, reference, max_evals, step_size, min_step_size, subset, seed):
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
+    sde.check_contract()
     check_tensor(x_T, "x_T", batch=True)
     check_int(steps, "steps", lo=2, hint=" (one step has no interior time to fit)")
     check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True, hi_open=True, none_ok=True)

@@ -103,8 +103,15 @@ def _device_for(backend: str, local_rank: int) -> torch.device:
 
 
 def current_context() -> DistributedContext:
-    """The context of an already initialised process group (or a single process), without creating anything."""
+    """The context of an already initialised process group (or a single process), without creating anything.
+
+    A launch that describes several processes (WORLD_SIZE > 1 in the environment, as torchrun sets it) without a
+    process group raises ValueError: each process would otherwise run the whole job and write the same files."""
     if not (dist.is_available() and dist.is_initialized()):
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world.strip().isdigit() and int(world) > 1:
+            raise ValueError(f"WORLD_SIZE={world} is set (a torchrun launch?) but no process group is initialised: "
+                             f"call sdegen.init_distributed() first, or unset WORLD_SIZE to run one process.")
         return DistributedContext()  # one process: CPU by default, like sdegen.sample
     backend = str(dist.get_backend())
     local_rank = _env_int("LOCAL_RANK", dist.get_rank())
@@ -147,7 +154,10 @@ def init_distributed(backend: Optional[str] = None, *, timeout: Optional[float] 
 
 
 def is_main_process() -> bool:
-    """True on rank 0 (and in a single process): the process that prints and writes files."""
+    """True on rank 0 (and in a single process): the process that prints and writes files. Before the process
+    group exists, the rank torchrun gave the process decides (:func:`launched_rank`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return launched_rank() == 0
     return current_context().is_main
 
 

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 from numbers import Real
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -77,6 +80,15 @@ def classifier_log_prob_grad(classifier: Callable, x: torch.Tensor, t: torch.Ten
     return grad
 
 
+def _guide_rows(guide, index: torch.Tensor):
+    """A shallow copy of a guide whose per-example labels (a (B,) tensor) are restricted to the rows ``index``."""
+    if not (isinstance(guide.y, torch.Tensor) and guide.y.ndim == 1):
+        return guide
+    restricted = copy.copy(guide)
+    restricted.y = guide.y[index.to(guide.y.device)]
+    return restricted
+
+
 class ClassifierGuidedScore:
     """The score s(x, t) + scale * grad_x log p_t(y | x): see :func:`classifier_guidance`.
 
@@ -135,6 +147,10 @@ class ClassifierGuidedModel(Model):
         self.guide, self.base = guide, base
         self.nfe_per_call = base.nfe_per_call
         self.classifier_calls = base.classifier_calls + (1 if guide.scale > 0 else 0)
+
+    def rows(self, index: torch.Tensor) -> "ClassifierGuidedModel":
+        """The guided model for examples ``index``: per-example labels and the base model restricted to them."""
+        return ClassifierGuidedModel(_guide_rows(self.guide, index), self.base.rows(index))
 
     def score(self, x: torch.Tensor, t: Time) -> torch.Tensor:
         t = self.sde.check_time_for(x, t)
@@ -245,6 +261,10 @@ class ClassifierFreeGuidedModel(Model):
         inner = self.base.nfe_per_call if self.base is not None else 1
         self.nfe_per_call = guide.nfe_per_call * inner
         self.classifier_calls = guide.nfe_per_call * self.base.classifier_calls if self.base is not None else 0
+
+    def rows(self, index: torch.Tensor) -> "ClassifierFreeGuidedModel":
+        """The guided model for examples ``index`` (per-example labels restricted to them)."""
+        return ClassifierFreeGuidedModel(_guide_rows(self.guide, index), self.sde)
 
     def raw(self, x: torch.Tensor, t: Time) -> torch.Tensor:
         """The guided raw network output (1 + w) F(x, t, y) - w F(x, t, null) of the base ScoreModel."""
@@ -438,7 +458,14 @@ class MixtureClassifier:
         return self._log_class_weights.exp()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits. Like the mixture's ``score_fn``, it treats examples independently: a state with a NaN or
+        an infinity (an example whose solve has failed) gets NaN logits, and the other rows are exact."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
+            return self.mixture.log_prob(self.sde, x, t)  # its message says what x must be
+        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        x = torch.where(bad.reshape((-1,) + (1,) * (x.ndim - 1)), torch.zeros_like(x), x)
         logw = self._log_class_weights.to(x.device)
         cols = [self.conditional(c).log_prob(self.sde, x, t).to(torch.float64) + logw[c]
                 for c in range(self.num_classes)]
-        return torch.stack(cols, dim=1).to(x.dtype)
+        logits = torch.stack(cols, dim=1).to(x.dtype)
+        return torch.where(bad[:, None], torch.full_like(logits, math.nan), logits)

@@ -301,6 +301,7 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
     probe, probe_name = renamed("log_likelihood", "probe", probe, "noise", noise)
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE (e.g. sdegen.VPSDE()); got {type(sde).__name__}.")
+    sde.check_contract()
     _check_x(x)
     opt = _resolve_options(divergence, probes, (probe, probe_name), (solver, solver_name), rtol, atol, steps,
                            max_steps, chunk_size, adjoint, adjoint_params, levels, data_range, on_failure)
@@ -320,13 +321,15 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         probe_vs = make_probes(x.shape, opt.probes, opt.probe, seed=seeds, dtype=x.dtype, device=x.device)
     nfe = [0]
     bar = _TimeBar(t_lo, t_hi) if progress else None
+    model = as_model(score, sde)
 
     def solve(keep: Optional[torch.Tensor]):
         """(y1 = (x_T flattened, int div f~) of the examples ``keep``, steps, the fixed grid's failure times)."""
         sub, vs = (src, probe_vs) if keep is None else (src[keep], None if probe_vs is None else probe_vs[:, keep])
+        sub_model = model if keep is None else model.rows(keep)
         if opt.solver == MULTISTEP:
-            return _solve_multistep(sde, score, sub, vs, t_lo, t_hi, opt, chunk_size, bar, nfe) + (None,)
-        field = _AugmentedFlow(sde, score, event_shape, t_lo, t_hi, vs, chunk_size, on_time=bar)
+            return _solve_multistep(sde, sub_model, sub, vs, t_lo, t_hi, opt, chunk_size, bar, nfe) + (None,)
+        field = _AugmentedFlow(sde, sub_model, event_shape, t_lo, t_hi, vs, chunk_size, on_time=bar)
         y0 = torch.cat([sub.reshape(sub.shape[0], D), sub.new_zeros(sub.shape[0], 1)], dim=1)
         tolerances = dict(rtol=opt.rtol, atol=opt.atol, max_steps=opt.max_steps) if opt.adaptive else {}
         try:

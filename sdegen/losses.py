@@ -59,6 +59,7 @@ def _sde_of(model, sde: Optional[SDE]) -> SDE:
         return sde
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE or None (the model's own); got {type(sde).__name__}.")
+    sde.check_contract()
     own = model if isinstance(model, Model) else getattr(model, "module", None)
     if isinstance(own, Model):
         as_model(own, sde)

@@ -69,7 +69,14 @@ class Model(torch.nn.Module):
         super().__init__()
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be an sdegen.SDE instance (e.g. sdegen.VPSDE()); got {sde!r}.")
-        self.sde = sde
+        self.sde = sde.check_contract()
+
+    def rows(self, index: torch.Tensor) -> "Model":
+        """This model for the examples ``index`` (a 1-D index tensor) of the batch it serves: what a solve that sets
+        failed examples aside (``on_failure="mask"``) runs the others with. A model holding per-example data (a
+        guided model's labels) returns a copy restricted to those rows; the default, for models whose examples are
+        independent, is the model itself."""
+        return self
 
     def prepare(self, ts: torch.Tensor) -> None:
         """Called by the sampling driver with a run's grid times (1-D float64, on the CPU) before the first step

@@ -154,6 +154,7 @@ def _check_args(sde, steps, t_min, schedule, noise, dtype, **flags) -> None:
     """The arguments of :func:`sample` that do not depend on the sampler, checked before any work."""
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE (e.g. sdegen.VPSDE()); got {type(sde).__name__}.")
+    sde.check_contract()
     check_int(steps, "steps", lo=1, none_ok=True)
     check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True, hi_open=True, none_ok=True)
     for name, flag in flags.items():

@@ -518,4 +518,4 @@ def check_grid(sde: SDE, ts: torch.Tensor, name: str = "schedule") -> torch.Tens
 def check_sde(sde: SDE) -> SDE:
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE (e.g. sdegen.VPSDE()); got {type(sde).__name__}.")
-    return sde
+    return sde.check_contract()

@@ -58,6 +58,12 @@ def _derivative(fn, t: torch.Tensor) -> torch.Tensor:
     return d.to(t.dtype)
 
 
+def _times_of(t: torch.Tensor, where: torch.Tensor) -> str:
+    """The times where ``where`` holds, as a short range for an error message."""
+    hits = t[where].tolist()
+    return f"{hits[0]:.4g}" if len(hits) == 1 else f"{hits[0]:.4g} ... {hits[-1]:.4g} ({len(hits)} of {t.numel()} checked)"
+
+
 class SDE(abc.ABC):
     """Abstract linear forward SDE dx = f(t) x dt + g(t) dw on [0, T], given by its kernel N(m(t) x_0, s(t)^2 I).
 
@@ -110,9 +116,13 @@ class SDE(abc.ABC):
         return _derivative(self.log_mean_coeff, t)
 
     def diffusion(self, t: Time) -> torch.Tensor:
-        """g(t) = sqrt(d s^2 / dt - 2 f s^2) (the variance of a linear SDE obeys dv/dt = 2 f v + g^2)."""
+        """g(t) = sqrt(d s^2 / dt - 2 f s^2) (the variance of a linear SDE obeys dv/dt = 2 f v + g^2).
+
+        At t = 0 it is the limit from the right: s = sqrt(v) with v(0) = 0 has an infinite ds/dt there, which
+        autograd cannot carry through ds^2/dt = 2 s ds/dt, so the default evaluates at 1e-12 T instead."""
+        t = torch.where(t > 0, t, torch.full_like(t, 1e-12 * self.T))
         g2 = _derivative(lambda u: self.std(u) ** 2, t) - 2.0 * self.drift_coeff(t) * self.std(t) ** 2
-        return g2.clamp_min(0.0).sqrt()
+        return g2.clamp_min(0.0).sqrt()  # round-off only: check_contract refuses kernels with g^2 < 0
 
     def transition_var(self, t_from: Time, t_to: Time) -> torch.Tensor:
         """b^2 of the forward transition x_{t_to} = a x_{t_from} + b z:
@@ -130,7 +140,11 @@ class SDE(abc.ABC):
             mid = 0.5 * (lo + hi)
             right = self.log_snr(mid) > lam64  # log-SNR decreases: the root lies right of mid
             lo, hi = torch.where(right, mid, lo), torch.where(right, hi, mid)
-        return (0.5 * (lo + hi)).to(lam.dtype)
+        t = 0.5 * (lo + hi)
+        # beyond the range of the log-SNR the bracket ends 2^-64 T inside [0, T]: clamp to its ends
+        t = torch.where(lam64 >= self.log_snr(lo.new_zeros(())), torch.zeros_like(t), t)
+        t = torch.where(lam64 <= self.log_snr(lo.new_full((), self.T)), torch.full_like(t, self.T), t)
+        return t.to(lam.dtype)
 
     def t_from_sigma(self, sigma: Time) -> torch.Tensor:
         """Inverse of :meth:`sigma`."""
@@ -207,6 +221,38 @@ class SDE(abc.ABC):
         check_batch(t, x, name)
         return t
 
+    def check_contract(self) -> "SDE":
+        """Check the kernel once per instance (on 1025 times in [0, T], float64), raising ValueError naming what fails:
+        log m and s finite, m(0) = 1, s > 0 after t = 0, and a log-SNR log(m^2 / s^2) that decreases strictly,
+        which is the same as g(t)^2 = ds^2/dt - 2 f s^2 > 0: a kernel that breaks it is no diffusion, and its
+        samplers and likelihoods would come out wrong without an error. The sampling, likelihood, schedule and
+        model entry points call it; returns the SDE."""
+        if self.__dict__.get("_contract_checked"):
+            return self
+        name = type(self).__name__
+        t = torch.linspace(0.0, self.T, 1025, dtype=torch.float64)
+        log_m, s = self.log_mean_coeff(t), self.std(t)
+        if not (isinstance(log_m, torch.Tensor) and isinstance(s, torch.Tensor) and log_m.shape == t.shape
+                and s.shape == t.shape):
+            raise ValueError(f"{name}.log_mean_coeff(t) and .std(t) must return tensors of t's shape.")
+        bad = ~(torch.isfinite(log_m) & torch.isfinite(s) & (s >= 0))
+        bad[1:] |= s[1:] <= 0
+        if bool(bad.any()):
+            raise ValueError(f"{name}: log m(t) must be finite and s(t) finite and > 0 on (0, T]; they are not at "
+                             f"t = {_times_of(t, bad)}.")
+        if abs(float(log_m[0])) > 1e-6:
+            raise ValueError(f"{name}: m(0) must be 1 (log_mean_coeff(0) = 0, so that x_0 is the data); got log m(0) "
+                             f"= {float(log_m[0]):.6g}.")
+        lam = 2.0 * (log_m - torch.log(s))
+        rising = torch.zeros_like(bad)
+        rising[1:] = lam[1:] >= lam[:-1]
+        if bool(rising.any()):
+            raise ValueError(f"{name}: the log-SNR log(m(t)^2 / s(t)^2) must decrease strictly on [0, T] (equivalently "
+                             f"g(t)^2 = ds^2/dt - 2 f s^2 > 0: noise is added at every time), but it does not decrease "
+                             f"at t = {_times_of(t, rising)}; check std() and log_mean_coeff().")
+        self.__dict__["_contract_checked"] = True
+        return self
+
     def _check_lam(self, lam: Time) -> torch.Tensor:
         lam = as_time(lam, "lam")
         if lam.device.type == "cpu" and bool(torch.isnan(lam).any()):
@@ -237,7 +283,10 @@ class SDE(abc.ABC):
         """ds/dt = (g^2 + 2 f s^2) / (2 s)."""
         t = self.check_time(t)
         s = self.std(t)
-        return (self.diffusion(t) ** 2 + 2.0 * self.drift_coeff(t) * s**2) / (2.0 * s)
+        ds = (self.diffusion(t) ** 2 + 2.0 * self.drift_coeff(t) * s**2) / (2.0 * s)
+        if t.device.type == "cpu" and bool((s == 0).any()):  # 0/0 where s = 0 (t = 0): ds/dt itself, by autograd
+            ds = torch.where(s == 0, _derivative(self.std, t), ds)
+        return ds
 
     def transition(self, t_from: Time, t_to: Time) -> Tuple[torch.Tensor, torch.Tensor]:
         """Exact forward transition x_{t_to} = a x_{t_from} + b z for t_from <= t_to; returns (a, b)."""

@@ -240,3 +240,15 @@ def test_progress_and_seed_follow_the_library_rules():
             sd.train_ddp(model, sdegen.dsm_loss, torch.zeros(8, 2), 1, batch_size=4, seed=bad, progress=False)
     with pytest.raises(TypeError, match="progress must be True or False"):
         sd.train_ddp(model, sdegen.dsm_loss, torch.zeros(8, 2), 1, batch_size=4, progress="no")
+
+
+def test_a_launch_of_several_processes_without_a_group_is_refused(monkeypatch):
+    """WORLD_SIZE > 1 without a process group: each process would run the whole job and write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 .*init_distributed"):
+        sd.sample_sharded(sdegen.VPSDE(), sdegen.GaussianMixture.ring(), 4, shape=(2,), batch_size=2, method="ddim",
+                          steps=2, seed=0)
+    assert not sd.is_main_process()  # torchrun's rank decides before the group exists
+    monkeypatch.setenv("RANK", "0")
+    assert sd.is_main_process()

@@ -382,3 +382,60 @@ def test_log_likelihood_fixed_grid_mask_returns_the_others_without_a_restart():
     every[:, 2] = 100.0
     res = _fixed_grid_log_likelihood(every, on_failure="mask")
     assert res.failed == list(range(B)) and bool(torch.isnan(res.log_prob).all())
+
+
+# ------------------------------------------------------------------ masking with per-example labels
+def _guided_models(y):
+    """The README's breaking score, guided by the ring's exact classifier (classes: left and right half) and by a
+    classifier-free pair whose conditional branch scales the score per label: both hold one label per example."""
+    score = _readme_score()
+    classifier = sdegen.MixtureClassifier(RING, [[0, 1, 2, 3], [4, 5, 6, 7]], SDE)
+
+    def conditional(x, t, y=None):
+        return score(x, t) if y is None else score(x, t) * (1.0 + 0.1 * y[:, None].to(x.dtype))
+
+    return {"classifier": sdegen.classifier_guidance(score, classifier, y=y, scale=1.0),
+            "free": sdegen.classifier_free_guidance(conditional, y=y, w=1.0)}
+
+
+@pytest.mark.parametrize("kind", ["classifier", "free"])
+@pytest.mark.parametrize("method", ["adaptive", "ode"])
+def test_mask_restricts_per_example_labels_to_the_kept_examples(kind, method):
+    """A masked restart runs the kept examples with their own labels (Model.rows): each equals a run of those
+    examples alone, guided by their labels."""
+    x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    x_T[3] = torch.tensor([1e4, 0.0])
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    keep = torch.tensor([0, 1, 2, 4, 5])
+    x, info = sdegen.sample(SDE, _guided_models(y)[kind], x_T, method=method, on_failure="mask", return_info=True)
+    alone = sdegen.sample(SDE, _guided_models(y[keep])[kind], x_T[keep], method=method)
+    assert info.extra["failed"] == [3] and bool(torch.isnan(x[3]).all())
+    assert torch.equal(x[keep], alone)
+
+
+@pytest.mark.parametrize("solver", [None, "multistep"])
+def test_log_likelihood_mask_restricts_per_example_labels(solver):
+    """The same for log_likelihood, with the exact classifier returning NaN logits on the failed state (instead of
+    refusing the batch)."""
+    x = RING.sample(6, seed=1)
+    x[3] = torch.tensor([1e4, 0.0])
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    keep = torch.tensor([0, 1, 2, 4, 5])
+    res = sdegen.log_likelihood(SDE, _guided_models(y)["classifier"], x, divergence="exact", solver=solver,
+                                on_failure="mask")
+    alone = sdegen.log_likelihood(SDE, _guided_models(y[keep])["classifier"], x[keep], divergence="exact",
+                                  solver=solver)
+    assert res.failed == [3]
+    torch.testing.assert_close(res.log_prob[keep], alone.log_prob, rtol=0, atol=0)
+
+
+def test_mixture_classifier_gives_nan_logits_for_non_finite_rows_only():
+    classifier = sdegen.MixtureClassifier(RING, [[0, 1, 2, 3], [4, 5, 6, 7]], SDE)
+    x, t = RING.sample(4, seed=2), torch.full((4,), 0.3, dtype=torch.float64)
+    bad = x.clone()
+    bad[1, 0] = math.nan
+    logits, clean = classifier(bad, t), classifier(x, t)
+    assert bool(torch.isnan(logits[1]).all())
+    torch.testing.assert_close(logits[[0, 2, 3]], clean[[0, 2, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(torch.softmax(clean, 1)[:, 1],
+                               RING.responsibilities(SDE, x, t)[:, 4:].sum(1), rtol=1e-12, atol=1e-12)

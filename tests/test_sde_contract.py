@@ -460,3 +460,108 @@ def test_config_and_description_round_trip(sde):
         t = torch.linspace(0.0, sde.T, 13, dtype=F64)
         torch.testing.assert_close(rebuilt.std(t), sde.std(t), rtol=0, atol=0)
         torch.testing.assert_close(rebuilt.log_mean_coeff(t), sde.log_mean_coeff(t), rtol=0, atol=0)
+
+
+class UserPaperVE(sdegen.SDE):
+    """VE's "paper" kernel as a user writes it: m = 1, s(t) = 0.01 * 5000^t, so sigma never falls below 0.01."""
+
+    t_min = 1e-5
+
+    def log_mean_coeff(self, t):
+        return torch.zeros_like(t)
+
+    def std(self, t):
+        return 0.01 * 5000.0**t
+
+
+class UserVP(sdegen.SDE):
+    """VP with beta(t) = 0.1 + 19.9 t written through log m and s only: s = sqrt(1 - e^{-B}), infinite ds/dt at 0."""
+
+    def log_mean_coeff(self, t):
+        return -0.5 * (0.1 * t + 9.95 * t**2)
+
+    def std(self, t):
+        return torch.sqrt(-torch.expm1(-(0.1 * t + 9.95 * t**2)))
+
+
+def test_default_log_snr_inverse_clamps_beyond_the_kernels_range():
+    """The bisection returns the ends of [0, T] exactly for log-SNRs outside the kernel's range (as the closed forms
+    of the built-ins do), so the likelihood's default start is sde.t_min when sigma never reaches 1/1024."""
+    user, builtin = UserPaperVE(), sdegen.VESDE(sigma_min=0.01, sigma_max=50.0, kernel="paper")
+    lam = torch.tensor([20.0, builtin.log_snr(0.3).item(), -30.0], dtype=F64)
+    assert user.t_from_log_snr(lam).tolist() == pytest.approx(builtin.t_from_log_snr(lam).tolist(), abs=1e-12)
+    assert user.t_from_log_snr(lam)[0].item() == 0.0 and user.t_from_log_snr(lam)[2].item() == 1.0
+    assert sdegen.likelihood.default_t_min(user) == user.t_min == sdegen.likelihood.default_t_min(builtin)
+
+
+def test_default_diffusion_at_time_zero_is_the_limit():
+    """g(0)^2 = beta(0) = 0.1 for s = sqrt(1 - e^{-B}), whose ds/dt is infinite at 0; EDM's ds/dt(0) = 1."""
+    assert UserVP().diffusion(0.0).item() == pytest.approx(math.sqrt(0.1), rel=1e-9)
+    assert sdegen.VPSDE().diffusion(0.0).item() == pytest.approx(math.sqrt(0.1), rel=1e-12)
+    assert UserEDM().d_std(0.0).item() == pytest.approx(1.0, abs=1e-12)
+    assert sdegen.EDMSDE().d_std(0.0).item() == pytest.approx(1.0, abs=1e-12)
+
+
+class DecreasingStd(sdegen.SDE):
+    """s = 0.1 + sin(pi t) decreases on [1/2, 1]: noise is removed there, so this is no forward diffusion."""
+
+    def log_mean_coeff(self, t):
+        return torch.zeros_like(t)
+
+    def std(self, t):
+        return 0.1 + torch.sin(math.pi * t)
+
+
+class GrowingMean(sdegen.SDE):
+    """m = e^t, s = t: g^2 = 2t - 2t^2 < 0 beyond t = 1 (T = 2)."""
+
+    T = 2.0
+
+    def log_mean_coeff(self, t):
+        return t
+
+    def std(self, t):
+        return t
+
+
+class ShiftedMean(sdegen.SDE):
+    """m(0) = 2: the kernel's mean at t = 0 is not the data."""
+
+    def log_mean_coeff(self, t):
+        return math.log(2.0) - t
+
+    def std(self, t):
+        return t
+
+
+@pytest.mark.parametrize("sde, words", [(DecreasingStd(), "must decrease strictly"),
+                                        (GrowingMean(), "must decrease strictly"),
+                                        (ShiftedMean(), "m(0) must be 1")])
+def test_kernels_that_break_the_contract_are_refused_by_every_entry_point(sde, words):
+    """A kernel whose log-SNR rises somewhere has g^2 = -s^2 dlambda/dt < 0 there: the sampler, likelihood, schedule
+    and model entry points refuse it by name instead of returning wrong numbers."""
+    gm = GaussianMixture.ring()
+    calls = [lambda: sdegen.sample(sde, gm, shape=(4, 2), method="dpmpp_2m", steps=5, seed=0),
+             lambda: sdegen.log_likelihood(sde, gm, torch.zeros(2, 2), divergence="exact"),
+             lambda: sdegen.time_grid(sde, 5, "log_snr"),
+             lambda: sdegen.ScoreModel(lambda x, t: x, sde)]
+    for call in calls:
+        with pytest.raises(ValueError, match=type(sde).__name__) as err:
+            call()
+        assert words in str(err.value)
+
+
+def test_a_valid_kernel_with_growing_mean_is_accepted():
+    """m = e^{t/2}, s = sqrt(e^{2t} - 1) has g^2 = e^{2t} + ... > 0 although log m increases."""
+
+    class Growing(sdegen.SDE):
+        def log_mean_coeff(self, t):
+            return 0.5 * t
+
+        def std(self, t):
+            return torch.sqrt(torch.expm1(2.0 * t))
+
+    assert Growing().check_contract() is not None
+    for sde in (sdegen.VPSDE(), sdegen.SubVPSDE(), sdegen.CosineVPSDE(), sdegen.VESDE(), sdegen.EDMSDE(),
+                sdegen.FlowSDE(), sdegen.VESDE(kernel="paper"), UserVP(), UserPaperVE()):
+        sde.check_contract()

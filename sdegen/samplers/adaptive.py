@@ -25,8 +25,8 @@ def solve_isolating_failures(run, ctx: Context, x: torch.Tensor, n_times: int, o
 
     With ``on_failure="mask"``, a :class:`SolverError` naming examples restarts ``run`` on the others with a
     context of their own (their noise streams start where the run's did, so the result equals a run on those
-    examples alone); the failed rows of the states come back as NaN. The model must treat examples
-    independently (example i's output depends only on x[i]). Returns (states, final state, steps of the last
+    examples alone, with the model's :meth:`~sdegen.Model.rows` for them); the failed rows of the states come back
+    as NaN. The model must treat examples independently (example i's output depends only on x[i]). Returns (states, final state, steps of the last
     attempt, failed indices); NFE counts every attempt. A non-finite model output, the first one included, is the
     solve's to report (:attr:`Context.check_finite` is turned off), so that it names or sets aside the examples.
     """
@@ -38,7 +38,7 @@ def solve_isolating_failures(run, ctx: Context, x: torch.Tensor, n_times: int, o
         if keep is None:
             return run(ctx, x)
         sub_noise = None if noise is None else type(noise)(noise.seeds[keep.to(noise.seeds.device)], key=key0)
-        sub = Context(ctx.sde, ctx.model, sub_noise)
+        sub = Context(ctx.sde, ctx.model.rows(keep), sub_noise)
         sub.grid_points, sub.check_finite = ctx.grid_points, False
         try:
             return run(sub, x[keep])
