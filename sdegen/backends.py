@@ -9,7 +9,7 @@ path depends only on its own seed.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torchdiffeq
@@ -22,7 +22,7 @@ from .errors import STEP_LIMIT_HINT, SolverError, check_finite_result, check_on_
 from .noise import normal_from_seeds
 from .samplers.adaptive import solve_isolating_failures
 from .samplers.base import Context, Solver
-from .sde import ProbabilityFlowODE
+from .sde import SDE, ProbabilityFlowODE
 
 ODE_METHODS = tuple(sorted(m for m in _ODE_SOLVERS if m != "scipy_solver"))
 # additive noise: the Ito and Stratonovich readings coincide, so every diagonal-noise method applies
@@ -91,6 +91,51 @@ class FailureMonitor:
         return [int(ratios.argmax())], f"the largest error ratio of the last step was {worst:.3g}"
 
 
+class LogSigmaClock:
+    """The clock tau = log sigma(t) = -lambda(t) / 2 for an SDE whose kernel is only piecewise smooth in t
+    (``sde.smooth_in_t`` False, as a :class:`sdegen.DiscreteVPSDE`'s table). A field dy/dt = F(t, y) becomes
+
+        dy/dtau = F(t(tau), y) dt/dtau,        dt/dtau = 2 s^2 / g^2        (since dlambda/dt = -g^2 / s^2),
+
+    whose probability flow, (2 f s^2 / g^2) x - s^2 score, depends on t only through m and s: smooth in tau for
+    a VP table, whose f / g^2 = -1/2 is constant, where f and g^2 jump at every timestep in t."""
+
+    def __init__(self, sde: SDE):
+        self.sde = sde
+
+    def tau(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * self.sde.log_snr(t)
+
+    def t(self, tau: torch.Tensor) -> torch.Tensor:
+        return self.sde.t_from_log_snr(-2.0 * tau)
+
+    def rate(self, t: torch.Tensor) -> torch.Tensor:
+        """dt/dtau at t."""
+        return 2.0 * self.sde.std(t) ** 2 / self.sde.diffusion(t) ** 2
+
+    def step_in_t(self, tau: float, dtau: float) -> float:
+        """The length in t of a step from tau to tau + dtau (for messages)."""
+        ends = self.t(torch.tensor([tau, tau + dtau], dtype=torch.float64))
+        return abs(float(ends[1] - ends[0]))
+
+
+def clock_for(sde: SDE) -> Optional[LogSigmaClock]:
+    """The clock torchdiffeq integrates ``sde``'s flow in: None (t itself) for kernels smooth in t."""
+    return None if sde.smooth_in_t else LogSigmaClock(sde)
+
+
+class _InClock(torch.nn.Module):
+    """field(t, y) as a field of the clock tau (see :class:`LogSigmaClock`)."""
+
+    def __init__(self, field: Callable, clock: LogSigmaClock):
+        super().__init__()
+        self.field, self.clock = field, clock
+
+    def forward(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = self.clock.t(tau)
+        return self.field(t, y) * self.clock.rate(t).to(y.dtype)
+
+
 class _StepRecorder:
     """torchdiffeq step callbacks: count accepted and rejected steps, remember the last (t, dt) tried."""
 
@@ -98,7 +143,7 @@ class _StepRecorder:
         # torchdiffeq integrates a decreasing span in the clock -t: the callbacks see t in the caller's clock but
         # a positive step dt, so a step from t0 reaches t0 + direction * dt
         self.accepted, self.rejected, self.attempted, self.monitor = 0, 0, 0, monitor
-        self.direction = direction
+        self.direction, self.clock = direction, None  # clock: the solver's time is tau (LogSigmaClock), not t
         self.t_tried, self.dt_tried, self.dt_before, self.t_reached = None, None, None, None
         valid = _ODE_SOLVERS[method].valid_callbacks()
         if "callback_accept_step" in valid:
@@ -129,7 +174,12 @@ class _StepRecorder:
         dt = math.nan if self.dt_tried is None else float(self.dt_tried)
         if dt == 0.0 and self.dt_before is not None:
             dt = float(self.dt_before)
-        return (math.nan if t is None else float(t)), dt
+        t = math.nan if t is None else float(t)
+        if self.clock is not None and not math.isnan(t):
+            if not math.isnan(dt):
+                dt = self.clock.step_in_t(t, self.direction * dt)
+            t = float(self.clock.t(torch.tensor(t, dtype=torch.float64)))
+        return t, dt
 
 
 class _ODEFunc(_StepRecorder, torch.nn.Module):
@@ -232,12 +282,14 @@ class ODESolver(Solver):
         lo, hi = float(ts.min()), float(ts.max())
         monitor = FailureMonitor() if self.adaptive else None
         direction = -1.0 if float(ts[-1]) < float(ts[0]) else 1.0
-        func = _ODEFunc(ProbabilityFlowODE(sde, score, t_clamp=(lo, hi)), self.solver, monitor, direction)
-        t = ts.to(device=x.device)
+        flow, clock = ProbabilityFlowODE(sde, score, t_clamp=(lo, hi)), clock_for(sde)
+        func = _ODEFunc(flow if clock is None else _InClock(flow, clock), self.solver, monitor, direction)
+        func.clock = clock
+        t = (ts if clock is None else clock.tau(ts)).to(device=x.device)
         if self.adaptive:
             options = {"norm": monitor, "step_t": t[-1:], "max_num_steps": self.max_steps}
         else:
-            options = {"step_size": (hi - lo) / (steps or self.default_steps)}
+            options = {"step_size": float(t.max() - t.min()) / (steps or self.default_steps)}
         options.update(self.options)
         name = f"'ode' (torchdiffeq {self.solver!r})"
         try:
@@ -514,9 +566,10 @@ class _CountingFunc(_StepRecorder, torch.nn.Module):
 
 def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: float, *, method: str = "dopri5",
                     rtol: Optional[float] = None, atol: Optional[float] = None, max_steps: Optional[int] = None,
-                    steps: Optional[int] = None, adjoint: bool = False,
-                    adjoint_params=None) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """Integrate ``dy/dt = field(t, y)`` for an augmented state y (B, D + 1) from t0 to t1 with torchdiffeq.
+                    steps: Optional[int] = None, adjoint: bool = False, adjoint_params=None,
+                    clock: Optional[LogSigmaClock] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Integrate ``dy/dt = field(t, y)`` for an augmented state y (B, D + 1) from t0 to t1 with torchdiffeq
+    (in the clock tau of ``clock`` when given: see :class:`LogSigmaClock`; times reported are t).
 
     Adaptive methods control the error per example with :class:`AugmentedNorm` at ``rtol``, ``atol`` (default
     1e-5 each) within ``max_steps`` steps (default 10_000) and land exactly on t1; they raise
@@ -546,12 +599,14 @@ def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: flo
                             "of `steps` equal steps")
         rtol = atol = 1e-5  # not read by a fixed-grid method
     norm = AugmentedNorm()
-    func = _CountingFunc(field, norm, method, max_steps, y0)
-    t = torch.tensor([t0, t1], dtype=torch.float64, device=y0.device)
+    func = _CountingFunc(field if clock is None else _InClock(field, clock), norm, method, max_steps, y0)
+    func.clock = clock
+    t = torch.tensor([t0, t1], dtype=torch.float64)
+    t = (t if clock is None else clock.tau(t)).to(y0.device)
     if adaptive:
         options = {"norm": norm, "step_t": t[-1:], "max_num_steps": max_steps + 1}
     else:
-        options = {"step_size": (t1 - t0) / (steps or 100)}
+        options = {"step_size": float(t[1] - t[0]) / (steps or 100)}
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
     name = f"log_likelihood (torchdiffeq {method!r})"
     try:
@@ -574,4 +629,7 @@ def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: flo
             failure.nfe = func.nfe
             raise
     steps_taken = func.accepted if adaptive else func.attempted
-    return out[-1], {"nfe": func.nfe, "steps": steps_taken, "rejected": func.rejected, "failed_at": func.failed_at}
+    failed_at = func.failed_at
+    if failed_at is not None and clock is not None:
+        failed_at = torch.where(torch.isnan(failed_at), failed_at, clock.t(failed_at.nan_to_num(0.0)))
+    return out[-1], {"nfe": func.nfe, "steps": steps_taken, "rejected": func.rejected, "failed_at": failed_at}

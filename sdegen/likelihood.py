@@ -27,7 +27,7 @@ from ._util import batch_time, check_finite_tensor
 from ._validate import (check_callable, check_choice, check_flag, check_int, check_number, check_tensor,
                         reject_inapplicable)
 from .models import as_model
-from .backends import ODE_METHODS, is_adaptive_ode_method, solve_augmented
+from .backends import ODE_METHODS, clock_for, is_adaptive_ode_method, solve_augmented
 from .errors import SolverError, check_on_failure, nonfinite_rows, scatter_rows, solve_without_failures
 from .divergence import (PROBE_KINDS, check_differentiable_output, divergence_exact, divergence_hutchinson,
                          make_probes)
@@ -335,6 +335,7 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         try:
             y1, info = solve_augmented(field, y0, t_lo, t_hi, method=opt.solver, steps=steps, adjoint=adjoint,
                                        adjoint_params=None if adjoint_params is None else tuple(adjoint_params),
+                                       clock=clock_for(sde),
                                        **tolerances)
         except SolverError as err:
             nfe[0] += getattr(err, "nfe", 0)

@@ -77,7 +77,9 @@ class SDE(abc.ABC):
     t_to)``, ``t_from_log_snr(lam)`` and ``t_from_sigma(sigma)`` (default: bisection in float64). Class or
     instance attributes: ``T`` (end time, default 1), ``t_min`` (default end of sampling, 1e-3),
     ``t_min_is_earliest`` (True where no model is defined before ``t_min``, as for a discrete timestep table: no
-    default time then goes below it; default False) and ``prior_std`` (default s(T)). ``config()`` returns the
+    default time then goes below it; default False), ``smooth_in_t`` (False where the kernel is only piecewise
+    smooth in t, as a table interpolated linearly: torchdiffeq's solvers then integrate the flow in log sigma,
+    where it is smooth; default True) and ``prior_std`` (default s(T)). ``config()`` returns the
     constructor's keyword arguments, so that checkpoints can rebuild the SDE with ``from_config`` (the default,
     ``{}``, suits an SDE without arguments).
 
@@ -94,6 +96,7 @@ class SDE(abc.ABC):
     T: float = 1.0
     t_min: float = 1e-3
     t_min_is_earliest: bool = False
+    smooth_in_t: bool = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -689,10 +692,14 @@ class DiscreteVPSDE(SDE):
     is linear in t, which is linear in log sigma, sigma = sqrt((1 - alpha_bar)/alpha_bar), as diffusers
     interpolates between timesteps; on [0, t_0] beta is constant (B = -log alpha_bar linear, from 0).
     m = sqrt(alpha_bar), s = sqrt(1 - alpha_bar), and g^2 = beta = -2 f, as for every VP process.
+    beta is therefore a step function of t, jumping at every timestep: in t the probability flow has N
+    discontinuities that an adaptive Runge-Kutta error estimate does not see, so torchdiffeq's solvers integrate it
+    in log sigma, where it is smooth (``smooth_in_t = False``).
     """
 
     prior_std = 1.0
     t_min_is_earliest = True  # timestep 0 of the table: its networks have seen no earlier time
+    smooth_in_t = False
 
     def __init__(self, alphas_cumprod, *, t_min: Optional[float] = None):
         ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()
