@@ -283,3 +283,17 @@ def test_outputs_and_inputs_are_not_modified(settings, dtype):
 def test_bad_settings(settings, err, word):
     with pytest.raises(err, match=word):
         ExponentialAdams(**settings)
+
+
+def test_the_noise_rule_is_reachable_by_name_through_sample():
+    """exp_adams' noise rule is an option of sample (noise_rule=), apart from sample's own noise= (the streams):
+    the DDIM rule at order 1 is "ddim" bit for bit; the old name noise= still works on the class, with a warning."""
+    sde, gm = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    a = sdegen.sample(sde, gm, shape=(8, 2), method="exp_adams", steps=5, seed=0, eta=0.5, noise_rule="ddim",
+                      predictor_order=1)
+    assert torch.equal(a, sdegen.sample(sde, gm, shape=(8, 2), method="ddim", steps=5, seed=0, eta=0.5))
+    with pytest.warns(DeprecationWarning, match="noise_rule"):
+        old = ExponentialAdams(predictor_order=1, eta=0.5, noise="ddim")
+    assert old.noise_rule == "ddim"
+    with pytest.raises(ValueError, match="noise_rule"):
+        ExponentialAdams(noise_rule="sde", noise="ddim")

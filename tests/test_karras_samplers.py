@@ -202,3 +202,28 @@ def test_repr_and_declarations():
         assert sampler.order == 2 and sampler.nfe_per_step == 2 and sampler.total_nfe(7) == 14
     assert DPM2Ancestral().stochastic and not DPM2().stochastic and not DPMPP2SAncestral(eta=0.0).stochastic
     assert "final_step='euler'" in repr(Heun())
+
+
+
+@pytest.mark.parametrize("method, options", [("euler_ancestral", dict(eta=1.0)), ("dpm_2_ancestral", dict(eta=0.5)),
+                                             ("dpmpp_2s_ancestral", dict(eta=1.0)), ("dpmpp_sde", dict(eta=1.0)),
+                                             ("restart", dict(restarts=1)), ("heun", dict(s_churn=1.0))])
+def test_without_its_fresh_noise_a_stochastic_sampler_stays_stochastic(method, options):
+    """s_noise = 0 with noise asked for keeps the room the step makes for the noise (sigma_down, a restart's jump,
+    the churn's raised sigma): it is the s_noise -> 0 limit of the stochastic sampler, not the probability-flow ODE
+    (whose order it would otherwise claim), so it is declared stochastic; with the noise switched off (eta,
+    restarts or s_churn 0) the sampler is deterministic."""
+    sde, gm = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    x_T = sde.prior_sample((64, 2), seed=1, dtype=torch.float64)
+    _, info = sdegen.sample(sde, gm, x_T, method=method, steps=8, seed=0, s_noise=0.0, return_info=True, **options)
+    assert info.sampler.stochastic
+    off = {name: 0 for name in options}
+    _, info = sdegen.sample(sde, gm, x_T, method=method, steps=8, seed=0, s_noise=0.0, return_info=True, **off)
+    assert not info.sampler.stochastic
+
+@pytest.mark.parametrize("method, name", [("heun", "s_churn"), ("heun", "s_noise"), ("heun", "s_tmax"),
+                                          ("annealed_langevin", "steps_each")])
+def test_bools_are_not_numbers(method, name):
+    with pytest.raises((TypeError, ValueError), match=name):
+        sdegen.sample(sdegen.VPSDE(), sdegen.GaussianMixture.ring(), shape=(2, 2), method=method, steps=2, seed=0,
+                      **{name: True})

@@ -10,8 +10,9 @@ from typing import List, Tuple
 
 import torch
 
-from .base import (StepSampler, cache_grid as _cache_grid, check_unit, point as _point, points_at_u as _points_at_u,
-                   time_at_u as _t_at)
+from .._validate import check_number
+from .base import (StepSampler, cache_grid as _cache_grid, check_unit,
+                   point as _point, points_at_u as _points_at_u, time_at_u as _t_at)
 from .exponential import exp_moments
 
 
@@ -47,9 +48,8 @@ class Heun(StepSampler):
             raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}.")
         self.final_step = final_step
         for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
-            if not (isinstance(v, (int, float)) and 0.0 <= v < math.inf):
-                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}.")
-        if not (isinstance(s_tmax, (int, float)) and s_tmax >= s_tmin):
+            check_number(v, name, lo=0.0)
+        if isinstance(s_tmax, bool) or not (isinstance(s_tmax, (int, float)) and s_tmax >= s_tmin):
             raise ValueError(f"s_tmax must be a number >= s_tmin={s_tmin!r}; got {s_tmax!r}.")
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)
         self.stochastic = self.s_churn > 0
@@ -127,7 +127,7 @@ class EulerAncestral(StepSampler):
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0.0 <= v < math.inf):
                 raise ValueError(f"{name} must be a finite number >= 0; got {v!r}.")
         self.eta, self.s_noise = float(eta), float(s_noise)
-        self.stochastic = self.eta > 0 and self.s_noise > 0
+        self.stochastic = self.eta > 0  # s_noise = 0 too: the step still makes room for the noise
 
     def start(self, ctx, x, ts):
         _cache_grid(ctx, ts)
@@ -361,7 +361,8 @@ class DPM2Ancestral(DPM2):
     Args:
         eta: the ancestral noise fraction, in [0, 1] (above 1 sigma_down can reach 0, where the midpoint stage
             does not exist).
-        s_noise: scale of the fresh noise (EDM's S_noise), a finite number >= 0.
+        s_noise: scale of the fresh noise (EDM's S_noise), a finite number >= 0; 0 drops the fresh noise but not the
+            step's sigma_down, so the samples are under-dispersed (the probability-flow ODE is eta = 0).
     """
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0):
@@ -369,7 +370,7 @@ class DPM2Ancestral(DPM2):
         if isinstance(s_noise, bool) or not (isinstance(s_noise, (int, float)) and 0.0 <= s_noise < math.inf):
             raise ValueError(f"s_noise must be a finite number >= 0; got {s_noise!r}.")
         self.s_noise = float(s_noise)
-        self.stochastic = self.eta > 0 and self.s_noise > 0
+        self.stochastic = self.eta > 0  # s_noise = 0 too: the step still makes room for the noise
 
     def _split(self, sigma: float, sigma_next: float) -> Tuple[float, float]:
         return ancestral_split(sigma, sigma_next, self.eta)
@@ -392,7 +393,8 @@ class DPMPP2SAncestral(DPM2Ancestral):
 
     Args:
         eta: the ancestral noise fraction, in [0, 1].
-        s_noise: scale of the fresh noise, a finite number >= 0.
+        s_noise: scale of the fresh noise, a finite number >= 0 (0 drops it but not the step's sigma_down: the
+            samples are under-dispersed; the probability-flow ODE is eta = 0).
     """
 
     default_schedule = "log_snr"

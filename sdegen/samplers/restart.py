@@ -98,7 +98,7 @@ class Restart(StepSampler):
         self.inner = Heun(final_step="heun") if solver == "heun" else self.main  # a re-solve ends at t_j, not t_min
         self.solver, self.final_step = solver, final_step
         self.default_schedule = self.main.default_schedule
-        self.stochastic = self.restarts > 0 and self.s_noise > 0
+        self.stochastic = self.restarts > 0  # s_noise = 0 too: a restart still jumps up in time
 
     def _n_restart(self, steps: int) -> int:
         return self.restart_steps if self.restart_steps is not None else max(1, round(steps / 4))

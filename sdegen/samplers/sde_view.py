@@ -229,7 +229,7 @@ class AnnealedLangevin(StepSampler):
     default_steps = 100
 
     def __init__(self, steps_each: int = 10, step_lr: Optional[float] = None):
-        if not (isinstance(steps_each, int) and steps_each >= 1):
+        if isinstance(steps_each, bool) or not (isinstance(steps_each, int) and steps_each >= 1):
             raise ValueError(f"steps_each must be an int >= 1; got {steps_each!r}.")
         if step_lr is not None and not (isinstance(step_lr, (int, float)) and step_lr > 0 and math.isfinite(step_lr)):
             raise ValueError(f"step_lr must be a finite number > 0 or None; got {step_lr!r}.")

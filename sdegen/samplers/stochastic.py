@@ -84,7 +84,7 @@ class DPMSolverPPSDE(StepSampler):
         if brownian not in BROWNIAN_CLOCKS:
             raise ValueError(f"brownian must be one of {BROWNIAN_CLOCKS}; got {brownian!r}.")
         self.r, self.brownian = float(r), brownian
-        self.stochastic = self.eta > 0.0 and self.s_noise > 0.0
+        self.stochastic = self.eta > 0.0  # s_noise = 0 too: the step still makes room for the noise
 
     def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> dict:
         """The stage times u + r h of every step and their (m, s), in one vectorised call."""
