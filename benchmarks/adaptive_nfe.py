@@ -233,7 +233,7 @@ def likelihood_option_rows(pname, gm, sde, n, tol, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"the first {QUICK} problems only")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="torch device of the states and the oracle (default cpu)")

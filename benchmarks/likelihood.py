@@ -761,7 +761,7 @@ def multistep_study(quick: bool):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved headline timing")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (64 samples, one tolerance)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

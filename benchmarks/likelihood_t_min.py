@@ -38,7 +38,7 @@ def problems(quick: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer points and problems")
     ap.add_argument("--out", default=str(RESULTS / "likelihood_t_min.md"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

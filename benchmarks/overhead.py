@@ -169,7 +169,7 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _peak_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None, help="round-robin repeats (default 5, 3 with --quick)")
     parser.add_argument("--baseline", default=None, help="directory of another copy of the package (see above)")

@@ -474,7 +474,7 @@ def write_reports(rows, adaptive_rows, suffix, seconds, with_plots, fits=(), met
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="NFE 10 and 20 on VP only, fewer points")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--threads", type=int, default=1)

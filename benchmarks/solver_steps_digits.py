@@ -311,7 +311,7 @@ def write_reports(rows, heads, ref_record, fits, settings, out, name="solver_ste
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", default=example.CHECKPOINTS,
                    help="folder of the example's checkpoints and their SHA256SUMS (default: the shipped ones)")
     p.add_argument("--images", type=int, default=256, help="evaluation starting points")

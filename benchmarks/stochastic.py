@@ -188,7 +188,7 @@ def summarize(results, names, nfes, schedules):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="NFE 50 only, two sets")
     parser.add_argument("--n", type=int, default=4000, help="samples per set")
     parser.add_argument("--sets", type=int, default=4, help="independent sample sets per configuration")

@@ -565,7 +565,7 @@ def plot(rows, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 small problems, 300 points (a smoke run)")
     parser.add_argument("--holdout-seeds", default=None, metavar="S1,S2,...",
                         help="fresh problems (and SDE parameters) drawn per seed instead of the suite")

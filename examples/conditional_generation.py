@@ -47,7 +47,7 @@ MANIFEST = "SHA256SUMS"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated digits to generate")
     p.add_argument("--per-digit", type=int, default=20, help="samples per requested digit and guidance scale")
     p.add_argument("--scale", type=float, default=2.0, help="classifier-guidance scale of the headline figures")

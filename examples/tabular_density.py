@@ -40,7 +40,7 @@ DATASETS = ("wine", "breast_cancer")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: wine, breast_cancer")
     p.add_argument("--widths", default="64,256", help="MLP widths to choose from on the validation split")
     p.add_argument("--model-seeds", default="0,1,2", help="training seeds (initial weights and the loss's draws); "

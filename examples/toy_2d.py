@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--sampler", default="reverse_diffusion")

@@ -351,6 +351,8 @@ def sample_sharded(sde: SDE, score=None, num_samples: Optional[int] = None,
         gather: "main" assembles the samples on rank 0 (``result["samples"]``), "all" on every rank (handy
             when every rank goes on with the same script), None not at all; shard_dir: also write this rank's
             samples and indices to ``shard_dir/samples-RRRRR-of-WWWWW.pt`` (read back with :func:`load_shards`).
+        progress: a progress bar of the chunks on rank 0; dtype: the samples' dtype (float32 by default, as
+            :func:`sdegen.sample`).
         device: where to sample (default: the rank's device); ctx: from :func:`init_distributed` (default:
             the current process group). Other keywords (method, steps, denoise, ...) go to :func:`sdegen.sample`.
         num_samples, event_shape: the deprecated form of ``shape = (num_samples, *event_shape)``

@@ -171,6 +171,7 @@ def dsm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None
         reduce: "sum" or "mean" over the values of one example.
         seed: the random source of t and the noise: an int, a torch.Generator, or None (torch's global generator).
             ``generator`` is its deprecated name (DeprecationWarning).
+        t_min: the earliest time drawn (default: the SDE's ``t_min``); times are drawn in [t_min, T].
     Returns: a scalar (the batch mean), or the (B,) per-example losses with ``return_per_example=True``.
     """
     sde = _sde_of(model, sde)

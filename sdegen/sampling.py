@@ -67,6 +67,7 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
             ``score_fn(sde)`` such as :class:`sdegen.analytic.GaussianMixture`.
         x_T: the starting state (B, ...); drawn from the prior with ``shape`` (and ``dtype``/``device``) if None.
             Never modified.
+        shape: (B, ...), the number of samples and the shape of one, when ``x_T`` is None (then required).
         method: a name from :data:`sdegen.samplers.SAMPLERS` ("euler_maruyama", "reverse_diffusion", "ancestral",
             "pc", "annealed_langevin", "euler", ...), "ode" (torchdiffeq) or "sde" (torchsde), or a sampler object.
         steps: number of steps (fixed-step samplers and fixed-grid back-end methods); the sampler's default if None.

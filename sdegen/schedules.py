@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._deprecation import renamed
 from ._validate import check_int, check_number
 from .noise import check_seed, torch_generator
 from .sde import SDE
@@ -227,10 +228,11 @@ PILOT_ORDER = 3  # the pilot's predictor order: the local error it controls (the
 PILOT_ERRORS = ("local", "global")
 
 
-def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order: int = 3, batch: int = 64,
-               rtol: float = 1e-3, atol: float = 1e-3, seed: Union[int, torch.Generator, None] = 0,
-               t_min: Optional[float] = None, t_max: Optional[float] = None, dtype: torch.dtype = torch.float64,
-               device=None, error: str = "global") -> PilotGrid:
+def pilot_grid(sde: SDE, score: Any = None, steps: Optional[int] = None, shape: Optional[Sequence[int]] = None, *,
+               order: int = 3, batch: int = 64, rtol: float = 1e-3, atol: float = 1e-3,
+               seed: Union[int, torch.Generator, None] = 0, t_min: Optional[float] = None,
+               t_max: Optional[float] = None, dtype: torch.dtype = torch.float64, device=None, error: str = "global",
+               model: Any = None) -> PilotGrid:
     """A grid of ``steps`` steps for a fixed-step sampler of global ``order``, laid out as the adaptive solver lays
     out its own steps on this model: no constant of the data or of the SDE enters.
 
@@ -271,6 +273,8 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
     from .models import as_model
     from .sampling import sample  # the driver imports this module
 
+    score, _ = renamed("pilot_grid", "score", score, "model", model)
+    _require_model_steps_shape("pilot_grid", score, steps, shape)
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
     if not (isinstance(order, int) and not isinstance(order, bool) and order >= 1):
@@ -281,7 +285,7 @@ def pilot_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order:
         raise ValueError(f"error must be one of {PILOT_ERRORS} (the error the grid equidistributes); got {error!r}.")
     seed = check_seed(seed)
     ends = time_grid(sde, 1, "uniform", t_min=t_min, t_max=t_max)
-    model = as_model(model, sde)
+    model = as_model(score, sde)
     x = sde.prior_sample((batch,) + tuple(shape), seed=seed, dtype=dtype, device=device)
     pilot = _recording_pilot(rtol, atol)
     with torch.no_grad():
@@ -513,6 +517,12 @@ def check_grid(sde: SDE, ts: torch.Tensor, name: str = "schedule") -> torch.Tens
         raise ValueError(f"{name}: grid times must lie in (0, T={sde.T!r}]; got [{float(ts[-1]):g}, "
                          f"{float(ts[0])!r}].")
     return ts
+
+
+def _require_model_steps_shape(where: str, score: Any, steps: Any, shape: Any) -> None:
+    missing = [name for name, value in (("score", score), ("steps", steps), ("shape", shape)) if value is None]
+    if missing:
+        raise TypeError(f"{where} needs {', '.join(missing)}: {where}(sde, score, steps, shape).")
 
 
 def check_sde(sde: SDE) -> SDE:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import functools
 import importlib
+import inspect
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -861,3 +862,14 @@ class ProbabilityFlowODE(torch.nn.Module):
     def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
         t = self.sde.check_time_for(x, t)
         return self.sde.reverse_drift(x, t, self.score(x, batch_time(t, x).to(x.dtype)), True)
+
+
+def _constructor_signature(cls: type) -> inspect.Signature:
+    """The signature of ``cls.__init__`` without ``self``: what ``inspect.signature`` and ``help`` show for the VP
+    classes, whose ``__new__`` (which turns ``VPSDE(schedule="cosine")`` into a CosineVPSDE) would hide it."""
+    sig = inspect.signature(cls.__init__)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+for _cls in (VPSDE, CosineVPSDE, SubVPSDE):
+    _cls.__signature__ = _constructor_signature(_cls)

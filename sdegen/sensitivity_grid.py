@@ -26,7 +26,8 @@ import torch
 
 from ._validate import check_int
 from .noise import check_seed, torch_generator
-from .schedules import time_grid
+from ._deprecation import renamed
+from .schedules import _require_model_steps_shape, time_grid
 from .sde import SDE
 
 F64 = torch.float64
@@ -124,10 +125,10 @@ def _equidistribute(u: torch.Tensor, c: torch.Tensor, steps: int, order: int, ce
     return torch.tensor(points, dtype=F64)
 
 
-def sensitivity_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, order: int = 1, points: int = 48,
-                     batch: int = 64, seed: Union[int, torch.Generator, None] = 0, t_min: Optional[float] = None,
-                     t_max: Optional[float] = None, dtype: torch.dtype = F64,
-                     device=None) -> Tuple[torch.Tensor, int]:
+def sensitivity_grid(sde: SDE, score: Any = None, steps: Optional[int] = None, shape: Optional[Sequence[int]] = None,
+                     *, order: int = 1, points: int = 48, batch: int = 64, seed: Union[int, torch.Generator, None] = 0,
+                     t_min: Optional[float] = None, t_max: Optional[float] = None, dtype: torch.dtype = F64,
+                     device=None, model: Any = None) -> Tuple[torch.Tensor, int]:
     """(times, pilot model calls): a grid of ``steps`` steps for a stochastic sampler of global ``order`` q whose
     steps have equal error estimates max C(u) (1 - e^{-2h})^{q+1} over each step u -> u + h, u = log(m/s), C from
     :func:`sensitivity_profile` (see the module docstring).
@@ -143,6 +144,8 @@ def sensitivity_grid(sde: SDE, model: Any, steps: int, shape: Sequence[int], *, 
     finer than the forward differences resolve it, sqrt(eps) of ``dtype``; where it is below that everywhere (D
     constant or the identity), the grid is the log-SNR grid.
     """
+    model, _ = renamed("sensitivity_grid", "score", score, "model", model)
+    _require_model_steps_shape("sensitivity_grid", model, steps, shape)
     check_int(steps, "steps", lo=1)
     check_int(order, "order", lo=1)
     ts, c, nfe = sensitivity_profile(sde, model, shape, points=points, batch=batch, seed=seed, t_min=t_min,

@@ -271,7 +271,8 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
             :func:`batch_loss`). The generator lives on the data's device (the model's for a non-tensor
             ``data``), so the noise and times are drawn where the batch is, without a copy.
         data: a tensor (N, ...), a tuple of tensors (x, y, ...), or any iterable of batches.
-        steps: optimizer steps (at most) in this call.
+        steps: optimizer steps (at most) in this call; batch_size: examples per step (a tensor or tuple ``data`` is
+            shuffled into batches of this size; an iterable's own batches are used as they come).
         lr, warmup_steps: the learning rate (finite, > 0; default 2e-4 for the Adam optimizer made here, and the
             optimizer's own for a given ``optimizer``, whose groups it then overrides) with a linear warm-up over
             ``warmup_steps`` >= 0 steps (0: none), counted from step 0 of the whole run.
@@ -285,7 +286,7 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
         grad_clip: the largest global gradient norm, > 0 (None: no clipping).
         seed: the random source that shuffles the data and that the loss draws from: an int seeds a generator on
             the data's device, a torch.Generator is used as it is (on its own device).
-        progress: show a tqdm progress bar (True or False).
+        progress: show a tqdm progress bar (True or False); desc: its label.
         wrap_model, is_main, on_step: hooks for distributed training (see the module docstring); ``on_step(step,
             loss)`` receives the loss as a float, so it reads the loss back at every step.
         evaluate: ``evaluate(module) -> float``, a held-out metric, lower is better, called under ``torch.no_grad``

@@ -532,3 +532,28 @@ def test_classifier_free_guidance_takes_the_model_as_score(no_warnings):
         sdegen.classifier_free_guidance(model)
     with pytest.raises(TypeError, match="score must be a callable conditional model"):
         sdegen.classifier_free_guidance(3, 0)
+
+
+@pytest.mark.parametrize("make", ["pilot_grid", "sensitivity_grid"])
+def test_grids_take_the_model_as_score(make, no_warnings):
+    """The second argument is named score everywhere; model= still works, with a DeprecationWarning, and gives the
+    same grid."""
+    from sdegen.sensitivity_grid import sensitivity_grid
+    fn = {"pilot_grid": sdegen.pilot_grid, "sensitivity_grid": sensitivity_grid}[make]
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    new = fn(sde, score=ring, steps=6, shape=(2,), batch=8)
+    with pytest.warns(DeprecationWarning, match="score="):
+        old = fn(sde, model=ring, steps=6, shape=(2,), batch=8)
+    times = (lambda g: g.times) if make == "pilot_grid" else (lambda g: g[0])
+    assert torch.equal(times(new), times(old))
+    with pytest.raises(ValueError, match="both"):
+        fn(sde, ring, 6, (2,), model=ring)
+    with pytest.raises(TypeError, match="steps"):
+        fn(sde, ring)
+
+
+def test_vp_constructors_show_their_parameters():
+    import inspect
+    assert list(inspect.signature(sdegen.VPSDE).parameters)[:2] == ["beta_min", "beta_max"]
+    assert inspect.signature(sdegen.SubVPSDE).parameters["beta_max"].default == 20.0
+    assert "cosine_s" in inspect.signature(sdegen.CosineVPSDE).parameters

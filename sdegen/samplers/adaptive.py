@@ -66,7 +66,8 @@ class AdaptiveExponential(Solver):
         rtol, atol: relative and absolute tolerances (as in torchdiffeq).
         h_init: first step in u (default: a tenth of the span of u).
         safety: the controller's safety factor; max_steps: limit on attempted steps (:class:`sdegen.SolverError`
-            beyond it, naming the examples whose error exceeded the tolerance).
+            beyond it, naming the examples whose error exceeded the tolerance); max_factor: the largest growth of
+            the step from one step to the next, > 1 (default 2).
         on_failure: "raise" (default): a non-finite state or a step size that underflows raise
             :class:`sdegen.SolverError` naming the examples responsible, the time reached and the last step
             (in u); "mask": those examples are set aside and the solve restarts on the others, so their result

@@ -204,4 +204,3 @@ def check_unit(value: float, name: str) -> float:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}.")
     return float(value)
-
