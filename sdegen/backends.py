@@ -136,6 +136,17 @@ class _InClock(torch.nn.Module):
         return self.field(t, y) * self.clock.rate(t).to(y.dtype)
 
 
+def _equal_steps(steps: int):
+    """A torchdiffeq grid constructor of exactly ``steps`` equal steps over the span (its own ``step_size`` rule,
+    ceil(span / step_size + 1) points, adds a step of round-off length for some step counts)."""
+    def grid(func, y0, t: torch.Tensor) -> torch.Tensor:
+        fractions = torch.arange(steps + 1, dtype=t.dtype, device=t.device) / steps
+        points = t[0] + (t[-1] - t[0]) * fractions
+        points[-1] = t[-1]
+        return points
+    return grid
+
+
 class _StepRecorder:
     """torchdiffeq step callbacks: count accepted and rejected steps, remember the last (t, dt) tried."""
 
@@ -289,7 +300,7 @@ class ODESolver(Solver):
         if self.adaptive:
             options = {"norm": monitor, "step_t": t[-1:], "max_num_steps": self.max_steps}
         else:
-            options = {"step_size": float(t.max() - t.min()) / (steps or self.default_steps)}
+            options = {"grid_constructor": _equal_steps(steps or self.default_steps)}
         options.update(self.options)
         name = f"'ode' (torchdiffeq {self.solver!r})"
         try:
@@ -606,7 +617,7 @@ def solve_augmented(field: torch.nn.Module, y0: torch.Tensor, t0: float, t1: flo
     if adaptive:
         options = {"norm": norm, "step_t": t[-1:], "max_num_steps": max_steps + 1}
     else:
-        options = {"step_size": float(t[1] - t[0]) / (steps or 100)}
+        options = {"grid_constructor": _equal_steps(steps or 100)}
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
     name = f"log_likelihood (torchdiffeq {method!r})"
     try:

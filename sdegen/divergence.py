@@ -38,8 +38,12 @@ def check_differentiable_output(out, x: torch.Tensor, what: str = "the field") -
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{what} must return a tensor of x's shape {tuple(x.shape)}; got {got}.")
     if not out.requires_grad:
+        if torch.is_inference_mode_enabled():
+            raise TypeError(f"{what} cannot be differentiated inside torch.inference_mode(), and the divergence needs "
+                            "its gradient: call it under torch.no_grad() instead (which works) or outside both.")
         raise TypeError(f"{what} returned a tensor that does not depend on x through autograd (computed under "
-                        "torch.no_grad() or outside torch?); the divergence needs a differentiable field.")
+                        "torch.no_grad() inside the field, or outside torch?); the divergence needs a differentiable "
+                        "field.")
     return out
 
 

@@ -66,15 +66,19 @@ def _label_batch(y: Labels, x: torch.Tensor) -> torch.Tensor:
     return y.to(device=x.device, dtype=torch.long)
 
 
-def classifier_log_prob_grad(classifier: Callable, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def classifier_log_prob_grad(classifier: Callable, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                             check_classes: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """grad_x log p_t(y | x) = grad_x log_softmax(classifier(x, t))[y], shape of x. Differentiable itself (second
-    order) when x requires grad, so gradients can flow through guided sampling."""
+    order) when x requires grad, so gradients can flow through guided sampling. ``check_classes``, if given, is
+    called with the number of classes the logits have before the labels index them."""
     keep_graph = x.requires_grad
     with torch.enable_grad():
         xi = x if keep_graph else x.detach().requires_grad_(True)
         logits = classifier(xi, t)
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"the classifier must return logits of shape (B, C); got {tuple(logits.shape)}.")
+        if check_classes is not None:
+            check_classes(logits.shape[1])
         logp = torch.log_softmax(logits, dim=1).gather(1, y[:, None]).sum()
         (grad,) = torch.autograd.grad(logp, xi, create_graph=keep_graph)
     return grad
@@ -114,12 +118,12 @@ class ClassifierGuidedScore:
         if self.scale == 0.0:
             return s
         y = _label_batch(self.y, x)
-        if not self._checked:  # classes unknown up front: check once against the classifier's output
-            with torch.no_grad():
-                n = self.classifier(x[:1].detach(), t[:1] if t.ndim else t).shape[1]
-            _check_labels(self.y, n)
-            self._checked = True
-        return s + self.scale * classifier_log_prob_grad(self.classifier, x, t, y)
+        check = None if self._checked else self._check_classes  # classes unknown up front: check the first output
+        return s + self.scale * classifier_log_prob_grad(self.classifier, x, t, y, check_classes=check)
+
+    def _check_classes(self, n: int) -> None:
+        _check_labels(self.y, n)
+        self._checked = True
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not callable(self.base):

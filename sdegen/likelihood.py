@@ -221,7 +221,8 @@ def _prior_log_prob(prior: Optional[Callable], sde: SDE, x_T: torch.Tensor) -> t
     lp = sde.prior_log_prob(x_T) if prior is None else prior(x_T)
     if not isinstance(lp, torch.Tensor) or lp.shape != (x_T.shape[0],):
         got = tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
-        raise ValueError(f"prior(x_T) must return per-example log-densities of shape ({x_T.shape[0]},); got {got}.")
+        raise ValueError(f"prior(x_T) must return one log-density per example, shape (B,) for x_T of shape (B, ...): "
+                         f"({x_T.shape[0]},) for the batch of {x_T.shape[0]} it was called with; got {got}.")
     return lp.to(x_T.dtype)
 
 
@@ -432,7 +433,9 @@ def dequantize(x: torch.Tensor, levels: int, *, data_range: Tuple[float, float] 
     lo, hi = _check_discrete(levels, data_range)
     n = (x.double() - lo) / (hi - lo) * (levels - 1)
     n_int = n.round()
-    if bool(((n - n_int).abs() > 1e-3).any()) or bool(((n_int < 0) | (n_int > levels - 1)).any()):
+    # a level is recognised within 1e-3 of its spacing, or within x's own rounding (16-bit levels in float32)
+    slack = max(1e-3, 4.0 * torch.finfo(x.dtype).eps * max(abs(lo), abs(hi)) / (hi - lo) * (levels - 1))
+    if bool(((n - n_int).abs() > slack).any()) or bool(((n_int < 0) | (n_int > levels - 1)).any()):
         raise ValueError(f"x must hold {levels} levels scaled to data_range=({lo:g}, {hi:g}), i.e. values "
                          f"lo + (hi - lo) n / {levels - 1}; got values off that grid.")
     seeds = make_seeds(seed, x.shape[0], x.device)

@@ -187,6 +187,9 @@ def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
         except (RuntimeError, TypeError):
             raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0'; got "
                              f"{device!r}.") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}, but this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); pass device='cpu' or install a CUDA build of torch.")
     if x_T is None:
         if shape is None:
             raise ValueError("shape: give either x_T or shape=(B, ...) to draw x_T from the prior.")

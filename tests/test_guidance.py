@@ -349,3 +349,21 @@ def test_guided_models_errors():
     plain = lambda x, t, y=None: -x  # noqa: E731
     assert sdegen.classifier_free_guidance(plain, 0, 1.0).as_model(sde).nfe_per_call == 2
     assert sdegen.classifier_free_guidance(plain, 0, 1.0, null_label=3).as_model(sde).nfe_per_call == 1
+
+
+def test_classifier_calls_are_counted_when_its_classes_are_learned_from_its_output():
+    """A classifier without num_classes has its labels checked against its first output: no uncounted extra call."""
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    exact = sdegen.MixtureClassifier(ring, [[0, 1, 2, 3], [4, 5, 6, 7]], sde)
+    calls = [0]
+
+    def classifier(x, t):
+        calls[0] += 1
+        return exact(x, t)
+
+    _, info = sdegen.sample(sde, sdegen.classifier_guidance(ring, classifier, y=1), shape=(4, 2), method="ddim",
+                            steps=5, seed=0, return_info=True)
+    assert calls[0] == info.classifier_nfe == 5
+    with pytest.raises(ValueError, match="labels must lie in"):
+        sdegen.sample(sde, sdegen.classifier_guidance(ring, classifier, y=5), shape=(4, 2), method="ddim", steps=5,
+                      seed=0)

@@ -263,3 +263,35 @@ def test_default_t_min_is_where_the_kernel_is_an_eighth_of_a_bin(problem):
     assert r.t_min == sde.t_min
     # the blur's error scales with sigma^2: (1/1024 / 0.0105)^2 ~ 1/100 of the old default's
     assert errors[None] < 0.1 * errors[sde.t_min], errors
+
+
+@pytest.mark.parametrize("steps", [14, 29, 58])
+def test_fixed_grid_takes_exactly_the_steps_asked_for(steps):
+    """torchdiffeq's step_size rule, ceil(span / step_size + 1) points, gave steps + 1 steps for these counts (a last
+    step of round-off length); the grid is built with exactly ``steps`` equal steps (rk4: 4 evaluations each)."""
+    sde, gm = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    result = sdegen.log_likelihood(sde, gm, gm.sample(3, seed=0), divergence="exact", solver="rk4", steps=steps)
+    _, info = sdegen.sample(sde, gm, shape=(3, 2), method="ode", solver="rk4", steps=steps, seed=0, return_info=True)
+    assert (result.steps, result.nfe, info.steps, info.nfe) == (steps, 4 * steps, steps, 4 * steps)
+
+
+def test_sixteen_bit_levels_in_float32_are_on_the_grid():
+    """Levels n / 65535 in [0, 1] rounded to float32 are off the exact grid by up to 2e-3 of a level spacing."""
+    n = torch.arange(0, 65536, 97, dtype=torch.float64)
+    x = (n / 65535.0).to(torch.float32).reshape(-1, 1)
+    z = dequantize(x, 65536, data_range=(0.0, 1.0), seed=0)
+    offset = z.double() * 65536.0 - n[:, None]  # u in [0, 1), up to float32's rounding of z
+    assert bool(((offset > -0.01) & (offset < 1.01)).all())
+    with pytest.raises(ValueError, match="off that grid"):
+        dequantize(x + 0.3 / 65535.0, 65536, data_range=(0.0, 1.0), seed=0)
+
+
+def test_messages_for_the_prior_shape_and_inference_mode():
+    sde, gm = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    x = gm.sample(8, seed=0)
+    with pytest.raises(ValueError, match=r"shape \(B,\) for x_T of shape \(B, \.\.\.\)"):
+        log_likelihood(sde, gm, x, divergence="exact", prior=lambda z: torch.zeros(3))
+    with torch.inference_mode(), pytest.raises(TypeError, match="inference_mode"):
+        log_likelihood(sde, gm, x, divergence="exact")
+    with torch.no_grad():  # works: the divergence enables gradients itself
+        assert bool(torch.isfinite(log_likelihood(sde, gm, x, divergence="exact").log_prob).all())

@@ -127,3 +127,11 @@ def test_restarts_contract_an_error_made_above_the_interval():
         errors.append(abs(float((x > 0).double().mean()) - 0.5))
     assert errors[0] > 0.1 and errors[1] < 0.6 * errors[0], errors
     assert errors[2] <= 4 * math.sqrt(0.25 / n), errors
+
+
+def test_no_restart_needs_no_restart_interval():
+    """restarts=0 is the plain solver even where the grid could not hold the restart interval."""
+    x_T = VP.prior_sample((4, 2), seed=2, dtype=F64)
+    a = sdegen.sample(VP, MIXTURE, x_T, method="restart", restarts=0, steps=6, t_min=0.5)
+    b = sdegen.sample(VP, MIXTURE, x_T, method="dpmpp_2s_ancestral", eta=0.0, steps=6, t_min=0.5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

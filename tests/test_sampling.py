@@ -239,3 +239,10 @@ def test_generator_noise_is_reproducible_and_correct(method):
     _check_matches_p0(GM2, a)
     with pytest.raises(ValueError, match="noise must be one of"):
         sdegen.sample(sde, GM2, shape=(4, 2), method=method, noise="philox")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch build without CUDA")
+def test_a_cuda_device_without_cuda_names_the_parameter():
+    with pytest.raises(ValueError, match="device='cuda'"):
+        sdegen.sample(sdegen.VPSDE(), sdegen.GaussianMixture.ring(), shape=(2, 2), method="ddim", steps=3, seed=0,
+                      device="cuda")

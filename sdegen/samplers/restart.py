@@ -110,6 +110,8 @@ class Restart(StepSampler):
         """The solver's state on the main grid, the restart point t_j, the re-solve's grid, its solver state and
         the forward draw's std."""
         main = self.main.start(ctx, x, ts)
+        if self.restarts == 0:  # the plain solver: no restart interval to place
+            return {"main": main, "t_j": None}
         grid = ts.tolist()
         sigmas = [ctx.grid_points[t][1] / ctx.grid_points[t][0] for t in grid]
         lo, hi = self.restart_sigmas
