@@ -453,7 +453,9 @@ def log_likelihood_sharded(sde: SDE, score=None, data=None, *, seed: int = 0, ba
             :func:`sample_sharded` (shard files are ``shard_dir/likelihood-RRRRR-of-WWWWW.pt``).
         Other keywords (divergence, probes, probe, solver, rtol, atol, steps, levels, ...) go to
         :func:`sdegen.log_likelihood`; its deprecated ``method`` and ``noise`` are accepted with a DeprecationWarning.
-    Returns: a :class:`ShardedResult` with values["log_prob"] and values["bpd"], each (N,), on rank 0.
+    Returns: a :class:`ShardedResult` with values["log_prob"] and values["bpd"], each (N,), on rank 0. With
+    ``on_failure="mask"`` the examples set aside come back as NaN rows: ``torch.isnan(result["log_prob"])`` marks
+    them (a single call's ``LikelihoodResult.failed`` lists the same indices).
     """
     ctx = ctx or current_context()
     n = _num_examples(data)
