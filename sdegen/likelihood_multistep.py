@@ -74,23 +74,29 @@ def step_weights(nodes: Sequence[float], h: float) -> Tuple[List[float], List[fl
 
 
 class _DenoiserDivergence:
-    """(D(m y, t), div_y D) of a batch of y (B, ...): one augmented-field evaluation."""
+    """(D(m y, t), div_y D) of a batch of y (B, ...): one augmented-field evaluation.
+
+    By Tweedie's formula D(m y) = y + (s^2 / m) score(m y), so div_y D = d + (s^2 / m) div_y score(m y), d the
+    dimension: the divergence is taken of the score, whose dependence on x is the network's alone. (Taken of D, a
+    network run without autograd would still pass for differentiable through the term y, and its divergence
+    would silently be d.) The identity's share d is exact, so Gaussian probes estimate only the score's part."""
 
     def __init__(self, model: Model, probes: Optional[torch.Tensor], chunk_size: Optional[int]):
         self.model, self.probes, self.chunk_size, self.nfe = model, probes, chunk_size, 0
 
-    def __call__(self, y: torch.Tensor, t: torch.Tensor, m: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, y: torch.Tensor, t: torch.Tensor, m: float, s: float) -> Tuple[torch.Tensor, torch.Tensor]:
         self.nfe += 1
 
         def field(z: torch.Tensor) -> torch.Tensor:
-            out = self.model.denoise(z * m, batch_time(t, z).to(z.dtype))
-            return check_differentiable_output(out, z, "the model's denoised estimate D(x, t)")
+            out = self.model.score(z * m, batch_time(t, z).to(z.dtype))
+            return check_differentiable_output(out, z, "score(x, t)")
 
         if self.probes is None:
-            d, div = divergence_exact(field, y, chunk_size=self.chunk_size, create_graph=False)
+            score, div = divergence_exact(field, y, chunk_size=self.chunk_size, create_graph=False)
         else:
-            d, div = divergence_hutchinson(field, y, self.probes, create_graph=False)
-        return d, div.to(d.dtype)
+            score, div = divergence_hutchinson(field, y, self.probes, create_graph=False)
+        c = s * s / m
+        return y + c * score, (y[0].numel() + c * div).to(y.dtype)
 
 
 class _Point:
@@ -156,7 +162,7 @@ class MultistepLikelihood:
                                                                                                    dtype=torch.float64))
         here, y = start, x / start.m
         big_l = x.new_zeros(B)  # int div_y D dtau so far
-        d_now, div_now = field(y, here.t, here.m)
+        d_now, div_now = field(y, here.t, here.m, here.s)
         bad = ~torch.isfinite(d_now.reshape(B, -1)).all(1) | ~torch.isfinite(div_now)
         if bool(bad.any()):
             raise self._nonfinite(bad, here, 0.0, B)
@@ -203,7 +209,7 @@ class MultistepLikelihood:
         y_pred = y * grow
         for w, (_, dv, _) in zip(wp, hist):
             y_pred = y_pred - w * dv
-        d_new, div_new = field(y_pred, nxt.t, nxt.m)
+        d_new, div_new = field(y_pred, nxt.t, nxt.m, nxt.s)
         wc, qc = step_weights([1.0] + nodes, h)
         y_corr = y * grow - wc[0] * d_new
         l_pred, l_corr = big_l.clone(), big_l + qc[0] * div_new
