@@ -530,7 +530,7 @@ class Noise:
         self._terms = None  # the element terms of the current event size
         self._bases = None  # (first key, folded bases (R, B)) of the keys ahead, on the state's device
         self._workspace = None  # scratch memory of the PyTorch draw
-        self._chunk = None  # (shape, dtype, first key, draws (K, B, n)); keys below _next were handed out
+        self._chunk = None  # (shape, dtype, first key, draws (K, *shape)); keys below _next were handed out
         self._next = 0
         self._expected_end = 0  # the key after the last draw announced by :meth:`expect`
 
@@ -556,11 +556,12 @@ class Noise:
             if expected > 0:
                 draws = min(draws, expected)
             chunk = self._chunk = None  # let the spent chunk go before the next one is allocated
-            chunk = self._chunk = self._fill(x, draws)
-        z = chunk[3][self.key - chunk[2]]
-        self.key += 1
-        self._next = self.key
-        return z.view(x.shape)
+            shape, dtype, first, z = self._fill(x, draws)
+            # the draws viewed in x's shape once per chunk: a call then selects one (a fresh view, no indexing)
+            chunk = self._chunk = (shape, dtype, first, z.view((z.shape[0],) + tuple(shape)))
+        key = self.key
+        self.key = self._next = key + 1
+        return chunk[3].select(0, key - chunk[2])
 
     def _chunk_draws(self, x: torch.Tensor) -> int:
         return max(1, min(self.max_chunk, self.chunk_bytes // max(4 * x.numel(), 1)))
