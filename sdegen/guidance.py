@@ -21,7 +21,7 @@ import torch
 
 from ._deprecation import renamed
 from ._util import Time, batch_time, bcast
-from ._validate import check_int, check_number, check_tensor
+from ._validate import check_int, check_number, check_tensor, is_integer_dtype
 from .models import Model, ScoreModel, as_model
 from .analytic import GaussianMixture
 from .samplers import StepSampler, get_sampler, register_sampler
@@ -46,8 +46,11 @@ def _num_classes(obj) -> Optional[int]:
 def _check_labels(y: Labels, num_classes: Optional[int]) -> Labels:
     if isinstance(y, bool) or not isinstance(y, (int, torch.Tensor)):
         raise TypeError(f"y must be an int label or an integer tensor of labels (B,); got {type(y).__name__}.")
-    if isinstance(y, torch.Tensor) and (y.is_floating_point() or y.ndim > 1):
-        raise TypeError(f"y as a tensor must hold integer labels with shape (B,); got {y.dtype}, {tuple(y.shape)}.")
+    if isinstance(y, torch.Tensor) and not (is_integer_dtype(y.dtype) and y.ndim <= 1):
+        raise TypeError(f"y as a tensor must hold integer labels with shape (B,) (not bool); got {y.dtype}, "
+                        f"{tuple(y.shape)}.")
+    if isinstance(y, torch.Tensor) and y.numel() == 0:
+        raise ValueError("y: got an empty tensor of labels; give one label per example (or one int for all).")
     if num_classes is not None:
         lo, hi = (y, y) if isinstance(y, int) else (int(y.min()), int(y.max()))
         if lo < 0 or hi >= num_classes:
@@ -71,6 +74,10 @@ def classifier_log_prob_grad(classifier: Callable, x: torch.Tensor, t: torch.Ten
     """grad_x log p_t(y | x) = grad_x log_softmax(classifier(x, t))[y], shape of x. Differentiable itself (second
     order) when x requires grad, so gradients can flow through guided sampling. ``check_classes``, if given, is
     called with the number of classes the logits have before the labels index them."""
+    if torch.is_inference_mode_enabled():  # no autograd there: the gradient is taken on copies outside it
+        with torch.inference_mode(False):
+            return classifier_log_prob_grad(classifier, x.clone(), t.clone() if isinstance(t, torch.Tensor) else t,
+                                            y.clone(), check_classes=check_classes)
     keep_graph = x.requires_grad
     with torch.enable_grad():
         xi = x if keep_graph else x.detach().requires_grad_(True)
@@ -217,6 +224,10 @@ class ClassifierFreeGuidedScore:
         self.model, self.y = model, _check_labels(y, self.num_classes)
         given = _check_null_label(null_label)
         self.null_label = given if given is not None else _check_null_label(_default_null_label(model))
+        if self.null_label is not None and self.num_classes is not None and self.null_label < self.num_classes:
+            raise ValueError(f"null_label={self.null_label} is one of the model's {self.num_classes} classes "
+                             f"(0-{self.num_classes - 1}): the unconditional branch would be that class's conditional. "
+                             f"Pass the label the network was trained to read as 'no label' (e.g. {self.num_classes}).")
         self.batched = self.null_label is not None
         self.nfe_per_call = 1 if self.batched or self.w == 0.0 else 2
 
@@ -342,8 +353,8 @@ class Inpaint(StepSampler):
         check_tensor(known, "known", dtypes=None, finite=False)
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool (or 0/1) tensor; got {type(mask).__name__}.")
-        if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask: a floating-point mask must hold only 0 and 1.")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask: a mask that is not bool must hold only 0 and 1.")
         try:
             torch.broadcast_shapes(known.shape, mask.shape)
         except RuntimeError:
@@ -388,6 +399,11 @@ class Inpaint(StepSampler):
     def total_nfe(self, steps: int) -> int:
         return self.inner.total_nfe(steps)
 
+    def finish_denoised(self, x: torch.Tensor) -> torch.Tensor:
+        """The known values put back after the final denoising step, which moves every entry."""
+        mask = self.mask.to(x.device).expand(x.shape)
+        return torch.where(mask, self.known.to(device=x.device, dtype=x.dtype).expand(x.shape), x)
+
     def __repr__(self) -> str:
         return f"Inpaint({self.inner!r})"
 
@@ -419,14 +435,9 @@ def inpaint(sde: SDE, score, known: torch.Tensor, mask: torch.Tensor, *,
         raise TypeError(f"{name} must be a fixed-step sampler (a StepSampler, or the name of one), which inpainting "
                         f"steps between replacements; got {inner!r}.")
     method = Inpaint(known, mask, inner)
-    out = sample(sde, score, shape=tuple(known.shape), method=method, steps=steps, seed=seed, schedule=schedule,
-                 t_min=t_min, denoise=denoise, progress=progress, return_trajectory=return_trajectory, noise=noise,
-                 dtype=known.dtype, device=known.device, return_info=return_info)
-    if not denoise:
-        return out
-    x, info = out if return_info else (out, None)
-    x = torch.where(method.mask.to(x.device).expand(x.shape), known.to(x.dtype).expand(x.shape), x)
-    return (x, info) if return_info else x
+    return sample(sde, score, shape=tuple(known.shape), method=method, steps=steps, seed=seed, schedule=schedule,
+                  t_min=t_min, denoise=denoise, progress=progress, return_trajectory=return_trajectory, noise=noise,
+                  dtype=known.dtype, device=known.device, return_info=return_info)
 
 
 class MixtureClassifier:

@@ -142,6 +142,8 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         traj = traj if return_trajectory else None
     if denoise and not capture:
         x = ctx.denoise(x, ts[-1])
+        if isinstance(sampler, StepSampler):
+            x = sampler.finish_denoised(x)
     ctx.check_first_output()
     info = SampleInfo(nfe=ctx.nfe, steps=n_steps, wall_time=time.perf_counter() - start, times=ts,
                       trajectory=traj, sampler=sampler, classifier_nfe=ctx.classifier_nfe,
@@ -223,7 +225,7 @@ def _run_captured(ctx: Context, sampler: StepSampler, settings: tuple, x: torch.
         run = Context(ctx.sde, ctx.model, None if run_seeds is None else NOISE_KINDS[noise](run_seeds, key=1))
         out = _run_steps(sampler, run, x_T, ts, False, False)[0]
         if denoise:
-            out = run.denoise(out, ts[-1])
+            out = sampler.finish_denoised(run.denoise(out, ts[-1]))
         return out, {"nfe": run.nfe, "classifier_nfe": run.classifier_nfe, "first_output": run._first_output,
                      "alive": (ctx.sde, score, method)}  # the key's objects live as long as the graph
 

@@ -367,3 +367,41 @@ def test_classifier_calls_are_counted_when_its_classes_are_learned_from_its_outp
     with pytest.raises(ValueError, match="labels must lie in"):
         sdegen.sample(sde, sdegen.classifier_guidance(ring, classifier, y=5), shape=(4, 2), method="ddim", steps=5,
                       seed=0)
+
+
+def test_sample_with_the_inpaint_method_keeps_the_known_values_after_denoising():
+    """The final denoising step moves every entry; the driver lets the sampler put the known values back, so
+    sample(method=Inpaint(...), denoise=True) equals inpaint(..., denoise=True) and returns the known part exactly."""
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    known = ring.sample(8, seed=1)
+    mask = torch.tensor([True, False]).expand(8, 2)
+    a = sdegen.inpaint(sde, ring, known, mask, steps=50, seed=0, denoise=True)
+    b = sdegen.sample(sde, ring, shape=(8, 2), method=sdegen.guidance.Inpaint(known, mask), steps=50, seed=0,
+                      denoise=True, dtype=torch.float64)
+    assert torch.equal(a, b) and torch.equal(b[:, 0], known[:, 0])
+
+
+def test_classifier_guidance_works_under_inference_mode():
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    clf = sdegen.MixtureClassifier(ring, [[0, 1, 2, 3], [4, 5, 6, 7]], sde)
+    guided = sdegen.classifier_guidance(ring, clf, y=1, scale=2.0)
+    with torch.no_grad():
+        reference = sdegen.sample(sde, guided, shape=(6, 2), method="ddim", steps=8, seed=0, dtype=torch.float64)
+    with torch.inference_mode():
+        x = sdegen.sample(sde, guided, shape=(6, 2), method="ddim", steps=8, seed=0, dtype=torch.float64)
+    assert torch.equal(x, reference)
+
+
+def test_labels_masks_and_null_labels_that_cannot_be_meant_are_refused():
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    clf = sdegen.MixtureClassifier(ring, [[0, 1, 2, 3], [4, 5, 6, 7]], sde)
+    with pytest.raises(TypeError, match="not bool"):
+        sdegen.classifier_guidance(ring, clf, y=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="empty"):
+        sdegen.classifier_guidance(ring, clf, y=torch.zeros(0, dtype=torch.long))
+    net = sdegen.MLP(2, hidden=8, num_classes=3)
+    model = sdegen.ScoreModel(net, sde, prediction="eps")
+    with pytest.raises(ValueError, match="null_label=1 is one of the model's 3 classes"):
+        sdegen.classifier_free_guidance(model, y=0, w=1.0, null_label=1)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        sdegen.guidance.Inpaint(torch.zeros(2), torch.tensor([2, 0]))

@@ -145,6 +145,11 @@ class StepSampler:
         """NFE of a run of ``steps`` steps (overridden by samplers whose first or last step differs)."""
         return steps * self.nfe_per_step
 
+    def finish_denoised(self, x: torch.Tensor) -> torch.Tensor:
+        """The result after the driver's final denoising step (``denoise=True``), given its output x: x itself by
+        default; a sampler that holds part of the state fixed (inpainting's known values) restores it here."""
+        return x
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
