@@ -157,9 +157,9 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     starts, t_end = _starts(sde, init, steps, t_min)
     sampler = get_sampler(method, **options)
     if isinstance(method, str) and not isinstance(sampler, StepSampler):
-        steppers = sorted(k for k, v in SAMPLERS.items() if isinstance(v, type) and issubclass(v, StepSampler))
-        raise ValueError(f"unknown method {method!r} for a fitted grid: it needs a fixed-step sampler, one of "
-                         f"{steppers}.")
+        steppers = [k for k in sorted(SAMPLERS) if _is_deterministic_stepper(k)]
+        raise ValueError(f"method {method!r} integrates a whole span with its own steps; a fitted grid is for a "
+                         f"deterministic fixed-step sampler, one of {steppers}.")
     if not isinstance(sampler, StepSampler):
         raise TypeError(f"method must be a fixed-step sampler (one of {sorted(SAMPLERS)} or a StepSampler); "
                         f"got {type(sampler).__name__}.")
@@ -177,8 +177,18 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
                                 step_size, min_step_size) for start in starts]
     best = min(fits, key=lambda f: f.loss)
     best.nfe, best.evaluations = runs.nfe, sum(f.evaluations for f in fits)
-    best.sde, best.method = sde, method if isinstance(method, str) else repr(sampler)
+    # the sampler the grid was fitted for, its options included (a grid fitted for order 1 is not order 3's)
+    best.sde, best.method = sde, method if isinstance(method, str) and not options else repr(sampler)
     return best
+
+
+def _is_deterministic_stepper(name: str) -> bool:
+    """Whether the registry's ``name`` with its defaults is a deterministic fixed-step sampler."""
+    try:
+        sampler = get_sampler(name)
+    except (TypeError, ValueError):  # needs arguments of its own (inpainting)
+        return False
+    return isinstance(sampler, StepSampler) and not sampler.stochastic
 
 
 def _check_args(sde, x_T, steps, t_min, reference, max_evals, step_size, min_step_size, subset, seed):

@@ -170,6 +170,45 @@ class Model(torch.nn.Module):
         return self.score(x, t, *args, **kwargs)
 
 
+class CountingModel(Model):
+    """``model`` with a running count of what its calls cost: ``nfe`` network evaluations and ``classifier_nfe``
+    classifier gradients (``model.nfe_per_call`` and ``model.classifier_calls`` per call). What a pilot that calls
+    the model outside a sampling run (a vector-Jacobian product, a forward difference) spends, counted where it is
+    spent."""
+
+    def __init__(self, model: Model, _counts: Optional[list] = None):
+        super().__init__(model.sde)
+        self.inner = model
+        self.nfe_per_call, self.classifier_calls = model.nfe_per_call, model.classifier_calls
+        self._counts = [0, 0] if _counts is None else _counts  # shared with the restrictions of :meth:`rows`
+
+    @property
+    def nfe(self) -> int:
+        return self._counts[0]
+
+    @property
+    def classifier_nfe(self) -> int:
+        return self._counts[1]
+
+    def _count(self) -> None:
+        self._counts[0] += self.nfe_per_call
+        self._counts[1] += self.classifier_calls
+
+    def score(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        self._count()
+        return self.inner.score(x, t)
+
+    def denoise(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        self._count()
+        return self.inner.denoise(x, t)
+
+    def prepare(self, ts: torch.Tensor) -> None:
+        self.inner.prepare(ts)
+
+    def rows(self, index: torch.Tensor) -> "CountingModel":
+        return CountingModel(self.inner.rows(index), self._counts)
+
+
 # what PyTorch's kernels say when a tensor meets parameters of another dtype (matmul, convolution, indexing, ...)
 _DTYPE_MISMATCH = re.compile(r"dtype|scalar type|(input|weight|bias) type|same type", re.IGNORECASE)
 

@@ -41,7 +41,8 @@ class SampleInfo:
     sampler: Any = None
     extra: dict = field(default_factory=dict)
     classifier_nfe: int = 0  # classifier-gradient evaluations (classifier guidance), not counted in nfe
-    pilot_nfe: int = 0  # model calls (each on the pilot batch) of schedule="pilot"'s pilot run, not counted in nfe
+    pilot_nfe: int = 0  # network evaluations (each on the pilot batch) of a model-dependent schedule's pilot, not in nfe
+    pilot_classifier_nfe: int = 0  # classifier gradients of that pilot (classifier guidance), not in classifier_nfe
 
 
 class _CountedScore:
@@ -124,8 +125,9 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
     start = time.perf_counter()
     if isinstance(sampler, StepSampler):
         n = steps or sampler.default_steps
-        ts, pilot_nfe = resolve_grid(sde, n, schedule if schedule is not None else sampler.default_schedule,
-                                     t_min=t_min, model=model, x=x, order=sampler.order)
+        ts, pilot_nfe, pilot_classifier_nfe = resolve_grid(
+            sde, n, schedule if schedule is not None else sampler.default_schedule, t_min=t_min, model=model, x=x,
+            order=sampler.order)
         if capture:
             x = _run_captured(ctx, sampler, (score, method, options), x, seeds, ts, noise, denoise)
             traj, n_steps = None, len(ts) - 1
@@ -147,7 +149,8 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
     ctx.check_first_output()
     info = SampleInfo(nfe=ctx.nfe, steps=n_steps, wall_time=time.perf_counter() - start, times=ts,
                       trajectory=traj, sampler=sampler, classifier_nfe=ctx.classifier_nfe,
-                      pilot_nfe=pilot_nfe if isinstance(sampler, StepSampler) else 0)
+                      pilot_nfe=pilot_nfe if isinstance(sampler, StepSampler) else 0,
+                      pilot_classifier_nfe=pilot_classifier_nfe if isinstance(sampler, StepSampler) else 0)
     if getattr(sampler, "on_failure", None) == "mask":  # examples an adaptive solve set aside
         info.extra["failed"] = list(sampler.failed)
     return (x, info) if return_info else x

@@ -81,6 +81,10 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
         raise ValueError(f"schedule must be one of {SCHEDULES}, {PILOT!r}, {PILOT_LOCAL!r} or {SENSITIVITY!r} (with "
                          f"a model) or a tensor of times; got {schedule!r}.")
     ts[0], ts[-1] = t_max, t_min  # exact end points despite round-off in the inverse maps
+    if not bool((ts[1:] < ts[:-1]).all()):  # steps finer than float64 resolves near an end of a narrow span
+        raise ValueError(f"steps={steps}: the {schedule!r} grid of [{t_min:.17g}, {t_max:.17g}] has steps below "
+                         f"float64's resolution of these times (its times are not strictly decreasing); use fewer "
+                         f"steps or a wider span.")
     return ts
 
 
@@ -151,16 +155,28 @@ class PilotGrid:
         """Read a grid written by :meth:`save`. With ``sde``, the file's SDE must describe the same process
         (ValueError otherwise: a grid made for another SDE's times is not this one's grid)."""
         times, sde, meta = load_grid(path, sde, kind="PilotGrid")
+        name = os.fspath(path)
         try:
             pilot = check_grid(sde, torch.tensor(meta["pilot_times"], dtype=torch.float64), "pilot_times")
-            weights = meta["weights"]
-            weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
-            return cls(times=times, nfe=int(meta["nfe"]), batch=int(meta["batch"]), pilot_times=pilot, sde=sde,
-                       order=meta["order"], error=str(meta["error"]), adjoint_nfe=int(meta["adjoint_nfe"]),
-                       weights=weights, settings=dict(meta["settings"]))
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"path {os.fspath(path)!r} is not a complete PilotGrid file (missing or malformed "
-                             f"{err}).") from None
+            counts = {key: meta[key] for key in ("nfe", "batch", "adjoint_nfe")}
+            for key, value in counts.items():
+                if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "batch" else 0):
+                    raise ValueError(f"{key} must be a count; got {value!r}")
+            order, error, weights = meta["order"], meta["error"], meta["weights"]
+            if order is not None and (isinstance(order, bool) or not isinstance(order, int) or order < 1):
+                raise ValueError(f"order must be an int >= 1 or null; got {order!r}")
+            if error not in PILOT_ERRORS:
+                raise ValueError(f"error must be one of {PILOT_ERRORS}; got {error!r}")
+            if weights is not None:
+                weights = torch.tensor(weights, dtype=torch.float64)
+                if weights.shape != (len(pilot) - 1,) or not bool(((weights >= 0) & (weights <= 1)).all()):
+                    raise ValueError(f"weights must be {len(pilot) - 1} numbers in [0, 1], one per pilot step")
+            return cls(times=times, nfe=counts["nfe"], batch=counts["batch"], pilot_times=pilot, sde=sde,
+                       order=order, error=error, adjoint_nfe=counts["adjoint_nfe"], weights=weights,
+                       settings=dict(meta["settings"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"path {name!r} is not a valid PilotGrid file (missing or malformed entry: {err}).") \
+                from None
 
 
 GRID_FORMAT = "sdegen.grid"  # the "format" entry of a saved grid file
@@ -209,17 +225,17 @@ def load_grid(path: Union[str, os.PathLike], sde: Optional[SDE] = None, *, kind:
                          f"{GRID_VERSION}.")
     if kind is not None and record.get("kind") != kind:
         raise ValueError(f"path {name!r} holds a {record.get('kind')!r}, not a {kind!r}.")
-    described = SDE.from_description(record.get("sde"))
-    if sde is not None:
+    if sde is not None:  # compared as data: the file's SDE class is imported only when no sde is given
         check_sde(sde)
-        if sde.describe() != record["sde"]:
-            raise ValueError(f"sde: the grid in {name!r} was made for {record['sde']!r}, not for "
+        if sde.describe() != record.get("sde"):
+            raise ValueError(f"sde: the grid in {name!r} was made for {record.get('sde')!r}, not for "
                              f"{sde.describe()!r}.")
     else:
-        sde = described
-    if not isinstance(record.get("times"), list):
-        raise ValueError(f"path {name!r}: 'times' must be a list of times; got {type(record.get('times')).__name__}.")
-    times = check_grid(sde, torch.tensor(record["times"], dtype=torch.float64), f"times in {name!r}")
+        sde = SDE.from_description(record.get("sde"))
+    times = record.get("times")
+    if not (isinstance(times, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in times)):
+        raise ValueError(f"path {name!r}: 'times' must be a list of numbers; got {str(times)[:60]}.")
+    times = check_grid(sde, torch.tensor(times, dtype=torch.float64), f"times in {name!r}")
     meta = {k: v for k, v in record.items() if k not in ("format", "version", "kind", "sde", "times")}
     return times, sde, meta
 
@@ -237,7 +253,9 @@ def pilot_grid(sde: SDE, score: Any = None, steps: Optional[int] = None, shape: 
     out its own steps on this model: no constant of the data or of the SDE enters.
 
     A pilot run of the adaptive exponential multistep solver (``method="adaptive"``, order 3, controlling the
-    predictor's local error: :class:`sdegen.samplers.AdaptiveMultistep` with ``error="predictor"``) takes ``batch`` draws of shape (batch, *shape) from the prior
+    predictor's local error: :class:`sdegen.samplers.AdaptiveMultistep` with ``error="predictor"``) takes ``batch``
+    draws of shape (batch, *shape) from the prior (placed at ``t_max`` when it is below T: the grid is then laid out
+    for states at t_max of the prior's spread, which suits a run started there from the prior)
     (``seed``: an int, a torch.Generator, or None for torch's global generator; the adjoint's random cotangents
     come from it too) from t_max to t_min at tolerances ``rtol``/``atol``. Its controller keeps the local error
     of each accepted step u_k -> u_k + h_k (u = log(m/s)) at the tolerance, C(u) h^{p+1} = tol with p = 3, so
@@ -304,7 +322,8 @@ def pilot_grid(sde: SDE, score: Any = None, steps: Optional[int] = None, shape: 
         g = torch_generator(seed)
         cot = torch.randn((2,) + tuple(x.shape), generator=g, dtype=torch.float64,
                           device=g.device if g is not None else "cpu")[1].to(device=x.device, dtype=x.dtype)
-        lam, adjoint_nfe = flow_adjoint(sde, model, accepted[1:], states, cot, return_nfe=True)
+        lam, adjoint_calls = flow_adjoint(sde, model, accepted[1:], states, cot, return_nfe=True)
+        adjoint_nfe = adjoint_calls * model.nfe_per_call  # network evaluations, the unit of info.nfe
         w = (lam * local).reshape(len(local), batch, -1).sum(2).double().pow(2).mean(1).sqrt().cpu()
         if not bool(torch.isfinite(w).all()) or float(w.max()) <= 0.0:
             raise ValueError(f"error='global': the adjoint weights are not finite and positive ({w.tolist()[:6]}); "
@@ -457,20 +476,24 @@ def _limit_growth(u: torch.Tensor, density: torch.Tensor, steps: int, growth: fl
 
 
 def resolve_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor], *, t_min: Optional[float], model: Any,
-                 x: torch.Tensor, order: int) -> Tuple[torch.Tensor, int]:
-    """The driver's grid: (times, model calls spent finding them). "pilot" ("pilot_local") runs :func:`pilot_grid`
+                 x: torch.Tensor, order: int) -> Tuple[torch.Tensor, int, int]:
+    """The driver's grid: (times, network evaluations and classifier gradients spent finding them, counted at the
+    model). "pilot" ("pilot_local") runs :func:`pilot_grid`
     with error="global" ("local") for a sampler of ``order`` on draws shaped like ``x``; "sensitivity" runs
     :func:`sdegen.sensitivity_grid.sensitivity_grid` for it; every other schedule is :func:`time_grid`'s and costs
     no call."""
-    if isinstance(schedule, str) and schedule in PILOT_SCHEDULES:
-        grid = pilot_grid(sde, model, steps, tuple(x.shape[1:]), order=order, t_min=t_min, dtype=x.dtype,
-                          device=x.device, error=PILOT_SCHEDULES[schedule])
-        return grid.times, grid.nfe
-    if isinstance(schedule, str) and schedule == SENSITIVITY:
+    if isinstance(schedule, str) and (schedule in PILOT_SCHEDULES or schedule == SENSITIVITY):
+        from .models import CountingModel, as_model
         from .sensitivity_grid import sensitivity_grid  # it builds on time_grid: imported here, not at the top
-        return sensitivity_grid(sde, model, steps, tuple(x.shape[1:]), order=order, t_min=t_min, dtype=x.dtype,
-                                device=x.device)
-    return time_grid(sde, steps, schedule, t_min=t_min), 0
+        counted = CountingModel(as_model(model, sde))
+        if schedule == SENSITIVITY:
+            times = sensitivity_grid(sde, counted, steps, tuple(x.shape[1:]), order=order, t_min=t_min,
+                                     dtype=x.dtype, device=x.device)[0]
+        else:
+            times = pilot_grid(sde, counted, steps, tuple(x.shape[1:]), order=order, t_min=t_min, dtype=x.dtype,
+                               device=x.device, error=PILOT_SCHEDULES[schedule]).times
+        return times, counted.nfe, counted.classifier_nfe
+    return time_grid(sde, steps, schedule, t_min=t_min), 0, 0
 
 
 def refine_grid(sde: SDE, ts: torch.Tensor, factor: int = 2) -> torch.Tensor:

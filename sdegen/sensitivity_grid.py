@@ -83,7 +83,7 @@ def sensitivity_profile(sde: SDE, model: Any, shape: Sequence[int], *, points: i
             a = _jvp(model, xt, t, d0, xi, m, s[k] / m)
             b = _jvp(model, xt, t, d0, a, m, s[k] / m)
             values.append((a - b).pow(2).mean().sqrt())
-    return ts, torch.stack(values).to(device="cpu", dtype=F64), info.nfe + 3 * len(values)
+    return ts, torch.stack(values).to(device="cpu", dtype=F64), info.nfe + 3 * len(values) * model.nfe_per_call
 
 
 def _march(c: list, u: list, steps: int, order: int, eps: float) -> list:

@@ -87,7 +87,7 @@ def test_inputs_untouched_and_bad_arguments():
         optimize_schedule(sde, RING, x_cal, steps=3, reference=ref_cal[:4])
     with pytest.raises(ValueError, match="init"):
         optimize_schedule(sde, RING, x_cal, steps=3, reference=ref_cal, init=[])
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="'ode' integrates a whole span"):
         optimize_schedule(sde, RING, x_cal, method="ode", steps=3, reference=ref_cal)
     with pytest.raises(ValueError, match="max_evals"):
         optimize_schedule(sde, RING, x_cal, steps=3, reference=ref_cal, max_evals=0)

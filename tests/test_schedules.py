@@ -303,3 +303,67 @@ def test_an_explicit_grid_written_in_float32_may_start_at_T_rounded_up():
         assert ts.dtype == torch.float64 and float(ts[0]) == sde.T
     with pytest.raises(ValueError, match=r"schedule: grid times must lie in \(0, T=0.999\]"):
         sdegen.time_grid(sdegen.FlowSDE(), 2, torch.tensor([0.9991, 0.5, 0.01], dtype=torch.float64))
+
+
+def test_pilot_costs_are_counted_in_network_evaluations_and_classifier_gradients():
+    """SampleInfo.pilot_nfe is in info.nfe's unit (a guided model without a null label costs 2 per call, the
+    adjoint's and the sensitivity probes' calls included); pilot_classifier_nfe counts the pilot's classifier calls."""
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    exact = ring.score_fn(sde)
+    calls = [0]
+
+    def conditional(x, t, y=None):
+        calls[0] += 1
+        return exact(x, t) * (1.0 if y is None else 1.0 + 0.01 * y[:, None].to(x.dtype))
+
+    clf = sdegen.MixtureClassifier(ring, [[0, 1, 2, 3], [4, 5, 6, 7]], sde)
+    clf_calls = [0]
+
+    def classifier(x, t):
+        clf_calls[0] += 1
+        return clf(x, t)
+
+    free = sdegen.classifier_free_guidance(conditional, y=1, w=1.0)
+    guided = sdegen.classifier_guidance(ring, classifier, y=1, num_classes=2)
+    for schedule in ("pilot", "pilot_local", "sensitivity"):
+        calls[0] = clf_calls[0] = 0
+        _, info = sdegen.sample(sde, free, shape=(8, 2), method="exp_pc", steps=6, schedule=schedule, seed=0,
+                                return_info=True)
+        assert info.pilot_nfe + info.nfe == calls[0] and info.pilot_nfe > 0
+        _, info = sdegen.sample(sde, guided, shape=(8, 2), method="exp_pc", steps=6, schedule=schedule, seed=0,
+                                return_info=True)
+        assert info.pilot_classifier_nfe + info.classifier_nfe == clf_calls[0] and info.pilot_classifier_nfe > 0
+
+
+def test_grid_files_are_validated_and_name_no_module_to_import_when_the_sde_is_given(tmp_path):
+    import json
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    grid = sdegen.pilot_grid(sde, ring, 5, (2,), batch=8)
+    path = tmp_path / "grid.json"
+    grid.save(path)
+    record = json.loads(path.read_text())
+    for key, value in (("order", "two"), ("order", -5), ("error", "bogus"), ("weights", [0.5]), ("nfe", 3.7),
+                       ("nfe", "abc"), ("times", ["a", "b"])):
+        path.write_text(json.dumps({**record, key: value}))
+        with pytest.raises(ValueError, match=str(path)):
+            type(grid).load(path, sde=sde)
+    # an SDE that differs is refused by comparing descriptions: the file's module is never imported
+    path.write_text(json.dumps({**record, "sde": {"class": "a_module_that_does_not_exist:X", "config": {}}}))
+    with pytest.raises(ValueError, match="made for"):
+        type(grid).load(path, sde=sde)
+
+
+def test_a_grid_finer_than_float64_resolves_is_refused():
+    sde = sdegen.VPSDE(beta_max=50.0, t_min=1e-5)
+    with pytest.raises(ValueError, match="float64's resolution"):
+        sdegen.time_grid(sde, 10000, "log_snr", t_min=1.0 - 1e-9)
+
+
+def test_a_fitted_grid_records_its_samplers_options():
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    x_T = sde.prior_sample((16, 2), seed=0, dtype=torch.float64)
+    one = sdegen.optimize_schedule(sde, ring, x_T, steps=4, method="exp_pc", order=1, max_evals=10)
+    plain = sdegen.optimize_schedule(sde, ring, x_T, steps=4, method="exp_pc", max_evals=10)
+    assert "order=1" in one.method and plain.method == "exp_pc"
+    with pytest.raises(ValueError, match="own steps.*'dpmpp_2m'"):
+        sdegen.optimize_schedule(sde, ring, x_T, steps=4, method="adaptive")
