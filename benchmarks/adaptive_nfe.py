@@ -8,7 +8,7 @@ with the oracle's exact score.
   D(y, sigma) = y + sigma^2 m score(m y, t(sigma)) from sigma(T) to sigma(t_min); every score call of a peer is
   counted by one wrapper. Error: the RMS over points of the endpoint's Euclidean distance to a float64 dopri5
   reference at rtol = atol = 1e-10; the summary gives each solver's fewest NFE reaching RMS <= 1e-3;
-- likelihood: ``log_likelihood(divergence="exact", solver="dopri5")`` (and one Hutchinson probe) at rtol = atol = tol against
+- likelihood: ``log_likelihood(divergence="exact")`` (and one Hutchinson probe) at rtol = atol = tol against
   torchdiffeq's dopri5 on the same augmented state (x, log-density) with torchdiffeq's default norm; error: the
   worst |log p - exact log p_{t_min}| per dimension over the batch (the oracle's exact prior at T for both), from
   t_min = sdegen.likelihood.default_t_min(sde).
@@ -142,7 +142,7 @@ def likelihood_rows(pname, gm, sde, n, tols, device):
     rows, ratios = [], {}
     for tol, div in [(tol, "exact") for tol in tols] + [(tols[-1], "hutchinson")]:
         r = sdegen.log_likelihood(sde, gm, x, divergence=div, rtol=tol, atol=tol, t_min=t_min, prior=prior,
-                                  seed=0, solver="dopri5")
+                                  seed=0)
         err_s = float((r.log_prob - exact).abs().max()) / gm.dim
         probes = None if div == "exact" else make_probes(x.shape, 1, seed=make_seeds(0, n, x.device), dtype=F64,
                                                          device=x.device)

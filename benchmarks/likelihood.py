@@ -124,8 +124,7 @@ def run(repeats: int, quick: bool):
         for tol in exact_tols:
             reps = repeats
             res, wall, walls = timed(lambda: sdegen.log_likelihood(sde, gm, x, divergence="exact", rtol=tol,
-                                                                    atol=tol, t_min=T_MIN, prior=pT,
-                                                                    solver="dopri5"), reps)
+                                                                    atol=tol, t_min=T_MIN, prior=pT), reps)
             record("exact", tol, res.log_prob, res.nfe, wall, walls, steps=res.steps)
             if tol == min(exact_tols):  # the standard-normal prior on the same solve
                 lp_std = res.delta_log_prob + sde.prior_log_prob(res.latent)
@@ -142,7 +141,7 @@ def run(repeats: int, quick: bool):
                     reps = repeats
                     res, wall, walls = timed(lambda: sdegen.log_likelihood(
                         sde, gm, x, divergence="hutchinson", probe=noise, probes=k, seed=1, rtol=tol, atol=tol,
-                        t_min=T_MIN, prior=pT, solver="dopri5"), reps)
+                        t_min=T_MIN, prior=pT), reps)
                     record("hutchinson", tol, res.log_prob, res.nfe, wall, walls, k, noise, res.steps)
         for tol in sorted(set(exact_tols + hutch_tols), reverse=True):
             reps = repeats
@@ -162,10 +161,9 @@ def headline(repeats: int, quick: bool):
         pT = gm.marginal(sde, sde.T).log_prob
         calls = {
             "exact": lambda: sdegen.log_likelihood(sde, gm, x, divergence="exact", rtol=tol, atol=tol,
-                                                   t_min=T_MIN, prior=pT, solver="dopri5"),
+                                                   t_min=T_MIN, prior=pT),
             "hutchinson": lambda: sdegen.log_likelihood(sde, gm, x, divergence="hutchinson", probe="rademacher",
-                                                        probes=1, seed=1, rtol=tol, atol=tol, t_min=T_MIN, prior=pT,
-                                                        solver="dopri5"),
+                                                        probes=1, seed=1, rtol=tol, atol=tol, t_min=T_MIN, prior=pT),
             "baseline": lambda: baseline_log_likelihood(sde, gm, x, rtol=tol, atol=tol, prior=pT)}
         walls = {k: [] for k in calls}
         cpus = {k: [] for k in calls}
@@ -485,7 +483,7 @@ def nfe_study_rows(pname, gm, sde, n, tols):
         for tol in tols:
             with torch.no_grad():
                 r = sdegen.log_likelihood(sde, gm, x, divergence=div, rtol=tol, atol=tol, t_min=t_lo, prior=prior,
-                                          seed=0, solver="dopri5")
+                                          seed=0)
                 f = _Counted(flow)
                 lp_d = log_p(torchdiffeq.odeint(f, y0, span, rtol=tol, atol=tol, method="dopri5")[-1])
             rows.append({"problem": pname, "divergence": div, "tol": tol, "variant": "sdegen log_likelihood",

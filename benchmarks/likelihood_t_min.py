@@ -60,8 +60,7 @@ def main() -> None:
             for t_min in sorted({1e-3, 1e-4, 1e-5, chosen}, reverse=True):
                 if not t_min < sde.T:
                     continue
-                r = sdegen.log_likelihood(sde, gm, x, divergence="exact", rtol=1e-7, atol=1e-7, t_min=t_min,
-                                          solver="dopri5")
+                r = sdegen.log_likelihood(sde, gm, x, divergence="exact", rtol=1e-7, atol=1e-7, t_min=t_min)
                 err = (r.log_prob - exact) / gm.dim
                 rows.append((pname, sname, t_min, t_min == chosen, float(sde.sigma(t_min)), float(err.mean()),
                              float(err.abs().mean()), r.nfe))

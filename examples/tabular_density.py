@@ -136,10 +136,9 @@ def build(dim: int, width: int, depth: int, device, seed: int = 0) -> sdegen.Sco
 
 
 def nll(model, z: torch.Tensor, white: Whitened, tol: float) -> float:
-    """-log p_x / D in nats/dim from the probability-flow ODE with the exact divergence (dopri5, as the results in
-    benchmarks/results/tabular.md were computed; the default multistep solver agrees to the tolerance)."""
+    """-log p_x / D in nats/dim from the probability-flow ODE with the exact divergence."""
     res = sdegen.log_likelihood(model.sde, model, z, divergence="exact", rtol=tol, atol=tol,
-                                t_min=model.sde.t_min, seed=0, solver="dopri5")
+                                t_min=model.sde.t_min, seed=0)
     return float(-(res.log_prob.double().mean() + white.logdet) / z.shape[1])
 
 

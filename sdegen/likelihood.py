@@ -153,8 +153,7 @@ def _resolve_options(divergence: str, probes: Optional[int], probe: Tuple[Option
     if probe is not None and probe not in PROBE_KINDS:
         raise ValueError(f"{probe_name} must be one of {PROBE_KINDS} (the law of the Hutchinson probes); "
                          f"got {probe!r}.")
-    if solver is None:  # the multistep solver has no adjoint
-        solver = "dopri5" if adjoint is True else MULTISTEP
+    solver = "dopri5" if solver is None else solver
     if solver not in SOLVERS:
         raise ValueError(f"{solver_name} must be 'multistep' or a torchdiffeq method, one of {SOLVERS}; "
                          f"got {solver!r}.")
@@ -187,8 +186,7 @@ def _resolve_options(divergence: str, probes: Optional[int], probe: Tuple[Option
         reject_inapplicable({"data_range": data_range}, "it is the range of discrete data given with levels=...")
     if adjoint and solver == MULTISTEP:
         raise ValueError(f"{solver_name}='multistep' does not support adjoint=True (its steps are not a "
-                         "torchdiffeq solve); for gradients pass solver='dopri5' (the default under adjoint=True) or "
-                         "another torchdiffeq method.")
+                         "torchdiffeq solve); pass solver='dopri5' (the default under adjoint=True) for gradients.")
     return _Settings(solver, adaptive, 1 if probes is None else probes, "rademacher" if probe is None else probe,
                      1e-5 if rtol is None else float(rtol), 1e-5 if atol is None else float(atol),
                      10_000 if max_steps is None else max_steps,
@@ -251,18 +249,18 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         seed: an int, a (B,) integer tensor or a torch.Generator for the probes and the dequantization noise.
             None: B seeds are drawn once from torch's global generator, and only when something random needs them
             (Hutchinson probes, ``levels``); the exact divergence of continuous data leaves it untouched.
-        solver, rtol, atol: "multistep" (the default) or a torchdiffeq method (the ``solver`` of
-            ``sdegen.sample(method="ode", solver=...)``; "dopri5" is the default under ``adjoint=True``), and the
-            tolerances of the adaptive ones (default 1e-5 each; with a fixed-grid method they do not apply and raise
-            ValueError); the error is controlled for every example (not for a batch average): the RMS of its
-            state's and log-density term's error ratios. "multistep" (:mod:`sdegen.likelihood_multistep`): an
-            adaptive exponential multistep predictor-corrector in y = x/m and log sigma, one evaluation per step;
-            on 14 mixture problems under seven SDEs it took 0.56-1.43x the evaluations of torchdiffeq's dopri5 with
-            its batch-average norm (median 0.9; the rows above 1 mostly at rtol = atol = 1e-3) and 0.53-1.07x
-            those of dopri5 with the per-example norm (median 0.77), with a worst error below both in every row,
-            often 10-100x below the batch-norm one (benchmarks/results/likelihood_nfe_multistep.md); it has no
-            adjoint. dopri5 with the per-example norm takes 1.0-1.55x the evaluations of the batch-norm one, and
-            its worst example's error is usually 2-20x smaller (benchmarks/results/likelihood_nfe.md).
+        solver, rtol, atol: the torchdiffeq method ("dopri5" by default; the ``solver`` of
+            ``sdegen.sample(method="ode", solver=...)``) or "multistep", and the tolerances of the adaptive ones
+            (default 1e-5 each; with a fixed-grid method they do not apply and raise ValueError); the error is
+            controlled for every example (not for a batch average): the RMS of its state's and log-density term's
+            error ratios. At the same rtol/atol dopri5 takes 1.0-1.55x the evaluations of dopri5 with
+            torchdiffeq's batch-average norm, and the worst example's error is usually 2-20x smaller
+            (benchmarks/results/likelihood_nfe.md). "multistep" (:mod:`sdegen.likelihood_multistep`): an adaptive
+            exponential multistep predictor-corrector in y = x/m and log sigma, one evaluation per step, the same
+            per-example norm; on 14 mixture problems under seven SDEs it took 0.56-1.43x the evaluations of that
+            batch-norm dopri5 (median 0.9; the rows above 1 mostly at rtol = atol = 1e-3) with a worst error below
+            dopri5's in every row, often 10-100x (benchmarks/results/likelihood_nfe_multistep.md);
+            it has no adjoint (``adjoint=True`` raises ValueError: use dopri5).
             ``steps``: the step count of fixed-grid methods ("rk4", "euler", ...); adaptive methods choose their
             own and raise ValueError when given one.
         t_min: start of the integration; the result is log p_{t_min}, the density of the data blurred by the
