@@ -754,7 +754,12 @@ def multistep_study(quick: bool):
               "adaptive sampler's (Gustafsson's PI with the predictive cap).", "",
               "| problem | order | error | controller | NFE | rejected | max err | median err |",
               "|---|---|---|---|---|---|---|---|"] + variants
-    path = os.path.join(RESULTS, "likelihood_nfe_multistep_quick.md" if quick else "likelihood_nfe_multistep.md")
+    _write_report("likelihood_nfe_multistep", quick, lines)
+
+
+def _write_report(stem: str, quick: bool, lines) -> None:
+    """Write a study's markdown lines to benchmarks/results/<stem>.md (<stem>_quick.md for a quick run)."""
+    path = os.path.join(RESULTS, f"{stem}_quick.md" if quick else f"{stem}.md")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("wrote", path)
@@ -787,10 +792,7 @@ def float32_study(quick: bool):
               "in float64.", "",
               "| problem | SDE | solver | NFE (float32) | max err (float32) | NFE (float64) | max err (float64) |",
               "|---|---|---|---|---|---|---|"] + rows
-    path = os.path.join(RESULTS, "likelihood_float32_quick.md" if quick else "likelihood_float32.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("wrote", path)
+    _write_report("likelihood_float32", quick, lines)
 
 
 def main():
