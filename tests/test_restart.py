@@ -99,6 +99,8 @@ def test_interval_outside_the_grid_raises_at_the_run():
     ({"restart_sigmas": (2.0, 1.0)}, "restart_sigmas"), ({"restart_sigmas": (0.0, 1.0)}, "restart_sigmas"),
     ({"restart_sigmas": 0.5}, "restart_sigmas"), ({"restart_sigmas": (0.1, math.nan)}, "restart_sigmas"),
     ({"s_noise": -0.5}, "s_noise"), ({"solver": "euler"}, "solver"), ({"final_step": "rk4"}, "final_step"),
+    ({"solver": "heun", "final_step": "rk4"}, "final_step must be one of"),
+    ({"final_step": "heun"}, "final_step applies to solver='heun'"),  # inert for dpmpp_2s: refused, not ignored
 ])
 def test_bad_options_raise_naming_the_parameter(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

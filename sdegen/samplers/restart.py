@@ -67,7 +67,8 @@ class Restart(StepSampler):
         restart_sigmas: (sigma_min, sigma_max) of the restart interval, 0 < sigma_min < sigma_max.
         s_noise: scale of the forward draw (the paper's S_noise), a finite number >= 0.
         solver: "dpmpp_2s", "heun" or "dpm_2".
-        final_step: "euler" (default) or "heun", the rule of the main grid's last step with solver="heun".
+        final_step: "euler" (default) or "heun", the rule of the main grid's last step with solver="heun" (it
+            does not apply to the other solvers, and passing it with them raises ValueError).
 
     x is (B, ...) of any dtype and device and is not modified; noise only through the per-example stream.
     """
@@ -78,7 +79,7 @@ class Restart(StepSampler):
 
     def __init__(self, restarts: int = 1, restart_steps: Optional[int] = None,
                  restart_sigmas: Sequence[float] = (0.1, 2.0), s_noise: float = 1.0, solver: str = "dpmpp_2s",
-                 final_step: str = "euler"):
+                 final_step: Optional[str] = None):
         self.restarts = check_int(restarts, "restarts", lo=0)
         self.restart_steps = check_int(restart_steps, "restart_steps", lo=1, none_ok=True)
         if not (isinstance(restart_sigmas, (tuple, list)) and len(restart_sigmas) == 2):
@@ -91,6 +92,10 @@ class Restart(StepSampler):
         self.s_noise = check_number(s_noise, "s_noise", lo=0.0)
         if not (isinstance(solver, str) and solver in SOLVERS):
             raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
+        if final_step is not None and solver != "heun":
+            raise ValueError(f"final_step applies to solver='heun' (the other solvers' last step is their own); got "
+                             f"final_step={final_step!r} with solver={solver!r}: leave final_step unset.")
+        final_step = "euler" if final_step is None else final_step
         if not (isinstance(final_step, str) and final_step in Heun.final_steps):
             raise ValueError(f"final_step must be one of {Heun.final_steps}; got {final_step!r}.")
         self.main = {"heun": lambda: Heun(final_step=final_step), "dpm_2": DPM2,
