@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -57,6 +57,15 @@ def _sde_first(*old_order: str):
         return call
 
     return decorate
+
+
+def nan_for_nonfinite_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a function of (B, ...) states whose rows are independent, with the rows of x that hold a NaN or an
+    infinity (an example whose solve has failed) evaluated at 0 and returned as NaN: the other rows are exact, and
+    a solve can finish or set the failed example aside instead of the oracle refusing the whole batch."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    out = fn(torch.where(bad.reshape((-1,) + (1,) * (x.ndim - 1)), torch.zeros_like(x), x))
+    return torch.where(bad.reshape((-1,) + (1,) * (out.ndim - 1)), torch.full_like(out, math.nan), out)
 
 
 class GaussianMixture:
@@ -200,10 +209,7 @@ class GaussianMixture:
         def exact_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
                 return self.score(sde, x, t)  # its message says what x must be
-            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-            bad = bad.reshape((-1,) + (1,) * (x.ndim - 1))
-            s = self._score(sde, torch.where(bad, torch.zeros_like(x), x), t)
-            return torch.where(bad, torch.full_like(s, math.nan), s)
+            return nan_for_nonfinite_rows(lambda z: self._score(sde, z, t), x)
         return exact_score
 
     @_sde_first("t", "sde")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 from numbers import Real
 from typing import Any, Callable, Optional, Sequence, Union
@@ -23,7 +22,7 @@ from ._deprecation import renamed
 from ._util import Time, batch_time, bcast
 from ._validate import check_int, check_number, check_tensor, is_integer_dtype
 from .models import Model, ScoreModel, as_model
-from .analytic import GaussianMixture
+from .analytic import GaussianMixture, nan_for_nonfinite_rows
 from .samplers import StepSampler, get_sampler, register_sampler
 from .sde import SDE
 
@@ -477,10 +476,10 @@ class MixtureClassifier:
         an infinity (an example whose solve has failed) gets NaN logits, and the other rows are exact."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
             return self.mixture.log_prob(self.sde, x, t)  # its message says what x must be
-        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-        x = torch.where(bad.reshape((-1,) + (1,) * (x.ndim - 1)), torch.zeros_like(x), x)
+        return nan_for_nonfinite_rows(lambda z: self._logits(z, t), x)
+
+    def _logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logw = self._log_class_weights.to(x.device)
         cols = [self.conditional(c).log_prob(self.sde, x, t).to(torch.float64) + logw[c]
                 for c in range(self.num_classes)]
-        logits = torch.stack(cols, dim=1).to(x.dtype)
-        return torch.where(bad[:, None], torch.full_like(logits, math.nan), logits)
+        return torch.stack(cols, dim=1).to(x.dtype)
