@@ -35,24 +35,32 @@ SCORE_SDE_CONVENTIONS = ("vp", "ve")
 class DiffusersNet(torch.nn.Module):
     """``net(x, timestep)`` of a diffusers network as a plain tensor function.
 
-    The output is ``.sample`` of a ``UNet2DOutput``-like object, the first entry of a tuple, or the tensor itself;
-    a network with a learned variance (2C output channels for C input channels, diffusers'
-    ``variance_type="learned"`` / ``"learned_range"``) keeps its first C channels, the mean prediction, as
-    diffusers' schedulers do. Extra call arguments (``class_labels``, ``encoder_hidden_states``, ...) pass through.
+    The output is ``.sample`` of a ``UNet2DOutput``-like object, the first entry of a tuple, or the tensor itself.
+    ``learned_variance``: True for a network with a learned variance (2C output channels for C input channels,
+    diffusers' ``variance_type="learned"`` / ``"learned_range"``), which keeps its first C channels, the mean
+    prediction, as diffusers' schedulers do; False keeps the output whole (another shape is then refused by the
+    model); None (a bare table, no scheduler to say) cuts a 2C-channel output of an image-like state (B, C, ...).
+    Extra call arguments (``class_labels``, ``encoder_hidden_states``, ...) pass through.
     """
 
-    def __init__(self, unet: Callable):
+    def __init__(self, unet: Callable, learned_variance: Optional[bool] = None):
         super().__init__()
+        if hasattr(unet, "unet") and hasattr(unet, "scheduler"):
+            raise TypeError(f"unet is a pipeline ({type(unet).__name__}); pass its network and scheduler: "
+                            "from_diffusers(pipe.unet, pipe.scheduler).")
         if not callable(unet):
             raise TypeError(f"unet must be a callable network unet(sample, timestep); got {type(unet).__name__}.")
-        self.unet = unet
+        if learned_variance not in (None, True, False):
+            raise ValueError(f"learned_variance must be True, False or None; got {learned_variance!r}.")
+        self.unet, self.learned_variance = unet, learned_variance
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.unet(x, timestep, *args, **kwargs)
         out = getattr(out, "sample", out)
         if isinstance(out, (tuple, list)):
             out = out[0]
-        if (isinstance(out, torch.Tensor) and out.ndim == x.ndim >= 2 and out.shape[1] == 2 * x.shape[1]
+        cut = self.learned_variance if self.learned_variance is not None else x.ndim >= 3
+        if (cut and isinstance(out, torch.Tensor) and out.ndim == x.ndim >= 2 and out.shape[1] == 2 * x.shape[1]
                 and out.shape[2:] == x.shape[2:]):
             out = out[:, :x.shape[1]]
         return out
@@ -62,7 +70,8 @@ class DiscreteTimestep:
     """t -> the timestep t N - 1 of a :class:`sdegen.DiscreteVPSDE`, rounded to the integer where t holds a table
     time (k + 1) / N to within its dtype's precision: a float32 time cannot represent (k + 1) / N exactly, and a
     network trained on integer timesteps is then fed exactly its integers. The same map as ScoreModel's
-    ``time_input="timestep"`` (:meth:`sdegen.DiscreteVPSDE.timestep`), which also refuses times before the table."""
+    ``time_input="timestep"`` (:meth:`sdegen.DiscreteVPSDE.timestep`); unlike ScoreModel, which refuses times
+    before the table's first timestep, it maps them to negative timesteps."""
 
     def __init__(self, sde: DiscreteVPSDE):
         self.sde = sde
@@ -87,7 +96,7 @@ def _scheduler_setting(scheduler: Any, name: str) -> Any:
 
 
 def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str] = None, *,
-                   t_min: Optional[float] = None) -> ScoreModel:
+                   t_min: Optional[float] = None, terminal_alpha_bar: Optional[float] = None) -> ScoreModel:
     """A diffusers network and its noise table as a model on :class:`sdegen.DiscreteVPSDE` (Ho et al. 2020's
     discrete DDPM, the convention of diffusers' ``UNet2DModel`` and its schedulers).
 
@@ -100,7 +109,12 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
             ``alphas_cumprod`` table itself (N values, decreasing inside (0, 1)).
         prediction_type: "epsilon", "v_prediction" or "sample" (diffusers' names; sdegen's "eps", "v" and "x0");
             default: the scheduler's ``config.prediction_type``, else "epsilon".
-        t_min: the sde's end time (default 1 / N, timestep 0).
+        t_min: the sde's end time, at least 1 / N (the default: timestep 0, the network's earliest).
+        terminal_alpha_bar: a value 0 < v < alpha_bar_{N-2} that replaces the table's last entry. A zero-terminal-SNR
+            table (``rescale_betas_zero_snr=True``) ends at alpha_bar = 0, where m(T) = 0 and the log-SNR is
+            -infinity; every sdegen SDE needs m(T) > 0, so such a table is refused unless it is given (diffusers'
+            sigma schedulers use 2^-24 where it is below the entry before). The network's input at timestep N - 1
+            then differs from its training input by sqrt(v) x_0 in m.
 
     Scheduler settings that belong to the sampler (``clip_sample``, ``thresholding``, the spacing) are not read:
     sdegen's samplers neither clip nor threshold. A v-prediction scheduler with ``timestep_type="continuous"``
@@ -119,6 +133,19 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
         except (TypeError, ValueError, RuntimeError):
             raise TypeError("scheduler must be a diffusers scheduler (with alphas_cumprod) or an alphas_cumprod "
                             f"table; got {type(scheduler).__name__}.") from None
+    if terminal_alpha_bar is not None:
+        if table.numel() < 2:
+            raise ValueError(f"alphas_cumprod must hold at least 2 values; got {table.numel()}.")
+        before = float(table[-2])
+        if isinstance(terminal_alpha_bar, bool) or not (isinstance(terminal_alpha_bar, (int, float))
+                                                         and 0 < terminal_alpha_bar < before):
+            raise ValueError(f"terminal_alpha_bar must be a number in (0, {before:.3g}) (below the table's "
+                             f"second-to-last entry); got {terminal_alpha_bar!r}.")
+        table = torch.cat([table.detach().to(device="cpu", dtype=torch.float64).flatten()[:-1],
+                           torch.tensor([float(terminal_alpha_bar)], dtype=torch.float64)])
+    if t_min is not None and not (isinstance(t_min, (int, float)) and t_min >= 1.0 / table.numel()):
+        raise ValueError(f"t_min must be >= 1/N = {1.0 / table.numel():g}, the time of timestep 0 (the network has "
+                         f"not seen earlier noise levels); got {t_min!r}.")
     if prediction_type is None:
         prediction_type = _scheduler_setting(scheduler, "prediction_type") or "epsilon"
     if prediction_type == "v_prediction" and _scheduler_setting(scheduler, "timestep_type") == "continuous":
@@ -128,7 +155,9 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
     if prediction_type not in DIFFUSERS_PREDICTIONS:
         raise ValueError(f"prediction_type must be one of {tuple(DIFFUSERS_PREDICTIONS)}; got {prediction_type!r}.")
     sde = DiscreteVPSDE(table, t_min=t_min)
-    return ScoreModel(DiffusersNet(unet), sde, prediction=DIFFUSERS_PREDICTIONS[prediction_type],
+    variance_type = _scheduler_setting(scheduler, "variance_type")
+    learned = None if getattr(scheduler, "config", None) is None else variance_type in ("learned", "learned_range")
+    return ScoreModel(DiffusersNet(unet, learned), sde, prediction=DIFFUSERS_PREDICTIONS[prediction_type],
                       time_input="timestep")
 
 
@@ -160,7 +189,7 @@ def diffusers_time_grid(sde: DiscreteVPSDE, timesteps, *, final_timestep: Option
     return sde.time_of_timestep(ks)
 
 
-def from_denoiser(denoiser: Callable, sde: SDE) -> ScoreModel:
+def from_denoiser(denoiser: Callable, sde: SDE, *, cast_input: Any = "auto") -> ScoreModel:
     """A denoiser in k-diffusion's and EDM's convention as a model under any SDE.
 
     The denoiser D(x_sigma, sigma) takes the sigma-scaled input x_sigma = x_0 + sigma eps and the (B,) noise level
@@ -170,10 +199,15 @@ def from_denoiser(denoiser: Callable, sde: SDE) -> ScoreModel:
 
         D_sdegen(x, t) = D(x / m(t), sigma(t)).
 
-    Returns ``ScoreModel(denoiser, sde, prediction="x0", time_input="edm_sigma", scale_input=True)``; extra call
-    arguments (class labels, conditioning) pass through to the denoiser.
+    Returns ``ScoreModel(denoiser, sde, prediction="x0", time_input="edm_sigma", scale_input=True,
+    cast_input=cast_input)``; extra call arguments (class labels, conditioning) pass through to the denoiser.
+    The denoiser is called in the state's dtype first (``cast_input="auto"``): a wrapper that casts for its inner
+    network itself (EDM's ``EDMPrecond``) computes its skip connection c_skip x in the state's precision. One that
+    fails on the dtype mismatch (a k-diffusion wrapper around a bfloat16 network, say) is then called in its
+    parameters' dtype from that call on; ``cast_input=True`` does so from the start, ``False`` never.
     """
-    return ScoreModel(denoiser, sde, prediction="x0", time_input="edm_sigma", scale_input=True)
+    return ScoreModel(denoiser, sde, prediction="x0", time_input="edm_sigma", scale_input=True,
+                      cast_input=cast_input)
 
 
 class ScaledTime:

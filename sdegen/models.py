@@ -264,18 +264,26 @@ class ScoreModel(Model):
 
     The network runs in the dtype of its own parameters: a bfloat16 network under a float32 or float64 state gets
     its inputs cast and returns outputs cast back (floating time inputs go as float32 to 16-bit networks).
+    ``cast_input`` chooses: True (the default) casts to the parameters' dtype; False calls the network in the
+    state's dtype (a wrapper that casts for its inner network itself, as EDM's ``EDMPrecond`` does, keeps its skip
+    connection c_skip x in the state's precision that way); "auto" calls it in the state's dtype and switches to
+    casting for good if the network fails on a dtype mismatch.
     Shapes: x is (B, ...), t a float, 0-d or (B,) tensor; outputs have x's shape and dtype.
     Times: a network is asked only where its conversions are defined: s(t) > 0 (the kernel's std; every
-    parameterisation but "score" divides by it) and, for time_input="timestep", t >= ``sde.t_min``, the table's
-    first timestep (a DDPM network has not seen negative timesteps). Host and CPU times outside raise a
+    parameterisation but "score" divides by it) and, for time_input="timestep", t >= 1 / N, the time of the
+    table's first timestep (a DDPM network has not seen negative timesteps). Host and CPU times outside raise a
     ValueError; times on an accelerator are not read back to check.
     """
 
     def __init__(self, net: Callable, sde: SDE, prediction: str = "eps",
                  time_input: Union[str, Callable[[torch.Tensor], torch.Tensor], None] = None,
                  num_steps: Optional[int] = None, *, scale_input: bool = False, sigma_data: Optional[float] = None,
-                 preconditioning: Optional[str] = None, M: Optional[int] = None):
+                 preconditioning: Optional[str] = None, M: Optional[int] = None,
+                 cast_input: Union[bool, str] = True):
         super().__init__(sde)
+        if cast_input not in (True, False, "auto") or not isinstance(cast_input, (bool, str)):
+            raise ValueError(f"cast_input must be True, False or 'auto'; got {cast_input!r}.")
+        self.cast_input = cast_input
         if not callable(net):
             raise TypeError(f"net must be a callable network net(x, time_input, ...); got {type(net).__name__}.")
         check_choice(prediction, "prediction", PREDICTIONS)
@@ -376,47 +384,67 @@ class ScoreModel(Model):
         if self.prediction == "edm":
             x_net = x_net * bcast(self._edm_coeffs(tb)[2], x)
         time_in = self.net_time(tb)
-        dtype = network_dtype(self.net)
-        if dtype is not None and dtype != x.dtype:
-            x_net = x_net.to(dtype)
-        if dtype is not None and time_in.is_floating_point():
-            time_in = time_in.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
         try:
-            out = self.net(x_net, time_in, *args, **kwargs)
+            out = self._call_net(x_net, time_in, self.cast_input is True, args, kwargs)
         except RuntimeError as err:  # a plain function closing over a network of another dtype, say
             if not _DTYPE_MISMATCH.search(str(err)):
                 raise
-            raise TypeError(f"the model's network {_name(self.net)} failed on a {x_net.dtype} input: {err}. A plain "
-                            "function is called in the state's dtype; wrap the network itself in sdegen.ScoreModel "
-                            "(which casts to its parameters' dtype) or pass x_T in the network's dtype.") from err
+            if self.cast_input != "auto" or network_dtype(self.net) in (None, x_net.dtype):
+                raise TypeError(self._dtype_advice(x_net.dtype, err)) from err
+            self.cast_input = True  # "auto": the network wants its own dtype
+            out = self._call_net(x_net, time_in, True, args, kwargs)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             raise TypeError(f"the model's network {_name(self.net)} must return a tensor (floating-point); got {got}.")
         _check_output(out, x, self.net)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def _call_net(self, x_net: torch.Tensor, time_in: torch.Tensor, cast: bool, args, kwargs) -> Any:
+        """The network's output at (x_net, time_in), its inputs cast to its parameters' dtype if ``cast``."""
+        dtype = network_dtype(self.net) if cast else None
+        if dtype is not None and dtype != x_net.dtype:
+            x_net = x_net.to(dtype)
+        if dtype is not None and time_in.is_floating_point():
+            time_in = time_in.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+        return self.net(x_net, time_in, *args, **kwargs)
+
+    def _dtype_advice(self, dtype: torch.dtype, err: Exception) -> str:
+        """The message of a network that failed on a dtype mismatch, with the fix that applies."""
+        head = f"the model's network {_name(self.net)} failed on a {dtype} input: {err}. "
+        if self.cast_input is False:
+            return head + ("cast_input=False calls it in the state's dtype; pass cast_input=True (or 'auto') to "
+                           "call it in its parameters' dtype.")
+        return head + ("A plain function (a lambda around a network, say) is called in the state's dtype, which "
+                       "sdegen.sample keeps float32 or float64: pass the nn.Module itself (ScoreModel(net, ...), "
+                       "from_diffusers(unet, ...), from_denoiser(denoiser, ...)), whose inputs are then cast to its "
+                       "parameters' dtype, or make the function cast its inputs.")
+
     def _check_network_time(self, x: torch.Tensor, t: torch.Tensor) -> None:
         """ValueError where the network is asked at s(t) = 0 or, for discrete timesteps, before the table's first
         one. A host scalar time reads the per-time table of (m, s); a CPU tensor is compared directly; times on
         an accelerator are left unchecked (reading them back would stall the device)."""
         divides = self.prediction != "score"
+        if self.time_input == "timestep":  # timestep t N - 1 below 0 beyond its rounding (DiscreteVPSDE.timestep)
+            n = self.sde.num_timesteps
+            first = (1.0 - 4.0 * n * torch.finfo(t.dtype).eps) / n
         if _host_scalar(t):
             value = self._host_value(t)
-            early = self.time_input == "timestep" and value < self.sde.t_min
+            early = self.time_input == "timestep" and value < first
             if not early and (not divides or self._coeffs(x, t)[1] > 0.0):
                 return
         elif t.device.type == "cpu":
             low = t.detach().min()
-            early = self.time_input == "timestep" and bool(low < self.sde.t_min)
+            early = self.time_input == "timestep" and bool(low < first)
             if not early and (not divides or bool(self.sde.std(low) > 0)):  # s(t) increases with t
                 return
             value = float(low)
         else:
             return
         if early:
-            raise ValueError(f"t must be >= {self.sde.t_min:g}, the time of the network's first timestep (timestep "
-                             f"0 of the {self.sde.num_timesteps}-step table); got t = {value:g} (timestep "
-                             f"{value * self.sde.num_timesteps - 1:g}). Pass t_min >= sde.t_min.")
+            raise ValueError(f"t must be >= {1.0 / self.sde.num_timesteps:g}, the time of the network's first "
+                             f"timestep (timestep 0 of the {self.sde.num_timesteps}-step table); got t = {value:g} "
+                             f"(timestep {value * self.sde.num_timesteps - 1:g}). Pass t_min >= "
+                             f"{1.0 / self.sde.num_timesteps:g}.")
         raise ValueError(f"t must be where the kernel's std s(t) > 0: the network's conversions divide by it; got "
                          f"t = {value:g}, where s(t) = 0. Samplers and log_likelihood stop at t_min > 0.")
 

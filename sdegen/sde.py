@@ -707,6 +707,15 @@ class DiscreteVPSDE(SDE):
         if ab.numel() < 2 or not bool(torch.isfinite(ab).all()):
             raise ValueError(f"alphas_cumprod must hold at least 2 finite values; got {ab.numel()} values.")
         if not (bool((ab > 0).all()) and bool((ab < 1).all()) and bool((ab[1:] < ab[:-1]).all())):
+            head = ab[:-1]
+            if (bool((head > 0).all()) and bool((head < 1).all()) and bool((head[1:] < head[:-1]).all())
+                    and not 0 < ab[-1] < ab[-2]):
+                raise ValueError(
+                    f"alphas_cumprod ends at {float(ab[-1]):.3g}, after {float(ab[-2]):.3g}: a zero-terminal-SNR "
+                    "table (diffusers' rescale_betas_zero_snr=True; its sigma schedulers store 2^-24 instead of 0). "
+                    "A diffusion here has m(T) > 0 and a finite log-SNR: give the last timestep a small positive "
+                    f"alpha_bar below {float(ab[-2]):.3g} (from_diffusers(..., terminal_alpha_bar=v) does it), which "
+                    "changes m at T by sqrt(v).")
             raise ValueError("alphas_cumprod must be strictly decreasing inside (0, 1) (a DDPM alpha_bar table).")
         self.alphas_cumprod, self.num_timesteps = ab, ab.numel()
         self._lam = torch.log(ab) - torch.log1p(-ab)  # the log-SNR of every timestep, decreasing

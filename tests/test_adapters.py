@@ -464,3 +464,144 @@ def test_errors():
         from_score_sde(lambda x, t: x, sdegen.VPSDE(), time_scale=0.0)
     with pytest.raises(TypeError, match="net"):
         from_denoiser(None, sdegen.EDMSDE())
+
+
+def test_zero_terminal_snr_table():
+    """A table ending at alpha_bar = 0 (rescale_betas_zero_snr) is refused by name; terminal_alpha_bar replaces the
+    last entry, and nothing else of the table changes."""
+    zsnr = torch.cat([TABLE[:-1].to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        from_diffusers(OracleUNet("epsilon"), zsnr)
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):  # diffusers' sigma schedulers' 2^-24 above ab[-2]
+        sdegen.DiscreteVPSDE(torch.cat([zsnr[:-1], torch.tensor([float(zsnr[-2]) * 2])]))
+    model = from_diffusers(OracleUNet("epsilon"), zsnr, terminal_alpha_bar=2.0**-40)
+    assert float(model.sde.alphas_cumprod[-1]) == 2.0**-40
+    assert torch.equal(model.sde.alphas_cumprod[:-1], zsnr[:-1])
+    torch.testing.assert_close(model.sde.mean_coeff(torch.tensor(1.0, dtype=torch.float64)),
+                               torch.tensor(2.0**-20, dtype=torch.float64), rtol=1e-12, atol=0)
+    for bad in (0.0, float(zsnr[-2]), True, "small"):
+        with pytest.raises(ValueError, match="terminal_alpha_bar"):
+            from_diffusers(OracleUNet("epsilon"), zsnr, terminal_alpha_bar=bad)
+
+
+def test_times_before_the_first_timestep_are_refused():
+    """The network never receives a negative timestep, whatever the sde's t_min says."""
+    n = len(TABLE)
+    with pytest.raises(ValueError, match="t_min"):
+        from_diffusers(OracleUNet("epsilon"), TABLE, t_min=1e-4)
+    net = OracleUNet("epsilon")
+    model = sdegen.ScoreModel(DiffusersNet(net), sdegen.DiscreteVPSDE(TABLE, t_min=1e-4), time_input="timestep")
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for t in (5e-4, torch.full((2,), 5e-4, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="first timestep"):
+            model.score(x, t)
+    assert not net.seen
+    for dtype in (torch.float32, torch.float64):  # timestep 0 itself, at the dtype's rounding of 1/N
+        model.score(x.to(dtype), torch.full((2,), 1.0 / n, dtype=dtype))
+        assert torch.equal(net.seen[-1].to(torch.float64), torch.zeros(2, dtype=torch.float64))
+
+
+class _PrecondLike(torch.nn.Module):
+    """EDM's EDMPrecond pattern: the skip connection in float32 or better, only the inner network in its dtype."""
+
+    def __init__(self, inner, sigma_data=0.5):
+        super().__init__()
+        self.inner, self.sigma_data = inner, sigma_data
+
+    def forward(self, x, sigma):
+        sigma = sigma.to(x.dtype).reshape(-1, 1)
+        sd2 = self.sigma_data**2
+        c_skip, c_out, c_in = sd2 / (sigma**2 + sd2), sigma * self.sigma_data / (sigma**2 + sd2).sqrt(), \
+            1 / (sigma**2 + sd2).sqrt()
+        dtype = next(self.inner.parameters()).dtype
+        return c_skip * x + c_out * self.inner((c_in * x).to(dtype)).to(x.dtype)
+
+
+class _NoCastWrapper(torch.nn.Module):
+    """k-diffusion's pattern: input + c_out * inner(c_in input), no dtype handling of its own."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, sigma):
+        sigma = sigma.to(x.dtype).reshape(-1, 1)
+        return x - sigma * self.inner(x / (1 + sigma**2).sqrt())
+
+
+def test_from_denoiser_keeps_the_state_precision_of_a_casting_wrapper():
+    torch.manual_seed(0)
+    inner = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    sde = sdegen.EDMSDE()
+    x = 3 * torch.randn(6, 4, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([0.002, 0.05, 1.0, 10.0, 40.0, 80.0])
+    wrapper = _PrecondLike(inner)
+    for dtype in (torch.float32, torch.float64):
+        xd, td = x.to(dtype), t.to(dtype)
+        got = from_denoiser(wrapper, sde).denoise(xd, td)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, wrapper(xd, td), rtol=0, atol=0)  # called in the state's dtype
+    # the same wrapper called in bfloat16 (cast_input=True) loses the skip connection's precision at small sigma
+    with torch.no_grad():
+        cast = from_denoiser(wrapper, sde, cast_input=True).denoise(x, t)
+    assert rel_err(cast[:1], wrapper(x, t)[:1]) > 1e-4
+
+
+def test_from_denoiser_casts_for_a_wrapper_that_fails_on_the_dtype():
+    torch.manual_seed(1)
+    wrapper = _NoCastWrapper(torch.nn.Linear(4, 4).to(torch.bfloat16))
+    sde = sdegen.EDMSDE()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([0.1, 1.0, 10.0])
+    model = from_denoiser(wrapper, sde)
+    with torch.no_grad():
+        got = model.denoise(x, t)
+        expected = wrapper(x.to(torch.bfloat16), t.to(torch.float32)).to(torch.float32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert model.cast_input is True  # remembered: the next call casts from the start
+    with pytest.raises(TypeError, match="cast_input=True"):
+        from_denoiser(wrapper, sde, cast_input=False).denoise(x, t)
+    with pytest.raises(ValueError, match="cast_input"):
+        from_denoiser(wrapper, sde, cast_input="yes")
+
+
+def test_dtype_mismatch_advice_names_the_fix():
+    bf16 = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    model = sdegen.ScoreModel(lambda x, t: bf16(x), sdegen.VPSDE())
+    with pytest.raises(TypeError, match="nn.Module itself"):
+        model.score(torch.randn(2, 4), 0.5)
+
+
+def test_learned_variance_channels_follow_the_scheduler():
+    """Only a scheduler with a learned variance (or, for a bare table, an image-like state) drops the second half
+    of a 2C-channel output; elsewhere such an output is the network's mistake and is refused."""
+
+    class Scheduler:
+        alphas_cumprod = TABLE
+
+        def __init__(self, variance_type):
+            self.config = {"prediction_type": "epsilon", "variance_type": variance_type}
+
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = _table_times([3, 250, 900])
+    reference = from_diffusers(OracleUNet("epsilon"), TABLE).score(x, t)
+    learned = from_diffusers(OracleUNet("epsilon", "learned_variance"), Scheduler("learned_range"))
+    torch.testing.assert_close(learned.score(x, t), reference, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        from_diffusers(OracleUNet("epsilon", "learned_variance"), Scheduler("fixed_small")).score(x, t)
+    flat = x.reshape(3, 4)  # a flat state: no channels to cut
+    with pytest.raises(ValueError, match="shape"):
+        from_diffusers(lambda a, k: torch.cat([a, a], 1), TABLE).score(flat, t)
+    with pytest.raises(ValueError, match="learned_variance"):
+        DiffusersNet(OracleUNet("epsilon"), learned_variance="yes")
+
+
+def test_a_pipeline_is_refused_with_its_parts_named():
+    class Pipeline:
+        unet, scheduler = OracleUNet("epsilon"), object()
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("a pipeline must not be run")
+
+    with pytest.raises(TypeError, match="pipe.unet"):
+        from_diffusers(Pipeline(), TABLE)

@@ -350,11 +350,11 @@ def test_a_diffusers_network_is_never_fed_a_negative_timestep():
 
 
 def test_a_plain_function_over_a_conv_network_of_another_dtype_gets_the_mixed_precision_hint():
-    """A plain function closing over a float32 Conv2d, called in a float64 state: a TypeError that says to wrap the
-    network in ScoreModel (which casts to its parameters' dtype), not the convolution's bare RuntimeError."""
+    """A plain function closing over a float32 Conv2d, called in a float64 state: a TypeError that says to pass the
+    network module itself (whose inputs are cast to its parameters' dtype), not the convolution's bare RuntimeError."""
     conv = torch.nn.Conv2d(1, 1, 3, padding=1)
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    with pytest.raises(TypeError, match="wrap the network itself in sdegen.ScoreModel"):
+    with pytest.raises(TypeError, match="pass the nn.Module itself"):
         sdegen.sample(sdegen.VPSDE(), lambda x, t: conv(x), x, method="ddim", steps=2)
 
 
