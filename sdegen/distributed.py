@@ -583,6 +583,15 @@ def _rank_loss(loss_fn: Callable, ctx: DistributedContext, batch_size: int, slic
     return loss
 
 
+def _resumed_seed(seed: int, start_step: Any) -> int:
+    """The seed of a call that starts at ``start_step``: ``seed`` itself for a run from step 0, else a seed
+    derived from (seed, start_step), so that a resumed call draws fresh batches and noise instead of replaying
+    the first call's (every rank derives the same one)."""
+    if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step <= 0:
+        return seed  # train checks start_step itself
+    return int(make_seeds(seed, start_step + 1)[start_step])
+
+
 def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: int, *, batch_size: int = 128,
               seed: int = 0, checkpoint: Optional[str] = None, checkpoint_config: Optional[Dict[str, Any]] = None,
               ddp_kwargs: Optional[Dict[str, Any]] = None, ctx: Optional[DistributedContext] = None,
@@ -599,7 +608,10 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
             world_size`` rows (shuffled by ``seed``) and trains on its own ``batch_size`` rows of it. Any other
             iterable (a DataLoader with a DistributedSampler) is used as it is, its batches being the rank's.
         batch_size: examples per rank and step. seed: shuffling seed, an int, the same on every rank; the loss's own
-            randomness (times, noise) comes from a generator that differs between ranks.
+            randomness (times, noise) comes from a generator that differs between ranks. A resumed call
+            (``start_step`` > 0 in ``train_kwargs``) draws from streams derived from (seed, start_step): it does
+            not replay the first call's batches and noise, though (unlike :func:`sdegen.train` given the returned
+            generator) it is not the uninterrupted run's exact continuation.
         checkpoint: path that rank 0 writes at the end (:func:`sdegen.save_checkpoint`, with the EMA and the
             optimizer; ``extra`` holds the steps run, the best evaluated step and the world size);
             checkpoint_config: its ``config`` (default: the model's own).
@@ -614,6 +626,7 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
             raise ValueError(f"train_ddp sets {bad} itself; call sdegen.train directly to choose it.")
     _check_count(batch_size, "batch_size", 1)
     _check_seed(seed)
+    seed = _resumed_seed(seed, train_kwargs.get("start_step", 0))
     if ctx.world_size == 1:
         res = train(model, loss_fn, data, steps, batch_size=batch_size, seed=seed, **train_kwargs)
     else:

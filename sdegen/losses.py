@@ -66,6 +66,29 @@ def _sde_of(model, sde: Optional[SDE]) -> SDE:
     return sde
 
 
+# the options of the sdegen losses, by loss: a keyword of another loss's would otherwise reach the network
+_LOSS_OPTIONS = {
+    "dsm_loss": {"sde", "weighting", "importance_sampling", "reduce", "t", "seed", "t_min", "return_per_example",
+                 "generator"},
+    "ddpm_loss": {"sde", "num_steps", "reduce", "t", "seed", "t_min", "return_per_example", "generator"},
+    "sliced_score_matching_loss": {"sde", "projection", "n_projections", "weighting", "t", "seed", "t_min",
+                                   "return_per_example", "generator"},
+    "classifier_loss": {"t", "seed", "t_min", "label_smoothing", "return_per_example", "generator"},
+}
+_ANY_LOSS_OPTION = set().union(*_LOSS_OPTIONS.values()) | {"importance", "tmin", "t_max", "weighting_fn"}
+
+
+def _check_network_kwargs(where: str, kwargs: dict) -> None:
+    """TypeError for a keyword that names a loss option this loss does not have: the losses pass their other
+    keywords to the network (class labels, say), where such an option would be dropped or fail obscurely."""
+    stray = sorted(set(kwargs) & _ANY_LOSS_OPTION)
+    if stray:
+        owners = {name: [loss for loss, opts in _LOSS_OPTIONS.items() if name in opts] for name in stray}
+        said = "; ".join(f"{name!r} (an option of {', '.join(o)})" if o else repr(name) for name, o in owners.items())
+        raise TypeError(f"{where} has no option {said}; its options are {', '.join(sorted(_LOSS_OPTIONS[where]))}, "
+                        "and other keywords go to the model. Remove it or use the loss that has it.")
+
+
 def _t_min(sde: SDE, t_min: Optional[float]) -> float:
     """The lower end of the training times: ``t_min`` in (0, T), by default the SDE's own."""
     if t_min is None:
@@ -174,6 +197,7 @@ def dsm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None
         t_min: the earliest time drawn (default: the SDE's ``t_min``); times are drawn in [t_min, T].
     Returns: a scalar (the batch mean), or the (B,) per-example losses with ``return_per_example=True``.
     """
+    _check_network_kwargs("dsm_loss", kwargs)
     sde = _sde_of(model, sde)
     _check_batch(x0, importance_sampling=importance_sampling, return_per_example=return_per_example)
     gen = _generator("dsm_loss", seed, generator)
@@ -201,6 +225,7 @@ def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = Non
     weighting "s2" and reduce="mean". ``seed`` (``generator``: deprecated) and the other arguments as in
     :func:`dsm_loss`.
     """
+    _check_network_kwargs("ddpm_loss", kwargs)
     sde = _sde_of(model, sde)
     _check_batch(x0, return_per_example=return_per_example)
     check_int(num_steps, "num_steps", lo=2, none_ok=True, hint=" It is the number of discrete DDPM times.")
@@ -236,6 +261,7 @@ def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Op
     One Jacobian-vector product per projection; the graph is kept so the loss can be backpropagated.
     ``seed`` (``generator``: deprecated) draws t, the noise and the projections, as in :func:`dsm_loss`.
     """
+    _check_network_kwargs("sliced_score_matching_loss", kwargs)
     check_choice(projection, "projection", ("gaussian", "rademacher"))
     check_int(n_projections, "n_projections", lo=1)
     sde = _sde_of(model, sde)
@@ -269,6 +295,9 @@ def classifier_loss(classifier: Callable, sde: SDE, x0: torch.Tensor, y: torch.T
     synchronise every step): an out-of-range label there gives that example a NaN loss;
     seed: an int, a torch.Generator or None (torch's global generator); ``generator`` is its deprecated name.
     """
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde (classifier_loss's second argument) must be an sdegen.SDE; got {type(sde).__name__}.")
+    sde.check_contract()
     _check_batch(x0, return_per_example=return_per_example)
     if not isinstance(y, torch.Tensor) or y.shape != (x0.shape[0],) or y.is_floating_point():
         raise ValueError(f"y must be an integer tensor of shape ({x0.shape[0]},); got {getattr(y, 'shape', y)!r}.")

@@ -30,38 +30,64 @@ Batch = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 SDES = {"VPSDE": VPSDE, "SubVPSDE": SubVPSDE, "VESDE": VESDE}
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 class EMA:
     """Exponential moving average of a module's parameters: theta_ema <- decay theta_ema + (1 - decay) theta
     (the weights DDPM and Song et al. 2021 sample with). Buffers are copied as they are.
 
     ``warmup=True`` uses decay min(decay, (1 + n) / (10 + n)) at update n, so early averages are not dominated
-    by the random initialisation.
+    by the random initialisation. The average of a 16-bit parameter is kept in float32 and written to
+    ``module`` in the parameter's dtype after each update: in bfloat16 an increment (1 - decay)(theta - theta_ema)
+    below half a unit of the last place (2^-9 relative) would be lost, and a decay of 0.999 would freeze it.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
-        if not (0.0 <= decay < 1.0):
+        if isinstance(decay, bool) or not (isinstance(decay, (int, float)) and 0.0 <= decay < 1.0):
             raise ValueError(f"decay must lie in [0, 1); got {decay!r}.")
+        check_flag(warmup, "warmup")
         self.decay, self.warmup, self.num_updates = float(decay), warmup, 0
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._shadow: Dict[int, torch.Tensor] = {}
+        self._sync_shadow()
+
+    def _sync_shadow(self) -> None:
+        """float32 copies of the module's 16-bit parameters, taken from its current weights."""
+        self._shadow = {i: p.detach().to(torch.float32) for i, p in enumerate(self.module.parameters())
+                        if p.dtype in _LOW_PRECISION}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         n = self.num_updates
         d = min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
-        for pe, p in zip(self.module.parameters(), model.parameters()):
-            pe.lerp_(p.detach(), 1.0 - d)
+        for i, (pe, p) in enumerate(zip(self.module.parameters(), model.parameters())):
+            shadow = self._shadow.get(i)
+            if shadow is None:
+                pe.lerp_(p.detach(), 1.0 - d)
+            else:
+                pe.copy_(shadow.lerp_(p.detach().to(torch.float32), 1.0 - d))
         for be, b in zip(self.module.buffers(), model.buffers()):
             be.copy_(b)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
+        state = {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                 "module": self.module.state_dict()}
+        if self._shadow:
+            state["float32_shadow"] = {i: v.clone() for i, v in self._shadow.items()}
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
+        self.warmup = bool(state.get("warmup", self.warmup))  # states saved before warmup was stored keep ours
         self.module.load_state_dict(state["module"])
+        self._sync_shadow()
+        for i, v in state.get("float32_shadow", {}).items():
+            if int(i) in self._shadow:
+                self._shadow[int(i)].copy_(v)
 
 
 def iterate_batches(data: Union[torch.Tensor, Sequence[torch.Tensor], Iterable], batch_size: int,
@@ -163,8 +189,9 @@ def _check_train_options(steps, lr, ema_decay, grad_clip, warmup_steps, evaluate
     if not (isinstance(check_every, int) and check_every >= 1):
         raise ValueError(f"check_every must be an int >= 1 (steps between loss read-backs); got {check_every!r}.")
     if evaluate is None:
-        if patience is not None or flags["restore_best"]:
-            raise ValueError("patience and restore_best need an evaluate callback (a held-out metric to watch).")
+        if patience is not None or flags["restore_best"] or eval_every is not None:
+            raise ValueError("eval_every, patience and restore_best need an evaluate callback (a held-out metric to "
+                             "watch).")
         return
     if not callable(evaluate):
         raise TypeError(f"evaluate must be a callable evaluate(module) -> float; got {type(evaluate).__name__}.")
@@ -214,7 +241,7 @@ class _Watcher:
         self.evaluate, self.every, self.patience, self.restore_best = evaluate, eval_every, patience, restore_best
         self.history: List[Tuple[int, float]] = []
         self.best: Optional[Tuple[int, float]] = None
-        self.saved: Optional[Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]], int]] = None
+        self.saved: Optional[Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]] = None
         self.stale = 0
 
     def __call__(self, done: int, model: nn.Module, ema: Optional[EMA]) -> bool:
@@ -231,8 +258,7 @@ class _Watcher:
         if self.best is None or value < self.best[1]:
             self.best, self.stale = (done, value), 0
             if self.restore_best:
-                self.saved = (_snapshot(model), _snapshot(ema.module) if ema is not None else None,
-                              ema.num_updates if ema is not None else 0)
+                self.saved = (_snapshot(model), copy.deepcopy(ema.state_dict()) if ema is not None else None)
         else:
             self.stale += 1
         return self.patience is not None and self.stale >= self.patience
@@ -240,19 +266,48 @@ class _Watcher:
     def restore(self, model: nn.Module, ema: Optional[EMA]) -> None:
         if self.saved is None:
             return
-        weights, ema_weights, updates = self.saved
+        weights, ema_state = self.saved
         model.load_state_dict(weights)
         if ema is not None:
-            ema.module.load_state_dict(ema_weights)
-            ema.num_updates = updates
+            ema.load_state_dict(ema_state)
 
 
 DEFAULT_LR, DEFAULT_EMA_DECAY = 2e-4, 0.999  # the Adam rate made here and the EMA decay of a new EMA
 
 
+class _DefaultDecay(float):
+    """The default of ``train``'s ema_decay: equal to DEFAULT_EMA_DECAY, but told apart from a value passed."""
+
+    def __repr__(self) -> str:
+        return repr(float(self))
+
+
+_EMA_DECAY_UNSET = _DefaultDecay(DEFAULT_EMA_DECAY)
+
+
+def _check_trainable(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Refuse float16 parameters for the Adam made here: its eps (1e-8) and small squared gradients underflow to 0
+    in float16, and the first step turns the weights into NaN."""
+    if optimizer is None and any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad):
+        raise ValueError("model has float16 parameters: the Adam optimizer made by train keeps its state in the "
+                         "parameters' dtype, where its eps (1e-8) and small squared gradients are 0, so the first "
+                         "step makes the weights NaN. Train float32 weights (under torch.autocast for speed), "
+                         "bfloat16 ones, or pass an optimizer of your own that suits float16.")
+
+
+def _check_finite_weights(model: nn.Module, done: int) -> None:
+    """FloatingPointError if a parameter is not finite after the run (one read-back for all of them)."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if params and not bool(torch.stack([torch.isfinite(p.detach()).all().to(params[0].device)
+                                        for p in params]).all()):
+        raise FloatingPointError(f"the model's weights are not finite after {done} steps although the losses were "
+                                 "finite: an optimizer step overflowed (a learning rate too high for the weights' "
+                                 "dtype, or an optimizer state that underflows in it).")
+
+
 def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: int, *, batch_size: int = 128,
           lr: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-          ema_decay: Optional[float] = DEFAULT_EMA_DECAY, ema: Optional[EMA] = None, start_step: int = 0,
+          ema_decay: Optional[float] = _EMA_DECAY_UNSET, ema: Optional[EMA] = None, start_step: int = 0,
           grad_clip: Optional[float] = 1.0, warmup_steps: int = 0, seed: Union[int, torch.Generator] = 0,
           progress: bool = True,
           desc: str = "train", wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, is_main: bool = True,
@@ -273,11 +328,14 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
         data: a tensor (N, ...), a tuple of tensors (x, y, ...), or any iterable of batches.
         steps: optimizer steps (at most) in this call; batch_size: examples per step (a tensor or tuple ``data`` is
             shuffled into batches of this size; an iterable's own batches are used as they come).
-        lr, warmup_steps: the learning rate (finite, > 0; default 2e-4 for the Adam optimizer made here, and the
-            optimizer's own for a given ``optimizer``, whose groups it then overrides) with a linear warm-up over
-            ``warmup_steps`` >= 0 steps (0: none), counted from step 0 of the whole run.
-        optimizer: a torch optimizer over ``model``'s parameters (default: Adam); its state carries over between
-            calls.
+        lr, warmup_steps: the learning rate (finite, > 0; default 2e-4 for the Adam optimizer made here; a given
+            ``optimizer`` keeps its own unless ``lr`` is passed, which sets its groups' rate) with a linear warm-up
+            over ``warmup_steps`` >= 0 steps (0: none), counted from step 0 of the whole run. Only the warm-up
+            steps write the rate (base rate x (step + 1) / warmup_steps, the base being the groups'
+            ``initial_lr``, where torch's LR schedulers keep it); after them the optimizer's rate is left alone,
+            so a torch LR scheduler stepped in ``on_step`` or between calls takes effect.
+        optimizer: a torch optimizer over ``model``'s parameters (default: Adam; float16 parameters need an
+            optimizer of your own, see below); its state carries over between calls.
         ema_decay: keep an :class:`EMA` of the weights with this decay in [0, 1) (None: no EMA).
         ema: an existing :class:`EMA` of ``model`` to keep updating (a resumed run's), instead of a new one with
             ``ema_decay`` (which, set to another value than the EMA's own decay, raises ValueError).
@@ -297,7 +355,7 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
         check_every: steps between read-backs of the loss (for the progress bar and the finiteness check);
             between them a step never waits for the device.
     Returns: a :class:`TrainResult`. The loss must stay finite: a NaN or infinite loss raises at the next
-    read-back, naming the step it appeared at.
+    read-back, naming the step it appeared at, and weights that are not finite at the end raise too.
     """
     _check_train_options(steps, DEFAULT_LR if lr is None else lr, ema_decay, grad_clip, warmup_steps, evaluate, eval_every,
                          patience, check_every, restore_best=restore_best, progress=progress, is_main=is_main)
@@ -306,9 +364,10 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None; got {type(optimizer).__name__}.")
     if ema is not None and not isinstance(ema, EMA):
         raise TypeError(f"ema must be an sdegen.EMA (a resumed run's) or None; got {type(ema).__name__}.")
-    if ema is not None and ema_decay not in (DEFAULT_EMA_DECAY, ema.decay):
+    if ema is not None and ema_decay is not _EMA_DECAY_UNSET and ema_decay != ema.decay:
         raise ValueError(f"ema_decay: the given ema keeps its own decay {ema.decay:g}; leave ema_decay unset (or "
                          f"equal to it) when passing ema; got ema_decay={ema_decay!r}.")
+    _check_trainable(model, optimizer)
     call_loss = batch_loss(loss_fn)
     gen = torch_generator(seed, "seed", ("int", "generator"), device=data_device(data, model))
     batches = iterate_batches(data, batch_size, gen)
@@ -316,6 +375,8 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=DEFAULT_LR if lr is None else lr)
     for group in opt.param_groups:  # the rate before warm-up, kept where torch's LR schedulers keep it
         group["initial_lr"] = group.get("initial_lr", group["lr"]) if lr is None else lr
+        if lr is not None:
+            group["lr"] = lr
     base_lrs = [group["initial_lr"] for group in opt.param_groups]
     if ema is None and ema_decay is not None:
         ema = EMA(model, ema_decay)
@@ -330,9 +391,9 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     if watch is not None and steps > 0:
         watch(start_step, model, ema)  # the starting weights compete too: training never returns worse than its start
     for step in range(start_step, start_step + steps):
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * warm
+        if step < warmup_steps:
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * (step + 1) / warmup_steps
         loss = call_loss(net, next(batches), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -355,6 +416,8 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
                 stopped = True
                 break
     log.flush()
+    if done > start_step:
+        _check_finite_weights(model, done)
     if watch is not None and done > start_step and (not watch.history or watch.history[-1][0] != done):
         watch(done, model, ema)
     if bar is not None:

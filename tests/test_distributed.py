@@ -252,3 +252,27 @@ def test_a_launch_of_several_processes_without_a_group_is_refused(monkeypatch):
     assert not sd.is_main_process()  # torchrun's rank decides before the group exists
     monkeypatch.setenv("RANK", "0")
     assert sd.is_main_process()
+
+
+def test_a_resumed_train_ddp_call_does_not_replay_the_first_ones_draws():
+    """train_ddp takes an int seed on every rank: a call resumed at start_step used to restart the same shuffle and
+    loss streams, training again on the first segment's batches and noise. It now draws from (seed, start_step)."""
+    seen = []
+
+    def loss_fn(model, batch, gen):
+        seen.append((batch.flatten().tolist(), float(torch.rand(1, generator=gen))))
+        return model.weight.sum()
+
+    x = torch.arange(16.0)[:, None]
+    model = torch.nn.Linear(1, 1, bias=False)
+    kw = dict(batch_size=4, seed=0, progress=False, ema_decay=None)
+    first = sd.train_ddp(model, loss_fn, x, 4, **kw)
+    first_draws = list(seen)
+    seen.clear()
+    sd.train_ddp(model, loss_fn, x, 4, optimizer=first.optimizer, start_step=first.steps, **kw)
+    assert [d[1] for d in seen] != [d[1] for d in first_draws]
+    assert [d[0] for d in seen] != [d[0] for d in first_draws]
+    again = list(seen)
+    seen.clear()
+    sd.train_ddp(torch.nn.Linear(1, 1, bias=False), loss_fn, x, 4, start_step=4, **kw)
+    assert seen == again  # the same (seed, start_step): the same draws

@@ -349,3 +349,30 @@ def test_loss_seeds_of_any_size_follow_torch_manual_seed():
         with pytest.raises(TypeError, match=r"seed must be an int, a torch.Generator or None \(torch's global "
                                             r"generator\); got "):
             loss(bad)
+
+
+@pytest.mark.parametrize("loss, option", [("ddpm_loss", "weighting"), ("sliced_score_matching_loss",
+                                                                         "importance_sampling"),
+                                          ("dsm_loss", "importance"), ("dsm_loss", "num_steps")])
+def test_a_loss_option_of_another_loss_is_refused_not_passed_to_the_network(loss, option):
+    """Keywords other than a loss's options go to the network (class labels); one that names another loss's option
+    was dropped by a network taking **kwargs, or blamed on its forward(). It raises naming the option."""
+    seen = []
+
+    def score(x, t, **kwargs):
+        seen.append(kwargs)
+        return -x
+
+    with pytest.raises(TypeError, match=f"no option '{option}'"):
+        getattr(sdegen, loss)(score, torch.randn(8, 2), sde=sdegen.VPSDE(), seed=0, **{option: True})
+    assert not seen
+    sdegen.dsm_loss(score, torch.randn(8, 2), sde=sdegen.VPSDE(), seed=0, label=3)  # other keywords pass through
+    assert seen == [{"label": 3}]
+
+
+def test_classifier_loss_names_a_misplaced_sde():
+    clf = sdegen.ConvClassifier(1, 3, base=8)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,), generator=torch.Generator().manual_seed(0))
+    for bad in ("vp", None, x):
+        with pytest.raises(TypeError, match="sde .classifier_loss's second argument"):
+            sdegen.classifier_loss(clf, bad, x, y, seed=0)

@@ -350,3 +350,74 @@ def test_a_checkpoint_restores_the_weights_in_their_own_dtype(tmp_path, dtype):
     x, t = torch.randn(5, 2, dtype=torch.float64), torch.full((5,), 0.3, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(loaded(x, t), model(x, t))
+
+
+def test_an_lr_scheduler_takes_effect_after_the_warm_up():
+    """train writes the learning rate only during its warm-up: a torch scheduler stepped in on_step, or between
+    two calls, sets the rate of the steps that follow (StepLR's gamma 0.1: 1e-3, 1e-4, 1e-5, ...)."""
+    x = sdegen.GaussianMixture.ring().sample(64, seed=0).float()
+    model = _ring_model()
+    seen = []
+
+    class Spy(torch.optim.Adam):
+        def step(self, *args, **kwargs):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    opt = Spy(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.1)
+    first = sdegen.train(model, sdegen.dsm_loss, x, 3, batch_size=16, optimizer=opt, progress=False,
+                         on_step=lambda step, loss: scheduler.step())
+    assert seen == pytest.approx([1e-3, 1e-4, 1e-5], rel=1e-12)
+    scheduler.step()
+    sdegen.train(model, sdegen.dsm_loss, x, 1, batch_size=16, optimizer=opt, progress=False,
+                 start_step=first.steps, seed=first.generator)
+    assert seen[-1] == pytest.approx(1e-7, rel=1e-12)
+
+
+def test_ema_of_bfloat16_weights_is_averaged_in_float32():
+    """theta_ema after n updates towards a constant theta from theta_0: theta - (theta - theta_0) decay^n. In
+    bfloat16 the increment 0.0005 (1.5 - theta_ema) is below half an ulp of 1, which froze the average at 1.0; the
+    float32 average gives the closed form to bfloat16's rounding of the result."""
+    lin = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    lin.weight.data.fill_(1.0)
+    ema = training.EMA(lin, decay=0.999, warmup=False)
+    lin.weight.data.fill_(1.5)
+    for _ in range(1000):
+        ema.update(lin)
+    exact = 1.5 - 0.5 * 0.999**1000
+    assert ema.module.weight.dtype == torch.bfloat16
+    assert abs(float(ema.module.weight) - exact) <= 2.0**-8 * exact  # bfloat16's rounding of the average
+    # the float32 average and warmup survive a state_dict round trip into a default EMA
+    state = ema.state_dict()
+    other = training.EMA(lin)
+    other.load_state_dict(state)
+    assert other.warmup is False and other.num_updates == 1000
+    for _ in range(500):
+        ema.update(lin)
+        other.update(lin)
+    assert torch.equal(ema.module.weight, other.module.weight)
+    assert abs(float(other.module.weight) - (1.5 - 0.5 * 0.999**1500)) <= 2.0**-8
+
+
+def test_float16_weights_need_an_optimizer_that_suits_them():
+    """Adam's eps = 1e-8 is 0 in float16: the first step made the weights NaN and a 1-step run returned them
+    without an error. train refuses float16 weights for its own Adam, and non-finite weights at the end raise."""
+    x = sdegen.GaussianMixture.ring().sample(64, seed=0).float()
+    half = _ring_model().half()
+    with pytest.raises(ValueError, match="float16"):
+        sdegen.train(half, sdegen.dsm_loss, x, 1, batch_size=16, progress=False)
+    opt = torch.optim.Adam(half.parameters(), lr=1e-3)  # the same eps, chosen by the user
+    with pytest.raises(FloatingPointError, match="weights are not finite"):
+        sdegen.train(half, sdegen.dsm_loss, x, 1, batch_size=16, optimizer=opt, progress=False)
+
+
+def test_train_refuses_options_it_would_ignore():
+    x = sdegen.GaussianMixture.ring().sample(64, seed=0).float()
+    model = _ring_model()
+    ema = training.EMA(model, decay=0.5)
+    with pytest.raises(ValueError, match="ema_decay: the given ema keeps its own decay"):
+        sdegen.train(model, sdegen.dsm_loss, x, 1, ema=ema, ema_decay=0.999, progress=False)
+    sdegen.train(model, sdegen.dsm_loss, x, 1, ema=ema, ema_decay=0.5, progress=False)  # its own: accepted
+    with pytest.raises(ValueError, match="evaluate callback"):
+        sdegen.train(model, sdegen.dsm_loss, x, 1, eval_every=5, progress=False)
