@@ -92,6 +92,8 @@ class GaussianMixture:
         check_finite(means, "means")
         K, d = means.shape
         weights = torch.as_tensor(weights, dtype=torch.float64)
+        if weights.shape == (K,):
+            check_finite(weights, "weights")
         if weights.shape != (K,) or bool((weights < 0).any()) or not bool(weights.sum() > 0):
             raise ValueError(f"weights must be ({K},) non-negative with a positive sum; got {weights.tolist()}.")
         covs = torch.as_tensor(covs, dtype=torch.float64)
@@ -101,6 +103,7 @@ class GaussianMixture:
             covs = torch.diag_embed(covs)
         if covs.shape != (K, d, d):
             raise ValueError(f"covs must have shape ({K}, {d}, {d}), ({K}, {d}) or ({K},); got {tuple(covs.shape)}.")
+        check_finite(covs, "covs")
         if not torch.allclose(covs, covs.transpose(-1, -2), atol=1e-10):
             raise ValueError("covs must be symmetric.")
         evals, evecs = torch.linalg.eigh(covs)
@@ -109,6 +112,7 @@ class GaussianMixture:
         self.weights = weights / weights.sum()
         self.means, self.covs = means, covs
         self._evals, self._evecs = evals.clamp_min(0.0), evecs
+        self._singular = bool((self._evals <= 0).any())  # then p_0 itself has no density
         self.dim, self.n_components = d, K
 
     # ---------------------------------------------------------------- constructors
@@ -134,7 +138,7 @@ class GaussianMixture:
         check_int(n_components, "n_components", lo=1)
         check_number(mean_scale, "mean_scale", lo=0.0)
         check_number(cov_scale, "cov_scale", lo=0.0, lo_open=True)
-        g = torch.Generator().manual_seed(seed)
+        g = torch_generator(seed, "seed")
         w = torch.rand(n_components, generator=g, dtype=torch.float64) + 0.5
         mu = mean_scale * torch.randn(n_components, dim, generator=g, dtype=torch.float64)
         A = torch.randn(n_components, dim, dim, generator=g, dtype=torch.float64)
@@ -165,6 +169,10 @@ class GaussianMixture:
         """Per-component log(w_k N(x; m mu_k, C_k)) (B, K), and C_k^{-1}(x - m mu_k) (B, K, d)."""
         xf = self._flat(x)
         m, s2 = self._coeffs(sde, t, x)
+        if self._singular and s2.device.type == "cpu" and bool((s2 == 0).any()):
+            raise ValueError("the mixture has a singular covariance (an eigenvalue 0), so the distribution at s(t) = 0 "
+                             "(t=None or t = 0) has no density: its log_prob and score are undefined there; evaluate "
+                             "at a t with s(t) > 0, or give every component a positive variance.")
         m, s2 = m.to(xf.device), s2.to(xf.device)
         evals, evecs, means = self._evals.to(xf.device), self._evecs.to(xf.device), self.means.to(xf.device)
         lam = m[:, None, None] ** 2 * evals[None] + s2[:, None, None]  # (B|1, K, d)

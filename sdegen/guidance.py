@@ -455,6 +455,10 @@ class MixtureClassifier:
             raise ValueError(f"groups must partition the {mixture.n_components} components into non-empty classes; "
                              f"got {groups!r}.")
         self.mixture, self.sde, self.groups = mixture, sde, [list(map(int, g)) for g in groups]
+        empty = [c for c, g in enumerate(self.groups) if not bool(mixture.weights[g].sum() > 0)]
+        if empty:
+            raise ValueError(f"classes {empty} have zero total weight in the mixture: p(c) = 0 gives no class "
+                             "posterior; drop them from groups or give their components weight.")
         self.num_classes = len(self.groups)
         self._conditionals = [self._build(c) for c in range(self.num_classes)]
         self._log_class_weights = torch.log(torch.stack([mixture.weights[g].sum() for g in self.groups]))

@@ -21,6 +21,7 @@ import functools
 import importlib
 import inspect
 import math
+import numbers
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -49,14 +50,32 @@ def _takes_checked_time(fn):
 
 
 def _derivative(fn, t: torch.Tensor) -> torch.Tensor:
-    """d fn / dt elementwise by autograd in float64 (fn maps times to values of the same shape)."""
+    """d fn / dt elementwise by autograd in float64 (fn maps times to values of the same shape). A t that requires
+    grad keeps its graph: the derivative is then itself differentiable in t (create_graph)."""
     with torch.enable_grad():
-        tt = t.detach().to(torch.float64).requires_grad_(True)
+        tracked = t.requires_grad
+        tt = t.to(torch.float64) if tracked else t.detach().to(torch.float64).requires_grad_(True)
         y = fn(tt)
         if not y.requires_grad:  # fn does not depend on t
             return torch.zeros_like(t)
-        (d,) = torch.autograd.grad(y.sum(), tt)
+        (d,) = torch.autograd.grad(y.sum(), tt, create_graph=tracked)
     return d.to(t.dtype)
+
+
+def _checks_order(fn):
+    """Wrap transition_var(self, t_from, t_to) so that t_from > t_to (on the host) raises, as transition does."""
+    if getattr(fn, "_checks_order", False):
+        return fn
+
+    @functools.wraps(fn)
+    def method(self, t_from, t_to):
+        a, b = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
+        if a.device.type == "cpu" and b.device.type == "cpu" and bool((a > b).any()):
+            raise ValueError("transition_var needs t_from <= t_to (the forward process's transition).")
+        return fn(self, a, b)
+
+    method._checks_order = True
+    return method
 
 
 def _times_of(t: torch.Tensor, where: torch.Tensor) -> str:
@@ -104,6 +123,8 @@ class SDE(abc.ABC):
         for name in _TIME_METHODS:
             if name in cls.__dict__:
                 setattr(cls, name, _takes_checked_time(cls.__dict__[name]))
+        if "transition_var" in cls.__dict__:
+            cls.transition_var = _checks_order(cls.__dict__["transition_var"])
 
     # --- the contract: log m(t) and s(t) ---
     @abc.abstractmethod
@@ -128,10 +149,10 @@ class SDE(abc.ABC):
         g2 = _derivative(lambda u: self.std(u) ** 2, t) - 2.0 * self.drift_coeff(t) * self.std(t) ** 2
         return g2.clamp_min(0.0).sqrt()  # round-off only: check_contract refuses kernels with g^2 < 0
 
+    @_checks_order
     def transition_var(self, t_from: Time, t_to: Time) -> torch.Tensor:
-        """b^2 of the forward transition x_{t_to} = a x_{t_from} + b z:
+        """b^2 of the forward transition x_{t_to} = a x_{t_from} + b z for t_from <= t_to:
         s(t_to)^2 - (m(t_to)/m(t_from))^2 s(t_from)^2."""
-        t_from, t_to = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
         a = torch.exp(self.log_mean_coeff(t_to) - self.log_mean_coeff(t_from))
         return (self.std(t_to) ** 2 - (a * self.std(t_from)) ** 2).clamp_min(0.0)
 
@@ -181,9 +202,19 @@ class SDE(abc.ABC):
                             f"{cls.__name__}.config() to return its constructor's keyword arguments.") from None
 
     def describe(self) -> Dict[str, Any]:
-        """{"class": "module:QualName", "config": config()}: what :func:`sdegen.load_checkpoint` needs to rebuild it."""
+        """{"class": "module:QualName", "config": config()}: what :func:`sdegen.load_checkpoint` needs to rebuild it
+        (with "prior_std" when it was set on this instance)."""
         cls = type(self)
-        return {"class": f"{cls.__module__}:{cls.__qualname__}", "config": self.config()}
+        description = {"class": f"{cls.__module__}:{cls.__qualname__}", "config": self.config()}
+        own = self.__dict__.get("_prior_std", self.__dict__.get("prior_std"))
+        if own is not None and "prior_std" not in description["config"]:
+            try:
+                rebuilt = type(self).from_config(description["config"]).prior_std
+            except TypeError:  # a user SDE whose config() cannot rebuild it: from_description will say so
+                rebuilt = None
+            if rebuilt != own:  # set on this instance after construction
+                description["prior_std"] = float(own)
+        return description
 
     @staticmethod
     def from_description(description: Dict[str, Any]) -> "SDE":
@@ -197,7 +228,10 @@ class SDE(abc.ABC):
             obj = getattr(obj, part, None)
         if not (isinstance(obj, type) and issubclass(obj, SDE)):
             raise ValueError(f"{path!r} does not name an sdegen.SDE subclass (is its module importable?).")
-        return obj.from_config(dict(description.get("config", {})))
+        sde = obj.from_config(dict(description.get("config", {})))
+        if description.get("prior_std") is not None:
+            sde.prior_std = description["prior_std"]
+        return sde
 
     # --- validation ---
     def check_time(self, t: Time, name: str = "t") -> torch.Tensor:
@@ -289,7 +323,9 @@ class SDE(abc.ABC):
         s = self.std(t)
         ds = (self.diffusion(t) ** 2 + 2.0 * self.drift_coeff(t) * s**2) / (2.0 * s)
         if t.device.type == "cpu" and bool((s == 0).any()):  # 0/0 where s = 0 (t = 0): ds/dt itself, by autograd
-            ds = torch.where(s == 0, _derivative(self.std, t), ds)
+            d0 = _derivative(self.std, t)
+            # a square root at 0 (s = sqrt(v), v(0) = 0) gives autograd's 0 * inf: the derivative there is +inf
+            ds = torch.where(s == 0, torch.where(torch.isnan(d0), torch.full_like(d0, math.inf), d0), ds)
         return ds
 
     def transition(self, t_from: Time, t_to: Time) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -350,6 +386,8 @@ class SDE(abc.ABC):
         shape = tuple(shape)
         if len(shape) < 1 or shape[0] < 1:
             raise ValueError(f"shape must be (B, ...) with B >= 1; got {shape}.")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (the prior is continuous); got {dtype!r}.")
         seeds = make_seeds(seed, shape[0], device)
         return self.prior_std * normal_from_seeds(seeds, 0, shape[1:], dtype)
 
@@ -395,12 +433,17 @@ SDE.diffusion = _takes_checked_time(SDE.diffusion)
 
 def _check_span(T: float, t_min: float, T_max: float = math.inf, T_open: bool = False) -> Tuple[float, float]:
     """Validate the time span: 0 < T <= T_max (< T_max when T_open) and 0 < t_min < T."""
-    ok = isinstance(T, (int, float)) and math.isfinite(T) and 0 < T and (T < T_max if T_open else T <= T_max)
+    ok = _is_real(T) and math.isfinite(T) and 0 < T and (T < T_max if T_open else T <= T_max)
     if not ok:
-        raise ValueError(f"T must lie in (0, {T_max:g}{')' if T_open else ']'}; got {T!r}.")
-    if not (isinstance(t_min, (int, float)) and 0.0 < t_min < T):
-        raise ValueError(f"t_min must lie in (0, T={T:g}); got {t_min!r}.")
+        raise ValueError(f"T must be a number in (0, {T_max:g}{')' if T_open else ']'}; got {T!r}.")
+    if not (_is_real(t_min) and 0.0 < t_min < T):
+        raise ValueError(f"t_min must be a number in (0, T={float(T):g}); got {t_min!r}.")
     return float(T), float(t_min)
+
+
+def _is_real(v: Any) -> bool:
+    """A real number (Python, NumPy or a 0-d tensor's item), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _integral_linear(t: torch.Tensor, b0: float, b1: float) -> torch.Tensor:
@@ -435,11 +478,9 @@ class VPSDE(SDE):
         if schedule != "linear":
             valid = "'linear' or 'cosine'" if type(self) is VPSDE else "'linear'"
             raise ValueError(f"schedule of {type(self).__name__} must be {valid}; got {schedule!r}.")
-        if isinstance(beta_min, bool) or not (isinstance(beta_min, (int, float)) and math.isfinite(beta_min)
-                                              and beta_min >= 0):
+        if not (_is_real(beta_min) and math.isfinite(beta_min) and beta_min >= 0):
             raise ValueError(f"beta_min must be a finite number >= 0; got {beta_min!r}.")
-        if isinstance(beta_max, bool) or not (isinstance(beta_max, (int, float)) and math.isfinite(beta_max)
-                                              and beta_max > beta_min):
+        if not (_is_real(beta_max) and math.isfinite(beta_max) and beta_max > beta_min):
             raise ValueError(f"beta_min must be < beta_max (both finite); got beta_min={beta_min!r}, "
                              f"beta_max={beta_max!r}.")
         self.T, self.t_min = _check_span(1.0 if T is None else T, t_min, 1.0)
@@ -477,8 +518,9 @@ class VPSDE(SDE):
         return -torch.expm1(-(self.integral_beta(t_to) - self.integral_beta(t_from)))
 
     def t_from_log_snr(self, lam):
-        # m^2 = sigmoid(lam) for VP, so B = -log m^2 = softplus(-lam)
-        return self.t_from_integral_beta(torch.nn.functional.softplus(-self._check_lam(lam))).clamp(0.0, self.T)
+        # m^2 = sigmoid(lam) for VP, so B = -log m^2 = softplus(-lam); lam = -inf (sigma = inf) is T
+        B = torch.nn.functional.softplus(-self._check_lam(lam))
+        return torch.where(torch.isinf(B), torch.full_like(B, self.T), self.t_from_integral_beta(B)).clamp(0.0, self.T)
 
 
 class CosineVPSDE(VPSDE):
@@ -491,6 +533,9 @@ class CosineVPSDE(VPSDE):
                  cosine_s: float = 0.008, T: Optional[float] = None, t_min: float = 1e-3):
         if schedule != "cosine":
             raise ValueError(f"CosineVPSDE has schedule 'cosine'; got {schedule!r}.")
+        if beta_min is not None or beta_max is not None:
+            raise ValueError(f"the cosine schedule has no beta_min or beta_max (its beta follows from cosine_s); got "
+                             f"beta_min={beta_min!r}, beta_max={beta_max!r}: leave them unset.")
         check_positive(cosine_s, "cosine_s")
         self.T, self.t_min = _check_span(0.9946 if T is None else T, t_min, 1.0, T_open=True)
         self.cosine_s, self.schedule = float(cosine_s), "cosine"
@@ -510,9 +555,10 @@ class CosineVPSDE(VPSDE):
         return 2.0 * torch.tan(self._phi(self.check_time(t))) * (0.5 * math.pi / (1.0 + self.cosine_s))
 
     def std(self, t):
-        # s^2 = 1 - cos^2(phi)/cos^2(phi0) = sin(phi - phi0) sin(phi + phi0) / cos^2(phi0): no cancellation at t -> 0
-        phi = self._phi(t)
-        return torch.sqrt(torch.sin(phi - self._phi0) * torch.sin(phi + self._phi0)) / math.cos(self._phi0)
+        # s^2 = 1 - cos^2(phi)/cos^2(phi0) = sin(phi - phi0) sin(phi + phi0) / cos^2(phi0), with phi - phi0 =
+        # pi/2 t/(1 + s) formed directly: no cancellation at t -> 0, and s(0) = 0 in every dtype
+        rise = torch.sin(0.5 * math.pi * t / (1.0 + self.cosine_s))
+        return torch.sqrt(rise * torch.sin(self._phi(t) + self._phi0)) / math.cos(self._phi0)
 
     def t_from_integral_beta(self, B: torch.Tensor) -> torch.Tensor:
         # cos(phi) = e^{-B/2} cos(phi0); atan2 with sin^2(phi) = sin^2(phi0) - cos^2(phi0) expm1(-B) keeps
@@ -540,10 +586,10 @@ class SubVPSDE(VPSDE):
         return SDE.transition_var(self, t_from, t_to)
 
     def t_from_log_snr(self, lam):
-        # lam = log m^2 - 2 log(1 - m^2)  =>  m = 2 e^{lam/2} / (1 + sqrt(1 + 4 e^lam))
-        lam = self._check_lam(lam)
-        log_m = math.log(2.0) + 0.5 * lam - torch.log1p(torch.sqrt(1.0 + 4.0 * torch.exp(lam)))
-        return self.t_from_integral_beta(-2.0 * log_m).clamp(0.0, self.T)
+        # sigma = s/m = 1/m - m, so 1/m = sigma/2 + sqrt(sigma^2/4 + 1) and B = -2 log m = 2 asinh(sigma / 2):
+        # no cancellation at small t, and sigma = 0 or inf (lam = +-inf) give B = 0 or inf
+        B = 2.0 * torch.asinh(0.5 * torch.exp(-0.5 * self._check_lam(lam)))
+        return torch.where(torch.isinf(B), torch.full_like(B, self.T), self.t_from_integral_beta(B)).clamp(0.0, self.T)
 
 
 class VESDE(SDE):
@@ -680,7 +726,12 @@ class FlowSDE(SDE):
     def t_from_sigma(self, sigma):
         sigma = as_time(sigma, "sigma")
         check_range(sigma, 0.0, math.inf, "sigma")
-        return (sigma / (1.0 + sigma)).clamp(max=self.T)
+        t = torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1.0 + sigma))
+        return t.clamp(max=self.T)
+
+    def _t_max(self, dtype: torch.dtype) -> float:
+        # a coarse dtype's allowance above T must stay below t = 1, where m = 1 - t vanishes
+        return min(super()._t_max(dtype), 0.5 * (self.T + 1.0))
 
 
 class DiscreteVPSDE(SDE):
@@ -703,9 +754,13 @@ class DiscreteVPSDE(SDE):
     smooth_in_t = False
 
     def __init__(self, alphas_cumprod, *, t_min: Optional[float] = None):
-        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()
-        if ab.numel() < 2 or not bool(torch.isfinite(ab).all()):
-            raise ValueError(f"alphas_cumprod must hold at least 2 finite values; got {ab.numel()} values.")
+        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
+        if ab.ndim != 1 or ab.numel() < 2:
+            raise ValueError(f"alphas_cumprod must be a 1-D table of at least 2 values (one per timestep); got shape "
+                             f"{tuple(ab.shape)}.")
+        if not bool(torch.isfinite(ab).all()):
+            raise ValueError("alphas_cumprod must be finite; it holds NaN or inf at timesteps "
+                             f"{torch.nonzero(~torch.isfinite(ab)).flatten().tolist()[:8]}.")
         if not (bool((ab > 0).all()) and bool((ab < 1).all()) and bool((ab[1:] < ab[:-1]).all())):
             head = ab[:-1]
             if (bool((head > 0).all()) and bool((head < 1).all()) and bool((head[1:] < head[:-1]).all())
@@ -719,6 +774,9 @@ class DiscreteVPSDE(SDE):
             raise ValueError("alphas_cumprod must be strictly decreasing inside (0, 1) (a DDPM alpha_bar table).")
         self.alphas_cumprod, self.num_timesteps = ab, ab.numel()
         self._lam = torch.log(ab) - torch.log1p(-ab)  # the log-SNR of every timestep, decreasing
+        # each segment's rise lam_{i+1} - lam_i, taken in float64: the difference of two log-SNRs already rounded
+        # to float32 lost up to 300 eps of the slope
+        self._rise = torch.cat([torch.diff(self._lam), torch.zeros(1, dtype=torch.float64)])
         self._b0 = float(-torch.log(ab[0]))  # B = -log alpha_bar at t_0
         self.T = 1.0
         self.t_min = _check_span(1.0, 1.0 / self.num_timesteps if t_min is None else t_min)[1]
@@ -751,21 +809,22 @@ class DiscreteVPSDE(SDE):
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]; got {i.tolist()}.")
         return (i + 1.0) / self.num_timesteps
 
-    def _table(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
+    def _table(self, like: torch.Tensor, rise: bool = False) -> torch.Tensor:
+        """The timesteps' log-SNRs (or, with ``rise``, each segment's rise) in like's dtype, on its device."""
+        key = (like.device, like.dtype, rise)
         if key not in self._on_device:
-            self._on_device[key] = self._lam.to(device=like.device, dtype=like.dtype)
+            self._on_device[key] = (self._rise if rise else self._lam).to(device=like.device, dtype=like.dtype)
         return self._on_device[key]
 
     def _segment(self, t: torch.Tensor):
         """(lam, dlam/dt, first) at t: the interpolated log-SNR, its slope, and whether t lies in [0, t_0]."""
-        lam_k = self._table(t)
+        lam_k, rise_k = self._table(t), self._table(t, rise=True)
         n = self.num_timesteps
         pos = t * n - 1.0
         i = pos.floor().clamp(0, n - 2).long()
-        lo, hi = lam_k[i], lam_k[i + 1]
-        lam = lo + (pos - i.to(t.dtype)) * (hi - lo)
-        return lam, (hi - lo) * n, pos < 0
+        rise = rise_k[i]
+        lam = lam_k[i] + (pos - i.to(t.dtype)) * rise
+        return lam, rise * n, pos < 0
 
     def integral_beta(self, t: Time) -> torch.Tensor:
         """B(t) = -log alpha_bar(t) = -2 log m(t)."""

@@ -115,3 +115,27 @@ def test_sample_refuses_a_non_floating_dtype():
         gm.sample(True, seed=0)
     x = gm.sample(3, seed=0, dtype=torch.float32)
     assert x.dtype == torch.float32 and torch.equal(x, gm.sample(3, seed=0).float())
+
+
+def test_mixture_validation_names_the_bad_input():
+    with pytest.raises(ValueError, match="weights"):
+        GaussianMixture([math.inf, 1.0], [[0.0, 0.0], [1.0, 1.0]], [1.0, 1.0])
+    with pytest.raises(ValueError, match="covs"):
+        GaussianMixture([1.0], [[0.0, 0.0]], [math.nan])
+    a, b = GaussianMixture.random(dim=3, seed=2**64 + 5), GaussianMixture.random(dim=3, seed=5)
+    assert torch.equal(a.means, b.means)  # an int of any size, modulo 2^64 as everywhere
+
+
+def test_a_singular_mixture_has_no_density_at_the_data():
+    """A zero-variance direction: p_0 has no density, so log_prob/score at s(t) = 0 raise (they were NaN); at
+    s(t) > 0 the marginal is a proper Gaussian mixture again."""
+    sing = GaussianMixture([1.0], [[0.0, 0.0]], [[1.0, 0.0]])
+    x = torch.tensor([[0.5, 0.0]], dtype=torch.float64)
+    for call in (lambda: sing.log_prob(x), lambda: sing.score(x), lambda: sing.log_prob(sdegen.VPSDE(), x, 0.0)):
+        with pytest.raises(ValueError, match="no density"):
+            call()
+    sde = sdegen.VPSDE()
+    t = 0.3
+    m, s = float(sde.mean_coeff(t)), float(sde.std(t))
+    exact = (-0.5 * (0.25 / (m**2 + s**2)) - 0.5 * math.log(m**2 + s**2) - 0.5 * math.log(s**2) - math.log(2 * math.pi))
+    assert float(sing.log_prob(sde, x, t)) == pytest.approx(exact, rel=1e-12)

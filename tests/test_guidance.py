@@ -405,3 +405,9 @@ def test_labels_masks_and_null_labels_that_cannot_be_meant_are_refused():
         sdegen.classifier_free_guidance(model, y=0, w=1.0, null_label=1)
     with pytest.raises(ValueError, match="only 0 and 1"):
         sdegen.guidance.Inpaint(torch.zeros(2), torch.tensor([2, 0]))
+
+
+def test_a_class_of_zero_weight_is_refused_by_name():
+    gm = sdegen.GaussianMixture([0.0, 0.0, 1.0], [[0, 0], [1, 1], [2, 2]], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"classes \[0\] have zero total weight"):
+        sdegen.MixtureClassifier(gm, [[0, 1], [2]], sdegen.VPSDE())

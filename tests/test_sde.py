@@ -205,3 +205,108 @@ def test_prior_sample_generator_is_a_deprecated_name_of_seed():
         sde.prior_sample((5, 2), seed=123, generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="seed must be an int, a"):
         sde.prior_sample((5, 2), seed=0.5)
+
+
+class _CoshSDE(sdegen.SDE):
+    """m = 1 / cosh t, s = tanh t: f = -tanh t and g = sqrt(2 tanh t) in closed form; the defaults use autograd."""
+    T, t_min = 4.0, 1e-3
+
+    def log_mean_coeff(self, t):
+        return -torch.log(torch.cosh(t))
+
+    def std(self, t):
+        return torch.tanh(t)
+
+
+def test_autograd_defaults_are_differentiable_in_t():
+    """The default drift_coeff and diffusion keep t's graph: df/dt = -sech^2 t, dg/dt = sech^2 t / sqrt(2 tanh t)
+    (before, f came back without a graph and dg/dt was 16% off, through std alone)."""
+    t = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64, requires_grad=True)
+    sde = _CoshSDE()
+    sech2 = 1.0 / torch.cosh(t.detach()) ** 2
+    (df,) = torch.autograd.grad(sde.drift_coeff(t).sum(), t)
+    (dg,) = torch.autograd.grad(sde.diffusion(t).sum(), t)
+    torch.testing.assert_close(df, -sech2, rtol=1e-10, atol=0)
+    torch.testing.assert_close(dg, sech2 / torch.sqrt(2.0 * torch.tanh(t.detach())), rtol=1e-10, atol=0)
+    torch.autograd.gradcheck(lambda u: sde.diffusion(u), (t,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_subvp_inverse_log_snr_is_well_conditioned(dtype):
+    """SubVP: sigma = 1/m - m, so B = 2 asinh(sigma / 2); the inverse is as accurate as sigma(t) ~ beta_min t near
+    t = 0, and the ends sigma = 0 and inf map to 0 and T (they gave NaN, and float32 lost 0.6% at t_min)."""
+    sde = sdegen.SubVPSDE()
+    t = torch.tensor([1e-6, 1e-3, 1e-2, 0.3, 1.0], dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(sde.t_from_sigma(sde.sigma(t)), t, rtol=64 * eps, atol=0)
+    ends = sde.t_from_log_snr(torch.tensor([math.inf, 800.0, -math.inf], dtype=dtype))
+    assert ends[0] == 0.0 and ends[2] == 1.0 and 0.0 <= float(ends[1]) <= 1e-170  # t ~ 2 e^-400 / beta_min
+
+
+def test_infinite_noise_levels_map_to_T():
+    for sde in (sdegen.VPSDE(), sdegen.CosineVPSDE(), sdegen.SubVPSDE(), sdegen.FlowSDE(), sdegen.VESDE(),
+                sdegen.EDMSDE()):
+        assert float(sde.t_from_sigma(math.inf)) == sde.T, type(sde).__name__
+        assert float(sde.t_from_log_snr(-math.inf)) == sde.T, type(sde).__name__
+
+
+def test_the_kernel_std_and_its_derivative_at_t_0():
+    """s(0) = 0 in every dtype (CosineVPSDE gave 4.8e-6 in float32) and ds/dt(0) = +inf for s ~ sqrt(t) (NaN)."""
+    for sde in (sdegen.VPSDE(), sdegen.CosineVPSDE()):
+        for dtype in (torch.float32, torch.float64):
+            assert float(sde.std(torch.zeros((), dtype=dtype))) == 0.0
+        assert float(sde.d_std(0.0)) == math.inf
+    cos = sdegen.CosineVPSDE()  # s^2 ~ pi/2 t/(1+c) sin(2 phi0) / cos^2 phi0 at small t: relative to the closed form
+    t = torch.tensor(1e-12, dtype=torch.float64)
+    phi0 = 0.5 * math.pi * cos.cosine_s / (1 + cos.cosine_s)
+    exact = math.sqrt(math.sin(0.5 * math.pi * 1e-12 / (1 + cos.cosine_s)) * math.sin(2 * phi0 + 0.5 * math.pi * 1e-12
+                                                                                   / (1 + cos.cosine_s))) / math.cos(phi0)
+    assert abs(float(cos.std(t)) / exact - 1) < 1e-14
+
+
+def test_transition_var_refuses_reversed_times():
+    for sde in (sdegen.VPSDE(), sdegen.SubVPSDE(), sdegen.VESDE(), sdegen.EDMSDE(), sdegen.FlowSDE(), _CoshSDE()):
+        with pytest.raises(ValueError, match="t_from <= t_to"):
+            sde.transition_var(0.5, 0.2)
+        assert float(sde.transition_var(0.2, 0.5)) > 0
+
+
+def test_constructors_take_numpy_numbers_and_refuse_what_they_would_ignore():
+    import numpy as np
+    sde = sdegen.VPSDE(np.float64(0.1), np.float32(20.0), T=np.float32(0.5), t_min=np.float64(1e-3))
+    assert (sde.beta_max, sde.T) == (20.0, 0.5)
+    assert sdegen.VESDE(T=np.float32(1.0)).T == 1.0
+    with pytest.raises(ValueError, match="no beta_min or beta_max"):
+        sdegen.VPSDE(5.0, 1.0, schedule="cosine")
+    with pytest.raises(ValueError, match="no beta_min or beta_max"):
+        sdegen.CosineVPSDE(beta_min=-3.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        sdegen.VESDE().prior_sample((3, 2), seed=0, dtype=torch.long)
+    with pytest.raises(ValueError, match="1-D table"):
+        sdegen.DiscreteVPSDE([[0.9, 0.5], [0.3, 0.1]])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sdegen.DiscreteVPSDE([0.9, math.nan, 0.1])
+
+
+def test_prior_std_set_on_an_instance_survives_its_description():
+    sde = sdegen.VESDE()
+    assert "prior_std" not in sde.describe()  # the constructor's own value
+    sde.prior_std = 3.0
+    assert sdegen.SDE.from_description(sde.describe()).prior_std == 3.0
+    vp = sdegen.VPSDE()
+    vp.prior_std = 2.0
+    assert sdegen.SDE.from_description(vp.describe()).prior_std == 2.0
+
+
+def test_discrete_table_slopes_in_float32():
+    """beta of a DDPM table in float32 agrees with float64 to a few eps (it lost up to 1.7e-5 relative)."""
+    table = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    sde = sdegen.DiscreteVPSDE(table)
+    t = torch.tensor([0.2004, 0.5004, 0.9004])
+    rel = (sde.drift_coeff(t).double() - sde.drift_coeff(t.double())) / sde.drift_coeff(t.double())
+    assert float(rel.abs().max()) < 1e-6
+
+
+def test_flow_times_in_a_coarse_dtype_stay_below_the_singularity():
+    with pytest.raises(ValueError, match="t must lie in"):
+        sdegen.FlowSDE().log_mean_coeff(torch.tensor([1.0078125], dtype=torch.bfloat16))
