@@ -156,13 +156,13 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     loss_fn = _objective(objective)
     starts, t_end = _starts(sde, init, steps, t_min)
     sampler = get_sampler(method, **options)
-    if isinstance(method, str) and not isinstance(sampler, StepSampler):
-        steppers = [k for k in sorted(SAMPLERS) if _is_deterministic_stepper(k)]
-        raise ValueError(f"method {method!r} integrates a whole span with its own steps; a fitted grid is for a "
-                         f"deterministic fixed-step sampler, one of {steppers}.")
     if not isinstance(sampler, StepSampler):
-        raise TypeError(f"method must be a fixed-step sampler (one of {sorted(SAMPLERS)} or a StepSampler); "
-                        f"got {type(sampler).__name__}.")
+        steppers = [k for k in sorted(SAMPLERS) if _is_deterministic_stepper(k)]
+        if isinstance(method, str):
+            raise ValueError(f"method {method!r} integrates a whole span with its own steps; a fitted grid is for a "
+                             f"deterministic fixed-step sampler, one of {steppers}.")
+        raise TypeError(f"method must be a deterministic fixed-step sampler (one of {steppers} or a StepSampler); "
+                        f"got {type(sampler).__name__}, which integrates a whole span with its own steps.")
     if sampler.stochastic:
         raise ValueError(f"method {sampler!r} is stochastic: a schedule is fitted to the endpoints of a "
                          "deterministic sampler (its ODE trajectories).")

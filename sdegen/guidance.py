@@ -23,7 +23,7 @@ from ._util import Time, batch_time, bcast
 from ._validate import check_int, check_number, check_tensor, is_integer_dtype
 from .models import Model, ScoreModel, as_model
 from .analytic import GaussianMixture, nan_for_nonfinite_rows
-from .samplers import StepSampler, get_sampler, register_sampler
+from .samplers import ReverseDiffusion, StepSampler, get_sampler, register_sampler
 from .sde import SDE
 
 Labels = Union[int, torch.Tensor]
@@ -429,7 +429,7 @@ def inpaint(sde: SDE, score, known: torch.Tensor, mask: torch.Tensor, *,
 
     check_tensor(known, "known", batch=True, finite=False)
     method, name = renamed("inpaint", "method", method, "sampler", sampler)
-    inner = get_sampler("reverse_diffusion" if method is None else method, **options)
+    inner = ReverseDiffusion(**options) if method is None else get_sampler(method, **options)
     if not isinstance(inner, StepSampler):
         raise TypeError(f"{name} must be a fixed-step sampler (a StepSampler, or the name of one), which inpainting "
                         f"steps between replacements; got {inner!r}.")

@@ -69,6 +69,9 @@ class Model(torch.nn.Module):
         super().__init__()
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be an sdegen.SDE instance (e.g. sdegen.VPSDE()); got {sde!r}.")
+        if type(self).score is Model.score and type(self).denoise is Model.denoise:
+            raise TypeError(f"{type(self).__name__} must implement score(x, t) or denoise(x, t) (the other follows "
+                            "from Tweedie's formula).")
         self.sde = sde.check_contract()
 
     def rows(self, index: torch.Tensor) -> "Model":
@@ -152,13 +155,13 @@ class Model(torch.nn.Module):
         """grad_x log p_t(x) = (m D - x) / s^2."""
         t = self.sde.check_time_for(x, t)
         m, s = self._coeffs(x, t)
-        return (m * self.denoise(x, t, *args, **kwargs) - x) / s**2
+        return (m * _checked_view(self.denoise(x, t, *args, **kwargs), x, self, "denoise") - x) / s**2
 
     def denoise(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         """Tweedie's posterior mean E[x_0 | x_t = x] = (x + s^2 score) / m."""
         t = self.sde.check_time_for(x, t)
         m, s = self._coeffs(x, t)
-        return (x + s**2 * self.score(x, t, *args, **kwargs)) / m
+        return (x + s**2 * _checked_view(self.score(x, t, *args, **kwargs), x, self, "score")) / m
 
     def eps(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         """The implied noise estimate -s(t) score = (x - m D) / s."""
@@ -506,6 +509,15 @@ def _name(net: Any) -> str:
     return getattr(net, "__name__", None) or type(net).__name__
 
 
+def _checked_view(out: Any, x: torch.Tensor, model: "Model", what: str) -> torch.Tensor:
+    """A model's own score or denoiser, checked before Tweedie's formula turns it into the other view (which would
+    broadcast a wrong shape into one that passes every later check)."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{type(model).__name__}.{what}(x, t) must return x's shape {tuple(x.shape)}; got {got}.")
+    return out
+
+
 def _check_output(out: torch.Tensor, x: torch.Tensor, net: Any = None) -> None:
     if out.shape != x.shape:
         who = f"the model's network {_name(net)}" if net is not None else "the network output"
@@ -513,35 +525,54 @@ def _check_output(out: torch.Tensor, x: torch.Tensor, net: Any = None) -> None:
                          "broadcast).")
 
 
-def output_to_score(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
-    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") at (x, t) into the score."""
-    t = sde.check_time_for(x, t)
+def _check_conversion(sde: SDE, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, divides: bool) -> None:
+    """What every conversion needs: an output of x's shape and, where it divides by s(t), s(t) > 0 (host times are
+    checked; times on an accelerator are not read back)."""
     _check_output(out, x)
+    if divides and t.device.type == "cpu" and bool((sde.std(t) <= 0).any()):
+        raise ValueError(f"t must be where the kernel's std s(t) > 0 (the conversion divides by it); got t = "
+                         f"{float(t.min()):g}.")
+
+
+def output_to_score(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
+    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") at (x, t) into the score, in
+    x's dtype."""
+    t = sde.check_time_for(x, t)
+    _check_conversion(sde, out, x, t, prediction != "score")
     if prediction == "score":
-        return out
-    return _score_from(prediction, out, x, coefficient(sde.mean_coeff, t, x), coefficient(sde.std, t, x))
+        return out.to(x.dtype)
+    return _score_from(prediction, out, x, coefficient(sde.mean_coeff, t, x), coefficient(sde.std, t, x)).to(x.dtype)
 
 
 def output_to_x0(sde: SDE, prediction: str, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
-    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") into E[x_0 | x_t = x]."""
+    """Convert a network output of kind ``prediction`` ("score", "eps", "x0" or "v") into E[x_0 | x_t = x], in x's
+    dtype."""
     t = sde.check_time_for(x, t)
-    _check_output(out, x)
-    return _x0_from(prediction, out, x, coefficient(sde.mean_coeff, t, x), coefficient(sde.std, t, x))
+    _check_conversion(sde, out, x, t, False)  # divides by m(t) > 0 only
+    return _x0_from(prediction, out, x, coefficient(sde.mean_coeff, t, x), coefficient(sde.std, t, x)).to(x.dtype)
 
 
 def score_to_x0(sde: SDE, score: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
-    """Tweedie's formula E[x_0 | x_t = x] = (x + s(t)^2 score) / m(t)."""
+    """Tweedie's formula E[x_0 | x_t = x] = (x + s(t)^2 score) / m(t), in x's dtype (score of x's shape)."""
     t = sde.check_time_for(x, t)
-    return (x + coefficient(sde.std, t, x) ** 2 * score) / coefficient(sde.mean_coeff, t, x)
+    _check_output(score, x)
+    return ((x + coefficient(sde.std, t, x) ** 2 * score) / coefficient(sde.mean_coeff, t, x)).to(x.dtype)
 
 
 def _same_sde(a: SDE, b: SDE) -> bool:
+    """Whether a model built for ``a`` may serve ``b``: the same class and config, and the same kernel (m, s) on a
+    few times, which tells apart instances of a user SDE whose config() does not record its parameters."""
     if a is b:
         return True
     try:
-        return type(a) is type(b) and a.config() == b.config()
-    except Exception:  # an SDE that cannot describe itself: trust the caller
-        return True
+        if type(a) is not type(b) or a.config() != b.config():
+            return False
+    except Exception:  # an SDE that cannot describe itself: the kernels decide
+        pass
+    if a.T != b.T:
+        return False
+    t = torch.linspace(0.0, a.T, 5, dtype=torch.float64)[1:]
+    return bool(torch.equal(a.log_mean_coeff(t), b.log_mean_coeff(t)) and torch.equal(a.std(t), b.std(t)))
 
 
 def as_model(score: Any, sde: SDE) -> Model:

@@ -118,6 +118,9 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
                          f"steps of a fixed-step sampler; leave steps unset; got steps={steps!r}.")
     model = as_model(score, sde)
     x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds=bool(sampler.stochastic))
+    if x is x_T and not type(sampler).__module__.startswith("sdegen."):
+        x = x.clone()  # a sampler of the caller's own may work in place; the built-in ones never do
+    start_like = (tuple(x.shape), x.dtype, x.device)
     if capture:
         check_capture(x.device, sampler, noise, bool(sampler.stochastic), progress, return_trajectory,
                       x.requires_grad)
@@ -140,20 +143,34 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         ts = check_grid(sde, schedule, "schedule") if isinstance(schedule, torch.Tensor) else \
             time_grid(sde, 1, "uniform", t_min=t_min)
         with _time_progress(ctx, sampler, ts, progress):
-            traj, x, n_steps = sampler.solve(ctx, x, ts, steps)
+            out = sampler.solve(ctx, x, ts, steps)
+        try:
+            traj, x, n_steps = out
+        except (TypeError, ValueError):
+            raise TypeError(f"{type(sampler).__name__}.solve must return (states at the output times, final state, "
+                            f"steps taken); got {type(out).__name__}.") from None
         traj = traj if return_trajectory else None
     if denoise and not capture:
         x = ctx.denoise(x, ts[-1])
         if isinstance(sampler, StepSampler):
             x = sampler.finish_denoised(x)
     ctx.check_first_output()
+    _check_returned(sampler, x, start_like, "run")
     info = SampleInfo(nfe=ctx.nfe, steps=n_steps, wall_time=time.perf_counter() - start, times=ts,
                       trajectory=traj, sampler=sampler, classifier_nfe=ctx.classifier_nfe,
                       pilot_nfe=pilot_nfe if isinstance(sampler, StepSampler) else 0,
                       pilot_classifier_nfe=pilot_classifier_nfe if isinstance(sampler, StepSampler) else 0)
     if getattr(sampler, "on_failure", None) == "mask":  # examples an adaptive solve set aside
-        info.extra["failed"] = list(sampler.failed)
+        info.extra["failed"] = list(getattr(sampler, "failed", []))
     return (x, info) if return_info else x
+
+
+def _check_returned(sampler, x: Any, like: tuple, where: str) -> None:
+    """A sampler's result must keep the state's shape, dtype and device (the driver's promise to the caller)."""
+    if not isinstance(x, torch.Tensor) or (tuple(x.shape), x.dtype, x.device) != like:
+        got = f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{type(sampler).__name__} returned a state of {got} from its {where}; a sampler keeps the "
+                         f"state's shape, dtype and device, {like[0]} {like[1]} on {like[2]}.")
 
 
 def _check_args(sde, steps, t_min, schedule, noise, dtype, **flags) -> None:
@@ -251,8 +268,16 @@ def _run_steps(sampler: StepSampler, ctx: Context, x: torch.Tensor, ts: torch.Te
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=type(sampler).__name__)
     times = ts.unbind()  # 0-d views made once: indexing a tensor on every step costs microseconds
+    like = (x.shape, x.dtype)
     for i in range(n):
-        x, state = sampler.step(ctx, x, times[i], times[i + 1], state)
+        out = sampler.step(ctx, x, times[i], times[i + 1], state)
+        try:
+            x, state = out
+        except (TypeError, ValueError):
+            raise TypeError(f"{type(sampler).__name__}.step must return (x_next, state); got "
+                            f"{type(out).__name__}.") from None
+        if not isinstance(x, torch.Tensor) or x.shape != like[0] or x.dtype != like[1]:
+            _check_returned(sampler, x, (tuple(like[0]), like[1], getattr(x, "device", None)), f"step {i}")
         if traj is not None:
             traj.append(x)
         if bar is not None:

@@ -61,6 +61,7 @@ def sensitivity_profile(sde: SDE, model: Any, shape: Sequence[int], *, points: i
     xi ~ N(0, I) (Hutchinson's estimator: E ||M xi||^2 = tr(M^T M)) by forward differences.
     Cost: 4 ``points`` + 3 model calls on ``batch`` examples."""
     from .models import as_model
+    from .samplers import DPMSolverPP
     from .sampling import sample  # the driver imports the schedules
 
     check_int(points, "points", lo=2)
@@ -71,7 +72,7 @@ def sensitivity_profile(sde: SDE, model: Any, shape: Sequence[int], *, points: i
     x = sde.prior_sample((batch,) + tuple(shape), seed=seed, dtype=dtype, device=device)
     gen = torch_generator(seed + 1 if isinstance(seed, int) else seed)
     with torch.no_grad():
-        _, info = sample(sde, model, x, method="dpmpp_2m", schedule=ts, return_trajectory=True, return_info=True)
+        _, info = sample(sde, model, x, method=DPMSolverPP(2), schedule=ts, return_trajectory=True, return_info=True)
         log_m, s = sde.log_mean_coeff(ts).tolist(), sde.std(ts).tolist()
         values = []
         for k, t in enumerate(ts.unbind()):

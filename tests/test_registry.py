@@ -11,7 +11,7 @@ import torch
 
 import sdegen
 from sdegen.analytic import GaussianMixture
-from sdegen.samplers import Solver, StepSampler
+from sdegen.samplers import SAMPLERS as REGISTRY, Euler, Heun, Solver, StepSampler, get_sampler
 
 # entries that cannot run from their defaults alone, with the reason
 NEEDS_ARGUMENTS = {
@@ -171,3 +171,169 @@ def test_sde_view_samplers_run_on_their_declared_default_grid(method, grid):
     different = sdegen.sample(sde, ring, shape=(8, 2), method=method, steps=12, seed=4, schedule=other)
     assert torch.equal(default, same)
     assert not torch.allclose(default, different)
+
+
+# ----------------------------------------------------------------- extending the library: the contract is enforced
+def _ring():
+    return sdegen.GaussianMixture.ring()
+
+
+def test_a_model_view_of_the_wrong_shape_is_refused_before_tweedies_formula_broadcasts_it():
+    """A score-only model returning (B, 1) for a (B, 2) state: the default denoise broadcast it and ddim ran to
+    samples of order 1e2 without an error. Either view now names the model and the shapes."""
+    sde = sdegen.VPSDE()
+
+    class BadScore(sdegen.Model):
+        def score(self, x, t):
+            return -x[:, :1]
+
+    class BadDenoise(sdegen.Model):
+        def denoise(self, x, t):
+            return x[:, :1]
+
+    for model, method in ((BadScore(sde), "ddim"), (BadScore(sde), "dpmpp_2m"), (BadDenoise(sde), "euler_maruyama"),
+                          (BadDenoise(sde), "ode")):
+        with pytest.raises(ValueError, match=r"must return x's shape \(4, 2\); got \(4, 1\)"):
+            sdegen.sample(sde, model, shape=(4, 2), method=method, seed=0)
+
+    class Empty(sdegen.Model):
+        pass
+
+    with pytest.raises(TypeError, match="Empty must implement score"):
+        Empty(sde)
+
+
+def test_the_callers_x_T_is_never_modified_even_by_an_in_place_sampler():
+    class Damp(StepSampler):
+        def step(self, ctx, x, t, t_next, state):
+            ctx.score(x, t)
+            return x.mul_(0.9), state
+
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    keep = x_T.clone()
+    out = sdegen.sample(sdegen.VPSDE(), _ring(), x_T, method=Damp(), steps=3)
+    assert torch.equal(x_T, keep)
+    torch.testing.assert_close(out, keep * 0.9**3, rtol=1e-6, atol=0)
+
+
+def test_built_in_names_cannot_be_replaced_by_accident():
+    with pytest.raises(ValueError, match="'dpmpp_2m' is a built-in sampler"):
+        sdegen.register_sampler("dpmpp_2m", Euler)
+    name = "test_registry_twice"
+    sdegen.register_sampler(name, Euler)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            sdegen.register_sampler(name, Euler)
+        sdegen.register_sampler(name, Heun, replace=True)
+        assert isinstance(get_sampler(name), Heun)
+    finally:
+        del REGISTRY[name]
+
+
+def test_library_defaults_do_not_follow_a_replaced_built_in():
+    """The sensitivity schedule's pilot is built-in DPM-Solver++(2M) even after dpmpp_2m is replaced on purpose."""
+    sde, ring = sdegen.VPSDE(), _ring()
+    reference = sdegen.sample(sde, ring, shape=(8, 2), method="ancestral", steps=6, schedule="sensitivity", seed=0)
+    used = []
+
+    class Spy(StepSampler):
+        def step(self, ctx, x, t, t_next, state):
+            used.append(1)
+            return x, state
+
+    original = REGISTRY["dpmpp_2m"]
+    sdegen.register_sampler("dpmpp_2m", Spy, replace=True)
+    try:
+        again = sdegen.sample(sde, ring, shape=(8, 2), method="ancestral", steps=6, schedule="sensitivity", seed=0)
+    finally:
+        REGISTRY["dpmpp_2m"] = original
+    assert not used and torch.equal(reference, again)
+
+
+@pytest.mark.parametrize("attr, value", [("order", 0), ("order", "2"), ("nfe_per_step", -2), ("stochastic", "yes"),
+                                         ("default_steps", 0), ("default_steps", 2.5)])
+def test_a_samplers_declarations_are_checked(attr, value):
+    cls = type("Declared", (Euler,), {attr: value})
+    with pytest.raises(ValueError, match=f"declares {attr}="):
+        sdegen.sample(sdegen.VPSDE(), _ring(), shape=(4, 2), method=cls(), steps=3, seed=0)
+    name = f"test_declared_{attr}"
+    sdegen.register_sampler(name, cls)
+    try:
+        with pytest.raises(ValueError, match=f"method '{name}' declares {attr}="):
+            get_sampler(name)
+    finally:
+        del REGISTRY[name]
+    sdegen.register_sampler("test_factory_garbage", lambda: 42)
+    try:
+        with pytest.raises(TypeError, match="returned a int; it must return a StepSampler or Solver"):
+            get_sampler("test_factory_garbage")
+    finally:
+        del REGISTRY["test_factory_garbage"]
+
+
+def test_what_a_user_sampler_returns_is_checked():
+    sde, ring = sdegen.VPSDE(), _ring()
+
+    class ToF64(StepSampler):
+        def step(self, ctx, x, t, t_next, state):
+            return x.double(), state
+
+    class NoTuple(StepSampler):
+        def step(self, ctx, x, t, t_next, state):
+            return x
+
+    class Narrow(Solver):
+        def solve(self, ctx, x, ts, steps):
+            return torch.stack([x, x]), x[:, :1], 0
+
+    with pytest.raises(ValueError, match=r"ToF64 returned a state of \(4, 2\) torch.float64 .* from its step 0"):
+        sdegen.sample(sde, ring, shape=(4, 2), method=ToF64(), steps=3, seed=0)
+    with pytest.raises(TypeError, match=r"NoTuple.step must return \(x_next, state\)"):
+        sdegen.sample(sde, ring, shape=(4, 2), method=NoTuple(), steps=3, seed=0)
+    with pytest.raises(ValueError, match=r"Narrow returned a state of \(4, 1\)"):
+        sdegen.sample(sde, ring, shape=(4, 2), method=Narrow(), seed=0)
+
+
+def test_a_step_may_ask_at_a_python_float_time():
+    class FloatTime(StepSampler):
+        def step(self, ctx, x, t, t_next, state):
+            mid = 0.5 * (float(t) + float(t_next))
+            return x + (float(t_next) - float(t)) * ctx.score(x, mid), state
+
+    x = sdegen.sample(sdegen.VPSDE(), _ring(), shape=(4, 2), method=FloatTime(), steps=3, seed=0)
+    assert x.shape == (4, 2) and bool(torch.isfinite(x).all())
+
+
+def test_a_model_for_another_instance_of_a_parameterised_user_sde_is_refused():
+    """A user SDE whose config() records nothing: its instances are told apart by their kernels."""
+
+    class CoshA(sdegen.SDE):
+        t_min = 1e-3
+
+        def __init__(self, a=1.0):
+            self.a, self.T = a, 4.0
+
+        def log_mean_coeff(self, t):
+            return -torch.log(torch.cosh(self.a * t))
+
+        def std(self, t):
+            return torch.tanh(self.a * t)
+
+    model = sdegen.ScoreModel(lambda x, t: -x, CoshA(1.0), prediction="score")
+    with pytest.raises(ValueError):
+        sdegen.sample(CoshA(2.0), model, shape=(4, 2), method="dpmpp_2m", steps=3, seed=0)
+    sdegen.sample(CoshA(1.0), model, shape=(4, 2), method="dpmpp_2m", steps=3, seed=0)  # an equal instance
+
+
+def test_conversion_helpers_check_what_the_model_layer_checks():
+    from sdegen.models import output_to_score, output_to_x0, score_to_x0
+    sde = sdegen.VPSDE()
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    for prediction in ("eps", "x0", "v"):
+        with pytest.raises(ValueError, match="s\\(t\\) > 0"):
+            output_to_score(sde, prediction, out, x, 0.0)
+    with pytest.raises(ValueError, match="x's shape"):
+        score_to_x0(sde, out[:, :1], x, 0.3)
+    assert output_to_score(sde, "eps", out.float(), x, 0.3).dtype == torch.float64
+    torch.testing.assert_close(output_to_x0(sde, "x0", out, x, 0.0), out)  # D = x0 needs no s(t)

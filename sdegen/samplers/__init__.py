@@ -69,13 +69,40 @@ SAMPLERS: Dict[str, Callable[..., Any]] = {
 }
 
 
-def register_sampler(name: str, factory: Callable[..., Any]) -> None:
-    """Make ``factory`` available as ``sdegen.sample(..., method=name)``."""
+BUILTIN_SAMPLERS = frozenset(SAMPLERS)
+
+
+def register_sampler(name: str, factory: Callable[..., Any], *, replace: bool = False) -> None:
+    """Make ``factory`` available as ``sdegen.sample(..., method=name)``. A name already registered (a built-in one
+    above all) is refused unless ``replace=True``; the library's own defaults (the sensitivity schedule's pilot,
+    inpainting's default sampler) use the built-in classes whatever the registry holds."""
     if not (isinstance(name, str) and name):
         raise ValueError(f"name must be a non-empty string; got {name!r}.")
     if not callable(factory):
         raise TypeError(f"factory must be a sampler class or a callable returning a sampler; got {factory!r}.")
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be True or False; got {replace!r}.")
+    if name in SAMPLERS and not replace:
+        kind = "a built-in sampler" if name in BUILTIN_SAMPLERS else "already registered"
+        raise ValueError(f"sampler name {name!r} is {kind}; choose another name, or pass replace=True to replace it "
+                         "for every later sample(method=...) call.")
     SAMPLERS[name] = factory
+
+
+def check_declared(sampler: Any, where: str) -> None:
+    """The declarations the driver relies on, checked once per run: ``order``, ``nfe_per_step`` and (for a
+    fixed-step sampler) ``default_steps`` positive ints, ``stochastic`` a bool."""
+    fields = [("order", 1), ("nfe_per_step", 1)] + ([("default_steps", 1)] if isinstance(sampler, StepSampler) else [])
+    for attr, lo in fields:
+        value = getattr(sampler, attr, None)
+        if value is None and attr != "default_steps":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo or (
+                attr != "nfe_per_step" and value != int(value)):
+            raise ValueError(f"{where} declares {attr}={value!r}; it must be a number >= {lo}"
+                             f"{'' if attr == 'nfe_per_step' else ' (an int)'}.")
+    if not isinstance(getattr(sampler, "stochastic", False), bool):
+        raise ValueError(f"{where} declares stochastic={sampler.stochastic!r}; it must be True or False.")
 
 
 def get_sampler(method: Union[str, Any], **kwargs):
@@ -87,18 +114,24 @@ def get_sampler(method: Union[str, Any], **kwargs):
         if not isinstance(method, (StepSampler, Solver)):
             raise TypeError(f"method must be a sampler name or a StepSampler / Solver object; "
                             f"got {type(method).__name__}.")
+        check_declared(method, type(method).__name__)
         return method
     if method not in SAMPLERS:
         raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(sorted(SAMPLERS))}.")
     check_options(kwargs, accepted_keywords(SAMPLERS[method]), f"method {method!r}")
     try:
-        return SAMPLERS[method](**kwargs)
+        sampler = SAMPLERS[method](**kwargs)
     except TypeError as err:  # the option names are checked above: this is about their values
         given = f" with options {', '.join(sorted(kwargs))}" if kwargs else ""
         raise TypeError(f"method {method!r}{given}: {err}") from None
+    if not isinstance(sampler, (StepSampler, Solver)):
+        raise TypeError(f"the factory registered as {method!r} returned a {type(sampler).__name__}; it must return a "
+                        "StepSampler or Solver object.")
+    check_declared(sampler, f"method {method!r}")
+    return sampler
 
 
-__all__ = ["SAMPLERS", "Context", "Solver", "StepSampler", "get_sampler", "register_sampler", "Ancestral",
+__all__ = ["SAMPLERS", "BUILTIN_SAMPLERS", "check_declared", "Context", "Solver", "StepSampler", "get_sampler", "register_sampler", "Ancestral",
            "AnnealedLangevin", "Euler", "EulerMaruyama", "PredictorCorrector", "ReverseDiffusion", "langevin_step",
            "DDIM", "ExponentialAdams", "DPMSolverPP", "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "ExponentialPC",
            "SASolver", "UniPC", "DPMSolverPPSDE", "DPMSolver", "DPM2", "DPM2Ancestral", "DPMPP2SAncestral", "Restart",

@@ -49,6 +49,8 @@ class Context:
     def _time(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # a host scalar (a grid time) goes to the model as it is: the model turns its coefficients into Python
         # floats, which multiply x on any device without a host-device copy
+        if not isinstance(t, torch.Tensor):  # a Python number from a user's step
+            t = torch.tensor(float(t), dtype=torch.float64)
         if t.ndim == 0 and t.device.type == "cpu" and not t.requires_grad:
             return t
         return (t.to(device=x.device) if t.ndim else t.to(device=x.device).expand(x.shape[0])).to(x.dtype)
@@ -158,7 +160,11 @@ class Solver:
     """Base class of samplers that integrate a whole span themselves (adaptive step control, torchdiffeq,
     torchsde): ``solve(ctx, x, ts, steps)`` returns (states at every time of ``ts`` (len(ts), B, ...), final
     state, steps taken or None). ``steps`` is the caller's step count (None: the solver's own choice); a solver
-    that cannot honour it raises ValueError."""
+    that cannot honour it raises ValueError. A solver that can set failed examples aside has an ``on_failure``
+    attribute; with ``on_failure == "mask"`` it lists their indices in ``failed`` (read into
+    ``SampleInfo.extra["failed"]``). A solver must not modify its input x in place (nor may a
+    :class:`StepSampler`'s ``step``): the driver hands the caller's x_T to built-in samplers as it is, and copies it
+    once for others."""
 
     stochastic: bool = False
 
