@@ -20,7 +20,7 @@ import torch
 
 from ._deprecation import renamed
 from ._util import Time, batch_time, bcast
-from ._validate import check_int, check_number, check_tensor, is_integer_dtype
+from ._validate import accepted_keywords, check_int, check_number, check_options, check_tensor, is_integer_dtype
 from .models import Model, ScoreModel, as_model
 from .analytic import GaussianMixture, nan_for_nonfinite_rows
 from .samplers import ReverseDiffusion, StepSampler, get_sampler, register_sampler
@@ -429,7 +429,11 @@ def inpaint(sde: SDE, score, known: torch.Tensor, mask: torch.Tensor, *,
 
     check_tensor(known, "known", batch=True, finite=False)
     method, name = renamed("inpaint", "method", method, "sampler", sampler)
-    inner = ReverseDiffusion(**options) if method is None else get_sampler(method, **options)
+    if method is None:  # the built-in class, whatever the registry's "reverse_diffusion" has become
+        check_options(options, accepted_keywords(ReverseDiffusion), "method 'reverse_diffusion'")
+        inner = ReverseDiffusion(**options)
+    else:
+        inner = get_sampler(method, **options)
     if not isinstance(inner, StepSampler):
         raise TypeError(f"{name} must be a fixed-step sampler (a StepSampler, or the name of one), which inpainting "
                         f"steps between replacements; got {inner!r}.")

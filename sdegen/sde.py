@@ -409,12 +409,15 @@ class SDE(abc.ABC):
         return (bcast(a, x) - 1.0) * x, b
 
     # --- reverse time ---
-    def reverse(self, score, probability_flow: bool = False, event_shape: Optional[Sequence[int]] = None):
-        """Reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (Song et al. 2021, eq. 6); see :class:`ReverseSDE`."""
+    def reverse(self, score, probability_flow: bool = False, event_shape: Optional[Sequence[int]] = None,
+                sde_type: str = "ito"):
+        """Reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (Song et al. 2021, eq. 6); see :class:`ReverseSDE`.
+        ``sde_type``: what torchsde reads ("ito", or "stratonovich" for its heun, midpoint and euler_heun); the
+        noise is additive, so both readings are the same equation."""
         from .models import resolve_score  # models build on SDEs: imported when first needed
 
         return ReverseSDE(self, resolve_score(score, self), probability_flow=probability_flow,
-                          event_shape=event_shape)
+                          event_shape=event_shape, sde_type=sde_type)
 
     def probability_flow(self, score, t_clamp: Optional[Tuple[float, float]] = None):
         """Probability-flow ODE dx = [f - 1/2 g^2 s] dt (Song et al. 2021, eq. 13); see :class:`ProbabilityFlowODE`."""
@@ -908,7 +911,12 @@ class ReverseSDE(torch.nn.Module):
 
     def g(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = (self.sde.T - tau).clamp(0.0, self.sde.T)
-        return self.diffusion(t).to(y.dtype).expand(y.shape)
+        g = self.diffusion(t)
+        if g.device != y.device:
+            if g.numel() == 1 and g.device.type == "cpu":  # a host clock: its value fills y's shape on y's device
+                return torch.full_like(y, float(g))
+            g = g.to(y.device)
+        return (g if g.ndim == 0 else g.reshape((-1,) + (1,) * (y.ndim - 1))).to(y.dtype).expand(y.shape)
 
 
 class ProbabilityFlowODE(torch.nn.Module):

@@ -136,3 +136,13 @@ def test_classifier_loss_on_cuda_marks_out_of_range_labels_with_nan():
     y_valid = torch.tensor([0, 1, 2, 3, 0, 0])  # on the host: checked, and the same draws of t and noise
     ref = sdegen.classifier_loss(clf, sdegen.VPSDE(), x0, y_valid, seed=0, return_per_example=True)
     assert torch.allclose(per[:4], ref[:4])
+
+
+@pytest.mark.parametrize("kw", [dict(steps=5), dict(solver="heun", steps=5)])
+def test_the_torchsde_path_runs_on_another_device(kw):
+    """ReverseSDE.g built its diffusion on the host clock's device: torchsde's product with the Brownian increment
+    then mixed a (B, D) CPU tensor with a device one, so method="sde" could not run off the CPU at all."""
+    x_T = torch.empty(4, 3, device="meta")
+    x = sdegen.sample(sdegen.VPSDE(), lambda x, t: -x, x_T, method="sde", seed=torch.zeros(4, dtype=torch.long,
+                                                                                           device="meta"), **kw)
+    assert x.device.type == "meta" and x.shape == (4, 3)

@@ -84,11 +84,12 @@ class AdaptiveExponential(Solver):
     def __init__(self, rtol: float = 1e-3, atol: float = 1e-3, h_init: Optional[float] = None,
                  safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0, on_failure: str = "raise"):
         for name, v in (("rtol", rtol), ("atol", atol)):
-            if not (isinstance(v, (int, float)) and 0 < v < math.inf):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v < math.inf):
                 raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
-        if h_init is not None and not (isinstance(h_init, (int, float)) and 0 < h_init < math.inf):
+        if h_init is not None and (isinstance(h_init, bool) or not (isinstance(h_init, (int, float))
+                                                                    and 0 < h_init < math.inf)):
             raise ValueError(f"h_init must be None or a finite number > 0 (a step in log(m/s)); got {h_init!r}.")
-        if not (isinstance(safety, (int, float)) and 0 < safety <= 1):
+        if isinstance(safety, bool) or not (isinstance(safety, (int, float)) and 0 < safety <= 1):
             raise ValueError(f"safety must lie in (0, 1]; got {safety!r}.")
         if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
             raise ValueError(f"max_steps must be an int >= 1; got {max_steps!r}.")
