@@ -21,9 +21,22 @@ import torch
 F64 = torch.float64
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux; float32 results can differ between CPUs), else the
+    platform's processor or machine string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance(started: Optional[float] = None, device=None) -> List[str]:
     """The machine, the date (and wall time since ``started``, a time.time()) and the command, as report lines."""
-    machine = (f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+    machine = (f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical CPUs, "
                f"{platform.system()} {platform.release()}; torch {torch.__version__}")
     date = f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}"
     return [machine + (f"; device {device}" if device is not None else ""),

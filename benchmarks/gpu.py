@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import cpu_model
 
 import sdegen
 from sdegen.nets import UNet
@@ -231,7 +231,7 @@ def main():
     train_s, train_batch = training_step(device, args.quick, repeats)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, " \
+        f"CPU ({cpu_model()}, {os.cpu_count()} logical CPUs, " \
         f"{torch.get_num_threads()} torch threads) - no CUDA device: these are CPU figures"
     lines = [f"# sdegen on {'a GPU' if device.type == 'cuda' else 'the CPU'}", "",
              f"- device: {name}; torch {torch.__version__}",

@@ -39,6 +39,7 @@ import time
 
 import numpy as np
 import torch
+from common import cpu_model
 
 import sdegen
 
@@ -196,7 +197,7 @@ def write(rows, prior_rows, heads, repeats):
     import datetime
 
     lines = ["# Probability-flow log-likelihoods: accuracy, NFE, wall time", "",
-             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} "
+             f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical CPUs, {platform.system()} "
              f"{platform.release()}; torch {torch.__version__}; device {DEVICE}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
              f"- command: `python {' '.join(sys.argv)}`", "",
@@ -465,7 +466,7 @@ def _study_header(start):
     """The machine, date (with the wall time since ``start``) and command lines of a study's report."""
     import datetime
 
-    return [f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} "
+    return [f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical CPUs, {platform.system()} "
             f"{platform.release()}; torch {torch.__version__}; device cpu",
             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; wall time "
             f"{time.time() - start:.0f} s", f"- command: `python {' '.join(sys.argv)}`", ""]

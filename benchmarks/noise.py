@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import torch
+from common import cpu_model
 
 from sdegen import noise as sdegen_noise
 
@@ -92,7 +93,7 @@ def measure(fns: Dict[str, Callable], device: torch.device, repeats: int,
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import cpu_model
 
 import sdegen
 
@@ -229,7 +230,7 @@ def _allocator() -> str:
 
 
 def _machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; "
+    return (f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; "
             f"torch {torch.__version__}, 1 thread")
 
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import cpu_model
 
 import sdegen
 from sdegen.analytic import GaussianMixture
@@ -322,7 +323,7 @@ def fmt(v, digits=3):
 
 def run_meta():
     """Machine, date and command of this run (kept in the JSON so that --report-only re-renders them)."""
-    return {"machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    return {"machine": f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs, "
                        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python benchmarks/solver_steps.py " + " ".join(sys.argv[1:]), "device": str(DEVICE)}

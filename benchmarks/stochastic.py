@@ -89,7 +89,8 @@ def steps_for(spec, nfe):
     method, opts, per_step = spec
     sampler = sdegen.samplers.get_sampler(method, **opts)
     if not hasattr(sampler, "total_nfe"):
-        return max(nfe // per_step, 1)
+        start = 1 if method == "sde" else 0  # torchsde evaluates the drift once at the start to check its shapes
+        return max((nfe - start) // per_step, 1)
     steps = 1
     while sampler.total_nfe(steps + 1) <= nfe:
         steps += 1

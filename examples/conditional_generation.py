@@ -28,6 +28,7 @@ T_START = time.time()  # the reported wall time includes the imports, as a user 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -70,6 +71,17 @@ def parse_args(argv=None):
                         "other processes using the cores)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def check_device(device: str) -> None:
+    """SystemExit naming --device when it is not a device this torch build can use (before any checkpoint loads)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SystemExit(f"--device must be a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this torch build ({torch.__version__}) sees no CUDA device; use --device "
+                         "cpu or install a CUDA build of torch")
 
 
 def cpu_threads(requested, processes: int = 1) -> int:
@@ -354,10 +366,18 @@ def main(argv=None):
         torch.set_num_threads(threads)
     if ctx.world_size > 1 and args.device == "cuda":
         args.device = str(ctx.device)  # one GPU per process
-    digits = [int(d) for d in args.digits.split(",")]
+    check_device(args.device)
+    try:
+        digits = [int(d) for d in args.digits.split(",")]
+        scales = sorted({float(v) for v in args.scales.split(",")} | {0.0, args.scale})
+    except ValueError:
+        raise SystemExit(f"--digits must be comma-separated digits and --scales comma-separated numbers; got "
+                         f"{args.digits!r} and {args.scales!r}") from None
     if any(not 0 <= d <= 9 for d in digits):
         raise SystemExit(f"--digits must be digits 0..9; got {args.digits!r}")
-    scales = sorted({float(v) for v in args.scales.split(",")} | {0.0, args.scale})
+    for name in ("per_digit", "steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if any(v < 0 for v in scales):
         raise SystemExit(f"--scale and --scales must be >= 0; got {args.scale!r} and {args.scales!r}")
     os.makedirs(args.out, exist_ok=True)
@@ -401,10 +421,15 @@ def report(models, train, test, digits, scales, args, progress):
     x, y, info, hit = samples[args.scale]
     print(f"guided (scale {args.scale:g}) per digit:",
           ", ".join(f"{d}: {float(hit[y == d].mean()):.2f}" for d in digits))
-    f_gen = [frechet_distance(features(clean, x[y == d]), features(clean, x_test[test_labels == d])) for d in digits]
-    print(f"Frechet distance in the clean classifier's {clean.feature_dim}-d feature space, guided vs real test "
-          f"digits of that class, mean over digits: {sum(f_gen) / len(f_gen):.2f} (n = {args.per_digit} vs "
-          f"~{len(test_labels) // 10}; small samples bias it upwards)")
+    if args.per_digit >= 2:  # a covariance needs two samples
+        f_gen = [frechet_distance(features(clean, x[y == d]), features(clean, x_test[test_labels == d]))
+                 for d in digits]
+        print(f"Frechet distance in the clean classifier's {clean.feature_dim}-d feature space, guided vs real test "
+              f"digits of that class, mean over digits: {sum(f_gen) / len(f_gen):.2f} (n = {args.per_digit} vs "
+              f"~{len(test_labels) // 10}; small samples bias it upwards)")
+    else:
+        f_gen = [math.nan]
+        print("Frechet distance: n/a (it needs --per-digit >= 2)")
     cols = min(args.per_digit, 10)
     figures = {"guided": os.path.join(args.out, "guided_samples.png"),
                "unguided": os.path.join(args.out, "unguided_samples.png"),
@@ -418,7 +443,7 @@ def report(models, train, test, digits, scales, args, progress):
     bpd = bits_per_dim(model, test, args)
     print("figures:", ", ".join(figures.values()))
     return {"clean_test_accuracy": clean_acc, "guided_scale": args.scale,
-            "accuracy_by_scale": {f"{k:g}": v for k, v in sweep.items()}, "frechet_guided": sum(f_gen) / len(f_gen),
+            "accuracy_by_scale": {f"{k:g}": v for k, v in sweep.items()}, "frechet_guided": sum(f_gen) / len(f_gen) if args.per_digit >= 2 else None,
             "bits_per_dim": bpd, "sampler": args.sampler, "steps": args.steps, "per_digit": args.per_digit,
             "device": args.device, "threads": torch.get_num_threads(),
             "figures": {k: os.path.basename(v) for k, v in figures.items()}}

@@ -35,7 +35,10 @@ def main(argv=None):
     data = torch.as_tensor(make_moons(8000, noise=0.05, random_state=args.seed)[0], dtype=torch.float32)
     data = ((data - data.mean(0)) / data.std(0)).to(args.device)
     sde = sdegen.VPSDE()
-    model = sdegen.ScoreModel(sdegen.MLP(2, hidden=128, depth=3), sde, prediction="eps").to(args.device)
+    with torch.random.fork_rng(devices=[]):  # the initial weights from --seed, torch's global generator untouched
+        torch.manual_seed(args.seed)
+        net = sdegen.MLP(2, hidden=128, depth=3)
+    model = sdegen.ScoreModel(net, sde, prediction="eps").to(args.device)
     res = sdegen.train(model, lambda m, b, g: sdegen.dsm_loss(m, b, seed=g), data, args.steps, batch_size=256,
                        lr=2e-3, warmup_steps=100, seed=args.seed, desc="toy score model")
     score = res.ema.module

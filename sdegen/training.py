@@ -551,6 +551,15 @@ def load_checkpoint(path: str, *, map_location=None, use_ema: bool = True) -> Tu
     check_flag(use_ema, "use_ema")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path {os.fspath(path)!r}: no such checkpoint file.")
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        try:
+            where = torch.device(map_location)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"map_location must be a torch device (or what torch.load takes); got "
+                             f"{map_location!r}.") from None
+        if where.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"map_location={str(where)!r}, but this torch build sees no CUDA device; pass "
+                             "map_location='cpu'.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors alike mean "not a checkpoint"

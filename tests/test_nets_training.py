@@ -421,3 +421,13 @@ def test_train_refuses_options_it_would_ignore():
     sdegen.train(model, sdegen.dsm_loss, x, 1, ema=ema, ema_decay=0.5, progress=False)  # its own: accepted
     with pytest.raises(ValueError, match="evaluate callback"):
         sdegen.train(model, sdegen.dsm_loss, x, 1, eval_every=5, progress=False)
+
+
+def test_load_checkpoint_names_a_device_it_cannot_map_to(tmp_path):
+    """map_location='cuda' without CUDA is a device problem, not 'not an sdegen checkpoint'."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: the mapping succeeds")
+    path = tmp_path / "m.pt"
+    training.save_checkpoint(str(path), _tiny())
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        training.load_checkpoint(str(path), map_location="cuda")
