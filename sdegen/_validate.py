@@ -191,3 +191,17 @@ def reject_inapplicable(given: Dict[str, Any], why: str) -> None:
 def is_integer_dtype(dtype: torch.dtype) -> bool:
     """Whether ``dtype`` holds integers (labels, seeds): neither floating, complex nor bool."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """``device`` as a torch.device; ValueError naming ``name`` for something that is not one, or for CUDA where this
+    torch build sees none."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch.device or a device string such as 'cpu' or 'cuda:0'; got "
+                         f"{device!r}.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={str(device)!r}, but this torch build sees no CUDA device (torch "
+                         f"{torch.__version__}); pass {name}='cpu' or install a CUDA build of torch.")
+    return device

@@ -8,8 +8,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ._validate import (check_choice, check_flag, check_int, check_number, check_shape, check_state_dtype,
-                        check_tensor)
+from ._validate import (check_choice, check_device, check_flag, check_int, check_number, check_shape,
+                        check_state_dtype, check_tensor)
 from .models import as_model
 from .noise import NOISE_KINDS, Seed, make_seeds, normal_from_seeds
 from .capture import captured, check_capture
@@ -204,14 +204,7 @@ def _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds: bool):
     """(x_T, per-example seeds or None): seeds are made only when a random draw needs them, so that a
     deterministic run from a given x_T leaves torch's global generator untouched."""
     if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0'; got "
-                             f"{device!r}.") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r}, but this torch build sees no CUDA device "
-                             f"(torch {torch.__version__}); pass device='cpu' or install a CUDA build of torch.")
+        device = check_device(device)
     if x_T is None:
         if shape is None:
             raise ValueError("shape: give either x_T or shape=(B, ...) to draw x_T from the prior.")

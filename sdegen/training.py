@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import nn
 
-from ._validate import check_flag, check_int, check_number
+from ._validate import check_device, check_flag, check_int, check_number
 from .nets import build_net
 from .models import ScoreModel, settings_that_apply
 from .noise import torch_generator
@@ -552,14 +552,7 @@ def load_checkpoint(path: str, *, map_location=None, use_ema: bool = True) -> Tu
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path {os.fspath(path)!r}: no such checkpoint file.")
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
-        try:
-            where = torch.device(map_location)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"map_location must be a torch device (or what torch.load takes); got "
-                             f"{map_location!r}.") from None
-        if where.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"map_location={str(where)!r}, but this torch build sees no CUDA device; pass "
-                             "map_location='cpu'.")
+        check_device(map_location, "map_location")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors alike mean "not a checkpoint"
