@@ -18,6 +18,7 @@ typing: nothing here imports diffusers or k-diffusion.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -50,7 +51,7 @@ class DiffusersNet(torch.nn.Module):
                             "from_diffusers(pipe.unet, pipe.scheduler).")
         if not callable(unet):
             raise TypeError(f"unet must be a callable network unet(sample, timestep); got {type(unet).__name__}.")
-        if learned_variance not in (None, True, False):
+        if learned_variance is not None and not isinstance(learned_variance, bool):
             raise ValueError(f"learned_variance must be True, False or None; got {learned_variance!r}.")
         self.unet, self.learned_variance = unet, learned_variance
 
@@ -96,7 +97,8 @@ def _scheduler_setting(scheduler: Any, name: str) -> Any:
 
 
 def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str] = None, *,
-                   t_min: Optional[float] = None, terminal_alpha_bar: Optional[float] = None) -> ScoreModel:
+                   t_min: Optional[float] = None, terminal_alpha_bar: Optional[float] = None,
+                   learned_variance: Optional[bool] = None) -> ScoreModel:
     """A diffusers network and its noise table as a model on :class:`sdegen.DiscreteVPSDE` (Ho et al. 2020's
     discrete DDPM, the convention of diffusers' ``UNet2DModel`` and its schedulers).
 
@@ -115,16 +117,20 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
             -infinity; every sdegen SDE needs m(T) > 0, so such a table is refused unless it is given (diffusers'
             sigma schedulers use 2^-24 where it is below the entry before). The network's input at timestep N - 1
             then differs from its training input by sqrt(v) x_0 in m.
+        learned_variance: whether the network's output carries a learned variance in a second half of its channels
+            (see :class:`DiffusersNet`); default: True for a scheduler whose ``variance_type`` is "learned" or
+            "learned_range", False for another declared ``variance_type``, and otherwise (no ``variance_type``,
+            as in DDIM's and Euler's schedulers, which DiT's pipeline uses) the image-like rule of DiffusersNet.
 
     Scheduler settings that belong to the sampler (``clip_sample``, ``thresholding``, the spacing) are not read:
     sdegen's samplers neither clip nor threshold. A v-prediction scheduler with ``timestep_type="continuous"``
     (its network takes 0.25 log sigma) is refused with the ScoreModel that fits it.
 
     Returns:
-        ``ScoreModel(DiffusersNet(unet), DiscreteVPSDE(alphas_cumprod), prediction, time_input="timestep")``;
-        sample with ``sdegen.sample(model.sde, model, ...)``. Outputs have x's shape and dtype; the network runs in
-        its own dtype (a bfloat16 UNet under a float32 state, say). The model refuses times before ``t_min``
-        (negative timesteps, which the network has not seen).
+        ``ScoreModel(DiffusersNet(unet, learned_variance), DiscreteVPSDE(alphas_cumprod), prediction,
+        time_input="timestep")``; sample with ``sdegen.sample(model.sde, model, ...)``. Outputs have x's shape and
+        dtype; the network runs in its own dtype (a bfloat16 UNet under a float32 state, say). The model refuses
+        times before 1 / N (negative timesteps, which the network has not seen).
     """
     table = getattr(scheduler, "alphas_cumprod", scheduler)
     if not isinstance(table, torch.Tensor):
@@ -137,13 +143,14 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
         if table.numel() < 2:
             raise ValueError(f"alphas_cumprod must hold at least 2 values; got {table.numel()}.")
         before = float(table[-2])
-        if isinstance(terminal_alpha_bar, bool) or not (isinstance(terminal_alpha_bar, (int, float))
+        if isinstance(terminal_alpha_bar, bool) or not (isinstance(terminal_alpha_bar, numbers.Real)
                                                          and 0 < terminal_alpha_bar < before):
             raise ValueError(f"terminal_alpha_bar must be a number in (0, {before:.3g}) (below the table's "
                              f"second-to-last entry); got {terminal_alpha_bar!r}.")
         table = torch.cat([table.detach().to(device="cpu", dtype=torch.float64).flatten()[:-1],
                            torch.tensor([float(terminal_alpha_bar)], dtype=torch.float64)])
-    if t_min is not None and not (isinstance(t_min, (int, float)) and t_min >= 1.0 / table.numel()):
+    if t_min is not None and (isinstance(t_min, bool) or not (isinstance(t_min, numbers.Real)
+                                                              and t_min >= 1.0 / table.numel())):
         raise ValueError(f"t_min must be >= 1/N = {1.0 / table.numel():g}, the time of timestep 0 (the network has "
                          f"not seen earlier noise levels); got {t_min!r}.")
     if prediction_type is None:
@@ -155,9 +162,11 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
     if prediction_type not in DIFFUSERS_PREDICTIONS:
         raise ValueError(f"prediction_type must be one of {tuple(DIFFUSERS_PREDICTIONS)}; got {prediction_type!r}.")
     sde = DiscreteVPSDE(table, t_min=t_min)
-    variance_type = _scheduler_setting(scheduler, "variance_type")
-    learned = None if getattr(scheduler, "config", None) is None else variance_type in ("learned", "learned_range")
-    return ScoreModel(DiffusersNet(unet, learned), sde, prediction=DIFFUSERS_PREDICTIONS[prediction_type],
+    if learned_variance is None:
+        variance_type = _scheduler_setting(scheduler, "variance_type")
+        if variance_type is not None:  # a scheduler that says; others leave it to the output's shape
+            learned_variance = variance_type in ("learned", "learned_range")
+    return ScoreModel(DiffusersNet(unet, learned_variance), sde, prediction=DIFFUSERS_PREDICTIONS[prediction_type],
                       time_input="timestep")
 
 

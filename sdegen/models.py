@@ -23,6 +23,7 @@ the state's dtype.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
@@ -297,6 +298,10 @@ class ScoreModel(Model):
         if time_input == "timestep" and not hasattr(sde, "timestep"):
             raise ValueError(f"time_input='timestep' needs an SDE with discrete timesteps (sdegen.DiscreteVPSDE); "
                              f"got {type(sde).__name__}.")
+        if time_input == "timestep" and sde.t_min < (1.0 - 1e-12) / sde.num_timesteps:
+            raise ValueError(f"sde.t_min = {sde.t_min:g} lies before the table's first timestep (t = 1/N = "
+                             f"{1.0 / sde.num_timesteps:g}): a network on timesteps would be asked at negative ones "
+                             "when the samplers reach t_min; build the DiscreteVPSDE with t_min >= 1/N (its default).")
         check_flag(scale_input, "scale_input")
         if preconditioning is not None:
             check_choice(preconditioning, "preconditioning", PRECONDITIONINGS)
@@ -564,15 +569,25 @@ def _same_sde(a: SDE, b: SDE) -> bool:
     few times, which tells apart instances of a user SDE whose config() does not record its parameters."""
     if a is b:
         return True
+    verdicts = a.__dict__.setdefault("_same_as", {})  # per pair of instances: the comparison runs once
+    held = verdicts.get(id(b))
+    if held is not None and held[0]() is b:
+        return held[1]
     try:
-        if type(a) is not type(b) or a.config() != b.config():
-            return False
+        same = type(a) is type(b) and a.config() == b.config()
     except Exception:  # an SDE that cannot describe itself: the kernels decide
-        pass
-    if a.T != b.T:
-        return False
-    t = torch.linspace(0.0, a.T, 5, dtype=torch.float64)[1:]
-    return bool(torch.equal(a.log_mean_coeff(t), b.log_mean_coeff(t)) and torch.equal(a.std(t), b.std(t)))
+        same = type(a) is type(b)
+    if same:
+        try:
+            t = torch.linspace(0.0, a.T, 5, dtype=torch.float64)[1:]
+            same = a.T == b.T and bool(torch.equal(a.log_mean_coeff(t), b.log_mean_coeff(t))
+                                       and torch.equal(a.std(t), b.std(t)))
+        except Exception:  # kernels that cannot be evaluated in float64 on the CPU: the config decides
+            pass
+    if len(verdicts) > 64:
+        verdicts.clear()
+    verdicts[id(b)] = (weakref.ref(b), same)
+    return same
 
 
 def as_model(score: Any, sde: SDE) -> Model:

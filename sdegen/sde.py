@@ -70,11 +70,14 @@ def _checks_order(fn):
     @functools.wraps(fn)
     def method(self, t_from, t_to):
         a, b = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
-        if a.device.type == "cpu" and b.device.type == "cpu" and bool((a > b).any()):
-            raise ValueError("transition_var needs t_from <= t_to (the forward process's transition).")
+        if a.device.type == "cpu" and b.device.type == "cpu":
+            later = float(a) > float(b) if a.ndim == 0 and b.ndim == 0 else bool((a > b).any())
+            if later:
+                raise ValueError("transition_var needs t_from <= t_to (the forward process's transition).")
         return fn(self, a, b)
 
     method._checks_order = True
+    method._unchecked = fn  # for transition, which has checked the times and their order already
     return method
 
 
@@ -334,7 +337,8 @@ class SDE(abc.ABC):
         if bool((t_from > t_to).any()):
             raise ValueError("transition needs t_from <= t_to (it is the forward process).")
         a = torch.exp(self.log_mean_coeff(t_to) - self.log_mean_coeff(t_from))
-        return a, torch.sqrt(self.transition_var(t_from, t_to))
+        var = type(self).transition_var
+        return a, torch.sqrt(getattr(var, "_unchecked", var)(self, t_from, t_to))
 
     # --- functions of x ---
     def drift(self, x: torch.Tensor, t: Time) -> torch.Tensor:
@@ -913,8 +917,8 @@ class ReverseSDE(torch.nn.Module):
         t = (self.sde.T - tau).clamp(0.0, self.sde.T)
         g = self.diffusion(t)
         if g.device != y.device:
-            if g.numel() == 1 and g.device.type == "cpu":  # a host clock: its value fills y's shape on y's device
-                return torch.full_like(y, float(g))
+            if g.numel() == 1 and g.device.type == "cpu":  # a host clock: its value, broadcast on y's device
+                return y.new_full((1,) * y.ndim, float(g)).expand(y.shape)
             g = g.to(y.device)
         return (g if g.ndim == 0 else g.reshape((-1,) + (1,) * (y.ndim - 1))).to(y.dtype).expand(y.shape)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -44,7 +45,7 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
-        if isinstance(decay, bool) or not (isinstance(decay, (int, float)) and 0.0 <= decay < 1.0):
+        if isinstance(decay, bool) or not (isinstance(decay, numbers.Real) and 0.0 <= decay < 1.0):
             raise ValueError(f"decay must lie in [0, 1); got {decay!r}.")
         check_flag(warmup, "warmup")
         self.decay, self.warmup, self.num_updates = float(decay), warmup, 0
@@ -65,18 +66,24 @@ class EMA:
         n = self.num_updates
         d = min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
         for i, (pe, p) in enumerate(zip(self.module.parameters(), model.parameters())):
-            shadow = self._shadow.get(i)
-            if shadow is None:
+            if pe.dtype not in _LOW_PRECISION:
+                self._shadow.pop(i, None)
                 pe.lerp_(p.detach(), 1.0 - d)
-            else:
-                pe.copy_(shadow.lerp_(p.detach().to(torch.float32), 1.0 - d))
+                continue
+            held = self._shadow.get(i)
+            held = pe.detach().to(torch.float32) if held is None else held.to(pe.device)
+            # an entry of the module that is not the rounding of its float32 average was set outside update
+            # (weights loaded into ema.module, say): it restarts the average there (elementwise, no host read)
+            held = torch.where(pe == held.to(pe.dtype), held, pe.detach().to(torch.float32))
+            pe.copy_(held.lerp_(p.detach().to(torch.float32), 1.0 - d))
+            self._shadow[i] = held
         for be, b in zip(self.module.buffers(), model.buffers()):
             be.copy_(b)
 
     def state_dict(self) -> Dict[str, Any]:
         state = {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
                  "module": self.module.state_dict()}
-        if self._shadow:
+        if self._shadow:  # an entry the module no longer rounds to is ignored at the next update
             state["float32_shadow"] = {i: v.clone() for i, v in self._shadow.items()}
         return state
 
@@ -297,7 +304,7 @@ def _check_trainable(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
 
 def _check_finite_weights(model: nn.Module, done: int) -> None:
     """FloatingPointError if a parameter is not finite after the run (one read-back for all of them)."""
-    params = [p for p in model.parameters() if p.is_floating_point()]
+    params = [p for p in model.parameters() if p.is_floating_point() and p.requires_grad]
     if params and not bool(torch.stack([torch.isfinite(p.detach()).all().to(params[0].device)
                                         for p in params]).all()):
         raise FloatingPointError(f"the model's weights are not finite after {done} steps although the losses were "
@@ -469,6 +476,7 @@ def model_config(model: nn.Module) -> Dict[str, Any]:
                     for name in ("num_steps", "sigma_data", "preconditioning", "M")}
         return {"kind": "ScoreModel", "net": model_config(model.net), "sde": sde_config(model.sde),
                 "prediction": model.prediction, "time_input": time_input, "scale_input": model.scale_input,
+                "cast_input": model.cast_input,
                 **settings}
     if not hasattr(model, "config"):
         raise ValueError(f"{type(model).__name__} has no .config; give save_checkpoint a config=... explicitly.")
@@ -483,7 +491,8 @@ def build_model(config: Dict[str, Any]) -> nn.Module:
     if config.get("kind") == "ScoreModel":
         prediction, time_input = config["prediction"], config["time_input"]
         used = settings_that_apply(prediction, time_input, config.get("preconditioning"))
-        options = {name: config[name] for name in ("scale_input",) + used if config.get(name) is not None}
+        options = {name: config[name] for name in ("scale_input", "cast_input") + used
+                   if config.get(name) is not None}
         return ScoreModel(build_model(config["net"]), build_sde(config["sde"]), prediction=prediction,
                           time_input=time_input, **options)
     if config.get("kind") == "net":

@@ -489,8 +489,13 @@ def test_times_before_the_first_timestep_are_refused():
     n = len(TABLE)
     with pytest.raises(ValueError, match="t_min"):
         from_diffusers(OracleUNet("epsilon"), TABLE, t_min=1e-4)
+    with pytest.raises(ValueError, match="before the table's first timestep"):  # refused before any sampling
+        sdegen.ScoreModel(DiffusersNet(OracleUNet("epsilon")), sdegen.DiscreteVPSDE(TABLE, t_min=1e-4),
+                          time_input="timestep")
+    import numpy as np
+    assert from_diffusers(OracleUNet("epsilon"), TABLE, t_min=np.float32(0.002)).sde.t_min == pytest.approx(0.002)
     net = OracleUNet("epsilon")
-    model = sdegen.ScoreModel(DiffusersNet(net), sdegen.DiscreteVPSDE(TABLE, t_min=1e-4), time_input="timestep")
+    model = sdegen.ScoreModel(DiffusersNet(net), sdegen.DiscreteVPSDE(TABLE), time_input="timestep")
     x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     for t in (5e-4, torch.full((2,), 5e-4, dtype=torch.float64)):
         with pytest.raises(ValueError, match="first timestep"):
@@ -589,11 +594,20 @@ def test_learned_variance_channels_follow_the_scheduler():
     torch.testing.assert_close(learned.score(x, t), reference, rtol=0, atol=0)
     with pytest.raises(ValueError, match="shape"):
         from_diffusers(OracleUNet("epsilon", "learned_variance"), Scheduler("fixed_small")).score(x, t)
+    for silent in (None, "absent"):  # DDIM's and Euler's schedulers say nothing (DiT's pipeline): the shape decides
+        scheduler = Scheduler(silent)
+        if silent == "absent":
+            del scheduler.config["variance_type"]
+        torch.testing.assert_close(from_diffusers(OracleUNet("epsilon", "learned_variance"), scheduler).score(x, t),
+                                   reference, rtol=0, atol=0)
+    forced = from_diffusers(OracleUNet("epsilon", "learned_variance"), Scheduler("fixed_small"), learned_variance=True)
+    torch.testing.assert_close(forced.score(x, t), reference, rtol=0, atol=0)
     flat = x.reshape(3, 4)  # a flat state: no channels to cut
     with pytest.raises(ValueError, match="shape"):
         from_diffusers(lambda a, k: torch.cat([a, a], 1), TABLE).score(flat, t)
-    with pytest.raises(ValueError, match="learned_variance"):
-        DiffusersNet(OracleUNet("epsilon"), learned_variance="yes")
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match="learned_variance"):
+            DiffusersNet(OracleUNet("epsilon"), learned_variance=bad)
 
 
 def test_a_pipeline_is_refused_with_its_parts_named():

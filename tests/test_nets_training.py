@@ -1,5 +1,7 @@
 """Reference networks (shapes, conditioning), the EMA recursion, checkpoints, and training to the DSM minimum."""
 
+import math
+
 import pytest
 import torch
 
@@ -431,3 +433,32 @@ def test_load_checkpoint_names_a_device_it_cannot_map_to(tmp_path):
     training.save_checkpoint(str(path), _tiny())
     with pytest.raises(ValueError, match="sees no CUDA device"):
         training.load_checkpoint(str(path), map_location="cuda")
+
+
+def test_ema_follows_its_module_changed_outside_update():
+    """Weights loaded into ema.module, or a recast module, are what the average continues from (the float32 copy of
+    16-bit weights used to write its stale average back: 0.92 instead of about 5)."""
+    lin = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    lin.weight.data.fill_(1.0)
+    ema = training.EMA(lin, decay=0.999, warmup=False)
+    ema.module.weight.data.fill_(5.0)  # loaded directly
+    ema.update(lin)
+    assert float(ema.module.weight) == pytest.approx(5.0 - 0.001 * 4.0, abs=2.0**-6)
+    ema.module.float()  # recast: no 16-bit copy any more
+    ema.module.weight.data.fill_(3.0)
+    lin.float()
+    ema.update(lin)
+    assert float(ema.module.weight) == pytest.approx(3.0 - 0.001 * 2.0, rel=1e-6)
+    ema.module.to(torch.bfloat16)
+    lin.to(torch.bfloat16)
+    ema.update(lin)  # 16 bits again: a fresh float32 copy from the module's weights
+    assert float(ema.module.weight) == pytest.approx(2.998 - 0.001 * 1.998, abs=2.0**-7)
+    state = ema.state_dict()
+    assert "float32_shadow" in state
+
+
+def test_frozen_non_finite_parameters_are_not_a_training_failure():
+    x = sdegen.GaussianMixture.ring().sample(64, seed=0).float()
+    model = _ring_model()
+    model.register_parameter("mask", torch.nn.Parameter(torch.tensor(-math.inf), requires_grad=False))
+    sdegen.train(model, sdegen.dsm_loss, x, 2, batch_size=16, progress=False)

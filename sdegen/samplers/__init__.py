@@ -19,6 +19,7 @@ A new sampler is one class (see :class:`StepSampler`) and one line in :data:`SAM
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, Union
 
 from .._validate import accepted_keywords, check_options
@@ -73,34 +74,37 @@ BUILTIN_SAMPLERS = frozenset(SAMPLERS)
 
 
 def register_sampler(name: str, factory: Callable[..., Any], *, replace: bool = False) -> None:
-    """Make ``factory`` available as ``sdegen.sample(..., method=name)``. A name already registered (a built-in one
-    above all) is refused unless ``replace=True``; the library's own defaults (the sensitivity schedule's pilot,
-    inpainting's default sampler) use the built-in classes whatever the registry holds."""
+    """Make ``factory`` available as ``sdegen.sample(..., method=name)``. A name of the caller's own may be
+    registered again (a re-run notebook cell); replacing a built-in sampler takes ``replace=True`` (without it,
+    a DeprecationWarning now, an error in the next release). The library's own defaults (the sensitivity
+    schedule's pilot, inpainting's default sampler) use the built-in classes whatever the registry holds."""
     if not (isinstance(name, str) and name):
         raise ValueError(f"name must be a non-empty string; got {name!r}.")
     if not callable(factory):
         raise TypeError(f"factory must be a sampler class or a callable returning a sampler; got {factory!r}.")
     if not isinstance(replace, bool):
         raise TypeError(f"replace must be True or False; got {replace!r}.")
-    if name in SAMPLERS and not replace:
-        kind = "a built-in sampler" if name in BUILTIN_SAMPLERS else "already registered"
-        raise ValueError(f"sampler name {name!r} is {kind}; choose another name, or pass replace=True to replace it "
-                         "for every later sample(method=...) call.")
+    if name in BUILTIN_SAMPLERS and not replace and SAMPLERS.get(name) is not factory:
+        warnings.warn(f"register_sampler: {name!r} is a built-in sampler; replacing it for every later "
+                      "sample(method=...) call will need replace=True in the next release (or choose another name).",
+                      DeprecationWarning, stacklevel=2)
     SAMPLERS[name] = factory
 
 
 def check_declared(sampler: Any, where: str) -> None:
     """The declarations the driver relies on, checked once per run: ``order``, ``nfe_per_step`` and (for a
     fixed-step sampler) ``default_steps`` positive ints, ``stochastic`` a bool."""
-    fields = [("order", 1), ("nfe_per_step", 1)] + ([("default_steps", 1)] if isinstance(sampler, StepSampler) else [])
+    # order: a positive number (a stochastic sampler's strong order may be 0.5 or 1.5); the counts: at least 1
+    fields = [("order", 0), ("nfe_per_step", 1)] + ([("default_steps", 1)] if isinstance(sampler, StepSampler) else [])
     for attr, lo in fields:
         value = getattr(sampler, attr, None)
         if value is None and attr != "default_steps":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo or (
-                attr != "nfe_per_step" and value != int(value)):
-            raise ValueError(f"{where} declares {attr}={value!r}; it must be a number >= {lo}"
-                             f"{'' if attr == 'nfe_per_step' else ' (an int)'}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > lo if attr == "order"
+                                                                                  else value >= lo) or (
+                attr == "default_steps" and value != int(value)):
+            valid = {"order": "a number > 0", "nfe_per_step": "a number >= 1", "default_steps": "an int >= 1"}[attr]
+            raise ValueError(f"{where} declares {attr}={value!r}; it must be {valid}.")
     if not isinstance(getattr(sampler, "stochastic", False), bool):
         raise ValueError(f"{where} declares stochastic={sampler.stochastic!r}; it must be True or False.")
 
