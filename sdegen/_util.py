@@ -71,7 +71,10 @@ def check_batch(t: torch.Tensor, x: torch.Tensor, name: str = "t") -> None:
 
 
 def batch_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Expand a 0-d or (B,) time to shape (B,) on x's device (the form a score network receives)."""
+    """Expand a 0-d or (B,) time to shape (B,) on x's device (the form a score network receives). A host scalar
+    (a grid time) fills the tensor on the device in one launch: copying it there would wait for the device."""
+    if t.ndim == 0 and t.device.type == "cpu" and x.device.type != "cpu" and not t.requires_grad:
+        return torch.full(x.shape[:1], float(t), dtype=t.dtype, device=x.device)
     t = t.to(device=x.device)
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 

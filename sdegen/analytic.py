@@ -173,14 +173,25 @@ class GaussianMixture:
             raise ValueError("the mixture has a singular covariance (an eigenvalue 0), so the distribution at s(t) = 0 "
                              "(t=None or t = 0) has no density: its log_prob and score are undefined there; evaluate "
                              "at a t with s(t) > 0, or give every component a positive variance.")
-        m, s2 = m.to(xf.device), s2.to(xf.device)
-        evals, evecs, means = self._evals.to(xf.device), self._evecs.to(xf.device), self.means.to(xf.device)
-        lam = m[:, None, None] ** 2 * evals[None] + s2[:, None, None]  # (B|1, K, d)
-        diff = xf[:, None, :] - m[:, None, None] * means[None]  # (B, K, d)
+        evals, evecs, means, log_w = self._on(xf.device)
+        if m.numel() == 1 and m.device.type == "cpu":  # a host time: Python scalars, no copy to the device
+            m, s2 = float(m), float(s2)
+        else:
+            m, s2 = m.to(xf.device)[:, None, None], s2.to(xf.device)[:, None, None]
+        lam = m**2 * evals[None] + s2  # (B|1, K, d)
+        diff = xf[:, None, :] - m * means[None]  # (B, K, d)
         y = torch.einsum("kdj,bkd->bkj", evecs, diff)  # eigenbasis coordinates
         logn = -0.5 * ((y**2 / lam).sum(-1) + torch.log(lam).sum(-1) + self.dim * _LOG_2PI)
         prec_diff = torch.einsum("kdj,bkj->bkd", evecs, y / lam)
-        return torch.log(self.weights.to(xf.device))[None] + logn, prec_diff
+        return log_w[None] + logn, prec_diff
+
+    def _on(self, device: torch.device):
+        """(eigenvalues, eigenvectors, means, log weights) on ``device``, copied there once per device."""
+        held = self.__dict__.setdefault("_device_copies", {})
+        if device not in held:
+            held[device] = tuple(v.to(device) for v in (self._evals, self._evecs, self.means,
+                                                        torch.log(self.weights)))
+        return held[device]
 
     @_sde_first("x", "t", "sde")
     def log_prob(self, sde: Optional[SDE], x: torch.Tensor, t: Optional[Time] = None) -> torch.Tensor:

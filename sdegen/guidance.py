@@ -51,6 +51,10 @@ def _check_labels(y: Labels, num_classes: Optional[int]) -> Labels:
     if isinstance(y, torch.Tensor) and y.numel() == 0:
         raise ValueError("y: got an empty tensor of labels; give one label per example (or one int for all).")
     if num_classes is not None:
+        if isinstance(y, torch.Tensor) and y.device.type != "cpu":  # checked on the device: no wait for it
+            torch._assert_async(((y >= 0) & (y < num_classes)).all(),
+                                f"y: class labels must lie in [0, {num_classes - 1}]")
+            return y
         lo, hi = (y, y) if isinstance(y, int) else (int(y.min()), int(y.max()))
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"y: class labels must lie in [0, {num_classes - 1}] (the model has {num_classes} "
@@ -487,7 +491,10 @@ class MixtureClassifier:
         return nan_for_nonfinite_rows(lambda z: self._logits(z, t), x)
 
     def _logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logw = self._log_class_weights.to(x.device)
+        held = self.__dict__.setdefault("_log_class_weights_on", {})
+        if x.device not in held:  # copied to a device once, not at every call
+            held[x.device] = self._log_class_weights.to(x.device)
+        logw = held[x.device]
         cols = [self.conditional(c).log_prob(self.sde, x, t).to(torch.float64) + logw[c]
                 for c in range(self.num_classes)]
         return torch.stack(cols, dim=1).to(x.dtype)

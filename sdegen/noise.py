@@ -628,10 +628,18 @@ class GeneratorNoise:
     batch_invariant = False
 
     def __init__(self, seeds: torch.Tensor, key: int = 0):
-        self.seeds = seeds
-        first = int(seeds[0]) if seeds.numel() else 0  # read once, before any solver loop
-        self.entropy = (first + 0x9E3779B97F4A7C15 * key) % (1 << 63)
+        self.seeds, self.key = seeds, key
+        self._entropy: Optional[int] = None
         self._generator: Optional[torch.Generator] = None
+
+    @property
+    def entropy(self) -> int:
+        """The generator's seed, from the first example's seed and the key: read from the seeds' device once, at
+        the first draw (a run that draws nothing never reads it)."""
+        if self._entropy is None:
+            first = int(self.seeds[0]) if self.seeds.numel() else 0
+            self._entropy = (first + 0x9E3779B97F4A7C15 * self.key) % (1 << 63)
+        return self._entropy
 
     def like(self, x: torch.Tensor) -> torch.Tensor:
         """Fresh N(0, I) noise with x's shape, dtype and device."""

@@ -334,8 +334,12 @@ class SDE(abc.ABC):
     def transition(self, t_from: Time, t_to: Time) -> Tuple[torch.Tensor, torch.Tensor]:
         """Exact forward transition x_{t_to} = a x_{t_from} + b z for t_from <= t_to; returns (a, b)."""
         t_from, t_to = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
-        if bool((t_from > t_to).any()):
-            raise ValueError("transition needs t_from <= t_to (it is the forward process).")
+        if t_from.device.type == "cpu" and t_to.device.type == "cpu":
+            later = float(t_from) > float(t_to) if t_from.ndim == 0 and t_to.ndim == 0 else bool((t_from > t_to).any())
+            if later:
+                raise ValueError("transition needs t_from <= t_to (it is the forward process).")
+        else:  # times on a device: checked there, without waiting for it
+            torch._assert_async((t_from <= t_to.to(t_from.device)).all(), "transition needs t_from <= t_to")
         a = torch.exp(self.log_mean_coeff(t_to) - self.log_mean_coeff(t_from))
         var = type(self).transition_var
         return a, torch.sqrt(getattr(var, "_unchecked", var)(self, t_from, t_to))

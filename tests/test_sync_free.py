@@ -48,8 +48,19 @@ class TinyEpsNet(torch.nn.Module):
 
 def _models(device, dtype):
     net = TinyEpsNet(3, device).to(dtype)
-    return {"function": lambda x, t: -x / (1.0 + t.reshape(-1, 1)),
-            "eps network": sdegen.ScoreModel(net, sdegen.VPSDE(), prediction="eps")}
+    function = lambda x, t: -x / (1.0 + t.reshape(-1, 1))  # noqa: E731
+    labels = torch.zeros(16, dtype=torch.long, device=device)
+    lin = torch.nn.Linear(3, 4, device=device).to(dtype)
+
+    def conditional(x, t, y):  # a plain callable with a label input: y = 4 is the null label
+        return function(x, t) + 0.1 * y[:, None].to(x.dtype)
+
+    return {"function": function,
+            "eps network": sdegen.ScoreModel(net, sdegen.VPSDE(), prediction="eps"),
+            "classifier guidance": sdegen.classifier_guidance(function, lambda x, t: lin(x) + t[:, None], labels,
+                                                              1.0, num_classes=4),
+            "classifier-free guidance": sdegen.classifier_free_guidance(conditional, labels, 2.0, null_label=4),
+            "mixture oracle": sdegen.GaussianMixture.random(dim=3, n_components=2, seed=0)}
 
 
 def _run(name, model, device, dtype):
@@ -61,6 +72,8 @@ def _run(name, model, device, dtype):
 def test_fixed_step_loop_reads_nothing_back_and_copies_nothing_in(name):
     for dtype in (torch.float32, torch.float64):
         for label, model in _models("meta", dtype).items():
+            with torch.no_grad():  # once per model and device (the oracle copies its parameters there once)
+                _run(name, model, "meta", dtype)
             spy = HostToDeviceCopies()
             with torch.no_grad(), spy:
                 x, info = _run(name, model, "meta", dtype)
@@ -143,6 +156,20 @@ def test_the_torchsde_path_runs_on_another_device(kw):
     """ReverseSDE.g built its diffusion on the host clock's device: torchsde's product with the Brownian increment
     then mixed a (B, D) CPU tensor with a device one, so method="sde" could not run off the CPU at all."""
     x_T = torch.empty(4, 3, device="meta")
-    x = sdegen.sample(sdegen.VPSDE(), lambda x, t: -x, x_T, method="sde", seed=torch.zeros(4, dtype=torch.long,
-                                                                                           device="meta"), **kw)
+    spy = HostToDeviceCopies()
+    with spy:
+        x = sdegen.sample(sdegen.VPSDE(), lambda x, t: -x, x_T, method="sde",
+                          seed=torch.zeros(4, dtype=torch.long, device="meta"), **kw)
     assert x.device.type == "meta" and x.shape == (4, 3)
+    assert spy.copies == []  # the host clock's times were copied to the device at every drift evaluation
+
+
+def test_device_labels_and_generator_noise_read_nothing_back():
+    """Labels on a device are checked there (an assert on the device, no host read), and noise="generator" reads
+    its seed only when a draw is made: a deterministic run on a device reads nothing."""
+    labels = torch.zeros(8, dtype=torch.long, device="meta")
+    model = sdegen.ScoreModel(sdegen.MLP(3, num_classes=4).to("meta"), sdegen.VPSDE(), prediction="eps")
+    sdegen.classifier_free_guidance(model, labels, 2.0)
+    x = sdegen.sample(sdegen.VPSDE(), lambda x, t: -x, torch.empty(8, 3, device="meta"), method="ddim", steps=3,
+                      seed=0, noise="generator")
+    assert x.device.type == "meta"
