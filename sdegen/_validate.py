@@ -205,3 +205,17 @@ def check_device(device: Any, name: str = "device") -> torch.device:
         raise ValueError(f"{name}={str(device)!r}, but this torch build sees no CUDA device (torch "
                          f"{torch.__version__}); pass {name}='cpu' or install a CUDA build of torch.")
     return device
+
+
+SAMPLE_OPTIONS = ("x_T", "shape", "schedule", "noise", "denoise", "progress", "return_info", "return_trajectory",
+                  "dtype", "device", "capture")
+"""Keywords of :func:`sdegen.sample` that the entry points built on it may not have."""
+
+
+def reject_sample_options(options: Mapping[str, Any], where: str, has: Collection[str] = ()) -> None:
+    """TypeError for a keyword of :func:`sdegen.sample` that ``where`` does not take (``has``: those it does): its
+    other keywords go to the sampler, which would otherwise be blamed for not taking it."""
+    stray = sorted(set(options) & (set(SAMPLE_OPTIONS) - set(has)))
+    if stray:
+        raise TypeError(f"{where} has no option {stray[0]!r} (an option of sdegen.sample); its other keywords are "
+                        "options of the sampler.")

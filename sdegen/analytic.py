@@ -20,7 +20,7 @@ import torch
 
 from ._deprecation import renamed
 from ._util import Time, as_time, check_batch, check_finite_tensor
-from ._validate import check_finite, check_int, check_number
+from ._validate import check_device, check_finite, check_int, check_number
 from .noise import torch_generator
 from .sde import SDE
 
@@ -266,10 +266,11 @@ class GaussianMixture:
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32); got {dtype!r}.")
         if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating dtype (float16, bfloat16, float32 or float64): draws from a "
+            raise TypeError(f"dtype must be a floating dtype (float16, bfloat16, float32 or float64): draws from a "
                              f"continuous distribution; got {dtype}.")
         seed, name = renamed("GaussianMixture.sample", "seed", seed, "generator", generator)
         generator = torch_generator(seed, name)
+        device = None if device is None else check_device(device)
         src = self if t is None else self.marginal(sde, t)
         k = torch.multinomial(src.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)

@@ -275,9 +275,7 @@ class ODESolver(Solver):
                                 f"{solver!r} takes a fixed grid of `steps` equal steps")
         for name, v in (("rtol", rtol), ("atol", atol)):
             check_number(v, name, lo=0.0, lo_open=True, none_ok=True)
-        if max_steps is not None and (isinstance(max_steps, bool) or not (isinstance(max_steps, int)
-                                                                          and max_steps >= 1)):
-            raise ValueError(f"max_steps must be an int >= 1 (the adaptive step limit); got {max_steps!r}.")
+        max_steps = check_int(max_steps, "max_steps", lo=1, none_ok=True, hint=" (the adaptive step limit)")
         self.solver = solver
         self.rtol, self.atol = float(1e-5 if rtol is None else rtol), float(1e-5 if atol is None else atol)
         self.max_steps = 100_000 if max_steps is None else max_steps

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ._validate import check_choice, check_int, check_number, check_tensor
+from ._validate import check_choice, check_int, check_number, check_tensor, reject_sample_options
 from .backends import ODE_METHODS, is_adaptive_ode_method
 from .models import as_model
 from .noise import check_seed, torch_generator
@@ -152,6 +152,7 @@ def optimize_schedule(sde: SDE, score, x_T: torch.Tensor, *, method: Union[str, 
     Returns:
         a :class:`ScheduleFit`; pass ``fit.times`` as ``schedule=`` to :func:`sdegen.sample`.
     """
+    reject_sample_options(options, "optimize_schedule")
     _check_args(sde, x_T, steps, t_min, reference, max_evals, step_size, min_step_size, subset, seed)
     loss_fn = _objective(objective)
     starts, t_end = _starts(sde, init, steps, t_min)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._deprecation import renamed
-from ._validate import check_flag
+from ._validate import check_device, check_flag, check_int
 from .likelihood import log_likelihood
 from .noise import check_seed, make_seeds
 from .sampling import sample
@@ -169,9 +169,7 @@ def launched_rank() -> int:
 
 # ------------------------------------------------------------------------------------------ sharding
 def _check_count(n: int, name: str, minimum: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {n!r}.")
-    return n
+    return check_int(n, name, lo=minimum)
 
 
 def shard_chunks(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> List[Tuple[int, int]]:
@@ -366,11 +364,13 @@ def sample_sharded(sde: SDE, score=None, num_samples: Optional[int] = None,
     check_flag(progress, "progress")
     _check_gather(gather)
     score_for = _score_source(score, score_for)
-    for bad in ("x_T", "return_info", "return_trajectory"):
+    why = {"x_T": "x_T is drawn from the prior with shape= and the per-example seeds",
+           "return_info": "it returns a ShardedResult, whose info holds the counts of every shard",
+           "return_trajectory": "shards return their samples only; call sdegen.sample for a trajectory"}
+    for bad, reason in why.items():
         if bad in sample_kwargs:
-            raise ValueError(f"sample_sharded sets {bad} itself (x_T is drawn from the prior with shape= and the "
-                             f"per-example seeds).")
-    device = torch.device(device) if device is not None else ctx.device
+            raise ValueError(f"sample_sharded sets {bad} itself ({reason}).")
+    device = check_device(device) if device is not None else ctx.device
     start = time.perf_counter()
 
     def run(idx: torch.Tensor, seeds: torch.Tensor):
@@ -471,7 +471,7 @@ def log_likelihood_sharded(sde: SDE, score=None, data=None, *, seed: int = 0, ba
                            likelihood_kwargs.pop(deprecated, None))
         if value is not None:
             likelihood_kwargs[name] = value
-    device = torch.device(device) if device is not None else ctx.device
+    device = check_device(device) if device is not None else ctx.device
     start = time.perf_counter()
 
     def run(idx: torch.Tensor, seeds: torch.Tensor):

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ._deprecation import renamed
+from ._validate import check_device, check_int, check_state_dtype
 from .noise import Seed, make_seeds, normal_from_seeds
 
 Field = Callable[[torch.Tensor], torch.Tensor]
@@ -79,8 +80,8 @@ def divergence_exact(fn: Field, x: torch.Tensor, *, chunk_size: Optional[int] = 
     B, D = x.shape[0], x[0].numel()
     if chunk_size is None:
         chunk_size = max(1, min(D, _CHUNK_ELEMENTS // max(1, B * D)))
-    elif not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+    else:
+        chunk_size = check_int(chunk_size, "chunk_size", lo=1)
     with torch.enable_grad():
         x = _leaf(x)
         f = _forward(fn, x)
@@ -134,8 +135,9 @@ def make_probes(shape, probes: int = 1, probe: Optional[str] = None, *, seed: Se
     shape = tuple(shape)
     if len(shape) < 1 or shape[0] < 1:
         raise ValueError(f"shape must be (B, ...) with B >= 1; got {shape}.")
-    if not (isinstance(probes, int) and not isinstance(probes, bool) and probes >= 1):
-        raise ValueError(f"probes must be a positive int (probes per example); got {probes!r}.")
+    probes = check_int(probes, "probes", lo=1, hint=" (probes per example)")
+    check_state_dtype(dtype, "dtype")
+    device = None if device is None else check_device(device)
     probe, used = renamed("make_probes", "probe", probe, "noise", noise)
     probe = "rademacher" if probe is None else probe
     if probe not in PROBE_KINDS:

@@ -20,8 +20,8 @@ import torch
 
 from ._deprecation import renamed
 from ._util import Time, batch_time, bcast
-from ._validate import accepted_keywords, check_int, check_number, check_options, check_tensor, is_integer_dtype
-from .models import Model, ScoreModel, as_model
+from ._validate import accepted_keywords, reject_sample_options, check_int, check_number, check_options, check_tensor, is_integer_dtype
+from .models import Model, ScoreModel, _same_sde, as_model
 from .analytic import GaussianMixture, nan_for_nonfinite_rows
 from .samplers import ReverseDiffusion, StepSampler, get_sampler, register_sampler
 from .sde import SDE
@@ -143,7 +143,12 @@ class ClassifierGuidedScore:
 
     def as_model(self, sde: SDE) -> "ClassifierGuidedModel":
         """The guided score as a :class:`sdegen.Model` under ``sde`` (what :func:`sdegen.sample` uses): it counts
-        the base model's network evaluations in ``nfe`` and one classifier gradient per call in ``classifier_nfe``."""
+        the base model's network evaluations in ``nfe`` and one classifier gradient per call in ``classifier_nfe``.
+        A classifier that carries its SDE (:class:`MixtureClassifier`) must carry this one (ValueError otherwise)."""
+        own = getattr(self.classifier, "sde", None)
+        if isinstance(own, SDE) and not _same_sde(own, sde):
+            raise ValueError(f"the classifier was built for {own!r} but sampling runs under {sde!r}: its "
+                             "log p_t(y | x) is another SDE's; build the classifier for the sampling SDE.")
         return ClassifierGuidedModel(self, as_model(self.base, sde))
 
     def score_fn(self, sde: SDE) -> Callable:
@@ -347,12 +352,17 @@ class Inpaint(StepSampler):
         known: (B, ...) or (...) values; only entries where ``mask`` is true are used.
         mask: bool (or 0/1) tensor, True where x is known; shape (B, ...) or (...) matching x.
         sampler: the wrapped fixed-step sampler (a name from ``sdegen.SAMPLERS`` or a StepSampler); options for it.
+            (Called ``sampler`` here, not ``method`` as in :func:`inpaint`: ``sample(method="inpaint", ...)`` takes
+            ``method`` itself.)
     """
 
     stochastic = True
 
     def __init__(self, known: torch.Tensor, mask: torch.Tensor, sampler: Union[str, StepSampler] = "reverse_diffusion",
                  **options: Any):
+        if "method" in options:
+            raise TypeError("Inpaint's wrapped sampler is its sampler= argument (method= is what sdegen.sample reads: "
+                            "sample(method='inpaint', known=..., mask=..., sampler=...)); got method=.")
         check_tensor(known, "known", dtypes=None, finite=False)
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool (or 0/1) tensor; got {type(mask).__name__}.")
@@ -431,6 +441,7 @@ def inpaint(sde: SDE, score, known: torch.Tensor, mask: torch.Tensor, *,
     :class:`sdegen.samplers.ReverseDiffusion`)."""
     from .sampling import sample
 
+    reject_sample_options(options, "inpaint")
     check_tensor(known, "known", batch=True, finite=False)
     method, name = renamed("inpaint", "method", method, "sampler", sampler)
     if method is None:  # the built-in class, whatever the registry's "reverse_diffusion" has become

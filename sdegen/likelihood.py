@@ -410,9 +410,7 @@ def _solve_multistep(sde, score, x, probes, t_lo, t_hi, opt: _Settings, chunk_si
 
 
 def _check_discrete(levels: int, data_range: Sequence[float]) -> Tuple[float, float]:
-    if not (isinstance(levels, int) and not isinstance(levels, bool) and levels >= 2):
-        raise ValueError(f"levels must be an int >= 2 (values per dimension, e.g. 256 for 8-bit images); "
-                         f"got {levels!r}.")
+    levels = check_int(levels, "levels", lo=2, hint=" (values per dimension, e.g. 256 for 8-bit images)")
     lo, hi = (float(v) for v in data_range)
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         raise ValueError(f"data_range must be (lo, hi) with lo < hi; got {tuple(data_range)!r}.")

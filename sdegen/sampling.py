@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -14,7 +15,7 @@ from .models import as_model
 from .noise import NOISE_KINDS, Seed, make_seeds, normal_from_seeds
 from .capture import captured, check_capture
 from .samplers import SAMPLERS, Context, StepSampler, get_sampler  # SAMPLERS: kept importable from here
-from .schedules import check_grid, resolve_grid, time_grid
+from .schedules import LONG_FIRST_STEP, check_grid, resolve_grid, time_grid
 from .sde import SDE
 
 
@@ -128,6 +129,13 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
     start = time.perf_counter()
     if isinstance(sampler, StepSampler):
         n = steps or sampler.default_steps
+        if (isinstance(schedule, str) and schedule in LONG_FIRST_STEP and not sampler.exponential
+                and not sampler.stochastic):
+            warnings.warn(f"schedule={schedule!r} is laid out for exponential integrators (ddim, dpmpp_2m, unipc, "
+                          f"exp_pc, deis, ...), which integrate the flow's linear part exactly in log sigma: its "
+                          f"first step spans much of the noise range, where {type(sampler).__name__} can go far "
+                          "wrong (Euler on VE did not converge with steps); use one of those samplers, or another "
+                          "schedule.", UserWarning, stacklevel=2)
         ts, pilot_nfe, pilot_classifier_nfe = resolve_grid(
             sde, n, schedule if schedule is not None else sampler.default_schedule, t_min=t_min, model=model, x=x,
             order=sampler.order)
@@ -182,7 +190,8 @@ def _check_args(sde, steps, t_min, schedule, noise, dtype, **flags) -> None:
     check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True, hi_open=True, none_ok=True)
     for name, flag in flags.items():
         check_flag(flag, name)
-    check_choice(noise, "noise", sorted(NOISE_KINDS))
+    check_choice(noise, "noise", sorted(NOISE_KINDS),
+                 hint=" It is the kind of random stream; the noise rule of method='exp_adams' is noise_rule=.")
     if dtype is not None:
         check_state_dtype(dtype, "dtype")
     if isinstance(schedule, torch.Tensor):

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from ._deprecation import renamed
-from ._validate import check_int, check_number
+from ._validate import check_int, check_number, check_state_dtype
 from .noise import check_seed, torch_generator
 from .sde import SDE
 
@@ -24,6 +24,8 @@ PILOT = "pilot"  # the model-dependent grid of :func:`pilot_grid` (error="global
 PILOT_LOCAL = "pilot_local"  # :func:`pilot_grid` with error="local": for models without autograd, at the pilot's cost
 PILOT_SCHEDULES = {PILOT: "global", PILOT_LOCAL: "local"}  # schedule name -> pilot_grid's ``error``
 SENSITIVITY = "sensitivity"  # the model-dependent grid of :func:`sdegen.sensitivity_grid.sensitivity_grid`
+# grids whose first step spans much of the noise range: laid out for exponential integrators
+LONG_FIRST_STEP = (PILOT, PILOT_LOCAL, SENSITIVITY, "few_step")
 
 
 def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "uniform", *,
@@ -47,11 +49,16 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
             raise ValueError("t_min / t_max apply to named schedules; an explicit grid of times runs from its first "
                              "to its last entry: leave t_min and t_max unset.")
         return check_grid(sde, schedule)
+    if not isinstance(schedule, str):  # compared with names below, an array would be ambiguous
+        raise TypeError(f"schedule must be a schedule name ({', '.join(SCHEDULES)}, {PILOT!r}, {PILOT_LOCAL!r}, "
+                        f"{SENSITIVITY!r}) or a 1-D torch tensor of times; got {type(schedule).__name__} (pass "
+                        "torch.as_tensor(times, dtype=torch.float64) for explicit times).")
     check_sde(sde)
     check_int(steps, "steps", lo=1)
     check_number(rho, "rho", lo=0.0, lo_open=True)
-    t_min = sde.t_min if t_min is None else check_number(t_min, "t_min", lo=0.0, hi=sde.T, lo_open=True)
     t_max = sde.T if t_max is None else check_number(t_max, "t_max", lo=0.0, hi=sde.T, lo_open=True)
+    t_min = sde.t_min if t_min is None else check_number(t_min, "t_min", lo=0.0, hi=t_max, lo_open=True,
+                                                         hi_open=True)
     if not (0.0 < t_min < t_max <= sde.T):
         raise ValueError(f"need 0 < t_min < t_max <= T={sde.T:g}; got t_min={t_min!r}, t_max={t_max!r}.")
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
@@ -293,17 +300,15 @@ def pilot_grid(sde: SDE, score: Any = None, steps: Optional[int] = None, shape: 
 
     score, _ = renamed("pilot_grid", "score", score, "model", model)
     _require_model_steps_shape("pilot_grid", score, steps, shape)
-    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-        raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
-    if not (isinstance(order, int) and not isinstance(order, bool) and order >= 1):
-        raise ValueError(f"order must be an int >= 1 (the global order of the sampler the grid is for); got {order!r}.")
-    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
-        raise ValueError(f"batch must be an int >= 1; got {batch!r}.")
+    steps = check_int(steps, "steps", lo=1)
+    order = check_int(order, "order", lo=1, hint=" (the global order of the sampler the grid is for)")
+    batch = check_int(batch, "batch", lo=1)
     if error not in PILOT_ERRORS:
         raise ValueError(f"error must be one of {PILOT_ERRORS} (the error the grid equidistributes); got {error!r}.")
     seed = check_seed(seed)
     ends = time_grid(sde, 1, "uniform", t_min=t_min, t_max=t_max)
     model = as_model(score, sde)
+    check_state_dtype(dtype, "dtype")
     x = sde.prior_sample((batch,) + tuple(shape), seed=seed, dtype=dtype, device=device)
     pilot = _recording_pilot(rtol, atol)
     with torch.no_grad():
@@ -485,13 +490,17 @@ def resolve_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor], *, t_
     if isinstance(schedule, str) and (schedule in PILOT_SCHEDULES or schedule == SENSITIVITY):
         from .models import CountingModel, as_model
         from .sensitivity_grid import sensitivity_grid  # it builds on time_grid: imported here, not at the top
-        counted = CountingModel(as_model(model, sde))
+        # the pilot's own batch of prior draws: a model holding per-example data (a guided model's labels) serves
+        # it with its examples' data in turn
+        batch = 64
+        rows = torch.arange(batch, device=x.device) % x.shape[0]
+        counted = CountingModel(as_model(model, sde).rows(rows))
         if schedule == SENSITIVITY:
-            times = sensitivity_grid(sde, counted, steps, tuple(x.shape[1:]), order=order, t_min=t_min,
+            times = sensitivity_grid(sde, counted, steps, tuple(x.shape[1:]), order=order, batch=batch, t_min=t_min,
                                      dtype=x.dtype, device=x.device)[0]
         else:
-            times = pilot_grid(sde, counted, steps, tuple(x.shape[1:]), order=order, t_min=t_min, dtype=x.dtype,
-                               device=x.device, error=PILOT_SCHEDULES[schedule]).times
+            times = pilot_grid(sde, counted, steps, tuple(x.shape[1:]), order=order, batch=batch, t_min=t_min,
+                               dtype=x.dtype, device=x.device, error=PILOT_SCHEDULES[schedule]).times
         return times, counted.nfe, counted.classifier_nfe
     return time_grid(sde, steps, schedule, t_min=t_min), 0, 0
 

@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from ._deprecation import renamed
+from ._validate import check_device
 from ._util import (Time, as_time, batch_time, bcast, check_batch, check_finite_tensor, check_positive,
                     check_range)
 from .noise import Seed, make_seeds, normal_from_seeds
@@ -396,7 +397,7 @@ class SDE(abc.ABC):
             raise ValueError(f"shape must be (B, ...) with B >= 1; got {shape}.")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype (the prior is continuous); got {dtype!r}.")
-        seeds = make_seeds(seed, shape[0], device)
+        seeds = make_seeds(seed, shape[0], None if device is None else check_device(device))
         return self.prior_std * normal_from_seeds(seeds, 0, shape[1:], dtype)
 
     def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._validate import check_int
+from ._validate import check_int, check_state_dtype
 from .noise import check_seed, torch_generator
 from ._deprecation import renamed
 from .schedules import _require_model_steps_shape, time_grid
@@ -69,6 +69,7 @@ def sensitivity_profile(sde: SDE, model: Any, shape: Sequence[int], *, points: i
     seed = check_seed(seed)
     model = as_model(model, sde)
     ts = time_grid(sde, points, "log_snr", t_min=t_min, t_max=t_max)
+    check_state_dtype(dtype, "dtype")
     x = sde.prior_sample((batch,) + tuple(shape), seed=seed, dtype=dtype, device=device)
     gen = torch_generator(seed + 1 if isinstance(seed, int) else seed)
     with torch.no_grad():

@@ -108,8 +108,7 @@ def iterate_batches(data: Union[torch.Tensor, Sequence[torch.Tensor], Iterable],
         n = data[0].shape[0]
         if any(d.shape[0] != n for d in data):
             raise ValueError(f"tensors in data must share their first dimension; got {[d.shape[0] for d in data]}.")
-        if not (isinstance(batch_size, int) and 1 <= batch_size):
-            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
+        batch_size = check_int(batch_size, "batch_size", lo=1)
         device = generator.device if generator is not None else data[0].device
         while True:
             perm = torch.randperm(n, generator=generator, device=device)
@@ -142,6 +141,10 @@ def batch_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Any, Batch, to
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable; got {type(loss_fn).__name__}.")
+    if getattr(loss_fn, "__name__", None) == "classifier_loss" and getattr(loss_fn, "__module__", "") == "sdegen.losses":
+        raise TypeError("loss_fn: classifier_loss takes the SDE as its second argument (classifier, sde, x0, y), so "
+                        "it cannot be called as loss_fn(model, x, y, seed=...); pass "
+                        "lambda m, batch, g: sdegen.classifier_loss(m, sde, *batch, seed=g).")
     if not takes_seed(loss_fn):
         return loss_fn
 
@@ -193,8 +196,7 @@ def _check_train_options(steps, lr, ema_decay, grad_clip, warmup_steps, evaluate
     check_int(warmup_steps, "warmup_steps", lo=0)
     for name, flag in flags.items():
         check_flag(flag, name)
-    if not (isinstance(check_every, int) and check_every >= 1):
-        raise ValueError(f"check_every must be an int >= 1 (steps between loss read-backs); got {check_every!r}.")
+    check_int(check_every, "check_every", lo=1, hint=" (steps between loss read-backs)")
     if evaluate is None:
         if patience is not None or flags["restore_best"] or eval_every is not None:
             raise ValueError("eval_every, patience and restore_best need an evaluate callback (a held-out metric to "
@@ -202,10 +204,11 @@ def _check_train_options(steps, lr, ema_decay, grad_clip, warmup_steps, evaluate
         return
     if not callable(evaluate):
         raise TypeError(f"evaluate must be a callable evaluate(module) -> float; got {type(evaluate).__name__}.")
-    if not (isinstance(eval_every, int) and eval_every >= 1):
-        raise ValueError(f"eval_every must be an int >= 1 when evaluate is given; got {eval_every!r}.")
-    if patience is not None and not (isinstance(patience, int) and patience >= 1):
-        raise ValueError(f"patience must be an int >= 1 (evaluations without improvement) or None; got {patience!r}.")
+    if eval_every is None:
+        raise ValueError("eval_every must be an int >= 1 when evaluate is given (steps between evaluations); got "
+                         "None.")
+    check_int(eval_every, "eval_every", lo=1, hint=" (steps between evaluations)")
+    check_int(patience, "patience", lo=1, none_ok=True, hint=" (evaluations without improvement)")
 
 
 class _LossLog:

@@ -107,7 +107,7 @@ def test_sample_refuses_a_non_floating_dtype():
     """An integer dtype would truncate every draw (the ring's draws would all be 0)."""
     gm = GaussianMixture.ring()
     for dtype in (torch.int64, torch.bool):
-        with pytest.raises(ValueError, match=r"dtype must be a floating dtype.*got torch\.(int64|bool)"):
+        with pytest.raises(TypeError, match=r"dtype must be a floating dtype.*got torch\.(int64|bool)"):
             gm.sample(3, seed=0, dtype=dtype)
     with pytest.raises(TypeError, match="dtype"):
         gm.sample(3, seed=0, dtype="float32")

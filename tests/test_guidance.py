@@ -411,3 +411,24 @@ def test_a_class_of_zero_weight_is_refused_by_name():
     gm = sdegen.GaussianMixture([0.0, 0.0, 1.0], [[0, 0], [1, 1], [2, 2]], [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"classes \[0\] have zero total weight"):
         sdegen.MixtureClassifier(gm, [[0, 1], [2]], sdegen.VPSDE())
+
+
+def test_model_dependent_grids_with_per_example_labels():
+    """The pilot runs on its own 64 draws: a guided model with per-example labels serves them with its examples'
+    labels in turn (it refused: 'y has 100 labels but x has batch size 64')."""
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    clf = sdegen.MixtureClassifier(ring, [[0, 1, 2, 3], [4, 5, 6, 7]], sde)
+    y = torch.arange(10) % 2
+    guided = sdegen.classifier_guidance(ring, clf, y, 1.0)
+    for schedule in ("pilot", "sensitivity"):
+        x, info = sdegen.sample(sde, guided, shape=(10, 2), method="unipc", order=2, steps=6, schedule=schedule,
+                                seed=0, return_info=True)
+        assert x.shape == (10, 2) and info.pilot_nfe > 0 and info.pilot_classifier_nfe > 0
+
+
+def test_a_classifier_for_another_sde_is_refused():
+    ring = sdegen.GaussianMixture.ring()
+    clf = sdegen.MixtureClassifier(ring, [[0, 1, 2, 3], [4, 5, 6, 7]], sdegen.VPSDE())
+    guided = sdegen.classifier_guidance(ring, clf, 0, 1.0)
+    with pytest.raises(ValueError, match="classifier was built for"):
+        sdegen.sample(sdegen.FlowSDE(), guided, shape=(4, 2), method="unipc", steps=4, seed=0)

@@ -347,3 +347,15 @@ def test_conversion_helpers_check_what_the_model_layer_checks():
         score_to_x0(sde, out[:, :1], x, 0.3)
     assert output_to_score(sde, "eps", out.float(), x, 0.3).dtype == torch.float64
     torch.testing.assert_close(output_to_x0(sde, "x0", out, x, 0.0), out)  # D = x0 needs no s(t)
+
+
+def test_long_first_step_grids_warn_for_samplers_they_are_not_laid_out_for():
+    """Euler in t with the pilot grid on VE stayed wrong as steps grew (RMS 1.3-4 where the uniform grid gives
+    0.02); exponential integrators take that first step in their stride."""
+    sde, ring = sdegen.VESDE(kernel="paper"), _ring()
+    with pytest.warns(UserWarning, match="laid out for exponential integrators"):
+        sdegen.sample(sde, ring, shape=(4, 2), method="euler", steps=4, schedule="few_step", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sdegen.sample(sde, ring, shape=(4, 2), method="unipc", steps=4, schedule="few_step", seed=0)
+        sdegen.sample(sde, ring, shape=(4, 2), method="ancestral", steps=4, schedule="few_step", seed=0)

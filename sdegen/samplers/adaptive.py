@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._validate import check_int, check_number
 from ..errors import STEP_LIMIT_HINT, SolverError, check_on_failure, scatter_rows, solve_without_failures
 from .base import Context, Solver, point as _point, time_at_u as _t_at
 from .exponential import exp_moments, exp_poly_integral
@@ -83,20 +84,13 @@ class AdaptiveExponential(Solver):
 
     def __init__(self, rtol: float = 1e-3, atol: float = 1e-3, h_init: Optional[float] = None,
                  safety: float = 0.9, max_steps: int = 10_000, max_factor: float = 2.0, on_failure: str = "raise"):
-        for name, v in (("rtol", rtol), ("atol", atol)):
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v < math.inf):
-                raise ValueError(f"{name} must be a finite number > 0; got {v!r}.")
-        if h_init is not None and (isinstance(h_init, bool) or not (isinstance(h_init, (int, float))
-                                                                    and 0 < h_init < math.inf)):
-            raise ValueError(f"h_init must be None or a finite number > 0 (a step in log(m/s)); got {h_init!r}.")
-        if isinstance(safety, bool) or not (isinstance(safety, (int, float)) and 0 < safety <= 1):
-            raise ValueError(f"safety must lie in (0, 1]; got {safety!r}.")
-        if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
-            raise ValueError(f"max_steps must be an int >= 1; got {max_steps!r}.")
+        rtol, atol = (check_number(v, name, lo=0.0, lo_open=True) for name, v in (("rtol", rtol), ("atol", atol)))
+        h_init = check_number(h_init, "h_init", lo=0.0, lo_open=True, none_ok=True, hint=" (a step in log(m/s))")
+        safety = check_number(safety, "safety", lo=0.0, hi=1.0, lo_open=True)
+        max_steps = check_int(max_steps, "max_steps", lo=1)
         self.rtol, self.atol, self.h_init, self.safety, self.max_steps = float(rtol), float(atol), h_init, safety, max_steps
-        if not (isinstance(max_factor, (int, float)) and 1.0 < max_factor < math.inf):
-            raise ValueError(f"max_factor (the largest step growth) must be a finite number > 1; got {max_factor!r}.")
-        self.max_factor = float(max_factor)
+        self.max_factor = float(check_number(max_factor, "max_factor", lo=1.0, lo_open=True,
+                                             hint=" (the largest step growth)"))
         self.on_failure = check_on_failure(on_failure)
         self.stats = {"accepted": 0, "rejected": 0}
         self.failed: list = []

@@ -127,6 +127,10 @@ class StepSampler:
         stochastic: whether steps draw noise.
         default_steps: steps used when the caller gives none.
         default_schedule: the time grid used when the caller gives none (see :func:`sdegen.time_grid`).
+        exponential: whether a step integrates the linear part of the flow exactly in log sigma (exponential
+            integrators in y = x/m): the "pilot", "pilot_local", "sensitivity" and "few_step" grids, whose first
+            step spans much of the noise range, are laid out for them; a deterministic sampler of another kind
+            (Euler in t, Heun in sigma) gets a warning there.
     """
 
     order: int = 1
@@ -134,6 +138,7 @@ class StepSampler:
     stochastic: bool = False
     default_steps: int = 1000
     default_schedule: str = "uniform"
+    exponential: bool = False
 
     def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> Any:
         """Carried state before the first step (default: none)."""
@@ -141,6 +146,9 @@ class StepSampler:
 
     def step(self, ctx: Context, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, state: Any
              ) -> Tuple[torch.Tensor, Any]:
+        """One step from time t to t_next (0-d float64 CPU tensors, t > t_next): returns (the state at t_next, of
+        x's shape, dtype and device; the carried state for the next step). Ask the model through ``ctx.score`` or
+        ``ctx.denoise`` (each call is counted) and draw noise with ``ctx.randn_like``; do not modify x in place."""
         raise NotImplementedError(f"{type(self).__name__} must implement step()")
 
     def total_nfe(self, steps: int) -> int:
@@ -170,6 +178,8 @@ class Solver:
 
     def solve(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor, steps: Optional[int]
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        """Integrate from ts[0] to ts[-1] (decreasing float64 times): returns (the states at every time of ts,
+        (len(ts), B, ...); the final state; the steps taken, or None)."""
         raise NotImplementedError(f"{type(self).__name__} must implement solve()")
 
 

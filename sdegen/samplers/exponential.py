@@ -163,6 +163,8 @@ from u to u' = u + h, with c = 1 + lam, is
     min(``corrector_order``, ``predictor_order`` + 1). Steps take x of shape (B, ...) and keep its dtype and device.
     """
 
+    exponential = True
+
     default_steps = 20
     default_schedule = "log_snr"
 

@@ -163,6 +163,8 @@ class DPMSolver(StepSampler):
     Both have global order ``order``.
     """
 
+    exponential = True
+
     default_steps = 10
     default_schedule = "log_snr"
     predictions = ("data", "noise")
@@ -396,6 +398,8 @@ class DPMPP2SAncestral(DPM2Ancestral):
         s_noise: scale of the fresh noise, a finite number >= 0 (0 drops it but not the step's sigma_down: the
             samples are under-dispersed; the probability-flow ODE is eta = 0).
     """
+
+    exponential = True
 
     default_schedule = "log_snr"
 

@@ -161,11 +161,13 @@ class DEIS(SigmaMultistep):
 
     L_j the Lagrange basis through the last k = min(order, i + 1) nodes in the extrapolation variable v:
 
-    - ``variant="tab"`` (tAB-DEIS, the default): v = t, the SDE's own time; the weights (with drho = -e^{-u} du,
-      u = -log rho) are integrated by Gauss-Legendre quadrature in u with 64 nodes per step, at start();
+    - ``variant="tab"`` (tAB-DEIS): v = t, the SDE's own time; the weights (with drho = -e^{-u} du,
+      u = -log rho) are integrated by Gauss-Legendre quadrature in u with 64 nodes per step, at start(). Where t
+      is nearly flat in sigma near T (a DDPM cosine table, sigma(T) = 2e4; FlowSDE near T = 1) its Lagrange weights
+      reach thousands with alternating signs, and float32 round-off grows 10-50x per step;
     - ``"rhoab"`` (rhoAB-DEIS): v = rho; the Adams method in rho, the same method as :class:`LMS` of the same order
       (exact closed-form weights);
-    - ``"logrho"``: v = log rho = -u; diffusers' DEISMultistepScheduler (solver_type "logrho", whose ``ind_fn``
+    - ``"logrho"`` (the default): v = log rho = -u; diffusers' DEISMultistepScheduler (solver_type "logrho", whose ``ind_fn``
       integrates this basis over rho in closed form). Here w_ij = -rho_i int_0^h e^{-(h - q)} L_j dq in
       q = u_{i+1} - u (:func:`exp_poly_weights`): the exponential Adams rule in u on the noise prediction, whose
       data-prediction counterpart is :class:`ExponentialAdams` (DPM-Solver++ multistep). With
@@ -178,7 +180,9 @@ class DEIS(SigmaMultistep):
     default, off here as in the paper). Default grid: Karras et al.'s sigma schedule ("edm").
     """
 
-    def __init__(self, order: int = 3, variant: str = "tab", lower_order_final: bool = False):
+    exponential = True
+
+    def __init__(self, order: int = 3, variant: str = "logrho", lower_order_final: bool = False):
         super().__init__(order, 3)
         self.variant = check_choice(variant, "variant", DEIS_VARIANTS)
         self.lower_order_final = check_flag(lower_order_final, "lower_order_final")

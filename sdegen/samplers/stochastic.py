@@ -71,6 +71,8 @@ class DPMSolverPPSDE(StepSampler):
     Steps take x of shape (B, ...) and keep its dtype and device; inputs are not modified.
     """
 
+    exponential = True
+
     order = 2
     nfe_per_step = 2
     default_steps = 25
