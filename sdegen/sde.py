@@ -22,6 +22,7 @@ import importlib
 import inspect
 import math
 import numbers
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -785,6 +786,12 @@ class DiscreteVPSDE(SDE):
                     "changes m at T by sqrt(v).")
             raise ValueError("alphas_cumprod must be strictly decreasing inside (0, 1) (a DDPM alpha_bar table).")
         self.alphas_cumprod, self.num_timesteps = ab, ab.numel()
+        if float(ab[-1]) > 0.01:  # m(T) > 0.1: p_T keeps a visible share of the data
+            warnings.warn(f"alphas_cumprod ends at {float(ab[-1]):.3g} (m(T) = {float(ab[-1]) ** 0.5:.2f}): the prior "
+                          "N(0, I) that sampling and log_likelihood start from is not p_T, and samples, guidance and "
+                          "likelihoods inherit the gap (betas tuned for 1000 timesteps give this on short tables); "
+                          "use a table that ends near zero SNR, or start sampling from draws of p_T.", UserWarning,
+                          stacklevel=2)
         self._lam = torch.log(ab) - torch.log1p(-ab)  # the log-SNR of every timestep, decreasing
         # each segment's rise lam_{i+1} - lam_i, taken in float64: the difference of two log-SNRs already rounded
         # to float32 lost up to 300 eps of the slope
