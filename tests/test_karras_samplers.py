@@ -227,3 +227,18 @@ def test_bools_are_not_numbers(method, name):
     with pytest.raises((TypeError, ValueError), match=name):
         sdegen.sample(sdegen.VPSDE(), sdegen.GaussianMixture.ring(), shape=(2, 2), method=method, steps=2, seed=0,
                       **{name: True})
+
+
+def test_ancestral_split_without_cancellation():
+    """sigma_down = sigma' sqrt(1 - eta^2 + eta^2 (sigma'/sigma)^2): at eta = 1 it is sigma'^2 / sigma, also where
+    sigma'^2 - sigma_up^2 cancelled to 0 (sigma'/sigma = 1e-10) and the sampler took a log of 0."""
+    from sdegen.samplers.karras import ancestral_split
+    for sigma, nxt in ((1e4, 1e-6), (80.0, 0.5), (2.0, 1.9)):
+        down, up = ancestral_split(sigma, nxt, 1.0)
+        assert down == pytest.approx(nxt * nxt / sigma, rel=1e-12)
+        assert down**2 + up**2 == pytest.approx(nxt**2, rel=1e-12)
+    assert ancestral_split(2.0, 1.0, 0.0) == (1.0, 0.0)
+    sde = sdegen.EDMSDE(sigma_min=1e-6, sigma_max=1e4)
+    x = sdegen.sample(sde, sdegen.GaussianMixture([1.0], [[0.5]], [0.04]), shape=(4, 1), method="dpmpp_2s_ancestral",
+                      steps=1, seed=0)
+    assert bool(torch.isfinite(x).all())

@@ -137,3 +137,12 @@ def test_no_restart_needs_no_restart_interval():
     a = sdegen.sample(VP, MIXTURE, x_T, method="restart", restarts=0, steps=6, t_min=0.5)
     b = sdegen.sample(VP, MIXTURE, x_T, method="dpmpp_2s_ancestral", eta=0.0, steps=6, t_min=0.5)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_restart_point_lies_below_the_interval_on_coarse_grids():
+    """On a 2-step grid of EDMSDE(sigma_max=1e4) the grid time nearest the interval's bottom was above its top, and
+    the error blamed restart_sigmas, which were the defaults and inside the grid's range."""
+    gm = sdegen.GaussianMixture([1.0], [[0.5]], [0.04])
+    for sde in (sdegen.EDMSDE(sigma_max=1e4), sdegen.FlowSDE(T=0.9999)):
+        x = sdegen.sample(sde, gm, shape=(4, 1), method="restart", steps=2, seed=0)
+        assert bool(torch.isfinite(x).all())

@@ -274,9 +274,13 @@ def ancestral_split(sigma: float, sigma_next: float, eta: float) -> Tuple[float,
     """(sigma_down, sigma_up) of an ancestral step sigma -> sigma' (k-diffusion's ``get_ancestral_step``):
     sigma_up = min(sigma', eta sigma' sqrt(sigma^2 - sigma'^2) / sigma), sigma_down = sqrt(sigma'^2 - sigma_up^2),
     so that a deterministic step to sigma_down plus fresh noise of std sigma_up lands at noise level sigma'.
-    eta = 1 is DDPM's posterior q(y' | y, y_0 = D) (Ho et al. 2020, eq. 7), eta = 0 no noise (sigma_down = sigma')."""
+    eta = 1 is DDPM's posterior q(y' | y, y_0 = D) (Ho et al. 2020, eq. 7), eta = 0 no noise (sigma_down = sigma').
+    sigma_down is taken as sigma' sqrt(1 - eta^2 + eta^2 (sigma'/sigma)^2), the same number without the
+    cancellation of sigma'^2 - sigma_up^2 (which gave 0, and a log of 0, for sigma'/sigma below 1e-8)."""
     sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(sigma * sigma - sigma_next * sigma_next, 0.0)) / sigma)
-    return math.sqrt(max(sigma_next * sigma_next - sigma_up * sigma_up, 0.0)), sigma_up
+    r = sigma_next / sigma
+    kept = 1.0 - eta * eta + eta * eta * r * r  # (sigma_down / sigma')^2
+    return (sigma_next * math.sqrt(kept) if kept > 0.0 else 0.0), sigma_up
 
 
 class DPM2(StepSampler):

@@ -120,9 +120,13 @@ class Restart(StepSampler):
         grid = ts.tolist()
         sigmas = [ctx.grid_points[t][1] / ctx.grid_points[t][0] for t in grid]
         lo, hi = self.restart_sigmas
-        j = min(range(1, len(grid)), key=lambda i: abs(math.log(sigmas[i] / lo)))
         m_top, s_top, _ = point(ctx, torch.tensor(ctx.sde.T, dtype=torch.float64))
         hi = min(hi, s_top / m_top)
+        below = [i for i in range(1, len(grid)) if sigmas[i] < hi]  # restart points under the interval's top
+        if not below:
+            raise ValueError(f"steps: no time of this {len(grid) - 1}-step grid after T lies below the restart "
+                             f"interval's top sigma = {hi:.4g}; give more steps (or a lower restart_sigmas[0]).")
+        j = min(below, key=lambda i: abs(math.log(sigmas[i] / lo)))
         if not hi > sigmas[j]:
             raise ValueError(f"restart_sigmas: the restart point of this grid has sigma = {sigmas[j]:.4g} and the "
                              f"interval's top is {hi:.4g} (restart_sigmas[1] = {self.restart_sigmas[1]!r}, at most "
