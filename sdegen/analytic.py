@@ -174,7 +174,7 @@ class GaussianMixture:
                              "(t=None or t = 0) has no density: its log_prob and score are undefined there; evaluate "
                              "at a t with s(t) > 0, or give every component a positive variance.")
         evals, evecs, means, log_w = self._on(xf.device)
-        if m.numel() == 1 and m.device.type == "cpu":  # a host time: Python scalars, no copy to the device
+        if m.numel() == 1 and m.device.type == "cpu" and not m.requires_grad:  # a host time: Python scalars
             m, s2 = float(m), float(s2)
         else:
             m, s2 = m.to(xf.device)[:, None, None], s2.to(xf.device)[:, None, None]

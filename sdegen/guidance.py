@@ -51,7 +51,9 @@ def _check_labels(y: Labels, num_classes: Optional[int]) -> Labels:
     if isinstance(y, torch.Tensor) and y.numel() == 0:
         raise ValueError("y: got an empty tensor of labels; give one label per example (or one int for all).")
     if num_classes is not None:
-        if isinstance(y, torch.Tensor) and y.device.type != "cpu":  # checked on the device: no wait for it
+        if isinstance(y, torch.Tensor) and y.device.type != "cpu":
+            # checked on the device, without waiting for it: an out-of-range label stops the run with a device-side
+            # assertion (move the labels to the CPU to have them checked with a ValueError before any work)
             torch._assert_async(((y >= 0) & (y < num_classes)).all(),
                                 f"y: class labels must lie in [0, {num_classes - 1}]")
             return y

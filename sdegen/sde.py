@@ -73,7 +73,7 @@ def _checks_order(fn):
     def method(self, t_from, t_to):
         a, b = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
         if a.device.type == "cpu" and b.device.type == "cpu":
-            later = float(a) > float(b) if a.ndim == 0 and b.ndim == 0 else bool((a > b).any())
+            later = float(a.detach()) > float(b.detach()) if a.ndim == 0 and b.ndim == 0 else bool((a > b).any())
             if later:
                 raise ValueError("transition_var needs t_from <= t_to (the forward process's transition).")
         return fn(self, a, b)
@@ -337,11 +337,13 @@ class SDE(abc.ABC):
         """Exact forward transition x_{t_to} = a x_{t_from} + b z for t_from <= t_to; returns (a, b)."""
         t_from, t_to = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
         if t_from.device.type == "cpu" and t_to.device.type == "cpu":
-            later = float(t_from) > float(t_to) if t_from.ndim == 0 and t_to.ndim == 0 else bool((t_from > t_to).any())
+            a, b = t_from.detach(), t_to.detach()
+            later = float(a) > float(b) if a.ndim == 0 and b.ndim == 0 else bool((a > b).any())
             if later:
                 raise ValueError("transition needs t_from <= t_to (it is the forward process).")
-        else:  # times on a device: checked there, without waiting for it
-            torch._assert_async((t_from <= t_to.to(t_from.device)).all(), "transition needs t_from <= t_to")
+        else:  # a time on a device: checked there (a host time moves to it), without waiting for the device
+            where = t_to.device if t_to.device.type != "cpu" else t_from.device
+            torch._assert_async((t_from.to(where) <= t_to.to(where)).all(), "transition needs t_from <= t_to")
         a = torch.exp(self.log_mean_coeff(t_to) - self.log_mean_coeff(t_from))
         var = type(self).transition_var
         return a, torch.sqrt(getattr(var, "_unchecked", var)(self, t_from, t_to))

@@ -139,3 +139,14 @@ def test_a_singular_mixture_has_no_density_at_the_data():
     m, s = float(sde.mean_coeff(t)), float(sde.std(t))
     exact = (-0.5 * (0.25 / (m**2 + s**2)) - 0.5 * math.log(m**2 + s**2) - 0.5 * math.log(s**2) - math.log(2 * math.pi))
     assert float(sing.log_prob(sde, x, t)) == pytest.approx(exact, rel=1e-12)
+
+
+def test_the_oracle_is_differentiable_in_t():
+    """d/dt log p_t(x) by autograd equals a central difference (a host time requiring grad keeps its graph)."""
+    gm, sde = GaussianMixture.ring(), sdegen.VPSDE()
+    x = gm.sample(4, sde=sde, t=0.3, seed=0)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(gm.log_prob(sde, x, t).sum(), t)
+    h = 1e-6
+    fd = (gm.log_prob(sde, x, 0.3 + h).sum() - gm.log_prob(sde, x, 0.3 - h).sum()) / (2 * h)
+    assert float(grad) == pytest.approx(float(fd), rel=1e-6)

@@ -278,6 +278,8 @@ def ancestral_split(sigma: float, sigma_next: float, eta: float) -> Tuple[float,
     sigma_down is taken as sigma' sqrt(1 - eta^2 + eta^2 (sigma'/sigma)^2), the same number without the
     cancellation of sigma'^2 - sigma_up^2 (which gave 0, and a log of 0, for sigma'/sigma below 1e-8)."""
     sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(sigma * sigma - sigma_next * sigma_next, 0.0)) / sigma)
+    if sigma_next >= sigma:  # not a step down: no noise to split off
+        return sigma_next, 0.0
     r = sigma_next / sigma
     kept = 1.0 - eta * eta + eta * eta * r * r  # (sigma_down / sigma')^2
     return (sigma_next * math.sqrt(kept) if kept > 0.0 else 0.0), sigma_up
@@ -300,6 +302,8 @@ class DPM2(StepSampler):
     [sigma_0, ..., sigma_min, 0] equals this sampler on the grid down to sigma_min with ``denoise=True``.
     x is (B, ...) of any dtype and device and is not modified.
     """
+
+    exponential = True  # DPM-Solver-2: exponential in log sigma
 
     order = 2
     nfe_per_step = 2

@@ -79,6 +79,8 @@ class SigmaMultistep(StepSampler):
     One NFE per step; x is (B, ...) of any dtype and device and is never modified; the weights are Python floats.
     """
 
+    exponential = True  # Adams rules on dy/dsigma = eps: their first (order 1) step is DDIM's
+
     default_steps = 20
     default_schedule = "edm"
     lower_order_final = False
@@ -179,8 +181,6 @@ class DEIS(SigmaMultistep):
     ``lower_order_final``: in runs of fewer than 15 steps the last steps use at most the steps left (diffusers'
     default, off here as in the paper). Default grid: Karras et al.'s sigma schedule ("edm").
     """
-
-    exponential = True
 
     def __init__(self, order: int = 3, variant: str = "logrho", lower_order_final: bool = False):
         super().__init__(order, 3)

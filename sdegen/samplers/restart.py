@@ -92,6 +92,7 @@ class Restart(StepSampler):
         self.s_noise = check_number(s_noise, "s_noise", lo=0.0)
         if not (isinstance(solver, str) and solver in SOLVERS):
             raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
+        self.exponential = solver != "heun"  # its ODE steps: DPM-Solver++(2S) or DPM-Solver-2, or Heun in sigma
         if final_step is not None and solver != "heun":
             raise ValueError(f"final_step applies to solver='heun' (the other solvers' last step is their own); got "
                              f"final_step={final_step!r} with solver={solver!r}: leave final_step unset.")
@@ -127,11 +128,6 @@ class Restart(StepSampler):
             raise ValueError(f"steps: no time of this {len(grid) - 1}-step grid after T lies below the restart "
                              f"interval's top sigma = {hi:.4g}; give more steps (or a lower restart_sigmas[0]).")
         j = min(below, key=lambda i: abs(math.log(sigmas[i] / lo)))
-        if not hi > sigmas[j]:
-            raise ValueError(f"restart_sigmas: the restart point of this grid has sigma = {sigmas[j]:.4g} and the "
-                             f"interval's top is {hi:.4g} (restart_sigmas[1] = {self.restart_sigmas[1]!r}, at most "
-                             f"sigma(T)); choose restart_sigmas within the grid's sigma range "
-                             f"[{sigmas[-1]:.4g}, {sigmas[0]:.4g}].")
         t_hi = min(float(ctx.sde.t_from_sigma(torch.tensor(hi, dtype=torch.float64))), ctx.sde.T)
         sub = time_grid(ctx.sde, self._n_restart(len(grid) - 1), self.inner.default_schedule, t_min=grid[j],
                         t_max=t_hi)
