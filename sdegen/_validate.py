@@ -219,3 +219,12 @@ def reject_sample_options(options: Mapping[str, Any], where: str, has: Collectio
     if stray:
         raise TypeError(f"{where} has no option {stray[0]!r} (an option of sdegen.sample); its other keywords are "
                         "options of the sampler.")
+
+
+def check_floating_dtype(dtype: Any, name: str = "dtype", why: str = "draws from a continuous distribution") -> torch.dtype:
+    """A floating-point torch.dtype (16-bit ones included); TypeError naming ``name`` otherwise (an integer dtype
+    would truncate every value)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name} must be a floating dtype (float16, bfloat16, float32 or float64): {why}; got "
+                        f"{dtype!r}.")
+    return dtype

@@ -20,7 +20,7 @@ import torch
 
 from ._deprecation import renamed
 from ._util import Time, as_time, check_batch, check_finite_tensor
-from ._validate import check_device, check_finite, check_int, check_number
+from ._validate import check_device, check_finite, check_floating_dtype, check_int, check_number
 from .noise import torch_generator
 from .sde import SDE
 
@@ -258,16 +258,12 @@ class GaussianMixture:
 
         seed: an int (any size: taken modulo 2^64), a torch.Generator, or None (torch's global generator), as
             :func:`sdegen.noise.torch_generator` reads it; ``generator`` is its deprecated name.
-        dtype: a floating dtype (an integer dtype raises ValueError: it would truncate every draw).
+        dtype: a floating dtype (an integer dtype raises TypeError: it would truncate every draw).
         With ``return_components=True`` also returns the (n,) component index of each draw.
         """
         if isinstance(n, bool) or not (isinstance(n, int) and n >= 1):
             raise ValueError(f"n must be a positive int; got {n!r}.")
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32); got {dtype!r}.")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype (float16, bfloat16, float32 or float64): draws from a "
-                             f"continuous distribution; got {dtype}.")
+        check_floating_dtype(dtype)
         seed, name = renamed("GaussianMixture.sample", "seed", seed, "generator", generator)
         generator = torch_generator(seed, name)
         device = None if device is None else check_device(device)

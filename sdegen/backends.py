@@ -18,7 +18,7 @@ import torchsde
 from torchdiffeq._impl.odeint import SOLVERS as _ODE_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
-from ._validate import check_int, check_number, reject_inapplicable
+from ._validate import check_floating_dtype, check_int, check_number, reject_inapplicable
 from .errors import STEP_LIMIT_HINT, SolverError, check_finite_result, check_on_failure, nonfinite_rows, rows_to_list
 from .noise import normal_from_seeds
 from .samplers.adaptive import solve_isolating_failures
@@ -350,8 +350,7 @@ class PerExampleBrownian(torchsde.BaseBrownian):
         if not (isinstance(seeds, torch.Tensor) and seeds.ndim == 1 and len(shape) >= 1 and seeds.shape[0] == shape[0]):
             raise ValueError(f"seeds must be a (B,) tensor with B = shape[0]; got seeds of shape "
                              f"{tuple(getattr(seeds, 'shape', ()))} and shape {shape}.")
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}.")
+        check_floating_dtype(dtype, "dtype", "Brownian increments are continuous")
         self._seeds, self.t0, self.t1 = seeds.to(device), float(t0), float(t1)
         self._shape, self._dtype, self._device = shape, dtype, torch.device(device)
         h = span if h is None else float(h)

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ._deprecation import renamed
-from ._validate import check_device, check_int
+from ._validate import check_device, check_floating_dtype, check_int
 from .noise import Seed, make_seeds, normal_from_seeds
 
 Field = Callable[[torch.Tensor], torch.Tensor]
@@ -136,9 +136,7 @@ def make_probes(shape, probes: int = 1, probe: Optional[str] = None, *, seed: Se
     if len(shape) < 1 or shape[0] < 1:
         raise ValueError(f"shape must be (B, ...) with B >= 1; got {shape}.")
     probes = check_int(probes, "probes", lo=1, hint=" (probes per example)")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating-point torch.dtype (integer probes would be truncated); got "
-                        f"{dtype!r}.")
+    check_floating_dtype(dtype, "dtype", "integer probes would be truncated")
     device = None if device is None else check_device(device)
     probe, used = renamed("make_probes", "probe", probe, "noise", noise)
     probe = "rademacher" if probe is None else probe

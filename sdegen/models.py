@@ -573,21 +573,30 @@ def _same_sde(a: SDE, b: SDE) -> bool:
     held = verdicts.get(id(b))
     if held is not None and held[0]() is b:
         return held[1]
-    try:
-        same = type(a) is type(b) and a.config() == b.config()
-    except Exception:  # an SDE that cannot describe itself: the kernels decide
-        same = type(a) is type(b)
-    if same:
-        try:
-            t = torch.linspace(0.0, a.T, 5, dtype=torch.float64)[1:]
-            same = a.T == b.T and bool(torch.equal(a.log_mean_coeff(t), b.log_mean_coeff(t))
-                                       and torch.equal(a.std(t), b.std(t)))
-        except Exception:  # kernels that cannot be evaluated in float64 on the CPU: the config decides
-            pass
+    same = type(a) is type(b) and _configs_agree(a, b) and _kernels_agree(a, b)
     if len(verdicts) > 64:
         verdicts.clear()
     verdicts[id(b)] = (weakref.ref(b), same)
     return same
+
+
+def _configs_agree(a: SDE, b: SDE) -> bool:
+    """Equal configs; an SDE that cannot describe itself leaves the verdict to the kernels."""
+    try:
+        return a.config() == b.config()
+    except Exception:  # noqa: BLE001 - a user's config() may fail in any way
+        return True
+
+
+def _kernels_agree(a: SDE, b: SDE) -> bool:
+    """Equal T and equal (log m, s) at four float64 times; kernels that cannot be evaluated there leave the verdict
+    to the config."""
+    t = torch.linspace(0.0, a.T, 5, dtype=torch.float64)[1:]
+    try:
+        return a.T == b.T and bool(torch.equal(a.log_mean_coeff(t), b.log_mean_coeff(t))
+                                   and torch.equal(a.std(t), b.std(t)))
+    except Exception:  # noqa: BLE001 - a user's kernel may refuse float64 CPU times
+        return True
 
 
 def as_model(score: Any, sde: SDE) -> Model:

@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from ._deprecation import renamed
-from ._validate import check_device
+from ._validate import check_device, check_floating_dtype
 from ._util import (Time, as_time, batch_time, bcast, check_batch, check_finite_tensor, check_positive,
                     check_range)
 from .noise import Seed, make_seeds, normal_from_seeds
@@ -64,18 +64,27 @@ def _derivative(fn, t: torch.Tensor) -> torch.Tensor:
     return d.to(t.dtype)
 
 
+def _check_order(t_from: torch.Tensor, t_to: torch.Tensor, what: str) -> None:
+    """ValueError unless t_from <= t_to (times already checked): read on the host where both are there, asserted on
+    the device otherwise (a host time moves to it), without waiting for the device."""
+    if t_from.device.type == "cpu" and t_to.device.type == "cpu":
+        a, b = t_from.detach(), t_to.detach()
+        if float(a) > float(b) if a.ndim == 0 and b.ndim == 0 else bool((a > b).any()):
+            raise ValueError(f"{what} needs t_from <= t_to (it is the forward process).")
+    else:
+        where = t_to.device if t_to.device.type != "cpu" else t_from.device
+        torch._assert_async((t_from.to(where) <= t_to.to(where)).all(), f"{what} needs t_from <= t_to")
+
+
 def _checks_order(fn):
-    """Wrap transition_var(self, t_from, t_to) so that t_from > t_to (on the host) raises, as transition does."""
+    """Wrap transition_var(self, t_from, t_to) so that t_from > t_to raises, as transition does."""
     if getattr(fn, "_checks_order", False):
         return fn
 
     @functools.wraps(fn)
     def method(self, t_from, t_to):
         a, b = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
-        if a.device.type == "cpu" and b.device.type == "cpu":
-            later = float(a.detach()) > float(b.detach()) if a.ndim == 0 and b.ndim == 0 else bool((a > b).any())
-            if later:
-                raise ValueError("transition_var needs t_from <= t_to (the forward process's transition).")
+        _check_order(a, b, "transition_var")
         return fn(self, a, b)
 
     method._checks_order = True
@@ -336,14 +345,7 @@ class SDE(abc.ABC):
     def transition(self, t_from: Time, t_to: Time) -> Tuple[torch.Tensor, torch.Tensor]:
         """Exact forward transition x_{t_to} = a x_{t_from} + b z for t_from <= t_to; returns (a, b)."""
         t_from, t_to = self.check_time(t_from, "t_from"), self.check_time(t_to, "t_to")
-        if t_from.device.type == "cpu" and t_to.device.type == "cpu":
-            a, b = t_from.detach(), t_to.detach()
-            later = float(a) > float(b) if a.ndim == 0 and b.ndim == 0 else bool((a > b).any())
-            if later:
-                raise ValueError("transition needs t_from <= t_to (it is the forward process).")
-        else:  # a time on a device: checked there (a host time moves to it), without waiting for the device
-            where = t_to.device if t_to.device.type != "cpu" else t_from.device
-            torch._assert_async((t_from.to(where) <= t_to.to(where)).all(), "transition needs t_from <= t_to")
+        _check_order(t_from, t_to, "transition")
         a = torch.exp(self.log_mean_coeff(t_to) - self.log_mean_coeff(t_from))
         var = type(self).transition_var
         return a, torch.sqrt(getattr(var, "_unchecked", var)(self, t_from, t_to))
@@ -398,8 +400,7 @@ class SDE(abc.ABC):
         shape = tuple(shape)
         if len(shape) < 1 or shape[0] < 1:
             raise ValueError(f"shape must be (B, ...) with B >= 1; got {shape}.")
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype (the prior is continuous); got {dtype!r}.")
+        check_floating_dtype(dtype, "dtype", "the prior is continuous")
         seeds = make_seeds(seed, shape[0], None if device is None else check_device(device))
         return self.prior_std * normal_from_seeds(seeds, 0, shape[1:], dtype)
 
