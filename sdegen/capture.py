@@ -14,6 +14,8 @@ Limits:
   so weights updated in place (an optimiser step, ``load_state_dict``) are seen by the next replay; a network
   whose parameters are replaced by new tensors, or whose forward pass changes with Python state, needs a new
   capture (``clear_captured()``);
+- tensors that the model or the sampler reads (guidance labels, inpainting's known values and mask) must already
+  be on the state's device: a copy from the host cannot be recorded, and CUDA refuses the capture;
 - the first capture costs one eager warm-up run plus the capture itself.
 """
 
@@ -23,6 +25,8 @@ from collections import OrderedDict
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from . import noise as _noise
 
 KEEP = 4  # captured runs kept; each holds its graph's memory pool
 _CACHE: "OrderedDict[tuple, CapturedRun]" = OrderedDict()
@@ -35,14 +39,19 @@ class _CudaGraph:
     initialisation of cuBLAS/cuDNN workspaces must not happen during capture)."""
 
     def __init__(self, fn: Callable[[], tuple], device: torch.device):
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = fn()
+        with torch.cuda.device(device):  # the capture stream is the current device's: make it the state's
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = fn()
+        # the graph reads memory it did not allocate: the closure's objects (sampler, model, their device
+        # tensors) and the noise streams' cached element terms, which the cache may drop later
+        self.fn = fn
+        self.cached_terms = [t for t in _noise._ELEMENT_TERMS.values() if t.device == device]
 
     def replay(self) -> tuple:
         self.graph.replay()
@@ -115,8 +124,9 @@ def check_capture(device: torch.device, sampler, noise: str, stochastic: bool, p
         raise ValueError(f"capture=True records the run as a CUDA graph and needs a CUDA device; got {device}. "
                          "Leave capture unset on other devices.")
     if not isinstance(sampler, StepSampler):
-        raise ValueError(f"capture=True applies to fixed-step samplers; got {type(sampler).__name__}, which "
-                         "chooses its steps as it runs.")
+        raise ValueError(f"capture=True applies to sdegen's step samplers (StepSampler); got "
+                         f"{type(sampler).__name__}, which runs the whole span at once (an adaptive solver, or the "
+                         "torchdiffeq/torchsde back ends of method='ode'/'sde'), so it cannot be recorded as a graph.")
     if stochastic and noise != "per_example":
         raise ValueError(f"capture=True needs noise='per_example' for a stochastic sampler; got noise={noise!r}.")
     if progress or return_trajectory:

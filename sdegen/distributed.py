@@ -337,9 +337,10 @@ def sample_sharded(sde: SDE, score=None, num_samples: Optional[int] = None,
 
     Example i starts from and is driven by the per-example seed ``make_seeds(seed, N)[i]``, so the result
     (N, ...) equals ``sdegen.sample(sde, score, shape=shape, seed=seed, ...)`` for batch-size-invariant samplers
-    (every fixed-step sampler), and equals the same call on any number of processes with the same ``batch_size``
-    for every sampler (adaptive ones included, since each chunk of ``batch_size`` examples is solved as one batch
-    whatever the world size).
+    (every fixed-step sampler; bit for bit for a score that treats examples alike in any batch, such as the
+    oracles, and up to a network's batch-size-dependent round-off otherwise), and equals the same call on any
+    number of processes with the same ``batch_size`` for every sampler (adaptive ones included, since each chunk
+    of ``batch_size`` examples is solved as one batch whatever the world size). ``noise="generator"`` is refused.
 
     Args:
         score: as in :func:`sdegen.sample`; or None with ``score_for(indices) -> score`` building the score for
@@ -370,6 +371,9 @@ def sample_sharded(sde: SDE, score=None, num_samples: Optional[int] = None,
     for bad, reason in why.items():
         if bad in sample_kwargs:
             raise ValueError(f"sample_sharded sets {bad} itself ({reason}).")
+    if sample_kwargs.get("noise", "per_example") != "per_example":
+        raise ValueError(f"noise: sample_sharded draws every example's noise from its own seed (noise='per_example'), "
+                         f"which is what makes shards equal one run; got noise={sample_kwargs['noise']!r}.")
     device = check_device(device) if device is not None else ctx.device
     start = time.perf_counter()
 
@@ -443,7 +447,8 @@ def log_likelihood_sharded(sde: SDE, score=None, data=None, *, seed: int = 0, ba
 
     Example i uses the per-example seed ``make_seeds(seed, N)[i]`` for its Hutchinson probes (and its
     dequantization noise with ``levels=``), exactly as ``sdegen.log_likelihood(sde, score, data, seed=seed)``
-    does in one process. With a fixed-grid solver (``solver="rk4", steps=...``) the result equals that call;
+    does in one process. With a fixed-grid solver (``solver="rk4", steps=...``) the result equals that call (up
+    to a network's batch-size-dependent round-off);
     with an adaptive solver the batch shares its steps, so the result equals the same call chunk by chunk, and
     this function on any number of processes with the same ``batch_size``.
 
@@ -490,7 +495,8 @@ def load_shards(shard_dir: str, prefix: str = "samples") -> Dict[str, torch.Tens
     """Read the shard files a sharded run wrote to ``shard_dir`` and assemble them in global order.
 
     Returns name -> (N, ...) tensor ("samples", or "log_prob" and "bpd" with prefix="likelihood").
-    Raises ValueError when the files do not come from one run (mixed world sizes) or miss examples.
+    Raises ValueError when the files do not come from one run (mixed world sizes, seeds or batch sizes) or miss
+    examples.
     """
     paths = sorted(glob.glob(os.path.join(shard_dir, f"{prefix}-*-of-*.pt")))
     if not paths:
@@ -501,6 +507,11 @@ def load_shards(shard_dir: str, prefix: str = "samples") -> Dict[str, torch.Tens
     if len(worlds) != 1 or len(sizes) != 1 or len(shards) != next(iter(worlds)):
         raise ValueError(f"the shards in {shard_dir!r} do not come from one run: world sizes {sorted(worlds)}, "
                          f"example counts {sorted(sizes)}, {len(shards)} files; remove stale files.")
+    for key in ("seed", "batch_size"):  # a stale file of another run agrees on the sizes but not on these
+        values = {repr(s.get(key)) for s in shards}
+        if len(values) != 1:
+            raise ValueError(f"the shards in {shard_dir!r} do not come from one run: their {key}s differ "
+                             f"({', '.join(sorted(values))}); remove stale files.")
     n = sizes.pop()
     indices = torch.cat([s["indices"] for s in shards])
     if indices.numel() != n or not torch.equal(indices.sort().values, torch.arange(n)):
@@ -617,6 +628,9 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
             checkpoint_config: its ``config`` (default: the model's own).
         ddp_kwargs: extra arguments of DistributedDataParallel (``find_unused_parameters``, ...).
         train_kwargs: the other options of :func:`sdegen.train` (lr, ema_decay, grad_clip, optimizer, ...).
+            ``evaluate`` runs on every rank, and its values are averaged over ranks before ``patience`` and
+            ``restore_best`` use them, so that every rank stops at the same step and keeps the same weights (each
+            rank may score its own share of held-out data).
     Returns: the :class:`TrainResult` (identical model and EMA on every rank), whose ``losses`` are the global-batch
     losses (the per-rank losses averaged over ranks). In a single process this is :func:`sdegen.train`.
     """
@@ -634,6 +648,9 @@ def train_ddp(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, step
         if n is not None and n < batch_size * ctx.world_size:
             raise ValueError(f"data has {n} rows, fewer than one global batch of batch_size * world_size = "
                              f"{batch_size} * {ctx.world_size}; lower batch_size.")
+        evaluate = train_kwargs.get("evaluate")
+        if callable(evaluate):  # one decision for all ranks: a rank stopping alone would hang the others
+            train_kwargs["evaluate"] = lambda m: all_reduce_sum(float(evaluate(m)), ctx) / ctx.world_size
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         wrap = lambda m: DDPModel(m, device_ids=device_ids, **(ddp_kwargs or {}))  # noqa: E731
         res = train(model, _rank_loss(loss_fn, ctx, batch_size, n is not None, seed), data, steps,

@@ -118,13 +118,15 @@ def sample(sde: SDE, score, x_T: Optional[torch.Tensor] = None, *, shape: Option
         raise ValueError(f"steps: an explicit schedule of {schedule.numel()} times takes {schedule.numel() - 1} "
                          f"steps of a fixed-step sampler; leave steps unset; got steps={steps!r}.")
     model = as_model(score, sde)
+    if capture:  # before any seed is drawn: a refused call leaves torch's global generator as it was
+        where = x_T.device if isinstance(x_T, torch.Tensor) else \
+            check_device(device, "device") if device is not None else torch.device("cpu")
+        check_capture(where, sampler, noise, bool(sampler.stochastic), progress, return_trajectory,
+                      isinstance(x_T, torch.Tensor) and x_T.requires_grad)
     x, seeds = _initial_state(sde, x_T, shape, seed, dtype, device, needs_seeds=bool(sampler.stochastic))
     if x is x_T and not type(sampler).__module__.startswith("sdegen."):
         x = x.clone()  # a sampler of the caller's own may work in place; the built-in ones never do
     start_like = (tuple(x.shape), x.dtype, x.device)
-    if capture:
-        check_capture(x.device, sampler, noise, bool(sampler.stochastic), progress, return_trajectory,
-                      x.requires_grad)
     ctx = Context(sde, model, None if seeds is None else NOISE_KINDS[noise](seeds, key=1))  # draw 0 made x_T
     start = time.perf_counter()
     if isinstance(sampler, StepSampler):
@@ -240,8 +242,10 @@ def _run_captured(ctx: Context, sampler: StepSampler, settings: tuple, x: torch.
     """The run of :func:`_run_steps` (and the final denoising step) through a captured graph: captured at the first
     call with these settings, replayed after. ``ctx`` receives the run's counts and its first model output."""
     score, method, options = settings
-    key = (id(ctx.sde), id(score), method if isinstance(method, str) else id(method), repr(sorted(options.items())),
-           ts.numpy().tobytes(), tuple(x.shape), x.dtype, x.device, noise, denoise, seeds is None)
+    alive = [ctx.sde, score, method, sampler, ctx.model]  # what the graph reads lives as long as it does
+    key = (id(ctx.sde), id(score), method if isinstance(method, str) else id(method),
+           _settings_key(options, alive), ts.numpy().tobytes(), tuple(x.shape), x.dtype, x.device, noise, denoise,
+           seeds is None)
 
     def body(x_T, run_seeds):
         run = Context(ctx.sde, ctx.model, None if run_seeds is None else NOISE_KINDS[noise](run_seeds, key=1))
@@ -249,11 +253,27 @@ def _run_captured(ctx: Context, sampler: StepSampler, settings: tuple, x: torch.
         if denoise:
             out = sampler.finish_denoised(run.denoise(out, ts[-1]))
         return out, {"nfe": run.nfe, "classifier_nfe": run.classifier_nfe, "first_output": run._first_output,
-                     "alive": (ctx.sde, score, method)}  # the key's objects live as long as the graph
+                     "alive": alive}  # the key's objects live as long as the graph
 
     x, counts = captured(key, body, x, seeds)
     ctx.nfe, ctx.classifier_nfe, ctx._first_output = counts["nfe"], counts["classifier_nfe"], counts["first_output"]
     return x
+
+
+def _settings_key(value: Any, alive: list) -> Any:
+    """A captured run's key for the sampler's options: plain values by value; tensors and other objects (an
+    inpainting image, a predictor) by identity and version, kept alive in ``alive`` so that no other object takes
+    their identity while the run is cached (their printed form does not tell two of them apart)."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__,) + tuple(_settings_key(v, alive) for v in value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple(sorted((repr(k), _settings_key(v, alive)) for k, v in value.items()))
+    alive.append(value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value._version)
+    return ("object", id(value))
 
 
 def _run_steps(sampler: StepSampler, ctx: Context, x: torch.Tensor, ts: torch.Tensor, progress: bool,

@@ -194,11 +194,12 @@ def save_grid(path: Union[str, os.PathLike], times: torch.Tensor, sde: SDE, *, k
               **meta: Any) -> None:
     """Write a time grid for ``sde`` as JSON: {"format", "version", "kind", "sde": sde.describe(), "times",
     **meta}. The file appears atomically (written to a temporary name, then renamed); ``meta`` must be plain
-    JSON data."""
+    JSON data. ValueError when ``sde.config()`` does not rebuild ``sde`` (see :meth:`sdegen.SDE.check_description`).
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike file name; got {type(path).__name__} {path!r}.")
     times = check_grid(sde, times, "times")
-    record = {"format": GRID_FORMAT, "version": GRID_VERSION, "kind": kind, "sde": sde.describe(),
+    record = {"format": GRID_FORMAT, "version": GRID_VERSION, "kind": kind, "sde": sde.check_description(),
               "times": times.tolist(), **meta}
     text = json.dumps(record, indent=1)  # Python's float repr round-trips float64 exactly
     path = os.fspath(path)
@@ -232,7 +233,7 @@ def load_grid(path: Union[str, os.PathLike], sde: Optional[SDE] = None, *, kind:
                          f"{GRID_VERSION}.")
     if kind is not None and record.get("kind") != kind:
         raise ValueError(f"path {name!r} holds a {record.get('kind')!r}, not a {kind!r}.")
-    if sde is not None:  # compared as data: the file's SDE class is imported only when no sde is given
+    if sde is not None:  # compared as data: the file's SDE class is looked up only when no sde is given
         check_sde(sde)
         if sde.describe() != record.get("sde"):
             raise ValueError(f"sde: the grid in {name!r} was made for {record.get('sde')!r}, not for "

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import abc
 import functools
-import importlib
 import inspect
 import math
 import numbers
+import sys
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -36,6 +36,8 @@ from .noise import Seed, make_seeds, normal_from_seeds
 _LOG_2PI = math.log(2.0 * math.pi)
 # methods of one time argument that subclasses implement: the base class converts and checks t before they run
 _TIME_METHODS = ("log_mean_coeff", "std", "drift_coeff", "diffusion")
+# every SDE class defined in this process, by its description's name "module:QualName" (the newest definition wins)
+_CLASSES: Dict[str, type] = {}
 
 
 def _takes_checked_time(fn):
@@ -139,6 +141,7 @@ class SDE(abc.ABC):
                 setattr(cls, name, _takes_checked_time(cls.__dict__[name]))
         if "transition_var" in cls.__dict__:
             cls.transition_var = _checks_order(cls.__dict__["transition_var"])
+        _CLASSES[f"{cls.__module__}:{cls.__qualname__}"] = cls
 
     # --- the contract: log m(t) and s(t) ---
     @abc.abstractmethod
@@ -212,8 +215,10 @@ class SDE(abc.ABC):
         try:
             return cls(**config)
         except TypeError as err:
-            raise TypeError(f"{cls.__name__} cannot be rebuilt from config {config!r} ({err}); implement "
-                            f"{cls.__name__}.config() to return its constructor's keyword arguments.") from None
+            fix = (f"the description was written by another version of sdegen, or edited" if
+                   cls.__module__.split(".")[0] == "sdegen" else
+                   f"implement {cls.__name__}.config() to return its constructor's keyword arguments")
+            raise TypeError(f"{cls.__name__} cannot be rebuilt from config {config!r} ({err}); {fix}.") from None
 
     def describe(self) -> Dict[str, Any]:
         """{"class": "module:QualName", "config": config()}: what :func:`sdegen.load_checkpoint` needs to rebuild it
@@ -230,18 +235,46 @@ class SDE(abc.ABC):
                 description["prior_std"] = float(own)
         return description
 
+    def check_description(self, description: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """``description`` (default: :meth:`describe`'s) after checking that it rebuilds this process: the rebuilt
+        SDE has the same T, t_min, prior_std, log m(t) and s(t) at nine times from t_min to T. ValueError
+        otherwise, which is what a ``config()`` that misses a constructor argument gives (the file would load as
+        another process). Checkpoints and grid files call it before they write."""
+        description = self.describe() if description is None else description
+        try:
+            rebuilt = SDE.from_description(description)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{type(self).__name__}: its description {description!r} does not rebuild it ({err})."
+                             ) from None
+        t = torch.linspace(self.t_min, self.T, 9, dtype=torch.float64)
+        same = ((rebuilt.T, rebuilt.t_min, rebuilt.prior_std) == (self.T, self.t_min, self.prior_std)
+                and all(torch.allclose(getattr(rebuilt, f)(t), getattr(self, f)(t), rtol=1e-12, atol=0.0)
+                        for f in ("log_mean_coeff", "std")))
+        if not same:
+            raise ValueError(f"{type(self).__name__}: config() returns {description.get('config')!r}, which rebuilds "
+                             "another process (its m(t), s(t), T, t_min or prior_std differ); implement "
+                             f"{type(self).__name__}.config() to return every constructor argument.")
+        return description
+
     @staticmethod
     def from_description(description: Dict[str, Any]) -> "SDE":
-        """Inverse of :meth:`describe`: imports the class by name and calls its ``from_config``."""
+        """Inverse of :meth:`describe`: finds the class by name among the SDE classes defined in this process and
+        calls its ``from_config``. A description never makes sdegen import a module: import the one that defines a
+        user SDE before loading a file that names it."""
         path = description.get("class") if isinstance(description, dict) else None
         if not isinstance(path, str) or ":" not in path:
             raise ValueError(f"an SDE description needs 'class': 'module:QualName'; got {description!r}.")
-        module, qualname = path.split(":", 1)
-        obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part, None)
+        obj = _CLASSES.get(path)
+        if obj is None:  # a class registered under another qualified name, reached from its (imported) module
+            module, qualname = path.split(":", 1)
+            obj = sys.modules.get(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part, None)
         if not (isinstance(obj, type) and issubclass(obj, SDE)):
-            raise ValueError(f"{path!r} does not name an sdegen.SDE subclass (is its module importable?).")
+            module = path.split(":", 1)[0]
+            raise ValueError(f"{path!r} names no sdegen.SDE subclass defined in this process; import the module "
+                             f"that defines it (import {module}) before loading: a description never makes sdegen "
+                             "import a module.")
         sde = obj.from_config(dict(description.get("config", {})))
         if description.get("prior_std") is not None:
             sde.prior_std = description["prior_std"]

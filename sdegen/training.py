@@ -10,19 +10,22 @@ DistributedSampler, say) instead of tensors; ``is_main`` says whether this proce
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._validate import check_device, check_flag, check_int, check_number
-from .nets import build_net
+from .nets import NETS, build_net
 from .models import ScoreModel, settings_that_apply
 from .noise import torch_generator
 from .sde import SDE, VESDE, SubVPSDE, VPSDE
@@ -315,6 +318,24 @@ def _check_finite_weights(model: nn.Module, done: int) -> None:
                                  "dtype, or an optimizer state that underflows in it).")
 
 
+@contextlib.contextmanager
+def _global_rng_of_step(base_seed: int, step: int, device: torch.device):
+    """torch's global generators of the CPU (and of ``device``) seeded from (base_seed, step) by a SplitMix64 hash on
+    the host, their previous state restored on exit: the network's own draws (dropout) follow the run's seed and
+    step, and a resumed run makes the same ones."""
+    z = (base_seed + (step + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    seed = (z ^ (z >> 31)) >> 1
+    on_cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if on_cuda else None
+    with torch.random.fork_rng(devices=[index] if on_cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if on_cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: int, *, batch_size: int = 128,
           lr: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None,
           ema_decay: Optional[float] = _EMA_DECAY_UNSET, ema: Optional[EMA] = None, start_step: int = 0,
@@ -353,7 +374,9 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
             evaluation schedule and ``on_step`` continue from there.
         grad_clip: the largest global gradient norm, > 0 (None: no clipping).
         seed: the random source that shuffles the data and that the loss draws from: an int seeds a generator on
-            the data's device, a torch.Generator is used as it is (on its own device).
+            the data's device, a torch.Generator is used as it is (on its own device). Randomness inside the
+            network (dropout) draws from torch's global generators, which each step seeds from (the seed, the step)
+            inside a fork of their state: it follows ``seed`` too, and the caller's global state is left as it was.
         progress: show a tqdm progress bar (True or False); desc: its label.
         wrap_model, is_main, on_step: hooks for distributed training (see the module docstring); ``on_step(step,
             loss)`` receives the loss as a float, so it reads the loss back at every step.
@@ -361,7 +384,8 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
             on the EMA weights (the model's without an EMA) before the first step, every ``eval_every`` steps and
             after the last step.
         patience: stop after this many evaluations in a row without a new best (None: run all ``steps``).
-        restore_best: at the end, put back the weights (model and EMA) of the best evaluation.
+        restore_best: at the end, put back the weights (model and EMA) of the best evaluation. The best value and
+            the count of evaluations without one are those of this call: a resumed call starts them afresh.
         check_every: steps between read-backs of the loss (for the progress bar and the finiteness check);
             between them a step never waits for the device.
     Returns: a :class:`TrainResult`. The loss must stay finite: a NaN or infinite loss raises at the next
@@ -400,13 +424,15 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     stopped, done = False, start_step
     if watch is not None and steps > 0:
         watch(start_step, model, ema)  # the starting weights compete too: training never returns worse than its start
+    base_seed, device = gen.initial_seed(), gen.device
     for step in range(start_step, start_step + steps):
         if step < warmup_steps:
             for group, base in zip(opt.param_groups, base_lrs):
                 group["lr"] = base * (step + 1) / warmup_steps
-        loss = call_loss(net, next(batches), gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with _global_rng_of_step(base_seed, step, device):
+            loss = call_loss(net, next(batches), gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
@@ -449,7 +475,7 @@ def sde_config(sde: SDE) -> Dict[str, Any]:
     keyword arguments and whose class is importable qualifies, user SDEs included."""
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
-    return sde.describe()
+    return sde.check_description()
 
 
 def build_sde(config: Dict[str, Any]) -> SDE:
@@ -481,8 +507,13 @@ def model_config(model: nn.Module) -> Dict[str, Any]:
                 "prediction": model.prediction, "time_input": time_input, "scale_input": model.scale_input,
                 "cast_input": model.cast_input,
                 **settings}
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd network describes the module it compiled
     if not hasattr(model, "config"):
         raise ValueError(f"{type(model).__name__} has no .config; give save_checkpoint a config=... explicitly.")
+    if type(model).__name__ not in NETS:
+        raise ValueError(f"{type(model).__name__}: load_checkpoint rebuilds the networks of sdegen.nets only "
+                         f"({', '.join(sorted(NETS))}); give save_checkpoint a config=... explicitly to save it anyway "
+                         "and rebuild the network yourself from the checkpoint's 'model' weights.")
     return {"kind": "net", "name": type(model).__name__, "config": dict(model.config)}
 
 
@@ -508,6 +539,36 @@ def _check_path(path: Any) -> None:
         raise TypeError(f"path must be a str or os.PathLike file name; got {type(path).__name__} {path!r}.")
 
 
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "sdegen.checkpoint", 1
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as the plain data that ``torch.load(weights_only=True)`` reads back: NumPy scalars and subclasses of
+    the Python number types become Python numbers; TypeError naming ``where`` for any other object."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (str, torch.Tensor, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, dict):
+        return {_plain(k, f"{where} key {k!r}"): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise TypeError(f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint cannot "
+                    "store (load_checkpoint reads plain data and tensors only, with torch.load(weights_only=True)): "
+                    "convert it first (str(path), float(value), sde.describe(), ...).")
+
+
+def _unwrapped_keys(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A state dict without torch.compile's "_orig_mod." prefixes, so that the uncompiled module loads it."""
+    return type(state)((k.replace("_orig_mod.", ""), v) for k, v in state.items())
+
+
 def save_checkpoint(path: str, model: nn.Module, *, ema: Optional[EMA] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None, config: Optional[Dict[str, Any]] = None,
                     extra: Optional[Dict[str, Any]] = None, is_main: bool = True) -> None:
@@ -517,7 +578,9 @@ def save_checkpoint(path: str, model: nn.Module, *, ema: Optional[EMA] = None,
 
     Raises TypeError for a ``path`` that is not a str or os.PathLike, a ``model`` that is not a torch.nn.Module, an
     ``ema`` that is not an :class:`EMA`, an ``optimizer`` that is not a torch optimizer, or ``config``/``extra``
-    that are not dicts; ValueError (from :func:`model_config`) for a model that cannot describe itself."""
+    that are not dicts or hold objects other than plain data and tensors (NumPy scalars are stored as Python
+    numbers); ValueError (from :func:`model_config`) for a model that cannot describe itself. A torch.compile'd
+    network is saved as the module it compiled."""
     check_flag(is_main, "is_main")
     _check_path(path)
     if not isinstance(model, nn.Module):
@@ -529,15 +592,24 @@ def save_checkpoint(path: str, model: nn.Module, *, ema: Optional[EMA] = None,
             raise TypeError(f"{name} must be a {kind.__name__} or None; got {type(value).__name__}.")
     if not is_main:
         return
-    state = {"config": config if config is not None else model_config(model), "model": model.state_dict(),
-             "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in model.state_dict().items()
+    weights = _unwrapped_keys(model.state_dict())
+    ema_state = ema.state_dict() if ema is not None else None
+    if isinstance(ema_state, dict) and isinstance(ema_state.get("module"), dict):
+        ema_state = dict(ema_state, module=_unwrapped_keys(ema_state["module"]))
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+             "config": _plain(config if config is not None else model_config(model), "config"), "model": weights,
+             "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in weights.items()
                         if t.is_floating_point()},
-             "ema": ema.state_dict() if ema is not None else None,
-             "optimizer": optimizer.state_dict() if optimizer is not None else None, "extra": extra or {}}
+             "ema": ema_state, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+             "extra": _plain(extra or {}, "extra")}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _cast_like_saved(model: nn.Module, dtypes: Optional[Dict[str, str]]) -> None:
@@ -568,8 +640,16 @@ def load_checkpoint(path: str, *, map_location=None, use_ema: bool = True) -> Tu
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors alike mean "not a checkpoint"
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch's message carries terminal colour codes
+        refused = [line.strip() for line in text.splitlines() if "Unsupported global" in line]
+        if refused:
+            raise ValueError(f"path {os.fspath(path)!r}: torch.load(weights_only=True) refused an object in it "
+                             f"({refused[0]}); save_checkpoint stores plain data and tensors only, so this file was "
+                             "written by other code (load it with torch.load(path, weights_only=False) only if "
+                             "you trust its source).") from err
+        first = text.strip().splitlines()[0] if text.strip() else ""
         raise ValueError(f"path {os.fspath(path)!r} is not an sdegen checkpoint (torch.load failed: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).") from err
+                         f"{type(err).__name__}: {first}).") from err
     missing = [k for k in ("config", "model") if not (isinstance(state, dict) and k in state)]
     if missing:
         got = f"a dict with keys {sorted(state)[:8]}" if isinstance(state, dict) else f"a {type(state).__name__}"
@@ -578,11 +658,23 @@ def load_checkpoint(path: str, *, map_location=None, use_ema: bool = True) -> Tu
     if not isinstance(state["config"], dict):
         raise ValueError(f"config: the checkpoint's config must be a dict from model_config; got "
                          f"{type(state['config']).__name__}.")
-    model = build_model(state["config"])
+    version = state.get("version", CHECKPOINT_VERSION)
+    newer = (f" It was written by a newer sdegen (checkpoint version {version}; this one reads up to "
+             f"{CHECKPOINT_VERSION})." if isinstance(version, int) and version > CHECKPOINT_VERSION else "")
+    try:
+        with torch.random.fork_rng(devices=[]):  # the network's random initialisation, overwritten below
+            model = build_model(state["config"])
+    except (KeyError, TypeError, ImportError) as err:
+        raise ValueError(f"path {os.fspath(path)!r}: its config cannot rebuild the model ({type(err).__name__}: "
+                         f"{err}).{newer}") from err
     _cast_like_saved(model, state.get("dtypes"))
     ema = state.get("ema")
     weights = ema["module"] if (use_ema and isinstance(ema, dict) and "module" in ema) else state["model"]
     model.load_state_dict(weights)
-    if map_location is not None:
+    if isinstance(map_location, dict) or callable(map_location):  # the weights' device after torch.load's mapping
+        device = next((t.device for t in weights.values() if isinstance(t, torch.Tensor)), None)
+        if device is not None:
+            model.to(device)
+    elif map_location is not None:
         model.to(map_location)
     return model.eval(), state

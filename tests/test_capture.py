@@ -65,8 +65,9 @@ def test_the_caller_keeps_its_tensors(on_any_device):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(method="ode"), "fixed-step"),
-    (dict(method="adaptive"), "fixed-step"),
+    (dict(method="ode"), "step samplers"),
+    (dict(method="ode", solver="rk4", steps=3), "step samplers"),
+    (dict(method="adaptive"), "step samplers"),
     (dict(method="euler_maruyama", noise="generator", steps=3), "per_example"),
     (dict(method="ddim", steps=3, progress=True), "progress"),
     (dict(method="ddim", steps=3, return_trajectory=True), "trajectory"),
@@ -74,6 +75,43 @@ def test_the_caller_keeps_its_tensors(on_any_device):
 def test_what_cannot_be_captured_is_named(on_any_device, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sdegen.sample(sdegen.VPSDE(), GaussianMixture.ring(), shape=(4, 2), seed=0, capture=True, **kwargs)
+
+
+def test_options_that_print_alike_capture_runs_of_their_own(on_any_device):
+    """The key holds tensors and objects by identity, not by their printed form: an inpainting image whose repr
+    equals another's (values 1.00001 and 1.00002) and a predictor whose repr hides its setting replayed the first
+    call's run."""
+    class Shift(sdegen.samplers.EulerMaruyama):
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def step(self, ctx, x, t, t_next, state):
+            x, state = super().step(ctx, x, t, t_next, state)
+            return x + self.shift, state
+
+        def __repr__(self):
+            return "Shift()"
+
+    sde, gm = sdegen.VPSDE(), GaussianMixture.ring()
+    mask = torch.zeros(4, 2, dtype=torch.bool)
+    mask[:, 0] = True
+    for value in (1.00001, 1.00002):
+        known = torch.full((4, 2), value, dtype=torch.float64)
+        kw = dict(shape=(4, 2), dtype=torch.float64, method="inpaint", known=known, mask=mask, steps=5, seed=0)
+        assert torch.equal(sdegen.sample(sde, gm, capture=True, **kw), sdegen.sample(sde, gm, **kw))
+    for shift in (0.0, 5.0):
+        kw = dict(shape=(4, 2), method="pc", predictor=Shift(shift), corrector_steps=0, steps=3, seed=0)
+        assert torch.equal(sdegen.sample(sde, gm, capture=True, **kw), sdegen.sample(sde, gm, **kw))
+    assert len(capture._CACHE) == 4
+
+
+def test_a_refused_capture_draws_no_seed():
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="capture=True"):
+        sdegen.sample(sdegen.VPSDE(), GaussianMixture.ring(), shape=(4, 2), method="euler_maruyama", steps=3,
+                      capture=True, **({} if not torch.cuda.is_available() else {"noise": "generator"}))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_capture_needs_cuda():

@@ -84,7 +84,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         model = _model(init_seed=rank)  # different initial weights: DDP must broadcast rank 0's
         res = sd.train_ddp(model, _loss, _train_data(), TRAIN_STEPS, batch_size=TRAIN_ROWS // (2 * WORLD),
                            seed=SEED, checkpoint=os.path.join(out, "ckpt.pt"), **_train_options(model))
+        # a held-out metric that differs between ranks (each scores its own share): one averaged decision
+        calls = []
+        metric = lambda m: (calls.append(1) or len(calls)) * (1.0 if rank == 0 else -1.0)  # noqa: E731
+        watched = _model(init_seed=0)
+        early = sd.train_ddp(watched, _loss, _train_data(), 6, batch_size=TRAIN_ROWS // (2 * WORLD), seed=SEED,
+                             evaluate=metric, eval_every=1, patience=2, restore_best=True,
+                             **_train_options(watched))
         torch.save({"samples": smp["samples"], "sample_nfe": smp.nfe, "local_samples": smp.local["samples"],
+                    "early": (early.steps, early.best_step, early.evaluations, watched.state_dict()),
                     "single": single["samples"],
                     "indices": smp.indices, "fixed": fixed["log_prob"], "fixed_nfe": fixed.nfe,
                     "adaptive": adaptive["log_prob"], "adaptive_bpd": adaptive["bpd"],
@@ -219,6 +227,12 @@ def test_errors(tmp_path):
                tmp_path / "samples-00000-of-00001.pt")
     with pytest.raises(ValueError, match="cover"):
         sd.load_shards(str(tmp_path))
+    # two ranks' files of runs with different seeds (a stale file left by an interrupted rerun)
+    for rank, seed in ((0, 0), (1, 1)):
+        torch.save({"indices": torch.tensor([rank]), "num_examples": 2, "world_size": 2, "rank": rank, "seed": seed,
+                    "batch_size": 1, "value/samples": torch.zeros(1, 2)}, tmp_path / f"mix-{rank:05d}-of-00002.pt")
+    with pytest.raises(ValueError, match="seeds differ"):
+        sd.load_shards(str(tmp_path), prefix="mix")
 
 
 def test_progress_and_seed_follow_the_library_rules():
@@ -276,3 +290,21 @@ def test_a_resumed_train_ddp_call_does_not_replay_the_first_ones_draws():
     seen.clear()
     sd.train_ddp(torch.nn.Linear(1, 1, bias=False), loss_fn, x, 4, start_step=4, **kw)
     assert seen == again  # the same (seed, start_step): the same draws
+
+
+def test_train_ddp_takes_one_early_stopping_decision_for_all_ranks(run):
+    """evaluate's values differ between ranks (1, 2, 3, ... on rank 0; -1, -2, ... on rank 1): averaged, they never
+    improve, so both ranks stop after patience = 2 evaluations and restore step 0's weights. Each rank deciding
+    alone hung (rank 0 stopped while rank 1 waited in the next all-reduce) or kept different weights."""
+    _, ranks = run
+    (steps0, best0, evals0, w0), (steps1, best1, evals1, w1) = ranks[0]["early"], ranks[1]["early"]
+    assert steps0 == steps1 == 2 and best0 == best1 == 0
+    assert evals0 == evals1 == [(0, 0.0), (1, 0.0), (2, 0.0)]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert all(torch.equal(w0[k], v) for k, v in _model(init_seed=0).state_dict().items())
+
+
+def test_sample_sharded_refuses_batch_dependent_noise():
+    gm, sde = _problem()
+    with pytest.raises(ValueError, match="noise: sample_sharded draws every example's noise from its own seed"):
+        sd.sample_sharded(sde, gm, 4, (2,), seed=0, noise="generator", method="euler_maruyama", steps=2)

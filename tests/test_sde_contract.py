@@ -633,3 +633,53 @@ def test_discrete_vp_failures_are_reported_in_t():
                                 torch.cat([ring.sample(3, seed=0), torch.tensor([[50.0, 0.0]])]),
                                 divergence="exact", solver="rk4", steps=50, on_failure="mask")
     assert res.failed == [3]
+
+
+class ScaledVE(sdegen.SDE):
+    """s(t) = scale * t with a constructor argument that config() forgets (the default config() returns {})."""
+
+    T, t_min = 1.0, 1e-3
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def log_mean_coeff(self, t):
+        return torch.zeros_like(t)
+
+    def std(self, t):
+        return self.scale * t
+
+
+class RecordedScaledVE(ScaledVE):
+    def config(self):
+        return {"scale": self.scale}
+
+
+def test_a_description_that_rebuilds_another_process_is_refused_before_writing(tmp_path):
+    """config() = {} for ScaledVE(scale=50) rebuilt scale 1: the checkpoint loaded a model under another kernel.
+    Saving (checkpoints, grid files) now checks that the description rebuilds the same m and s."""
+    with pytest.raises(ValueError, match="rebuilds another process"):
+        ScaledVE(scale=50.0).check_description()
+    with pytest.raises(ValueError, match="rebuilds another process"):
+        sdegen.training.sde_config(ScaledVE(scale=50.0))
+    with pytest.raises(ValueError, match="rebuilds another process"):
+        sdegen.schedules.save_grid(tmp_path / "g.json", torch.tensor([1.0, 0.5, 1e-3], dtype=F64), ScaledVE(50.0))
+    assert not list(tmp_path.iterdir())
+    assert ScaledVE().check_description() == ScaledVE().describe()  # the default: nothing lost
+    sde = RecordedScaledVE(scale=50.0)
+    assert sdegen.SDE.from_description(sde.check_description()).scale == 50.0
+
+
+def test_a_description_never_imports_a_module():
+    """The class is looked up among the SDE classes defined in this process: a file cannot make the loader import
+    (and so run) a module, and a missing one is a ValueError that says what to import."""
+    import sys
+    assert "antigravity" not in sys.modules
+    for name in ("antigravity:Anything", "no_such_module_xyz:SDE"):
+        with pytest.raises(ValueError, match=r"defined in this process; import the module"):
+            sdegen.SDE.from_description({"class": name, "config": {}})
+    assert "antigravity" not in sys.modules
+    with pytest.raises(ValueError, match="names no sdegen.SDE subclass"):
+        sdegen.SDE.from_description({"class": "torch:Tensor", "config": {}})
+    rebuilt = sdegen.SDE.from_description(RecordedScaledVE(3.0).describe())  # defined here (a test module)
+    assert type(rebuilt) is RecordedScaledVE and rebuilt.scale == 3.0
