@@ -17,6 +17,7 @@ typing: nothing here imports diffusers or k-diffusion.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -41,7 +42,10 @@ class DiffusersNet(torch.nn.Module):
     diffusers' ``variance_type="learned"`` / ``"learned_range"``), which keeps its first C channels, the mean
     prediction, as diffusers' schedulers do; False keeps the output whole (another shape is then refused by the
     model); None (a bare table, no scheduler to say) cuts a 2C-channel output of an image-like state (B, C, ...).
-    Extra call arguments (``class_labels``, ``encoder_hidden_states``, ...) pass through.
+    Extra call arguments (``class_labels``, ``encoder_hidden_states``, ...) pass through; one positional integer
+    tensor (the labels of :func:`sdegen.classifier_free_guidance` and :func:`sdegen.classifier_guidance`) goes to
+    ``class_labels`` for a network whose third parameter is another one (``UNet2DConditionModel``'s is
+    ``encoder_hidden_states``).
     """
 
     def __init__(self, unet: Callable, learned_variance: Optional[bool] = None):
@@ -54,8 +58,13 @@ class DiffusersNet(torch.nn.Module):
         if learned_variance is not None and not isinstance(learned_variance, bool):
             raise ValueError(f"learned_variance must be True, False or None; got {learned_variance!r}.")
         self.unet, self.learned_variance = unet, learned_variance
+        self.labels_by_keyword = _third_parameter(unet) not in (None, "class_labels") and \
+            _takes_keyword(unet, "class_labels")
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if (self.labels_by_keyword and len(args) == 1 and isinstance(args[0], torch.Tensor)
+                and not args[0].is_floating_point() and "class_labels" not in kwargs):
+            args, kwargs = (), dict(kwargs, class_labels=args[0])  # labels, not an embedding of text
         out = self.unet(x, timestep, *args, **kwargs)
         out = getattr(out, "sample", out)
         if isinstance(out, (tuple, list)):
@@ -65,6 +74,24 @@ class DiffusersNet(torch.nn.Module):
                 and out.shape[2:] == x.shape[2:]):
             out = out[:, :x.shape[1]]
         return out
+
+
+def _forward_parameters(net: Callable) -> Optional[list]:
+    """The names of ``net``'s (or its forward's) parameters, None where Python cannot tell."""
+    try:
+        return list(inspect.signature(getattr(net, "forward", net)).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _third_parameter(net: Callable) -> Optional[str]:
+    names = _forward_parameters(net)
+    return names[2] if names is not None and len(names) > 2 else None
+
+
+def _takes_keyword(net: Callable, name: str) -> bool:
+    names = _forward_parameters(net)
+    return names is not None and name in names
 
 
 class DiscreteTimestep:

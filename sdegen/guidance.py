@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import copy
-
+import numbers
+from collections.abc import Mapping
 from numbers import Real
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -21,7 +22,7 @@ import torch
 from ._deprecation import renamed
 from ._util import Time, batch_time, bcast
 from ._validate import accepted_keywords, reject_sample_options, check_int, check_number, check_options, check_tensor, is_integer_dtype
-from .models import Model, ScoreModel, _same_sde, as_model
+from .models import Model, ScoreModel, _same_sde, as_model, network_dtype
 from .analytic import GaussianMixture, nan_for_nonfinite_rows
 from .samplers import ReverseDiffusion, StepSampler, get_sampler, register_sampler
 from .sde import SDE
@@ -36,10 +37,13 @@ def _check_scale(scale, name: str) -> float:
 
 
 def _num_classes(obj) -> Optional[int]:
+    """The class count a model (or the network it wraps, through a dict-like or attribute-style ``.config``)
+    declares; None where it declares none."""
     n = getattr(obj, "num_classes", None)
-    if n is None:
-        n = getattr(getattr(obj, "net", None), "config", {}).get("num_classes") if hasattr(obj, "net") else None
-    return int(n) if n is not None else None
+    if n is None and hasattr(obj, "net"):
+        config = getattr(obj.net, "config", None)
+        n = config.get("num_classes") if isinstance(config, Mapping) else getattr(config, "num_classes", None)
+    return int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool) else None
 
 
 def _check_labels(y: Labels, num_classes: Optional[int]) -> Labels:
@@ -76,19 +80,29 @@ def _label_batch(y: Labels, x: torch.Tensor) -> torch.Tensor:
 
 def classifier_log_prob_grad(classifier: Callable, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                              check_classes: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """grad_x log p_t(y | x) = grad_x log_softmax(classifier(x, t))[y], shape of x. Differentiable itself (second
-    order) when x requires grad, so gradients can flow through guided sampling. ``check_classes``, if given, is
-    called with the number of classes the logits have before the labels index them."""
+    """grad_x log p_t(y | x) = grad_x log_softmax(classifier(x, t))[y], shape and dtype of x. Differentiable itself
+    (second order) when grad mode is on, so gradients flow through guided sampling to x_T and to the classifier's
+    parameters; under ``torch.no_grad()`` it is a plain tensor. A classifier module whose parameters have another
+    floating dtype than x sees x (and t) cast to it. ``check_classes``, if given, is called with the number of
+    classes the logits have before the labels index them."""
     if torch.is_inference_mode_enabled():  # no autograd there: the gradient is taken on copies outside it
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             return classifier_log_prob_grad(classifier, x.clone(), t.clone() if isinstance(t, torch.Tensor) else t,
                                             y.clone(), check_classes=check_classes)
-    keep_graph = x.requires_grad
+    keep_graph = torch.is_grad_enabled()  # read before enable_grad: False under the caller's no_grad
     with torch.enable_grad():
-        xi = x if keep_graph else x.detach().requires_grad_(True)
-        logits = classifier(xi, t)
-        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError(f"the classifier must return logits of shape (B, C); got {tuple(logits.shape)}.")
+        xi = x if x.requires_grad else x.detach().requires_grad_(True)
+        dtype = network_dtype(classifier)
+        cast = dtype is not None and dtype != x.dtype
+        logits = classifier(xi.to(dtype) if cast else xi,
+                            t.to(dtype) if cast and isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"the classifier must return logits of shape (B, C); got {got}.")
+        if not logits.requires_grad:
+            raise ValueError("the classifier's logits do not depend on x through autograd (a forward under "
+                             "torch.no_grad, detached tensors or NumPy inside it): classifier guidance needs "
+                             "grad_x log p_t(y | x).")
         if check_classes is not None:
             check_classes(logits.shape[1])
         logp = torch.log_softmax(logits, dim=1).gather(1, y[:, None]).sum()
@@ -101,7 +115,11 @@ def _guide_rows(guide, index: torch.Tensor):
     if not (isinstance(guide.y, torch.Tensor) and guide.y.ndim == 1):
         return guide
     restricted = copy.copy(guide)
-    restricted.y = guide.y[index.to(guide.y.device)]
+    try:
+        restricted.y = guide.y[index.to(guide.y.device)]
+    except IndexError:  # fewer labels than the batch a pilot grid serves in turn
+        raise ValueError(f"y has {guide.y.shape[0]} labels, fewer than the batch's examples; give one label per "
+                         "example.") from None
     return restricted
 
 
@@ -232,12 +250,15 @@ class ClassifierFreeGuidedScore:
         check_int(num_classes, "num_classes", lo=1, none_ok=True)
         self.num_classes = num_classes if num_classes is not None else _num_classes(model)
         self.model, self.y = model, _check_labels(y, self.num_classes)
-        given = _check_null_label(null_label)
-        self.null_label = given if given is not None else _check_null_label(_default_null_label(model))
+        given, declared = _check_null_label(null_label), _default_null_label(model)
+        self.null_label = given if given is not None else _check_null_label(declared)
         if self.null_label is not None and self.num_classes is not None and self.null_label < self.num_classes:
             raise ValueError(f"null_label={self.null_label} is one of the model's {self.num_classes} classes "
                              f"(0-{self.num_classes - 1}): the unconditional branch would be that class's conditional. "
                              f"Pass the label the network was trained to read as 'no label' (e.g. {self.num_classes}).")
+        if given is not None and isinstance(declared, int) and given != declared:
+            raise ValueError(f"null_label={given}, but the network declares .null_label = {declared} (the label it "
+                             "was trained to read as 'no label'); leave null_label unset or give that one.")
         self.batched = self.null_label is not None
         self.nfe_per_call = 1 if self.batched or self.w == 0.0 else 2
 
@@ -352,7 +373,9 @@ class Inpaint(StepSampler):
 
     Args:
         known: (B, ...) or (...) values; only entries where ``mask`` is true are used.
-        mask: bool (or 0/1) tensor, True where x is known; shape (B, ...) or (...) matching x.
+        mask: bool (or 0/1) tensor, True where x is known, of any shape that broadcasts to x's (B, ...): x's
+            own, the per-example (...), or with size-1 axes such as (B, 1, H, W) or (1, 1, H, W) for an image.
+        known: likewise, of a shape that broadcasts to x's.
         sampler: the wrapped fixed-step sampler (a name from ``sdegen.SAMPLERS`` or a StepSampler); options for it.
             (Called ``sampler`` here, not ``method`` as in :func:`inpaint`: ``sample(method="inpaint", ...)`` takes
             ``method`` itself.)
@@ -389,12 +412,18 @@ class Inpaint(StepSampler):
             raise TypeError(f"Inpaint wraps a fixed-step sampler (a StepSampler); got {type(self.inner).__name__}.")
         self.nfe_per_step, self.default_steps = self.inner.nfe_per_step, self.inner.default_steps
         self.default_schedule = self.inner.default_schedule
+        # the wrapped sampler's accuracy is what grids are laid out for (the pilot's and sensitivity's)
+        self.order, self.exponential = self.inner.order, self.inner.exponential
 
     def _check(self, x: torch.Tensor) -> None:
         for name, v in (("mask", self.mask), ("known", self.known)):
-            if tuple(v.shape) not in (tuple(x.shape), tuple(x.shape[1:])):
-                raise ValueError(f"{name} must have x's shape {tuple(x.shape)} or its per-example shape "
-                                 f"{tuple(x.shape[1:])}; got {tuple(v.shape)}.")
+            try:
+                fits = torch.broadcast_shapes(v.shape, x.shape) == x.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"{name} must have a shape that broadcasts to x's {tuple(x.shape)} (x's own, the "
+                                 f"per-example {tuple(x.shape[1:])}, or with size-1 axes); got {tuple(v.shape)}.")
 
     def start(self, ctx, x, ts):
         self._check(x)

@@ -620,3 +620,20 @@ def test_a_pipeline_is_refused_with_its_parts_named():
 
     with pytest.raises(TypeError, match="pipe.unet"):
         from_diffusers(Pipeline(), TABLE)
+
+
+def test_labels_reach_class_labels_of_a_cross_attention_network():
+    """UNet2DConditionModel's third parameter is encoder_hidden_states: guidance's labels, passed positionally, went
+    there (diffusers then said "class_labels should be provided"). A network with that signature, standing in for it."""
+    from sdegen.adapters import DiffusersNet
+
+    class CrossAttentionNet(torch.nn.Module):
+        def forward(self, sample, timestep, encoder_hidden_states=None, class_labels=None):
+            assert encoder_hidden_states is None or encoder_hidden_states.is_floating_point()
+            return sample * 0 + class_labels.to(sample.dtype)[:, None]
+
+    net = DiffusersNet(CrossAttentionNet())
+    x, labels = torch.zeros(3, 2), torch.tensor([0, 2, 1])
+    assert torch.equal(net(x, torch.zeros(3), labels), labels[:, None].float().expand(3, 2))
+    hidden = torch.ones(3, 1, 4)  # a float tensor is an embedding and stays where it was put
+    assert torch.equal(net(x, torch.zeros(3), hidden, class_labels=labels), labels[:, None].float().expand(3, 2))
