@@ -202,7 +202,7 @@ def default_t_min(sde: SDE) -> float:
     (the blur then changes log p by a small fraction of what the data's own resolution does), or ``sde.t_min``
     when that is earlier (an SDE whose kernel is that narrow sooner, or never: VE's "paper" kernel).
     VP (beta_min = 0.1): t ~ 9.5e-6; cosine VP: 2.5e-5; EDM and flow: about 1/1024; sub-VP (whose std grows like
-    t^2 near 0) and VE: ``sde.t_min``.
+    beta_min t near 0, against sqrt(beta_min t) for VP) and VE: ``sde.t_min``.
     An SDE whose ``t_min_is_earliest`` (a :class:`sdegen.DiscreteVPSDE`: the table's first timestep) starts at its
     ``t_min``."""
     if sde.t_min_is_earliest:
@@ -336,7 +336,7 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
         try:
             y1, info = solve_augmented(field, y0, t_lo, t_hi, method=opt.solver, steps=steps, adjoint=adjoint,
                                        adjoint_params=None if adjoint_params is None else tuple(adjoint_params),
-                                       clock=clock_for(sde),
+                                       clock=clock_for(sde, opt.adaptive),
                                        **tolerances)
         except SolverError as err:
             nfe[0] += getattr(err, "nfe", 0)
@@ -411,7 +411,10 @@ def _solve_multistep(sde, score, x, probes, t_lo, t_hi, opt: _Settings, chunk_si
 
 def _check_discrete(levels: int, data_range: Sequence[float]) -> Tuple[float, float]:
     levels = check_int(levels, "levels", lo=2, hint=" (values per dimension, e.g. 256 for 8-bit images)")
-    lo, hi = (float(v) for v in data_range)
+    try:
+        lo, hi = (float(v) for v in data_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"data_range must be (lo, hi), two numbers with lo < hi; got {data_range!r}.") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         raise ValueError(f"data_range must be (lo, hi) with lo < hi; got {tuple(data_range)!r}.")
     return lo, hi
@@ -443,7 +446,7 @@ def dequantize(x: torch.Tensor, levels: int, *, data_range: Tuple[float, float] 
 
 
 def bits_per_dim(log_prob: torch.Tensor, dim: int, *, levels: Optional[int] = None,
-                 data_range: Tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+                 data_range: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """Bits per dimension from per-example log-densities (B,) of D-dimensional data.
 
     Continuous data (levels=None): bpd = -log p(x) / (D ln 2).
@@ -452,12 +455,15 @@ def bits_per_dim(log_prob: torch.Tensor, dim: int, *, levels: Optional[int] = No
         log P(n) >= E_u[log p(z)] + D log((hi - lo) / K),
     so bpd = -log p(z) / (D ln 2) + log2(K) - log2(hi - lo).
     For data mapped to [-1, 1] (hi - lo = 2) the offset is log2(K) - 1, i.e. 7 bits for 8-bit images;
-    for [0, 1] it is log2(K), i.e. 8 bits.
+    for [0, 1] it is log2(K), i.e. 8 bits. ``data_range`` (default (-1, 1)) applies to discrete data only: given
+    without ``levels`` it raises ValueError (forgetting levels=256 for [0, 1] images would cost 8 bits/dim).
     """
-    if not (isinstance(dim, int) and dim >= 1):
-        raise ValueError(f"dim must be a positive int (values per example); got {dim!r}.")
+    dim = check_int(dim, "dim", lo=1, hint=" (values per example)")
+    if data_range is not None and levels is None:
+        raise ValueError("data_range: it is the range of discrete data given with levels=...; pass levels (e.g. "
+                         "256 for 8-bit images) or leave data_range unset for continuous data.")
     bpd = -log_prob / (dim * _LN2)
     if levels is not None:
-        lo, hi = _check_discrete(levels, data_range)
+        lo, hi = _check_discrete(levels, (-1.0, 1.0) if data_range is None else data_range)
         bpd = bpd + math.log2(levels) - math.log2(hi - lo)
     return bpd

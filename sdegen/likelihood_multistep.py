@@ -41,7 +41,7 @@ Steps: the standard (I) controller of Runge-Kutta codes, exponent 1/(k + 2) (res
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -79,10 +79,21 @@ class _DenoiserDivergence:
     By Tweedie's formula D(m y) = y + (s^2 / m) score(m y), so div_y D = d + (s^2 / m) div_y score(m y), d the
     dimension: the divergence is taken of the score, whose dependence on x is the network's alone. (Taken of D, a
     network run without autograd would still pass for differentiable through the term y, and its divergence
-    would silently be d.) The identity's share d is exact, so Gaussian probes estimate only the score's part."""
+    would silently be d.) With probes v the identity's share is estimated by the same probes, (1/K) sum_k |v_k|^2,
+    as the Runge-Kutta path does: at high noise the identity and the score's share nearly cancel probe by probe,
+    and taking the first as exactly d while estimating the second broke that cancellation (10x the variance with
+    Gaussian probes; Rademacher probes have |v|^2 = d)."""
 
     def __init__(self, model: Model, probes: Optional[torch.Tensor], chunk_size: Optional[int]):
         self.model, self.probes, self.chunk_size, self.nfe = model, probes, chunk_size, 0
+        self.identity: Union[float, torch.Tensor, None] = None  # the identity's share of div_y D, per example
+
+    def identity_share(self, y: torch.Tensor) -> Union[float, torch.Tensor]:
+        """d for the exact divergence; the probes' mean |v_k|^2 (B,) for Hutchinson's."""
+        if self.identity is None:
+            self.identity = float(y[0].numel()) if self.probes is None else \
+                self.probes.to(y.dtype).reshape(self.probes.shape[0], y.shape[0], -1).pow(2).sum(2).mean(0)
+        return self.identity
 
     def __call__(self, y: torch.Tensor, t: torch.Tensor, m: float, s: float) -> Tuple[torch.Tensor, torch.Tensor]:
         self.nfe += 1
@@ -96,7 +107,7 @@ class _DenoiserDivergence:
         else:
             score, div = divergence_hutchinson(field, y, self.probes, create_graph=False)
         c = s * s / m
-        return y + c * score, (y[0].numel() + c * div).to(y.dtype)
+        return y + c * score, (self.identity_share(y) + c * div).to(y.dtype)
 
 
 class _Point:
@@ -167,6 +178,7 @@ class MultistepLikelihood:
         if bool(bad.any()):
             raise self._nonfinite(bad, here, 0.0, B)
         hist = [(here.tau, d_now, div_now)]
+        identity = field.identity_share(y)  # d, or the probes' estimate of it
         h = self.h_init if self.h_init is not None else self._first_step(y, d_now, here, end)
         rejected, ratios = False, None
         while end.tau - here.tau > 1e-12 * max(1.0, abs(end.tau)):
@@ -180,8 +192,8 @@ class MultistepLikelihood:
             nxt = end if last else _point_at_tau(sde, here.tau + h)
             y_new, l_new, delta_y, delta_l, new_point = self._step(field, y, big_l, hist, here, nxt, h)
             per = self._ratios(x_old=y * here.m, x_new=y_new * nxt.m, dx=delta_y * nxt.m,
-                               l_old=d * math.log(here.s / start.s) - big_l,
-                               l_new=d * math.log(nxt.s / start.s) - l_new, dl=delta_l, d=d)
+                               l_old=identity * math.log(here.s / start.s) - big_l,
+                               l_new=identity * math.log(nxt.s / start.s) - l_new, dl=delta_l, d=d)
             e = float(per.max())  # the step's one host read
             if not math.isfinite(e):
                 raise self._nonfinite(~torch.isfinite(per), here, h, B)
@@ -196,7 +208,7 @@ class MultistepLikelihood:
             else:
                 self.stats["rejected"] += 1
             h, rejected = self._next_h(h, e, k, rejected), e > 1.0
-        delta_log_prob = d * math.log(end.s / start.s) - big_l
+        delta_log_prob = identity * math.log(end.s / start.s) - big_l
         return y * end.m, delta_log_prob
 
     def _step(self, field, y, big_l, hist, here, nxt, h):

@@ -295,3 +295,38 @@ def test_messages_for_the_prior_shape_and_inference_mode():
         log_likelihood(sde, gm, x, divergence="exact")
     with torch.no_grad():  # works: the divergence enables gradients itself
         assert bool(torch.isfinite(log_likelihood(sde, gm, x, divergence="exact").log_prob).all())
+
+
+@pytest.mark.parametrize("sde_name", ["VPSDE", "VESDE", "EDMSDE", "FlowSDE"])
+def test_fixed_grids_converge_on_every_sde(sde_name):
+    """Fixed grids take equal steps in log sigma on every SDE: in t itself, EDM's t = sigma put the first of 200
+    steps from sigma 0.001 to 0.4 and the likelihood stayed 2.5 nats off. The likelihood and the ODE samples
+    converge to the oracle's like a fourth-order method (error ratio > 8 from 50 to 200 RK4 steps)."""
+    sde = getattr(sdegen, sde_name)()
+    gm = GaussianMixture.ring()
+    x = gm.sample(16, seed=0, dtype=torch.float64)
+    prior = gm.marginal(sde, sde.T).log_prob
+    errors = []
+    for steps in (50, 200):
+        r = log_likelihood(sde, gm, x, divergence="exact", solver="rk4", steps=steps, prior=prior)
+        exact = gm.log_prob(sde, x, torch.full((16,), r.t_min, dtype=torch.float64))
+        errors.append(float((r.log_prob - exact).abs().max()))
+    assert errors[1] < 1e-3 and errors[0] > 8 * errors[1], errors
+    x_T = sde.prior_sample((16, 2), seed=1, dtype=torch.float64)
+    ref = sdegen.sample(sde, gm, x_T, method="ode", rtol=1e-10, atol=1e-10)
+    errors = [float((sdegen.sample(sde, gm, x_T, method="ode", solver="rk4", steps=n) - ref).abs().max())
+              for n in (50, 200)]
+    assert errors[1] < 1e-4 and errors[0] > 8 * errors[1], errors
+
+
+def test_bits_per_dim_options_are_named():
+    lp = torch.tensor([-10.0, -20.0])
+    with pytest.raises(ValueError, match="data_range: it is the range of discrete data"):
+        bits_per_dim(lp, 4, data_range=(0.0, 1.0))  # forgetting levels=256 cost 8 bits/dim
+    torch.testing.assert_close(bits_per_dim(lp, 4, levels=256), bits_per_dim(lp, 4, levels=256,
+                                                                            data_range=(-1.0, 1.0)))
+    with pytest.raises(TypeError, match="dim"):
+        bits_per_dim(lp, True)
+    for bad in ((0.0,), (0.0, 1.0, 2.0), "ab"):
+        with pytest.raises(ValueError, match="data_range must be"):
+            bits_per_dim(lp, 4, levels=256, data_range=bad)
