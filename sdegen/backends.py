@@ -8,6 +8,7 @@ path depends only on its own seed.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -241,6 +242,36 @@ def _solve_isolated(solver, ctx: Context, x: torch.Tensor, ts: torch.Tensor, ste
     return traj, x, n
 
 
+# torchdiffeq options that the solve sets itself, and the argument of sdegen's that sets them
+_OWNED_ODE_OPTIONS = {"norm": "the per-example error norm that names failing examples",
+                      "step_t": "the end time, which adaptive solves land on", "max_num_steps": "max_steps=",
+                      "grid_constructor": "steps=", "step_size": "steps="}
+
+
+def _check_ode_options(solver: str, adaptive: bool, options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``options`` for torchdiffeq's ``solver``: a dict of the keywords its constructor reads (ValueError for one it
+    does not read, which torchdiffeq would only warn of, and for one that sdegen sets, naming what sets it)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict of torchdiffeq solver options; got {type(options).__name__}.")
+    valid = set()
+    for cls in _ODE_SOLVERS[solver].__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            valid |= {p.name for p in inspect.signature(init).parameters.values()
+                      if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    valid = (valid - {"self", "func", "y0", "rtol", "atol"}) | ({"norm"} if adaptive else set())
+    owned = sorted(k for k in options if k in _OWNED_ODE_OPTIONS)
+    if owned:
+        raise ValueError(f"options {owned}: sdegen sets these itself ({'; '.join(f'{k}: {_OWNED_ODE_OPTIONS[k]}' for k in owned)}).")
+    unknown = sorted(k for k in options if k not in valid)
+    if unknown:
+        raise ValueError(f"options {unknown} are not options of torchdiffeq's {solver!r} (valid: "
+                         f"{sorted(valid - set(_OWNED_ODE_OPTIONS)) or 'none'}); torchdiffeq would ignore them.")
+    return dict(options)
+
+
 class ODESolver(Solver):
     """Probability-flow ODE through ``torchdiffeq.odeint`` (adaptive dopri5 by default).
 
@@ -281,7 +312,7 @@ class ODESolver(Solver):
         self.solver = solver
         self.rtol, self.atol = float(1e-5 if rtol is None else rtol), float(1e-5 if atol is None else atol)
         self.max_steps = 100_000 if max_steps is None else max_steps
-        self.options = dict(options or {})
+        self.options = _check_ode_options(solver, self.adaptive, options)
         self.default_steps = None if self.adaptive else 100
         self.on_failure = check_on_failure("raise" if on_failure is None else on_failure)
         self.failed: list = []
@@ -416,6 +447,32 @@ class PerExampleBrownian(torchsde.BaseBrownian):
         return "none"
 
 
+class _SharedFirstDrift(torch.nn.Module):
+    """A torchsde SDE whose first drift evaluation serves twice: ``sdeint`` checks the drift's shape at (t0, y0)
+    before its solver evaluates the same point, which cost one network call per solve (N + 1 for N Euler steps)."""
+
+    def __init__(self, rsde: torch.nn.Module):
+        super().__init__()
+        self.rsde, self.noise_type, self.sde_type = rsde, rsde.noise_type, rsde.sde_type
+        self.first: Optional[tuple] = None  # (tau as a float, y, drift) of the first evaluation, until reused
+        self.calls = 0
+
+    def f(self, tau, y):
+        self.calls += 1
+        if self.first is not None and self.calls == 2:
+            first_tau, first_y, out = self.first
+            self.first = None
+            if y is first_y and float(tau) == first_tau:  # host times: no device read
+                return out
+        out = self.rsde.f(tau, y)
+        if self.calls == 1:
+            self.first = (float(tau), y, out)
+        return out
+
+    def g(self, tau, y):
+        return self.rsde.g(tau, y)
+
+
 class _WatchedSDE(torch.nn.Module):
     """A torchsde SDE that watches its drift: which examples gave a non-finite value (kept on the device, no host
     read), and the solver times (tau) of the last drift evaluations, for the message of a failed solve."""
@@ -518,6 +575,7 @@ class SDESolver(Solver):
         event_shape = x.shape[1:]
         rsde = sde.reverse(score, event_shape=event_shape)
         rsde.sde_type = SDE_METHODS[self.solver]
+        rsde = _SharedFirstDrift(rsde)
         watched = _WatchedSDE(rsde) if self.adaptive else rsde
         # the increasing clock stays on the host: torchsde compares and steps its times in Python (min(t + dt, t1)),
         # which on device tensors would wait for the device at every step

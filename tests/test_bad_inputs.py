@@ -688,3 +688,26 @@ def test_sample_device_is_parsed_and_must_agree_with_x_T():
     with pytest.raises(ValueError, match="device must be"):
         sdegen.sample(sde, ring, shape=(3, 2), method="ddim", steps=2, device="no-such-device")
     assert sdegen.sample(sde, ring, torch.zeros(3, 2), method="ddim", steps=2, device="cpu").device.type == "cpu"
+
+
+def test_sampler_settings_that_cannot_work_are_named():
+    """annealed_langevin diverges for step_lr >= 4 s(t_min)^2 (NCSN's 2e-5 under VESDE(), whose s(t_min) is 1.3e-4,
+    returned all-NaN samples); Restart on a grid that ends above its interval blamed the step count; torchdiffeq
+    options that sdegen sets, or that the solver does not read, are refused instead of misreporting or warning."""
+    ring = sdegen.GaussianMixture.ring()
+    with pytest.raises(ValueError, match=r"step_lr=2e-05 is .* diverges for step_lr >= 4 s\(t_min\)\^2"):
+        sdegen.sample(sdegen.VESDE(), ring, shape=(4, 2), method="annealed_langevin", step_lr=2e-5, steps=3, seed=0)
+    x = sdegen.sample(sdegen.VESDE(kernel="paper"), ring, shape=(4, 2), method="annealed_langevin", step_lr=2e-5,
+                      steps=3, seed=0)  # 0.2 s(t_min)^2 there: NCSN's own setting
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match=r"restart_sigmas: the grid ends at sigma\(t_min\) = 4.*raise restart_sigmas"):
+        sdegen.sample(sdegen.EDMSDE(), ring, shape=(4, 2), method="restart", steps=20, t_min=4.0, seed=0)
+    x_T = sdegen.VPSDE().prior_sample((4, 2), seed=0)
+    for options, match in (({"max_num_steps": 3}, "sdegen sets these itself .*max_steps="),
+                           ({"norm": lambda v: v.abs().max()}, "sdegen sets these itself"),
+                           ({"frist_step": 0.1}, "not options of torchdiffeq's 'dopri5'")):
+        with pytest.raises(ValueError, match=match):
+            sdegen.sample(sdegen.VPSDE(), ring, x_T, method="ode", options=options)
+    with pytest.raises(ValueError, match="step_size: steps="):
+        sdegen.sample(sdegen.VPSDE(), ring, x_T, method="ode", solver="rk4", steps=4, options={"step_size": 0.1})
+    sdegen.sample(sdegen.VPSDE(), ring, x_T, method="ode", options={"first_step": 0.01})  # one it reads

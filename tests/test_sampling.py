@@ -250,8 +250,8 @@ def test_a_cuda_device_without_cuda_names_the_parameter():
 
 def test_sde_steps_are_exactly_the_steps_asked_for():
     """torchsde's min(t + dt, t1) left a step of round-off length after n steps for about half of all n (the default
-    1000 among them): one more step's evaluations. Every n now takes n steps: NFE n + 1 (torchsde's own check of
-    the drift at the start) for Euler."""
+    1000 among them): one more step's evaluations. Every n now takes n steps: NFE n for Euler (torchsde's own check
+    of the drift at the start shares the first step's evaluation; it cost one more), 10 n for srk."""
     calls = []
 
     def score(x, t):
@@ -261,7 +261,11 @@ def test_sde_steps_are_exactly_the_steps_asked_for():
     for steps in (7, 100, 200, 1000):
         calls.clear()
         _, info = sdegen.sample(SDES["vp"], score, shape=(2, 1), method="sde", steps=steps, seed=0, return_info=True)
-        assert info.nfe == len(calls) == steps + 1, steps
+        assert info.nfe == len(calls) == steps, steps
+    calls.clear()
+    _, info = sdegen.sample(SDES["vp"], score, shape=(2, 1), method="sde", solver="srk", steps=3, seed=0,
+                            return_info=True)
+    assert info.nfe == len(calls) == 30
 
 
 def test_reversible_heun_is_refused_for_the_reverse_sde():

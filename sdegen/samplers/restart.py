@@ -124,9 +124,13 @@ class Restart(StepSampler):
         m_top, s_top, _ = point(ctx, torch.tensor(ctx.sde.T, dtype=torch.float64))
         hi = min(hi, s_top / m_top)
         below = [i for i in range(1, len(grid)) if sigmas[i] < hi]  # restart points under the interval's top
+        if not below and sigmas[-1] >= hi:  # the whole grid stays above the interval: no step count helps
+            raise ValueError(f"restart_sigmas: the grid ends at sigma(t_min) = {sigmas[-1]:.4g}, above the restart "
+                             f"interval's top sigma = {hi:.4g}; raise restart_sigmas[1] above it, lower t_min, or "
+                             "pass restarts=0.")
         if not below:
             raise ValueError(f"steps: no time of this {len(grid) - 1}-step grid after T lies below the restart "
-                             f"interval's top sigma = {hi:.4g}; give more steps (or a lower restart_sigmas[0]).")
+                             f"interval's top sigma = {hi:.4g}; give more steps.")
         j = min(below, key=lambda i: abs(math.log(sigmas[i] / lo)))
         t_hi = min(float(ctx.sde.t_from_sigma(torch.tensor(hi, dtype=torch.float64))), ctx.sde.T)
         sub = time_grid(ctx.sde, self._n_restart(len(grid) - 1), self.inner.default_schedule, t_min=grid[j],

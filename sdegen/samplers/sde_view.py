@@ -219,9 +219,11 @@ class AnnealedLangevin(StepSampler):
 
     Each step runs ``steps_each`` Langevin iterations x += alpha/2 s + sqrt(alpha) z at the noise level of
     t_next, with alpha = step_lr * s(t_next)^2 / s_L^2 and s_L = s(t_min) the last level. NCSN used
-    step_lr = 2e-5 with s_L = 0.01; the default step_lr = 0.1 s_L^2 keeps alpha / s(t)^2 = 0.1 at every
-    level, whatever t_min is. NFE = steps * steps_each. It has no order in the step count: its bias is set by
-    step_lr and steps_each, not by the grid.
+    step_lr = 2e-5 with s_L = 0.01 (0.2 s_L^2); the default step_lr = 0.1 s_L^2 keeps alpha / s(t)^2 = 0.1 at
+    every level, whatever t_min is. On a level where p_t is close to a Gaussian of variance s(t)^2 (every high
+    noise level) an iteration multiplies deviations by 1 - step_lr / (2 s_L^2), so step_lr >= 4 s_L^2 diverges
+    and is refused. NFE = steps * steps_each. It has no order in the step count: its bias is set by step_lr and
+    steps_each, not by the grid.
     """
 
     order = 1
@@ -238,7 +240,12 @@ class AnnealedLangevin(StepSampler):
     def start(self, ctx, x, ts):
         s_last = ctx.sde.std(ts[-1])
         lr = 0.1 * s_last**2 if self.step_lr is None else self.step_lr
-        return lr / s_last**2  # alpha = this * s(t)^2
+        rel = lr / s_last**2  # alpha = rel * s(t)^2
+        if float(rel) >= 4.0:  # host times: no device read
+            raise ValueError(f"step_lr={lr:g} is {float(rel):.3g} s(t_min)^2: annealed Langevin diverges for step_lr "
+                             f">= 4 s(t_min)^2 = {4.0 * float(s_last) ** 2:.3g} (s(t_min) = {float(s_last):.3g} for "
+                             "this SDE and t_min); the default is 0.1 s(t_min)^2.")
+        return rel
 
     def step(self, ctx, x, t, t_next, rel):
         alpha = rel * ctx.sde.std(t_next) ** 2
