@@ -66,6 +66,15 @@ def _sde_of(model, sde: Optional[SDE]) -> SDE:
     return sde
 
 
+def _loss_model(model, sde: SDE):
+    """The model a score loss calls: a :class:`sdegen.Model` (or a wrapper of one with ``.module``, such as
+    train_ddp's DDPModel) as it is; anything else as :func:`sdegen.models.as_model` makes it for the samplers (an
+    oracle's exact score, a plain callable's output checked against x's shape, its time in x's dtype)."""
+    if isinstance(model, Model) or isinstance(getattr(model, "module", None), Model):
+        return model
+    return as_model(model, sde)
+
+
 # the options of the sdegen losses, by loss: a keyword of another loss's would otherwise reach the network
 _LOSS_OPTIONS = {
     "dsm_loss": {"sde", "weighting", "importance_sampling", "reduce", "t", "seed", "t_min", "return_per_example",
@@ -199,6 +208,7 @@ def dsm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = None
     """
     _check_network_kwargs("dsm_loss", kwargs)
     sde = _sde_of(model, sde)
+    model = _loss_model(model, sde)
     _check_batch(x0, importance_sampling=importance_sampling, return_per_example=return_per_example)
     gen = _generator("dsm_loss", seed, generator)
     t, iw = _times(sde, x0, t, gen, importance_sampling, t_min)
@@ -227,6 +237,7 @@ def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = Non
     """
     _check_network_kwargs("ddpm_loss", kwargs)
     sde = _sde_of(model, sde)
+    model = _loss_model(model, sde)
     _check_batch(x0, return_per_example=return_per_example)
     check_int(num_steps, "num_steps", lo=2, none_ok=True, hint=" It is the number of discrete DDPM times.")
     gen = _generator("ddpm_loss", seed, generator)
@@ -238,11 +249,8 @@ def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = Non
         t, _ = _times(sde, x0, t, gen, False, t_min, num_steps=num_steps)
     z = _randn(x0.shape, gen, x0)
     x_t = sde.perturb(x0, t, z)
-    tt = t.to(x0.device)  # float64: a float32 cast could round past T
-    if hasattr(model, "eps"):
-        eps_hat = model.eps(x_t, tt, *args, **kwargs)
-    else:
-        eps_hat = -bcast(sde.std(t), x0) * model(x_t, tt, *args, **kwargs)
+    tt = t.to(x0.device)  # float64: the model casts it to x's dtype itself
+    eps_hat = model.eps(x_t, tt, *args, **kwargs)  # a Model's (or DDPModel's) eps view
     per = _reduce((eps_hat - z) ** 2, reduce)
     return per if return_per_example else per.mean()
 
@@ -265,6 +273,7 @@ def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Op
     check_choice(projection, "projection", ("gaussian", "rademacher"))
     check_int(n_projections, "n_projections", lo=1)
     sde = _sde_of(model, sde)
+    model = _loss_model(model, sde)
     _check_batch(x0, return_per_example=return_per_example)
     gen = _generator("sliced_score_matching_loss", seed, generator)
     t, iw = _times(sde, x0, t, gen, False, t_min)
@@ -278,8 +287,12 @@ def sliced_score_matching_loss(model: Callable, x0: torch.Tensor, *args, sde: Op
             if projection == "rademacher":
                 v = torch.sign(v)
             sv = (score * v).reshape(x0.shape[0], -1).sum(1)
-            jvp = torch.autograd.grad(sv.sum(), x_t, create_graph=True)[0]
-            per = per + (jvp * v).reshape(x0.shape[0], -1).sum(1) + 0.5 * sv**2
+            # a score that does not depend on x (a bias, a network at its zero start) has a zero Jacobian
+            jvp = torch.autograd.grad(sv.sum(), x_t, create_graph=True, allow_unused=True)[0] \
+                if sv.requires_grad else None
+            per = per + 0.5 * sv**2
+            if jvp is not None:
+                per = per + (jvp * v).reshape(x0.shape[0], -1).sum(1)
     per = per / n_projections * (loss_weight(sde, t, weighting) * iw).to(device=x0.device, dtype=x0.dtype)
     return per if return_per_example else per.mean()
 
@@ -299,8 +312,10 @@ def classifier_loss(classifier: Callable, sde: SDE, x0: torch.Tensor, y: torch.T
         raise TypeError(f"sde (classifier_loss's second argument) must be an sdegen.SDE; got {type(sde).__name__}.")
     sde.check_contract()
     _check_batch(x0, return_per_example=return_per_example)
-    if not isinstance(y, torch.Tensor) or y.shape != (x0.shape[0],) or y.is_floating_point():
-        raise ValueError(f"y must be an integer tensor of shape ({x0.shape[0]},); got {getattr(y, 'shape', y)!r}.")
+    if not isinstance(y, torch.Tensor) or y.shape != (x0.shape[0],) or not is_integer_dtype(y.dtype):
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y must be an integer tensor of labels of shape ({x0.shape[0]},) (not bool); got {got}.")
+    y = y.long()  # cross_entropy indexes with int64
     check_number(label_smoothing, "label_smoothing", lo=0.0, hi=1.0, hi_open=True)
     gen = _generator("classifier_loss", seed, generator)
     t, iw = _times(sde, x0, t, gen, False, t_min)

@@ -376,3 +376,61 @@ def test_classifier_loss_names_a_misplaced_sde():
     for bad in ("vp", None, x):
         with pytest.raises(TypeError, match="sde .classifier_loss's second argument"):
             sdegen.classifier_loss(clf, bad, x, y, seed=0)
+
+
+def test_the_losses_take_any_model_the_samplers_take():
+    """A plain callable is called as the samplers call it (time in x's dtype, output shape checked), an oracle is
+    accepted, and a network with an unrelated eps attribute is a score network: a (B, 1) output gave a finite
+    loss, a float32 network crashed on a float64 time, and ddpm_loss called a float eps."""
+    sde = sdegen.VPSDE()
+    x0 = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    losses = (sdegen.dsm_loss, sdegen.ddpm_loss, sdegen.sliced_score_matching_loss)
+    for loss in losses:
+        with pytest.raises(ValueError, match="must return x's shape"):
+            loss(lambda x, t: -x.mean(1, keepdim=True), x0, sde=sde, seed=0)
+
+    class Plain(torch.nn.Module):  # float32 weights, t used in arithmetic with them
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 4)
+            self.eps = 1e-5  # an unrelated attribute of that name
+
+        def forward(self, x, t):
+            return self.lin(torch.cat([x, t[:, None]], 1))
+
+    net = Plain()
+    for loss in losses:
+        assert torch.isfinite(loss(net, x0, sde=sde, seed=0))
+    # the eps view of a score network is -s * score: ddpm_loss equals dsm_loss(weighting="s2", reduce="mean")
+    torch.testing.assert_close(sdegen.ddpm_loss(net, x0, sde=sde, seed=3),
+                               sdegen.dsm_loss(net, x0, sde=sde, seed=3, weighting="s2", reduce="mean"))
+    ring = sdegen.GaussianMixture.ring()
+    x = ring.sample(64, seed=1)
+    torch.testing.assert_close(sdegen.dsm_loss(ring, x, sde=sde, seed=2),
+                               sdegen.dsm_loss(ring.score_fn(sde), x, sde=sde, seed=2))
+
+
+def test_sliced_score_matching_of_a_score_independent_of_x():
+    """The Jacobian term is zero: the loss equals that of b + 0 x, whose Jacobian autograd sees (it raised torch's
+    'appears to not have been used in the graph')."""
+    sde = sdegen.VPSDE()
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    x0 = torch.zeros(4, 3, dtype=torch.float64)
+    loss = sdegen.sliced_score_matching_loss(lambda x, t: b.expand_as(x), x0, sde=sde, seed=0, weighting="none",
+                                             return_per_example=True)
+    same = sdegen.sliced_score_matching_loss(lambda x, t: b + 0.0 * x, x0, sde=sde, seed=0, weighting="none",
+                                             return_per_example=True)
+    torch.testing.assert_close(loss, same, rtol=0, atol=0)
+    loss.sum().backward()
+    assert b.grad is not None
+
+
+def test_classifier_loss_labels():
+    sde = sdegen.VPSDE()
+    x0 = torch.randn(4, 2)
+    clf = lambda x, t: torch.stack([x[:, 0], -x[:, 0]], 1)  # noqa: E731
+    a = sdegen.classifier_loss(clf, sde, x0, torch.tensor([0, 1, 1, 0], dtype=torch.int32), seed=0)
+    b = sdegen.classifier_loss(clf, sde, x0, torch.tensor([0, 1, 1, 0]), seed=0)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not bool"):
+        sdegen.classifier_loss(clf, sde, x0, torch.tensor([True, False, True, False]), seed=0)
