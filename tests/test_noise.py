@@ -159,9 +159,10 @@ def test_seeds_are_those_of_the_reference():
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.float16])
 def test_draws_are_those_of_the_reference(dt, device):
     # odd and even sizes, sizes 1 and 2, more event sizes than the element terms' cache holds, keys of
-    # spawned streams, of the Brownian nodes and probes, and past 2^63
+    # spawned streams, of the Brownian nodes and probes, and near the largest key, 2^62 - 1 (keys past it wrapped:
+    # draw 2^63 was draw 0; they are refused)
     shapes = [(), (2,), (3,), (2, 5), (1, 7, 5), (3, 8, 8), (4, 33)] + [(k,) for k in range(4, 40, 2)]
-    keys = [0, 5, (1 << 40) + 3, (1 << 44) + 1, (1 << 50) + 9, 2**63 + 11]
+    keys = [0, 5, (1 << 40) + 3, (1 << 44) + 1, (1 << 50) + 9, (1 << 62) - 7]
     for batch in (1, 5, 40):
         seeds = _reference_seeds(batch, batch).to(device)
         for i, shape in enumerate(shapes):
@@ -328,3 +329,23 @@ def test_one_seed_rule_and_one_message(kinds, valid):
                 check_seed(value, "seed", kinds)
     with pytest.raises(TypeError, match=r"seed must be an int \(the same on every rank\); got NoneType None\."):
         check_seed(None, "seed", ("int",), why=" (the same on every rank)")
+
+
+def test_stream_arguments_are_named():
+    """Float seeds were truncated, integer dtypes gave truncated normals, keys wrapped at 2^63 and a 0-d state raised
+    IndexError."""
+    from sdegen.noise import Noise, normal_from_seeds
+    seeds = torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="seeds must be an integer tensor"):
+        normal_from_seeds(torch.tensor([1.7, 2.2]), 0, (3,))
+    with pytest.raises(TypeError, match="seeds must be an integer tensor"):
+        Noise(torch.tensor([[1, 2]]))
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        normal_from_seeds(seeds, 0, (3,), dtype=torch.int64)
+    for key in (-1, 2**62, 1.5):
+        with pytest.raises((TypeError, ValueError), match="key"):
+            normal_from_seeds(seeds, key, (3,))
+    with pytest.raises(ValueError, match="floating tensor"):
+        Noise(seeds).like(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="floating tensor"):
+        Noise(torch.tensor([1])).like(torch.tensor(0.0))
