@@ -298,15 +298,26 @@ def _pattern_search(sde, runs, x_T, ref, weights, sampler, steps, init, t_end, l
         ts[0], ts[-1] = sde.T, t_end
         return ts
 
-    def loss(th):
+    def loss(th, first=False):
         ts = grid(th)
         if bool((ts[1:] >= ts[:-1]).any()):  # steps below float64 resolution: not a usable grid
             return math.inf
         x = runs(x_T, method=sampler, schedule=ts)
         e = (x - ref).reshape(x.shape[0], -1).double().norm(dim=1)
-        return float(loss_fn(e, weights))
+        bad = ~torch.isfinite(e)
+        if first and bool(bad.any()):  # every later value would be NaN too, and no move ever accepted
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(f"x_T: the endpoint errors (samples minus reference) are not finite for calibration "
+                             f"examples {rows[:10]}{' ...' if len(rows) > 10 else ''} on the starting grid (the "
+                             "model's output, or the reference, is not finite there); check the model on those "
+                             "starting points, or leave them out of x_T.")
+        value = float(loss_fn(e, weights))
+        if first and not math.isfinite(value):
+            raise ValueError(f"objective returned {value} for finite endpoint errors; it must return a finite "
+                             "number.")
+        return value if math.isfinite(value) else math.inf  # a trial grid that fails is never accepted
 
-    best = initial = loss(theta)
+    best = initial = loss(theta, first=True)
     evals, history = 1, [best]
     # moves: one step's share up or down (the others rescale), or one grid time moved between its neighbours
     moves = [(i, None) for i in range(steps)] + [(i, i + 1) for i in range(steps - 1)]

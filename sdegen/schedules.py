@@ -28,7 +28,7 @@ SENSITIVITY = "sensitivity"  # the model-dependent grid of :func:`sdegen.sensiti
 LONG_FIRST_STEP = (PILOT, PILOT_LOCAL, SENSITIVITY, "few_step")
 
 
-def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "uniform", *,
+def time_grid(sde: SDE, steps: Optional[int], schedule: Union[str, torch.Tensor] = "uniform", *,
               t_min: Optional[float] = None, t_max: Optional[float] = None, rho: float = 7.0) -> torch.Tensor:
     """Decreasing grid of ``steps + 1`` times from t_max (default T) to t_min (default sde.t_min).
 
@@ -38,17 +38,22 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
       - "edm": sigma_i = (sigma_max^(1/rho) + i/N (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho with
         sigma = s/m (Karras et al. 2022, eq. 5), rho = 7 by default;
       - "quadratic": equal steps in sqrt(t) (DDIM's quadratic spacing, Song et al. 2021a);
-      - "few_step": a log-SNR grid with one jump to sigma = 10, tuned on unit-scale data (mixtures whose means
+      - "few_step": a log-SNR grid that reaches sigma = 10 in max(1, round(steps / 20)) steps, tuned on unit-scale data (mixtures whose means
         are a few units apart) for 5-50 steps of exponential integrators; it does not carry over to data of other
         scales (see :func:`few_step_log_snr`), where "log_snr" or the model-dependent "pilot" grid of
         :func:`pilot_grid` (``sdegen.sample(..., schedule="pilot")``) are the choices;
-      - a 1-D tensor of explicit times: validated (strictly decreasing, inside [0, T]) and returned as float64.
+      - a 1-D tensor of explicit times: validated (strictly decreasing, inside [0, T]) and returned as float64;
+        ``steps`` is then None or the tensor's number of steps (ValueError otherwise).
     """
     if isinstance(schedule, torch.Tensor):
         if t_min is not None or t_max is not None:
             raise ValueError("t_min / t_max apply to named schedules; an explicit grid of times runs from its first "
                              "to its last entry: leave t_min and t_max unset.")
-        return check_grid(sde, schedule)
+        grid = check_grid(sde, schedule)
+        if steps is not None and (check_int(steps, "steps", lo=1) != grid.numel() - 1):
+            raise ValueError(f"steps: an explicit schedule of {grid.numel()} times takes {grid.numel() - 1} steps; "
+                             f"leave steps unset (None) or give that number; got steps={steps!r}.")
+        return grid
     if not isinstance(schedule, str):  # compared with names below, an array would be ambiguous
         raise TypeError(f"schedule must be a schedule name ({', '.join(SCHEDULES)}, {PILOT!r}, {PILOT_LOCAL!r}, "
                         f"{SENSITIVITY!r}) or a 1-D torch tensor of times; got {type(schedule).__name__} (pass "
@@ -69,8 +74,9 @@ def time_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor] = "unifor
         lam = sde.log_snr(ends)
         ts = sde.t_from_log_snr(lam[0] + u * (lam[1] - lam[0]))
     elif schedule == "edm":
-        sig = sde.sigma(ends) ** (1.0 / rho)
-        ts = sde.t_from_sigma((sig[0] + u * (sig[1] - sig[0])) ** rho)
+        # eq. 5 divided through by sigma_max^(1/rho), which overflows for small rho (80^1000 at rho = 1e-3)
+        sig = sde.sigma(ends)
+        ts = sde.t_from_sigma(sig[0] * (1.0 + u * ((sig[1] / sig[0]) ** (1.0 / rho) - 1.0)) ** rho)
     elif schedule == "few_step":
         ts = sde.t_from_log_snr(few_step_log_snr(sde.log_snr(ends), steps))
     elif schedule == "quadratic":
@@ -290,7 +296,8 @@ def pilot_grid(sde: SDE, score: Any = None, steps: Optional[int] = None, shape: 
     model per accepted pilot step (``PilotGrid.adjoint_nfe``, counted in ``nfe``); the model must be differentiable
     in x (torch autograd).
 
-    Cost: the pilot's model calls (``PilotGrid.nfe``, typically 30-60 at the default tolerance), each on ``batch``
+    Cost: the pilot's model calls (``PilotGrid.nfe``, 70-180 at the default settings on the problems of benchmarks/suite_solvers.py, 100 on
+    average), each on ``batch``
     examples; :func:`sdegen.sample` with ``schedule="pilot"`` or ``"pilot_local"`` reports them as
     ``SampleInfo.pilot_nfe`` and runs the pilot on every call: to reuse a grid, compute it once and pass
     ``PilotGrid.times`` as the schedule (or :meth:`PilotGrid.save` it next to the model and :meth:`PilotGrid.load`
@@ -317,6 +324,11 @@ def pilot_grid(sde: SDE, score: Any = None, steps: Optional[int] = None, shape: 
     accepted = torch.tensor(pilot.stats["times"], dtype=torch.float64)
     if len(pilot.record) != len(accepted) - 1:
         raise RuntimeError(f"the pilot recorded {len(pilot.record)} states for {len(accepted) - 1} accepted steps.")
+    if len(accepted) < 3:  # one step (or none) spans it: no density of steps to lay a grid out from
+        taken = len(accepted) - 1
+        raise ValueError(f"t_min, t_max: the span [{float(ends[-1])!r}, {float(ends[0])!r}] is too narrow for a "
+                         f"pilot (its solver took {taken} step{'' if taken == 1 else 's'} there); use a named "
+                         "schedule such as 'log_snr'.")
     u = 0.5 * sde.log_snr(accepted)
     sizes = u[1:] - u[:-1]
     if len(sizes) > 1:  # the last step is cut to land on t_min, not chosen by the controller: its density is the
@@ -331,14 +343,14 @@ def pilot_grid(sde: SDE, score: Any = None, steps: Optional[int] = None, shape: 
         lam, adjoint_calls = flow_adjoint(sde, model, accepted[1:], states, cot, return_nfe=True)
         adjoint_nfe = adjoint_calls * model.nfe_per_call  # network evaluations, the unit of info.nfe
         w = (lam * local).reshape(len(local), batch, -1).sum(2).double().pow(2).mean(1).sqrt().cpu()
-        if not bool(torch.isfinite(w).all()) or float(w.max()) <= 0.0:
-            raise ValueError(f"error='global': the adjoint weights are not finite and positive ({w.tolist()[:6]}); "
-                             "the model's vector-Jacobian products are not usable: use error='local' "
-                             "(schedule='pilot_local').")
-        weights = w / w.max()
-        # a step whose weight is 0 to float precision gets the smallest positive one: its error still counts
-        floor = weights[weights > 0].min()
-        sizes = sizes * weights.clamp_min(float(floor)).pow(-1.0 / (PILOT_ORDER + 1))
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"error='global': the adjoint weights are not finite ({w.tolist()[:6]}); the model's "
+                             "vector-Jacobian products are not usable: use error='local' (schedule='pilot_local').")
+        if float(w.max()) > 0.0:  # all 0: the local errors vanish (the integrator is exact there): local density
+            weights = w / w.max()
+            # a step whose weight is 0 to float precision gets the smallest positive one: its error still counts
+            floor = weights[weights > 0].min()
+            sizes = sizes * weights.clamp_min(float(floor)).pow(-1.0 / (PILOT_ORDER + 1))
     # the globally weighted density can drop by orders of magnitude where the flow contracts; its grid grows its
     # steps no faster than the pilot's controller was allowed to (max_factor), over which its weights were measured
     times = grid_from_step_sizes(sde, accepted, steps, power=(PILOT_ORDER + 1) / (order + 1), sizes=sizes,
@@ -503,6 +515,8 @@ def resolve_grid(sde: SDE, steps: int, schedule: Union[str, torch.Tensor], *, t_
             times = pilot_grid(sde, counted, steps, tuple(x.shape[1:]), order=order, batch=batch, t_min=t_min,
                                dtype=x.dtype, device=x.device, error=PILOT_SCHEDULES[schedule]).times
         return times, counted.nfe, counted.classifier_nfe
+    if isinstance(schedule, torch.Tensor):  # explicit times fix the steps (the driver checked a given count)
+        return time_grid(sde, None, schedule), 0, 0
     return time_grid(sde, steps, schedule, t_min=t_min), 0, 0
 
 

@@ -1,5 +1,7 @@
 """Tests of sdegen.calibration.optimize_schedule on the Gaussian-mixture oracle."""
 
+import math
+
 import pytest
 import torch
 
@@ -220,3 +222,23 @@ def test_a_fixed_grid_reference_takes_no_tolerances_and_fits_the_same_grid():
                                      reference_options={"solver": "rk4", "steps": 200})
     adaptive = sdegen.optimize_schedule(sde, ring, x_T, steps=4, method="ddim", seed=0, max_evals=6)
     torch.testing.assert_close(fixed.times, adaptive.times, rtol=0, atol=1e-12)
+
+
+def test_a_fit_that_cannot_be_measured_is_named():
+    """One calibration point whose score is infinite made every loss NaN: no move was ever accepted, max_evals runs
+    were spent and the starting grid came back with loss NaN. Now the first evaluation names the examples, and an
+    objective that returns a non-finite value for finite errors is refused."""
+    sde, gm = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    pool = sde.prior_sample((20, 2), seed=0, dtype=torch.float64)
+    exact = gm.score_fn(sde)
+
+    def score(x, t):
+        out = exact(x, t)
+        return torch.where((x[:, :1] == pool[7, 0]) & (t[:, None] == sde.T), torch.full_like(out, math.inf), out)
+
+    ref = sdegen.sample(sde, gm, pool, method="ode", rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match=r"x_T: the endpoint errors .* calibration examples \[7\]"):
+        sdegen.optimize_schedule(sde, score, pool, method="exp_pc", steps=4, reference=ref, max_evals=20, seed=0)
+    with pytest.raises(ValueError, match="objective returned nan"):
+        sdegen.optimize_schedule(sde, gm, pool, method="exp_pc", steps=4, reference=ref, max_evals=5, seed=0,
+                                 objective=lambda e, w: (w * e).sum() * math.nan)

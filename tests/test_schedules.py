@@ -367,3 +367,26 @@ def test_a_fitted_grid_records_its_samplers_options():
     assert "order=1" in one.method and plain.method == "exp_pc"
     with pytest.raises(ValueError, match="own steps.*'dpmpp_2m'"):
         sdegen.optimize_schedule(sde, ring, x_T, steps=4, method="adaptive")
+
+
+def test_grid_arguments_that_cannot_mean_what_they_say():
+    """An explicit grid's steps must agree with steps (10 asked, 2 returned without a word); the EDM grid stays
+    finite for any rho > 0 (sigma_max^(1/rho) overflowed at rho = 1e-3 and the error named sigma); a pilot over a
+    span its solver crosses in one step is refused by name (a bare torch RuntimeError before)."""
+    sde = sdegen.EDMSDE()
+    times = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    with pytest.raises(ValueError, match="steps: an explicit schedule of 3 times takes 2 steps"):
+        sdegen.time_grid(sde, 10, times)
+    assert torch.equal(sdegen.time_grid(sde, 2, times), times) and torch.equal(sdegen.time_grid(sde, None, times),
+                                                                               times)
+    for rho in (1e-3, 1.0, 7.0):
+        grid = sdegen.time_grid(sde, 10, "edm", rho=rho)
+        sig = sde.sigma(grid)
+        assert torch.isfinite(grid).all() and bool((grid[1:] < grid[:-1]).all())
+        # Karras et al. eq. 5 where it does not overflow: sigma_i^(1/rho) is linear in i
+        if rho >= 1.0:
+            root = sig ** (1.0 / rho)
+            torch.testing.assert_close(root[1:] - root[:-1], (root[1] - root[0]).expand(10), rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="too narrow for a pilot"):
+        sdegen.sample(sdegen.VPSDE(), sdegen.GaussianMixture.ring(), shape=(8, 2), method="exp_pc", steps=3,
+                      schedule="pilot", t_min=0.9999999999999, seed=0)
