@@ -215,7 +215,7 @@ class SDE(abc.ABC):
         try:
             return cls(**config)
         except TypeError as err:
-            fix = (f"the description was written by another version of sdegen, or edited" if
+            fix = ("the description was written by another version of sdegen, or edited" if
                    cls.__module__.split(".")[0] == "sdegen" else
                    f"implement {cls.__name__}.config() to return its constructor's keyword arguments")
             raise TypeError(f"{cls.__name__} cannot be rebuilt from config {config!r} ({err}); {fix}.") from None
