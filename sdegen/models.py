@@ -92,9 +92,9 @@ class Model(torch.nn.Module):
         table = self.__dict__.setdefault("_scalar_coeffs", {})
         if len(table) > 65536:
             table.clear()
-        key = id(self.sde)
-        table.update({(key, t): (m, s) for t, m, s in zip(ts.tolist(), self.sde.mean_coeff(ts).tolist(),
-                                                          self.sde.std(ts).tolist())})
+        key, t64 = id(self.sde), ts.double()
+        table.update({(key, t): (m, s) for t, m, s in zip(ts.tolist(), self.sde.mean_coeff(t64).tolist(),
+                                                          self.sde.std(t64).tolist())})
         prepared = self.__dict__.setdefault("_prepared_times", [])
         if sum(times.numel() for times in prepared) > 65536:
             prepared.clear()
@@ -149,13 +149,24 @@ class Model(torch.nn.Module):
         if hit is None:
             if len(table) > 65536:
                 table.clear()
-            hit = table[key] = (float(self.sde.mean_coeff(t)), float(self.sde.std(t)))
+            t64 = t.double()  # the table serves every dtype: its values are float64's
+            hit = table[key] = (float(self.sde.mean_coeff(t64)), float(self.sde.std(t64)))
         return hit
+
+    def _check_positive_std(self, x: torch.Tensor, t: torch.Tensor, s) -> None:
+        """ValueError where Tweedie's formula divides by s(t) = 0 (a host or CPU time; a device time is not read
+        back)."""
+        zero = (s == 0.0) if isinstance(s, float) else (s.device.type == "cpu" and bool((s == 0).any()))
+        if zero:
+            raise ValueError(f"t must be where the kernel's std s(t) > 0: {type(self).__name__}'s conversion between "
+                             "the score and the denoiser divides by it; got a t where s(t) = 0. Samplers and "
+                             "log_likelihood stop at t_min > 0.")
 
     def score(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         """grad_x log p_t(x) = (m D - x) / s^2."""
         t = self.sde.check_time_for(x, t)
         m, s = self._coeffs(x, t)
+        self._check_positive_std(x, t, s)
         return (m * _checked_view(self.denoise(x, t, *args, **kwargs), x, self, "denoise") - x) / s**2
 
     def denoise(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
@@ -298,6 +309,10 @@ class ScoreModel(Model):
         if time_input == "timestep" and not hasattr(sde, "timestep"):
             raise ValueError(f"time_input='timestep' needs an SDE with discrete timesteps (sdegen.DiscreteVPSDE); "
                              f"got {type(sde).__name__}.")
+        if time_input == "index" and hasattr(sde, "timestep"):
+            raise ValueError("time_input='index' is score_sde's round(t / T (N - 1)) for a continuous SDE; on a DDPM "
+                             "table (DiscreteVPSDE) it is one step off for the first half of the table (step k + 1 "
+                             "for k): use time_input='timestep', the table's own step tN - 1.")
         if time_input == "timestep" and sde.t_min < (1.0 - 1e-12) / sde.num_timesteps:
             raise ValueError(f"sde.t_min = {sde.t_min:g} lies before the table's first timestep (t = 1/N = "
                              f"{1.0 / sde.num_timesteps:g}): a network on timesteps would be asked at negative ones "
@@ -397,10 +412,14 @@ class ScoreModel(Model):
         except RuntimeError as err:  # a plain function closing over a network of another dtype, say
             if not _DTYPE_MISMATCH.search(str(err)):
                 raise
-            if self.cast_input != "auto" or network_dtype(self.net) in (None, x_net.dtype):
+            own = network_dtype(self.net)
+            if self.cast_input == "auto" and own not in (None, x_net.dtype):
+                self.cast_input = True  # "auto": the network wants its own dtype
+                out = self._call_net(x_net, time_in, True, args, kwargs)
+            elif not isinstance(self.net, torch.nn.Module) or (self.cast_input is False and own != x_net.dtype):
                 raise TypeError(self._dtype_advice(x_net.dtype, err)) from err
-            self.cast_input = True  # "auto": the network wants its own dtype
-            out = self._call_net(x_net, time_in, True, args, kwargs)
+            else:  # a module called in its own dtype: the mismatch is elsewhere (extra arguments are not cast)
+                raise
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             raise TypeError(f"the model's network {_name(self.net)} must return a tensor (floating-point); got {got}.")
@@ -422,7 +441,8 @@ class ScoreModel(Model):
         if self.cast_input is False:
             return head + ("cast_input=False calls it in the state's dtype; pass cast_input=True (or 'auto') to "
                            "call it in its parameters' dtype.")
-        return head + ("A plain function (a lambda around a network, say) is called in the state's dtype, which "
+        return head + ("Extra arguments (labels, conditioning) are passed as given. A plain function (a lambda "
+                       "around a network, say) is called in the state's dtype, which "
                        "sdegen.sample keeps float32 or float64: pass the nn.Module itself (ScoreModel(net, ...), "
                        "from_diffusers(unet, ...), from_denoiser(denoiser, ...)), whose inputs are then cast to its "
                        "parameters' dtype, or make the function cast its inputs.")
@@ -431,7 +451,10 @@ class ScoreModel(Model):
         """ValueError where the network is asked at s(t) = 0 or, for discrete timesteps, before the table's first
         one. A host scalar time reads the per-time table of (m, s); a CPU tensor is compared directly; times on
         an accelerator are left unchecked (reading them back would stall the device)."""
-        divides = self.prediction != "score"
+        if t.numel() == 0:  # an empty batch: nothing is asked
+            return
+        # a score network is asked at s = 0 unless its time input is log s (or EDM's c_noise), -inf there
+        divides = self.prediction != "score" or self.time_input in ("log_sigma", "c_noise")
         if self.time_input == "timestep":  # timestep t N - 1 below 0 beyond its rounding (DiscreteVPSDE.timestep)
             n = self.sde.num_timesteps
             first = (1.0 - 4.0 * n * torch.finfo(t.dtype).eps) / n
@@ -453,8 +476,9 @@ class ScoreModel(Model):
                              f"timestep (timestep 0 of the {self.sde.num_timesteps}-step table); got t = {value:g} "
                              f"(timestep {value * self.sde.num_timesteps - 1:g}). Pass t_min >= "
                              f"{1.0 / self.sde.num_timesteps:g}.")
-        raise ValueError(f"t must be where the kernel's std s(t) > 0: the network's conversions divide by it; got "
-                         f"t = {value:g}, where s(t) = 0. Samplers and log_likelihood stop at t_min > 0.")
+        raise ValueError(f"t must be where the kernel's std s(t) > 0: the network's conversions (or its time input "
+                         f"{self.time_input!r}) divide by it or take its log; got t = {value:g}, where s(t) = 0. "
+                         "Samplers and log_likelihood stop at t_min > 0.")
 
     def _denoised(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction == "edm":
@@ -618,6 +642,12 @@ def as_model(score: Any, sde: SDE) -> Model:
         return score.as_model(sde)
     if hasattr(score, "score_fn"):
         return ScoreModel(score.score_fn(sde), sde, prediction="score")
+    wrapped = getattr(score, "_orig_mod", None) or getattr(score, "module", None)
+    if isinstance(wrapped, Model):  # torch.compile(model), nn.DataParallel(model): taken for a plain score
+        # network, it would run the model's conversions in the wrapper's parameter dtype, not the state's
+        raise TypeError(f"the model is a {type(score).__name__} around a {type(wrapped).__name__}: wrap the network "
+                        "inside the model instead, ScoreModel(torch.compile(net), ...) or "
+                        "ScoreModel(nn.DataParallel(net), ...), or pass the model itself.")
     if callable(score):
         return ScoreModel(score, sde, prediction="score")
     raise TypeError(f"the model must be an sdegen.Model, a callable score(x, t) or an object with score_fn(sde); "

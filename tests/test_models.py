@@ -378,3 +378,54 @@ def test_float32_scores_of_flow_and_edm_outputs_keep_the_outputs_precision(predi
     got = exact.output_to_score(out32, x.float(), tt.float()).double()
     ref = exact.output_to_score(out32.double(), x.float().double(), tt)
     assert float(((got - ref).norm(dim=1) / ref.norm(dim=1)).max()) < 1e-5
+
+
+def test_model_layer_edge_cases_are_named_or_exact():
+    """time_input='index' on a DDPM table was one step off (21% score error at the first timestep): refused for
+    'timestep'; the coefficient table keeps float64 values whatever dtype asked first (a float32 call left 1e-7 for
+    later float64 calls); a Model's Tweedie default and a score network on log sigma are refused at s(t) = 0 (NaN,
+    -inf input); an empty batch of times is no error; a compiled or DataParallel Model is refused (it ran the
+    model's conversions in the wrapper's dtype)."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    table = sdegen.DiscreteVPSDE.from_betas(betas)
+    with pytest.raises(ValueError, match="time_input='timestep'"):
+        sdegen.ScoreModel(lambda x, k: x, table, "eps", time_input="index", num_steps=1000)
+
+    sde, gm = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    eps_net = lambda x, t: -sde.std(t).to(x.dtype)[:, None] * gm.score(sde, x, t.to(x.dtype))  # noqa: E731
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.full((4,), 0.5, dtype=torch.float64)
+    exact = (x + sde.std(t)[:, None] ** 2 * gm.score(sde, x, t)) / sde.mean_coeff(t)[:, None]
+    model = sdegen.ScoreModel(eps_net, sde, "eps")
+    model.denoise(x.float(), torch.tensor(0.5))  # a float32 call first
+    torch.testing.assert_close(model.denoise(x, torch.tensor(0.5, dtype=torch.float64)), exact, rtol=1e-13, atol=0)
+
+    class ExactDenoiser(sdegen.Model):
+        def denoise(self, x, t):
+            return gm.denoise(self.sde, x, t) if hasattr(gm, "denoise") else x
+
+    with pytest.raises(ValueError, match=r"s\(t\) > 0"):
+        ExactDenoiser(sde).score(x, torch.tensor(0.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"s\(t\) > 0.*'log_sigma'"):
+        sdegen.ScoreModel(lambda z, u: -z, sde, "score", time_input="log_sigma").score(x, torch.zeros(4, dtype=torch.float64))
+    empty = sdegen.ScoreModel(lambda z, u: -z, sde, "eps").score(torch.empty(0, 2), torch.empty(0))
+    assert empty.shape == (0, 2)
+    with pytest.raises(TypeError, match="wrap the network inside the model"):
+        sdegen.sample(sde, torch.nn.DataParallel(model), shape=(4, 2), method="ddim", steps=2, seed=0)
+
+
+def test_a_module_failing_on_its_own_dtype_keeps_its_error():
+    """A float32 module under a float32 state that fails for another reason (float labels to an Embedding) keeps
+    torch's message: the mixed-precision advice ('pass the nn.Module itself') did not apply."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(3, 2)
+
+        def forward(self, x, t, y):
+            return x + self.emb(y)
+
+    model = sdegen.ScoreModel(Net(), sdegen.VPSDE(), "eps")
+    with pytest.raises(RuntimeError, match="indices") as err:
+        model.score(torch.randn(3, 2), torch.full((3,), 0.5), torch.tensor([0.0, 1.0, 2.0]))
+    assert "pass the nn.Module itself" not in str(err.value)
