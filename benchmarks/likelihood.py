@@ -617,7 +617,7 @@ def nfe_study(quick: bool):
 # --- the one-evaluation-per-step multistep solver against dopri5 (--multistep) ---------------------------------
 
 def holdout_problems():
-    """Mixtures not used while building the multistep solver: fresh seeds (201-207), other dims and scales."""
+    """Mixtures not used while building the multistep solver: fresh seeds (201-206), other dims and scales."""
     rand = sdegen.GaussianMixture.random
     return {"VP 12-D (seed 201)": (rand(dim=12, n_components=3, seed=201, cov_scale=0.2), sdegen.VPSDE()),
             "VE 4-D (seed 202)": (rand(dim=4, n_components=5, seed=202, mean_scale=1.5, cov_scale=0.3),
@@ -718,7 +718,7 @@ def multistep_study(quick: bool):
     start = time.time()
     tols, n = (1e-3, 1e-4, 1e-5), 16 if quick else 64
     sets = {"the NFE study's problems (seeds 101-107, draws seed 2024)": nfe_problems(),
-            "hold-out problems (seeds 201-207 and the ring, draws seed 2025)": holdout_problems()}
+            "hold-out problems (seeds 201-206 and the ring, draws seed 2025)": holdout_problems()}
     tables = {}
     for title, probs in sets.items():
         rows = []

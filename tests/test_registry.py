@@ -222,7 +222,7 @@ def test_built_in_names_are_not_replaced_without_saying_so():
     may be registered again, as a re-run notebook cell does."""
     original = REGISTRY["dpmpp_2m"]
     try:
-        with pytest.warns(DeprecationWarning, match="'dpmpp_2m' is a built-in sampler"):
+        with pytest.warns(FutureWarning, match="'dpmpp_2m' is a built-in sampler"):
             sdegen.register_sampler("dpmpp_2m", Euler)
         assert isinstance(get_sampler("dpmpp_2m"), Euler)
     finally:

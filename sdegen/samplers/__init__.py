@@ -76,7 +76,7 @@ BUILTIN_SAMPLERS = frozenset(SAMPLERS)
 def register_sampler(name: str, factory: Callable[..., Any], *, replace: bool = False) -> None:
     """Make ``factory`` available as ``sdegen.sample(..., method=name)``. A name of the caller's own may be
     registered again (a re-run notebook cell); replacing a built-in sampler takes ``replace=True`` (without it,
-    a DeprecationWarning now, an error in the next release). The library's own defaults (the sensitivity
+    a FutureWarning now, shown whatever module calls it, and an error in the next release). The library's own defaults (the sensitivity
     schedule's pilot, inpainting's default sampler) use the built-in classes whatever the registry holds."""
     if not (isinstance(name, str) and name):
         raise ValueError(f"name must be a non-empty string; got {name!r}.")
@@ -87,7 +87,7 @@ def register_sampler(name: str, factory: Callable[..., Any], *, replace: bool = 
     if name in BUILTIN_SAMPLERS and not replace and SAMPLERS.get(name) is not factory:
         warnings.warn(f"register_sampler: {name!r} is a built-in sampler; replacing it for every later "
                       "sample(method=...) call will need replace=True in the next release (or choose another name).",
-                      DeprecationWarning, stacklevel=2)
+                      FutureWarning, stacklevel=2)
     SAMPLERS[name] = factory
 
 
