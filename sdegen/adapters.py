@@ -213,15 +213,26 @@ def diffusers_time_grid(sde: DiscreteVPSDE, timesteps, *, final_timestep: Option
     """
     if not isinstance(sde, DiscreteVPSDE):
         raise TypeError(f"sde must be an sdegen.DiscreteVPSDE (e.g. from_diffusers(...).sde); got {type(sde).__name__}.")
-    ks = torch.as_tensor(timesteps).detach().to(device="cpu", dtype=torch.float64).flatten()
+    try:
+        ks = torch.as_tensor(timesteps).detach().to(device="cpu", dtype=torch.float64).flatten()
+    except (TypeError, RuntimeError, ValueError):
+        hint = " (the scheduler's .timesteps, after set_timesteps)" if hasattr(timesteps, "timesteps") else ""
+        raise TypeError(f"timesteps must be a sequence or tensor of timesteps{hint}; got "
+                        f"{type(timesteps).__name__}.") from None
     if ks.numel() == 0:
         raise ValueError("timesteps must hold at least one timestep.")
+    if not bool(torch.isfinite(ks).all()):
+        raise ValueError(f"timesteps must be finite; got {ks.tolist()[:8]}.")
     ks = torch.unique_consecutive(ks)
     if final_timestep is not None:
+        if float(final_timestep) == float(ks[-1]):
+            raise ValueError(f"final_timestep={final_timestep!r}: the timesteps already end there (DDIM's 'leading' "
+                             "spacing lists timestep 0); leave final_timestep unset.")
         ks = torch.cat([ks, torch.tensor([float(final_timestep)], dtype=torch.float64)])
     if ks.numel() < 2 or bool((ks[1:] >= ks[:-1]).any()):
+        bad = int((ks[1:] >= ks[:-1]).nonzero()[0]) if ks.numel() >= 2 else 0
         raise ValueError(f"timesteps must decrease strictly and give at least two times (with final_timestep); got "
-                         f"{ks.tolist()[:8]}.")
+                         f"{ks.numel()} timesteps, {ks[bad:bad + 2].tolist()} at positions {bad} and {bad + 1}.")
     return sde.time_of_timestep(ks)
 
 
@@ -239,8 +250,12 @@ def from_denoiser(denoiser: Callable, sde: SDE, *, cast_input: Any = "auto") -> 
     cast_input=cast_input)``; extra call arguments (class labels, conditioning) pass through to the denoiser.
     The denoiser is called in the state's dtype first (``cast_input="auto"``): a wrapper that casts for its inner
     network itself (EDM's ``EDMPrecond``) computes its skip connection c_skip x in the state's precision. One that
-    fails on the dtype mismatch (a k-diffusion wrapper around a bfloat16 network, say) is then called in its
-    parameters' dtype from that call on; ``cast_input=True`` does so from the start, ``False`` never.
+    fails on the dtype mismatch is then called in its parameters' dtype from that call on; ``cast_input=True`` does
+    so from the start, ``False`` never. A k-diffusion wrapper (``CompVisDenoiser``, ``DiscreteEpsDDPMDenoiser``,
+    ``VDenoiser``) around a 16-bit network cannot be cast from outside: it scales its input by c_in(sigma) in
+    sigma's dtype, which promotes a cast input back to float32. Cast inside it instead, e.g.
+    ``DiscreteEpsDDPMDenoiser(lambda x, t: unet(x.bfloat16(), t).sample.float(), alphas_cumprod, quantize=False)``
+    with ``cast_input=False``.
     """
     return ScoreModel(denoiser, sde, prediction="x0", time_input="edm_sigma", scale_input=True,
                       cast_input=cast_input)
@@ -279,6 +294,23 @@ class NoiseLevelScore(torch.nn.Module):
         return -append_dims(sigma, out.ndim) * out
 
 
+def _check_vp_family(sde: SDE) -> None:
+    """score_sde's VP convention feeds the network 999 t and the state itself: only meaningful under a continuous
+    VP or sub-VP process on [0, 1] (m^2 + s^2 = 1, or s = 1 - m^2)."""
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE; got {type(sde).__name__}.")
+    if hasattr(sde, "timestep"):
+        raise ValueError("sde: convention='vp' is for score_sde's continuous-time networks; a network on a DDPM table's "
+                         "integer timesteps goes through from_diffusers (or ScoreModel(..., time_input='timestep')).")
+    t = torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64) * sde.T
+    m, s = sde.mean_coeff(t), sde.std(t)
+    vp, sub_vp = torch.allclose(m**2 + s**2, torch.ones_like(m)), torch.allclose(s, 1.0 - m**2)
+    if sde.T != 1.0 or not (vp or sub_vp):
+        raise ValueError(f"sde: convention='vp' feeds the network 999 t and the unscaled state, which means what it was "
+                         f"trained on only under a VP or sub-VP SDE on [0, 1] (sdegen.VPSDE, sdegen.SubVPSDE with its "
+                         f"betas); got {sde!r}. A VE network takes convention='ve'.")
+
+
 def from_score_sde(net: Callable, sde: SDE, convention: str = "vp", *, time_scale: float = 999.0) -> ScoreModel:
     """A network in the conventions of score_sde (Song et al. 2021; the ``get_score_fn`` of their code) as a model.
 
@@ -296,6 +328,7 @@ def from_score_sde(net: Callable, sde: SDE, convention: str = "vp", *, time_scal
     if convention not in SCORE_SDE_CONVENTIONS:
         raise ValueError(f"convention must be one of {SCORE_SDE_CONVENTIONS}; got {convention!r}.")
     if convention == "vp":
+        _check_vp_family(sde)
         return ScoreModel(net, sde, prediction="eps", time_input=ScaledTime(time_scale))
     return ScoreModel(NoiseLevelScore(net), sde, prediction="eps", time_input="edm_sigma", scale_input=True)
 

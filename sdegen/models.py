@@ -414,8 +414,15 @@ class ScoreModel(Model):
                 raise
             own = network_dtype(self.net)
             if self.cast_input == "auto" and own not in (None, x_net.dtype):
-                self.cast_input = True  # "auto": the network wants its own dtype
-                out = self._call_net(x_net, time_in, True, args, kwargs)
+                try:  # "auto": the network may want its own dtype
+                    out = self._call_net(x_net, time_in, True, args, kwargs)
+                except RuntimeError as again:
+                    if not _DTYPE_MISMATCH.search(str(again)):
+                        raise
+                    raise TypeError(self._dtype_advice(x_net.dtype, err) + f" Called in its parameters' dtype {own} "
+                                    f"it failed too ({again}): a wrapper that scales its input in another dtype (a "
+                                    "k-diffusion Denoiser) must cast inside, around its network.") from again
+                self.cast_input = True  # from this call on
             elif not isinstance(self.net, torch.nn.Module) or (self.cast_input is False and own != x_net.dtype):
                 raise TypeError(self._dtype_advice(x_net.dtype, err)) from err
             else:  # a module called in its own dtype: the mismatch is elsewhere (extra arguments are not cast)

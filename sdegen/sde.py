@@ -36,6 +36,11 @@ from .noise import Seed, make_seeds, normal_from_seeds
 _LOG_2PI = math.log(2.0 * math.pi)
 # methods of one time argument that subclasses implement: the base class converts and checks t before they run
 _TIME_METHODS = ("log_mean_coeff", "std", "drift_coeff", "diffusion")
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) to round-off for every x (torch's softplus returns x itself above 20, 1e-9 off)."""
+    return torch.logaddexp(torch.zeros_like(x), x)
+
+
 # every SDE class defined in this process, by its description's name "module:QualName" (the newest definition wins)
 _CLASSES: Dict[str, type] = {}
 
@@ -568,7 +573,7 @@ class VPSDE(SDE):
 
     def t_from_log_snr(self, lam):
         # m^2 = sigmoid(lam) for VP, so B = -log m^2 = softplus(-lam); lam = -inf (sigma = inf) is T
-        B = torch.nn.functional.softplus(-self._check_lam(lam))
+        B = _softplus(-self._check_lam(lam))
         return torch.where(torch.isinf(B), torch.full_like(B, self.T), self.t_from_integral_beta(B)).clamp(0.0, self.T)
 
 
@@ -885,7 +890,7 @@ class DiscreteVPSDE(SDE):
         """B(t) = -log alpha_bar(t) = -2 log m(t)."""
         t = self.check_time(t)
         lam, _, first = self._segment(t)
-        return torch.where(first, t * (self.num_timesteps * self._b0), torch.nn.functional.softplus(-lam))
+        return torch.where(first, t * (self.num_timesteps * self._b0), _softplus(-lam))
 
     def log_mean_coeff(self, t):
         return -0.5 * self.integral_beta(t)
@@ -912,7 +917,7 @@ class DiscreteVPSDE(SDE):
         i = (torch.searchsorted(-lam_k, -lam.contiguous(), right=False) - 1).clamp(0, n - 2)
         lo, hi = lam_k[i], lam_k[i + 1]
         t_seg = (i.to(lam.dtype) + 1.0 + (lam - lo) / (hi - lo)) / n
-        t_first = torch.nn.functional.softplus(-lam) / (n * self._b0)
+        t_first = _softplus(-lam) / (n * self._b0)
         return torch.where(lam > lam_k[0], t_first, t_seg).clamp(0.0, self.T)
 
 

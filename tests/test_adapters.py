@@ -637,3 +637,54 @@ def test_labels_reach_class_labels_of_a_cross_attention_network():
     assert torch.equal(net(x, torch.zeros(3), labels), labels[:, None].float().expand(3, 2))
     hidden = torch.ones(3, 1, 4)  # a float tensor is an embedding and stays where it was put
     assert torch.equal(net(x, torch.zeros(3), hidden, class_labels=labels), labels[:, None].float().expand(3, 2))
+
+
+def test_adapter_inputs_that_cannot_mean_what_they_say():
+    """A 4000-step table's m was 1e-9 off where alpha_bar < 2e-9 (torch's softplus is the identity above 20); the VP
+    convention of score_sde under an EDM SDE fed the network 999 t up to 79920; a scheduler passed as timesteps, NaN
+    timesteps and a final_timestep the list already ends at gave unrelated errors or none."""
+    from sdegen.adapters import diffusers_time_grid, from_score_sde
+    betas = torch.linspace(1e-4, 0.02, 4000, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    sde = sdegen.DiscreteVPSDE(alphas_cumprod)
+    k = torch.arange(4000, dtype=torch.float64)
+    m = sde.mean_coeff(sde.time_of_timestep(k))
+    torch.testing.assert_close(m, alphas_cumprod.sqrt(), rtol=1e-13, atol=0)
+    net = lambda x, t: x  # noqa: E731
+    for bad in (sdegen.EDMSDE(), sdegen.VESDE(), sde):
+        with pytest.raises(ValueError, match="sde: convention='vp'"):
+            from_score_sde(net, bad, "vp")
+    from_score_sde(net, sdegen.SubVPSDE(), "vp")  # the VP family on [0, 1]
+
+    class Scheduler:
+        timesteps = torch.tensor([999, 500, 0])
+
+    with pytest.raises(TypeError, match=r"the scheduler's .timesteps"):
+        diffusers_time_grid(sde, Scheduler())
+    with pytest.raises(ValueError, match="finite"):
+        diffusers_time_grid(sde, [999.0, float("nan")])
+    with pytest.raises(ValueError, match="already end there"):
+        diffusers_time_grid(sde, torch.tensor([900, 500, 0]), final_timestep=0)
+    with pytest.raises(ValueError, match=r"\[500.0, 700.0\] at positions 1 and 2"):
+        diffusers_time_grid(sde, torch.tensor([900, 500, 700]))
+
+
+def test_auto_cast_that_fails_in_both_dtypes_is_named():
+    """A denoiser that scales its input by a float32 sigma before a bfloat16 layer (a k-diffusion wrapper around a
+    16-bit network) fails in both dtypes: named, with the fix, and cast_input stays 'auto' (it switched to True for
+    good although the retry had failed)."""
+    from sdegen.adapters import from_denoiser
+    layer = torch.nn.Linear(2, 2).to(torch.bfloat16)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, sigma):
+            return self.layer(x * (1.0 / (1.0 + sigma.float()[:, None])))  # c_in in sigma's dtype: float32
+
+    model = from_denoiser(Wrapper(), sdegen.EDMSDE())
+    with pytest.raises(TypeError, match="must cast inside"):
+        model.denoise(torch.randn(3, 2), torch.full((3,), 1.0))
+    assert model.cast_input == "auto"
