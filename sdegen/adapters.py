@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -150,7 +151,7 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
             as in DDIM's and Euler's schedulers, which DiT's pipeline uses) the image-like rule of DiffusersNet.
 
     Scheduler settings that belong to the sampler (``clip_sample``, ``thresholding``, the spacing) are not read:
-    sdegen's samplers neither clip nor threshold. A v-prediction scheduler with ``timestep_type="continuous"``
+    sdegen's samplers neither clip nor threshold (a UserWarning says so when the scheduler sets either). A v-prediction scheduler with ``timestep_type="continuous"``
     (its network takes 0.25 log sigma) is refused with the ScoreModel that fits it.
 
     Returns:
@@ -189,6 +190,11 @@ def from_diffusers(unet: Callable, scheduler: Any, prediction_type: Optional[str
     if prediction_type not in DIFFUSERS_PREDICTIONS:
         raise ValueError(f"prediction_type must be one of {tuple(DIFFUSERS_PREDICTIONS)}; got {prediction_type!r}.")
     sde = DiscreteVPSDE(table, t_min=t_min)
+    clipping = [name for name in ("clip_sample", "thresholding") if _scheduler_setting(scheduler, name) is True]
+    if clipping:  # diffusers' DDPM and DDIM schedulers clip by default
+        warnings.warn(f"from_diffusers: the scheduler sets {' and '.join(f'{n}=True' for n in clipping)}, which sdegen's "
+                      "samplers do not apply: samples follow the ODE/SDE unclipped, as diffusers' with those settings "
+                      "off.", UserWarning, stacklevel=2)
     if learned_variance is None:
         variance_type = _scheduler_setting(scheduler, "variance_type")
         if variance_type is not None:  # a scheduler that says; others leave it to the output's shape

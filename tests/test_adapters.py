@@ -688,3 +688,22 @@ def test_auto_cast_that_fails_in_both_dtypes_is_named():
     with pytest.raises(TypeError, match="must cast inside"):
         model.denoise(torch.randn(3, 2), torch.full((3,), 1.0))
     assert model.cast_input == "auto"
+
+
+def test_a_clipping_scheduler_is_said_not_to_clip():
+    from sdegen.adapters import from_diffusers
+
+    class Config(dict):
+        pass
+
+    class Scheduler:
+        alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+        config = Config(prediction_type="epsilon", clip_sample=True)
+
+    with pytest.warns(UserWarning, match="clip_sample=True, which sdegen's samplers do not apply"):
+        from_diffusers(lambda x, t: x, Scheduler())
+    Scheduler.config = Config(prediction_type="epsilon", clip_sample=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_diffusers(lambda x, t: x, Scheduler())
