@@ -84,6 +84,27 @@ def dopri5_sample(sde, gm, x_T, tol):
     return torchdiffeq.odeint(f, x_T, t, rtol=tol, atol=tol, method="dopri5")[-1], f.nfe
 
 
+def dopri5_log_sigma_sample(sde, gm, x_T, tol):
+    """torchdiffeq's dopri5 on the probability-flow ODE in the sigma view against log sigma, the time variable
+    sdegen's adaptive solvers step in: dy/d(log sigma) = y - D = -sigma^2 m score(m y, t(sigma)), y = x/m."""
+    score = Counted(gm.score_fn(sde))
+
+    def t_and_m(sigma):
+        t = sde.t_from_sigma(sigma.to(F64)).clamp(sde.t_min, sde.T)
+        return t, sde.mean_coeff(t)
+
+    def field(v, y):
+        sigma = v.exp()
+        t, m = t_and_m(sigma)
+        return -sigma**2 * m * score(m * y, t.to(y.device).expand(y.shape[0]))
+
+    s0, s1 = (float(sde.sigma(torch.tensor(t, dtype=F64))) for t in (sde.T, sde.t_min))
+    y0 = x_T / t_and_m(torch.tensor(s0, dtype=F64))[1]
+    span = torch.tensor([math.log(s0), math.log(s1)], dtype=F64, device=x_T.device)
+    y = torchdiffeq.odeint(field, y0, span, rtol=tol, atol=tol, method="dopri5")[-1]
+    return y * t_and_m(torch.tensor(s1, dtype=F64))[1], score.nfe
+
+
 def dpm_adaptive_sample(kd, sde, gm, x_T, rtol, atol):
     """k-diffusion's sample_dpm_adaptive in the sigma view of ``sde``; returns (x at t_min, score calls)."""
     score = Counted(gm.score_fn(sde))
@@ -111,11 +132,14 @@ def sampling_rows(pname, gm, sde, n, tols, kd, device):
     runs = [(name, tol) for name in SDEGEN for tol in tols]
     # dopri5 in t needs tighter tolerances than the adaptive solvers in u to reach the same RMS
     runs += [("torchdiffeq dopri5 (t)", tol) for tol in tols + (2e-5, 1e-5, 5e-6, 3e-6, 2e-6, 1e-6)]
+    runs += [("torchdiffeq dopri5 (log sigma)", tol) for tol in tols + (2e-5, 1e-5, 5e-6, 3e-6, 2e-6, 1e-6)]
     if kd is not None:
         runs += [("k-diffusion dpm_adaptive", (r, a)) for a in DPM_ATOLS for r in DPM_RTOLS]
     rows, best = [], {}
     for name, tol in runs:
-        if name.startswith("torchdiffeq"):
+        if name == "torchdiffeq dopri5 (log sigma)":
+            x, nfe = dopri5_log_sigma_sample(sde, gm, x_T, tol)
+        elif name.startswith("torchdiffeq"):
             x, nfe = dopri5_sample(sde, gm, x_T, tol)
         elif name.startswith("k-diffusion"):
             x, nfe = dpm_adaptive_sample(kd, sde, gm, x_T, *tol)
@@ -274,9 +298,12 @@ def main():
              f"{min(args.n, 64)} exact draws (seed 5), t_min = default_t_min(sde), exact prior", "",
              "## Fewest NFE with endpoint RMS <= 1e-3", "",
              f"target: adaptive's NFE <= {TARGETS[0]:g} x dopri5's and <= {TARGETS[1]:g} x dpm_adaptive's", "",
+             "The target is set against dopri5 in t; dopri5 in log sigma, the variable sdegen's adaptive solvers "
+             "step in, is the fairer peer and is given beside it (adaptive / dopri5 (log sigma)).", "",
              "| problem | adaptive | adaptive (error=predictor, order 3) | adaptive_rk23 | torchdiffeq dopri5 (t) | "
-             "k-diffusion dpm_adaptive (its tolerances) | adaptive / dopri5 | adaptive / dpm_adaptive | target met |",
-             "|---|---|---|---|---|---|---|---|---|", *summary, "", "## Sampling sweep", "", "| problem | solver | rtol = atol | NFE | RMS |",
+             "torchdiffeq dopri5 (log sigma) | k-diffusion dpm_adaptive (its tolerances) | adaptive / dopri5 (t) | "
+             "adaptive / dopri5 (log sigma) | adaptive / dpm_adaptive | target met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|", *summary, "", "## Sampling sweep", "", "| problem | solver | rtol = atol | NFE | RMS |",
              "|---|---|---|---|---|", *s_rows, ""]
     if l_rows:
         lines += ["## log_likelihood against dopri5 on the augmented state", "",
@@ -289,12 +316,13 @@ def main():
 
 def summary_row(pname, best, with_kd):
     """The fewest NFE of each solver reaching RMS 1e-3, adaptive's ratios to the peers and whether both targets hold."""
-    names = list(SDEGEN) + ["torchdiffeq dopri5 (t)", "k-diffusion dpm_adaptive"]
+    names = list(SDEGEN) + ["torchdiffeq dopri5 (t)", "torchdiffeq dopri5 (log sigma)", "k-diffusion dpm_adaptive"]
     nfe = {k: best.get(k, (math.inf, "-"))[0] for k in names}
-    ratios = [nfe["adaptive"] / nfe[peer] if math.isfinite(nfe[peer]) else math.nan for peer in names[-2:]]
+    ratios = [nfe["adaptive"] / nfe[peer] if math.isfinite(nfe[peer]) else math.nan for peer in names[-3:]]
     kd_cell = (f"{nfe[names[-1]]} ({best[names[-1]][1]})" if names[-1] in best else
                ("none reached 1e-3" if with_kd else "not installed"))
-    met = all(r <= target for r, target in zip(ratios, TARGETS)) if with_kd else "-"
+    # the targets: against dopri5 in t and against dpm_adaptive
+    met = all(r <= target for r, target in zip((ratios[0], ratios[2]), TARGETS)) if with_kd else "-"
     cells = [str(nfe[k]) for k in names[:-1]] + [kd_cell] + [f"{r:.2f}" for r in ratios] + [
         {True: "yes", False: "no"}.get(met, met)]
     return f"| {pname} | " + " | ".join(cells) + " |"

@@ -67,6 +67,9 @@ def exact_floor(gm, sde, n: int, reps: int) -> Tuple[float, float]:
 def load_k_diffusion():
     """k_diffusion.sampling alone (the package's __init__ needs torchvision and more), loaded from its file with a
     stub ``k_diffusion.utils`` providing append_dims; None when k-diffusion or a module it imports is missing."""
+    loaded = sys.modules.get("k_diffusion.sampling")
+    if loaded is not None:  # loaded before in this process (find_spec fails on the stub package then)
+        return loaded
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -85,4 +88,5 @@ def load_k_diffusion():
         mod_spec.loader.exec_module(module)
     except ImportError:
         return None
+    sys.modules["k_diffusion.sampling"] = module
     return module

@@ -154,6 +154,10 @@ def diffusers_scheduler(cls_name, overrides, sde, steps, n_train=1000):
     config.update(overrides)
     sched = cls(**config)
     sched.set_timesteps(steps)
+    # the loop hands its timesteps back to step(): where two of them round to the same integer (Karras sigmas at
+    # the top of a flow table), diffusers would look the second one up as the start and run past its sigmas
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(0)
     return sched
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -114,6 +114,19 @@ class GaussianMixture:
         self._evals, self._evecs = evals.clamp_min(0.0), evecs
         self._singular = bool((self._evals <= 0).any())  # then p_0 itself has no density
         self.dim, self.n_components = d, K
+        self._versions = self._parameter_versions()  # the parameters are fixed from here on
+
+    _PARAMETERS = ("weights", "means", "covs", "dim", "n_components")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._PARAMETERS and "_versions" in self.__dict__:
+            raise AttributeError(f"GaussianMixture.{name}: a mixture's parameters are fixed once it is built (its "
+                                 "eigendecompositions and device copies are made from them); build a new "
+                                 "GaussianMixture instead.")
+        object.__setattr__(self, name, value)
+
+    def _parameter_versions(self) -> tuple:
+        return tuple(getattr(self, n)._version for n in ("weights", "means", "covs"))
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -187,6 +200,10 @@ class GaussianMixture:
 
     def _on(self, device: torch.device):
         """(eigenvalues, eigenvectors, means, log weights) on ``device``, copied there once per device."""
+        if self._parameter_versions() != self._versions:
+            raise ValueError("the GaussianMixture's weights, means or covs were modified in place after it was built; "
+                             "its eigendecompositions and device copies come from the values it was built with: "
+                             "build a new GaussianMixture instead.")
         held = self.__dict__.setdefault("_device_copies", {})
         if device not in held:
             held[device] = tuple(v.to(device) for v in (self._evals, self._evecs, self.means,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -156,6 +157,18 @@ def _equal_steps(steps: int):
     return grid
 
 
+class _WeakCall:
+    """``getattr(owner, name)(*args)`` through a weak reference to ``owner``."""
+
+    def __init__(self, owner: Any, name: str):
+        self.owner, self.name = weakref.ref(owner), name
+
+    def __call__(self, *args):
+        owner = self.owner()
+        if owner is not None:
+            getattr(owner, self.name)(*args)
+
+
 class _StepRecorder:
     """torchdiffeq step callbacks: count accepted and rejected steps, remember the last (t, dt) tried."""
 
@@ -166,9 +179,9 @@ class _StepRecorder:
         self.direction, self.clock = direction, None  # clock: the solver's time is tau (LogSigmaClock), not t
         self.t_tried, self.dt_tried, self.dt_before, self.t_reached = None, None, None, None
         valid = _ODE_SOLVERS[method].valid_callbacks()
-        if "callback_accept_step" in valid:
-            self.callback_accept_step = self._accept
-            self.callback_reject_step = self._reject
+        if "callback_accept_step" in valid:  # through a weak reference: a bound method would make a reference
+            self.callback_accept_step = _WeakCall(self, "_accept")  # cycle that keeps the field (and the model
+            self.callback_reject_step = _WeakCall(self, "_reject")  # it holds) alive until the cyclic collector
 
     def callback_step(self, t0, y0, dt):  # before every step, adaptive or fixed
         self.attempted += 1

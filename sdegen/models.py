@@ -37,6 +37,10 @@ TIME_INPUTS = ("t", "sigma", "log_sigma", "edm_sigma", "index", "timestep")
 PRECONDITIONINGS = ("edm", "vp", "ve")
 
 
+_TABLE_LIMIT = 16384  # entries of a model's per-time tables (a grid of 1000 steps takes 1001)
+_ROW_TABLES = 4  # (dtype, batch) pairs whose (B,) time rows a model keeps
+
+
 def _host_scalar(t: torch.Tensor) -> bool:
     return isinstance(t, torch.Tensor) and t.ndim == 0 and t.device.type == "cpu" and not t.requires_grad
 
@@ -84,22 +88,32 @@ class Model(torch.nn.Module):
 
     def prepare(self, ts: torch.Tensor) -> None:
         """Called by the sampling driver with a run's grid times (1-D float64, on the CPU) before the first step
-        (and by samplers with their stage times): m and s at every time in one vectorised call, so that a step's
-        conversion costs a table look-up; the times also make the (B,) time inputs of :meth:`batch_time` in one
-        launch at the first call."""
+        (and by samplers with their stage times): m and s at every new time in one vectorised call, so that a step's
+        conversion costs a table look-up; the grid also makes the (B,) time inputs of :meth:`batch_time` in one
+        launch at the first call. The same grid again adds nothing; the tables are bounded."""
         if not _host_scalar(ts[0]):
             return
-        table = self.__dict__.setdefault("_scalar_coeffs", {})
-        if len(table) > 65536:
-            table.clear()
-        key, t64 = id(self.sde), ts.double()
-        table.update({(key, t): (m, s) for t, m, s in zip(ts.tolist(), self.sde.mean_coeff(t64).tolist(),
-                                                          self.sde.std(t64).tolist())})
-        prepared = self.__dict__.setdefault("_prepared_times", [])
-        if sum(times.numel() for times in prepared) > 65536:
-            prepared.clear()
-            self.__dict__.pop("_time_rows", None)
-        prepared.append(ts)
+        table = self._coeff_table()
+        values = ts.tolist()
+        new = [i for i, v in enumerate(values) if v not in table]
+        if new:
+            if len(table) + len(new) > _TABLE_LIMIT:
+                table.clear()
+            t64 = ts.double()[new] if len(new) < len(values) else ts.double()
+            table.update(zip((values[i] for i in new), zip(self.sde.mean_coeff(t64).tolist(),
+                                                           self.sde.std(t64).tolist())))
+        grids = self.__dict__.setdefault("_grids", [])  # the latest few: a run's grid and its stage times
+        if not any(g[1] == values for g in grids):
+            grids.append((ts, values, set(values)))
+            del grids[:-_ROW_TABLES]
+
+    def _coeff_table(self) -> dict:
+        """time value -> (m, s) of this model's SDE, as Python floats: a table that belongs to the SDE object it was
+        made for (a model given another SDE starts a new one)."""
+        held = self.__dict__.get("_coeff_tables")
+        if held is None or held[0] is not self.sde:
+            held = self.__dict__["_coeff_tables"] = (self.sde, {})
+        return held[1]
 
     def _host_value(self, t: torch.Tensor) -> float:
         """float(t) of a host scalar time, read once per tensor and version: a model call asks for it twice."""
@@ -124,18 +138,21 @@ class Model(torch.nn.Module):
         value, batch = self._host_value(t), x.shape[0]
         if x.device.type != "cpu" or batch < 2:
             return torch.full((batch,), value, dtype=x.dtype, device=x.device)
-        rows = self.__dict__.get("_time_rows")
-        if rows is None or rows[0] != (x.dtype, batch):
-            rows = self.__dict__["_time_rows"] = [(x.dtype, batch), {}, 0]  # key, value -> row, times taken in
-        row = rows[1].get(value)
-        prepared = self.__dict__.get("_prepared_times", [])
-        if row is None and rows[2] < len(prepared):  # times prepared since: one launch for all of them
-            times = torch.cat(prepared[rows[2]:])
-            rows[1].update(zip(times.tolist(), (row.expand(batch) for row in times.to(x.dtype).unbind())))
-            rows[2] = len(prepared)
-            row = rows[1].get(value)
+        tables = self.__dict__.setdefault("_time_rows", {})  # (dtype, batch) -> {value: row}, the latest few
+        rows = tables.get((x.dtype, batch))
+        if rows is None:
+            while len(tables) >= _ROW_TABLES:
+                tables.pop(next(iter(tables)))
+            rows = tables[(x.dtype, batch)] = {}
+        row = rows.get(value)
         if row is None:
-            return torch.full((batch,), value, dtype=x.dtype, device=x.device)
+            grid = next((g for g in reversed(self.__dict__.get("_grids", ())) if value in g[2]), None)
+            if grid is None:
+                return torch.full((batch,), value, dtype=x.dtype, device=x.device)
+            if len(rows) + len(grid[1]) > _TABLE_LIMIT:
+                rows.clear()
+            rows.update(zip(grid[1], (r.expand(batch) for r in grid[0].to(x.dtype).unbind())))  # one launch
+            row = rows[value]
         return row
 
     def _coeffs(self, x: torch.Tensor, t: torch.Tensor):
@@ -143,14 +160,14 @@ class Model(torch.nn.Module):
         fixed-step samplers ask for the same grid times again and again."""
         if not _host_scalar(t):
             return bcast(self.sde.mean_coeff(t), x), bcast(self.sde.std(t), x)
-        table = self.__dict__.setdefault("_scalar_coeffs", {})
-        key = (id(self.sde), self._host_value(t))
-        hit = table.get(key)
+        table = self._coeff_table()
+        value = self._host_value(t)
+        hit = table.get(value)
         if hit is None:
-            if len(table) > 65536:
+            if len(table) >= _TABLE_LIMIT:
                 table.clear()
             t64 = t.double()  # the table serves every dtype: its values are float64's
-            hit = table[key] = (float(self.sde.mean_coeff(t64)), float(self.sde.std(t64)))
+            hit = table[value] = (float(self.sde.mean_coeff(t64)), float(self.sde.std(t64)))
         return hit
 
     def _check_positive_std(self, x: torch.Tensor, t: torch.Tensor, s) -> None:

@@ -132,9 +132,15 @@ def _seed_words(seeds: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return seeds.to(torch.int32), torch.bitwise_right_shift(seeds, _c(32, torch.int64)).to(torch.int32)
 
 
-_ELEMENT_TERMS: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+_ELEMENT_TERMS: Dict[Tuple[int, torch.device], torch.Tensor] = {}  # least recently used first
 _ELEMENT_TERMS_CACHED = 16  # event sizes kept per process
 _ELEMENT_TERMS_MAX = 1 << 22  # larger ones (16 MiB of words) are recomputed: their draw dwarfs it
+_ELEMENT_TERMS_BYTES = 1 << 26  # and at most 64 MiB of them in all
+
+
+def clear_caches() -> None:
+    """Drop the noise streams' cached element terms (up to 64 MiB per process; they are recomputed when needed)."""
+    _ELEMENT_TERMS.clear()
 
 
 def _element_terms(half: int, device: torch.device) -> torch.Tensor:
@@ -144,14 +150,16 @@ def _element_terms(half: int, device: torch.device) -> torch.Tensor:
     Callers only read it.
     """
     key = (half, device)
-    terms = _ELEMENT_TERMS.get(key)
+    terms = _ELEMENT_TERMS.pop(key, None)
     if terms is None:
         counter = torch.arange(half, dtype=torch.int64, device=device) + _COUNTER_OFFSET
         terms = _xorshift_(_mix32_(counter.to(torch.int32)), 16)  # the conversion keeps the low 32 bits
-        if half <= _ELEMENT_TERMS_MAX:
-            for stale in list(_ELEMENT_TERMS)[:max(0, len(_ELEMENT_TERMS) + 1 - _ELEMENT_TERMS_CACHED)]:
-                _ELEMENT_TERMS.pop(stale, None)
-            _ELEMENT_TERMS[key] = terms
+        if half > _ELEMENT_TERMS_MAX:
+            return terms
+        while _ELEMENT_TERMS and (len(_ELEMENT_TERMS) >= _ELEMENT_TERMS_CACHED or 4 * (
+                half + sum(t.numel() for t in _ELEMENT_TERMS.values())) > _ELEMENT_TERMS_BYTES):
+            _ELEMENT_TERMS.pop(next(iter(_ELEMENT_TERMS)))  # the least recently used
+    _ELEMENT_TERMS[key] = terms  # (re)inserted last: the most recently used
     return terms
 
 

@@ -148,6 +148,15 @@ class SDE(abc.ABC):
             cls.transition_var = _checks_order(cls.__dict__["transition_var"])
         _CLASSES[f"{cls.__module__}:{cls.__qualname__}"] = cls
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # quantities are cached per SDE object (models' tables of m and s, SDE comparisons, the checked contract):
+        # a parameter changed in place once the SDE is in use would leave them stale, so it is refused
+        if not name.startswith("_") and name != "prior_std" and self.__dict__.get("_contract_checked"):
+            raise AttributeError(f"{type(self).__name__}.{name}: an SDE's parameters are fixed once it is in use "
+                                 "(sdegen caches quantities per SDE object); build a new one instead, e.g. "
+                                 f"type(sde)(**dict(sde.config(), {name}=...)).")
+        super().__setattr__(name, value)
+
     # --- the contract: log m(t) and s(t) ---
     @abc.abstractmethod
     def log_mean_coeff(self, t: Time) -> torch.Tensor:

@@ -150,3 +150,17 @@ def test_the_oracle_is_differentiable_in_t():
     h = 1e-6
     fd = (gm.log_prob(sde, x, 0.3 + h).sum() - gm.log_prob(sde, x, 0.3 - h).sum()) / (2 * h)
     assert float(grad) == pytest.approx(float(fd), rel=1e-6)
+
+
+def test_a_mixture_keeps_its_parameters():
+    """Its device copies were made once: changed weights reached sample but not score. Reassigning a parameter is
+    refused, and one modified in place is named at the next use."""
+    gm = sdegen.GaussianMixture.ring()
+    with pytest.raises(AttributeError, match="weights: a mixture's parameters are fixed"):
+        gm.weights = torch.ones(8, dtype=torch.float64) / 8
+    means = torch.zeros(2, 2, dtype=torch.float64)
+    own = sdegen.GaussianMixture(torch.tensor([0.5, 0.5]), means, torch.ones(2, dtype=torch.float64))
+    own.score(sdegen.VPSDE(), torch.zeros(1, 2), 0.5)
+    own.means.add_(1.0)
+    with pytest.raises(ValueError, match="modified in place"):
+        own.score(sdegen.VPSDE(), torch.zeros(1, 2), 0.5)

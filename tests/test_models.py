@@ -429,3 +429,50 @@ def test_a_module_failing_on_its_own_dtype_keeps_its_error():
     with pytest.raises(RuntimeError, match="indices") as err:
         model.score(torch.randn(3, 2), torch.full((3,), 0.5), torch.tensor([0.0, 1.0, 2.0]))
     assert "pass the nn.Module itself" not in str(err.value)
+
+
+def test_a_models_tables_stay_bounded_and_follow_its_sde():
+    """Every run appended its grid to the model and a change of batch size rebuilt the rows from that whole history
+    (16 ms a call became 150 ms after 3000 calls); the (m, s) table was keyed by id(sde), which a new SDE can reuse
+    (a denoised value 52 off)."""
+    from sdegen import models
+    sde, gm = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    model = sdegen.ScoreModel(lambda x, t: gm.score(sde, x, t), sde, "score")
+    for i in range(60):
+        sdegen.sample(sde, model, shape=(16 if i % 2 else 64, 2), method="ddim", steps=10, seed=i)
+    assert len(model._coeff_table()) == 11 and len(model.__dict__["_grids"]) == 1  # the same grid adds nothing
+    assert set(model.__dict__["_time_rows"]) == {(torch.float32, 16), (torch.float32, 64)}
+    for i in range(3 * models._TABLE_LIMIT // 900):
+        sdegen.sample(sde, model, shape=(8, 2), method="ddim", steps=900, seed=i, t_min=1e-3 * (1 + i / 100))
+    assert len(model._coeff_table()) <= models._TABLE_LIMIT
+    assert all(len(rows) <= models._TABLE_LIMIT for rows in model.__dict__["_time_rows"].values())
+    x, t = torch.randn(4, 2, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    model.denoise(x, t)
+    model.sde = other = sdegen.VPSDE(beta_max=10.0)  # another process: its own table
+    fresh = sdegen.ScoreModel(lambda z, u: gm.score(other, z, u), other, "score")
+    model.net = fresh.net
+    torch.testing.assert_close(model.denoise(x, t), fresh.denoise(x, t), rtol=0, atol=0)
+
+
+def test_solves_leave_no_reference_cycle():
+    """torchdiffeq's step callbacks were bound methods of the field they belong to: a cycle that kept the model (and
+    its device memory) alive until the cyclic collector ran."""
+    import gc
+    import weakref
+    sde, gm = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t):
+            return gm.score(sde, x, t)
+
+    net = Net()
+    alive = weakref.ref(net)
+    gc.disable()
+    try:
+        model = sdegen.ScoreModel(net, sde, "score")
+        sdegen.sample(sde, model, shape=(4, 2), method="ode", seed=0)
+        sdegen.log_likelihood(sde, model, torch.randn(4, 2))
+        del model, net
+        assert alive() is None
+    finally:
+        gc.enable()

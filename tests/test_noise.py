@@ -349,3 +349,17 @@ def test_stream_arguments_are_named():
         Noise(seeds).like(torch.zeros(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="floating tensor"):
         Noise(torch.tensor([1])).like(torch.tensor(0.0))
+
+
+def test_the_element_term_cache_is_bounded_and_clearable():
+    from sdegen import noise
+    noise.clear_caches()
+    seeds = torch.tensor([1, 2])
+    for n in range(2, 60):
+        noise.normal_from_seeds(seeds, 0, (n,))
+    assert len(noise._ELEMENT_TERMS) <= noise._ELEMENT_TERMS_CACHED
+    first = next(iter(noise._ELEMENT_TERMS))
+    noise._element_terms(*first)  # a hit makes it the most recently used
+    assert list(noise._ELEMENT_TERMS)[-1] == first
+    noise.clear_caches()
+    assert not noise._ELEMENT_TERMS

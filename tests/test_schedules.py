@@ -356,7 +356,7 @@ def test_grid_files_are_validated_and_name_no_module_to_import_when_the_sde_is_g
 def test_a_grid_finer_than_float64_resolves_is_refused():
     sde = sdegen.VPSDE(beta_max=50.0, t_min=1e-5)
     with pytest.raises(ValueError, match="float64's resolution"):
-        sdegen.time_grid(sde, 10000, "log_snr", t_min=1.0 - 1e-9)
+        sdegen.time_grid(sde, 10000, "log_snr", t_min=1.0 - 1e-12)  # steps of 1e-16 near t = 1
 
 
 def test_a_fitted_grid_records_its_samplers_options():

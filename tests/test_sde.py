@@ -318,3 +318,14 @@ def test_a_table_far_from_zero_terminal_snr_warns_about_its_prior():
     can tell."""
     with pytest.warns(UserWarning, match="m\\(T\\) = 0.78"):
         sdegen.DiscreteVPSDE(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 50, dtype=torch.float64), 0))
+
+
+def test_an_sde_in_use_keeps_its_parameters():
+    """A parameter changed in place (a sweep's sde.beta_max = 10) left models' tables, SDE comparisons and the
+    checked contract stale (adaptive samples 1.4 off); it is refused once the SDE is in use."""
+    sde = sdegen.VPSDE()
+    sde.beta_max = 10.0  # before use: a constructor's business
+    sdegen.sample(sde, sdegen.GaussianMixture.ring(), shape=(2, 2), method="ddim", steps=2, seed=0)
+    with pytest.raises(AttributeError, match="beta_max: an SDE's parameters are fixed once it is in use"):
+        sde.beta_max = 20.0
+    sde.prior_std = 2.0  # the prior's scale stays settable
