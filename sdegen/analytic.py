@@ -86,7 +86,7 @@ class GaussianMixture:
     """
 
     def __init__(self, weights, means, covs):
-        means = torch.as_tensor(means, dtype=torch.float64)
+        means = torch.as_tensor(means, dtype=torch.float64).clone()  # its own copy: the caller's stays theirs
         if means.ndim != 2:
             raise ValueError(f"means must have shape (K, d); got {tuple(means.shape)}.")
         check_finite(means, "means")
@@ -96,7 +96,7 @@ class GaussianMixture:
             check_finite(weights, "weights")
         if weights.shape != (K,) or bool((weights < 0).any()) or not bool(weights.sum() > 0):
             raise ValueError(f"weights must be ({K},) non-negative with a positive sum; got {weights.tolist()}.")
-        covs = torch.as_tensor(covs, dtype=torch.float64)
+        covs = torch.as_tensor(covs, dtype=torch.float64).clone()
         if covs.shape == (K,):
             covs = covs[:, None, None] * torch.eye(d, dtype=torch.float64)
         elif covs.shape == (K, d):
@@ -127,6 +127,11 @@ class GaussianMixture:
 
     def _parameter_versions(self) -> tuple:
         return tuple(getattr(self, n)._version for n in ("weights", "means", "covs"))
+
+    def __setstate__(self, state: dict) -> None:
+        # a copy (copy.deepcopy, pickle, torch.load) holds new tensors, whose version counters start afresh
+        self.__dict__.update(state)
+        self.__dict__["_versions"] = self._parameter_versions()
 
     # ---------------------------------------------------------------- constructors
     @classmethod

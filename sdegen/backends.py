@@ -110,16 +110,35 @@ class LogSigmaClock:
 
     def __init__(self, sde: SDE):
         self.sde = sde
+        self._known: dict = {}  # (tau, dtype, device) of a 0-d tau -> (t, dt/dtau): a fixed grid's taus recur
 
     def tau(self, t: torch.Tensor) -> torch.Tensor:
         return -0.5 * self.sde.log_snr(t)
 
     def t(self, tau: torch.Tensor) -> torch.Tensor:
-        return self.sde.t_from_log_snr(-2.0 * tau)
+        return self._at(tau)[0] if tau.ndim == 0 and tau.device.type == "cpu" else \
+            self.sde.t_from_log_snr(-2.0 * tau)
 
     def rate(self, t: torch.Tensor) -> torch.Tensor:
         """dt/dtau at t."""
         return 2.0 * self.sde.std(t) ** 2 / self.sde.diffusion(t) ** 2
+
+    def time_and_rate(self, tau: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(t(tau), dt/dtau there): remembered for a 0-d host tau."""
+        if tau.ndim == 0 and tau.device.type == "cpu" and not tau.requires_grad:
+            return self._at(tau)
+        t = self.t(tau)
+        return t, self.rate(t)
+
+    def _at(self, tau: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        key = (float(tau), tau.dtype)
+        hit = self._known.get(key)
+        if hit is None:
+            if len(self._known) >= 16384:
+                self._known.clear()
+            t = self.sde.t_from_log_snr(-2.0 * tau)
+            hit = self._known[key] = (t, self.rate(t))
+        return hit
 
     def step_in_t(self, tau: float, dtau: float) -> float:
         """The length in t of a step from tau to tau + dtau (for messages)."""
@@ -130,8 +149,15 @@ class LogSigmaClock:
 def clock_for(sde: SDE, adaptive: bool = True) -> Optional[LogSigmaClock]:
     """The clock torchdiffeq integrates ``sde``'s flow in. A fixed grid takes equal steps in log sigma on every SDE
     (equal steps in t put EDM's first step from sigma 0.001 to 0.4 with 200 steps, and a likelihood 2.5 nats off);
-    an adaptive solver places its own steps, so it runs in t itself (None) where the kernel is smooth in t."""
-    return None if (adaptive and sde.smooth_in_t) else LogSigmaClock(sde)
+    an adaptive solver places its own steps, so it runs in t itself (None) where the kernel is smooth in t. One
+    clock per SDE object: it remembers the times of the taus it has converted (a fixed grid asks for the same ones
+    at every solve, and a user SDE's inverse is a bisection)."""
+    if adaptive and sde.smooth_in_t:
+        return None
+    clock = sde.__dict__.get("_log_sigma_clock")
+    if clock is None:
+        clock = sde.__dict__["_log_sigma_clock"] = LogSigmaClock(sde)
+    return clock
 
 
 class _InClock(torch.nn.Module):
@@ -142,8 +168,8 @@ class _InClock(torch.nn.Module):
         self.field, self.clock = field, clock
 
     def forward(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t = self.clock.t(tau)
-        return self.field(t, y) * self.clock.rate(t).to(y.dtype)
+        t, rate = self.clock.time_and_rate(tau)
+        return self.field(t, y) * rate.to(y.dtype)
 
 
 def _equal_steps(steps: int):
@@ -258,7 +284,7 @@ def _solve_isolated(solver, ctx: Context, x: torch.Tensor, ts: torch.Tensor, ste
 # torchdiffeq options that the solve sets itself, and the argument of sdegen's that sets them
 _OWNED_ODE_OPTIONS = {"norm": "the per-example error norm that names failing examples",
                       "step_t": "the end time, which adaptive solves land on", "max_num_steps": "max_steps=",
-                      "grid_constructor": "steps=", "step_size": "steps="}
+                      "grid_constructor": "steps=", "step_size": "steps=", "rtol": "rtol=", "atol": "atol="}
 
 
 def _check_ode_options(solver: str, adaptive: bool, options: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -81,15 +81,19 @@ def _label_batch(y: Labels, x: torch.Tensor) -> torch.Tensor:
 def classifier_log_prob_grad(classifier: Callable, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                              check_classes: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """grad_x log p_t(y | x) = grad_x log_softmax(classifier(x, t))[y], shape and dtype of x. Differentiable itself
-    (second order) when grad mode is on, so gradients flow through guided sampling to x_T and to the classifier's
-    parameters; under ``torch.no_grad()`` it is a plain tensor. A classifier module whose parameters have another
+    (second order) when grad mode is on and x or a parameter of the classifier (an nn.Module) requires grad, so
+    gradients flow through guided sampling to x_T and to the classifier's parameters; otherwise, and under
+    ``torch.no_grad()``, it is a plain tensor. A classifier module whose parameters have another
     floating dtype than x sees x (and t) cast to it. ``check_classes``, if given, is called with the number of
     classes the logits have before the labels index them."""
     if torch.is_inference_mode_enabled():  # no autograd there: the gradient is taken on copies outside it
         with torch.inference_mode(False), torch.no_grad():
             return classifier_log_prob_grad(classifier, x.clone(), t.clone() if isinstance(t, torch.Tensor) else t,
                                             y.clone(), check_classes=check_classes)
-    keep_graph = torch.is_grad_enabled()  # read before enable_grad: False under the caller's no_grad
+    # a graph is kept where gradients can flow: grad mode on (read before enable_grad) and x or the classifier's
+    # parameters requiring grad; a frozen classifier on a detached state builds none (every step's would stay alive)
+    keep_graph = torch.is_grad_enabled() and (x.requires_grad or any(
+        p.requires_grad for p in (classifier.parameters() if isinstance(classifier, torch.nn.Module) else ())))
     with torch.enable_grad():
         xi = x if x.requires_grad else x.detach().requires_grad_(True)
         dtype = network_dtype(classifier)

@@ -70,8 +70,9 @@ def _loss_model(model, sde: SDE):
     """The model a score loss calls: a :class:`sdegen.Model` (or a wrapper of one with ``.module``, such as
     train_ddp's DDPModel) as it is; anything else as :func:`sdegen.models.as_model` makes it for the samplers (an
     oracle's exact score, a plain callable's output checked against x's shape, its time in x's dtype)."""
-    if isinstance(model, Model) or isinstance(getattr(model, "module", None), Model):
-        return model
+    if any(isinstance(inner, Model) for inner in (model, getattr(model, "module", None),
+                                                  getattr(model, "_orig_mod", None))):
+        return model  # a Model, or torch's DataParallel / DDP / torch.compile wrapper of one: called as it is
     return as_model(model, sde)
 
 
@@ -250,7 +251,9 @@ def ddpm_loss(model: Callable, x0: torch.Tensor, *args, sde: Optional[SDE] = Non
     z = _randn(x0.shape, gen, x0)
     x_t = sde.perturb(x0, t, z)
     tt = t.to(x0.device)  # float64: the model casts it to x's dtype itself
-    eps_hat = model.eps(x_t, tt, *args, **kwargs)  # a Model's (or DDPModel's) eps view
+    eps_view = getattr(model, "eps", None)  # a Model's (or DDPModel's, a compiled one's); DataParallel has none
+    eps_hat = eps_view(x_t, tt, *args, **kwargs) if callable(eps_view) else \
+        -bcast(sde.std(t), x0).to(x0.dtype) * model(x_t, tt, *args, **kwargs)
     per = _reduce((eps_hat - z) ** 2, reduce)
     return per if return_per_example else per.mean()
 

@@ -23,6 +23,7 @@ the state's dtype.
 from __future__ import annotations
 
 import re
+import warnings
 import weakref
 from typing import Any, Callable, Optional, Tuple, Union
 
@@ -666,12 +667,17 @@ def as_model(score: Any, sde: SDE) -> Model:
         return score.as_model(sde)
     if hasattr(score, "score_fn"):
         return ScoreModel(score.score_fn(sde), sde, prediction="score")
+    torch_wrapper = isinstance(score, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) or \
+        hasattr(score, "_orig_mod")
     wrapped = getattr(score, "_orig_mod", None) or getattr(score, "module", None)
-    if isinstance(wrapped, Model):  # torch.compile(model), nn.DataParallel(model): taken for a plain score
-        # network, it would run the model's conversions in the wrapper's parameter dtype, not the state's
-        raise TypeError(f"the model is a {type(score).__name__} around a {type(wrapped).__name__}: wrap the network "
-                        "inside the model instead, ScoreModel(torch.compile(net), ...) or "
-                        "ScoreModel(nn.DataParallel(net), ...), or pass the model itself.")
+    if torch_wrapper and isinstance(wrapped, Model):
+        # taken for a plain score network, it would run the model's conversions in the wrapper's parameter dtype,
+        # not the state's: the model inside is used, and the wrapper's work (compilation, replicas) is not
+        warnings.warn(f"the model is a {type(score).__name__} around a {type(wrapped).__name__}: sdegen uses the "
+                      f"{type(wrapped).__name__} inside, without the wrapper; wrap the network inside the model to "
+                      "keep it (ScoreModel(torch.compile(net), ...), ScoreModel(nn.DataParallel(net), ...)).",
+                      UserWarning, stacklevel=3)
+        return as_model(wrapped, sde)
     if callable(score):
         return ScoreModel(score, sde, prediction="score")
     raise TypeError(f"the model must be an sdegen.Model, a callable score(x, t) or an object with score_fn(sde); "

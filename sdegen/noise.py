@@ -27,8 +27,8 @@ Two implementations give the same bits:
   the textbook unsigned mixer.
 
 Limits of this stream version: a key's base is 32 bits, so among M (example, key) pairs about M^2 / 2^33 share a
-base, and the two draws they feed share one of their uniform vectors (correlation about 0.8); 0.1% of the draws
-of 1024 examples over 1000 steps. Uniforms carry 24 bits in float32 and 32 in float64 (|z| <= 5.9 and 6.8).
+base, and the two draws they feed share one of their uniform vectors; 0.1% of the draws of 1024 examples over 1000
+steps. Where the shared vector is the angle (about a quarter of such pairs) the two draws correlate at about 0.8. Uniforms carry 24 bits in float32 and 32 in float64 (|z| <= 5.9 and 6.8).
 
 Neither reads a device value back on the host. A :class:`Noise` stream computes the draws of
 several upcoming steps in one call (a chunk of at most about 1 MiB of hash words) and hands them

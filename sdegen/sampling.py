@@ -271,8 +271,8 @@ def _settings_key(value: Any, alive: list) -> Any:
     if isinstance(value, dict):
         return ("dict",) + tuple(sorted((repr(k), _settings_key(v, alive)) for k, v in value.items()))
     alive.append(value)
-    if isinstance(value, torch.Tensor):
-        return ("tensor", id(value), value._version)
+    if isinstance(value, torch.Tensor):  # an inference tensor keeps no version (nor is it changed outside one)
+        return ("tensor", id(value), None if value.is_inference() else value._version)
     return ("object", id(value))
 
 

@@ -150,8 +150,10 @@ class SDE(abc.ABC):
 
     def __setattr__(self, name: str, value: Any) -> None:
         # quantities are cached per SDE object (models' tables of m and s, SDE comparisons, the checked contract):
-        # a parameter changed in place once the SDE is in use would leave them stale, so it is refused
-        if not name.startswith("_") and name != "prior_std" and self.__dict__.get("_contract_checked"):
+        # a constructor parameter (a key of config()) changed in place once the SDE is in use would leave them
+        # stale, so it is refused; other attributes (a user SDE's own caches, prior_std) stay free
+        if (self.__dict__.get("_contract_checked") and not name.startswith("_") and name != "prior_std"
+                and name in self.config()):
             raise AttributeError(f"{type(self).__name__}.{name}: an SDE's parameters are fixed once it is in use "
                                  "(sdegen caches quantities per SDE object); build a new one instead, e.g. "
                                  f"type(sde)(**dict(sde.config(), {name}=...)).")

@@ -318,20 +318,32 @@ def _check_finite_weights(model: nn.Module, done: int) -> None:
                                  "dtype, or an optimizer state that underflows in it).")
 
 
-@contextlib.contextmanager
-def _global_rng_of_step(base_seed: int, step: int, device: torch.device):
-    """torch's global generators of the CPU (and of ``device``) seeded from (base_seed, step) by a SplitMix64 hash on
-    the host, their previous state restored on exit: the network's own draws (dropout) follow the run's seed and
-    step, and a resumed run makes the same ones."""
-    z = (base_seed + (step + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    seed = (z ^ (z >> 31)) >> 1
-    on_cuda = device.type == "cuda"
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if on_cuda else None
-    with torch.random.fork_rng(devices=[index] if on_cuda else []):
+    return z ^ (z >> 31)
+
+
+def _cuda_indices(model: nn.Module, gen: torch.Generator) -> List[int]:
+    """The CUDA devices a training step draws on: the generator's and those of the model's parameters."""
+    devices = {p.device for p in itertools.chain(model.parameters(), model.buffers())} | {gen.device}
+    return sorted({d.index if d.index is not None else torch.cuda.current_device()
+                   for d in devices if d.type == "cuda"})
+
+
+@contextlib.contextmanager
+def _global_rng_of_step(base_seed: int, step: int, cuda: List[int]):
+    """torch's global generators of the CPU and of the CUDA devices ``cuda`` seeded from (base_seed, step, the
+    process's rank in torch.distributed) by a SplitMix64 hash on the host, their previous state restored on exit:
+    the network's own draws (dropout) follow the run's seed and step, a resumed run makes the same ones, and the
+    ranks of a distributed run make different ones."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+        else 0
+    seed = _splitmix64(_splitmix64(_splitmix64(base_seed) ^ step) ^ rank) >> 1
+    with torch.random.fork_rng(devices=cuda):
         torch.random.default_generator.manual_seed(seed)
-        if on_cuda:
+        for index in cuda:
             torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
@@ -424,12 +436,12 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     stopped, done = False, start_step
     if watch is not None and steps > 0:
         watch(start_step, model, ema)  # the starting weights compete too: training never returns worse than its start
-    base_seed, device = gen.initial_seed(), gen.device
+    base_seed, cuda = gen.initial_seed(), _cuda_indices(model, gen)
     for step in range(start_step, start_step + steps):
         if step < warmup_steps:
             for group, base in zip(opt.param_groups, base_lrs):
                 group["lr"] = base * (step + 1) / warmup_steps
-        with _global_rng_of_step(base_seed, step, device):
+        with _global_rng_of_step(base_seed, step, cuda):
             loss = call_loss(net, next(batches), gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()

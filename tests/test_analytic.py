@@ -164,3 +164,19 @@ def test_a_mixture_keeps_its_parameters():
     own.means.add_(1.0)
     with pytest.raises(ValueError, match="modified in place"):
         own.score(sdegen.VPSDE(), torch.zeros(1, 2), 0.5)
+
+
+def test_a_mixture_survives_copies():
+    """Copies hold new tensors whose version counters start afresh: the parameter check must not take them for
+    modified ones (deepcopy, pickle and torch.save/load all raised 'modified in place')."""
+    import copy
+    import io
+    import pickle
+    gm, sde = sdegen.GaussianMixture.ring(), sdegen.VPSDE()
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = gm.score(sde, x, 0.5)
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm)), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(copied.score(sde, x, 0.5), want, rtol=0, atol=0)

@@ -138,3 +138,14 @@ def test_cuda_graph_replays_equal_the_eager_run(name, options):
         replay = sdegen.sample(sde, model, x_T, method=name, steps=8, seed=seed, capture=True, **options)
         torch.testing.assert_close(replay, eager, rtol=1e-6, atol=1e-6)
     capture.clear_captured()
+
+
+def test_options_made_in_inference_mode_are_keyed(on_any_device):
+    """An inference tensor keeps no version counter: the key read one and raised."""
+    sde, gm = sdegen.VPSDE(), GaussianMixture.ring()
+    with torch.inference_mode():
+        known = torch.ones(4, 2, dtype=torch.float64)
+    mask = torch.zeros(4, 2, dtype=torch.bool)
+    mask[:, 0] = True
+    kw = dict(shape=(4, 2), dtype=torch.float64, method="inpaint", known=known, mask=mask, steps=3, seed=0)
+    assert torch.equal(sdegen.sample(sde, gm, capture=True, **kw), sdegen.sample(sde, gm, **kw))

@@ -531,3 +531,13 @@ def test_inpainting_takes_broadcast_masks_and_the_wrapped_samplers_order():
     wrapped = sdegen.guidance.Inpaint(known, mask, "unipc", order=3)
     inner = sdegen.samplers.get_sampler("unipc", order=3)
     assert (wrapped.order, wrapped.exponential) == (inner.order, True) and inner.order > 1
+
+
+def test_a_frozen_classifier_on_a_detached_state_builds_no_graph():
+    """Outside torch.no_grad, a classifier without trainable parameters on a state that does not require grad keeps
+    no graph: every step's would stay alive (2171 graph nodes after 50 steps)."""
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    clf = sdegen.MixtureClassifier(ring, [[0, 1, 2, 3], [4, 5, 6, 7]], sde)
+    x = sdegen.sample(sde, sdegen.classifier_guidance(ring, clf, torch.tensor([0, 1]), 2.0), shape=(2, 2),
+                      method="ddim", steps=5, seed=0)
+    assert not x.requires_grad and x.grad_fn is None

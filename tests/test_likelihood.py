@@ -301,7 +301,8 @@ def test_messages_for_the_prior_shape_and_inference_mode():
 def test_fixed_grids_converge_on_every_sde(sde_name):
     """Fixed grids take equal steps in log sigma on every SDE: in t itself, EDM's t = sigma put the first of 200
     steps from sigma 0.001 to 0.4 and the likelihood stayed 2.5 nats off. The likelihood and the ODE samples
-    converge to the oracle's like a fourth-order method (error ratio > 8 from 50 to 200 RK4 steps)."""
+    converge to the oracle's at RK4's order: an error ratio above 4^3 from 50 to 200 steps (slope >= 3; measured
+    3.2-4.5)."""
     sde = getattr(sdegen, sde_name)()
     gm = GaussianMixture.ring()
     x = gm.sample(16, seed=0, dtype=torch.float64)
@@ -311,12 +312,12 @@ def test_fixed_grids_converge_on_every_sde(sde_name):
         r = log_likelihood(sde, gm, x, divergence="exact", solver="rk4", steps=steps, prior=prior)
         exact = gm.log_prob(sde, x, torch.full((16,), r.t_min, dtype=torch.float64))
         errors.append(float((r.log_prob - exact).abs().max()))
-    assert errors[1] < 1e-3 and errors[0] > 8 * errors[1], errors
+    assert errors[1] < 1e-3 and errors[0] > 64 * errors[1], errors
     x_T = sde.prior_sample((16, 2), seed=1, dtype=torch.float64)
     ref = sdegen.sample(sde, gm, x_T, method="ode", rtol=1e-10, atol=1e-10)
     errors = [float((sdegen.sample(sde, gm, x_T, method="ode", solver="rk4", steps=n) - ref).abs().max())
               for n in (50, 200)]
-    assert errors[1] < 1e-4 and errors[0] > 8 * errors[1], errors
+    assert errors[1] < 1e-4 and errors[0] > 64 * errors[1], errors
 
 
 def test_bits_per_dim_options_are_named():

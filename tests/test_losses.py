@@ -434,3 +434,16 @@ def test_classifier_loss_labels():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="not bool"):
         sdegen.classifier_loss(clf, sde, x0, torch.tensor([True, False, True, False]), seed=0)
+
+
+def test_losses_take_torchs_wrappers_of_a_model():
+    """A torch.compile'd ScoreModel (refused by the losses' model check) and a DataParallel one (ddpm_loss asked it
+    for an eps view it does not have) train as the model itself does."""
+    sde = sdegen.VPSDE()
+    torch.manual_seed(0)
+    model = sdegen.ScoreModel(sdegen.MLP(2, hidden=8, depth=1), sde, prediction="eps")
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+    for loss in (sdegen.dsm_loss, sdegen.ddpm_loss):
+        want = loss(model, x0, seed=0)
+        torch.testing.assert_close(loss(torch.nn.DataParallel(model), x0, sde=sde, seed=0), want)
+        torch.testing.assert_close(loss(torch.compile(model, backend="eager"), x0, sde=sde, seed=0), want)

@@ -329,3 +329,29 @@ def test_an_sde_in_use_keeps_its_parameters():
     with pytest.raises(AttributeError, match="beta_max: an SDE's parameters are fixed once it is in use"):
         sde.beta_max = 20.0
     sde.prior_std = 2.0  # the prior's scale stays settable
+
+
+def test_a_user_sde_may_keep_its_own_attributes():
+    """Only constructor parameters (config()'s keys) are fixed once an SDE is in use: a user SDE caching a table
+    lazily, or any attribute outside config(), stays free."""
+    class Lazy(sdegen.SDE):
+        T, t_min = 1.0, 1e-3
+
+        def __init__(self, scale=1.0):
+            self.scale = scale
+
+        def config(self):
+            return {"scale": self.scale}
+
+        def log_mean_coeff(self, t):
+            return torch.zeros_like(t)
+
+        def std(self, t):
+            self.cache = "filled"  # a lazy attribute, set while in use
+            return self.scale * t
+
+    sde = Lazy(2.0)
+    sdegen.sample(sde, sdegen.GaussianMixture.ring(), shape=(2, 2), method="ddim", steps=2, seed=0)
+    sde.cache = "again"
+    with pytest.raises(AttributeError, match="scale: an SDE's parameters are fixed"):
+        sde.scale = 3.0
