@@ -522,7 +522,7 @@ def model_config(model: nn.Module) -> Dict[str, Any]:
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd network describes the module it compiled
     if not hasattr(model, "config"):
         raise ValueError(f"{type(model).__name__} has no .config; give save_checkpoint a config=... explicitly.")
-    if type(model).__name__ not in NETS:
+    if NETS.get(type(model).__name__) is not type(model):  # a class of the same name elsewhere is not sdegen's
         raise ValueError(f"{type(model).__name__}: load_checkpoint rebuilds the networks of sdegen.nets only "
                          f"({', '.join(sorted(NETS))}); give save_checkpoint a config=... explicitly to save it anyway "
                          "and rebuild the network yourself from the checkpoint's 'model' weights.")
@@ -578,7 +578,7 @@ def _plain(value: Any, where: str) -> Any:
 
 def _unwrapped_keys(state: Dict[str, Any]) -> Dict[str, Any]:
     """A state dict without torch.compile's "_orig_mod." prefixes, so that the uncompiled module loads it."""
-    return type(state)((k.replace("_orig_mod.", ""), v) for k, v in state.items())
+    return type(state)((".".join(part for part in k.split(".") if part != "_orig_mod"), v) for k, v in state.items())
 
 
 def save_checkpoint(path: str, model: nn.Module, *, ema: Optional[EMA] = None,
