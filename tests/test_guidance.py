@@ -541,3 +541,11 @@ def test_a_frozen_classifier_on_a_detached_state_builds_no_graph():
     x = sdegen.sample(sde, sdegen.classifier_guidance(ring, clf, torch.tensor([0, 1]), 2.0), shape=(2, 2),
                       method="ddim", steps=5, seed=0)
     assert not x.requires_grad and x.grad_fn is None
+
+
+def test_too_few_labels_for_a_pilot_grid_are_named():
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    clf = sdegen.MixtureClassifier(ring, [[0, 1, 2, 3], [4, 5, 6, 7]], sde)
+    guided = sdegen.classifier_guidance(ring, clf, torch.tensor([0, 1, 0]), 1.0)
+    with pytest.raises(ValueError, match="y has 3 labels, fewer than the batch's examples"):
+        sdegen.sample(sde, guided, shape=(4, 2), method="exp_pc", steps=4, schedule="pilot", seed=0)

@@ -363,3 +363,12 @@ def test_the_element_term_cache_is_bounded_and_clearable():
     assert list(noise._ELEMENT_TERMS)[-1] == first
     noise.clear_caches()
     assert not noise._ELEMENT_TERMS
+
+
+def test_spawned_streams_are_named_by_a_bounded_salt():
+    from sdegen.noise import Noise
+    stream = Noise(torch.tensor([1, 2]))
+    assert stream.spawn(3).key == 4 << 40
+    for salt in (-1, 1 << 22, 1.5):
+        with pytest.raises((TypeError, ValueError), match="salt"):
+            stream.spawn(salt)

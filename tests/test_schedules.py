@@ -390,3 +390,12 @@ def test_grid_arguments_that_cannot_mean_what_they_say():
     with pytest.raises(ValueError, match="too narrow for a pilot"):
         sdegen.sample(sdegen.VPSDE(), sdegen.GaussianMixture.ring(), shape=(8, 2), method="exp_pc", steps=3,
                       schedule="pilot", t_min=0.9999999999999, seed=0)
+
+
+def test_a_pilot_whose_local_errors_vanish_lays_out_its_local_density():
+    """Near T the exponential integrator is exact for the oracle: every adjoint weight was 0 and the pilot blamed the
+    model's vector-Jacobian products. The grid now follows the pilot's own step density there."""
+    sde, ring = sdegen.VPSDE(), sdegen.GaussianMixture.ring()
+    x, info = sdegen.sample(sde, ring, shape=(8, 2), method="exp_pc", steps=3, schedule="pilot", t_min=0.999999,
+                            seed=0, return_info=True)
+    assert torch.isfinite(x).all() and info.times.numel() == 4 and bool((info.times[1:] < info.times[:-1]).all())

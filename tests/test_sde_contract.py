@@ -683,3 +683,18 @@ def test_a_description_never_imports_a_module():
         sdegen.SDE.from_description({"class": "torch:Tensor", "config": {}})
     rebuilt = sdegen.SDE.from_description(RecordedScaledVE(3.0).describe())  # defined here (a test module)
     assert type(rebuilt) is RecordedScaledVE and rebuilt.scale == 3.0
+
+
+def test_a_description_finds_a_class_by_its_imported_module():
+    """A class reached under another name than the one it was defined with (an alias in an imported module) is
+    found through that module, which is already imported; no module is imported for it."""
+    import sys
+    import types
+    module = types.ModuleType("sdegen_test_aliases")
+    module.Alias = RecordedScaledVE
+    sys.modules["sdegen_test_aliases"] = module
+    try:
+        rebuilt = sdegen.SDE.from_description({"class": "sdegen_test_aliases:Alias", "config": {"scale": 4.0}})
+        assert type(rebuilt) is RecordedScaledVE and rebuilt.scale == 4.0
+    finally:
+        del sys.modules["sdegen_test_aliases"]
