@@ -152,8 +152,9 @@ class Model(torch.nn.Module):
                 return torch.full((batch,), value, dtype=x.dtype, device=x.device)
             if len(rows) + len(grid[1]) > _TABLE_LIMIT:
                 rows.clear()
-            rows.update(zip(grid[1], (r.expand(batch) for r in grid[0].to(x.dtype).unbind())))  # one launch
-            row = rows[value]
+            made = dict(zip(grid[1], (r.expand(batch) for r in grid[0].to(x.dtype).unbind())))  # one launch
+            rows.update(made)
+            row = made[value]
         return row
 
     def _coeffs(self, x: torch.Tensor, t: torch.Tensor):

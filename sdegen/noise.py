@@ -156,9 +156,13 @@ def _element_terms(half: int, device: torch.device) -> torch.Tensor:
         terms = _xorshift_(_mix32_(counter.to(torch.int32)), 16)  # the conversion keeps the low 32 bits
         if half > _ELEMENT_TERMS_MAX:
             return terms
-        while _ELEMENT_TERMS and (len(_ELEMENT_TERMS) >= _ELEMENT_TERMS_CACHED or 4 * (
-                half + sum(t.numel() for t in _ELEMENT_TERMS.values())) > _ELEMENT_TERMS_BYTES):
-            _ELEMENT_TERMS.pop(next(iter(_ELEMENT_TERMS)))  # the least recently used
+        held = list(_ELEMENT_TERMS.items())  # a snapshot: another thread may draw meanwhile
+        total = half + sum(t.numel() for _, t in held)
+        for stale, terms_held in held:  # the least recently used first
+            if len(_ELEMENT_TERMS) < _ELEMENT_TERMS_CACHED and 4 * total <= _ELEMENT_TERMS_BYTES:
+                break
+            _ELEMENT_TERMS.pop(stale, None)
+            total -= terms_held.numel()
     _ELEMENT_TERMS[key] = terms  # (re)inserted last: the most recently used
     return terms
 
