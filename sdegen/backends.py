@@ -110,14 +110,13 @@ class LogSigmaClock:
 
     def __init__(self, sde: SDE):
         self.sde = sde
-        self._known: dict = {}  # (tau, dtype, device) of a 0-d tau -> (t, dt/dtau): a fixed grid's taus recur
+        self._known: dict = {}  # (tau, dtype) of a 0-d host tau -> (t, dt/dtau): a fixed grid's taus recur
 
     def tau(self, t: torch.Tensor) -> torch.Tensor:
         return -0.5 * self.sde.log_snr(t)
 
     def t(self, tau: torch.Tensor) -> torch.Tensor:
-        return self._at(tau)[0] if tau.ndim == 0 and tau.device.type == "cpu" else \
-            self.sde.t_from_log_snr(-2.0 * tau)
+        return self.sde.t_from_log_snr(-2.0 * tau)
 
     def rate(self, t: torch.Tensor) -> torch.Tensor:
         """dt/dtau at t."""
@@ -136,7 +135,7 @@ class LogSigmaClock:
         if hit is None:
             if len(self._known) >= 16384:
                 self._known.clear()
-            t = self.sde.t_from_log_snr(-2.0 * tau)
+            t = self.t(tau)
             hit = self._known[key] = (t, self.rate(t))
         return hit
 

@@ -20,7 +20,7 @@ import torch
 from ._deprecation import renamed
 from ._util import batch_time, bcast
 from ._validate import check_choice, check_flag, check_int, check_number, check_tensor, is_integer_dtype
-from .models import Model, as_model
+from .models import as_model, model_inside
 from .noise import torch_generator
 from .sde import SDE
 
@@ -60,8 +60,8 @@ def _sde_of(model, sde: Optional[SDE]) -> SDE:
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE or None (the model's own); got {type(sde).__name__}.")
     sde.check_contract()
-    own = model if isinstance(model, Model) else getattr(model, "module", None)
-    if isinstance(own, Model):
+    own = model_inside(model)
+    if own is not None:
         as_model(own, sde)
     return sde
 
@@ -70,9 +70,8 @@ def _loss_model(model, sde: SDE):
     """The model a score loss calls: a :class:`sdegen.Model` (or a wrapper of one with ``.module``, such as
     train_ddp's DDPModel) as it is; anything else as :func:`sdegen.models.as_model` makes it for the samplers (an
     oracle's exact score, a plain callable's output checked against x's shape, its time in x's dtype)."""
-    if any(isinstance(inner, Model) for inner in (model, getattr(model, "module", None),
-                                                  getattr(model, "_orig_mod", None))):
-        return model  # a Model, or torch's DataParallel / DDP / torch.compile wrapper of one: called as it is
+    if model_inside(model) is not None:
+        return model  # a Model, or a wrapper of one (torch.compile, DataParallel, DDPModel): called as it is
     return as_model(model, sde)
 
 

@@ -172,7 +172,7 @@ class Model(torch.nn.Module):
             hit = table[value] = (float(self.sde.mean_coeff(t64)), float(self.sde.std(t64)))
         return hit
 
-    def _check_positive_std(self, x: torch.Tensor, t: torch.Tensor, s) -> None:
+    def _check_positive_std(self, s) -> None:
         """ValueError where Tweedie's formula divides by s(t) = 0 (a host or CPU time; a device time is not read
         back)."""
         zero = (s == 0.0) if isinstance(s, float) else (s.device.type == "cpu" and bool((s == 0).any()))
@@ -185,7 +185,7 @@ class Model(torch.nn.Module):
         """grad_x log p_t(x) = (m D - x) / s^2."""
         t = self.sde.check_time_for(x, t)
         m, s = self._coeffs(x, t)
-        self._check_positive_std(x, t, s)
+        self._check_positive_std(s)
         return (m * _checked_view(self.denoise(x, t, *args, **kwargs), x, self, "denoise") - x) / s**2
 
     def denoise(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
@@ -649,6 +649,15 @@ def _kernels_agree(a: SDE, b: SDE) -> bool:
         return True
 
 
+def model_inside(obj: Any) -> Optional[Model]:
+    """The :class:`Model` that ``obj`` is or wraps (torch.compile's module, DataParallel's, DistributedDataParallel's
+    or train_ddp's DDPModel's ``.module``); None for anything else."""
+    for inner in (obj, getattr(obj, "_orig_mod", None), getattr(obj, "module", None)):
+        if isinstance(inner, Model):
+            return inner
+    return None
+
+
 def as_model(score: Any, sde: SDE) -> Model:
     """Turn whatever the caller passed as a model into a :class:`Model` under ``sde``.
 
@@ -670,8 +679,8 @@ def as_model(score: Any, sde: SDE) -> Model:
         return ScoreModel(score.score_fn(sde), sde, prediction="score")
     torch_wrapper = isinstance(score, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) or \
         hasattr(score, "_orig_mod")
-    wrapped = getattr(score, "_orig_mod", None) or getattr(score, "module", None)
-    if torch_wrapper and isinstance(wrapped, Model):
+    wrapped = model_inside(score) if torch_wrapper else None
+    if wrapped is not None:
         # taken for a plain score network, it would run the model's conversions in the wrapper's parameter dtype,
         # not the state's: the model inside is used, and the wrapper's work (compilation, replicas) is not
         warnings.warn(f"the model is a {type(score).__name__} around a {type(wrapped).__name__}: sdegen uses the "

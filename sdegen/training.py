@@ -332,14 +332,18 @@ def _cuda_indices(model: nn.Module, gen: torch.Generator) -> List[int]:
                    for d in devices if d.type == "cuda"})
 
 
-@contextlib.contextmanager
-def _global_rng_of_step(base_seed: int, step: int, cuda: List[int]):
-    """torch's global generators of the CPU and of the CUDA devices ``cuda`` seeded from (base_seed, step, the
-    process's rank in torch.distributed) by a SplitMix64 hash on the host, their previous state restored on exit:
-    the network's own draws (dropout) follow the run's seed and step, a resumed run makes the same ones, and the
-    ranks of a distributed run make different ones."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+def _process_rank() -> int:
+    """This process's rank in torch.distributed (0 without a process group)."""
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
         else 0
+
+
+@contextlib.contextmanager
+def _global_rng_of_step(base_seed: int, step: int, rank: int, cuda: List[int]):
+    """torch's global generators of the CPU and of the CUDA devices ``cuda`` seeded from (base_seed, step, the
+    process's rank) by a SplitMix64 hash on the host, their previous state restored on exit: the network's own
+    draws (dropout) follow the run's seed and step, a resumed run makes the same ones, and the ranks of a
+    distributed run make different ones."""
     seed = _splitmix64(_splitmix64(_splitmix64(base_seed) ^ step) ^ rank) >> 1
     with torch.random.fork_rng(devices=cuda):
         torch.random.default_generator.manual_seed(seed)
@@ -436,12 +440,12 @@ def train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data, steps: i
     stopped, done = False, start_step
     if watch is not None and steps > 0:
         watch(start_step, model, ema)  # the starting weights compete too: training never returns worse than its start
-    base_seed, cuda = gen.initial_seed(), _cuda_indices(model, gen)
+    base_seed, rank, cuda = gen.initial_seed(), _process_rank(), _cuda_indices(model, gen)
     for step in range(start_step, start_step + steps):
         if step < warmup_steps:
             for group, base in zip(opt.param_groups, base_lrs):
                 group["lr"] = base * (step + 1) / warmup_steps
-        with _global_rng_of_step(base_seed, step, cuda):
+        with _global_rng_of_step(base_seed, step, rank, cuda):
             loss = call_loss(net, next(batches), gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
