@@ -136,7 +136,11 @@ class Model(torch.nn.Module):
         time. Elsewhere, and for a batch of one, a host scalar fills a new tensor in one launch."""
         if not _host_scalar(t):
             return batch_time(t, x).to(x.dtype)
-        value, batch = self._host_value(t), x.shape[0]
+        return self._host_row(self._host_value(t), x)
+
+    def _host_row(self, value: float, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`batch_time` of the host scalar time ``value``."""
+        batch = x.shape[0]
         if x.device.type != "cpu" or batch < 2:
             return torch.full((batch,), value, dtype=x.dtype, device=x.device)
         tables = self.__dict__.setdefault("_time_rows", {})  # (dtype, batch) -> {value: row}, the latest few
@@ -156,6 +160,18 @@ class Model(torch.nn.Module):
             rows.update(made)
             row = made[value]
         return row
+
+    def _tabled(self, x: torch.Tensor, t: Any) -> Optional[Tuple[float, float, float]]:
+        """(value, m, s) of a host scalar time in [0, T] whose coefficients this model has tabled (every grid time
+        after :meth:`prepare`) and where s > 0, as Python floats: what checking such a time amounts to, a few
+        comparisons; None for any other time (a (B,) or device tensor, a float, a time outside the table)."""
+        if not (_host_scalar(t) and t.is_floating_point() and x.ndim):
+            return None
+        value = float(t)
+        hit = self._coeff_table().get(value)
+        if hit is None or not (hit[1] > 0.0 and 0.0 <= value <= self.sde.T):
+            return None
+        return value, hit[0], hit[1]
 
     def _coeffs(self, x: torch.Tensor, t: torch.Tensor):
         """(m, s) at t, ready to multiply x (see :func:`coefficient`); host scalar times hit a small table, since
@@ -395,7 +411,8 @@ class ScoreModel(Model):
 
     def raw(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
         """The network's own output at (x, t) (EDM's F for prediction="edm"), in x's dtype."""
-        return self._raw(x, self.sde.check_time_for(x, t), *args, **kwargs)
+        t, at = self._checked(x, t)
+        return self._raw(x, t, at, args, kwargs)
 
     def output_to_denoised(self, out: torch.Tensor, x: torch.Tensor, t: Time) -> torch.Tensor:
         """D = E[x_0 | x_t = x] from a raw output of this model's kind (exact kernel formulas)."""
@@ -409,19 +426,31 @@ class ScoreModel(Model):
 
     # --- the contract ---
     def score(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
-        t = self.sde.check_time_for(x, t)
-        return self._score(self._raw(x, t, *args, **kwargs), x, t)
+        t, at = self._checked(x, t)
+        return self._score(self._raw(x, t, at, args, kwargs), x, t, at)
 
     def denoise(self, x: torch.Tensor, t: Time, *args, **kwargs) -> torch.Tensor:
-        t = self.sde.check_time_for(x, t)
-        return self._denoised(self._raw(x, t, *args, **kwargs), x, t)
+        t, at = self._checked(x, t)
+        return self._denoised(self._raw(x, t, at, args, kwargs), x, t, at)
 
-    # --- the same with t already checked (one check per call of the contract) ---
-    def _raw(self, x: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _checked(self, x: torch.Tensor, t: Time):
+        """(t, its tabled (value, m, s) or None) once t is known to lie where the network may be asked: in [0, T],
+        where s(t) > 0 and, for discrete timesteps, at or after the first one. A tabled grid time (see
+        :meth:`Model._tabled`) is checked by comparing its floats; any other time by the SDE and
+        :meth:`_check_network_time`."""
+        at = self._tabled(x, t)
+        if at is not None and (self.time_input != "timestep" or at[0] * self.sde.num_timesteps >= 1.0):
+            return t, at
+        t = self.sde.check_time_for(x, t)
+        self._check_network_time(x, t)
+        return t, None
+
+    # --- the same with t already checked (one check per call of the contract); ``at`` is t's tabled
+    # (value, m, s) or None ---
+    def _raw(self, x: torch.Tensor, t: torch.Tensor, at, args, kwargs) -> torch.Tensor:
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor (float32 or float64); got {x.dtype}.")
-        self._check_network_time(x, t)
-        tb = self.batch_time(t, x)
+        tb = self.batch_time(t, x) if at is None else self._host_row(at[0], x)
         x_net = x / coefficient(self.sde.mean_coeff, t, x) if self.scale_input else x
         if self.prediction == "edm":
             x_net = x_net * bcast(self._edm_coeffs(tb)[2], x)
@@ -506,7 +535,7 @@ class ScoreModel(Model):
                          f"{self.time_input!r}) divide by it or take its log; got t = {value:g}, where s(t) = 0. "
                          "Samplers and log_likelihood stop at t_min > 0.")
 
-    def _denoised(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _denoised(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, at=None) -> torch.Tensor:
         if self.prediction == "edm":
             c_skip, c_out, _, _ = self._edm_coeffs(self.batch_time(t, x))
             return bcast(c_skip, x) * (x / coefficient(self.sde.mean_coeff, t, x)) + bcast(c_out, x) * out
@@ -514,12 +543,12 @@ class ScoreModel(Model):
             m, s = self._coeffs(x, t)
             dm, ds = coefficient(self.sde.d_mean_coeff, t, x), coefficient(self.sde.d_std, t, x)
             return (ds * x - s * out) / (ds * m - s * dm)
-        return _x0_from(self.prediction, out, x, *self._coeffs(x, t))
+        return _x0_from(self.prediction, out, x, *(self._coeffs(x, t) if at is None else at[1:]))
 
-    def _score(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _score(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, at=None) -> torch.Tensor:
         if self.prediction == "score":
             return out
-        m, s = self._coeffs(x, t)
+        m, s = self._coeffs(x, t) if at is None else at[1:]
         if self.prediction in ("eps", "x0", "v"):
             return _score_from(self.prediction, out, x, m, s)
         # (m D - x) / s^2 written without forming D, whose x-term cancels against x at small s (in float32 that

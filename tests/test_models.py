@@ -322,6 +322,40 @@ def test_a_network_is_not_asked_where_the_kernel_std_vanishes(prediction):
     torch.testing.assert_close(score_net.score(x, 0.0), -x)
 
 
+@pytest.mark.parametrize("prediction", ["score", "eps", "x0", "v", "flow", "edm"])
+def test_prepared_grid_times_are_checked_and_converted_as_any_other_time(prediction):
+    """Grid times the driver has prepared are checked by comparing the table's floats: the same times given as a
+    (B,) batch (checked and converted by tensor operations) give the same outputs to round-off, and a prepared grid
+    that holds a time where the network may not be asked (t = 0, where s = 0) still raises there."""
+    sde = sdegen.FlowSDE() if prediction == "flow" else sdegen.VPSDE()
+    net = lambda x, t: torch.tanh(x) * (1.0 + t[:, None])
+    grid = torch.tensor([sde.T, 0.5, 1e-3, 0.0], dtype=torch.float64)
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    prepared, plain = sdegen.ScoreModel(net, sde, prediction), sdegen.ScoreModel(net, sde, prediction)
+    prepared.prepare(grid)
+    for t in grid[:3].unbind():
+        for call in ("score", "denoise", "eps", "raw"):
+            torch.testing.assert_close(getattr(prepared, call)(x, t), getattr(plain, call)(x, t.expand(3)),
+                                       rtol=1e-12, atol=1e-12)
+    if prediction != "score":  # a network predicting the score itself may be asked at t = 0
+        with pytest.raises(ValueError, match=r"s\(t\) > 0"):
+            prepared.denoise(x, grid[3])
+
+
+def test_a_prepared_timestep_before_the_first_one_is_refused():
+    """For a network on discrete timesteps, a prepared time before the table's first timestep (t < 1/N) raises as
+    an unprepared one does; the first timestep itself is asked."""
+    from sdegen.adapters import from_diffusers
+
+    model = from_diffusers(lambda x, k: torch.tanh(x), torch.linspace(0.999, 0.01, 50, dtype=torch.float64))
+    grid = torch.tensor([0.5, 1.0 / 50, 0.5 / 50], dtype=torch.float64)
+    model.prepare(grid)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(model.denoise(x, grid[1])).all()
+    with pytest.raises(ValueError, match="t_min"):
+        model.denoise(x, grid[2])
+
+
 def test_a_diffusers_network_is_never_fed_a_negative_timestep():
     """from_diffusers' model maps t to the timestep t N - 1: times before the table's first timestep (t < 1/N)
     raise a ValueError naming sde.t_min, through the model and through sample(t_min=...); at t_min the network
