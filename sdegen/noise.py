@@ -656,6 +656,14 @@ class Noise:
         check_int(salt, "salt", lo=0, hi=1 << 21)
         return Noise(self.seeds, key=(salt + 1) << 40)
 
+    def draw(self, key: int, x: torch.Tensor) -> torch.Tensor:
+        """Draw ``key`` of this stream with x's shape, dtype and device, in any order and without advancing the
+        stream (``normal_from_seeds(seeds, key, ...)``: what :meth:`like` returns as that draw)."""
+        if self._seeds is None or self._seeds[0].device != x.device:
+            seeds = self.seeds.to(x.device)
+            self._seeds, self._bases = (seeds, _seed_words(seeds)), None
+        return normal_from_seeds(self._seeds[0], key, x.shape[1:], x.dtype)
+
 
 class GeneratorNoise:
     """A faster noise stream: one ``torch.Generator`` on the state's device, seeded from the first example's seed.
@@ -691,6 +699,14 @@ class GeneratorNoise:
 
     def spawn(self, salt: int) -> "GeneratorNoise":
         return GeneratorNoise(self.seeds, key=(salt + 1) << 20)
+
+    def draw(self, key: int, x: torch.Tensor) -> torch.Tensor:
+        """Draw ``key`` with x's shape, dtype and device, in any order: from a generator seeded with the stream's
+        entropy and the key (reproducible for a fixed seed and batch, as the stream)."""
+        check_int(key, "key", lo=0, hi=_KEY_LIMIT - 1, hint=" (the index of a draw)")
+        generator = torch.Generator(device=x.device).manual_seed((self.entropy + 0x9E3779B97F4A7C15 * (key + 1))
+                                                                 % (1 << 63))
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
 NOISE_KINDS = {"per_example": Noise, "generator": GeneratorNoise}

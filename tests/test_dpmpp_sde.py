@@ -83,13 +83,14 @@ def _recursion(times, brownian):
     return var / (V + math.exp(-2.0 * us[-1]))
 
 
-@pytest.mark.parametrize("brownian", ["snr", "sigma"])
+@pytest.mark.parametrize("brownian", ["snr", "sigma", "tree"])
 def test_stage_noises_have_the_documented_correlation(brownian):
     """At 10 steps the variance is far from the truth and depends on the correlation of the two stages' noise
     (0.75 with the exact rho, 0.84 with the sigma clock, 0.56 with independent noise): the sample second moment
-    equals the closed-form recursion within 4 Monte Carlo standard deviations (2.2%)."""
+    equals the closed-form recursion within 4 Monte Carlo standard deviations (2.2%). The tree's path has the
+    exact correlation's law."""
     ratio, times = _variance_ratio("dpmpp_sde", 10, seed=7, brownian=brownian)
-    expected = _recursion(times.double(), brownian)
+    expected = _recursion(times.double(), "sigma" if brownian == "sigma" else "snr")
     assert abs(ratio / expected - 1.0) <= 4.0 * MC_SD, (ratio, expected)
 
 
@@ -109,6 +110,47 @@ def test_registered_with_its_declared_properties_and_batch_invariant():
     run = lambda s_noise: sdegen.sample(SDE, point, x_T, method="dpmpp_sde", s_noise=s_noise,  # noqa: E731
                                         steps=3, seed=5)
     torch.testing.assert_close(run(0.5) - run(0.0), 0.5 * (run(1.0) - run(0.0)), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.4])
+def test_the_tree_path_is_the_ou_process_at_any_times(lam):
+    """OUPath queried in increasing order at irregular times (two inside one leaf of its tree, the tree's ends, times
+    beyond both ends): over 20000 examples the sample covariance is e^{-lam |u - v|} within 5 Monte Carlo standard
+    deviations of a correlation (5 / sqrt(20000) = 0.035), means within the same bound of 0."""
+    from sdegen.noise import Noise, make_seeds
+    from sdegen.samplers.stochastic import OUPath
+
+    batch = 20000
+    path = OUPath(Noise(make_seeds(3, batch)), lam, -5.0, 5.0)
+    us = [-7.0, -5.0, -4.3, -0.123, 0.0, 0.0001, 0.0003, 1.7, 4.99, 5.0, 5.3, 6.0]
+    x = torch.zeros(batch, 1, dtype=torch.float64)
+    z = torch.cat([path.at(u, x) for u in us], 1)
+    cov = z.T @ z / batch
+    want = torch.tensor([[math.exp(-lam * abs(a - b)) for b in us] for a in us], dtype=torch.float64)
+    tol = 5.0 / math.sqrt(batch)
+    assert float((cov - want).abs().max()) <= tol and float(z.mean(0).abs().max()) <= tol
+
+
+def test_the_tree_gives_one_sample_at_any_step_count():
+    """brownian="tree": one seed at 25, 50, 100 and 200 steps converges to one sample (the median distance between
+    successive step counts falls by at least 1.3x per doubling, strong order 1/2 giving 1.41x, and is below 5% of
+    the distance between two seeds at 100 vs 200), where the per-step draws of "snr" give samples as far apart as two seeds'. Examples stay
+    batch-invariant, and the generator stream gives the path too."""
+    x_T = SDE.prior_sample((128, 2), seed=4, dtype=torch.float64)
+    run = lambda steps, seed=1, **kw: sdegen.sample(SDE, MIXTURE, x_T, method="dpmpp_sde", steps=steps,  # noqa
+                                                    seed=seed, brownian=kw.pop("brownian", "tree"), **kw)
+    runs = {n: run(n) for n in (25, 50, 100, 200)}
+    gaps = [float((runs[n] - runs[2 * n]).norm(dim=1).median()) for n in (25, 50, 100)]
+    seeds_apart = float((runs[200] - run(200, seed=2)).norm(dim=1).median())
+    assert gaps[0] > 1.3 * gaps[1] > 1.69 * gaps[2] and gaps[2] < 0.05 * seeds_apart, (gaps, seeds_apart)
+    snr_gap = float((run(100, brownian="snr") - run(200, brownian="snr")).norm(dim=1).median())
+    assert snr_gap > 0.5 * seeds_apart
+    seeds = torch.tensor([21, 22, 23, 24])
+    four = sdegen.sample(SDE, MIXTURE, x_T[:4], method="dpmpp_sde", steps=8, seed=seeds, brownian="tree")
+    two = sdegen.sample(SDE, MIXTURE, x_T[[1, 3]], method="dpmpp_sde", steps=8, seed=seeds[[1, 3]], brownian="tree")
+    torch.testing.assert_close(two, four[[1, 3]], rtol=1e-12, atol=1e-12)
+    gen = [float((run(n, noise="generator") - run(2 * n, noise="generator")).norm(dim=1).median()) for n in (50, 100)]
+    assert gen[1] < 0.05 * seeds_apart and gen[0] > 1.3 * gen[1]
 
 
 @pytest.mark.parametrize("kw", [dict(eta=-0.1), dict(eta=math.inf), dict(s_noise=-1.0), dict(r=0.0), dict(r=1.5),

@@ -150,6 +150,26 @@ def _assert_same_bits(a, b):
     assert torch.equal(a, b), f"{int((a != b).sum())} of {a.numel()} values differ"
 
 
+def test_keyed_draws_are_the_streams_draws_in_any_order():
+    """draw(key, x) is the stream's draw number key without advancing it, in any order; the generator stream's
+    keyed draws are reproducible and differ between keys."""
+    from sdegen.noise import GeneratorNoise
+
+    seeds = make_seeds(9, 6)
+    stream, x = Noise(seeds, key=3), torch.zeros(6, 4, dtype=torch.float64)
+    late = stream.draw(7, x)
+    assert stream.key == 3
+    draws = [stream.like(x).clone() for _ in range(5)]
+    torch.testing.assert_close(late, draws[4], rtol=0, atol=0)
+    torch.testing.assert_close(stream.draw(4, x), draws[1], rtol=0, atol=0)
+    gen = GeneratorNoise(seeds).spawn(2)
+    a, b = gen.draw(11, x), gen.draw(12, x)
+    torch.testing.assert_close(GeneratorNoise(seeds).spawn(2).draw(11, x), a, rtol=0, atol=0)
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="key"):
+        gen.draw(-1, x)
+
+
 def test_seeds_are_those_of_the_reference():
     for seed in (0, 1, 977, 2**40 + 3, 2**63 + 5, -7):
         for batch in (1, 6, 300):

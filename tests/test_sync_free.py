@@ -65,10 +65,12 @@ def _models(device, dtype):
 
 def _run(name, model, device, dtype):
     x_T = torch.empty(16, 3, device=device, dtype=dtype)
-    return sdegen.sample(sdegen.VPSDE(), model, x_T, method=name, steps=5, seed=0, return_info=True)
+    name, _, variant = name.partition(":")  # "dpmpp_sde:tree": a sampler with one of its options
+    options = {"brownian": variant} if variant else {}
+    return sdegen.sample(sdegen.VPSDE(), model, x_T, method=name, steps=5, seed=0, return_info=True, **options)
 
 
-@pytest.mark.parametrize("name", FIXED_STEP)
+@pytest.mark.parametrize("name", FIXED_STEP + ["dpmpp_sde:tree"])
 def test_fixed_step_loop_reads_nothing_back_and_copies_nothing_in(name):
     for dtype in (torch.float32, torch.float64):
         for label, model in _models("meta", dtype).items():
@@ -78,12 +80,12 @@ def test_fixed_step_loop_reads_nothing_back_and_copies_nothing_in(name):
             with torch.no_grad(), spy:
                 x, info = _run(name, model, "meta", dtype)
             assert x.device.type == "meta" and x.dtype == dtype and x.shape == (16, 3)
-            assert info.nfe == get_sampler(name).total_nfe(5), (label, info.nfe)
+            assert info.nfe == get_sampler(name.partition(":")[0]).total_nfe(5), (label, info.nfe)
             assert spy.copies == [], (label, spy.copies)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", FIXED_STEP)
+@pytest.mark.parametrize("name", FIXED_STEP + ["dpmpp_sde:tree"])
 def test_fixed_step_loop_under_cuda_sync_debug_mode(name):
     for label, model in _models("cuda", torch.float32).items():
         _run(name, model, "cuda", torch.float32)  # warm-up: one-time checks and caches
