@@ -35,8 +35,10 @@ def as_time(t: Time, name: str = "t") -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         if t.ndim > 1:
             raise ValueError(f"{name} must be a float, a 0-d tensor or a (B,) tensor; got shape {tuple(t.shape)}.")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real (floating or integer) tensor; got {t.dtype}.")
         return t if t.is_floating_point() else t.to(torch.float64)
-    if isinstance(t, Real):
+    if isinstance(t, Real) and not isinstance(t, bool):
         return torch.tensor(float(t), dtype=torch.float64)
     raise TypeError(f"{name} must be a float or a tensor; got {type(t).__name__}.")
 
@@ -80,7 +82,9 @@ def batch_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_positive(value: float, name: str) -> float:
-    if not (isinstance(value, Real) and math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a finite number > 0; got {type(value).__name__} {value!r}.")
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
     return float(value)
 

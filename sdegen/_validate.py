@@ -51,6 +51,9 @@ def check_number(value: Any, name: str, *, lo: Optional[float] = None, hi: Optio
     return v
 
 
+_INT_LIMIT = 1 << 62
+
+
 def check_int(value: Any, name: str, *, lo: Optional[int] = None, hi: Optional[int] = None, none_ok: bool = False,
               hint: str = "") -> Optional[int]:
     """An int (not a bool, not a float such as 2.0) in [lo, hi]; returns it."""
@@ -61,6 +64,8 @@ def check_int(value: Any, name: str, *, lo: Optional[int] = None, hi: Optional[i
         raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r}.{hint}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name} must be {what}; got {value!r}.{hint}")
+    if abs(value) >= _INT_LIMIT:  # beyond what a tensor index or size can hold
+        raise ValueError(f"{name} must be {what} and below 2^62 in size; got {value!r}.{hint}")
     return int(value)
 
 

@@ -16,6 +16,7 @@ import math
 import warnings
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 
 from ._deprecation import renamed
@@ -68,6 +69,17 @@ def nan_for_nonfinite_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.
     return torch.where(bad.reshape((-1,) + (1,) * (out.ndim - 1)), torch.full_like(out, math.nan), out)
 
 
+def _real_parameter(value, name: str) -> torch.Tensor:
+    """A mixture parameter as a float64 tensor; complex and bool values are refused (a cast would drop or invent)."""
+    if isinstance(value, torch.Tensor):
+        bad = value.is_complex() or value.dtype == torch.bool
+    else:  # a list or an array: the kind NumPy reads in it
+        bad = np.asarray(value).dtype.kind in "cb"
+    if bad:
+        raise TypeError(f"{name} must hold real numbers; got {getattr(value, 'dtype', None) or 'complex or bool'}.")
+    return torch.as_tensor(value, dtype=torch.float64)
+
+
 class GaussianMixture:
     """A mixture sum_k w_k N(mu_k, Sigma_k) in R^d with exact p_t under any :class:`sdegen.SDE`.
 
@@ -86,17 +98,17 @@ class GaussianMixture:
     """
 
     def __init__(self, weights, means, covs):
-        means = torch.as_tensor(means, dtype=torch.float64).clone()  # its own copy: the caller's stays theirs
+        means = _real_parameter(means, "means").clone()  # its own copy: the caller's stays theirs
         if means.ndim != 2:
             raise ValueError(f"means must have shape (K, d); got {tuple(means.shape)}.")
         check_finite(means, "means")
         K, d = means.shape
-        weights = torch.as_tensor(weights, dtype=torch.float64)
+        weights = _real_parameter(weights, "weights")
         if weights.shape == (K,):
             check_finite(weights, "weights")
         if weights.shape != (K,) or bool((weights < 0).any()) or not bool(weights.sum() > 0):
             raise ValueError(f"weights must be ({K},) non-negative with a positive sum; got {weights.tolist()}.")
-        covs = torch.as_tensor(covs, dtype=torch.float64).clone()
+        covs = _real_parameter(covs, "covs").clone()
         if covs.shape == (K,):
             covs = covs[:, None, None] * torch.eye(d, dtype=torch.float64)
         elif covs.shape == (K, d):

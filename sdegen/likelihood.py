@@ -362,7 +362,12 @@ def log_likelihood(sde: SDE, score, x: torch.Tensor, *, divergence: str = "hutch
             y1 = result[0]
             latent_kept = y1[:, :-1].reshape((y1.shape[0],) + event_shape)
             latent = scatter_rows(latent_kept, keep, B, x)
-            prior_lp = scatter_rows(_prior_log_prob(prior, sde, latent_kept), keep, B, per_example)
+            prior_kept = _prior_log_prob(prior, sde, latent_kept)
+            wrong = torch.isnan(prior_kept) | (prior_kept == math.inf)  # -inf is a density of 0, a valid answer
+            if prior is not None and bool(wrong.any()):  # one host read, after the solve
+                raise ValueError(f"prior(x_T) returned NaN or +inf log-densities for examples "
+                                 f"{keep[wrong].tolist()[:10]} (of {B}), at finite latents; check the prior.")
+            prior_lp = scatter_rows(prior_kept, keep, B, per_example)
             delta = scatter_rows(y1[:, -1], keep, B, per_example)
         log_prob = prior_lp + delta
         if levels is not None:

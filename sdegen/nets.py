@@ -22,7 +22,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from ._validate import is_integer_dtype
+from ._validate import check_int, check_number, is_integer_dtype
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
@@ -64,6 +64,12 @@ class _Conditioning(nn.Module):
         return emb + self.label(y.to(device=ref.device, dtype=torch.long))
 
 
+def _check_common(num_classes: Optional[int], time_scale: float, dropout: float = 0.0) -> None:
+    check_int(num_classes, "num_classes", lo=1, none_ok=True)
+    check_number(time_scale, "time_scale", lo=0.0, lo_open=True)
+    check_number(dropout, "dropout", lo=0.0, hi=1.0, hi_open=True)
+
+
 def _check_labels(y: torch.Tensor, batch: int, num_classes: int) -> None:
     """Labels must be integers of shape (batch,) in [0, num_classes] (num_classes is the null label); their values
     are checked where that needs no device read (on the CPU)."""
@@ -90,6 +96,10 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, num_classes: Optional[int] = None,
                  time_scale: float = 1000.0):
         super().__init__()
+        check_int(dim, "dim", lo=1, hint=" (values per example)")
+        check_int(hidden, "hidden", lo=2, hint=" (the width; the time embedding takes half of it)")
+        check_int(depth, "depth", lo=0, hint=" (residual blocks)")
+        _check_common(num_classes, time_scale)
         self.config = dict(dim=dim, hidden=hidden, depth=depth, num_classes=num_classes, time_scale=time_scale)
         self.null_label = num_classes  # the label of the unconditional branch (None: no class conditioning)
         self.cond = _Conditioning(hidden, num_classes, time_scale)
@@ -149,6 +159,9 @@ class UNet(nn.Module):
     def __init__(self, channels: int = 1, base: int = 32, num_classes: Optional[int] = None, dropout: float = 0.0,
                  time_scale: float = 1000.0):
         super().__init__()
+        check_int(channels, "channels", lo=1)
+        check_int(base, "base", lo=1, hint=" (channels at full resolution)")
+        _check_common(num_classes, time_scale, dropout)
         self.config = dict(channels=channels, base=base, num_classes=num_classes, dropout=dropout,
                            time_scale=time_scale)
         self.null_label = num_classes  # the label of the unconditional branch (None: no class conditioning)

@@ -32,7 +32,8 @@ class Heun(StepSampler):
 
     With ``s_churn > 0`` each step with s_tmin <= sigma <= s_tmax first raises sigma to sigma (1 + gamma),
     gamma = min(s_churn / steps, sqrt(2) - 1) (capped at sigma(T)), adding noise of std
-    s_noise sqrt(sigma_hat^2 - sigma^2) in y.
+    s_noise sqrt(sigma_hat^2 - sigma^2) in y. s_tmin, s_tmax and s_noise shape that churn only: with s_churn = 0 they
+    are accepted and have no effect, as in EDM and k-diffusion, so that a sweep over s_churn can keep them fixed.
     """
 
     order = 2

@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 
 from .._util import bcast, flat_norm
+from .._validate import check_int, check_number
 from .base import Context, Solver, StepSampler
 
 
@@ -157,7 +158,8 @@ class PredictorCorrector(StepSampler):
     Args:
         predictor: a sampler name (see :data:`SAMPLERS`) or a :class:`StepSampler`.
         corrector_steps: Langevin steps per time step (>= 0).
-        snr: the signal-to-noise ratio r of the step rule (0.16 in the paper's CIFAR-10 VE runs).
+        snr: the signal-to-noise ratio r of the step rule, in (0, 1) (0.16 in the paper's CIFAR-10 VE runs; from
+            snr = 1 on the step diverges at high noise levels, where p_t is about Gaussian of variance s(t)^2).
         step_rule: ``"noise_level"`` (default), eps = 2 alpha snr^2 s(t)^2 for every example, or ``"snr"``,
             the paper's eps = 2 alpha (snr ||z|| / ||s(x)||)^2 with each example's own norms
             (see :func:`langevin_step`).
@@ -186,10 +188,12 @@ class PredictorCorrector(StepSampler):
             why = "" if not isinstance(self.predictor, Solver) else ", which chooses its own steps"
             raise TypeError(f"predictor must be a fixed-step sampler (a StepSampler or its name); got {predictor!r} "
                             f"({type(self.predictor).__name__}{why}).")
-        if isinstance(corrector_steps, bool) or not (isinstance(corrector_steps, int) and corrector_steps >= 0):
-            raise ValueError(f"corrector_steps must be an int >= 0; got {corrector_steps!r}.")
-        if not (isinstance(snr, (int, float)) and snr > 0 and math.isfinite(snr)):
-            raise ValueError(f"snr must be a finite number > 0; got {snr!r}.")
+        check_int(corrector_steps, "corrector_steps", lo=0)
+        if isinstance(snr, bool) or not (isinstance(snr, (int, float)) and 0 < snr < 1):
+            raise ValueError(f"snr must be a number in (0, 1); got {snr!r}. A corrector step of size eps multiplies "
+                             "deviations from the mean of a level where p_t is about Gaussian of variance s(t)^2 (every "
+                             "high noise level) by 1 - eps / s(t)^2, and eps = 2 alpha snr^2 s(t)^2 with alpha <= 1, so "
+                             "snr >= 1 diverges.")
         if not (isinstance(step_rule, str) and step_rule in self.step_rules):
             raise ValueError(f"step_rule must be one of {', '.join(map(repr, self.step_rules))}; got {step_rule!r}.")
         self.corrector_steps, self.snr, self.step_rule = corrector_steps, float(snr), step_rule
@@ -231,10 +235,8 @@ class AnnealedLangevin(StepSampler):
     default_steps = 100
 
     def __init__(self, steps_each: int = 10, step_lr: Optional[float] = None):
-        if isinstance(steps_each, bool) or not (isinstance(steps_each, int) and steps_each >= 1):
-            raise ValueError(f"steps_each must be an int >= 1; got {steps_each!r}.")
-        if step_lr is not None and not (isinstance(step_lr, (int, float)) and step_lr > 0 and math.isfinite(step_lr)):
-            raise ValueError(f"step_lr must be a finite number > 0 or None; got {step_lr!r}.")
+        check_int(steps_each, "steps_each", lo=1)
+        step_lr = check_number(step_lr, "step_lr", lo=0.0, lo_open=True, none_ok=True)
         self.steps_each, self.step_lr, self.nfe_per_step = steps_each, step_lr, steps_each
 
     def start(self, ctx, x, ts):
