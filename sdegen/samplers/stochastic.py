@@ -70,8 +70,9 @@ class OUPath:
 
     def _step(self, u: float, v: float, zv: torch.Tensor, key: int, x: torch.Tensor) -> torch.Tensor:
         """Z(u) given Z(v) = zv alone (the Markov transition over |u - v|, either way in time)."""
-        r = math.exp(-self.lam * abs(u - v))
-        return torch.mul(zv, r).add_(self.noise.draw(key, x), alpha=math.sqrt(-math.expm1(-2.0 * self.lam * abs(u - v))))
+        d = abs(u - v)
+        return torch.mul(zv, math.exp(-self.lam * d)).add_(self.noise.draw(key, x),
+                                                           alpha=math.sqrt(-math.expm1(-2.0 * self.lam * d)))
 
     def _node(self, level: int, i: int, x: torch.Tensor, kept: dict) -> torch.Tensor:
         level, i = self._reduced(level, i)
@@ -112,6 +113,7 @@ class OUPath:
             n = 1 << self.depth
             i = min(int((u - self.lo) / (self.hi - self.lo) * n), n - 1)
             i += (u >= self._point(self.depth, i + 1)) - (u < self._point(self.depth, i))  # round-off at an end
+            i = max(0, min(i, n - 1))  # u = hi lies in the last leaf
             a, b = self._point(self.depth, i), self._point(self.depth, i + 1)
             for level in range(self.depth + 1):  # the path down the tree: both ends of every interval around u
                 j = i >> (self.depth - level)
