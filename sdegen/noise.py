@@ -39,6 +39,7 @@ on the chunking.
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from numbers import Integral
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -710,3 +711,125 @@ class GeneratorNoise:
 
 
 NOISE_KINDS = {"per_example": Noise, "generator": GeneratorNoise}
+
+
+_TREE_DEPTH = 14  # levels of the path's dyadic tree: leaves 2^-14 of the SDE's span of u (about 6e-4 in log sigma)
+_IN_LEAF_KEYS = 1 << 39  # keys of the draws at times between leaf ends (the tree's own keys are below 2^15)
+
+
+def _mix64(k: int) -> int:
+    """A 64-bit integer hash (splitmix64's finaliser): nearby or round floats' bit patterns spread over all bits."""
+    k = ((k ^ (k >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    k = ((k ^ (k >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return k ^ (k >> 31)
+
+
+class OUPath:
+    """One stationary Ornstein-Uhlenbeck path per example, Z(u) with E Z = 0, Var Z = 1 and
+    Cov(Z(u), Z(v)) = e^{-lam |u - v|}, evaluated at any u, and the same function of u whatever the queries.
+
+    Z is the Brownian motion of the reverse SDE seen in its natural variables: with B a Brownian motion in the clock
+    e^{2 lam u}, Z(u) = e^{-lam u} B(e^{2 lam u}), so the noise a linear step from u to v adds to y = x/m is
+    sigma(v) (Z(v) - e^{-lam (v - u)} Z(u)); Z stays of unit size where B would span twenty orders of magnitude.
+
+    Values on [lo, hi] come from a virtual tree (Li et al. 2020's Brownian tree, here of the OU process): Z at lo
+    and hi, then at each dyadic midpoint the OU bridge between the ends of its interval, down to leaves of width
+    (hi - lo) 2^-depth, each draw keyed by its node; a time inside a leaf is the bridge between the leaf's ends (or
+    the last queried time in that leaf), outside [lo, hi] the OU transition from the nearest end (or the last
+    query). Queries in increasing or decreasing order, as a sampler makes them, have exactly the law above; two
+    runs that query different times share every node, so their noises agree up to the leaf width (what makes a
+    stochastic sampler converge to one sample as its steps grow). ``noise`` is a stream with ``draw(key, x)``.
+    Memory: the values on the last query's path down the tree, depth + 2 tensors of the state's size.
+    """
+
+    def __init__(self, noise, lam: float, lo: float, hi: float, depth: int = _TREE_DEPTH):
+        if not (lam > 0.0 and lo < hi):
+            raise ValueError(f"an OU path needs lam > 0 and lo < hi; got lam={lam!r}, lo={lo!r}, hi={hi!r}.")
+        self.noise, self.lam, self.lo, self.hi, self.depth = noise, float(lam), float(lo), float(hi), int(depth)
+        self._nodes: dict = {}  # (level, odd index, or 0/1 at level 0) -> Z there, the last query's path
+        self._last = None  # (u, Z(u)) of the last query
+
+    def _point(self, level: int, i: int) -> float:
+        return self.lo + (self.hi - self.lo) * i / (1 << level)
+
+    def _bridge(self, u: float, a: float, za: torch.Tensor, b: float, zb: torch.Tensor, key: int, x: torch.Tensor):
+        """Z(u) given Z(a) = za and Z(b) = zb, a <= u <= b, its fresh part drawn with ``key``."""
+        if u == a:
+            return za
+        if u == b:
+            return zb
+        lam = self.lam
+        e1, e2 = math.exp(-lam * (u - a)), math.exp(-lam * (b - u))
+        q1, q2 = -math.expm1(-2.0 * lam * (u - a)), -math.expm1(-2.0 * lam * (b - u))
+        q = -math.expm1(-2.0 * lam * (b - a))
+        mean = torch.mul(za, e1 * q2 / q).add_(zb, alpha=e2 * q1 / q)
+        return mean.add_(self.noise.draw(key, x), alpha=math.sqrt(q1 * q2 / q))
+
+    def _step(self, u: float, v: float, zv: torch.Tensor, key: int, x: torch.Tensor) -> torch.Tensor:
+        """Z(u) given Z(v) = zv alone (the Markov transition over |u - v|, either way in time)."""
+        d = abs(u - v)
+        return torch.mul(zv, math.exp(-self.lam * d)).add_(self.noise.draw(key, x),
+                                                           alpha=math.sqrt(-math.expm1(-2.0 * self.lam * d)))
+
+    def _node(self, level: int, i: int, x: torch.Tensor, kept: dict) -> torch.Tensor:
+        level, i = self._reduced(level, i)
+        z = self._nodes.get((level, i))
+        if z is None:
+            if level == 0:
+                z = self.noise.draw(0, x) if i == 0 else \
+                    self._step(self.hi, self.lo, self._node(0, 0, x, kept), 1, x)
+            else:
+                left, right = self._node(level, i - 1, x, kept), self._node(level, i + 1, x, kept)
+                z = self._bridge(self._point(level, i), self._point(level, i - 1), left, self._point(level, i + 1),
+                                 right, (1 << level) + i, x)
+            self._nodes[(level, i)] = z
+        kept[(level, i)] = z
+        return z
+
+    def at(self, u: float, x: torch.Tensor) -> torch.Tensor:
+        """Z(u), a new tensor of x's shape, dtype and device (a read-only value: do not modify it in place)."""
+        u = float(u)
+        last = self._last
+        if last is not None and last[0] == u:
+            return last[1]
+        key = _IN_LEAF_KEYS + _mix64(int.from_bytes(struct.pack("<d", u), "little")) % _IN_LEAF_KEYS
+        if u > self.hi or u < self.lo:
+            end = self.hi if u > self.hi else self.lo
+            if last is not None and (last[0] - end) * (u - end) > 0:  # the last query lies beyond the same end
+                if abs(u - end) > abs(last[0] - end):
+                    z = self._step(u, last[0], last[1], key, x)
+                else:
+                    zend = self._node(0, 1 if end == self.hi else 0, x, {})
+                    lo_, hi_ = sorted((end, last[0]))
+                    z_lo, z_hi = (zend, last[1]) if lo_ == end else (last[1], zend)
+                    z = self._bridge(u, lo_, z_lo, hi_, z_hi, key, x)
+            else:
+                z = self._step(u, end, self._node(0, 1 if end == self.hi else 0, x, {}), key, x)
+        else:
+            kept: dict = {}
+            n = 1 << self.depth
+            i = min(int((u - self.lo) / (self.hi - self.lo) * n), n - 1)
+            i += (u >= self._point(self.depth, i + 1)) - (u < self._point(self.depth, i))  # round-off at an end
+            i = max(0, min(i, n - 1))  # u = hi lies in the last leaf
+            a, b = self._point(self.depth, i), self._point(self.depth, i + 1)
+            for level in range(self.depth + 1):  # the path down the tree: both ends of every interval around u
+                j = i >> (self.depth - level)
+                self._node(level, j, x, kept)
+                self._node(level, j + 1, x, kept)
+            za, zb = kept[self._reduced(self.depth, i)], kept[self._reduced(self.depth, i + 1)]
+            if last is not None and a <= last[0] <= b:  # the nearer end is the last query in this leaf
+                if last[0] < u:
+                    a, za = last
+                else:
+                    b, zb = last
+            z = self._bridge(u, a, za, b, zb, key, x)
+            self._nodes = kept  # only the path around the latest query is kept
+        self._last = (u, z)
+        return z
+
+    @staticmethod
+    def _reduced(level: int, i: int) -> tuple:
+        """The node of dyadic point i / 2^level: at the coarsest level where it appears."""
+        while level > 0 and i % 2 == 0:
+            level, i = level - 1, i // 2
+        return level, i

@@ -118,7 +118,7 @@ def test_the_tree_path_is_the_ou_process_at_any_times(lam):
     beyond both ends): over 20000 examples the sample covariance is e^{-lam |u - v|} within 5 Monte Carlo standard
     deviations of a correlation (5 / sqrt(20000) = 0.035), means within the same bound of 0."""
     from sdegen.noise import Noise, make_seeds
-    from sdegen.samplers.stochastic import OUPath
+    from sdegen.noise import OUPath
 
     batch = 20000
     path = OUPath(Noise(make_seeds(3, batch)), lam, -5.0, 5.0)

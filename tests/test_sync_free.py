@@ -70,7 +70,7 @@ def _run(name, model, device, dtype):
     return sdegen.sample(sdegen.VPSDE(), model, x_T, method=name, steps=5, seed=0, return_info=True, **options)
 
 
-@pytest.mark.parametrize("name", FIXED_STEP + ["dpmpp_sde:tree"])
+@pytest.mark.parametrize("name", FIXED_STEP + ["dpmpp_sde:tree", "dpmpp_2m_sde:tree"])
 def test_fixed_step_loop_reads_nothing_back_and_copies_nothing_in(name):
     for dtype in (torch.float32, torch.float64):
         for label, model in _models("meta", dtype).items():
@@ -85,7 +85,7 @@ def test_fixed_step_loop_reads_nothing_back_and_copies_nothing_in(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", FIXED_STEP + ["dpmpp_sde:tree"])
+@pytest.mark.parametrize("name", FIXED_STEP + ["dpmpp_sde:tree", "dpmpp_2m_sde:tree"])
 def test_fixed_step_loop_under_cuda_sync_debug_mode(name):
     for label, model in _models("cuda", torch.float32).items():
         _run(name, model, "cuda", torch.float32)  # warm-up: one-time checks and caches

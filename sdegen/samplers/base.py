@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from ..models import Model
-from ..noise import Noise
+from ..noise import Noise, OUPath
 from ..sde import SDE
 
 
@@ -112,9 +112,13 @@ class Context:
         return self.sde.mean_coeff(t), self.sde.std(t)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn_stream().like(x)
+
+    def randn_stream(self):
+        """The run's per-example noise stream (:class:`sdegen.noise.Noise` or its generator form)."""
         if self.noise is None:
             raise ValueError("this sampler is stochastic and needs a noise stream (pass seed=...).")
-        return self.noise.like(x)
+        return self.noise
 
 
 class StepSampler:
@@ -225,3 +229,12 @@ def check_unit(value: float, name: str) -> float:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}.")
     return float(value)
+
+
+def brownian_path(ctx: Context, lam: float) -> OUPath:
+    """The run's Brownian path for a reverse SDE of extra rate ``lam`` (see :class:`sdegen.noise.OUPath`), held in
+    a tree over the SDE's whole span of u = log(m/s), from T to its t_min: the same path whatever the run's grid,
+    drawn from a stream spawned from the run's noise (its own draws stay the sampler's)."""
+    ends = torch.tensor([ctx.sde.T, ctx.sde.t_min], dtype=torch.float64)
+    lo, hi = (ctx.sde.log_mean_coeff(ends) - torch.log(ctx.sde.std(ends))).tolist()
+    return OUPath(ctx.randn_stream().spawn(1), lam, lo, hi)

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._deprecation import renamed
-from .base import Context, StepSampler, cache_grid, check_unit, point
+from .base import Context, StepSampler, brownian_path, cache_grid, check_unit, point
 
 NOISE_RULES = ("sde", "ddim")
 _PLANS: "OrderedDict[tuple, list]" = OrderedDict()  # step coefficients per (settings, grid), see ExponentialAdams.start
@@ -113,6 +113,19 @@ def _check_flag(value: bool, name: str) -> bool:
     return value
 
 
+def _check_brownian(brownian: Optional[str], noise_rule: str) -> Optional[str]:
+    if brownian not in (None, "tree"):
+        raise ValueError(f"brownian must be None (a fresh draw per step) or 'tree'; got {brownian!r}.")
+    if brownian == "tree" and noise_rule != "sde":
+        raise ValueError("brownian='tree' needs noise_rule='sde' (one rate lam for the whole run); the 'ddim' rule's "
+                         "rate changes from step to step.")
+    return brownian
+
+
+def _brownian_repr(sampler) -> str:
+    return "" if sampler.brownian is None else f", brownian={sampler.brownian!r}"
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -158,6 +171,11 @@ from u to u' = u + h, with c = 1 + lam, is
         midpoint: DPM-Solver++(2M)'s midpoint rule when the predictor uses two values.
         lower_order_final: a first-order last step in runs of fewer than 15 steps (DPM-Solver++'s code).
         s_tmin, s_tmax: the sigma window of the noisy steps (EDM's s_tmin / s_tmax).
+        brownian: None (default: one fresh draw per noisy step) or "tree" (the "sde" rule only): each step's noise
+            is the increment sigma' (Z(u') - e^{-lam h} Z(u)) of one path Z for the whole run
+            (:class:`sdegen.noise.OUPath`, the same law), so that one seed at any step count converges to one sample,
+            as k-diffusion's Brownian tree makes its 2M/3M SDE samplers do; about 14 - log2(steps) draws per step
+            instead of one.
 
     ``order`` is the global order of the deterministic part: ``predictor_order`` without corrector, else
     min(``corrector_order``, ``predictor_order`` + 1). Steps take x of shape (B, ...) and keep its dtype and device.
@@ -170,7 +188,8 @@ from u to u' = u + h, with c = 1 + lam, is
 
     def __init__(self, predictor_order: int = 2, corrector_order: int = 0, eta: float = 0.0,
                  noise_rule: Optional[str] = None, midpoint: bool = False, lower_order_final: bool = False,
-                 s_tmin: float = 0.0, s_tmax: float = math.inf, noise: Optional[str] = None):
+                 s_tmin: float = 0.0, s_tmax: float = math.inf, noise: Optional[str] = None,
+                 brownian: Optional[str] = None):
         noise, _ = renamed(type(self).__name__, "noise_rule", noise_rule, "noise", noise)
         noise = "sde" if noise is None else noise
         if isinstance(predictor_order, bool) or not isinstance(predictor_order, int) or \
@@ -194,6 +213,7 @@ from u to u' = u + h, with c = 1 + lam, is
         self.midpoint = _check_flag(midpoint, "midpoint")
         self.lower_order_final = _check_flag(lower_order_final, "lower_order_final")
         self.s_tmin, self.s_tmax = float(s_tmin), float(s_tmax)
+        self.brownian = _check_brownian(brownian, noise)
         self.order = min(corrector_order, predictor_order + 1) if corrector_order else predictor_order
         self.stochastic = self.eta > 0
         self._keep = max(predictor_order, corrector_order - 1)  # denoised values a step may need
@@ -212,7 +232,9 @@ from u to u' = u + h, with c = 1 + lam, is
 
     def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> dict:
         cache_grid(ctx, ts)
-        return {"hist": [], "left": len(ts) - 1, "few": len(ts) - 1 < 15, "plan": self._plan(ctx, ts)}
+        path = brownian_path(ctx, self.eta) if self.brownian == "tree" and self.stochastic else None
+        return {"hist": [], "left": len(ts) - 1, "few": len(ts) - 1 < 15, "plan": self._plan(ctx, ts),
+                "path": path}
 
     def _plan(self, ctx: Context, ts: torch.Tensor) -> list:
         """Every step's host coefficients on the grid ts (see :meth:`_coefficients`), as (t, t', u, u', ...) tuples.
@@ -279,7 +301,11 @@ from u to u' = u + h, with c = 1 + lam, is
         if not (hist and self.corrector_order):  # else the previous corrector evaluated D at this step's start
             hist = hist + [(u, ctx.denoise(x, t))]
         base = torch.mul(x, a)
-        if k:
+        path = state.get("path")
+        if k and path is not None:  # the path's increment over [u, u'], of std k
+            s2 = point(ctx, t_next)[1]
+            base = base.add_(path.at(u2, x), alpha=s2).add_(path.at(u, x), alpha=-s2 * math.exp(-self.eta * (u2 - u)))
+        elif k:
             base = base.add_(ctx.randn_like(x), alpha=k)
         newest = hist[::-1]
         x_pred = _accumulate(base, [d for _, d in newest[:len(weights)]], weights, 1.0, fresh=corrector is not None)
@@ -294,7 +320,8 @@ from u to u' = u + h, with c = 1 + lam, is
     def __repr__(self) -> str:
         return (f"ExponentialAdams(predictor_order={self.predictor_order}, corrector_order={self.corrector_order}, "
                 f"eta={self.eta}, noise_rule={self.noise_rule!r}, midpoint={self.midpoint}, "
-                f"lower_order_final={self.lower_order_final}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax})")
+                f"lower_order_final={self.lower_order_final}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax}"
+                f"{_brownian_repr(self)})")
 
 
 class DDIM(ExponentialAdams):
@@ -352,11 +379,11 @@ class DPMSolverPP2MSDE(ExponentialAdams):
 
     default_steps = 50
 
-    def __init__(self, eta: float = 1.0):
-        super().__init__(predictor_order=2, eta=check_unit(eta, "eta"), midpoint=True)
+    def __init__(self, eta: float = 1.0, brownian: Optional[str] = None):
+        super().__init__(predictor_order=2, eta=check_unit(eta, "eta"), midpoint=True, brownian=brownian)
 
     def __repr__(self) -> str:
-        return f"DPMSolverPP2MSDE(eta={self.eta})"
+        return f"DPMSolverPP2MSDE(eta={self.eta}{_brownian_repr(self)})"
 
 
 class SASolver(ExponentialAdams):
@@ -372,15 +399,16 @@ class SASolver(ExponentialAdams):
     brings tau = 1 within 3% (benchmarks/results/stochastic_data_jump*.md)."""
 
     def __init__(self, predictor_order: int = 3, corrector_order: int = 4, tau: float = 1.0, s_tmin: float = 0.0,
-                 s_tmax: float = math.inf):
+                 s_tmax: float = math.inf, brownian: Optional[str] = None):
         if not (_is_number(tau) and 0.0 <= tau < math.inf):
             raise ValueError(f"tau must be a finite number >= 0; got {tau!r}.")
-        super().__init__(predictor_order, corrector_order, eta=float(tau) ** 2, s_tmin=s_tmin, s_tmax=s_tmax)
+        super().__init__(predictor_order, corrector_order, eta=float(tau) ** 2, s_tmin=s_tmin, s_tmax=s_tmax,
+                         brownian=brownian)
         self.tau = float(tau)
 
     def __repr__(self) -> str:
         return (f"SASolver(predictor_order={self.predictor_order}, corrector_order={self.corrector_order}, "
-                f"tau={self.tau}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax})")
+                f"tau={self.tau}, s_tmin={self.s_tmin}, s_tmax={self.s_tmax}{_brownian_repr(self)})")
 
 
 class DPMSolverPP3MSDE(SASolver):
@@ -389,12 +417,12 @@ class DPMSolverPP3MSDE(SASolver):
 
     default_steps = 50
 
-    def __init__(self, eta: float = 1.0):
-        ExponentialAdams.__init__(self, predictor_order=3, eta=check_unit(eta, "eta"))
+    def __init__(self, eta: float = 1.0, brownian: Optional[str] = None):
+        ExponentialAdams.__init__(self, predictor_order=3, eta=check_unit(eta, "eta"), brownian=brownian)
         self.tau = math.sqrt(self.eta)
 
     def __repr__(self) -> str:
-        return f"DPMSolverPP3MSDE(eta={self.eta})"
+        return f"DPMSolverPP3MSDE(eta={self.eta}{_brownian_repr(self)})"
 
 
 B_FUNCTIONS = ("bh1", "bh2")

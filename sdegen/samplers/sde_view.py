@@ -9,7 +9,6 @@ stream) and scalar float64 times; it returns the new state and its own carried s
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
