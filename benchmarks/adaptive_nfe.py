@@ -15,8 +15,10 @@ with the oracle's exact score.
 
 Problems: the 2-D ring and the 16-D mixture under VP, mixtures drawn fresh for this benchmark under VP (8-D seed 23,
 32-D seed 5), VE (8-D seed 61) and EDM (16-D seed 87).
-Writes benchmarks/results/adaptive_nfe.md (or --out).
-Usage: python benchmarks/adaptive_nfe.py [--quick] [--n 256] [--device cuda] [--no-kdiffusion] [--holdout SEED COUNT]
+Writes benchmarks/results/adaptive_nfe.md (adaptive_nfe_quick.md with --quick, adaptive_nfe_holdout<SEED>.md with
+--holdout; an explicit --out wins).
+Usage: python benchmarks/adaptive_nfe.py [--quick] [--n 256] [--device cuda] [--threads N] [--no-kdiffusion]
+    [--holdout SEED COUNT]
 """
 
 import argparse
@@ -260,16 +262,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"the first {QUICK} problems only")
     parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--device", default="cpu", help="torch device of the states and the oracle (default cpu)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device of the states and the oracle (default: CUDA when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own)")
     parser.add_argument("--no-kdiffusion", action="store_true", help="leave k-diffusion's dpm_adaptive out")
     parser.add_argument("--no-likelihood", action="store_true", help="sampling only")
     parser.add_argument("--likelihood-options", action="store_true",
                         help="only the log_likelihood study of time variables and norms at rtol = atol = 1e-5 "
-                        "(writes adaptive_nfe_likelihood_options.md)")
+                        "(writes adaptive_nfe_likelihood_options.md, or adaptive_nfe_likelihood_options_quick.md with "
+                        "--quick)")
     parser.add_argument("--holdout", type=int, nargs=2, metavar=("SEED", "COUNT"), default=None,
                         help="instead, COUNT fresh problems of suite_solvers.holdout_problems(SEED, COUNT) (sampling only)")
     parser.add_argument("--out", default=None, help="default benchmarks/results/adaptive_nfe[_quick].md")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.likelihood_options:
         return likelihood_options(args)
     default = ("adaptive_nfe_quick.md" if args.quick else
@@ -292,7 +301,7 @@ def main():
             l_rows += rows
             print(*rows[-2:], sep="\n", flush=True)
     lines = ["# Adaptive solvers against torchdiffeq's dopri5 and k-diffusion's dpm_adaptive", "",
-             *provenance(start, device),
+             *provenance(start, f"{device}, {torch.get_num_threads()} CPU thread(s)"),
              f"- exact score of the oracle, float64; sampling: {args.n} starting points (seed 1), RMS of the "
              "endpoint error norm against dopri5 at 1e-10; likelihood: "
              f"{min(args.n, 64)} exact draws (seed 5), t_min = default_t_min(sde), exact prior", "",
@@ -338,6 +347,7 @@ def holdout(seed, count):
 
 def likelihood_options(args):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   "adaptive_nfe_likelihood_options_quick.md" if args.quick else
                                    "adaptive_nfe_likelihood_options.md")
     device, start, rows = torch.device(args.device), time.time(), []
     n = min(args.n, 64)
@@ -347,7 +357,7 @@ def likelihood_options(args):
         rows += new
         print(*new, sep="\n", flush=True)
     lines = ["# log_likelihood: per-example error control under other time variables and norms", "",
-             *provenance(start, device),
+             *provenance(start, f"{device}, {torch.get_num_threads()} CPU thread(s)"),
              f"- exact divergence, rtol = atol = 1e-5, {n} exact draws (seed 5), t_min = default_t_min(sde), exact "
              "prior; error: max over the batch of |log p - exact log p_{t_min}| / dim; every row but the first "
              "uses sdegen's per-example norm (max over examples of the RMS over x and the log term) with "

@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 import types
@@ -35,13 +36,19 @@ def cpu_model() -> str:
 
 
 def provenance(started: Optional[float] = None, device=None) -> List[str]:
-    """The machine, the date (and wall time since ``started``, a time.time()) and the command, as report lines."""
+    """The machine, the date (and wall time since ``started``, a time.time()) and the command (shell-quoted, so that
+    it can be re-run as written), as report lines."""
     machine = (f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical CPUs, "
                f"{platform.system()} {platform.release()}; torch {torch.__version__}")
     date = f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}"
     return [machine + (f"; device {device}" if device is not None else ""),
             date + (f"; wall time {time.time() - started:.0f} s" if started is not None else ""),
-            f"- command: `python {' '.join(sys.argv)}`"]
+            f"- command: `{command()}`"]
+
+
+def command() -> str:
+    """The command line that ran this process, quoted with shlex.join so that it can be re-run as written."""
+    return shlex.join(["python", *sys.argv])
 
 
 def within_mode(gm_t, x: torch.Tensor) -> Tuple[float, torch.Tensor]:

@@ -10,9 +10,11 @@ of one per-example noise draw against ``torch.randn``; host synchronisations per
 Hutchinson ``log_likelihood``; one ``train`` step.
 
 Times are wall-clock medians of repeated runs (after a warm-up; with ``torch.cuda.synchronize`` around each timed
-region on CUDA). ``--quick`` shrinks batches and repeats (for a CPU run). Writes benchmarks/results/gpu.md.
+region on CUDA). ``--quick`` shrinks batches and repeats (for a CPU run). Writes benchmarks/results/gpu.md
+(gpu_quick.md with --quick, so that a smoke run never replaces the published report; an explicit --out wins).
+This is also the GPU counterpart of benchmarks/overhead.py, which measures CPU thread time and so runs on the CPU only.
 
-    python benchmarks/gpu.py [--device cuda|cpu] [--quick] [--threads N]
+    python benchmarks/gpu.py [--device cuda|cpu] [--quick] [--threads N] [--out PATH]
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import argparse
 import datetime
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+import common
 from common import cpu_model
 
 import sdegen
@@ -215,8 +217,11 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own)")
-    parser.add_argument("--out", default=str(RESULTS / "gpu.md"))
+    parser.add_argument("--out", default=None,
+                        help="report path (default: results/gpu.md, or results/gpu_quick.md with --quick)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(RESULTS / ("gpu_quick.md" if args.quick else "gpu.md"))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -237,7 +242,7 @@ def main():
              f"- device: {name}; torch {torch.__version__}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
              f"wall time {time.time() - started:.0f} s",
-             f"- command: `python {' '.join(sys.argv)}`",
+             f"- command: `{common.command()}`",
              f"- {steps} steps per run, median of {repeats} timed runs after a warm-up", "",
              "## Time per network evaluation inside a sampling loop, over the network alone", ""]
     methods = list(samp[0]["runs"])

@@ -14,8 +14,11 @@ Methods:
 Every run takes the oracle's exact p_T as its prior; the standard-normal prior's own cost is reported in a
 separate table (same ODE solve, only the prior differs).
 
-Outputs in benchmarks/results/: likelihood.md, likelihood.csv, likelihood.json, likelihood_accuracy.png,
-likelihood_nfe.png. Run:  python benchmarks/likelihood.py [--repeats 5] [--quick]
+Outputs in benchmarks/results/ (or --out DIR): likelihood.md, likelihood.csv, likelihood.json,
+likelihood_accuracy.png, likelihood_nfe.png; --quick writes likelihood_quick.* instead (likelihood_quick.md, ...,
+likelihood_quick_accuracy.png), so that a smoke run never replaces the published files.
+Run:  python benchmarks/likelihood.py [--repeats 5] [--quick] [--device cuda] [--threads N] [--out DIR]
+--device applies to every mode (the studies below included); the reports name the device and the CPU threads.
 
 ``--nfe-study`` (writes likelihood_nfe.md) measures instead what per-example error control costs: on mixtures drawn
 for it under VP, VE, sub-VP, EDM, flow and cosine-VP SDEs, the NFE and per-example errors of log_likelihood against
@@ -34,11 +37,11 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
+import common
 from common import cpu_model
 
 import sdegen
@@ -91,11 +94,19 @@ def errors(log_prob, exact, dim):
             "bias_mean": float(((log_prob - exact) / dim).mean())}
 
 
+def _sync():
+    """Wait for queued GPU work, so that a wall time covers it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn, repeats):
     walls, out = [], None
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         out = fn()
+        _sync()
         walls.append(time.perf_counter() - t0)
     return out, statistics.median(walls), walls
 
@@ -170,8 +181,10 @@ def headline(repeats: int, quick: bool):
         cpus = {k: [] for k in calls}
         for _ in range(repeats):
             for k, fn in calls.items():
+                _sync()
                 w0, c0 = time.perf_counter(), time.process_time()
                 fn()
+                _sync()
                 walls[k].append(time.perf_counter() - w0)
                 cpus[k].append(time.process_time() - c0)
         for k in calls:
@@ -183,12 +196,13 @@ def headline(repeats: int, quick: bool):
     return out
 
 
-def write(rows, prior_rows, heads, repeats):
+def write(rows, prior_rows, heads, repeats, quick=False):
     os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, "likelihood")
+    base = os.path.join(RESULTS, "likelihood_quick" if quick else "likelihood")
     with open(base + ".json", "w") as f:
         json.dump({"rows": rows, "prior": prior_rows, "headline": heads, "t_min": T_MIN, "repeats": repeats,
-                   "torch": torch.__version__, "machine": platform.machine()}, f, indent=1)
+                   "torch": torch.__version__, "machine": platform.machine(), "device": str(DEVICE),
+                   "threads": torch.get_num_threads()}, f, indent=1)
     keys = [k for k in rows[0] if k != "wall_runs"]
     with open(base + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -198,13 +212,15 @@ def write(rows, prior_rows, heads, repeats):
 
     lines = ["# Probability-flow log-likelihoods: accuracy, NFE, wall time", "",
              f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical CPUs, {platform.system()} "
-             f"{platform.release()}; torch {torch.__version__}; device {DEVICE}",
+             f"{platform.release()}; torch {torch.__version__}; device {DEVICE}, {torch.get_num_threads()} CPU "
+             "thread(s)",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-             f"- command: `python {' '.join(sys.argv)}`", "",
+             f"- command: `{common.command()}`", "",
              f"VP SDE, exact oracle score, t_min = {T_MIN:g}, the oracle's exact p_T as prior; error = |log p - "
-             "log p_0| / D per example (nats/dim) over the held-out samples. Timing: CPU, torch.set_num_threads(1), "
-             "wall time of the whole call, one run each, on a 2-core machine shared with other jobs (the timing "
-             "targets use the interleaved headline runs below).", "",
+             f"log p_0| / D per example (nats/dim) over the held-out samples. Timing: device {DEVICE}, "
+             f"{torch.get_num_threads()} CPU thread(s), wall time of the whole call, one run each, on a machine of "
+             f"{os.cpu_count()} logical CPUs that may be shared with other jobs (the timing targets use the "
+             "interleaved headline runs below).", "",
              "| problem | method | probes | K | rtol=atol | NFE | wall (s) | max err | median err | mean signed err |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -399,11 +415,12 @@ def rk45_per_example(field, y0, t0, t1, tol, tableau="dopri5", beta=0.0):
 
     def f(t, y):
         nfe[0] += 1
-        return field(torch.as_tensor(t, dtype=torch.float64), y)
+        return field(torch.as_tensor(t, dtype=torch.float64, device=y.device), y)
 
     norm = lambda r: r.pow(2).mean(1).sqrt().max()  # noqa: E731
     t, y, k1 = t0, y0, f(t0, y0)
-    h = float(_select_initial_step(f, torch.tensor(t0, dtype=torch.float64), y0, 4, tol, tol, norm, k1))
+    h = float(_select_initial_step(f, torch.tensor(t0, dtype=torch.float64, device=y0.device), y0, 4, tol, tol, norm,
+                                   k1))
     r_prev, rejected = 1e-4, False
     while t < t1:
         h = min(h, t1 - t)
@@ -436,10 +453,10 @@ def _study_problem(gm, sde, n, seed):
     from sdegen.likelihood import default_t_min
 
     t_lo = default_t_min(sde)
-    x = gm.sample(n, seed=seed, dtype=torch.float64)
+    x = gm.sample(n, seed=seed, dtype=torch.float64, device=DEVICE)
     prior = gm.marginal(sde, sde.T).log_prob
     y0 = torch.cat([x, x.new_zeros(n, 1)], 1)
-    span = torch.tensor([t_lo, float(sde.T)], dtype=torch.float64)
+    span = torch.tensor([t_lo, float(sde.T)], dtype=torch.float64, device=DEVICE)
     return t_lo, x, y0, span, prior, (lambda y1: prior(y1[:, :-1]) + y1[:, -1]), gm.dim
 
 
@@ -467,9 +484,10 @@ def _study_header(start):
     import datetime
 
     return [f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical CPUs, {platform.system()} "
-            f"{platform.release()}; torch {torch.__version__}; device cpu",
+            f"{platform.release()}; torch {torch.__version__}; device {DEVICE}, {torch.get_num_threads()} CPU "
+            "thread(s)",
             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; wall time "
-            f"{time.time() - start:.0f} s", f"- command: `python {' '.join(sys.argv)}`", ""]
+            f"{time.time() - start:.0f} s", f"- command: `{common.command()}`", ""]
 
 
 def nfe_study_rows(pname, gm, sde, n, tols):
@@ -541,12 +559,12 @@ def work_precision_rows(pname, gm, sde, n, tols):
     from sdegen.likelihood import _AugmentedFlow, default_t_min
 
     t_lo, t_hi, D = default_t_min(sde), float(sde.T), gm.dim
-    x = gm.sample(n, seed=2024, dtype=torch.float64)
+    x = gm.sample(n, seed=2024, dtype=torch.float64, device=DEVICE)
     prior = gm.marginal(sde, sde.T).log_prob
     exact = gm.marginal(sde, t_lo).log_prob(x)
     flow = _AugmentedFlow(sde, gm, (D,), t_lo, t_hi, None, None)
     y0 = torch.cat([x, x.new_zeros(n, 1)], 1)
-    span = torch.tensor([t_lo, t_hi], dtype=torch.float64)
+    span = torch.tensor([t_lo, t_hi], dtype=torch.float64, device=DEVICE)
     worst = lambda lp: float((lp - exact).abs().max()) / D  # noqa: E731
     runs = {"dopri5, batch norm": [], "sdegen (dopri5)": [], "sdegen, solver='dopri8'": []}
     with torch.no_grad():
@@ -674,7 +692,7 @@ def multistep_variant_rows(pname, gm, sde, n, tol):
             return h * min(self.max_factor, max(0.2, factor))
 
     t_lo, t_hi, D = default_t_min(sde), float(sde.T), gm.dim
-    x = gm.sample(n, seed=2024, dtype=torch.float64)
+    x = gm.sample(n, seed=2024, dtype=torch.float64, device=DEVICE)
     prior = gm.marginal(sde, sde.T).log_prob
     exact = gm.marginal(sde, t_lo).log_prob(x)
     model = sdegen.models.as_model(gm, sde)
@@ -774,7 +792,7 @@ def float32_study(quick: bool):
     cases = {"2-D ring": sdegen.GaussianMixture.ring(), "4-D, means ~40 apart, stds 0.01": tight}
     rows = []
     for pname, gm in cases.items():
-        x32 = gm.sample(16 if quick else 64, seed=3).float()
+        x32 = gm.sample(16 if quick else 64, seed=3, device=DEVICE).float()
         for sname, sde in (("VP", sdegen.VPSDE()), ("EDM", sdegen.EDMSDE())):
             prior = gm.marginal(sde, sde.T).log_prob
             for solver in ("dopri5", "multistep"):
@@ -797,11 +815,15 @@ def float32_study(quick: bool):
 
 
 def main():
+    global DEVICE, RESULTS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved headline timing")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (64 samples, one tolerance)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the draws, the oracle's score and the solves run, in every mode (default: CUDA when "
+                    "available)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: timings robust to other processes)")
+    ap.add_argument("--out", default=RESULTS, help="folder of the outputs (default benchmarks/results)")
     ap.add_argument("--nfe-study", action="store_true", help="only the cost of per-example error control against "
                     "dopri5 across SDEs and the options studied (writes likelihood_nfe.md)")
     ap.add_argument("--multistep", action="store_true", help="only log_likelihood(solver='multistep') against dopri5 "
@@ -809,8 +831,8 @@ def main():
     ap.add_argument("--float32", action="store_true", help="only the solvers' worst errors on float32 states "
                     "against float64 (writes likelihood_float32.md)")
     args = ap.parse_args()
-    global DEVICE
     DEVICE = torch.device(args.device)
+    RESULTS = args.out
     torch.set_num_threads(args.threads)
     if sdegen.distributed.launched_rank() != 0:
         return  # the timings are of one process: under torchrun only rank 0 runs and writes
@@ -822,7 +844,7 @@ def main():
         return float32_study(args.quick)
     rows, prior_rows = run(1, args.quick)
     heads = headline(args.repeats, args.quick)
-    write(rows, prior_rows, heads, args.repeats)
+    write(rows, prior_rows, heads, args.repeats, args.quick)
     print("\n".join(targets(rows, heads)))
 
 

@@ -16,8 +16,9 @@ Solvers: log_likelihood's default ("dopri5", per-example error control) and solv
 Metric per run: the worst |log_prob - exact log p_{t_min}(x)| over the batch in nats and in nats/dim, the median
 error (nats), the NFE; the exact value is gm.log_prob(sde, x, t) with t the (B,) float64 tensor of the result's t_min.
 
-    python benchmarks/likelihood_draws.py [--draws 7] [--n 512] [--quick]
-Writes benchmarks/results/likelihood_draws.md (likelihood_draws_quick.md with --quick).
+    python benchmarks/likelihood_draws.py [--draws 7] [--n 512] [--quick] [--device cuda] [--threads N]
+Writes benchmarks/results/likelihood_draws.md (likelihood_draws_quick.md with --quick). --quick (2 draws of 32) sets
+only what --draws, --n and --n32 do not give explicitly.
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ def problems():
             "32-D, 3 comps (seed 202)": rand(dim=32, n_components=3, seed=202)}
 
 
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def one_run(sde, gm, x, prior, solver, tol):
     """log_likelihood (exact divergence) on x: worst error in nats and nats/dim, median error in nats, NFE, and the
     index of the worst example."""
     r = sdegen.log_likelihood(sde, gm, x, divergence="exact", solver=None if solver == "dopri5" else solver,
                               rtol=tol, atol=tol, prior=prior, seed=0)
-    t = torch.full((x.shape[0],), float(r.t_min), dtype=torch.float64)
+    t = torch.full((x.shape[0],), float(r.t_min), dtype=torch.float64, device=x.device)
     err = (r.log_prob.double() - gm.log_prob(sde, x, t)).abs()
     worst = int(err.argmax())
     return {"err_max": float(err[worst]), "err_max_dim": float(err[worst]) / gm.dim,
@@ -59,7 +65,7 @@ def one_run(sde, gm, x, prior, solver, tol):
             "t_min": float(r.t_min)}
 
 
-def run(draws, n, n32):
+def run(draws, n, n32, device=torch.device("cpu")):
     sde = sdegen.VPSDE()
     t_min = default_t_min(sde)
     rows = []
@@ -67,11 +73,13 @@ def run(draws, n, n32):
         prior = gm.marginal(sde, sde.T).log_prob
         batch = n32 if gm.dim >= 32 else n
         for s in range(draws):
-            x = gm.sample(batch, seed=s, dtype=torch.float64)
+            x = gm.sample(batch, seed=s, dtype=torch.float64, device=device)
             for tol in TOLS:
                 for solver in SOLVERS:
+                    _sync(device)
                     t0 = time.perf_counter()
                     r = one_run(sde, gm, x, prior, solver, tol)
+                    _sync(device)
                     assert abs(r["t_min"] - t_min) < 1e-15, (r["t_min"], t_min)
                     rows.append({"problem": pname, "dim": gm.dim, "batch": batch, "draw": s, "solver": solver,
                                  "tol": tol, "wall_s": time.perf_counter() - t0, **r})
@@ -89,10 +97,10 @@ def _rng(vals, fmt=".1e"):
     return f"{min(vals):{fmt}}-{max(vals):{fmt}}"
 
 
-def report(rows, t_min, draws, started):
+def report(rows, t_min, draws, started, device="cpu"):
     probs = list(dict.fromkeys(r["problem"] for r in rows))
     lines = ["# log_likelihood (exact divergence): worst per-example error over several draws of data", "",
-             *provenance(started), "",
+             *provenance(started, f"{device}, {torch.get_num_threads()} CPU thread(s)"), "",
              f"VP SDE, the oracle's exact score and its exact p_T as prior, t_min = default_t_min(sde) = {t_min:.4g}, "
              f"float64. {draws} draws per problem: gm.sample(n, seed=s, dtype=float64), s = 0..{draws - 1}. Solvers: "
              "log_likelihood's default dopri5 (per-example error control) and solver='multistep', rtol = atol = tol. "
@@ -147,19 +155,24 @@ def report(rows, t_min, draws, started):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draws", type=int, default=7, help="independent draws of data per problem (seeds 0..draws-1)")
-    ap.add_argument("--n", type=int, default=512, help="exact samples per draw")
+    ap.add_argument("--draws", type=int, default=None,
+                    help="independent draws of data per problem (seeds 0..draws-1; default 7, 2 with --quick)")
+    ap.add_argument("--n", type=int, default=None, help="exact samples per draw (default 512; 32 with --quick)")
     ap.add_argument("--n32", type=int, default=None, help="samples per draw for the 32-D problem (default: --n)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 draws of 32 (writes likelihood_draws_quick.md)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the draws, the oracle's score and the solves run (default: CUDA when available)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    draws, n = (2, 32) if args.quick else (args.draws, args.n)
-    n32 = n if args.quick or args.n32 is None else args.n32
+    device = torch.device(args.device)
+    draws = args.draws if args.draws is not None else (2 if args.quick else 7)
+    n = args.n if args.n is not None else (32 if args.quick else 512)
+    n32 = n if args.n32 is None else args.n32
     started = time.time()
-    rows, t_min = run(draws, n, n32)
-    lines, summary = report(rows, t_min, draws, started)
+    rows, t_min = run(draws, n, n32, device)
+    lines, summary = report(rows, t_min, draws, started, device)
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "likelihood_draws_quick.md" if args.quick else "likelihood_draws.md")
     with open(path, "w") as fh:

@@ -7,18 +7,19 @@ tolerances (so that the solver's own error is far below the gap), this prints pe
 (log_likelihood - log p_0) / D in nats per dimension and the NFE, including the t_min that
 ``log_likelihood`` picks by default.
 
-    python benchmarks/likelihood_t_min.py [--quick] [--device DEVICE] [--threads N]
-Writes benchmarks/results/likelihood_t_min.md.
+    python benchmarks/likelihood_t_min.py [--quick] [--device DEVICE] [--threads N] [--out PATH]
+Writes benchmarks/results/likelihood_t_min.md (likelihood_t_min_quick.md with --quick, so that a smoke run never
+replaces the published table; an explicit --out wins).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
+import time
 from pathlib import Path
 
+import common
 import torch
 
 import sdegen
@@ -40,11 +41,15 @@ def problems(quick: bool):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer points and problems")
-    ap.add_argument("--out", default=str(RESULTS / "likelihood_t_min.md"))
+    ap.add_argument("--out", default=None,
+                    help="report path (default: results/likelihood_t_min.md, or likelihood_t_min_quick.md with --quick)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the draws, the oracle's score and the solve run (default: CUDA when available)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(RESULTS / ("likelihood_t_min_quick.md" if args.quick else "likelihood_t_min.md"))
+    started = time.time()
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -67,8 +72,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     lines = [
         "# log_likelihood: error of log p_{t_min} against log p_0 (nats/dim)", "",
-        f"Machine: {platform.platform()}, {platform.processor() or 'cpu'}, torch {torch.__version__}; "
-        f"device {device}; date {datetime.date.today()}; command: python {' '.join(sys.argv)}.",
+        *common.provenance(started, f"{device}, {torch.get_num_threads()} CPU thread(s)"),
         "",
         f"{n} exact draws per mixture, the oracle's exact score, exact divergence, dopri5 at rtol = atol = 1e-7. "
         "err = (log_likelihood - exact log p_0) / D per example, its mean and its mean absolute value; * marks log_likelihood's default t_min for that SDE "

@@ -16,7 +16,8 @@ default number of threads and with 1 thread. Target: a per-example draw costs at
 and at most 2x on CUDA.
 
     python benchmarks/noise.py [--device cpu|cuda] [--quick] [--baseline PATH]
-Writes benchmarks/results/noise.md (or ``--out``).
+Writes benchmarks/results/noise.md (noise_quick.md with --quick, so that a smoke run never replaces the published
+table; an explicit ``--out`` wins).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import datetime
 import importlib.util
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -115,8 +117,11 @@ def main():
     parser.add_argument("--target-ms", type=float, default=None, help="duration of one timed loop")
     parser.add_argument("--baseline", default=None, help="path of another copy of sdegen/noise.py to time alongside")
     parser.add_argument("--baseline-label", default=None, help="what the baseline is, for the table's notes")
-    parser.add_argument("--out", default=str(RESULTS / "noise.md"))
+    parser.add_argument("--out", default=None,
+                        help="report path (default: results/noise.md, or results/noise_quick.md with --quick)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(RESULTS / ("noise_quick.md" if args.quick else "noise.md"))
     device = torch.device(args.device)
     repeats = args.repeats or (5 if args.quick else 21)
     target_s = (args.target_ms or (5.0 if args.quick else 20.0)) / 1000
@@ -156,7 +161,7 @@ def write_table(args, device, rows, modules, default_threads, repeats, target_s,
         f"- machine: {machine(device)}; device {device}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; load average before and "
         f"after the run: {load[0]:.1f}, {load[1]:.1f}",
-        f"- command: `python {' '.join(['benchmarks/noise.py'] + sys.argv[1:])}`",
+        f"- command: `{shlex.join(['python', 'benchmarks/noise.py', *sys.argv[1:]])}`",
         f"- torch {torch.__version__}; threads: torch's default {default_threads}"
         + (" and 1" if any(r[0] == 1 for r in rows) and default_threads != 1 else "")
         + "; " + ", ".join(f"{v}={os.environ.get(v, 'unset')}" for v in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",

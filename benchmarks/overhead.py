@@ -21,10 +21,17 @@ With ``--baseline DIR``, another copy of the package (an earlier commit, say), i
 last component, runs alternately with this one in the same process (its runs interleaved with ours, in alternating
 order), so that both see the same machine: a before/after comparison on a shared machine.
 
-    python benchmarks/overhead.py [--quick] [--repeats N] [--baseline DIR] [--malloc fixed|adaptive]
-    (CPU only: benchmarks/gpu.py times the same loops on a GPU)
+    python benchmarks/overhead.py [--quick] [--repeats N] [--baseline DIR] [--malloc fixed|adaptive] [--out DIR]
     (a baseline: git archive COMMIT sdegen | tar -x -C /tmp/b && mv /tmp/b/sdegen /tmp/b/sdegen_before)
-Writes benchmarks/results/overhead.{md,json} (overhead_baseline.{md,json} with --baseline, no memory table).
+Writes benchmarks/results/overhead.{md,json} (overhead_baseline.{md,json} with --baseline, no memory table) into
+--out (default benchmarks/results); --quick adds a ``_quick`` suffix (overhead_quick.md, ...), so that a smoke run
+never replaces the published figures.
+
+Device: CPU only, by design. The overhead is CPU thread time (``time.thread_time``) and the memory figure the
+process's resident set, and neither sees work queued on a GPU. ``--device`` defaults to ``cpu``; any other device
+is refused with a pointer to benchmarks/gpu.py, which times the same sampling loops against the network alone on a
+GPU (wall clock with ``torch.cuda.synchronize``, per-example noise, host synchronisations per step, peak GPU memory):
+    python benchmarks/gpu.py --device cuda
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+import common
 from common import cpu_model
 
 import sdegen
@@ -171,13 +179,25 @@ def main():
         _peak_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats; writes overhead_quick.*")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu only (the default): the figures are CPU thread time; for a GPU run "
+                             "benchmarks/gpu.py --device cuda")
+    parser.add_argument("--out", default=None, help="folder of the outputs (default benchmarks/results)")
     parser.add_argument("--repeats", type=int, default=None, help="round-robin repeats (default 5, 3 with --quick)")
     parser.add_argument("--baseline", default=None, help="directory of another copy of the package (see above)")
     parser.add_argument("--malloc", choices=("fixed", "adaptive"), default="fixed",
                         help="glibc's mmap/trim thresholds fixed (the default: the figures measure the library, not "
                              "the allocator's history) or adaptive (glibc's defaults); see the module docstring")
     args = parser.parse_args()
+    if torch.device(args.device).type != "cpu":
+        parser.exit(2, f"overhead.py measures CPU thread time (time.thread_time) and the process's resident set, "
+                       f"which do not see work on device {args.device!r}; it runs on the CPU only. For the same "
+                       f"sampling loops timed on a GPU run:\n    python benchmarks/gpu.py --device {args.device}\n")
+    global RESULTS
+    if args.out is not None:
+        RESULTS = Path(args.out)
+    suffix = "_quick" if args.quick else ""
     if args.malloc == "fixed" and any(os.environ.get(k) != v for k, v in FIXED_MALLOC.items()):
         os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **FIXED_MALLOC))
     if args.malloc == "adaptive" and any(k in os.environ for k in FIXED_MALLOC):
@@ -192,7 +212,7 @@ def main():
     load_before = os.getloadavg()[0]
     rows = overhead(args.repeats or (3 if args.quick else 5), 50 if args.quick else 100, libraries)
     if args.baseline:
-        _write_comparison(rows, args.baseline, load_before)
+        _write_comparison(rows, args.baseline, load_before, suffix)
         return
     over = rows["this"]
     mem = peak_memory()
@@ -201,7 +221,7 @@ def main():
              f"- machine: {_machine()}; load average at the start {load_before:.1f}, at the end "
              f"{os.getloadavg()[0]:.1f}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-             f"- command: `python {' '.join(sys.argv)}`",
+             f"- command: `{common.command()}`",
              "- CPU only: benchmarks/gpu.py measures the same loops on a GPU", f"- allocator: {_allocator()}", "",
              "Overhead per step outside the score call, relative to one 3-layer 256-wide MLP evaluation at batch 1024 "
              "(CPU time of the sampling thread, 1 thread, median of round-robin repeats, range in brackets); minor "
@@ -215,8 +235,8 @@ def main():
               "within 10% of 10 steps.", "", "| sampler | 10 steps (MiB) | 1000 steps (MiB) | ratio |",
               "|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['peak_10_mib']:.1f} | {r['peak_1000_mib']:.1f} | {r['ratio']:.3f} |" for r in mem]
-    (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "overhead.json").write_text(json.dumps({"overhead": over, "memory": mem}, indent=1))
+    (RESULTS / f"overhead{suffix}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"overhead{suffix}.json").write_text(json.dumps({"overhead": over, "memory": mem}, indent=1))
 
 
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
@@ -234,12 +254,12 @@ def _machine() -> str:
             f"torch {torch.__version__}, 1 thread")
 
 
-def _write_comparison(rows: dict, baseline: str, load_before: float) -> None:
+def _write_comparison(rows: dict, baseline: str, load_before: float, suffix: str = "") -> None:
     lines = ["# Library overhead: this tree against a baseline copy, interleaved", "",
              f"- machine: {_machine()}; load average at the start {load_before:.1f}, at the end "
              f"{os.getloadavg()[0]:.1f}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-             f"- command: `python {' '.join(sys.argv)}`", f"- baseline: `{baseline}`", f"- allocator: {_allocator()}",
+             f"- command: `{common.command()}`", f"- baseline: `{baseline}`", f"- allocator: {_allocator()}",
              "",
              "Overhead per NFE outside the score call, as a fraction of one 3-layer 256-wide MLP evaluation at batch "
              "1024 (CPU time of the sampling thread, median of round-robin repeats, range in brackets; both copies "
@@ -254,8 +274,8 @@ def _write_comparison(rows: dict, baseline: str, load_before: float) -> None:
                      f"{new['overhead_per_step_ms']:.3f} [{new['overhead_min_ms']:.3f}-{new['overhead_max_ms']:.3f}] | "
                      f"{100 * new['ratio_per_nfe']:.1f}% | {old['faults_per_step']:.0f}, {new['faults_per_step']:.0f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "overhead_baseline.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "overhead_baseline.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"overhead_baseline{suffix}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"overhead_baseline{suffix}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

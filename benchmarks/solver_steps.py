@@ -14,7 +14,17 @@ Rows "(calibrated)" use step schedules fitted by sdegen.optimize_schedule on sep
     python benchmarks/solver_steps.py            # full run (about 40 minutes on one busy core)
     python benchmarks/solver_steps.py --quick    # NFE 10 and 20 under VP, 2000 endpoint points
     python benchmarks/solver_steps.py --holdout 7   # the quick plan on fresh problems drawn with seed 7
-Writes benchmarks/results/solver_steps.{md,csv,json} and solver_steps_*.png.
+    python benchmarks/solver_steps.py --only mix16/vp   # re-run one panel and merge it into the full run
+    python benchmarks/solver_steps.py --only adaptive   # re-run the adaptive-vs-dopri5 sweep and merge it
+    python benchmarks/solver_steps.py --samplers dpm_solver-3   # re-run one sampler on every panel and merge it
+    python benchmarks/solver_steps.py --report-only     # re-render the full run's report from its JSON
+Writes benchmarks/results/solver_steps.{md,csv,json} and solver_steps_*.png (solver_steps_quick.* with --quick,
+solver_steps_holdout<SEED>.* with --holdout).
+
+Provenance: each JSON keeps the machine, date and command of the run that made it ("meta") and of every --only
+re-run merged into it since ("reruns"); --report-only and --only re-render them as recorded, never stamping the
+current machine or date on old rows. Hand-written text in a report between the lines ``<!-- notes -->`` and
+``<!-- end notes -->`` is kept when the script rewrites that report.
 
 The headline comparison over many problems (dimensions 2-256, seven SDEs, separations 0.5-40, hold-out draws, the
 recommended default against diffusers and k-diffusion) is benchmarks/suite_solvers.py, built on this module's
@@ -30,6 +40,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -48,6 +59,7 @@ PROBLEMS = {"ring": lambda: GaussianMixture.ring(), "mix16": lambda: GaussianMix
             "mix64wide": lambda: GaussianMixture.random(dim=64, n_components=6, seed=1, mean_scale=3.0)}
 SDES = {"vp": lambda: sdegen.VPSDE(), "subvp": lambda: sdegen.SubVPSDE(), "ve": lambda: sdegen.VESDE()}
 DEVICE = torch.device("cpu")  # where the samplers run (--device); metrics are computed on the CPU
+NOT_RECORDED = {"machine": "not recorded", "date": "not recorded", "command": "not recorded"}
 
 
 def holdout_problems(seed):
@@ -254,7 +266,27 @@ def calibrate(mix, sde, nfes, log):
     return specs, fits
 
 
-def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, log, calibrated=False):
+def merge_rows(old, new, key):
+    """``old`` with the rows sharing a key with ``new`` replaced by those of ``new`` (in place of the first), and the
+    rest of ``new`` appended."""
+    by_key = {}
+    for r in new:
+        by_key.setdefault(key(r), []).append(r)
+    out, done = [], set()
+    for r in old:
+        k = key(r)
+        if k in by_key:
+            if k not in done:
+                out += by_key[k]
+                done.add(k)
+        else:
+            out.append(r)
+    return out + [r for k, rs in by_key.items() if k not in done for r in rs]
+
+
+def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, log, calibrated=False, only=None):
+    """Rows (and calibration records) of every configuration on one panel; ``only``: just these sampler names (and
+    no noise-floor row)."""
     mix, sde = PROBLEMS[pname](), SDES[sname]()
     mix_t = mix.marginal(sde, sde.t_min)
     rows = []
@@ -265,7 +297,9 @@ def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, 
     xd_T = sde.prior_sample((n_dist, mix.dim), seed=2, dtype=torch.float64).to(DEVICE)
     exact = mix_t.sample(n_dist, seed=3)
     floor = distribution_metrics(mix_t.sample(n_dist, seed=4), exact, mix_t)
-    rows.append(dict(problem=pname, sde=sname, sampler="exact samples (noise floor)", family="floor", nfe=0, **floor))
+    if only is None:
+        rows.append(dict(problem=pname, sde=sname, sampler="exact samples (noise floor)", family="floor", nfe=0,
+                         **floor))
     specs, fits = dict(SDEGEN), []
     if calibrated:
         extra, fits = calibrate(mix, sde, [n for n in CAL_NFE if n in nfes], log)
@@ -275,6 +309,8 @@ def bench_problem(pname, sname, nfes, dist_nfes, n_end, n_dist, with_diffusers, 
     configs = [(n, s, run_sdegen, "sdegen" + (" stochastic" if s[4] else "")) for n, s in specs.items()]
     if with_diffusers:
         configs += [(n, s, run_diffusers, "diffusers" + (" stochastic" if "sde" in n else "")) for n, s in DIFFUSERS.items()]
+    if only is not None:
+        configs = [c for c in configs if c[0] in only]
     for name, spec, runner, family in configs:
         t0 = time.time()
         for nfe in nfes:
@@ -330,31 +366,41 @@ def run_meta():
     return {"machine": f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs, "
                        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python benchmarks/solver_steps.py " + " ".join(sys.argv[1:]), "device": str(DEVICE)}
+            "command": shlex.join(["python", "benchmarks/solver_steps.py", *sys.argv[1:]]), "device": str(DEVICE)}
 
 
-def markdown(rows, adaptive_rows, summary, fits=(), meta=None):
-    meta = meta or {"machine": "not recorded", "date": "not recorded", "command": "not recorded"}
+def provenance_line(meta):
+    device = f"; device {meta['device']}" if meta.get("device") else ""
+    return f"machine: {meta['machine']}{device}; date {meta['date']}; command: `{meta['command']}`"
+
+
+def markdown(rows, adaptive_rows, summary, fits=(), meta=NOT_RECORDED, reruns=(), notes=None):
     lines = ["# Solver steps against quality", "",
              "Endpoint errors: deterministic samplers against torchdiffeq dopri5 at rtol = atol = 1e-10 (float64) "
              "from the same x_T. Distribution metrics: 20,000 samples against exact draws from p_{t_min} (4000 with "
              "--quick).", "",
-             f"Machine: {meta['machine']}; device {meta.get('device', 'cpu')}; date {meta['date']}; command: `{meta['command']}`.", "",
+             f"Run: {provenance_line(meta)}."]
+    if reruns:
+        lines += ["", "Re-run since with the then-current code and merged into the tables below (these rows and "
+                  "their summary lines replace the run's):", ""]
+        lines += [f"- {r['part']}: {provenance_line(r)}" for r in reruns]
+    lines += ["", *([notes, ""] if notes else []),
              "Rows \"(pilot)\" use `schedule=\"pilot\"` (sdegen.schedules.pilot_grid): a pilot run of the adaptive "
              "solver on 64 prior draws at rtol = atol = 1e-3 lays out the grid; its model calls, each on the 64-example "
              "pilot batch, are the column pilot_nfe and are not in NFE (per example of a batch of B they cost "
              "pilot_nfe * 64 / B calls). mix64wide is a problem no schedule was designed on (64-D, means 29-38 apart).",
              ""]
+    candidates = [c for c in DEFAULT_CANDIDATES if any(r["sampler"] == c for r in rows)]
     lines += ["## Default candidates: RMS / flips at NFE 10 and 20 (VP)", "",
-              "| problem | NFE | " + " | ".join(DEFAULT_CANDIDATES) + " | best diffusers |",
-              "|---|---|" + "---|" * (len(DEFAULT_CANDIDATES) + 1)]
+              "| problem | NFE | " + " | ".join(candidates) + " | best diffusers |",
+              "|---|---|" + "---|" * (len(candidates) + 1)]
     for pname in PROBLEMS:
         for nfe in (10, 20):
             sel = [r for r in rows if r["problem"] == pname and r["sde"] == "vp" and r["nfe"] == nfe and "rms" in r]
             if not sel:
                 continue
             cells = []
-            for name in DEFAULT_CANDIDATES:
+            for name in candidates:
                 r = next((r for r in sel if r["sampler"] == name), None)
                 cells.append(f"{r['rms']:.3g} / {r['flips']:.3g}" if r else "")
             theirs = [r for r in sel if r["family"] == "diffusers"]
@@ -458,12 +504,27 @@ def summarize(rows, adaptive_rows):
     return out
 
 
-def write_reports(rows, adaptive_rows, suffix, seconds, with_plots, fits=(), meta=None):
+NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- end notes -->"
+
+
+def kept_notes(path):
+    """The hand-written block (from NOTES_BEGIN to NOTES_END, markers included) of the report at ``path``, or None."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    i, j = text.find(NOTES_BEGIN), text.find(NOTES_END)
+    return text[i:j + len(NOTES_END)] if 0 <= i < j else None
+
+
+def write_reports(rows, adaptive_rows, suffix, seconds, with_plots, fits=(), meta=NOT_RECORDED, reruns=()):
+    """Write the report, CSV, JSON (and plots). ``meta`` is the machine, date and command of the run that made the
+    rows, ``reruns`` those of the --only re-runs merged into them; both are passed in (a re-render keeps the
+    recorded ones) and kept in the JSON. A hand-written notes block in the existing report is kept."""
     summary = summarize(rows, adaptive_rows)
     for line in summary:
         print(line)
-    meta = meta or run_meta()
-    (RESULTS / f"solver_steps{suffix}.md").write_text(markdown(rows, adaptive_rows, summary, fits, meta))
+    md = RESULTS / f"solver_steps{suffix}.md"
+    md.write_text(markdown(rows, adaptive_rows, summary, fits, meta, reruns, kept_notes(md)))
     head = ["problem", "sde", "sampler", "family", "nfe"]
     keys = head + sorted({k for r in rows for k in r} - set(head))
     with open(RESULTS / f"solver_steps{suffix}.csv", "w", newline="") as f:
@@ -472,7 +533,7 @@ def write_reports(rows, adaptive_rows, suffix, seconds, with_plots, fits=(), met
         w.writerows(rows)
     (RESULTS / f"solver_steps{suffix}.json").write_text(json.dumps(
         {"rows": rows, "adaptive": adaptive_rows, "summary": summary, "seconds": seconds, "calibration": list(fits),
-         "meta": meta},
+         "meta": meta, **({"reruns": list(reruns)} if reruns else {})},
         indent=1))
     if with_plots:
         plots(rows, RESULTS)
@@ -487,11 +548,17 @@ def main():
                         help="where the samplers and the reference run (default: CUDA when available)")
     parser.add_argument("--holdout", type=int, default=None, metavar="SEED",
                         help="run the quick plan on fresh problems drawn with this seed (see holdout_problems)")
-    parser.add_argument("--points", type=int, default=None, help="endpoint points per problem (default 2000 "
-                        "with --quick, else per panel)")
+    parser.add_argument("--points", type=int, default=None, help="endpoint points per problem and for the adaptive "
+                        "sweep, in every mode (default: 2000 per problem and 500 for the sweep with --quick; per panel "
+                        "(2000, 8000 for mix16/vp, 1000 under sub-VP and VE) and 1000 for the sweep otherwise)")
+    parser.add_argument("--samplers", default=None, metavar="NAME[,NAME...]",
+                        help="re-run only these samplers (names as in the report) on every panel of the full run (or "
+                        "on the --only panel), and replace their rows in the full run's JSON (its provenance is added "
+                        "to the report): for rows that a change of the code made stale, where the full run is too long")
     parser.add_argument("--report-only", action="store_true", help="re-render the tables and plots from the JSON")
     parser.add_argument("--only", default=None, metavar="PROBLEM/SDE",
-                        help="re-run one panel of the full run (e.g. mix16/vp) and replace its rows in the JSON")
+                        help="re-run one panel of the full run (e.g. mix16/vp), or 'adaptive' for the adaptive-vs-dopri5 "
+                        "sweep, and replace its rows in the full run's JSON (its provenance is added to the report)")
     args = parser.parse_args()
     if sdegen.distributed.launched_rank() != 0:
         return  # the timings are of one process: under torchrun only rank 0 runs and writes
@@ -502,7 +569,7 @@ def main():
             PROBLEMS.update(holdout_problems(args.holdout))
         data = json.loads((RESULTS / f"solver_steps{suffix}.json").read_text())
         write_reports(data["rows"], data["adaptive"], suffix, data["seconds"], not suffix, data.get("calibration", ()),
-                      data.get("meta"))
+                      data.get("meta") or NOT_RECORDED, data.get("reruns", ()))
         return
     torch.set_num_threads(args.threads)
     global DEVICE
@@ -528,26 +595,50 @@ def main():
         # the targets are stated under VP: sub-VP and VE get NFE 10-50 without diffusers or calibration.
         # 16-D VP uses 8000 endpoint points: mode flips there are rare events (0.1-0.5% at NFE 10), and with
         # 1000 points the flip counts of two samplers differ by Poisson noise alone
-        plan = [("ring", "vp", NFE_GRID, (10, 20), 2000, 20_000, True),
-                ("mix16", "vp", NFE_GRID[:5], (20,), 8000, 20_000, True)]
-        plan += [(p, s, (10, 20, 50), (20,), 1000, 20_000, False) for p in PROBLEMS for s in ("subvp", "ve")]
+        plan = [("ring", "vp", NFE_GRID, (10, 20), args.points or 2000, 20_000, True),
+                ("mix16", "vp", NFE_GRID[:5], (20,), args.points or 8000, 20_000, True)]
+        plan += [(p, s, (10, 20, 50), (20,), args.points or 1000, 20_000, False)
+                 for p in PROBLEMS for s in ("subvp", "ve")]
+    n_adaptive = args.points or (500 if args.quick else 1000)
     if args.only:
         plan = [p for p in plan if f"{p[0]}/{p[1]}" == args.only]
-        if not plan or args.quick:
-            raise SystemExit(f"--only takes one PROBLEM/SDE panel of the full run; got {args.only!r}")
+        if (not plan and args.only != "adaptive") or args.quick:
+            raise SystemExit(f"--only takes one PROBLEM/SDE panel of the full run, or 'adaptive'; got {args.only!r}")
+    samplers = None
+    if args.samplers:
+        samplers = [n.strip() for n in args.samplers.split(",") if n.strip()]
+        unknown = [n for n in samplers if n not in SDEGEN and n not in DIFFUSERS]
+        if unknown or args.quick or args.only == "adaptive":
+            raise SystemExit(f"--samplers takes names of SDEGEN or DIFFUSERS samplers (not calibrated ones) and "
+                             f"works on the full run's panels; got {unknown or args.samplers!r}")
+    if samplers:  # only the panels the full run has (a problem added to PROBLEMS since is not in its tables)
+        done = {f"{r['problem']}/{r['sde']}" for r in json.loads((RESULTS / "solver_steps.json").read_text())["rows"]}
+        plan = [p for p in plan if f"{p[0]}/{p[1]}" in done]
     for pname, sname, nfes, dist, n_end, n_dist, full in plan:
         new_rows, new_fits = bench_problem(pname, sname, nfes, dist, n_end, n_dist, with_diffusers and full, log,
-                                           calibrated=full and not args.quick)
+                                           calibrated=full and not args.quick and samplers is None, only=samplers)
         rows, fits = rows + new_rows, fits + new_fits
-    if args.only:  # merge into the last full run
+    if args.only or samplers:  # merge into the last full run, keeping its provenance and adding this re-run's
         data = json.loads((RESULTS / "solver_steps.json").read_text())
-        keep = lambda r: f"{r['problem']}/{r['sde']}" != args.only
-        rows = [r for r in data["rows"] if keep(r)] + rows
-        fits = [f for f in data.get("calibration", []) if keep(f)] + fits
-        write_reports(rows, data["adaptive"], "", data["seconds"], True, fits)
+        adaptive_rows = data["adaptive"]
+        if args.only == "adaptive":
+            adaptive_rows = adaptive_vs_dopri5(n_adaptive, log)
+        panels = {f"{p[0]}/{p[1]}" for p in plan}
+        if samplers:  # replace those samplers' rows in place
+            rows = merge_rows(data["rows"], rows, lambda r: (r["problem"], r["sde"], r["sampler"]))
+            fits = data.get("calibration", [])
+            part = f"samplers {', '.join(samplers)} on {'panel ' + args.only if args.only else 'every panel of the run'}"
+        else:
+            keep = lambda r: f"{r['problem']}/{r['sde']}" not in panels
+            rows = [r for r in data["rows"] if keep(r)] + rows
+            fits = [f for f in data.get("calibration", []) if keep(f)] + fits
+            part = "adaptive-vs-dopri5 sweep" if args.only == "adaptive" else f"panel {args.only}"
+        rerun = dict(run_meta(), part=part, seconds=round(time.time() - start))
+        reruns = [r for r in data.get("reruns", []) if r.get("part") != part] + [rerun]
+        write_reports(rows, adaptive_rows, "", data["seconds"], True, fits, data.get("meta") or NOT_RECORDED, reruns)
         return
-    adaptive_rows = [] if args.holdout is not None else adaptive_vs_dopri5(500 if args.quick else 1000, log)
-    write_reports(rows, adaptive_rows, suffix, time.time() - start, not args.quick, fits)
+    adaptive_rows = [] if args.holdout is not None else adaptive_vs_dopri5(n_adaptive, log)
+    write_reports(rows, adaptive_rows, suffix, time.time() - start, not args.quick, fits, run_meta())
     log("done")
 
 

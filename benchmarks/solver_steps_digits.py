@@ -17,11 +17,13 @@ The score model and the clean classifier are the example's shipped checkpoints (
 against their SHA256SUMS; ``python examples/conditional_generation.py --train`` retrains them).
 
     python benchmarks/solver_steps_digits.py                  # 20-30 minutes on one core of a busy machine
-    python benchmarks/solver_steps_digits.py --quick          # a smoke run: 32 images, NFE 10 and 20 (3-4 minutes)
+    python benchmarks/solver_steps_digits.py --quick          # a smoke run: 32 images, NFE 10 and 20 (3-7 minutes)
     python benchmarks/solver_steps_digits.py --device cuda    # on a GPU (default: cuda when available)
     python benchmarks/solver_steps_digits.py --nfe 10,20 --no-calibration --name solver_steps_digits_default
                                                               # NFE 10 and 20 only, no fitted grids
-Writes benchmarks/results/solver_steps_digits.{md,csv,json} and solver_steps_digits.png (--name changes the stem).
+Writes benchmarks/results/solver_steps_digits.{md,csv,json} and solver_steps_digits.png (--name changes the stem;
+--quick writes solver_steps_digits_quick.* unless --name is given, so that a smoke run never replaces the published
+report). --quick sets only the options not given explicitly: e.g. ``--quick --images 64`` runs 64 images.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ import suite_solvers as suite  # noqa: E402
 
 import sdegen  # noqa: E402
 
-# the oracle benchmark's deterministic samplers but Euler in t (far behind at these NFE), plus exp_pc-2 on log-SNR
+# the oracle benchmark's deterministic samplers (exp_pc-2 on log-SNR among them) but Euler in t (far behind at
+# these NFE)
 SDEGEN = {name: spec for name, spec in oracle_bench.SDEGEN.items() if not spec[4] and spec[0] != "euler"}
-SDEGEN["exp_pc-2 (log_snr)"] = ("exp_pc", {"order": 2}, "log_snr", 1, False)
 # the recommended default (suite_solvers.RECOMMENDED, one constant for every benchmark) as a run_sdegen spec
 DEFAULT_NAME = suite.sdegen_label(suite.RECOMMENDED)[len("sdegen "):] + " [default]"
 DEFAULT = (suite.RECOMMENDED["method"], {k: v for k, v in suite.RECOMMENDED.items() if k not in ("method", "schedule")},
@@ -314,25 +316,37 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", default=example.CHECKPOINTS,
                    help="folder of the example's checkpoints and their SHA256SUMS (default: the shipped ones)")
-    p.add_argument("--images", type=int, default=256, help="evaluation starting points")
-    p.add_argument("--nfe", default="5,10,20,50,100", help="comma-separated NFE budgets")
-    p.add_argument("--check", type=int, default=16, help="images on which the reference is checked against 1e-6")
-    p.add_argument("--cal-pool", type=int, default=1024, help="calibration starting points (screened)")
-    p.add_argument("--cal-subset", type=int, default=128, help="screened calibration points the grid is fitted on")
-    p.add_argument("--cal-max-evals", type=int, default=60, help="optimize_schedule's max_evals (sampler runs)")
+    # None: filled from the mode (the full run's value, or --quick's), so that an explicit value always wins
+    p.add_argument("--images", type=int, default=None, help="evaluation starting points (default 256; 32 with --quick)")
+    p.add_argument("--nfe", default=None, help="comma-separated NFE budgets (default 5,10,20,50,100; 10,20 with --quick)")
+    p.add_argument("--check", type=int, default=None,
+                   help="images on which the reference is checked against 1e-6 (default 16; 4 with --quick)")
+    p.add_argument("--cal-pool", type=int, default=None,
+                   help="calibration starting points (screened; default 1024, 128 with --quick)")
+    p.add_argument("--cal-subset", type=int, default=None,
+                   help="screened calibration points the grid is fitted on (default 128; 32 with --quick)")
+    p.add_argument("--cal-max-evals", type=int, default=None,
+                   help="optimize_schedule's max_evals (sampler runs; default 60, 10 with --quick)")
     p.add_argument("--cal-min-step", type=float, default=0.02, help="optimize_schedule's min_step_size")
     p.add_argument("--no-calibration", action="store_true")
-    p.add_argument("--no-flips", action="store_true", help="skip the clean classifier (and its training)")
+    p.add_argument("--no-flips", action="store_true",
+                   help="skip the clean classifier (neither checked nor loaded; no flips column)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(oracle_bench.RESULTS))
-    p.add_argument("--name", default="solver_steps_digits", help="report file names (NAME.md, .csv, .json, .png)")
+    p.add_argument("--name", default=None, help="report file names (NAME.md, .csv, .json, .png; default "
+                   "solver_steps_digits, or solver_steps_digits_quick with --quick)")
     p.add_argument("--report-only", action="store_true", help="re-render the tables and plot from the JSON")
     p.add_argument("--quick", action="store_true", help="smoke run: 32 images, NFE 10 and 20, a short calibration")
     args = p.parse_args(argv)
+    mode = (dict(images=32, nfe="10,20", check=4, cal_pool=128, cal_subset=32, cal_max_evals=10) if args.quick else
+            dict(images=256, nfe="5,10,20,50,100", check=16, cal_pool=1024, cal_subset=128, cal_max_evals=60))
+    for key, value in mode.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.name is None:
+        args.name = "solver_steps_digits_quick" if args.quick else "solver_steps_digits"
     args.nfe = tuple(int(n) for n in args.nfe.split(","))
-    if args.quick:
-        args.images, args.nfe, args.check, args.cal_pool, args.cal_subset, args.cal_max_evals = 32, (10, 20), 4, 128, 32, 10
     return args
 
 

@@ -30,9 +30,11 @@ with its jump set by the data's scale, warped or in equal log-SNR steps after it
 4-D problems, 40 groups of 3 sets), so a single reading near 1.5 does not separate a sampler from the floor; use
 more sets to decide such cases.
 
-Writes benchmarks/results/stochastic.md (or --out). Usage:
+Writes benchmarks/results/stochastic.md (stochastic_quick.md with --quick, so that a smoke run never replaces the
+published table; an explicit --out wins). --quick sets NFE 50 and two sets only where --nfe and --sets are not
+given. Usage:
     python benchmarks/stochastic.py [--quick] [--n 4000] [--sets 4] [--holdout SEED ...] [--no-ref]
-        [--only NAME ...] [--schedules default log_snr pilot ...] [--device D]
+        [--only NAME ...] [--schedules default log_snr pilot ...] [--device D] [--threads N] [--out PATH]
 """
 
 import argparse
@@ -190,10 +192,12 @@ def summarize(results, names, nfes, schedules):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="NFE 50 only, two sets")
+    parser.add_argument("--quick", action="store_true",
+                        help="NFE 50 only, two sets (where --nfe and --sets are not given); writes stochastic_quick.md")
     parser.add_argument("--n", type=int, default=4000, help="samples per set")
-    parser.add_argument("--sets", type=int, default=4, help="independent sample sets per configuration")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[20, 50, 100])
+    parser.add_argument("--sets", type=int, default=None,
+                        help="independent sample sets per configuration (default 4; 2 with --quick)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=None, help="NFE budgets (default 20 50 100; 50 with --quick)")
     parser.add_argument("--only", nargs="+", default=None, help="sampler names to run (default: all)")
     parser.add_argument("--holdout", type=int, nargs="+", default=[],
                         help="seeds of extra problems (a 4-D and a 64-D mixture per seed)")
@@ -210,10 +214,21 @@ def main():
                         help="x_T from the SDE's prior (what a user gets) or exact draws of p_T (the sampler's own "
                              "error; the prior gap column says where the two differ)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "stochastic.md"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own)")
+    parser.add_argument("--out", default=None,
+                        help="report path (default: results/stochastic.md, or results/stochastic_quick.md with --quick)")
     args = parser.parse_args()
-    if args.quick:
-        args.nfe, args.sets = [50], 2
+    if args.nfe is None:
+        args.nfe = [50] if args.quick else [20, 50, 100]
+    if args.sets is None:
+        args.sets = 2 if args.quick else 4
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                "stochastic_quick.md" if args.quick else "stochastic.md")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     start = time.time()
     rows, results, gaps = [], {}, {}
     names = args.only or list(SAMPLERS)
@@ -242,7 +257,7 @@ def main():
     head = " | ".join(f"var NFE {k} | weights NFE {k}" for k in args.nfe)
     summary = summarize(results, names, args.nfe, args.schedules)
     lines = ["# Stochastic samplers against exact draws of p_t_min", "",
-             *provenance(start, args.device),
+             *provenance(start, f"{args.device}, {torch.get_num_threads()} CPU thread(s)"),
              f"- VP SDE (suite hold-out problems: their own SDE), exact score of the oracle, float64, {args.sets} sets of {args.n} samples per configuration "
              "(seeds 1, 11, ...); floor from 40 sets of exact draws of p_t_min",
              "- var: within-mode variance ratio (mean squared Mahalanobis distance per dimension to the most "

@@ -27,7 +27,8 @@ k-diffusion's sigma parametrisation; a run ending at sigma = 0 is measured again
 sigma view from sigma(t_min) to 0 (dopri5, float64, rtol = atol = 1e-10). Stochastic samplers are not in this
 suite: their endpoints do not follow the ODE (benchmarks/solver_steps.py measures them by distribution metrics).
 
-    python benchmarks/suite_solvers.py                 # the suite (about 15-20 minutes on an idle 2-core machine)
+    python benchmarks/suite_solvers.py --threads 1     # the suite (about 5 minutes on a 2-core machine: the
+                                                       # 2026-12-02 run recorded 314 s in solver_steps_suite.md)
     python benchmarks/suite_solvers.py --quick         # a smoke run: 3 small problems (under 2 minutes)
     python benchmarks/suite_solvers.py --holdout-seeds 101,102,103,104,105   # fresh problems per seed
 Writes benchmarks/results/solver_steps_suite{,_quick,_holdout}.{md,csv,json} and solver_steps_suite*.png.

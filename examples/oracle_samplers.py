@@ -1,7 +1,7 @@
 """Sample the exact Gaussian-mixture oracle (an eight-mode ring) with two samplers and plot them against
 the true density.
 
-    python examples/oracle_samplers.py --out ring.png
+    python examples/oracle_samplers.py --out ring.png [--device cuda] [--threads N]
 """
 
 import argparse
@@ -24,7 +24,12 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output",
                                                       "oracle_samplers.png"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # before the sampling, not after
 
     ring = sdegen.GaussianMixture.ring()
