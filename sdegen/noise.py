@@ -746,6 +746,7 @@ class OUPath:
         if not (lam > 0.0 and lo < hi):
             raise ValueError(f"an OU path needs lam > 0 and lo < hi; got lam={lam!r}, lo={lo!r}, hi={hi!r}.")
         self.noise, self.lam, self.lo, self.hi, self.depth = noise, float(lam), float(lo), float(hi), int(depth)
+        self._base = int(getattr(noise, "key", 0))  # the stream's own first key: its draws are base + node key
         self._nodes: dict = {}  # (level, odd index, or 0/1 at level 0) -> Z there, the last query's path
         self._last = None  # (u, Z(u)) of the last query
 
@@ -763,12 +764,12 @@ class OUPath:
         q1, q2 = -math.expm1(-2.0 * lam * (u - a)), -math.expm1(-2.0 * lam * (b - u))
         q = -math.expm1(-2.0 * lam * (b - a))
         mean = torch.mul(za, e1 * q2 / q).add_(zb, alpha=e2 * q1 / q)
-        return mean.add_(self.noise.draw(key, x), alpha=math.sqrt(q1 * q2 / q))
+        return mean.add_(self.noise.draw(self._base + key, x), alpha=math.sqrt(q1 * q2 / q))
 
     def _step(self, u: float, v: float, zv: torch.Tensor, key: int, x: torch.Tensor) -> torch.Tensor:
         """Z(u) given Z(v) = zv alone (the Markov transition over |u - v|, either way in time)."""
         d = abs(u - v)
-        return torch.mul(zv, math.exp(-self.lam * d)).add_(self.noise.draw(key, x),
+        return torch.mul(zv, math.exp(-self.lam * d)).add_(self.noise.draw(self._base + key, x),
                                                            alpha=math.sqrt(-math.expm1(-2.0 * self.lam * d)))
 
     def _node(self, level: int, i: int, x: torch.Tensor, kept: dict) -> torch.Tensor:
@@ -776,7 +777,7 @@ class OUPath:
         z = self._nodes.get((level, i))
         if z is None:
             if level == 0:
-                z = self.noise.draw(0, x) if i == 0 else \
+                z = self.noise.draw(self._base, x) if i == 0 else \
                     self._step(self.hi, self.lo, self._node(0, 0, x, kept), 1, x)
             else:
                 left, right = self._node(level, i - 1, x, kept), self._node(level, i + 1, x, kept)

@@ -304,7 +304,8 @@ from u to u' = u + h, with c = 1 + lam, is
         path = state.get("path")
         if k and path is not None:  # the path's increment over [u, u'], of std k
             s2 = point(ctx, t_next)[1]
-            base = base.add_(path.at(u2, x), alpha=s2).add_(path.at(u, x), alpha=-s2 * math.exp(-self.eta * (u2 - u)))
+            z0 = path.at(u, x)  # the start first: the path is queried in increasing u
+            base = base.add_(path.at(u2, x), alpha=s2).add_(z0, alpha=-s2 * math.exp(-self.eta * (u2 - u)))
         elif k:
             base = base.add_(ctx.randn_like(x), alpha=k)
         newest = hist[::-1]
