@@ -51,7 +51,7 @@ def check_number(value: Any, name: str, *, lo: Optional[float] = None, hi: Optio
     return v
 
 
-_INT_LIMIT = 1 << 62
+_INT_LIMIT = 1 << 63  # int64's range: what a tensor size, index or count can hold
 
 
 def check_int(value: Any, name: str, *, lo: Optional[int] = None, hi: Optional[int] = None, none_ok: bool = False,
@@ -64,8 +64,8 @@ def check_int(value: Any, name: str, *, lo: Optional[int] = None, hi: Optional[i
         raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r}.{hint}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name} must be {what}; got {value!r}.{hint}")
-    if abs(value) >= _INT_LIMIT:  # beyond what a tensor index or size can hold
-        raise ValueError(f"{name} must be {what} and below 2^62 in size; got {value!r}.{hint}")
+    if not -_INT_LIMIT <= value < _INT_LIMIT:
+        raise ValueError(f"{name} must be {what} within int64's range (|value| < 2^63); got {value!r}.{hint}")
     return int(value)
 
 

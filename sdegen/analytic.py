@@ -71,10 +71,11 @@ def nan_for_nonfinite_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.
 
 def _real_parameter(value, name: str) -> torch.Tensor:
     """A mixture parameter as a float64 tensor; complex and bool values are refused (a cast would drop or invent)."""
-    if isinstance(value, torch.Tensor):
-        bad = value.is_complex() or value.dtype == torch.bool
-    else:  # a list or an array: the kind NumPy reads in it
-        bad = np.asarray(value).dtype.kind in "cb"
+    if isinstance(value, np.ndarray):
+        bad = value.dtype.kind in "cb"
+    else:  # a tensor, or a (nested) list of numbers or tensors: the dtype torch infers for it
+        kind = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        bad = kind.is_complex() or kind.dtype == torch.bool
     if bad:
         raise TypeError(f"{name} must hold real numbers; got {getattr(value, 'dtype', None) or 'complex or bool'}.")
     return torch.as_tensor(value, dtype=torch.float64)

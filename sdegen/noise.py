@@ -751,6 +751,8 @@ class OUPath:
         self._last = None  # (u, Z(u)) of the last query
 
     def _point(self, level: int, i: int) -> float:
+        if i == 1 << level:  # the right end exactly (lo + (hi - lo) may round away from hi)
+            return self.hi
         return self.lo + (self.hi - self.lo) * i / (1 << level)
 
     def _bridge(self, u: float, a: float, za: torch.Tensor, b: float, zb: torch.Tensor, key: int, x: torch.Tensor):

@@ -180,3 +180,11 @@ def test_a_mixture_survives_copies():
     buffer.seek(0)
     for copied in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm)), torch.load(buffer, weights_only=False)):
         torch.testing.assert_close(copied.score(sde, x, 0.5), want, rtol=0, atol=0)
+
+
+def test_mixture_parameters_may_be_lists_of_tensors():
+    """Lists of 0-d tensors (even ones requiring grad) are read as their numbers, as before the dtype check."""
+    w = [torch.tensor(0.3, requires_grad=True), torch.tensor(0.7)]
+    with pytest.warns(UserWarning):  # torch's own note on reading a grad-requiring tensor as a number
+        gm = GaussianMixture(w, [[0.0], [1.0]], [1.0, 2.0])
+    torch.testing.assert_close(gm.weights, torch.tensor([0.3, 0.7], dtype=torch.float64))

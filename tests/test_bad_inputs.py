@@ -732,3 +732,10 @@ def test_sampler_settings_that_cannot_work_are_named():
     with pytest.raises(ValueError, match="step_size: steps="):
         sdegen.sample(sdegen.VPSDE(), ring, x_T, method="ode", solver="rk4", steps=4, options={"step_size": 0.1})
     sdegen.sample(sdegen.VPSDE(), ring, x_T, method="ode", options={"first_step": 0.01})  # one it reads
+
+
+def test_int64_sized_counts_are_accepted_where_they_mean_no_limit():
+    """max_steps=sys.maxsize (int64's largest value, the usual 'no limit') stays accepted; only counts outside int64
+    are refused."""
+    x, info = sdegen.sample(VP, RING, x4(), method="adaptive", max_steps=sys.maxsize, return_info=True)
+    assert torch.isfinite(x).all() and info.nfe > 0

@@ -231,10 +231,11 @@ def check_unit(value: float, name: str) -> float:
     return float(value)
 
 
-def brownian_path(ctx: Context, lam: float) -> OUPath:
+def brownian_path(ctx: Context, lam: float, ts: torch.Tensor) -> OUPath:
     """The run's Brownian path for a reverse SDE of extra rate ``lam`` (see :class:`sdegen.noise.OUPath`), held in
-    a tree over the SDE's whole span of u = log(m/s), from T to its t_min: the same path whatever the run's grid,
-    drawn from a stream spawned from the run's noise (its own draws stay the sampler's)."""
-    ends = torch.tensor([ctx.sde.T, ctx.sde.t_min], dtype=torch.float64)
+    a tree over the SDE's whole span of u = log(m/s), from T to its t_min (or to the grid's last time ``ts[-1]`` if
+    that is earlier): the same path whatever the number of steps, drawn from a stream spawned from the run's noise
+    (its own draws stay the sampler's)."""
+    ends = torch.tensor([ctx.sde.T, min(ctx.sde.t_min, float(ts[-1]))], dtype=torch.float64)
     lo, hi = (ctx.sde.log_mean_coeff(ends) - torch.log(ctx.sde.std(ends))).tolist()
     return OUPath(ctx.randn_stream().spawn(1), lam, lo, hi)

@@ -174,7 +174,7 @@ from u to u' = u + h, with c = 1 + lam, is
         brownian: None (default: one fresh draw per noisy step) or "tree" (the "sde" rule only): each step's noise
             is the increment sigma' (Z(u') - e^{-lam h} Z(u)) of one path Z for the whole run
             (:class:`sdegen.noise.OUPath`, the same law), so that one seed at any step count converges to one sample,
-            as k-diffusion's Brownian tree makes its 2M/3M SDE samplers do; about 14 - log2(steps) draws per step
+            as k-diffusion's Brownian tree makes its 2M/3M SDE samplers do; about 16 - log2(steps) draws per step
             instead of one.
 
     ``order`` is the global order of the deterministic part: ``predictor_order`` without corrector, else
@@ -232,7 +232,7 @@ from u to u' = u + h, with c = 1 + lam, is
 
     def start(self, ctx: Context, x: torch.Tensor, ts: torch.Tensor) -> dict:
         cache_grid(ctx, ts)
-        path = brownian_path(ctx, self.eta) if self.brownian == "tree" and self.stochastic else None
+        path = brownian_path(ctx, self.eta, ts) if self.brownian == "tree" and self.stochastic else None
         return {"hist": [], "left": len(ts) - 1, "few": len(ts) - 1 < 15, "plan": self._plan(ctx, ts),
                 "path": path}
 

@@ -157,8 +157,9 @@ class PredictorCorrector(StepSampler):
     Args:
         predictor: a sampler name (see :data:`SAMPLERS`) or a :class:`StepSampler`.
         corrector_steps: Langevin steps per time step (>= 0).
-        snr: the signal-to-noise ratio r of the step rule, in (0, 1) (0.16 in the paper's CIFAR-10 VE runs; from
-            snr = 1 on the step diverges at high noise levels, where p_t is about Gaussian of variance s(t)^2).
+        snr: the signal-to-noise ratio r of the step rule, in (0, 1) (0.16 in the paper's CIFAR-10 VE runs): at high
+            noise levels, where p_t is about Gaussian of variance s(t)^2, the step diverges from snr = 1 / sqrt(alpha)
+            on (alpha <= 1, near 1 on fine grids); below 1 it contracts at every level and on every grid.
         step_rule: ``"noise_level"`` (default), eps = 2 alpha snr^2 s(t)^2 for every example, or ``"snr"``,
             the paper's eps = 2 alpha (snr ||z|| / ||s(x)||)^2 with each example's own norms
             (see :func:`langevin_step`).
@@ -191,8 +192,9 @@ class PredictorCorrector(StepSampler):
         if isinstance(snr, bool) or not (isinstance(snr, (int, float)) and 0 < snr < 1):
             raise ValueError(f"snr must be a number in (0, 1); got {snr!r}. A corrector step of size eps multiplies "
                              "deviations from the mean of a level where p_t is about Gaussian of variance s(t)^2 (every "
-                             "high noise level) by 1 - eps / s(t)^2, and eps = 2 alpha snr^2 s(t)^2 with alpha <= 1, so "
-                             "snr >= 1 diverges.")
+                             "high noise level) by 1 - eps / s(t)^2, with eps = 2 alpha snr^2 s(t)^2: it diverges from "
+                             "snr = 1 / sqrt(alpha) on, and alpha <= 1 tends to 1 on fine grids; snr < 1 contracts at "
+                             "every level and grid.")
         if not (isinstance(step_rule, str) and step_rule in self.step_rules):
             raise ValueError(f"step_rule must be one of {', '.join(map(repr, self.step_rules))}; got {step_rule!r}.")
         self.corrector_steps, self.snr, self.step_rule = corrector_steps, float(snr), step_rule
